@@ -1,0 +1,108 @@
+"""The FashionBERT model configuration: everything needed to rebuild the network from a checkpoint.
+
+Saved as `config.json` in every checkpoint and in the final model folder. The BERT part is stored in full
+(the backbone's own config dict), so a checkpoint loads without the backbone folder it started from; the
+`backbone` field only records where the weights came from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+CONFIG_NAME = "config.json"
+MODEL_TYPE = "fashionbert"
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class FashionBertConfig:
+    # Where the pretrained text backbone came from ("minilm" for the packaged default, or a folder path).
+    backbone: str = "minilm"
+    # The backbone's BertConfig as a dict (filled by `from_pretrained_backbone`; needed to rebuild the encoder).
+    bert: dict = dataclasses.field(default_factory=dict)
+    # Text: at most this many tokens including [CLS] and [SEP] (the official FashionBERT uses 64).
+    max_text_len: int = 64
+    # Image: grid x grid patches, each a `feature_dim` vector from the patch CNN named `cnn`.
+    grid: int = 8
+    feature_dim: int = 1280
+    cnn: str = ""
+    patch_mode: str = ""
+    # Token ids the masking and padding need (from the backbone's tokenizer).
+    pad_token_id: int = 0
+    cls_token_id: int = 101
+    sep_token_id: int = 102
+    mask_token_id: int = 103
+    # Pretraining masking rates. Whole-word masking as in the official code (WordPiece "##" pieces are masked
+    # together with their word).
+    mlm_probability: float = 0.15
+    mpm_probability: float = 0.10
+    whole_word_mask: bool = True
+    # Dropout before the TIA classifier (the encoder keeps the backbone's own dropout rates).
+    classifier_dropout: float = 0.1
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.bert["hidden_size"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.bert["vocab_size"])
+
+    def validate(self) -> None:
+        if self.grid < 1 or self.feature_dim < 1:
+            raise UserError(f"model config: grid ({self.grid}) and feature_dim ({self.feature_dim}) must be positive")
+        if not 0.0 <= self.mlm_probability < 1.0 or not 0.0 <= self.mpm_probability < 1.0:
+            raise UserError("model config: masking probabilities must be in [0, 1)")
+        if self.bert and self.max_text_len > int(self.bert.get("max_position_embeddings", 512)):
+            raise UserError(
+                f"max text length {self.max_text_len} exceeds the backbone's position table "
+                f"({self.bert.get('max_position_embeddings')}); lower --max-text-len"
+            )
+        if self.bert and int(self.bert.get("type_vocab_size", 2)) < 2:
+            raise UserError("the backbone has a single segment embedding; FashionBERT needs segment 1 for patches")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FashionBertConfig":
+        if d.get("model_type") != MODEL_TYPE:
+            raise UserError(
+                f"config model_type is {d.get('model_type')!r}, not {MODEL_TYPE!r}: point --model at a folder "
+                f"written by `fashionbert train` (OUT/model or OUT/checkpoints/step-N)"
+            )
+        if int(d.get("format_version", 0)) > FORMAT_VERSION:
+            raise UserError(f"model format version {d.get('format_version')} is newer than this code reads ({FORMAT_VERSION})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        path = Path(folder) / CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "FashionBertConfig":
+        path = Path(folder) / CONFIG_NAME
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise UserError(f"{folder}: no {CONFIG_NAME}; not a FashionBERT model folder") from exc
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: not valid JSON ({exc})") from exc
+        return cls.from_dict(d)
+
+    def bert_config(self):
+        from transformers import BertConfig
+
+        return BertConfig(**self.bert)

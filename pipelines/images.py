@@ -1,0 +1,271 @@
+"""Image stages: read + hash, reconcile with the previous run, decode to squares, run the patch CNN.
+
+The pure work lives in `decode.py` and `fashionbert.patch_cnn`; these DoFns only move elements, count
+them (Beam metrics) and turn `RejectError`s into reject rows on a tagged output.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import threading
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from .catalog import CatalogRow
+from .config import FeaturizeConfig
+from .decode import decode_array, decode_image, fit_square
+from .rejects import Reject, RejectError
+from .shards import Sharded
+
+REJECTS = "rejects"
+NS = "featurize"
+
+
+def reject_of(row: CatalogRow, stage: str, reason: str, detail: str) -> Reject:
+    Metrics.counter(NS, f"rejected_{reason}").inc()
+    return Reject(source=row.source, stage=stage, reason=reason, detail=detail, row=row.row,
+                  image_id=row.image_id or None, product_id=row.product_id or None)
+
+
+def read_image_source(row: CatalogRow):
+    """Encoded bytes (files, synthetic PNGs) or a uint8 array (Fashion-Gen HDF5 pixels)."""
+    if row.synth_ref is not None:
+        from fashionbert import synth
+
+        return synth.render_product(*row.synth_ref).image_bytes
+    if row.h5_ref is not None:
+        import h5py
+
+        path, index = row.h5_ref
+        with FileSystems.open(path) as fh, h5py.File(fh, "r") as h5:
+            return np.asarray(h5["input_image"][index])
+    try:
+        with FileSystems.open(row.image_uri) as fh:
+            return fh.read()
+    except (OSError, IOError) as exc:
+        raise RejectError("missing-file", f"{row.image_uri}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - every FileSystems backend raises its own types
+        raise RejectError("unreadable-file", f"{row.image_uri}: {type(exc).__name__}: {exc}") from exc
+
+
+def content_sha256(data) -> str:
+    raw = data.tobytes() if isinstance(data, np.ndarray) else data
+    return hashlib.sha256(raw).hexdigest()
+
+
+def content_hash(sha: str, fingerprint: str) -> str:
+    return hashlib.sha256(f"{sha}:{fingerprint}".encode()).hexdigest()
+
+
+class HashImages(beam.DoFn):
+    """Rows with a catalog problem -> rejects; readable images get their content sha256.
+
+    Bytes are read here and again in DecodeImages: re-reading a 30 KB JPEG costs far less than carrying
+    every image's bytes through the shuffle, and lets unchanged rows skip decoding entirely.
+    """
+
+    def __init__(self, cfg: FeaturizeConfig):
+        self.cfg = cfg
+
+    def process(self, row: CatalogRow):
+        Metrics.counter(NS, "catalog_rows").inc()
+        if row.problem:
+            yield beam.pvalue.TaggedOutput(REJECTS, reject_of(row, "catalog", *row.problem))
+            return
+        try:
+            data = read_image_source(row)
+        except RejectError as err:
+            yield beam.pvalue.TaggedOutput(REJECTS, reject_of(row, "read", err.reason, err.detail))
+            return
+        if len(data) == 0:
+            yield beam.pvalue.TaggedOutput(REJECTS, reject_of(row, "read", "empty-file", "the file has 0 bytes"))
+            return
+        row = dataclasses.replace(row, content_sha256=content_sha256(data))
+        yield row
+
+
+@dataclasses.dataclass(frozen=True)
+class PreviousImage:
+    content_hash: str
+    file: str
+    index: int  # row index within the file
+
+
+@dataclasses.dataclass
+class PlannedImage:
+    """An accepted, de-duplicated row and what to do with it: compute, or carry `previous` over."""
+    row: CatalogRow
+    content_hash: str
+    previous: PreviousImage | None = None
+
+
+class ReconcileImages(beam.DoFn):
+    """(image_id, {'current': rows, 'previous': [PreviousImage]}) -> PlannedImage | reject.
+
+    The first catalog row of an id wins (stable under reruns); later rows with the same id are rejected.
+    """
+
+    def __init__(self, cfg: FeaturizeConfig):
+        self.fingerprint = cfg.image_fingerprint()
+
+    def process(self, kv):
+        _, groups = kv
+        current = sorted(groups["current"], key=lambda r: r.row)
+        previous = list(groups["previous"])
+        if not current:
+            Metrics.counter(NS, "images_deleted").inc()
+            return
+        first, *dups = current
+        for dup in dups:
+            yield beam.pvalue.TaggedOutput(REJECTS, reject_of(
+                dup, "catalog", "duplicate-image-id",
+                f"image id {dup.image_id!r} already used by catalog row {first.row} ({first.source})"))
+        chash = content_hash(first.content_sha256, self.fingerprint)
+        prev = previous[0] if previous else None
+        if prev is not None and prev.content_hash == chash:
+            Metrics.counter(NS, "images_carried").inc()
+            yield PlannedImage(first, chash, prev)
+        else:
+            Metrics.counter(NS, "images_changed" if prev is not None else "images_new").inc()
+            yield PlannedImage(first, chash)
+
+
+class DecodeImages(beam.DoFn):
+    """Sharded[PlannedImage] -> (Sharded, square uint8 | None, (w, h)); carried rows skip decoding."""
+
+    def __init__(self, cfg: FeaturizeConfig):
+        self.cfg = cfg
+
+    def process(self, element: Sharded):
+        plan: PlannedImage = element.item
+        if plan.previous is not None:
+            yield element, None, None
+            return
+        row = plan.row
+        try:
+            data = read_image_source(row)
+            img = decode_array(data) if isinstance(data, np.ndarray) else decode_image(data, max_pixels=self.cfg.max_pixels)
+            size = img.size
+            square = fit_square(img, self.cfg.image_size, self.cfg.fit)
+        except RejectError as err:
+            yield beam.pvalue.TaggedOutput(REJECTS, reject_of(row, "decode", err.reason, err.detail))
+            return
+        yield element, square, size
+
+
+class _PreviousFeatures:
+    """Reads carried-over features from the previous run's shards, one row group at a time.
+
+    Rows are visited in image-id order and the previous shards are sorted the same way, so consecutive
+    lookups almost always hit the cached row group.
+    """
+
+    def __init__(self):
+        self._key = None
+        self._table = None
+
+    def get(self, prev: PreviousImage) -> dict:
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(prev.file)
+        start = 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if prev.index < start + n:
+                break
+            start += n
+        if self._key != (prev.file, g):
+            self._table = pf.read_row_group(g, columns=["features", "width", "height"])
+            self._key = (prev.file, g)
+        i = prev.index - start
+        feats = self._table.column("features").chunk(0) if self._table.column("features").num_chunks == 1 else \
+            self._table.column("features").combine_chunks()
+        values = feats.values.to_numpy(zero_copy_only=False)
+        size = feats.type.list_size
+        return {
+            "features": values[i * size:(i + 1) * size],
+            "width": self._table.column("width")[i].as_py(),
+            "height": self._table.column("height")[i].as_py(),
+        }
+
+
+_progress_lock = threading.Lock()
+_progress_bars: dict[str, object] = {}
+
+
+def _shared_bar(key: str, total: int):
+    # Beam makes one DoFn instance per worker thread; one bar per run needs one object per process.
+    with _progress_lock:
+        if key not in _progress_bars:
+            from tqdm import tqdm
+
+            _progress_bars[key] = tqdm(total=total, unit="img", desc="featurize images", dynamic_ncols=True)
+        return _progress_bars[key]
+
+
+class EmbedPatches(beam.DoFn):
+    """Batches of decoded squares -> Sharded image rows with float16 patch features.
+
+    The CNN is loaded once per worker (setup) and run on whole batches under bf16 autocast; torch gets
+    the cores divided by the worker threads so workers do not oversubscribe the CPU.
+    """
+
+    def __init__(self, cfg: FeaturizeConfig, torch_threads: int, progress_key: str | None = None):
+        self.cfg, self.torch_threads, self.progress_key = cfg, torch_threads, progress_key
+
+    def setup(self):
+        import torch
+
+        from fashionbert.patch_cnn import PatchCNN
+
+        torch.set_num_threads(max(1, self.torch_threads))
+        cfg = self.cfg
+        self.model = PatchCNN(cfg.cnn, cfg.patch_mode, cfg.grid, cfg.image_size, cfg.patch_size)
+        self.previous = _PreviousFeatures()
+        self.computed = Metrics.counter(NS, "images_computed")
+        self.cnn_ms = Metrics.distribution(NS, "cnn_batch_ms")
+
+    def process(self, batch):
+        import time
+
+        from fashionbert.patch_cnn import run_batched
+
+        squares = [(i, sq) for i, (_, sq, _) in enumerate(batch) if sq is not None]
+        feats = {}
+        if squares:
+            t0 = time.perf_counter()
+            out = run_batched(self.model, np.stack([sq for _, sq in squares]), self.cfg.precision)
+            self.cnn_ms.update(int((time.perf_counter() - t0) * 1000))
+            self.computed.inc(len(squares))
+            feats = {i: out[k].astype(np.float16).ravel() for k, (i, _) in enumerate(squares)}
+        for i, (element, _, size) in enumerate(batch):
+            plan: PlannedImage = element.item
+            row = plan.row
+            if i in feats:
+                values = {"features": feats[i], "width": size[0], "height": size[1]}
+            else:
+                values = self.previous.get(plan.previous)
+            yield element._replace(item={
+                "image_id": row.image_id, "product_id": row.product_id, "source": row.source,
+                "content_sha256": row.content_sha256, "content_hash": plan.content_hash,
+                "grid": self.cfg.grid, "cnn": self.cfg.cnn, "patch_mode": self.cfg.patch_mode, **values,
+            })
+        if self.progress_key:
+            _shared_bar(self.progress_key, batch[0][0].total).update(len(batch))
+
+
+def previous_image_index(previous_dir: str, fingerprint_check=None):
+    """(image_id, PreviousImage) for every row of an earlier output's image shards (light columns only)."""
+    import glob
+
+    from schemas import read_table
+
+    for path in sorted(glob.glob(os.path.join(previous_dir, "images-*.parquet"))):
+        table = read_table(path, "images", columns=["image_id", "content_hash"])
+        for i, (iid, chash) in enumerate(zip(table.column("image_id").to_pylist(),
+                                             table.column("content_hash").to_pylist())):
+            yield iid, PreviousImage(chash, path, i)

@@ -1,0 +1,100 @@
+"""Text stages: one row per distinct (product_id, text), tokenized with the backbone's fast WordPiece."""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import os
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from .catalog import CatalogRow
+from .config import FeaturizeConfig
+from .shards import Sharded
+
+NS = "featurize"
+
+
+@dataclasses.dataclass
+class PlannedText:
+    product_id: str
+    text: str
+    category: str | None
+    subcategory: str | None
+    group_id: str
+    content_hash: str
+    previous_row: dict | None = None  # carried over as is
+
+
+def text_hash(text: str, fingerprint: str) -> str:
+    return hashlib.sha256(f"{text}\x00{fingerprint}".encode()).hexdigest()
+
+
+def text_key(row: CatalogRow, fingerprint: str) -> tuple[str, str]:
+    return row.product_id, text_hash(row.text, fingerprint)
+
+
+class ReconcileTexts(beam.DoFn):
+    """((product_id, hash), {'current': rows, 'previous': [text rows]}) -> PlannedText.
+
+    Several images of one product share its text: the first catalog row supplies the category fields.
+    """
+
+    def process(self, kv):
+        (product_id, chash), groups = kv
+        current = sorted(groups["current"], key=lambda r: r.row)
+        previous = list(groups["previous"])
+        if not current:
+            Metrics.counter(NS, "texts_deleted").inc()
+            return
+        first = current[0]
+        plan = PlannedText(product_id, first.text, first.category, first.subcategory, first.group_id, chash)
+        if previous:
+            Metrics.counter(NS, "texts_carried").inc()
+            # Category fields are not part of the hash: take today's values, keep the tokens.
+            plan.previous_row = {**previous[0], "category": first.category, "subcategory": first.subcategory,
+                                 "group_id": first.group_id}
+        else:
+            Metrics.counter(NS, "texts_computed").inc()
+        yield plan
+
+
+def tokenize_texts(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
+    """[CLS] tokens [SEP], truncated to max_len, unpadded (the trainer pads per batch)."""
+    return tokenizer(texts, truncation=True, max_length=max_len, add_special_tokens=True)["input_ids"]
+
+
+class TokenizeTexts(beam.DoFn):
+    """Batches of Sharded[PlannedText] -> Sharded text rows. The tokenizer loads once per worker."""
+
+    def __init__(self, cfg: FeaturizeConfig):
+        self.cfg = cfg
+
+    def setup(self):
+        from fashionbert.backbone import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.cfg.backbone)
+
+    def process(self, batch: list[Sharded]):
+        todo = [e for e in batch if e.item.previous_row is None]
+        ids = {}
+        if todo:
+            tokens = tokenize_texts(self.tokenizer, [e.item.text for e in todo], self.cfg.max_text_len)
+            ids = dict(zip((id(e) for e in todo), tokens))
+        for e in batch:
+            p: PlannedText = e.item
+            row = p.previous_row or {
+                "product_id": p.product_id, "text": p.text, "input_ids": ids[id(e)], "category": p.category,
+                "subcategory": p.subcategory, "group_id": p.group_id, "content_hash": p.content_hash,
+            }
+            yield e._replace(item=row)
+
+
+def previous_text_rows(previous_dir: str):
+    """((product_id, content_hash), row) for every row of an earlier output's text shards."""
+    from schemas import read_table
+
+    for path in sorted(glob.glob(os.path.join(previous_dir, "texts-*.parquet"))):
+        for row in read_table(path, "texts").to_pylist():
+            yield (row["product_id"], row["content_hash"]), row

@@ -1,0 +1,136 @@
+"""Parquet schemas: the single source of truth for every table the system reads or writes.
+
+Every file carries its schema name and version in the Parquet key-value metadata. Readers call
+`read_table` / `validate_schema`, which refuse a file whose schema differs, naming the file and the
+difference, so a downstream system never silently reads a table of the wrong shape.
+
+Only pyarrow is imported here: the GPU stage (torch + pyarrow only) reads these contracts too.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = "1"
+META_NAME = b"fashionbert.schema"
+META_VERSION = b"fashionbert.schema_version"
+META_GRID = b"fashionbert.grid"
+META_FEATURE_DIM = b"fashionbert.feature_dim"
+
+
+class SchemaError(ValueError):
+    """A Parquet file does not have the schema this system expects."""
+
+
+def _with_meta(name: str, fields: list[pa.Field], extra: dict[bytes, bytes] | None = None) -> pa.Schema:
+    meta = {META_NAME: name.encode(), META_VERSION: SCHEMA_VERSION.encode()}
+    meta.update(extra or {})
+    return pa.schema(fields, metadata=meta)
+
+
+def images_schema(grid: int, feature_dim: int) -> pa.Schema:
+    """One row per accepted catalog image; `features` is the grid*grid x feature_dim patch matrix,
+    row-major (patch index = row * grid + col), flattened, float16."""
+    n = grid * grid * feature_dim
+    return _with_meta(
+        "images",
+        [
+            pa.field("image_id", pa.string(), nullable=False),
+            pa.field("product_id", pa.string(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("content_sha256", pa.string(), nullable=False),
+            pa.field("content_hash", pa.string(), nullable=False),
+            pa.field("width", pa.int32(), nullable=False),
+            pa.field("height", pa.int32(), nullable=False),
+            pa.field("grid", pa.int16(), nullable=False),
+            pa.field("cnn", pa.string(), nullable=False),
+            pa.field("patch_mode", pa.string(), nullable=False),
+            pa.field("features", pa.list_(pa.float16(), n), nullable=False),
+        ],
+        {META_GRID: str(grid).encode(), META_FEATURE_DIM: str(feature_dim).encode()},
+    )
+
+
+TEXTS = _with_meta(
+    "texts",
+    [
+        pa.field("product_id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("category", pa.string()),
+        pa.field("subcategory", pa.string()),
+        pa.field("group_id", pa.string(), nullable=False),
+        pa.field("content_hash", pa.string(), nullable=False),
+    ],
+)
+
+REJECTS = _with_meta(
+    "rejects",
+    [
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("row", pa.int64()),
+        pa.field("image_id", pa.string()),
+        pa.field("product_id", pa.string()),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string(), nullable=False),
+    ],
+)
+
+
+def schema_name(schema: pa.Schema) -> str | None:
+    meta = schema.metadata or {}
+    name = meta.get(META_NAME)
+    return name.decode() if name else None
+
+
+def expected_for(schema: pa.Schema) -> pa.Schema:
+    """The contract a file claims to follow, rebuilt from its own metadata (images carry their shape)."""
+    name = schema_name(schema)
+    if name == "texts":
+        return TEXTS
+    if name == "rejects":
+        return REJECTS
+    if name == "images":
+        meta = schema.metadata
+        try:
+            return images_schema(int(meta[META_GRID]), int(meta[META_FEATURE_DIM]))
+        except (KeyError, ValueError) as exc:
+            raise SchemaError(f"images file metadata lacks grid/feature_dim ({exc})") from exc
+    raise SchemaError(f"not a fashionbert table (schema name {name!r} in metadata)")
+
+
+def validate_schema(actual: pa.Schema, expected_name: str, where: str) -> pa.Schema:
+    """Raise SchemaError naming `where` unless `actual` is exactly the `expected_name` contract."""
+    name = schema_name(actual)
+    if name != expected_name:
+        raise SchemaError(
+            f"{where}: expected a fashionbert '{expected_name}' table, found schema name {name!r}; "
+            f"point the option at a featurize output folder"
+        )
+    version = (actual.metadata or {}).get(META_VERSION, b"").decode()
+    if version != SCHEMA_VERSION:
+        raise SchemaError(
+            f"{where}: schema version {version!r}, this code reads version {SCHEMA_VERSION}; "
+            f"re-run featurize with this version (or use --previous only with matching versions)"
+        )
+    expected = expected_for(actual)
+    if not actual.remove_metadata().equals(expected.remove_metadata()):
+        diff = [
+            f"{f.name}: {f.type}" for f in expected if f.name not in actual.names or actual.field(f.name).type != f.type
+        ]
+        raise SchemaError(f"{where}: columns differ from the '{expected_name}' contract: expected {diff}")
+    return expected
+
+
+def read_schema(path: str, expected_name: str) -> pa.Schema:
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise SchemaError(f"{path}: not a readable Parquet file ({exc})") from exc
+    return validate_schema(schema, expected_name, path)
+
+
+def read_table(path: str, expected_name: str, columns: list[str] | None = None) -> pa.Table:
+    read_schema(path, expected_name)
+    return pq.read_table(path, columns=columns)
