@@ -11,10 +11,10 @@ publishes the folder atomically (`fashionbert.publish`).
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import logging
 import os
+import posixpath
 import time
 from importlib import metadata
 
@@ -27,6 +27,7 @@ from fashionbert.errors import UserError
 from fashionbert.patch_cnn import FEATURE_DIM
 
 from . import images as img
+from . import storage
 from . import texts as txt
 from .catalog import CatalogInfo, ReadCatalog, inspect_catalog
 from .config import FeaturizeConfig
@@ -121,11 +122,12 @@ def build_pipeline(p: beam.Pipeline, cfg: FeaturizeConfig, info: CatalogInfo, st
 def _check_previous(cfg: FeaturizeConfig) -> None:
     if not cfg.previous:
         return
-    if not publish.is_complete(cfg.previous):
+    if not storage.is_complete(cfg.previous):
         raise UserError(f"--previous {cfg.previous}: not a complete featurize output (no _SUCCESS); point it at "
                         f"the last successful run or drop --previous")
-    for path in glob.glob(os.path.join(cfg.previous, "images-*.parquet"))[:1]:
-        schemas.read_schema(path, "images")
+    for path in storage.glob(cfg.previous, "images-*.parquet")[:1]:
+        with storage.open_read(path) as fh:
+            schemas.read_schema(fh, "images", where=path)
 
 
 def finalize(staging: str, cfg: FeaturizeConfig) -> dict:
@@ -137,18 +139,20 @@ def finalize(staging: str, cfg: FeaturizeConfig) -> dict:
              "rejects": schemas.REJECTS}
     rows = {}
     for kind, schema in kinds.items():
-        parts = sorted(glob.glob(os.path.join(staging, f"{kind}-*.parquet")))
+        parts = storage.glob(staging, f"{kind}-*.parquet")
         if not parts:
-            pq.write_table(schema.empty_table(), os.path.join(staging, shard_file_name(kind, 0, 1)), compression="zstd")
+            with storage.create(storage.join(staging, shard_file_name(kind, 0, 1))) as fh:
+                pq.write_table(schema.empty_table(), fh, compression="zstd")
             rows[kind] = 0
             continue
         total = 0
         for i, part in enumerate(parts):
-            total += pq.ParquetFile(part).metadata.num_rows
-            os.rename(part, os.path.join(staging, f"{kind}-{i:05d}.tmp"))
+            with storage.open_read(part) as fh:
+                total += pq.ParquetFile(fh).metadata.num_rows
+            storage.rename(part, storage.join(staging, f"{kind}-{i:05d}.tmp"))
         for i in range(len(parts)):
-            os.rename(os.path.join(staging, f"{kind}-{i:05d}.tmp"),
-                      os.path.join(staging, shard_file_name(kind, i, len(parts))))
+            storage.rename(storage.join(staging, f"{kind}-{i:05d}.tmp"),
+                           storage.join(staging, shard_file_name(kind, i, len(parts))))
         rows[kind] = total
     return rows
 
@@ -157,8 +161,9 @@ def _reject_counts(staging: str) -> dict:
     import pyarrow.parquet as pq
 
     counts: dict = {}
-    for path in glob.glob(os.path.join(staging, "rejects-*.parquet")):
-        table = pq.read_table(path, columns=["stage", "reason"])
+    for path in storage.glob(staging, "rejects-*.parquet"):
+        with storage.open_read(path) as fh:
+            table = pq.read_table(fh, columns=["stage", "reason"])
         for stage, reason in zip(table.column("stage").to_pylist(), table.column("reason").to_pylist()):
             counts[f"{stage}/{reason}"] = counts.get(f"{stage}/{reason}", 0) + 1
     return dict(sorted(counts.items()))
@@ -206,14 +211,14 @@ def pipeline_options(beam_args: list[str]) -> tuple[PipelineOptions, int]:
 
 def run(cfg: FeaturizeConfig, beam_args: list[str] | None = None) -> dict:
     start = time.time()
-    publish.check_target(cfg.out, cfg.overwrite)
+    storage.check_target(cfg.out, cfg.overwrite)
     info = inspect_catalog(cfg)
     _check_previous(cfg)
     options, torch_threads = pipeline_options(beam_args or [])
     run_id = publish.new_run_id()
-    publish.clean_stale_staging(cfg.out)
-    staging = publish.staging_path(cfg.out, run_id)
-    os.makedirs(staging)
+    storage.clean_stale_staging(cfg.out)
+    staging = storage.staging_path(cfg.out, run_id)
+    storage.make_folder(staging)
     progress_key = run_id if cfg.progress else None
     with beam.Pipeline(options=options) as p:
         build_pipeline(p, cfg, info, staging, torch_threads, progress_key)
@@ -236,14 +241,13 @@ def run(cfg: FeaturizeConfig, beam_args: list[str] | None = None) -> dict:
             "text_rows": {k: counters.get(f"texts_{k}", 0) for k in ("computed", "carried", "deleted")},
             "rejects_by_stage_reason": _reject_counts(staging),
         },
-        "shards": {k: sorted(os.path.basename(f) for f in glob.glob(os.path.join(staging, f"{k}-*.parquet")))
+        "shards": {k: [posixpath.basename(f) for f in storage.glob(staging, f"{k}-*.parquet")]
                    for k in ("images", "texts", "rejects")},
         "package_versions": _versions(),
         "elapsed_s": round(time.time() - start, 2),
     }
-    with open(os.path.join(staging, "_run.json"), "w") as fh:
-        json.dump(summary, fh, indent=2, default=str)
-    publish.publish(staging, cfg.out)
+    storage.write_text(storage.join(staging, "_run.json"), json.dumps(summary, indent=2, default=str))
+    storage.publish_folder(staging, cfg.out)
     return summary
 
 

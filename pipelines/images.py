@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import threading
 
 import apache_beam as beam
@@ -19,6 +18,7 @@ from .catalog import CatalogRow
 from .config import FeaturizeConfig
 from .decode import decode_array, decode_image, fit_square
 from .rejects import Reject, RejectError
+from . import storage
 from .shards import Sharded
 
 REJECTS = "rejects"
@@ -31,25 +31,47 @@ def reject_of(row: CatalogRow, stage: str, reason: str, detail: str) -> Reject:
                   image_id=row.image_id or None, product_id=row.product_id or None)
 
 
-def read_image_source(row: CatalogRow):
-    """Encoded bytes (files, synthetic PNGs) or a uint8 array (Fashion-Gen HDF5 pixels)."""
-    if row.synth_ref is not None:
-        from fashionbert import synth
+class ImageReader:
+    """Encoded bytes (files, synthetic PNGs) or a uint8 array (Fashion-Gen HDF5 pixels) for a row.
 
-        return synth.render_product(*row.synth_ref).image_bytes
-    if row.h5_ref is not None:
+    Keeps the last HDF5 file open: rows arrive grouped by shard and sorted, so re-opening the file for
+    every image (costly on remote storage) is avoided.
+    """
+
+    def __init__(self):
+        self._h5_path = None
+        self._h5 = None
+
+    def read(self, row: CatalogRow):
+        if row.synth_ref is not None:
+            from fashionbert import synth
+
+            return synth.render_product(*row.synth_ref).image_bytes
+        if row.h5_ref is not None:
+            return self._h5_pixels(*row.h5_ref)
+        try:
+            with FileSystems.open(row.image_uri) as fh:
+                return fh.read()
+        except (OSError, IOError) as exc:
+            raise RejectError("missing-file", f"{row.image_uri}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - every FileSystems backend raises its own types
+            raise RejectError("unreadable-file", f"{row.image_uri}: {type(exc).__name__}: {exc}") from exc
+
+    def _h5_pixels(self, path: str, index: int) -> np.ndarray:
         import h5py
 
-        path, index = row.h5_ref
-        with FileSystems.open(path) as fh, h5py.File(fh, "r") as h5:
-            return np.asarray(h5["input_image"][index])
-    try:
-        with FileSystems.open(row.image_uri) as fh:
-            return fh.read()
-    except (OSError, IOError) as exc:
-        raise RejectError("missing-file", f"{row.image_uri}: {exc}") from exc
-    except Exception as exc:  # noqa: BLE001 - every FileSystems backend raises its own types
-        raise RejectError("unreadable-file", f"{row.image_uri}: {type(exc).__name__}: {exc}") from exc
+        if self._h5_path != path:
+            self.close()
+            self._fh = FileSystems.open(path)
+            self._h5 = h5py.File(self._fh, "r")
+            self._h5_path = path
+        return np.asarray(self._h5["input_image"][index])
+
+    def close(self):
+        if self._h5 is not None:
+            self._h5.close()
+            self._fh.close()
+        self._h5_path = self._h5 = None
 
 
 def content_sha256(data) -> str:
@@ -71,13 +93,19 @@ class HashImages(beam.DoFn):
     def __init__(self, cfg: FeaturizeConfig):
         self.cfg = cfg
 
+    def setup(self):
+        self.reader = ImageReader()
+
+    def teardown(self):
+        self.reader.close()
+
     def process(self, row: CatalogRow):
         Metrics.counter(NS, "catalog_rows").inc()
         if row.problem:
             yield beam.pvalue.TaggedOutput(REJECTS, reject_of(row, "catalog", *row.problem))
             return
         try:
-            data = read_image_source(row)
+            data = self.reader.read(row)
         except RejectError as err:
             yield beam.pvalue.TaggedOutput(REJECTS, reject_of(row, "read", err.reason, err.detail))
             return
@@ -140,6 +168,12 @@ class DecodeImages(beam.DoFn):
     def __init__(self, cfg: FeaturizeConfig):
         self.cfg = cfg
 
+    def setup(self):
+        self.reader = ImageReader()
+
+    def teardown(self):
+        self.reader.close()
+
     def process(self, element: Sharded):
         plan: PlannedImage = element.item
         if plan.previous is not None:
@@ -147,7 +181,7 @@ class DecodeImages(beam.DoFn):
             return
         row = plan.row
         try:
-            data = read_image_source(row)
+            data = self.reader.read(row)
             img = decode_array(data) if isinstance(data, np.ndarray) else decode_image(data, max_pixels=self.cfg.max_pixels)
             size = img.size
             square = fit_square(img, self.cfg.image_size, self.cfg.fit)
@@ -167,11 +201,16 @@ class _PreviousFeatures:
     def __init__(self):
         self._key = None
         self._table = None
+        self._file = self._file_path = None
 
     def get(self, prev: PreviousImage) -> dict:
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(prev.file)
+        if self._file_path != prev.file:
+            if self._file is not None:
+                self._file.close()
+            self._file, self._file_path = storage.open_read(prev.file), prev.file
+        pf = pq.ParquetFile(self._file)
         start = 0
         for g in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
@@ -258,14 +297,13 @@ class EmbedPatches(beam.DoFn):
             _shared_bar(self.progress_key, batch[0][0].total).update(len(batch))
 
 
-def previous_image_index(previous_dir: str, fingerprint_check=None):
+def previous_image_index(previous_dir: str):
     """(image_id, PreviousImage) for every row of an earlier output's image shards (light columns only)."""
-    import glob
-
     from schemas import read_table
 
-    for path in sorted(glob.glob(os.path.join(previous_dir, "images-*.parquet"))):
-        table = read_table(path, "images", columns=["image_id", "content_hash"])
+    for path in storage.glob(previous_dir, "images-*.parquet"):
+        with storage.open_read(path) as fh:
+            table = read_table(fh, "images", columns=["image_id", "content_hash"], where=path)
         for i, (iid, chash) in enumerate(zip(table.column("image_id").to_pylist(),
                                              table.column("content_hash").to_pylist())):
             yield iid, PreviousImage(chash, path, i)

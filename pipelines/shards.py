@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import bisect
 import math
-import os
 import typing
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from . import storage
 
 
 class Sharded(typing.NamedTuple):
@@ -101,10 +102,13 @@ class WriteShardRows(beam.DoFn):
     def process(self, element: Sharded):
         shard = element.shard
         if shard not in self._writers:
+            # Shards arrive one after another: a new one means the others in this bundle are complete.
+            for done in list(self._writers):
+                self._close(done)
             name = shard_file_name(self.kind, shard, element.num_shards)
-            os.makedirs(self.folder, exist_ok=True)
-            writer = pq.ParquetWriter(os.path.join(self.folder, name), self.schema, compression="zstd")
-            self._writers[shard] = (writer, name, [])
+            fh = storage.create(storage.join(self.folder, name))
+            writer = pq.ParquetWriter(fh, self.schema, compression="zstd")
+            self._writers[shard] = (writer, fh, [])
             self._counts[shard] = 0
         writer, _, buffer = self._writers[shard]
         buffer.append(element.item)
@@ -113,9 +117,13 @@ class WriteShardRows(beam.DoFn):
             writer.write_table(rows_to_table(buffer, self.schema))
             buffer.clear()
 
+    def _close(self, shard: int) -> None:
+        writer, fh, buffer = self._writers.pop(shard)
+        if buffer:
+            writer.write_table(rows_to_table(buffer, self.schema))
+        writer.close()
+        fh.close()
+
     def finish_bundle(self):
-        for shard, (writer, name, buffer) in self._writers.items():
-            if buffer:
-                writer.write_table(rows_to_table(buffer, self.schema))
-            writer.close()
-        self._writers = {}
+        for shard in list(self._writers):
+            self._close(shard)

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
-import os
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from .catalog import CatalogRow
 from .config import FeaturizeConfig
+from . import storage
 from .shards import Sharded
 
 NS = "featurize"
@@ -95,6 +94,8 @@ def previous_text_rows(previous_dir: str):
     """((product_id, content_hash), row) for every row of an earlier output's text shards."""
     from schemas import read_table
 
-    for path in sorted(glob.glob(os.path.join(previous_dir, "texts-*.parquet"))):
-        for row in read_table(path, "texts").to_pylist():
+    for path in storage.glob(previous_dir, "texts-*.parquet"):
+        with storage.open_read(path) as fh:
+            rows = read_table(fh, "texts", where=path).to_pylist()
+        for row in rows:
             yield (row["product_id"], row["content_hash"]), row

@@ -123,14 +123,17 @@ def validate_schema(actual: pa.Schema, expected_name: str, where: str) -> pa.Sch
     return expected
 
 
-def read_schema(path: str, expected_name: str) -> pa.Schema:
+def read_schema(source, expected_name: str, where: str | None = None) -> pa.Schema:
+    """`source`: a path or an open binary file (e.g. from Beam's FileSystems); `where` names it in errors."""
+    where = where or str(source)
     try:
-        schema = pq.read_schema(path)
+        schema = pq.read_schema(source)
     except (OSError, pa.ArrowInvalid) as exc:
-        raise SchemaError(f"{path}: not a readable Parquet file ({exc})") from exc
-    return validate_schema(schema, expected_name, path)
+        raise SchemaError(f"{where}: not a readable Parquet file ({exc})") from exc
+    return validate_schema(schema, expected_name, where)
 
 
-def read_table(path: str, expected_name: str, columns: list[str] | None = None) -> pa.Table:
-    read_schema(path, expected_name)
-    return pq.read_table(path, columns=columns)
+def read_table(source, expected_name: str, columns: list[str] | None = None, where: str | None = None) -> pa.Table:
+    pf = pq.ParquetFile(source)
+    validate_schema(pf.schema_arrow, expected_name, where or str(source))
+    return pf.read(columns=columns)

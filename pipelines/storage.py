@@ -1,0 +1,94 @@
+"""Output folders through Beam's FileSystems, so workers of a remote runner can write to gs://, s3://, ...
+
+Local folders are published with one atomic directory rename (`fashionbert.publish`). Object stores
+have no atomic folder rename: there the files are moved one by one and `_SUCCESS` is written last, after
+the old output's `_SUCCESS` was removed first, so a reader that waits for `_SUCCESS` (as every reader
+here does) never reads a mixture.
+"""
+from __future__ import annotations
+
+import posixpath
+
+from apache_beam.io.filesystems import FileSystems
+
+from fashionbert import publish
+
+SUCCESS = publish.SUCCESS
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def join(folder: str, name: str) -> str:
+    return FileSystems.join(folder, name)
+
+
+def glob(folder: str, pattern: str) -> list[str]:
+    result = FileSystems.match([join(folder, pattern)])[0]
+    return sorted(m.path for m in result.metadata_list)
+
+
+def exists(path: str) -> bool:
+    return FileSystems.exists(path)
+
+
+def is_complete(folder: str) -> bool:
+    return exists(join(folder, SUCCESS))
+
+
+def open_read(path: str):
+    return FileSystems.open(path, compression_type="uncompressed")
+
+
+def create(path: str):
+    return FileSystems.create(path, mime_type="application/octet-stream", compression_type="uncompressed")
+
+
+def write_text(path: str, text: str) -> None:
+    with create(path) as fh:
+        fh.write(text.encode())
+
+
+def rename(src: str, dst: str) -> None:
+    FileSystems.rename([src], [dst])
+
+
+def staging_path(out: str, run_id: str) -> str:
+    if is_remote(out):
+        return f"{out.rstrip('/')}.staging-{run_id}"
+    return publish.staging_path(out, run_id)
+
+
+def make_folder(path: str) -> None:
+    if not is_remote(path):
+        FileSystems.mkdirs(path)
+
+
+def check_target(out: str, overwrite: bool) -> None:
+    if not is_remote(out):
+        publish.check_target(out, overwrite)
+    elif glob(out, "*") and not overwrite:
+        from fashionbert.errors import UserError
+
+        raise UserError(f"--out {out} already holds files; pass --overwrite to replace them, or choose a new folder")
+
+
+def clean_stale_staging(out: str) -> None:
+    if not is_remote(out):
+        publish.clean_stale_staging(out)
+
+
+def publish_folder(staging: str, out: str) -> None:
+    if not is_remote(out):
+        publish.publish(staging, out)
+        return
+    if exists(join(out, SUCCESS)):
+        FileSystems.delete([join(out, SUCCESS)])
+    old = glob(out, "*")
+    if old:
+        FileSystems.delete(old)
+    files = glob(staging, "*")
+    FileSystems.rename(files, [join(out, posixpath.basename(f)) for f in files])
+    write_text(join(out, SUCCESS), "")
+    FileSystems.delete([staging])
