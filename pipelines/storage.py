@@ -90,5 +90,4 @@ def publish_folder(staging: str, out: str) -> None:
         FileSystems.delete(old)
     files = glob(staging, "*")
     FileSystems.rename(files, [join(out, posixpath.basename(f)) for f in files])
-    write_text(join(out, SUCCESS), "")
-    FileSystems.delete([staging])
+    write_text(join(out, SUCCESS), "")  # object stores keep no empty folder: nothing left to remove
