@@ -47,7 +47,7 @@ CNNS = {
 }
 
 
-def _weights_path(spec: CnnSpec) -> str:
+def weights_path(spec: CnnSpec) -> str:
     import importlib
 
     try:
@@ -66,7 +66,7 @@ def load_backbone_cnn(name: str, image_size: int) -> torch.nn.Module:
     spec = CNNS[name]
     # image_size only sets the static 'same' padding; matching it to the real input keeps TF semantics.
     model = EfficientNet.from_name(name, image_size=image_size)
-    state = torch.load(_weights_path(spec), map_location="cpu", weights_only=True)
+    state = torch.load(weights_path(spec), map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     return model.eval()
 

@@ -119,6 +119,17 @@ def build_pipeline(p: beam.Pipeline, cfg: FeaturizeConfig, info: CatalogInfo, st
     _ = all_rejects | "Rejects" >> WriteRejects(cfg, staging)
 
 
+def _preflight(cfg: FeaturizeConfig) -> None:
+    """Load the tokenizer and find the CNN weights in the driver: a missing package or a bad --backbone
+    fails here with one clear line, and local worker threads later find the (lazily importing)
+    transformers modules already loaded instead of racing to import them."""
+    from fashionbert.backbone import load_tokenizer
+    from fashionbert.patch_cnn import CNNS, weights_path
+
+    load_tokenizer(cfg.backbone)
+    weights_path(CNNS[cfg.cnn])
+
+
 def _check_previous(cfg: FeaturizeConfig) -> None:
     if not cfg.previous:
         return
@@ -214,6 +225,7 @@ def run(cfg: FeaturizeConfig, beam_args: list[str] | None = None) -> dict:
     storage.check_target(cfg.out, cfg.overwrite)
     info = inspect_catalog(cfg)
     _check_previous(cfg)
+    _preflight(cfg)
     options, torch_threads = pipeline_options(beam_args or [])
     run_id = publish.new_run_id()
     storage.clean_stale_staging(cfg.out)

@@ -258,3 +258,14 @@ def test_sdist_ships_the_code_packages(tmp_path):
     for module in ("pipelines/featurize.py", "pipelines/decode.py", "fashionbert/patch_cnn.py", "schemas/__init__.py",
                    "setup.py"):
         assert any(n.endswith(module) for n in names), module
+
+
+def test_two_local_worker_threads_give_the_same_rows(tmp_path):
+    from pipelines.config import FeaturizeConfig
+    from pipelines.featurize import run
+
+    run(FeaturizeConfig(catalog="synthetic:8", out=str(tmp_path / "two"), progress=False, images_per_shard=3),
+        ["--runner=FnApiRunner", "--direct_num_workers=2"])
+    featurize("synthetic:8", tmp_path / "one", images_per_shard=3)
+    for kind in ("images", "texts"):
+        assert read_kind(tmp_path / "two", kind).equals(read_kind(tmp_path / "one", kind))
