@@ -2,6 +2,8 @@
 # Thin shell over the `fashionbert` CLI: set up .venv once, then run a flow. Logic lives in Python.
 #   ./run_pipeline.sh demo   synthetic catalog -> features (-> model -> tables as later stages land)
 #   ./run_pipeline.sh test   the test suite (what CI runs)
+#   ./run_pipeline.sh nightly --catalog SRC --workdir DIR [...]   scheduled incremental run
+#   ./run_pipeline.sh backfill --catalog SRC --workdir DIR [...]  the same, recomputed from scratch
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
@@ -33,8 +35,12 @@ case "$cmd" in
     ensure_venv
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
+  nightly|backfill)
+    ensure_venv
+    exec "$VENV/bin/fashionbert" "$cmd" "$@"
+    ;;
   *)
-    echo "usage: ./run_pipeline.sh demo|test [options]" >&2
+    echo "usage: ./run_pipeline.sh demo|test|nightly|backfill [options]  (nightly --help for its options)" >&2
     exit 2
     ;;
 esac

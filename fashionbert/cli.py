@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "--direct_num_workers, --project, --setup_file, ...) go to Beam's PipelineOptions.")
     featurize_arguments(f)
 
+    from . import nightly
+
+    n = sub.add_parser("nightly", help="scheduled run: incremental featurize against latest, ... , move latest",
+                       description=nightly.__doc__)
+    nightly.add_arguments(n)
+    b = sub.add_parser("backfill", help="like nightly, but recompute everything from scratch",
+                       description=nightly.__doc__)
+    nightly.add_arguments(b)
+
     try:
         from . import train
     except ImportError:
@@ -67,11 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _QuietBeamImports(logging.Filter):
+    """Beam warns on import that Google Cloud client libraries are absent: true, and irrelevant unless the
+    user runs on Dataflow (where setup.py installs them). Keep stderr for messages that need action."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "apitools not found" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_QuietBeamImports())
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args, extra = parser.parse_known_args(argv)
+    if args.command in ("nightly", "backfill"):
+        from . import nightly
+
+        return nightly.main(argv[1:], from_scratch=args.command == "backfill")
     if extra and args.command != "featurize":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from schemas import SchemaError

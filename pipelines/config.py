@@ -64,15 +64,20 @@ def _fingerprint(obj: dict) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+CATALOG_HELP = ("catalog source: a manifest (.csv, .jsonl, .parquet; one row per image), a Fashion-Gen .h5 file, "
+                "or synthetic:N for N generated products")
+
+
+def add_arguments(parser: argparse.ArgumentParser, with_outputs: bool = True) -> None:
+    """All featurize options; `with_outputs=False` leaves out --catalog/--out/--previous/--overwrite for
+    commands (nightly, backfill) that decide those themselves."""
     d = FeaturizeConfig("", "")
-    p = parser.add_argument_group("inputs and outputs")
-    p.add_argument("--catalog", required=True,
-                   help="catalog source: a manifest (.csv, .jsonl, .parquet; one row per image), a Fashion-Gen "
-                        ".h5 file, or synthetic:N for N generated products")
-    p.add_argument("--out", required=True, help="output folder (published atomically with a _SUCCESS marker)")
-    p.add_argument("--previous", help="an earlier featurize output: unchanged rows are carried over, not recomputed")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds an output")
+    if with_outputs:
+        p = parser.add_argument_group("inputs and outputs")
+        p.add_argument("--catalog", required=True, help=CATALOG_HELP)
+        p.add_argument("--out", required=True, help="output folder (published atomically with a _SUCCESS marker)")
+        p.add_argument("--previous", help="an earlier featurize output: unchanged rows are carried over, not recomputed")
+        p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds an output")
     m = parser.add_argument_group("manifest columns")
     m.add_argument("--id-column", default=d.id_column, help="product id column (default %(default)s)")
     m.add_argument("--image-column", default=d.image_column,
@@ -118,7 +123,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def config_from_args(args: argparse.Namespace) -> FeaturizeConfig:
+def config_from_args(args: argparse.Namespace, **io) -> FeaturizeConfig:
+    """`io` supplies catalog/out/previous/overwrite when the parser was built without them."""
     text_columns = tuple(c.strip() for c in args.text_columns.split(",") if c.strip())
     if not text_columns:
         raise UserError("--text-columns is empty; name at least one text column, e.g. --text-columns title,description")
@@ -129,8 +135,10 @@ def config_from_args(args: argparse.Namespace) -> FeaturizeConfig:
         raise UserError(f"--image-size {args.image_size} must be divisible by --grid {args.grid} (e.g. 256 and 8)")
     if args.max_text_len < 3:
         raise UserError("--max-text-len must be at least 3 ([CLS], one token, [SEP])")
+    io = {"catalog": getattr(args, "catalog", None), "out": getattr(args, "out", None),
+          "previous": getattr(args, "previous", None), "overwrite": getattr(args, "overwrite", False), **io}
     return FeaturizeConfig(
-        catalog=args.catalog, out=args.out, previous=args.previous, overwrite=args.overwrite,
+        **io,
         id_column=args.id_column, image_column=args.image_column, image_id_column=args.image_id_column,
         text_columns=text_columns, category_column=args.category_column or None,
         subcategory_column=args.subcategory_column or None, group_column=args.group_column or None,

@@ -95,6 +95,10 @@ class WriteShardRows(beam.DoFn):
     def __init__(self, folder: str, kind: str, schema: pa.Schema, row_group_rows: int = 128):
         self.folder, self.kind, self.schema, self.row_group_rows = folder, kind, schema, row_group_rows
 
+    def _dictionary_columns(self) -> list[str]:
+        # Dictionary-encoding 82k-value feature vectors never pays off and tripled the write time.
+        return [f.name for f in self.schema if not pa.types.is_fixed_size_list(f.type)]
+
     def start_bundle(self):
         self._writers: dict[int, tuple[pq.ParquetWriter, str, list]] = {}
         self._counts: dict[int, int] = {}
@@ -107,7 +111,7 @@ class WriteShardRows(beam.DoFn):
                 self._close(done)
             name = shard_file_name(self.kind, shard, element.num_shards)
             fh = storage.create(storage.join(self.folder, name))
-            writer = pq.ParquetWriter(fh, self.schema, compression="zstd")
+            writer = pq.ParquetWriter(fh, self.schema, compression="zstd", use_dictionary=self._dictionary_columns())
             self._writers[shard] = (writer, fh, [])
             self._counts[shard] = 0
         writer, _, buffer = self._writers[shard]
