@@ -78,6 +78,32 @@ REJECTS = _with_meta(
 )
 
 
+RETRIEVAL = _with_meta(
+    "retrieval",
+    [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("query_kind", pa.string(), nullable=False),  # "text" (a product_id) or "image" (an image_id)
+        pa.field("rank", pa.int32(), nullable=False),  # 1-based, by `score`
+        pa.field("candidate_id", pa.string(), nullable=False),  # image_id for text queries, product_id for image ones
+        pa.field("score", pa.float32(), nullable=False),  # FashionBERT P(aligned), the re-rank score
+        pa.field("recall_score", pa.float32(), nullable=False),  # dual-encoder cosine from the recall stage
+        pa.field("stage", pa.string(), nullable=False),  # "rerank" (scored by the cross-encoder) or "recall"
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+    ],
+)
+
+PAIR_REJECTS = _with_meta(
+    "pair_rejects",
+    [
+        pa.field("row", pa.int64(), nullable=False),  # 0-based row of the input pairs file
+        pa.field("product_id", pa.string()),
+        pa.field("image_id", pa.string()),
+        pa.field("reason", pa.string(), nullable=False),
+    ],
+)
+
+
 def schema_name(schema: pa.Schema) -> str | None:
     meta = schema.metadata or {}
     name = meta.get(META_NAME)
@@ -91,6 +117,10 @@ def expected_for(schema: pa.Schema) -> pa.Schema:
         return TEXTS
     if name == "rejects":
         return REJECTS
+    if name == "retrieval":
+        return RETRIEVAL
+    if name == "pair_rejects":
+        return PAIR_REJECTS
     if name == "images":
         meta = schema.metadata
         try:
