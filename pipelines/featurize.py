@@ -232,8 +232,12 @@ def run(cfg: FeaturizeConfig, beam_args: list[str] | None = None) -> dict:
     staging = storage.staging_path(cfg.out, run_id)
     storage.make_folder(staging)
     progress_key = run_id if cfg.progress else None
-    with beam.Pipeline(options=options) as p:
-        build_pipeline(p, cfg, info, staging, torch_threads, progress_key)
+    try:
+        with beam.Pipeline(options=options) as p:
+            build_pipeline(p, cfg, info, staging, torch_threads, progress_key)
+    finally:
+        if progress_key:
+            img.close_progress(progress_key)
     result = p.result if hasattr(p, "result") else None
     rows = finalize(staging, cfg)
     counters = _counters(result) if result is not None else {}

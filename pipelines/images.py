@@ -83,12 +83,8 @@ def content_hash(sha: str, fingerprint: str) -> str:
     return hashlib.sha256(f"{sha}:{fingerprint}".encode()).hexdigest()
 
 
-class HashImages(beam.DoFn):
-    """Rows with a catalog problem -> rejects; readable images get their content sha256.
-
-    Bytes are read here and again in DecodeImages: re-reading a 30 KB JPEG costs far less than carrying
-    every image's bytes through the shuffle, and lets unchanged rows skip decoding entirely.
-    """
+class _ReadsImages(beam.DoFn):
+    """A DoFn holding one ImageReader per worker (its open HDF5 handle is reused across elements)."""
 
     def __init__(self, cfg: FeaturizeConfig):
         self.cfg = cfg
@@ -98,6 +94,14 @@ class HashImages(beam.DoFn):
 
     def teardown(self):
         self.reader.close()
+
+
+class HashImages(_ReadsImages):
+    """Rows with a catalog problem -> rejects; readable images get their content sha256.
+
+    Bytes are read here and again in DecodeImages: re-reading a 30 KB JPEG costs far less than carrying
+    every image's bytes through the shuffle, and lets unchanged rows skip decoding entirely.
+    """
 
     def process(self, row: CatalogRow):
         Metrics.counter(NS, "catalog_rows").inc()
@@ -162,17 +166,8 @@ class ReconcileImages(beam.DoFn):
             yield PlannedImage(first, chash)
 
 
-class DecodeImages(beam.DoFn):
+class DecodeImages(_ReadsImages):
     """Sharded[PlannedImage] -> (Sharded, square uint8 | None, (w, h)); carried rows skip decoding."""
-
-    def __init__(self, cfg: FeaturizeConfig):
-        self.cfg = cfg
-
-    def setup(self):
-        self.reader = ImageReader()
-
-    def teardown(self):
-        self.reader.close()
 
     def process(self, element: Sharded):
         plan: PlannedImage = element.item
@@ -244,6 +239,13 @@ def _shared_bar(key: str, total: int):
 
             _progress_bars[key] = tqdm(total=total, unit="img", desc="featurize images", dynamic_ncols=True)
         return _progress_bars[key]
+
+
+def close_progress(key: str) -> None:
+    with _progress_lock:
+        bar = _progress_bars.pop(key, None)
+    if bar is not None:
+        bar.close()
 
 
 class EmbedPatches(beam.DoFn):

@@ -1,6 +1,7 @@
 """Shared helpers for featurize tests: run the pipeline in-process on the FnApiRunner and read outputs."""
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import os
@@ -30,3 +31,41 @@ def read_kind(out: str, kind: str) -> pa.Table:
 def run_info(out: str) -> dict:
     with open(os.path.join(str(out), "_run.json")) as fh:
         return json.load(fh)
+
+
+def read_manifest(manifest: str) -> list[dict]:
+    with open(manifest, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def write_manifest(manifest: str, rows: list[dict]) -> None:
+    with open(manifest, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def synthetic_row(manifest: str, seed: int, index: int) -> dict:
+    """A new synthetic product's manifest row, its image written next to the catalog's others."""
+    from fashionbert import synth
+
+    p = synth.render_product(seed, index)
+    with open(os.path.join(os.path.dirname(manifest), "images", f"{p.image_id}.png"), "wb") as fh:
+        fh.write(p.image_bytes)
+    return {"product_id": p.product_id, "image_id": p.image_id, "image": f"images/{p.image_id}.png",
+            "title": p.title, "description": p.description, "category": p.category, "subcategory": p.subcategory}
+
+
+def hm_subset(folder: str, n: int, hm_dev: str = HM_DEV) -> str:
+    """The first n hm-dev rows as a manifest of absolute image paths (never a copy of the images)."""
+    path = os.path.join(str(folder), f"hm-{n}.csv")
+    with open(os.path.join(hm_dev, "articles.csv"), newline="") as fin, open(path, "w", newline="") as fout:
+        reader = csv.DictReader(fin)
+        writer = csv.DictWriter(fout, reader.fieldnames)
+        writer.writeheader()
+        for i, row in enumerate(reader):
+            if i >= n:
+                break
+            row["image"] = os.path.abspath(os.path.join(hm_dev, row["image"]))
+            writer.writerow(row)
+    return path

@@ -1,7 +1,6 @@
 """End-to-end featurize runs on the FnApiRunner: synthetic, bad input, hm-dev, HDF5, incremental, offline."""
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import socket
@@ -18,7 +17,8 @@ from fashionbert import synth
 from fashionbert.errors import UserError
 from pipelines import featurize as featurize_module
 from tests.bad_corpus import make_bad_corpus
-from tests.featurize_helpers import HM_COLUMNS, HM_DEV, featurize, read_kind, run_info
+from tests.featurize_helpers import (HM_COLUMNS, HM_DEV, featurize, hm_subset, read_kind, read_manifest, run_info,
+                                     synthetic_row, write_manifest)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,25 +75,10 @@ def test_bad_input_corpus_rejects_with_reasons_and_counts_add_up(tmp_path):
     assert images["one-pixel"]["width"] == 1 and len(images["png16"]["features"]) == 64 * 1280
 
 
-def _hm_subset(tmp_path, n=200):
-    src = os.path.join(HM_DEV, "articles.csv")
-    if not os.path.isfile(src):
-        pytest.skip("../shared/data/hm-dev is not present")
-    path = tmp_path / "hm.csv"
-    with open(src, newline="") as fin, open(path, "w", newline="") as fout:
-        reader = csv.DictReader(fin)
-        writer = csv.DictWriter(fout, reader.fieldnames)
-        writer.writeheader()
-        for i, row in enumerate(reader):
-            if i >= n:
-                break
-            row["image"] = os.path.abspath(os.path.join(HM_DEV, row["image"]))  # absolute paths are allowed
-            writer.writerow(row)
-    return path
-
-
 def test_hm_dev_rows_featurize_without_rejects(tmp_path):
-    manifest = _hm_subset(tmp_path, 200)
+    if not os.path.isfile(os.path.join(HM_DEV, "articles.csv")):
+        pytest.skip("../shared/data/hm-dev is not present")
+    manifest = hm_subset(tmp_path, 200)  # absolute image paths: allowed, unlike relative ones escaping the folder
     summary = featurize(manifest, tmp_path / "feat", **HM_COLUMNS)
     assert summary["counts"]["accepted_images"] == 200 and summary["counts"]["rejected_rows"] == 0
     texts = read_kind(tmp_path / "feat", "texts").to_pylist()
@@ -140,21 +125,12 @@ def test_incremental_rerun_recomputes_only_changes_and_matches_full_run(tmp_path
     manifest = synth.write_catalog(cat, 12, seed=3)
     first = tmp_path / "run1"
     featurize(manifest, first)
-    with open(manifest, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_manifest(manifest)
     removed = rows.pop(0)["image_id"]
-    changed_image = rows[0]["image_id"]
     shutil.copy(cat / rows[1]["image"], cat / rows[0]["image"])  # new pixels, same id
     rows[2]["description"] += " Now in organic cotton."
-    extra = synth.render_product(3, 99)
-    (cat / "images" / f"{extra.image_id}.png").write_bytes(extra.image_bytes)
-    rows.append({"product_id": extra.product_id, "image_id": extra.image_id, "image": f"images/{extra.image_id}.png",
-                 "title": extra.title, "description": extra.description, "category": extra.category,
-                 "subcategory": extra.subcategory})
-    with open(manifest, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    extra = synthetic_row(manifest, 3, 99)
+    write_manifest(manifest, rows + [extra])
     second = tmp_path / "run2"
     summary = featurize(manifest, second, previous=str(first))
     c = summary["counts"]
@@ -163,7 +139,7 @@ def test_incremental_rerun_recomputes_only_changes_and_matches_full_run(tmp_path
     full = tmp_path / "full"
     featurize(manifest, full)
     inc, ref = _by_id(read_kind(second, "images")), _by_id(read_kind(full, "images"))
-    assert removed not in inc and extra.image_id in inc and set(inc) == set(ref)
+    assert removed not in inc and extra["image_id"] in inc and set(inc) == set(ref)
     for image_id, row in ref.items():
         assert inc[image_id]["content_hash"] == row["content_hash"]
         assert inc[image_id]["features"] == row["features"], image_id  # carried rows equal recomputed ones
@@ -239,8 +215,7 @@ def test_jsonl_and_parquet_manifests(tmp_path):
     import pyarrow.parquet as pq
 
     manifest = synth.write_catalog(tmp_path / "cat", 4)
-    with open(manifest, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_manifest(manifest)
     jsonl = tmp_path / "cat" / "manifest.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "cat" / "manifest.parquet", row_group_size=2)

@@ -1,7 +1,6 @@
 """Nightly and backfill runs over a work folder: incremental, atomic `latest`, lock, failures."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -12,6 +11,7 @@ import time
 import pytest
 
 from fashionbert import nightly, synth
+from tests.featurize_helpers import read_manifest, synthetic_row, write_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT}
@@ -24,22 +24,12 @@ def _cli(*args, **kw):
 
 def _edit_catalog(manifest):
     """One product's text changed, one removed, one added."""
-    with open(manifest, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_manifest(manifest)
     rows[1]["title"] += " (new season)"
     removed = rows.pop(0)["image_id"]
-    extra = synth.render_product(0, 50)
-    folder = os.path.dirname(manifest)
-    with open(os.path.join(folder, "images", f"{extra.image_id}.png"), "wb") as fh:
-        fh.write(extra.image_bytes)
-    rows.append({"product_id": extra.product_id, "image_id": extra.image_id, "image": f"images/{extra.image_id}.png",
-                 "title": extra.title, "description": extra.description, "category": extra.category,
-                 "subcategory": extra.subcategory})
-    with open(manifest, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return removed, extra.image_id
+    extra = synthetic_row(manifest, 0, 50)
+    write_manifest(manifest, rows + [extra])
+    return removed, extra["image_id"]
 
 
 def test_nightly_twice_recomputes_only_changes_and_moves_latest(tmp_path):

@@ -1,0 +1,193 @@
+"""Training benchmark. Prints figures; asserts nothing (speed targets live here, not in tests).
+
+    python bench/train.py [--backbone minilm] [--batch-size 16] [--steps 12] [--text-words 40] [--threads 0]
+
+Figures, each measured in this one run on this machine:
+- this CPU's matmul GFLOP/s in fp32 and bf16, on the model's own FFN shape and on a square 2048^3 GEMM;
+- the model's FLOPs per training pair, counted by torch's FlopCounterMode over one full training step
+  (forward, the adaptive-grad probe, backward), with an analytic count beside it;
+- end-to-end training pairs/s of `fashionbert.train` (Parquet stream, pairs, masking, bf16 autocast,
+  adaptive-grad, AdamW) on a synthetic featurize folder with real shapes (8x8 x 1280 features, texts of
+  ~45 tokens), and its ratio to the FLOP bound (peak matmul GFLOP/s / FLOPs per pair); target >= 40%;
+- bf16 autocast vs fp32 on the same batches: per-task loss difference and train-step time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fashionbert.adaptive_loss import TaskWeighter  # noqa: E402
+from fashionbert.backbone import load_tokenizer  # noqa: E402
+from fashionbert.batching import (BatchSettings, ImageStream, MaskingVocab, PairBuilder, StreamPosition,  # noqa: E402
+                                  iter_batches)
+from fashionbert.config import FashionBertConfig  # noqa: E402
+from fashionbert.features import FeatureReader, index_images, load_texts, open_feature_folders  # noqa: E402
+from fashionbert.modeling import FashionBertModel  # noqa: E402
+from fashionbert.train import _quiet, add_arguments, run  # noqa: E402
+from tests.fake_features import write_fake_features  # noqa: E402
+
+
+def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, seconds: float = 1.5) -> float:
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    for _ in range(3):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2.0 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
+
+
+def analytic_flops_per_pair(cfg: FashionBertConfig, text_len: float, mlm_tokens: float, mpm_patches: float) -> float:
+    """Matmul FLOPs of one training pair: 3x forward (forward + backward), encoder + heads."""
+    h, i = cfg.hidden_size, int(cfg.bert["intermediate_size"])
+    layers, v, d = int(cfg.bert["num_hidden_layers"]), cfg.vocab_size, cfg.feature_dim
+    seq = text_len + cfg.num_patches
+    per_layer = 2 * seq * (4 * h * h + 2 * h * i) + 2 * 2 * seq * seq * h
+    fwd = layers * per_layer + 2 * cfg.num_patches * d * h + 2 * h * h  # + patch projection + pooler
+    fwd += mlm_tokens * 2 * (h * h + h * v) + mpm_patches * 2 * (h * h + h * d)
+    return 3.0 * fwd
+
+
+def batches_for(features: Path, cfg: FashionBertConfig, tokenizer, batch_size: int, seed: int = 0):
+    folders = open_feature_folders([features])
+    texts = load_texts(folders)
+    index = index_images(folders, texts)
+    reader = FeatureReader(index.shards, cfg.num_patches, cfg.feature_dim)
+    stream = ImageStream(index, np.arange(len(index)), reader, seed=seed)
+    pairs = PairBuilder(texts, np.unique(index.product))
+    settings = BatchSettings(batch_size, cfg.max_text_len, cfg.pad_token_id, cfg.sep_token_id,
+                             cfg.mlm_probability, cfg.mpm_probability)
+    return iter_batches(stream, pairs, settings, MaskingVocab.from_tokenizer(tokenizer, cfg.vocab_size), seed,
+                        StreamPosition())
+
+
+def train_step(model, weighter, optimizer, batch, precision: str):
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
+    with ctx:
+        out = model(**batch.model_inputs())
+    total, _, _ = weighter(out.losses)
+    total.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {k: float(v.detach()) for k, v in out.losses.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backbone", default="minilm")
+    ap.add_argument("--batch-size", type=int, default=16, help="positives per step (x2 rows with --neg-ratio 1)")
+    ap.add_argument("--steps", type=int, default=12, help="training steps timed end to end (after 2 warm-up steps)")
+    ap.add_argument("--text-words", type=int, default=40, help="filler words per synthetic text (40 -> ~45 tokens)")
+    ap.add_argument("--feature-dim", type=int, default=1280)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads, 0 = torch's default (all cores)")
+    ap.add_argument("--compare-steps", type=int, default=3, help="steps per precision in the bf16/fp32 comparison")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU bf16 native: "
+          f"{bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())}")
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        tmp = Path(tmp)
+        tokenizer = load_tokenizer(a.backbone)
+        features = write_fake_features(tmp / "features", n_products=160, feature_dim=a.feature_dim,
+                                       n_image_shards=2, row_group_size=64, extra_words=a.text_words,
+                                       tokenizer=tokenizer)
+        torch.manual_seed(0)
+        cfg = FashionBertConfig(backbone=a.backbone, feature_dim=a.feature_dim)
+        model = _quiet(lambda: FashionBertModel.from_pretrained_backbone(cfg)).train()
+        it = batches_for(features, cfg, tokenizer, a.batch_size)
+        sample = [next(it) for _ in range(4)]
+        rows = sample[0].rows
+        text_len = float(np.mean([b.attention_mask.sum(1).float().mean() for b in sample]))
+        padded_len = float(np.mean([b.input_ids.shape[1] for b in sample]))
+        mlm_tok = float(np.mean([((b.mlm_labels != -100) & b.tia_labels.bool()[:, None]).sum() / b.rows for b in sample]))
+        mpm_p = float(np.mean([(b.patch_mask & b.tia_labels.bool()[:, None]).sum() / b.rows for b in sample]))
+        h = cfg.hidden_size
+
+        # ---- the CPU's matmul rate
+        m_ffn = int(rows * (padded_len + cfg.num_patches))
+        rates = {}
+        for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            rates[name] = {"ffn": matmul_gflops(m_ffn, h, 4 * h, dt), "square": matmul_gflops(2048, 2048, 2048, dt)}
+            print(f"matmul {name}: {rates[name]['ffn']:.1f} GFLOP/s on the FFN shape {m_ffn}x{h}x{4 * h}, "
+                  f"{rates[name]['square']:.1f} GFLOP/s on 2048^3")
+
+        # ---- FLOPs per pair, counted
+        from torch.utils.flop_counter import FlopCounterMode
+
+        weighter = TaskWeighter("adaptive-grad", model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        with FlopCounterMode(display=False) as counter:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(**sample[0].model_inputs())
+            total, _, _ = weighter(out.losses)
+            total.backward()
+        optimizer.zero_grad(set_to_none=True)
+        counted = counter.get_total_flops() / rows
+        analytic = analytic_flops_per_pair(cfg, padded_len, mlm_tok, mpm_p)
+        print(f"batch: {rows} rows, text {text_len:.1f} tokens (padded {padded_len:.1f}) + {cfg.num_patches} patches; "
+              f"FLOPs per training pair: counted {counted / 1e9:.2f} G, analytic {analytic / 1e9:.2f} G")
+
+        # ---- bf16 vs fp32 on the same batches
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        compare = {}
+        for precision in ("fp32", "bf16"):
+            model.load_state_dict(state)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+            torch.manual_seed(0)
+            losses, times = [], []
+            for b in sample[: a.compare_steps]:
+                t0 = time.perf_counter()
+                losses.append(train_step(model, weighter, optimizer, b, precision))
+                times.append(time.perf_counter() - t0)
+            compare[precision] = (losses, times)
+        model.load_state_dict(state)
+        diffs = {t: max(abs(x[t] - y[t]) for x, y in zip(compare["fp32"][0], compare["bf16"][0])) for t in ("mlm", "mpm", "tia")}
+        rel = {t: max(abs(x[t] - y[t]) / max(abs(x[t]), 1e-9) for x, y in zip(compare["fp32"][0], compare["bf16"][0]))
+               for t in ("mlm", "mpm", "tia")}
+        t32, t16 = statistics.median(compare["fp32"][1][1:] or compare["fp32"][1]), statistics.median(compare["bf16"][1][1:] or compare["bf16"][1])
+        print("bf16 vs fp32 (same weights, batches, masks; dropout on): max |loss diff| "
+              + ", ".join(f"{t} {diffs[t]:.4f} ({100 * rel[t]:.2f}%)" for t in diffs)
+              + f"; train step {t32:.2f} s fp32 vs {t16:.2f} s bf16 ({t32 / t16:.2f}x)")
+        del model, optimizer, weighter
+
+        # ---- end to end: fashionbert.train
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        args = parser.parse_args(["--features", str(features), "--out", str(tmp / "out"), "--backbone", a.backbone,
+                                  "--steps", str(a.steps + 2), "--batch-size", str(a.batch_size), "--val-fraction", "0",
+                                  "--checkpoint-every", "0", "--no-progress", "--precision", "bf16"])
+        t0 = time.perf_counter()
+        run(args)
+        wall = time.perf_counter() - t0
+        recs = [json.loads(l) for l in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
+        timed = [r for r in recs if r.get("kind") == "train"][2:]
+        step_s = sum(r["step_seconds"] for r in timed)
+        pairs = sum(r["pairs"] for r in timed)
+        rate = pairs / step_s
+        peak = max(rates["bf16"].values())
+        bound = peak * 1e9 / counted
+        print(f"train end to end (bf16, adaptive-grad, batch {rows} rows): {rate:.1f} pairs/s over {len(timed)} steps "
+              f"(median step {statistics.median(r['step_seconds'] for r in timed):.2f} s; whole run incl. model load "
+              f"and export {wall:.1f} s)")
+        print(f"FLOP bound: {peak:.1f} GFLOP/s bf16 / {counted / 1e9:.2f} GFLOP per pair = {bound:.1f} pairs/s; "
+              f"achieved {rate * counted / 1e9:.1f} GFLOP/s = {100 * rate / bound:.1f}% of the bound (target >= 40%)")
+        print(f"for reference, fp32 bound {max(rates['fp32'].values()) * 1e9 / counted:.1f} pairs/s")
+
+
+if __name__ == "__main__":
+    main()
