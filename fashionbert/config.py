@@ -42,8 +42,13 @@ class FashionBertConfig:
     mlm_probability: float = 0.15
     mpm_probability: float = 0.10
     whole_word_mask: bool = True
-    # Dropout before the TIA classifier (the encoder keeps the backbone's own dropout rates).
-    classifier_dropout: float = 0.1
+    # Dropout of the encoder (hidden and attention), the patch embeddings and the TIA classifier; None keeps the
+    # backbone's own rates. `fashionbert train` defaults to 0: see its --dropout help for the measurements.
+    dropout: float | None = None
+
+    @property
+    def classifier_dropout(self) -> float:
+        return float(self.dropout if self.dropout is not None else self.bert.get("hidden_dropout_prob", 0.1))
 
     @property
     def num_patches(self) -> int:
@@ -60,6 +65,8 @@ class FashionBertConfig:
     def validate(self) -> None:
         if self.grid < 1 or self.feature_dim < 1:
             raise UserError(f"model config: grid ({self.grid}) and feature_dim ({self.feature_dim}) must be positive")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model config: dropout {self.dropout} must be in [0, 1)")
         if not 0.0 <= self.mlm_probability < 1.0 or not 0.0 <= self.mpm_probability < 1.0:
             raise UserError("model config: masking probabilities must be in [0, 1)")
         if self.bert and self.max_text_len > int(self.bert.get("max_position_embeddings", 512)):

@@ -172,6 +172,8 @@ class FashionBertModel(nn.Module):
         bert_dict = bert.config.to_dict()
         for k in ("_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype", "_attn_implementation_autoset"):
             bert_dict.pop(k, None)
+        if config.dropout is not None:
+            bert_dict["hidden_dropout_prob"] = bert_dict["attention_probs_dropout_prob"] = float(config.dropout)
         config.bert = bert_dict
         config.pad_token_id = int(tokenizer.pad_token_id)
         config.cls_token_id = int(tokenizer.cls_token_id)

@@ -1,0 +1,296 @@
+"""Reading featurize output folders for training and scoring (pyarrow + numpy only).
+
+A folder is usable once featurize wrote `_SUCCESS`; every shard is checked against `schemas/` before a row
+is read. Texts (small: ids and a few strings per product) are loaded whole; image patch features (about
+160 KB a row at 8x8x1280 fp16) never are: the image index keeps only ids and (shard, row group, row)
+coordinates, and features are read on demand in record batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas import META_FEATURE_DIM, META_GRID, SchemaError, read_schema, read_table
+
+from .errors import UserError
+
+SUCCESS = "_SUCCESS"
+RUN_JSON = "_run.json"
+READ_BATCH_ROWS = 256
+
+
+@dataclasses.dataclass
+class FeatureFolder:
+    path: Path
+    image_shards: list[Path]
+    text_shards: list[Path]
+    grid: int
+    feature_dim: int
+    options: dict
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+
+def _fix(path: Path) -> str:
+    return f"run `fashionbert featurize --catalog SRC --out {path}` to completion, or point --features at a finished featurize output folder"
+
+
+def open_feature_folder(path: str | os.PathLike) -> FeatureFolder:
+    """Validate one featurize output folder; every problem is a UserError naming the folder and the fix."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise UserError(f"--features {path}: no such folder; {_fix(path)}")
+    if not (path / SUCCESS).is_file():
+        raise UserError(f"--features {path}: no {SUCCESS} marker, so featurize did not finish writing it; {_fix(path)}")
+    images = sorted(path.glob("images-*.parquet"))
+    texts = sorted(path.glob("texts-*.parquet"))
+    if not images or not texts:
+        missing = "images-*.parquet" if not images else "texts-*.parquet"
+        raise UserError(f"--features {path}: has {SUCCESS} but no {missing} shards; {_fix(path)}")
+    options: dict = {}
+    run_json = path / RUN_JSON
+    if run_json.is_file():
+        try:
+            options = dict(json.loads(run_json.read_text()).get("options") or {})
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise UserError(f"--features {path}: {RUN_JSON} is not valid JSON ({exc}); {_fix(path)}") from exc
+    shapes = set()
+    try:
+        for shard in images:
+            schema = read_schema(str(shard), "images")
+            meta = pq.read_schema(str(shard)).metadata
+            shapes.add((int(meta[META_GRID]), int(meta[META_FEATURE_DIM])))
+        for shard in texts:
+            read_schema(str(shard), "texts")
+    except SchemaError as exc:
+        raise UserError(f"--features {path}: {exc}") from exc
+    if len(shapes) != 1:
+        raise UserError(f"--features {path}: image shards disagree on (grid, feature_dim): {sorted(shapes)}; {_fix(path)}")
+    grid, feature_dim = shapes.pop()
+    return FeatureFolder(path=path, image_shards=images, text_shards=texts, grid=grid, feature_dim=feature_dim, options=options)
+
+
+def open_feature_folders(paths: Sequence[str | os.PathLike]) -> list[FeatureFolder]:
+    if not paths:
+        raise UserError("--features: give at least one featurize output folder")
+    folders = [open_feature_folder(p) for p in paths]
+    shapes = {(f.grid, f.feature_dim, f.options.get("cnn")) for f in folders}
+    if len({(g, d) for g, d, _ in shapes}) != 1:
+        detail = ", ".join(f"{f.path}: grid {f.grid}, feature_dim {f.feature_dim}" for f in folders)
+        raise UserError(f"--features folders were made with different patch grids or CNNs ({detail}); "
+                        f"featurize them all with the same --grid/--cnn")
+    return folders
+
+
+# ------------------------------------------------------------------------------------------- texts
+@dataclasses.dataclass
+class TextTable:
+    """All product texts, indexed by product position (`index[product_id]`)."""
+
+    product_ids: list[str]
+    index: dict[str, int]
+    input_ids: list[list[np.ndarray]]  # per product, one or more token id arrays ([CLS] ... [SEP])
+    subcategory: list[str]  # subcategory, else category, else "" (unknown: treated as a too-small group)
+    group_id: list[str]
+
+    def __len__(self) -> int:
+        return len(self.product_ids)
+
+    def subcategory_map(self) -> dict[str, str]:
+        """product_id -> sub-category (else category, else "")."""
+        return dict(zip(self.product_ids, self.subcategory))
+
+    def group_map(self) -> dict[str, str]:
+        """product_id -> group_id (the split key)."""
+        return dict(zip(self.product_ids, self.group_id))
+
+    def max_token_id(self) -> int:
+        return max((int(a.max()) for ids in self.input_ids for a in ids if a.size), default=0)
+
+
+def truncate_ids(ids: np.ndarray, max_len: int, sep_id: int) -> np.ndarray:
+    """Keep [CLS] ... and end with [SEP] within max_len tokens."""
+    if len(ids) <= max_len:
+        return ids
+    out = ids[:max_len].copy()
+    out[-1] = sep_id
+    return out
+
+
+def load_texts(folders: Iterable[FeatureFolder]) -> TextTable:
+    product_ids: list[str] = []
+    index: dict[str, int] = {}
+    input_ids: list[list[np.ndarray]] = []
+    subcategory: list[str] = []
+    group_id: list[str] = []
+    seen_hashes: set[tuple[str, str]] = set()
+    cols = ["product_id", "input_ids", "category", "subcategory", "group_id", "content_hash"]
+    for folder in folders:
+        for shard in folder.text_shards:
+            try:
+                table = read_table(str(shard), "texts", columns=cols)
+            except SchemaError as exc:
+                raise UserError(f"--features {folder.path}: {exc}") from exc
+            d = table.to_pydict()
+            for pid, ids, cat, sub, grp, chash in zip(d["product_id"], d["input_ids"], d["category"], d["subcategory"],
+                                                       d["group_id"], d["content_hash"]):
+                if (pid, chash) in seen_hashes:
+                    continue  # the same text listed twice (e.g. two folders of one catalog)
+                seen_hashes.add((pid, chash))
+                arr = np.asarray(ids, dtype=np.int64)
+                if pid in index:
+                    input_ids[index[pid]].append(arr)
+                    continue
+                index[pid] = len(product_ids)
+                product_ids.append(pid)
+                input_ids.append([arr])
+                subcategory.append(sub or cat or "")
+                group_id.append(grp)
+    if not product_ids:
+        raise UserError("--features: the texts shards hold no rows; featurize accepted no product texts")
+    return TextTable(product_ids, index, input_ids, subcategory, group_id)
+
+
+# ------------------------------------------------------------------------------------------- split
+def validation_mask(group_ids: Sequence[str], fraction: float, seed: int = 0) -> np.ndarray:
+    """True for products held out for validation: a hash of (seed, group_id) below `fraction`.
+
+    Deterministic across runs, machines and Python versions (sha256, not hash()), independent of row order,
+    and products sharing a group_id always land on the same side.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise UserError(f"--val-fraction {fraction}: must be in [0, 1)")
+    out = np.zeros(len(group_ids), dtype=bool)
+    for i, g in enumerate(group_ids):
+        h = hashlib.sha256(f"fashionbert-split:{seed}:{g}".encode()).digest()
+        out[i] = int.from_bytes(h[:8], "big") / 2.0**64 < fraction
+    return out
+
+
+# ------------------------------------------------------------------------------------------- images
+@dataclasses.dataclass
+class ImageIndex:
+    """One entry per image row with a product text: where it lives and whose it is; no features."""
+
+    shards: list[Path]
+    shard: np.ndarray  # int32, index into shards
+    row_group: np.ndarray  # int32
+    row: np.ndarray  # int64, row within the row group
+    product: np.ndarray  # int64, index into the TextTable
+    image_ids: list[str]
+    skipped_no_text: int
+    skipped_duplicate: int
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+def index_images(folders: Iterable[FeatureFolder], texts: TextTable) -> ImageIndex:
+    shards: list[Path] = []
+    shard_col, rg_col, row_col, prod_col, image_ids = [], [], [], [], []
+    seen: set[str] = set()
+    no_text = dup = 0
+    for folder in folders:
+        for path in folder.image_shards:
+            s = len(shards)
+            shards.append(path)
+            pf = pq.ParquetFile(str(path))
+            for rg in range(pf.num_row_groups):
+                t = pf.read_row_group(rg, columns=["image_id", "product_id"])
+                for r, (iid, pid) in enumerate(zip(t.column("image_id").to_pylist(), t.column("product_id").to_pylist())):
+                    p = texts.index.get(pid)
+                    if p is None:
+                        no_text += 1
+                        continue
+                    if iid in seen:
+                        dup += 1
+                        continue
+                    seen.add(iid)
+                    shard_col.append(s)
+                    rg_col.append(rg)
+                    row_col.append(r)
+                    prod_col.append(p)
+                    image_ids.append(iid)
+    return ImageIndex(
+        shards=shards,
+        shard=np.asarray(shard_col, dtype=np.int32),
+        row_group=np.asarray(rg_col, dtype=np.int32),
+        row=np.asarray(row_col, dtype=np.int64),
+        product=np.asarray(prod_col, dtype=np.int64),
+        image_ids=image_ids,
+        skipped_no_text=no_text,
+        skipped_duplicate=dup,
+    )
+
+
+def features_to_numpy(column: pa.Array, num_patches: int, feature_dim: int) -> np.ndarray:
+    """A fixed_size_list<float16> column -> (n, num_patches, feature_dim) float16, one copy at most."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(len(column), num_patches, feature_dim)
+
+
+class FeatureReader:
+    """Reads patch features of chosen rows, one record batch at a time (memory: the rows asked for + one batch)."""
+
+    def __init__(self, shards: Sequence[Path], num_patches: int, feature_dim: int, batch_rows: int = READ_BATCH_ROWS):
+        self.shards = list(shards)
+        self.num_patches = num_patches
+        self.feature_dim = feature_dim
+        self.batch_rows = batch_rows
+        self._files: dict[int, pq.ParquetFile] = {}
+
+    def _file(self, shard: int) -> pq.ParquetFile:
+        f = self._files.get(shard)
+        if f is None:
+            f = self._files[shard] = pq.ParquetFile(str(self.shards[shard]))
+        return f
+
+    def iter_row_group(self, shard: int, row_group: int, columns: Sequence[str] = ("features",)) -> Iterator[tuple[int, pa.RecordBatch]]:
+        """(first row, record batch) pairs covering one row group."""
+        start = 0
+        for batch in self._file(shard).iter_batches(batch_size=self.batch_rows, row_groups=[row_group], columns=list(columns)):
+            yield start, batch
+            start += batch.num_rows
+
+    def read(self, shard: np.ndarray, row_group: np.ndarray, row: np.ndarray) -> np.ndarray:
+        """Features of the given rows, in the given order: (n, num_patches, feature_dim) float16."""
+        n = len(row)
+        out = np.empty((n, self.num_patches, self.feature_dim), dtype=np.float16)
+        if n == 0:
+            return out
+        keys = shard.astype(np.int64) * (1 << 32) + row_group.astype(np.int64)
+        for key in np.unique(keys):
+            sel = np.nonzero(keys == key)[0]
+            s, g = int(key >> 32), int(key & 0xFFFFFFFF)
+            wanted = row[sel]
+            order = np.argsort(wanted, kind="stable")
+            wanted_sorted, dest = wanted[order], sel[order]
+            for start, batch in self.iter_row_group(s, g):
+                lo = np.searchsorted(wanted_sorted, start)
+                hi = np.searchsorted(wanted_sorted, start + batch.num_rows)
+                if hi > lo:
+                    take = pa.array(wanted_sorted[lo:hi] - start)
+                    feats = features_to_numpy(batch.column(0).take(take), self.num_patches, self.feature_dim)
+                    out[dest[lo:hi]] = feats
+                if hi == len(wanted_sorted):
+                    break
+        return out
+
+
+def iter_image_batches(folder: FeatureFolder, columns: Sequence[str] | None = None,
+                       batch_rows: int = READ_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    """Stream every image row of a folder as record batches (never the whole table in memory)."""
+    for path in folder.image_shards:
+        yield from pq.ParquetFile(str(path)).iter_batches(batch_size=batch_rows, columns=list(columns) if columns else None)

@@ -1,0 +1,234 @@
+"""FashionBERT model: input layout, masks, heads, the three losses on hand-computed cases, save/load,
+backbone layouts (packaged MiniLM, bert-base-uncased style) and bf16 vs fp32."""
+import json
+import math
+
+import pytest
+import torch
+
+from tests.fake_features import make_tiny_backbone
+from fashionbert.config import FashionBertConfig
+from fashionbert.modeling import (FashionBertModel, alignment_loss, masked_lm_loss, masked_patch_kl_loss)
+from fashionbert.train import _quiet
+
+torch.set_num_threads(1)
+FEATURE_DIM = 16
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory):
+    return make_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_backbone):
+    torch.manual_seed(0)
+    m = _quiet(lambda: FashionBertModel.from_pretrained_backbone(FashionBertConfig(backbone=str(tiny_backbone), feature_dim=FEATURE_DIM)))
+    return m.eval()
+
+
+def _inputs(batch=3, text_len=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2000, 3000, (batch, text_len), generator=g)
+    ids[:, 0] = 101
+    ids[:, -1] = 102
+    attn = torch.ones_like(ids)
+    feats = torch.rand(batch, 64, FEATURE_DIM, generator=g)
+    return ids, attn, feats
+
+
+# ------------------------------------------------------------------------------------------ losses
+def test_masked_patch_kl_hand_computed():
+    original = torch.tensor([[0.0, math.log(3.0)]])  # softmax = [1/4, 3/4]
+    predicted = torch.tensor([[0.0, 0.0]])  # softmax = [1/2, 1/2]
+    expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)  # = 0.130812
+    assert float(masked_patch_kl_loss(predicted, original)) == pytest.approx(expected, abs=1e-6)
+    assert float(masked_patch_kl_loss(original, original)) == pytest.approx(0.0, abs=1e-7)
+    # mean over patches: a second, perfect patch halves it
+    two = masked_patch_kl_loss(torch.cat([predicted, original]), torch.cat([original, original]))
+    assert float(two) == pytest.approx(expected / 2, abs=1e-6)
+
+
+def test_masked_lm_and_alignment_hand_computed():
+    logits = torch.tensor([[0.0, math.log(3.0)], [math.log(3.0), 0.0]])
+    # both rows: p(label) = 3/4 for row 0 (label 1) and 1/4 for row 1 (label 1)
+    labels = torch.tensor([1, 1])
+    expected = (-math.log(0.75) - math.log(0.25)) / 2
+    assert float(masked_lm_loss(logits, labels)) == pytest.approx(expected, abs=1e-6)
+    assert float(alignment_loss(torch.zeros(4, 2), torch.tensor([0, 1, 1, 0]))) == pytest.approx(math.log(2), abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ layout and masks
+def test_shapes(model):
+    ids, attn, feats = _inputs()
+    out = model(ids, attn, feats, tia_labels=torch.tensor([1, 0, 1]))
+    hidden = model.config.hidden_size
+    assert out.sequence_output.shape == (3, 7 + 64, hidden)
+    assert out.tia_logits.shape == (3, 2)
+    assert set(out.losses) == {"tia"}
+    scores = model.score(ids, attn, feats)
+    assert scores.shape == (3,) and bool(((scores > 0) & (scores < 1)).all())
+    with pytest.raises(ValueError):
+        model(ids, attn, feats[:, :10])
+
+
+def test_text_padding_is_masked(model):
+    ids, attn, feats = _inputs(batch=1)
+    padded = torch.cat([ids, torch.zeros(1, 5, dtype=torch.long)], dim=1)
+    padded_attn = torch.cat([attn, torch.zeros(1, 5, dtype=torch.long)], dim=1)
+    a, pa = model.encode(ids, attn, feats)
+    b, pb = model.encode(padded, padded_attn, feats)
+    assert torch.allclose(pa, pb, atol=1e-5)
+    assert torch.allclose(a[:, :7], b[:, :7], atol=1e-5) and torch.allclose(a[:, 7:], b[:, 12:], atol=1e-5)
+    assert torch.allclose(model.score(ids, attn, feats), model.score(padded, padded_attn, feats), atol=1e-6)
+    # and without the mask the padding does change the result (so the check above means something)
+    c, _ = model.encode(padded, torch.ones_like(padded), feats)
+    assert (a[:, 0] - c[:, 0]).abs().max() > 1e-3
+
+
+def test_patches_use_their_own_position_table(model):
+    """BertModel(inputs_embeds=...) would add TEXT positions to patches; ours must not."""
+    ids, attn, feats = _inputs(batch=1, text_len=5)
+    seq, _ = model.encode(ids, attn, feats)
+    text_pos = model.bert.embeddings.position_embeddings.weight
+    saved = text_pos.data[5:].clone()
+    with torch.no_grad():
+        # (a random change: a constant one would vanish in the LayerNorm)
+        text_pos.data[5:] += torch.randn_like(saved)  # text positions beyond the text: unused by patches
+    try:
+        seq2, _ = model.encode(ids, attn, feats)
+    finally:
+        text_pos.data[5:] = saved
+    assert torch.allclose(seq, seq2, atol=1e-6)
+    patch_pos = model.patch_embeddings.position_embeddings.weight
+    saved = patch_pos.data[3].clone()
+    with torch.no_grad():
+        patch_pos.data[3] += torch.randn_like(saved)
+    try:
+        seq3, _ = model.encode(ids, attn, feats)
+    finally:
+        patch_pos.data[3] = saved
+    assert (seq[0, 5 + 3] - seq3[0, 5 + 3]).abs().max() > 1e-2
+
+
+def test_patch_mask_zeroes_patches(model):
+    ids, attn, feats = _inputs(batch=2)
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    mask[:, [0, 9, 63]] = True
+    a, _ = model.encode(ids, attn, feats, patch_mask=mask)
+    zeroed = feats.clone()
+    zeroed[mask] = 0
+    b, _ = model.encode(ids, attn, zeroed)
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_mlm_decoder_is_tied_to_word_embeddings(model):
+    names = dict(model.named_parameters())
+    assert not any("decoder" in n and "mlm" in n for n in names)  # no separate decoder matrix
+    h = torch.randn(2, model.config.hidden_size)
+    emb = model.bert.embeddings.word_embeddings.weight
+    logits = model.mlm_head(h, emb)
+    assert logits.shape == (2, model.config.vocab_size)
+    expected = model.mlm_head.transform(h) @ emb.t() + model.mlm_head.bias
+    assert torch.allclose(logits, expected, atol=1e-5)
+
+
+def test_mlm_and_mpm_count_aligned_rows_only(model):
+    model.train()
+    torch.manual_seed(0)
+    try:
+        ids, attn, feats = _inputs(batch=2)
+        labels = torch.full_like(ids, -100)
+        labels[0, 2] = ids[0, 2]
+        labels[1, 3] = ids[1, 3]
+        pmask = torch.zeros(2, 64, dtype=torch.bool)
+        pmask[:, 5] = True
+        tia = torch.tensor([1, 0])
+        model.eval()  # no dropout: compare exactly
+        out = model(ids, attn, feats, patch_mask=pmask, mlm_labels=labels, tia_labels=tia)
+        labels2 = labels.clone()
+        labels2[1, 3] = 7  # a different target on the negative row must not matter
+        feats2 = feats.clone()
+        feats2[1, 5] = 100.0  # nor a different masked patch target there
+        out2 = model(ids, attn, feats2, patch_mask=pmask, mlm_labels=labels2, tia_labels=tia)
+        assert out.losses["mlm"].item() == pytest.approx(out2.losses["mlm"].item(), abs=1e-6)
+        assert out.losses["mpm"].item() == pytest.approx(out2.losses["mpm"].item(), abs=1e-6)
+        # an MLM loss by hand for the single aligned masked token
+        seq = out.sequence_output[0, 2]
+        logits = model.mlm_head(seq[None], model.bert.embeddings.word_embeddings.weight)
+        expected = torch.nn.functional.cross_entropy(logits, ids[0, 2:3]).item()
+        assert out.losses["mlm"].item() == pytest.approx(expected, abs=1e-5)
+        # backward reaches every parameter (DDP needs it)
+        total = sum(out.losses.values())
+        total.backward()
+        missing = [n for n, p in model.named_parameters() if p.grad is None]
+        assert not missing
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
+def test_no_masked_position_still_touches_heads(model):
+    ids, attn, feats = _inputs(batch=2)
+    out = model(ids, attn, feats, patch_mask=torch.zeros(2, 64, dtype=torch.bool),
+                mlm_labels=torch.full_like(ids, -100), tia_labels=torch.tensor([1, 0]))
+    assert out.losses["mlm"].item() == 0.0 and out.losses["mpm"].item() == 0.0
+    assert out.losses["mlm"].requires_grad
+
+
+# ------------------------------------------------------------------------------------------ save / load
+def test_save_and_load_roundtrip(model, tmp_path):
+    model.save(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model_type"] == "fashionbert" and cfg["feature_dim"] == FEATURE_DIM and cfg["grid"] == 8
+    assert cfg["bert"]["hidden_size"] == model.config.hidden_size
+    assert cfg["mask_token_id"] == 103 and cfg["mlm_probability"] == 0.15
+    loaded = FashionBertModel.from_checkpoint(tmp_path)
+    assert not loaded.training
+    ids, attn, feats = _inputs()
+    assert torch.equal(model.score(ids, attn, feats), loaded.score(ids, attn, feats))
+    assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.pt"))  # safetensors + JSON only
+
+
+def test_bert_base_uncased_layout_backbone(tmp_path):
+    """A BertForPreTraining folder (bert.-prefixed encoder + cls.predictions MLM head), as bert-base-uncased ships."""
+    folder = make_tiny_backbone(tmp_path / "bert-like", with_mlm_head=True, seed=3)
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        head_dense = f.get_tensor("cls.predictions.transform.dense.weight")
+        layer0_q = f.get_tensor("bert.encoder.layer.0.attention.self.query.weight")
+    assert "cls.predictions.bias" in keys
+    m = _quiet(lambda: FashionBertModel.from_pretrained_backbone(FashionBertConfig(backbone=str(folder), feature_dim=FEATURE_DIM)))
+    assert torch.equal(m.mlm_head.transform.dense.weight.detach(), head_dense)
+    assert torch.equal(m.bert.encoder.layer[0].attention.self.query.weight.detach(), layer0_q)
+
+
+def test_packaged_minilm_backbone_and_bf16_matches_fp32():
+    """The real default backbone: 6 layers x 384, pretrained weights in place; bf16 autocast losses stay within
+    the stated tolerance of fp32 (max(0.02, 2%) per task) on the same batch."""
+    from safetensors import safe_open
+
+    from fashionbert.backbone import resolve_backbone
+
+    torch.manual_seed(0)
+    m = _quiet(lambda: FashionBertModel.from_pretrained_backbone(FashionBertConfig(feature_dim=FEATURE_DIM))).eval()
+    assert m.config.hidden_size == 384 and m.config.bert["num_hidden_layers"] == 6
+    with safe_open(str(resolve_backbone(None) / "model.safetensors"), "pt") as f:
+        assert torch.equal(m.bert.embeddings.word_embeddings.weight.detach(), f.get_tensor("embeddings.word_embeddings.weight"))
+    ids, attn, feats = _inputs(batch=4, text_len=12)
+    labels = torch.full_like(ids, -100)
+    labels[:, 3] = ids[:, 3]
+    ids = ids.clone()
+    ids[:, 3] = 103
+    pmask = torch.zeros(4, 64, dtype=torch.bool)
+    pmask[:, ::9] = True
+    tia = torch.tensor([1, 0, 1, 0])
+    with torch.no_grad():
+        fp32 = m(ids, attn, feats, patch_mask=pmask, mlm_labels=labels, tia_labels=tia).losses
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = m(ids, attn, feats, patch_mask=pmask, mlm_labels=labels, tia_labels=tia).losses
+    for task in ("mlm", "mpm", "tia"):
+        a, b = float(fp32[task]), float(bf16[task])
+        assert abs(a - b) <= max(0.02, 0.02 * abs(a)), (task, a, b)
