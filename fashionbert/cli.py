@@ -33,11 +33,15 @@ def _featurize(args: argparse.Namespace, beam_args: list[str]) -> None:
           f"{c['images']['carried']}, deleted {c['images']['deleted']} ({summary['elapsed_s']} s) -> {args.out}")
 
 
-def _train(args: argparse.Namespace) -> None:
-    from . import train
+def _run_module(name: str, args: argparse.Namespace) -> None:
+    import importlib
 
-    summary = train.run(args)
+    summary = importlib.import_module(f"fashionbert.{name}").run(args)
     print(json.dumps(summary, indent=2, default=str))
+
+
+MODULE_COMMANDS = {"train": "train", "score-pairs": "score_pairs", "evaluate": "evaluate", "retrieve": "retrieve",
+                   "report": "report"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,13 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description=nightly.__doc__)
     nightly.add_arguments(b)
 
-    try:
-        from . import train
-    except ImportError:
-        train = None
-    if train is not None and hasattr(train, "add_arguments"):
-        t = sub.add_parser("train", help="train FashionBERT on featurize outputs (PyTorch)")
-        train.add_arguments(t)
+    from . import evaluate, report, retrieve, score_pairs, train
+
+    for name, module, help_text in (
+        ("train", train, "train FashionBERT on featurize outputs (PyTorch)"),
+        ("score-pairs", score_pairs, "P(aligned) for given (product_id, image_id) pairs"),
+        ("evaluate", evaluate, "sample-100, TIA and full-gallery metrics -> metrics.json"),
+        ("retrieve", retrieve, "two-stage retrieval tables: text_to_image.parquet, image_to_text.parquet"),
+        ("report", report, "static HTML page: sample queries with their top images, metrics, training curves"),
+    ):
+        module.add_arguments(sub.add_parser(name, help=help_text, description=module.__doc__))
     return parser
 
 
@@ -84,10 +91,14 @@ class _QuietBeamImports(logging.Filter):
         return "apitools not found" not in record.getMessage()
 
 
-def main(argv: list[str] | None = None) -> int:
+def quiet_beam_import_warning() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_QuietBeamImports())
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_beam_import_warning()
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args, extra = parser.parse_known_args(argv)
@@ -104,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             _synth(args)
         elif args.command == "featurize":
             _featurize(args, extra)
-        elif args.command == "train":
-            _train(args)
+        else:
+            _run_module(MODULE_COMMANDS[args.command], args)
     except (UserError, SchemaError) as err:
         print(f"fashionbert {args.command}: error: {err}", file=sys.stderr)
         return 2

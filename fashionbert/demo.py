@@ -31,6 +31,42 @@ def _catalog(out: str, products: int, seed: int) -> str:
     return manifest
 
 
+# Short on purpose: the demo shows the flow in minutes on 2 cores; real training runs far longer.
+DEMO_TRAIN_ARGS = ["--steps", "80", "--batch-size", "16", "--lr", "3e-4", "--tia-warmup", "0.5", "--val-fraction", "0.2",
+                   "--val-every", "40", "--val-queries", "50", "--checkpoint-every", "0", "--no-progress"]
+
+
+# Evaluation and retrieval settings sized so the whole demo stays within minutes on 2 cores.
+DEMO_EVAL_ARGS = ["--queries", "20", "--draws", "1", "--recall-k", "10"]
+DEMO_RETRIEVE_ARGS = ["--top-k", "10", "--recall-k", "10", "--overwrite"]
+
+
+def _command(module, argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(argv))
+
+
+def _unchanged(counts: dict) -> bool:
+    images, texts = counts["images"], counts["text_rows"]
+    return not (images["computed"] or images["deleted"] or texts["computed"] or texts["deleted"])
+
+
+def _train(features: str, out: str, reuse: bool) -> dict:
+    from . import train
+
+    model = os.path.join(out, "model")
+    summary_path = os.path.join(out, "summary.json")
+    if reuse and os.path.isfile(os.path.join(model, "config.json")) and os.path.isfile(summary_path):
+        with open(summary_path) as fh:
+            return {**json.load(fh), "reused": True}
+    if os.path.isdir(out):
+        import shutil
+
+        shutil.rmtree(out)  # features changed: yesterday's checkpoints must not be resumed
+    return _command(train, ["--features", features, "--out", out, *DEMO_TRAIN_ARGS])
+
+
 def run(out: str, products: int, seed: int) -> dict:
     from pipelines.config import FeaturizeConfig
     from pipelines.featurize import run as featurize
@@ -42,7 +78,28 @@ def run(out: str, products: int, seed: int) -> dict:
     previous = features if publish.is_complete(features) else None
     cfg = FeaturizeConfig(catalog=manifest, out=features, previous=previous, overwrite=True)
     summary = featurize(cfg)
-    return {"catalog": manifest, "features": features, "featurize": summary}
+    trained = _train(features, os.path.join(out, "train"), reuse=previous is not None and _unchanged(summary["counts"]))
+    from . import evaluate, report, retrieve
+
+    model = os.path.join(out, "train", "model")
+    metrics_path = os.path.join(out, "metrics.json")
+    metrics = _command(evaluate, ["--features", features, "--model", model, "--out", metrics_path, *DEMO_EVAL_ARGS])
+    tables = os.path.join(out, "retrieval")
+    _command(retrieve, ["--features", features, "--model", model, "--out", tables, *DEMO_RETRIEVE_ARGS])
+    page = os.path.join(out, "report.html")
+    _command(report, ["--retrieval", tables, "--metrics", metrics_path, "--training", os.path.join(out, "train"),
+                      "--features", features, "--out", page])
+    return {"catalog": manifest, "features": features, "featurize": summary, "train": trained, "model": model,
+            "metrics_path": metrics_path, "metrics": metrics, "retrieval": tables, "report": page}
+
+
+def _headline(metrics: dict) -> dict:
+    """Sample-100 Rank@1/5/10 means both ways, TIA AUC, and the full-gallery figures as evaluate wrote them."""
+    s100 = metrics.get("sample100", {})
+    out = {f"sample100 {d} rank{k}": s100.get(d, {}).get(f"rank{k}", {}).get("mean")
+           for d in ("t2i", "i2t") for k in (1, 5, 10)}
+    out["tia auc"] = metrics.get("tia", {}).get("auc", {}).get("mean")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--products", type=int, default=300, help="synthetic products (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    from .cli import quiet_beam_import_warning
+
+    quiet_beam_import_warning()
     try:
         result = run(args.out, args.products, args.seed)
     except UserError as err:
@@ -62,6 +122,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  features  {result['features']}  ({c['accepted_images']} images, {c['texts']} texts, "
           f"{c['rejected_rows']} rejects; computed {c['images']['computed']}, carried {c['images']['carried']})")
     print(f"  run info  {os.path.join(result['features'], '_run.json')}")
+    t = result["train"]
+    val = t.get("validation") or {}
+    reused = " (reused: features unchanged)" if t.get("reused") else ""
+    print(f"  model     {result['model']}{reused}  step {t.get('final_step')}, validation sample-100 Rank@1 "
+          f"text->image {val.get('rank1_t2i')}, TIA AUC {val.get('tia_auc')}")
+    print(f"  curves    {os.path.join(os.path.dirname(result['model']), 'training_curves.png')}")
+    print(f"  metrics   {result['metrics_path']}")
+    print(f"  tables    {os.path.join(result['retrieval'], 'text_to_image.parquet')}, "
+          f"{os.path.join(result['retrieval'], 'image_to_text.parquet')}")
+    print(f"  report    {result['report']}")
+    print("Headline metrics (a demo-length model: expect modest numbers):")
+    for name, value in _headline(result["metrics"]).items():
+        print(f"  {name:24s} {value}")
     return 0
 
 

@@ -1,0 +1,256 @@
+"""Dual (one-modality-at-a-time) embeddings for the recall stage, and the in-batch contrastive task "itc".
+
+Why: the cross-encoder must see a text and an image together, so it cannot index a catalog (100k x 100k
+pairs). The same backbone run on one modality at a time can: a text-only pass ([CLS] text [SEP], segment 0)
+and an image-only pass (the patch embeddings alone, segment 1) each give one vector per item, projection
+heads map both into one space, and a nearest-neighbour index ranks candidates by cosine. Trained with a
+symmetric in-batch InfoNCE loss, a batch of B aligned pairs gives B^2 scored pairs for 2B single-modality
+passes, which is also a cheap extra training signal for the shared encoder.
+
+Integration with training: the head is a module the model owns as `model.itc_head`, so its weights sit in
+the model's state dict (`itc_head.*` in model.safetensors) and travel with every checkpoint; `itc_loss` is
+the fourth task's loss. `fashionbert.scoring.load_model` attaches a head to a loaded model when the weights
+file has one. A model without a head still gives recall vectors (`DualEncoder` then mean-pools the backbone's
+hidden states, unprojected): usable, but untrained for the purpose.
+
+Imports torch, numpy and the package's batching helpers only: training runs on boxes without faiss or Beam.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .batching import pad_texts
+
+# modeling.IGNORE_INDEX, restated: modeling imports this module once the model builds its itc_head itself.
+IGNORE_INDEX = -100
+POOLINGS = ("mean", "cls")
+ITC_PREFIX = "itc_head."
+
+
+# ----------------------------------------------------------------------------------------------- passes
+def _encoder(model, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    from transformers.masking_utils import create_bidirectional_mask
+
+    if mask is None:
+        return model.bert.encoder(hidden).last_hidden_state
+    extended = create_bidirectional_mask(config=model.bert.config, inputs_embeds=hidden, attention_mask=mask)
+    return model.bert.encoder(hidden, attention_mask=extended).last_hidden_state
+
+
+def text_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Text-only pass: the text tokens alone through the shared encoder -> (B, T, H)."""
+    emb = model.bert.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
+    return _encoder(model, emb, attention_mask.to(torch.long))
+
+
+def image_states(model, patch_features: torch.Tensor, with_cls: bool = False) -> torch.Tensor:
+    """Image-only pass: the patch embeddings alone (segment 1, own position table) -> (B, P, H), or (B, 1+P, H)
+    with the [CLS] token embedding in front when the head pools on [CLS] (an image has no token of its own
+    whose job is to summarise it)."""
+    emb = model.bert.embeddings
+    feats = patch_features.to(model.patch_embeddings.projection.weight.dtype)
+    patches = model.patch_embeddings(feats, emb.token_type_embeddings.weight[1])
+    if with_cls:
+        cls_ids = torch.full((patches.shape[0], 1), int(model.config.cls_token_id), dtype=torch.long,
+                             device=patches.device)
+        cls = emb(input_ids=cls_ids, token_type_ids=torch.zeros_like(cls_ids))
+        patches = torch.cat([cls, patches.to(cls.dtype)], dim=1)
+    return _encoder(model, patches, None)
+
+
+def masked_mean(states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return states.float().mean(dim=1)
+    m = mask.to(torch.float32).unsqueeze(-1)
+    return (states.float() * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+
+# ----------------------------------------------------------------------------------------------- head
+class ContrastiveHead(nn.Module):
+    """Projections of pooled text-only / image-only states into a shared `dim`-d space, plus the learnable
+    temperature of the InfoNCE loss (CLIP's parameterisation: logit scale = exp(t), capped at 100 so that it
+    cannot grow until the softmax saturates)."""
+
+    MAX_SCALE = 100.0
+
+    def __init__(self, hidden_size: int, dim: int = 256, pooling: str = "mean", temperature: float = 0.07):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling {pooling!r}; choose one of {POOLINGS}")
+        self.text_proj = nn.Linear(hidden_size, dim)
+        self.image_proj = nn.Linear(hidden_size, dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        # A persistent buffer, so the pooling a head was trained with is saved in the weights file with it
+        # (config.json is the training engineer's schema and drops keys it does not know).
+        self.register_buffer("pooling_code", torch.tensor(POOLINGS.index(pooling), dtype=torch.long))
+
+    @property
+    def pooling(self) -> str:
+        return POOLINGS[int(self.pooling_code)]
+
+    @property
+    def dim(self) -> int:
+        return int(self.text_proj.out_features)
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=self.MAX_SCALE)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], prefix: str = ITC_PREFIX) -> "ContrastiveHead":
+        """A head shaped like the saved one (the projections' shapes give hidden size and dim)."""
+        weight = state[prefix + "text_proj.weight"]
+        code = state.get(prefix + "pooling_code")
+        pooling = POOLINGS[int(code)] if code is not None else "mean"
+        head = cls(int(weight.shape[1]), int(weight.shape[0]), pooling)
+        head.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        return head
+
+    def embed_text(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        states = text_states(model, input_ids, attention_mask)
+        pooled = states[:, 0].float() if self.pooling == "cls" else masked_mean(states, attention_mask)
+        return F.normalize(self.text_proj(pooled.to(self.text_proj.weight.dtype)).float(), dim=-1)
+
+    def embed_image(self, model, patch_features: torch.Tensor) -> torch.Tensor:
+        states = image_states(model, patch_features, with_cls=self.pooling == "cls")
+        pooled = states[:, 0].float() if self.pooling == "cls" else masked_mean(states, None)
+        return F.normalize(self.image_proj(pooled.to(self.image_proj.weight.dtype)).float(), dim=-1)
+
+    def forward(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                patch_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (text vectors (B, dim), image vectors (B, dim)), L2-normalised, float32."""
+        return self.embed_text(model, input_ids, attention_mask), self.embed_image(model, patch_features)
+
+
+# ----------------------------------------------------------------------------------------------- loss
+def contrastive_loss(text_vec: torch.Tensor, image_vec: torch.Tensor, scale: torch.Tensor | float,
+                     groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric in-batch InfoNCE: row i's text and image are the positive pair, every other row's image
+    (text) a negative for its text (image); the mean of the text->image and image->text cross-entropies.
+
+    `groups` (B,) marks rows of one product (two images sharing a text): those are not negatives of each
+    other, since telling them apart is not the task and would push a product's images away from its text.
+    """
+    scale = scale.float() if torch.is_tensor(scale) else float(scale)
+    logits = scale * (text_vec.float() @ image_vec.float().t())
+    if groups is not None:
+        same = groups.unsqueeze(0) == groups.unsqueeze(1)
+        same.fill_diagonal_(False)
+        logits = logits.masked_fill(same, float("-inf"))
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+def itc_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, patch_features: torch.Tensor,
+             tia_labels: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The "itc" task on a training batch (the same tensors `FashionBertModel.forward` takes).
+
+    Uses the aligned rows only (tia_labels == 1; TIA negatives are not pairs), with MLM-masked tokens put
+    back (the recall embedding is computed on clean text at indexing time), and the original patch features
+    (MPM zeroes patches inside `encode`, not in the batch tensor).
+    """
+    head: ContrastiveHead = model.itc_head
+    rows = tia_labels.bool() if tia_labels is not None else torch.ones(input_ids.shape[0], dtype=torch.bool,
+                                                                       device=input_ids.device)
+    ids = input_ids if mlm_labels is None else torch.where(mlm_labels != IGNORE_INDEX, mlm_labels, input_ids)
+    ids, mask, feats = ids[rows], attention_mask[rows], patch_features[rows]
+    if ids.shape[0] == 0:
+        # A zero that still touches every head parameter (DDP needs all of them in the backward).
+        return sum(p.sum() for p in head.parameters()) * 0.0
+    length = int(mask.sum(dim=1).max())
+    ids, mask = ids[:, :length], mask[:, :length]
+    _, groups = torch.unique(ids * mask, dim=0, return_inverse=True)
+    text_vec, image_vec = head(model, ids, mask, feats)
+    return contrastive_loss(text_vec, image_vec, head.scale(), groups)
+
+
+# ----------------------------------------------------------------------------------------------- batch embedding
+class DualEncoder:
+    """L2-normalised recall vectors for texts and images, in batches (inference only).
+
+    With `model.itc_head`: the head's projections. Without: the mean-pooled hidden states of the two passes,
+    unprojected (the identity projection), so recall works before training has the itc task, at whatever
+    quality the backbone gives; `description` says which was used.
+    """
+
+    def __init__(self, model, device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager]
+                 = contextlib.nullcontext, max_text_len: int | None = None):
+        self.model = model
+        self.head: ContrastiveHead | None = getattr(model, "itc_head", None)
+        self.device = device
+        self.autocast = autocast
+        self.max_text_len = max_text_len or int(model.config.max_text_len)
+
+    @property
+    def trained(self) -> bool:
+        return self.head is not None
+
+    @property
+    def description(self) -> str:
+        if self.head is not None:
+            return f"itc_head ({self.head.pooling} pooling, {self.head.dim}-d projection, trained contrastively)"
+        return ("backbone fallback: mean-pooled text-only / image-only hidden states, identity projection "
+                "(the model has no itc_head; recall is untrained)")
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[np.ndarray], token_budget: int = 16384, max_rows: int = 512) -> np.ndarray:
+        """(n, d) float32 in the order given. Texts are sorted by length and batched under a token budget, so
+        a batch pads to within a few tokens of each of its rows."""
+        cfg = self.model.config
+        lengths = np.fromiter((min(len(t), self.max_text_len) for t in texts), dtype=np.int64, count=len(texts))
+        order = np.argsort(lengths, kind="stable")
+        out: np.ndarray | None = None
+        for batch in length_batches(order, lengths, token_budget, max_rows, extra_tokens=0):
+            ids, mask = pad_texts([texts[i] for i in batch], self.max_text_len, cfg.pad_token_id, cfg.sep_token_id)
+            ids, mask = torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
+            with self.autocast():
+                if self.head is not None:
+                    vec = self.head.embed_text(self.model, ids, mask)
+                else:
+                    vec = F.normalize(masked_mean(text_states(self.model, ids, mask), mask), dim=-1)
+            vec = vec.float().cpu().numpy()
+            if out is None:
+                out = np.empty((len(texts), vec.shape[1]), dtype=np.float32)
+            out[batch] = vec
+        return out if out is not None else np.zeros((0, self.dim), dtype=np.float32)
+
+    @torch.inference_mode()
+    def embed_images(self, feature_batches: Iterable[np.ndarray]) -> np.ndarray:
+        """(n, d) float32 for feature batches ((b, P, D) float16 each) in the order given."""
+        parts = []
+        for feats in feature_batches:
+            if len(feats) == 0:
+                continue
+            x = torch.from_numpy(np.ascontiguousarray(feats)).to(self.device).float()
+            with self.autocast():
+                if self.head is not None:
+                    vec = self.head.embed_image(self.model, x)
+                else:
+                    vec = F.normalize(masked_mean(image_states(self.model, x), None), dim=-1)
+            parts.append(vec.float().cpu().numpy())
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim), dtype=np.float32)
+
+    @property
+    def dim(self) -> int:
+        return self.head.dim if self.head is not None else int(self.model.config.hidden_size)
+
+
+def length_batches(order: np.ndarray, lengths: np.ndarray, token_budget: int, max_rows: int,
+                    extra_tokens: int) -> Iterable[np.ndarray]:
+    """Cut `order` (ascending length) into batches whose padded size (rows x (longest + extra)) stays within
+    the token budget (always at least one row)."""
+    start = 0
+    n = len(order)
+    while start < n:
+        stop = start + 1
+        while stop < n and stop - start < max_rows and \
+                (stop - start + 1) * (int(lengths[order[stop]]) + extra_tokens) <= token_budget:
+            stop += 1
+        yield order[start:stop]
+        start = stop

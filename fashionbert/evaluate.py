@@ -1,0 +1,329 @@
+"""fashionbert evaluate: how good a model is, on products it did not train on.
+
+    fashionbert evaluate --features DIR --model DIR --out metrics.json
+
+Three protocols, all on held-out products (the training split: a hash of group_id, see
+`features.validation_mask`; its fraction and seed are read from the training run that wrote the model):
+1. sample-100 (FashionBERT / Fashion-Gen): N query products; each gets its true candidate plus 100 candidates
+   of other products from the same sub-category (random products where the sub-category is too small).
+   Text->image ranks the query text's image among 101 images; image->text ranks its text among 101 texts.
+   Rank@1/5/10, as mean and spread over several seeded draws of queries and candidates.
+2. TIA: accuracy of P(aligned) > 0.5 on balanced pairs (each true pair and one same-sub-category negative)
+   and ROC AUC over every scored pair of the protocol.
+3. full gallery: every held-out text against every held-out image through the two-stage retrieval of
+   `fashionbert retrieve` (recall by dual embeddings, re-rank by the cross-encoder): Rank@1/5/10 of the final
+   ranking, the recall stage's Recall@K, and the compute against the exhaustive cross-encoder (which
+   `--exhaustive` also runs, for small galleries).
+
+A rank counts ties against the true candidate (rank = 1 + candidates scoring >= it), so a constant model
+scores the floor, not the ceiling.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import UserError
+from .features import validation_mask
+from .recall import Neighbours
+from .retrieve import Ranked, add_retrieval_arguments, dual_encoder_for, exhaustive, two_stage
+from .scoring import (CrossEncoderScorer, IndexedImages, add_runtime_arguments, load_model, open_catalog,
+                      resolve_runtime, training_options)
+from .train import roc_auc
+
+RANK_KS = (1, 5, 10)
+DEFAULT_VAL_FRACTION = 0.05
+
+
+# ============================================================================================ sample-100
+@dataclasses.dataclass
+class Draw:
+    """One draw of the sample-100 protocol over a pool of products (positions into the pool)."""
+
+    queries: np.ndarray  # int64 (N,)
+    candidates: list[np.ndarray]  # per query: the query's own position first, then the others
+
+
+def draw_candidates(subcategory: Sequence[str], n_queries: int, n_candidates: int, draws: int, seed: int) -> list[Draw]:
+    """Seeded draws; each query's candidates come from its sub-category, filled with random other products
+    when the sub-category has fewer than `n_candidates` others (or no sub-category is known)."""
+    sub = np.asarray(subcategory, dtype=object)
+    n = len(sub)
+    by_sub: dict[str, np.ndarray] = {}
+    for s in set(sub.tolist()):
+        if s:
+            by_sub[s] = np.flatnonzero(sub == s)
+    out = []
+    for d in range(draws):
+        rng = np.random.default_rng([seed, d, 0x100])
+        queries = np.sort(rng.choice(n, size=min(n_queries, n), replace=False)).astype(np.int64)
+        cands = []
+        for q in queries:
+            same = by_sub.get(sub[q], np.zeros(0, dtype=np.int64))
+            same = same[same != q]
+            if len(same) >= n_candidates:
+                chosen = rng.choice(same, size=n_candidates, replace=False)
+            else:
+                rest = np.setdiff1d(np.arange(n), np.r_[same, q])
+                fill = rng.choice(rest, size=min(len(rest), n_candidates - len(same)), replace=False)
+                chosen = np.concatenate([rng.permutation(same), fill])
+            cands.append(np.concatenate([[q], chosen]).astype(np.int64))
+        out.append(Draw(queries, cands))
+    return out
+
+
+def _spread(values: Sequence[float]) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "min": float(v.min()), "max": float(v.max()), "per_draw": [float(x) for x in v]}
+
+
+def rank_of_true(scores: np.ndarray) -> int:
+    """`scores[0]` is the true candidate's; ties count against it."""
+    return 1 + int((scores[1:] >= scores[0]).sum())
+
+
+def sample_hundred(draws: Sequence[Draw], score: Callable[[np.ndarray], np.ndarray]) -> dict:
+    """Rank@K both ways and TIA accuracy/AUC per draw, then mean and spread.
+
+    `score(pairs)`: (n, 2) (text pool position, image pool position) -> (n,) TIA logit margins. Every distinct
+    pair of every draw and direction is scored once (draws and directions share many pairs)."""
+    t2i_pairs = [np.stack([np.full(len(c), q), c], axis=1) for d in draws for q, c in zip(d.queries, d.candidates)]
+    i2t_pairs = [np.stack([c, np.full(len(c), q)], axis=1) for d in draws for q, c in zip(d.queries, d.candidates)]
+    allpairs = np.concatenate(t2i_pairs + i2t_pairs).astype(np.int64)
+    width = int(allpairs.max()) + 1
+    unique, inverse = np.unique(allpairs[:, 0] * width + allpairs[:, 1], return_inverse=True)
+    margins = np.asarray(score(np.stack([unique // width, unique % width], axis=1)), dtype=np.float64)[inverse]
+    split = len(np.concatenate(t2i_pairs)) if t2i_pairs else 0
+    t2i_m, i2t_m = margins[:split], margins[split:]
+    per_draw: dict[str, list[float]] = {}
+    at = 0
+    for d in draws:
+        ranks = {"t2i": [], "i2t": []}
+        pos, neg, correct = [], [], []
+        for c in d.candidates:
+            s_t, s_i = t2i_m[at:at + len(c)], i2t_m[at:at + len(c)]
+            at += len(c)
+            ranks["t2i"].append(rank_of_true(s_t))
+            ranks["i2t"].append(rank_of_true(s_i))
+            pos.append(s_t[0])  # the true pair (same in both directions)
+            neg.extend(s_t[1:])
+            neg.extend(s_i[1:])
+            correct.append(s_t[0] > 0)
+            if len(c) > 1:
+                correct.append(s_t[1] <= 0)  # the first candidate: same sub-category where there is one
+        for direction, r in ranks.items():
+            r = np.asarray(r)
+            for k in RANK_KS:
+                per_draw.setdefault(f"{direction}_rank{k}", []).append(float((r <= k).mean()))
+            per_draw.setdefault(f"{direction}_mean_rank", []).append(float(r.mean()))
+        per_draw.setdefault("tia_accuracy", []).append(float(np.mean(correct)))
+        per_draw.setdefault("tia_auc", []).append(roc_auc(np.asarray(pos), np.asarray(neg)))
+    result: dict = {}
+    for direction in ("t2i", "i2t"):
+        result[direction] = {f"rank{k}": _spread(per_draw[f"{direction}_rank{k}"]) for k in RANK_KS}
+        result[direction]["mean_rank"] = _spread(per_draw[f"{direction}_mean_rank"])
+    result["tia"] = {"accuracy": _spread(per_draw["tia_accuracy"]), "auc": _spread(per_draw["tia_auc"])}
+    result["pairs_scored"] = int(len(unique))
+    return result
+
+
+# ============================================================================================ full gallery
+def first_true_rank(query: np.ndarray, true: np.ndarray, ranks: np.ndarray, n_queries: int) -> np.ndarray:
+    """Per query, the best rank held by a true candidate (inf where none was retrieved)."""
+    best = np.full(n_queries, np.inf)
+    np.minimum.at(best, query[true], ranks[true].astype(np.float64))
+    return best
+
+
+def gallery_ranks(ranked: Ranked, is_true: Callable[[np.ndarray, np.ndarray], np.ndarray], queries: np.ndarray,
+                  n_queries: int) -> dict:
+    """Rank@K over `queries` (those that have a true match in the gallery)."""
+    best = first_true_rank(ranked.query, is_true(ranked.query, ranked.candidate), ranked.ranks(), n_queries)[queries]
+    out = {f"rank{k}": float((best <= k).mean()) if len(best) else float("nan") for k in RANK_KS}
+    out["queries"] = int(len(queries))
+    return out
+
+
+def recall_at(neigh: Neighbours, is_true, queries: np.ndarray, n_queries: int, ks: Sequence[int]) -> dict:
+    ranked = Ranked(neigh.query, neigh.candidate, neigh.score, neigh.score)
+    best = first_true_rank(ranked.query, is_true(ranked.query, ranked.candidate), ranked.ranks(), n_queries)[queries]
+    return {f"recall@{k}": float((best <= k).mean()) if len(best) else float("nan") for k in ks}
+
+
+# ============================================================================================ command
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("inputs and outputs")
+    g.add_argument("--features", action="append", required=True, metavar="DIR",
+                   help="featurize output folder (with _SUCCESS); repeat for several (the ones the model trained on, "
+                        "so that the held-out split is the training run's)")
+    g.add_argument("--model", required=True, metavar="DIR", help="model folder: OUT/model of `fashionbert train`")
+    g.add_argument("--out", required=True, metavar="FILE", help="metrics JSON to write (replaced atomically)")
+
+    g = parser.add_argument_group("held-out products")
+    g.add_argument("--split", choices=("validation", "all"), default="validation",
+                   help="validation = the products training held out (default); all = every product (for a "
+                        "catalog the model never saw)")
+    g.add_argument("--val-fraction", type=float, default=None,
+                   help="held-out fraction of the split; default: the training run's (read from its "
+                        f"training_state.json next to the model), else {DEFAULT_VAL_FRACTION}")
+    g.add_argument("--split-seed", type=int, default=None,
+                   help="salt of the split hash; default: the training run's, else 0")
+
+    g = parser.add_argument_group("sample-100 protocol")
+    g.add_argument("--queries", type=int, default=1000, help="query products per draw (default 1000)")
+    g.add_argument("--candidates", type=int, default=100,
+                   help="other products per query, same sub-category first (default 100)")
+    g.add_argument("--draws", type=int, default=3,
+                   help="independent draws of queries and candidates; metrics report mean and spread. Each draw "
+                        "costs up to 2 x queries x (candidates + 1) cross-encoder pairs (pairs shared between draws "
+                        "are scored once) (default 3)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the draws and of --gallery-max sampling (default 0)")
+
+    g = parser.add_argument_group("full-gallery protocol")
+    g.add_argument("--gallery-max", type=int, default=0,
+                   help="at most this many held-out products (seeded sample) in the full gallery; 0 = all (default)")
+    g.add_argument("--no-gallery", dest="gallery", action="store_false", help="skip the full-gallery protocol")
+    g.add_argument("--exhaustive", action="store_true",
+                   help="also score every gallery text against every gallery image with the cross-encoder and report "
+                        "its Rank@K beside two-stage's (texts x images pairs: small galleries only)")
+    add_retrieval_arguments(parser, top_k=False)
+    add_runtime_arguments(parser)
+
+
+def _split(args, loaded, group_ids) -> tuple[np.ndarray, dict]:
+    if args.split == "all":
+        return np.ones(len(group_ids), dtype=bool), {"kind": "all"}
+    options, source = training_options(loaded.folder)
+    fraction = args.val_fraction if args.val_fraction is not None else options.get("val_fraction", DEFAULT_VAL_FRACTION)
+    seed = args.split_seed if args.split_seed is not None else options.get("split_seed", 0)
+    info = {"kind": "validation", "val_fraction": float(fraction), "split_seed": int(seed),
+            "from": "command line" if args.val_fraction is not None else (str(source) if source else "default")}
+    if float(fraction) <= 0:
+        raise UserError(f"--val-fraction {fraction}: the model held out no products, so there is nothing unseen to "
+                        f"evaluate on; pass --split all with features of products it did not train on")
+    return validation_mask(group_ids, float(fraction), int(seed)), info
+
+
+def run(args: argparse.Namespace) -> dict:
+    t_start = time.time()
+    for name in ("queries", "candidates", "draws", "recall_k"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    out = _out_path(args.out)
+    rt = resolve_runtime(args.device, args.precision, args.num_threads)
+    loaded = load_model(args.model, rt)
+    catalog = open_catalog(args.features, loaded)
+    texts, index = catalog.texts, catalog.index
+    held_out, split_info = _split(args, loaded, texts.group_id)
+    rows = np.flatnonzero(held_out[index.product])
+    if len(rows) < 2:
+        raise UserError(f"only {len(rows)} held-out image(s) in --features: nothing to rank; use --split all, a larger "
+                        f"--val-fraction, or featurize more products")
+    scorer = CrossEncoderScorer(loaded.model, rt, args.batch_tokens, args.block_images)
+    text_ids = catalog.text_ids
+    metrics: dict = {
+        "model": {"path": str(loaded.folder.resolve()), "version": loaded.version, "step": loaded.step},
+        "features": [str(f.path.resolve()) for f in catalog.folders],
+        "split": split_info,
+        "device": str(rt.device), "precision": rt.precision,
+    }
+
+    # ---- sample-100: one image per held-out product (its first by image_id)
+    first: dict[int, int] = {}
+    for r in sorted(rows.tolist(), key=lambda r: index.image_ids[r]):
+        first.setdefault(int(index.product[r]), r)
+    pool_products = np.asarray(sorted(first), dtype=np.int64)
+    pool_rows = np.asarray([first[int(p)] for p in pool_products], dtype=np.int64)
+    if len(pool_products) < 2:
+        raise UserError(f"only {len(pool_products)} held-out product(s) with an image: a query needs other products to "
+                        f"rank against; use --split all, a larger --val-fraction, or featurize more products")
+    t0 = time.perf_counter()
+    draws = draw_candidates([texts.subcategory[p] for p in pool_products], args.queries, args.candidates,
+                            args.draws, args.seed)
+    pool_texts = [text_ids[p] for p in pool_products]
+    pool_images = IndexedImages(index, catalog.reader, pool_rows)
+    s100 = sample_hundred(draws, lambda pairs: scorer.score(pool_texts, pool_images, pairs))
+    metrics["sample100"] = {
+        "pool_products": int(len(pool_products)), "queries": int(len(draws[0].queries)), "draws": args.draws,
+        "candidates_mean": float(np.mean([len(c) - 1 for d in draws for c in d.candidates])),
+        "seed": args.seed, "chance": {f"rank{k}": min(1.0, k / (args.candidates + 1)) for k in RANK_KS},
+        "t2i": s100["t2i"], "i2t": s100["i2t"], "pairs_scored": s100["pairs_scored"],
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    metrics["tia"] = s100["tia"]
+
+    # ---- full gallery
+    if args.gallery:
+        metrics["full_gallery"], metrics["recall_embedding"] = _full_gallery(args, catalog, scorer, held_out, rows)
+    else:
+        metrics["recall_embedding"] = dual_encoder_for(scorer).description
+    metrics["seconds"] = round(time.time() - t_start, 3)
+    _write_json(out, metrics)
+    return metrics
+
+
+def _full_gallery(args, catalog, scorer, held_out, rows) -> tuple[dict, str]:
+    index = catalog.index
+    products = np.flatnonzero(held_out)
+    if args.gallery_max and len(products) > args.gallery_max:
+        rng = np.random.default_rng([args.seed, 0x6A1])
+        products = np.sort(rng.choice(products, size=args.gallery_max, replace=False))
+        rows = rows[np.isin(index.product[rows], products)]
+    position = {int(p): i for i, p in enumerate(products)}
+    image_text = np.asarray([position[int(p)] for p in index.product[rows]], dtype=np.int64)  # image -> its text's position
+    gallery_texts = [catalog.text_ids[p] for p in products]
+    gallery_images = IndexedImages(index, catalog.reader, rows)
+    dual = dual_encoder_for(scorer)
+    result = two_stage(scorer, dual, gallery_texts, gallery_images, args.recall_k, args.index, args.exact_max)
+
+    def t2i_true(q, c):
+        return image_text[c] == q
+
+    def i2t_true(q, c):
+        return image_text[q] == c
+
+    t2i_queries = np.unique(image_text)  # texts with at least one image in the gallery
+    i2t_queries = np.arange(len(rows))
+    ks = sorted({k for k in (1, 5, 10, 50, args.recall_k) if k <= args.recall_k})
+    out = {
+        "texts": int(len(products)), "images": int(len(rows)), "recall_k": args.recall_k,
+        "index": result.index_kind,
+        "two_stage": {"t2i": gallery_ranks(result.t2i, t2i_true, t2i_queries, len(products)),
+                      "i2t": gallery_ranks(result.i2t, i2t_true, i2t_queries, len(rows))},
+        "recall": {"t2i": recall_at(result.recall_t2i, t2i_true, t2i_queries, len(products), ks),
+                   "i2t": recall_at(result.recall_i2t, i2t_true, i2t_queries, len(rows), ks)},
+        "cost": {"cross_encoder_pairs": result.pairs_scored, "exhaustive_pairs": int(len(products) * len(rows)),
+                 "embedded_items": int(len(products) + len(rows)),
+                 "seconds": {k: round(v, 3) for k, v in result.seconds.items()}},
+    }
+    if args.exhaustive:
+        t0 = time.perf_counter()
+        ex_t2i, ex_i2t = exhaustive(scorer, gallery_texts, gallery_images, result.text_vectors, result.image_vectors)
+        out["exhaustive"] = {"t2i": gallery_ranks(ex_t2i, t2i_true, t2i_queries, len(products)),
+                             "i2t": gallery_ranks(ex_i2t, i2t_true, i2t_queries, len(rows)),
+                             "seconds": round(time.perf_counter() - t0, 3)}
+    return out, dual.description
+
+
+def _out_path(path: str) -> str:
+    """Checked before any work, so a typo in --out does not cost a whole evaluation."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not Path(path).parent.is_dir():
+        raise UserError(f"--out {path}: folder {Path(path).parent} does not exist; create it or choose another path")
+    return path
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+    os.replace(tmp, path)

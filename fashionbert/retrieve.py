@@ -1,0 +1,255 @@
+"""fashionbert retrieve: the ranked tables downstream systems read, by two-stage retrieval.
+
+    fashionbert retrieve --features DIR --model DIR --out DIR [--top-k 50 --recall-k 100]
+
+A cross-encoder cannot score every text against every image of a real catalog (100k x 100k pairs), so:
+1. recall: every text and every image gets a dual embedding (a text-only and an image-only pass through the
+   model's backbone, see dual_encoder.py); a faiss index returns each query's top --recall-k candidates by
+   cosine;
+2. re-rank: the FashionBERT cross-encoder scores those candidates (P(aligned) from the TIA head); the final
+   rank is by that score, and both scores go into the table.
+The two directions' candidate pairs overlap (mutual neighbours), so each distinct (text, image) pair is
+scored once.
+
+Writes, published atomically (staging folder + rename, `_SUCCESS` last):
+  OUT/text_to_image.parquet   each product text -> its top-K images (query_kind "text", candidate = image_id)
+  OUT/image_to_text.parquet   each image -> its top-K product texts (query_kind "image", candidate = product_id)
+  OUT/_run.json               run id, model version, options, counts, timings
+Tables follow `schemas.RETRIEVAL`, sorted by (query_id, rank); a query has min(K, catalog size) rows.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import publish
+from .dual_encoder import DualEncoder
+from .errors import UserError
+from .recall import DEFAULT_EXACT_MAX, KINDS, Neighbours, search
+from .scoring import (CrossEncoderScorer, ImageSource, IndexedImages, add_runtime_arguments, iter_features,
+                      load_model, open_catalog, probability, resolve_runtime)
+
+TEXT_TO_IMAGE = "text_to_image.parquet"
+IMAGE_TO_TEXT = "image_to_text.parquet"
+RUN_JSON = "_run.json"
+ROW_GROUP_ROWS = 100_000
+
+
+# ============================================================================================ engine
+@dataclasses.dataclass
+class Ranked:
+    """One direction's candidates, flattened: rows of a query contiguous (queries ascending), best first.
+    `margin` is the cross-encoder's TIA logit margin (ranks like P(aligned))."""
+
+    query: np.ndarray  # int64
+    candidate: np.ndarray  # int64
+    recall_score: np.ndarray  # float32
+    margin: np.ndarray  # float32
+
+    def __len__(self) -> int:
+        return len(self.query)
+
+    def ranks(self) -> np.ndarray:
+        """1-based rank of each row within its query."""
+        if not len(self.query):
+            return np.zeros(0, dtype=np.int64)
+        starts = np.flatnonzero(np.r_[True, self.query[1:] != self.query[:-1]])
+        first = np.repeat(starts, np.diff(np.r_[starts, len(self.query)]))
+        return np.arange(len(self.query), dtype=np.int64) - first + 1
+
+
+def rank_rows(query: np.ndarray, candidate: np.ndarray, recall_score: np.ndarray, margin: np.ndarray) -> Ranked:
+    # Ties (saturated scores) fall back to the recall score, then the candidate index, so the order is total.
+    order = np.lexsort((candidate, -recall_score, -margin, query))
+    return Ranked(query[order], candidate[order], recall_score[order], margin[order])
+
+
+@dataclasses.dataclass
+class TwoStage:
+    t2i: Ranked  # query = text index, candidate = image index
+    i2t: Ranked  # query = image index, candidate = text index
+    recall_t2i: Neighbours
+    recall_i2t: Neighbours
+    text_vectors: np.ndarray
+    image_vectors: np.ndarray
+    index_kind: str
+    pairs_scored: int
+    seconds: dict
+
+
+def dual_encoder_for(scorer: CrossEncoderScorer) -> DualEncoder:
+    """Recall embeddings from the scorer's copy of the model: in bf16 mode that is its bf16 copy, so both stages
+    run the same arithmetic and neither pays autocast's casts."""
+    return DualEncoder(scorer.model, scorer.runtime.device)
+
+
+def embed_all(dual: DualEncoder, texts: Sequence[np.ndarray], images: ImageSource,
+              token_budget: int) -> tuple[np.ndarray, np.ndarray]:
+    return dual.embed_texts(texts, token_budget=token_budget), dual.embed_images(iter_features(images))
+
+
+def two_stage(scorer: CrossEncoderScorer, dual: DualEncoder, texts: Sequence[np.ndarray], images: ImageSource,
+              recall_k: int, index: str = "auto", exact_max: int = DEFAULT_EXACT_MAX,
+              vectors: tuple[np.ndarray, np.ndarray] | None = None) -> TwoStage:
+    """Recall top-`recall_k` by dual-embedding cosine in both directions, then re-rank with the cross-encoder."""
+    seconds = {}
+    t0 = time.perf_counter()
+    text_vec, image_vec = vectors if vectors is not None else embed_all(dual, texts, images, scorer.token_budget)
+    seconds["embed"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    device = scorer.runtime.device.type
+    t2i = search(image_vec, text_vec, recall_k, index, exact_max, device=device)
+    i2t = search(text_vec, image_vec, recall_k, index, exact_max, device=device)
+    seconds["recall"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    # Both directions as (text, image) pairs; each distinct pair is scored once.
+    n_images = max(1, len(images))
+    keys = np.concatenate([t2i.query * n_images + t2i.candidate, i2t.candidate * n_images + i2t.query])
+    unique, inverse = np.unique(keys, return_inverse=True)
+    margins = scorer.score(texts, images, np.stack([unique // n_images, unique % n_images], axis=1))[inverse]
+    seconds["rerank"] = time.perf_counter() - t0
+    n = len(t2i)
+    return TwoStage(
+        t2i=rank_rows(t2i.query, t2i.candidate, t2i.score, margins[:n]),
+        i2t=rank_rows(i2t.query, i2t.candidate, i2t.score, margins[n:]),
+        recall_t2i=t2i, recall_i2t=i2t, text_vectors=text_vec, image_vectors=image_vec, index_kind=t2i.kind,
+        pairs_scored=len(unique), seconds=seconds)
+
+
+def exhaustive(scorer: CrossEncoderScorer, texts: Sequence[np.ndarray], images: ImageSource,
+               text_vec: np.ndarray, image_vec: np.ndarray) -> tuple[Ranked, Ranked]:
+    """Every text against every image with the cross-encoder (the reference two-stage retrieval approximates;
+    affordable on small galleries only)."""
+    n_t, n_i = len(texts), len(images)
+    t = np.repeat(np.arange(n_t, dtype=np.int64), n_i)
+    i = np.tile(np.arange(n_i, dtype=np.int64), n_t)
+    margins = scorer.score(texts, images, np.stack([t, i], axis=1))
+    cos = (text_vec @ image_vec.T).astype(np.float32).reshape(-1)
+    return rank_rows(t, i, cos, margins), rank_rows(i, t, cos, margins)
+
+
+# ============================================================================================ tables
+def retrieval_table(ranked: Ranked, query_ids: Sequence[str], candidate_ids: Sequence[str], query_kind: str,
+                    top_k: int, model_version: str, run_id: str):
+    """The top-`top_k` rows per query as a `schemas.RETRIEVAL` table sorted by (query_id, rank)."""
+    import pyarrow as pa
+
+    from schemas import RETRIEVAL
+
+    ranks = ranked.ranks()
+    keep = ranks <= top_k
+    q, c, r = ranked.query[keep], ranked.candidate[keep], ranks[keep]
+    qids = np.asarray(query_ids, dtype=object)
+    position = np.empty(len(qids), dtype=np.int64)
+    position[np.argsort(qids, kind="stable")] = np.arange(len(qids))  # Python str order = UTF-8 byte order
+    order = np.lexsort((r, position[q]))
+    q, c, r = q[order], c[order], r[order]
+    n = len(q)
+    arrays = [
+        pa.array(qids[q].tolist() if n else [], pa.string()),
+        pa.array(np.full(n, query_kind, dtype=object).tolist(), pa.string()),
+        pa.array(r.astype(np.int32), pa.int32()),
+        pa.array(np.asarray(candidate_ids, dtype=object)[c].tolist() if n else [], pa.string()),
+        pa.array(probability(ranked.margin[keep][order]), pa.float32()),
+        pa.array(ranked.recall_score[keep][order].astype(np.float32), pa.float32()),
+        pa.array(np.full(n, "rerank", dtype=object).tolist(), pa.string()),
+        pa.array(np.full(n, model_version, dtype=object).tolist(), pa.string()),
+        pa.array(np.full(n, run_id, dtype=object).tolist(), pa.string()),
+    ]
+    return pa.Table.from_arrays(arrays, schema=RETRIEVAL)
+
+
+def write_table(table, path: str | Path) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, str(path), row_group_size=ROW_GROUP_ROWS)
+
+
+# ============================================================================================ command
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("inputs and outputs")
+    g.add_argument("--features", action="append", required=True, metavar="DIR",
+                   help="featurize output folder (with _SUCCESS); repeat for several. Every product text and every "
+                        "image in them is a query and a candidate")
+    g.add_argument("--model", required=True, metavar="DIR", help="model folder: OUT/model of `fashionbert train`")
+    g.add_argument("--out", required=True, metavar="DIR",
+                   help=f"output folder: {TEXT_TO_IMAGE}, {IMAGE_TO_TEXT}, {RUN_JSON}; written to a staging folder "
+                        f"and renamed into place with _SUCCESS, so readers never see a partial output")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out (atomically)")
+    add_retrieval_arguments(parser)
+    add_runtime_arguments(parser)
+
+
+def add_retrieval_arguments(parser: argparse.ArgumentParser, top_k: bool = True) -> None:
+    g = parser.add_argument_group("two-stage retrieval")
+    if top_k:
+        g.add_argument("--top-k", type=int, default=50,
+                       help="rows per query in the tables (fewer when the catalog is smaller) (default 50)")
+    g.add_argument("--recall-k", type=int, default=100,
+                   help="candidates per query from the dual-embedding recall stage that the cross-encoder "
+                        "re-ranks; cost grows linearly with it (default 100)")
+    g.add_argument("--index", choices=KINDS, default="auto",
+                   help="nearest-neighbour index of the recall stage: flat = exact faiss IndexFlatIP; hnsw / ivf = "
+                        "approximate faiss indexes for large catalogs; torch = exact search without faiss; auto = "
+                        "flat up to --exact-max vectors, hnsw above (torch when faiss is not installed) "
+                        "(default auto)")
+    g.add_argument("--exact-max", type=int, default=DEFAULT_EXACT_MAX,
+                   help="largest index searched exactly when --index auto (default %(default)s)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    t_start = time.time()
+    if args.top_k < 1:
+        raise UserError(f"--top-k {args.top_k}: must be >= 1")
+    if args.recall_k < args.top_k:
+        raise UserError(f"--recall-k {args.recall_k} is below --top-k {args.top_k}: the re-rank stage can only order "
+                        f"the candidates recall found; raise --recall-k to at least --top-k")
+    out = os.path.abspath(os.path.expanduser(args.out))
+    publish.check_target(out, args.overwrite)
+    rt = resolve_runtime(args.device, args.precision, args.num_threads)
+    loaded = load_model(args.model, rt)
+    catalog = open_catalog(args.features, loaded)
+    run_id = publish.new_run_id()
+    scorer = CrossEncoderScorer(loaded.model, rt, args.batch_tokens, args.block_images)
+    dual = dual_encoder_for(scorer)
+    texts = catalog.text_ids
+    result = two_stage(scorer, dual, texts, IndexedImages(catalog.index, catalog.reader), args.recall_k,
+                       args.index, args.exact_max)
+
+    publish.clean_stale_staging(out)
+    staging = publish.staging_path(out, run_id)
+    os.makedirs(staging)
+    t0 = time.perf_counter()
+    product_ids, image_ids = catalog.texts.product_ids, catalog.index.image_ids
+    t2i = retrieval_table(result.t2i, product_ids, image_ids, "text", args.top_k, loaded.version, run_id)
+    i2t = retrieval_table(result.i2t, image_ids, product_ids, "image", args.top_k, loaded.version, run_id)
+    write_table(t2i, os.path.join(staging, TEXT_TO_IMAGE))
+    write_table(i2t, os.path.join(staging, IMAGE_TO_TEXT))
+    result.seconds["write"] = time.perf_counter() - t0
+    summary = {
+        "run_id": run_id,
+        "model": {"path": str(loaded.folder.resolve()), "version": loaded.version, "step": loaded.step},
+        "features": [str(f.path.resolve()) for f in catalog.folders],
+        "options": {"top_k": args.top_k, "recall_k": args.recall_k, "index": args.index, "exact_max": args.exact_max},
+        "index_used": result.index_kind,
+        "recall_embedding": dual.description,
+        "device": str(rt.device), "precision": rt.precision,
+        "counts": {
+            "text_queries": len(texts), "image_queries": len(catalog.index),
+            "text_to_image_rows": t2i.num_rows, "image_to_text_rows": i2t.num_rows,
+            "cross_encoder_pairs": result.pairs_scored, "exhaustive_pairs": len(texts) * len(catalog.index),
+        },
+        "seconds": {k: round(v, 3) for k, v in result.seconds.items()} | {"total": round(time.time() - t_start, 3)},
+        "outputs": {"text_to_image": os.path.join(out, TEXT_TO_IMAGE), "image_to_text": os.path.join(out, IMAGE_TO_TEXT)},
+    }
+    with open(os.path.join(staging, RUN_JSON), "w") as fh:
+        json.dump(summary, fh, indent=2)
+    publish.publish(staging, out)
+    return summary

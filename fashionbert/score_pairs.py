@@ -1,0 +1,160 @@
+"""fashionbert score-pairs: P(aligned) for given (product text, image) pairs.
+
+    fashionbert score-pairs --features DIR --model DIR --pairs FILE --out FILE
+
+`--pairs` is Parquet or CSV with columns `product_id` (whose text) and `image_id`, plus any others. The
+output (Parquet or CSV, by --out's extension) keeps the input's columns and row order and adds `score`
+(float32 P(aligned)). A row whose id is missing or unknown to --features is not scored: it goes to the
+rejects file (schemas.PAIR_REJECTS: 0-based input row, ids, reason), so input rows = output rows + rejects.
+Both files are written to a temporary name and renamed into place.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .scoring import (CrossEncoderScorer, IndexedImages, add_runtime_arguments, load_model, open_catalog, probability,
+                      resolve_runtime)
+
+ID_COLUMNS = ("product_id", "image_id")
+SCORE = "score"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("inputs and outputs")
+    g.add_argument("--features", action="append", required=True, metavar="DIR",
+                   help="featurize output folder(s) holding the texts and images the pairs name")
+    g.add_argument("--model", required=True, metavar="DIR", help="model folder: OUT/model of `fashionbert train`")
+    g.add_argument("--pairs", required=True, metavar="FILE",
+                   help="Parquet (.parquet/.pq) or CSV (.csv) file with columns product_id and image_id; other "
+                        "columns are carried to the output unchanged")
+    g.add_argument("--out", required=True, metavar="FILE",
+                   help="scored pairs, .parquet or .csv: the input rows in input order plus a float32 'score' column "
+                        "(replaced atomically if it exists)")
+    g.add_argument("--rejects", metavar="FILE", default=None,
+                   help="Parquet file for rows that could not be scored, with the reason (default: OUT's name with "
+                        "'.rejects.parquet')")
+    add_runtime_arguments(parser)
+
+
+def _format(path: str, option: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    if suffix == ".csv":
+        return "csv"
+    raise UserError(f"{option} {path}: unknown file type {suffix or '(none)'}; use a .parquet or .csv file")
+
+
+def read_pairs(path: str):
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    fmt = _format(path, "--pairs")
+    if not os.path.isfile(path):
+        raise UserError(f"--pairs {path}: no such file")
+    try:
+        if fmt == "parquet":
+            table = pq.read_table(path)
+        else:
+            # Ids stay strings even when they look like numbers (H&M article ids do), so they match the features.
+            table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(
+                column_types={c: pa.string() for c in ID_COLUMNS}))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UserError(f"--pairs {path}: cannot read it as {fmt} ({exc})") from exc
+    missing = [c for c in ID_COLUMNS if c not in table.column_names]
+    if missing:
+        raise UserError(f"--pairs {path}: column(s) {missing} not found; the file has {table.column_names}. Rename the "
+                        f"columns to product_id (the product whose text is scored) and image_id")
+    if SCORE in table.column_names:
+        raise UserError(f"--pairs {path}: already has a '{SCORE}' column, which the output adds; rename or drop it")
+    return table
+
+
+def _ids(table, column: str) -> list[str | None]:
+    import pyarrow as pa
+
+    col = table.column(column)
+    if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
+        col = col.cast(pa.string())
+    return col.to_pylist()
+
+
+def _out_path(path: str, option: str) -> str:
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(os.path.dirname(path)):
+        raise UserError(f"{option} {path}: folder {os.path.dirname(path)} does not exist; create it or choose another path")
+    return path
+
+
+def _write(table, path: str, fmt: str) -> None:
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    if fmt == "parquet":
+        pq.write_table(table, tmp)
+    else:
+        pcsv.write_csv(table, tmp)
+    os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace) -> dict:
+    import pyarrow as pa
+
+    from schemas import PAIR_REJECTS
+
+    t_start = time.time()
+    out_fmt = _format(args.out, "--out")
+    out = _out_path(args.out, "--out")
+    rejects_path = _out_path(args.rejects or str(Path(out).with_suffix("")) + ".rejects.parquet", "--rejects")
+    table = read_pairs(args.pairs)
+    rt = resolve_runtime(args.device, args.precision, args.num_threads)
+    loaded = load_model(args.model, rt)
+    catalog = open_catalog(args.features, loaded)
+
+    product_ids, image_ids = _ids(table, "product_id"), _ids(table, "image_id")
+    text_of = catalog.texts.index
+    image_of = {iid: i for i, iid in enumerate(catalog.index.image_ids)}
+    keep, pairs, rejects = [], [], {"row": [], "product_id": [], "image_id": [], "reason": []}
+    for row, (pid, iid) in enumerate(zip(product_ids, image_ids)):
+        reason = None
+        if pid is None or pid == "":
+            reason = "missing_product_id"
+        elif iid is None or iid == "":
+            reason = "missing_image_id"
+        elif pid not in text_of:
+            reason = "unknown_product_id"
+        elif iid not in image_of:
+            reason = "unknown_image_id"
+        if reason:
+            for key, value in (("row", row), ("product_id", pid), ("image_id", iid), ("reason", reason)):
+                rejects[key].append(value)
+            continue
+        keep.append(row)
+        pairs.append((text_of[pid], image_of[iid]))
+
+    scorer = CrossEncoderScorer(loaded.model, rt, args.batch_tokens, args.block_images)
+    pair_array = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    # Repeated pairs (the same pair listed twice) are scored once.
+    unique, inverse = np.unique(pair_array, axis=0, return_inverse=True)
+    margins = scorer.score(catalog.text_ids, IndexedImages(catalog.index, catalog.reader), unique)
+    scores = probability(margins[inverse.reshape(-1)]) if len(pair_array) else np.zeros(0, dtype=np.float32)
+
+    scored = table.take(pa.array(keep, pa.int64())).append_column(pa.field(SCORE, pa.float32()), pa.array(scores, pa.float32()))
+    _write(scored, out, out_fmt)
+    _write(pa.Table.from_pydict(rejects, schema=PAIR_REJECTS), rejects_path, "parquet")
+    reasons: dict[str, int] = {}
+    for r in rejects["reason"]:
+        reasons[r] = reasons.get(r, 0) + 1
+    return {
+        "pairs": table.num_rows, "scored": len(keep), "rejected": len(rejects["row"]), "reject_reasons": reasons,
+        "distinct_pairs_scored": int(len(unique)), "out": out, "rejects": rejects_path, "model_version": loaded.version, "device": str(rt.device),
+        "precision": rt.precision, "seconds": round(time.time() - t_start, 3),
+    }

@@ -1,0 +1,183 @@
+"""Evaluation: the sample-100 protocol on a fixture whose ranking is known (exact Rank@K, TIA accuracy and AUC),
+its candidate draws, full-gallery Rank@K and Recall@K on hand-made rankings, and `fashionbert evaluate` end to
+end on a tiny trained model."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fashionbert import evaluate
+from fashionbert.errors import UserError
+from fashionbert.evaluate import draw_candidates, gallery_ranks, recall_at, sample_hundred
+from fashionbert.recall import Neighbours
+from fashionbert.retrieve import rank_rows
+from fashionbert.scoring import load_model, resolve_runtime
+from tests.fake_features import make_tiny_backbone, write_fake_features
+from tests.test_scoring import fit_itc_head, train_tiny_model
+
+torch.set_num_threads(1)
+
+
+# ============================================================================================ sample-100, known ranking
+def _known_scorer(calls: list):
+    """margin(text t, image i) = (t + 1.5) / 1000 for the true pair, (i + 1) / 1000 otherwise (all > 0). With
+    every other product as a candidate: text t's true image beats exactly the images numbered below t -> rank
+    101 - t; an image's own text beats all others (they all score (i + 1)/1000) -> rank 1."""
+    def score(pairs):
+        calls.append(pairs.copy())
+        t, i = pairs[:, 0], pairs[:, 1]
+        return np.where(t == i, (t + 1.5) / 1000, (i + 1) / 1000)
+    return score
+
+
+def test_sample_hundred_exact_rank_at_k_on_a_known_ranking():
+    draws = draw_candidates(["shirts"] * 101, n_queries=101, n_candidates=100, draws=2, seed=0)
+    calls: list = []
+    m = sample_hundred(draws, _known_scorer(calls))
+    for k in (1, 5, 10):
+        assert m["t2i"][f"rank{k}"]["mean"] == pytest.approx(k / 101)
+        assert m["t2i"][f"rank{k}"]["std"] == 0.0 and m["t2i"][f"rank{k}"]["per_draw"] == [pytest.approx(k / 101)] * 2
+        assert m["i2t"][f"rank{k}"]["mean"] == 1.0
+    assert m["t2i"]["mean_rank"]["mean"] == pytest.approx(51.0)
+    # each distinct pair was scored once, in one call: both draws and both directions shared them
+    assert len(calls) == 1
+    keys = calls[0][:, 0] * 1000 + calls[0][:, 1]
+    assert len(np.unique(keys)) == len(keys) == 101 * 101 == m["pairs_scored"]
+    # TIA: every true pair has margin > 0 (accurate), every negative too (inaccurate): accuracy 1/2
+    assert m["tia"]["accuracy"]["mean"] == pytest.approx(0.5)
+    pos = (np.arange(101) + 1.5) / 1000
+    neg = np.concatenate([(np.r_[np.arange(q), np.arange(q + 1, 101)] + 1) / 1000 for q in range(101)]  # t2i
+                         + [np.full(100, (q + 1) / 1000) for q in range(101)])  # i2t: image q with the other texts
+    auc = ((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
+    assert m["tia"]["auc"]["mean"] == pytest.approx(auc, abs=1e-9)
+
+
+def test_ties_count_against_the_true_candidate():
+    draws = draw_candidates(["a"] * 11, n_queries=11, n_candidates=10, draws=1, seed=0)
+    m = sample_hundred(draws, lambda pairs: np.zeros(len(pairs)))  # a constant model
+    assert m["t2i"]["rank1"]["mean"] == 0.0 and m["t2i"]["rank10"]["mean"] == 0.0
+    assert m["t2i"]["mean_rank"]["mean"] == 11.0
+
+
+def test_draws_take_the_same_subcategory_first_and_fill_randomly():
+    sub = ["shirts"] * 150 + ["bags"] * 30 + [""] * 5
+    draws = draw_candidates(sub, n_queries=60, n_candidates=100, draws=3, seed=7)
+    again = draw_candidates(sub, n_queries=60, n_candidates=100, draws=3, seed=7)
+    other = draw_candidates(sub, n_queries=60, n_candidates=100, draws=3, seed=8)
+    assert all(np.array_equal(a.queries, b.queries) for a, b in zip(draws, again))
+    assert all(np.array_equal(x, y) for a, b in zip(draws, again) for x, y in zip(a.candidates, b.candidates))
+    assert not np.array_equal(draws[0].queries, other[0].queries)
+    assert not np.array_equal(draws[0].queries, draws[1].queries)  # draws differ from each other
+    sub = np.asarray(sub, dtype=object)
+    for d in draws:
+        assert len(d.queries) == 60 and len(set(d.queries.tolist())) == 60
+        for q, c in zip(d.queries, d.candidates):
+            assert c[0] == q and len(c) == 101 and len(set(c.tolist())) == 101
+            others = sub[c[1:]]
+            if sub[q] == "shirts":
+                assert (others == "shirts").all()  # 149 others: all from the sub-category
+            elif sub[q] == "bags":
+                assert (others == "bags").sum() == 29  # all 29 others, then random fill
+    small = draw_candidates(["x"] * 5, n_queries=10, n_candidates=100, draws=1, seed=0)
+    assert len(small[0].queries) == 5 and all(len(c) == 5 for c in small[0].candidates)
+
+
+# ============================================================================================ full gallery
+def test_gallery_rank_and_recall_at_k_on_hand_made_rankings():
+    # 4 text queries, each against images 0..11; query q's true image is image 3q (query 3's is not retrieved)
+    query = np.repeat(np.arange(4), 12)
+    candidate = np.tile(np.arange(12), 4)
+    margin = np.zeros(48, dtype=np.float32)
+    true_rank = {0: 1, 1: 5, 2: 11}
+    for q, r in true_rank.items():
+        rest = [c for c in range(12) if c != 3 * q]
+        order = rest[:r - 1] + [3 * q] + rest[r - 1:]
+        for pos, c in enumerate(order):
+            margin[q * 12 + c] = 100 - pos
+    ranked = rank_rows(query, candidate, np.zeros(48, dtype=np.float32), margin)
+    ranked = type(ranked)(ranked.query, ranked.candidate, ranked.recall_score, ranked.margin)
+    keep = ~((ranked.query == 3) & (ranked.candidate == 9))  # query 3's true image missed by recall
+    ranked = type(ranked)(ranked.query[keep], ranked.candidate[keep], ranked.recall_score[keep], ranked.margin[keep])
+
+    def is_true(q, c):
+        return c == 3 * q
+
+    m = gallery_ranks(ranked, is_true, np.arange(4), 4)
+    assert (m["rank1"], m["rank5"], m["rank10"], m["queries"]) == (0.25, 0.5, 0.5, 4)
+    # recall lists: query 0 finds its image first, query 1 third, query 2 never
+    neigh = Neighbours(np.array([0, 0, 1, 1, 1, 2]), np.array([0, 5, 4, 7, 3, 1]), np.array([.9, .8, .9, .8, .7, .9],
+                       dtype=np.float32), "flat")
+    r = recall_at(neigh, is_true, np.arange(3), 3, ks=(1, 3))
+    assert r == {"recall@1": pytest.approx(1 / 3), "recall@3": pytest.approx(2 / 3)}
+
+
+# ============================================================================================ end to end
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    features = write_fake_features(tmp / "features", n_products=40, images_per_product=2, feature_dim=16)
+    model = train_tiny_model(tmp, features, make_tiny_backbone(tmp / "bert"))
+    # Beside OUT/model, so that evaluate finds the training run's split in OUT/checkpoints.
+    itc = fit_itc_head(model, features, model.parent / "model-itc", steps=10)
+    return features, model, itc
+
+
+def _args(features, model, out, *extra) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    return parser.parse_args(["--features", str(features), "--model", str(model), "--out", str(out), "--device", "cpu",
+                              "--precision", "fp32", *map(str, extra)])
+
+
+def test_evaluate_writes_all_three_protocols(tmp_path, trained):
+    features, model, itc = trained
+    out = tmp_path / "metrics.json"
+    returned = evaluate.run(_args(features, itc, out, "--queries", 50, "--draws", 2, "--recall-k", 200,
+                                  "--exhaustive"))
+    metrics = json.loads(out.read_text())
+    assert metrics == json.loads(json.dumps(returned))
+    split = metrics["split"]
+    assert split["kind"] == "validation" and split["val_fraction"] == 0.2 and "training_state.json" in split["from"]
+    s = metrics["sample100"]
+    assert s["draws"] == 2 and s["queries"] == s["pool_products"] < 40
+    for d in ("t2i", "i2t"):
+        ranks = [s[d][f"rank{k}"]["mean"] for k in (1, 5, 10)]
+        assert ranks == sorted(ranks) and all(0 <= r <= 1 for r in ranks)
+        assert len(s[d]["rank1"]["per_draw"]) == 2
+    assert 0 <= metrics["tia"]["auc"]["mean"] <= 1 and 0 <= metrics["tia"]["accuracy"]["mean"] <= 1
+    g = metrics["full_gallery"]
+    assert g["texts"] == s["pool_products"] and g["images"] == 2 * g["texts"]
+    # recall-k covers the gallery: two-stage is the exhaustive ranking, and recall finds every true match
+    for d in ("t2i", "i2t"):
+        assert g["two_stage"][d] == g["exhaustive"][d]
+        assert g["recall"][d]["recall@50"] == 1.0
+    assert g["cost"]["cross_encoder_pairs"] == g["cost"]["exhaustive_pairs"] == g["texts"] * g["images"]
+    assert "itc_head" in metrics["recall_embedding"]
+    assert metrics["model"]["version"] == load_model(itc, resolve_runtime("cpu", "fp32")).version
+
+
+def test_evaluate_split_all_and_errors(tmp_path, trained):
+    features, model, _ = trained
+    m = evaluate.run(_args(features, model, tmp_path / "m.json", "--split", "all", "--queries", 10, "--draws", 1,
+                           "--candidates", 5, "--recall-k", 5, "--gallery-max", 12))
+    assert m["sample100"]["pool_products"] == 40 and m["sample100"]["candidates_mean"] == 5
+    assert m["full_gallery"]["texts"] == 12 and m["full_gallery"]["images"] == 24
+    assert "fallback" in m["recall_embedding"]
+    with pytest.raises(UserError, match="--val-fraction 0.0"):
+        evaluate.run(_args(features, model, tmp_path / "m.json", "--val-fraction", 0))
+    with pytest.raises(UserError, match="--draws 0"):
+        evaluate.run(_args(features, model, tmp_path / "m.json", "--draws", 0))
+    with pytest.raises(UserError, match="does not exist"):
+        evaluate.run(_args(features, model, tmp_path / "no" / "m.json", "--queries", 5, "--draws", 1, "--no-gallery"))
+
+
+def test_help_explains_the_options():
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    text = parser.format_help()
+    for opt in ("--features", "--model", "--out", "--split", "--val-fraction", "--queries", "--candidates", "--draws", "--seed", "--gallery-max", "--exhaustive", "--recall-k", "--index"):
+        assert opt in text

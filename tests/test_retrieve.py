@@ -1,0 +1,190 @@
+"""Retrieval tables: schema, sortedness, K rows per query, atomic publication, read by pyarrow.dataset as a
+downstream system would; two-stage equals exhaustive when recall-k covers the catalog; the recall stage's
+index choice and faiss's -1 padding."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+import torch
+
+from fashionbert import recall, retrieve
+from fashionbert.errors import UserError
+from fashionbert.scoring import CrossEncoderScorer, IndexedImages, load_model, open_catalog, resolve_runtime
+from schemas import RETRIEVAL, read_table
+from tests.fake_features import make_tiny_backbone, write_fake_features
+from tests.test_scoring import fit_itc_head, train_tiny_model
+
+torch.set_num_threads(1)
+N_PRODUCTS, IMAGES_PER_PRODUCT = 24, 2
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    return write_fake_features(tmp_path_factory.mktemp("features"), n_products=N_PRODUCTS,
+                               images_per_product=IMAGES_PER_PRODUCT, feature_dim=16, n_image_shards=2, row_group_size=8)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, features):
+    tmp = tmp_path_factory.mktemp("model")
+    return train_tiny_model(tmp, features, make_tiny_backbone(tmp / "bert"))
+
+
+@pytest.fixture(scope="module")
+def itc_model_dir(tmp_path_factory, features, model_dir):
+    return fit_itc_head(model_dir, features, tmp_path_factory.mktemp("itc") / "model", steps=20)
+
+
+def _args(features, model, out, *extra) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    retrieve.add_arguments(parser)
+    return parser.parse_args(["--features", str(features), "--model", str(model), "--out", str(out), "--device", "cpu",
+                              "--precision", "fp32", *map(str, extra)])
+
+
+def test_tables_schema_sorted_k_rows_and_published(tmp_path, features, itc_model_dir):
+    out = tmp_path / "retrieval"
+    summary = retrieve.run(_args(features, itc_model_dir, out, "--top-k", 5, "--recall-k", 10))
+    assert (out / "_SUCCESS").is_file() and not list(tmp_path.glob("*.staging-*"))
+    run_info = json.loads((out / "_run.json").read_text())
+    version = load_model(itc_model_dir, resolve_runtime("cpu", "fp32")).version
+    assert run_info["model"]["version"] == version and "itc_head" in run_info["recall_embedding"]
+    assert run_info["index_used"] == "flat"
+    folders = open_catalog([str(features)], load_model(itc_model_dir, resolve_runtime("cpu", "fp32")))
+    image_ids, product_ids = set(folders.index.image_ids), set(folders.texts.product_ids)
+    for name, kind, n_queries, candidates in (("text_to_image.parquet", "text", N_PRODUCTS, image_ids),
+                                              ("image_to_text.parquet", "image", N_PRODUCTS * IMAGES_PER_PRODUCT, product_ids)):
+        table = read_table(str(out / name), "retrieval")  # validates the schema contract
+        assert table.schema.remove_metadata().equals(RETRIEVAL.remove_metadata())
+        d = table.to_pydict()
+        keys = list(zip(d["query_id"], d["rank"]))
+        assert keys == sorted(keys)
+        assert table.num_rows == 5 * n_queries
+        for q in set(d["query_id"]):
+            rows = [i for i, x in enumerate(d["query_id"]) if x == q]
+            assert [d["rank"][i] for i in rows] == [1, 2, 3, 4, 5]
+            scores = [d["score"][i] for i in rows]
+            assert scores == sorted(scores, reverse=True)
+            assert len({d["candidate_id"][i] for i in rows}) == 5
+        assert set(d["candidate_id"]) <= candidates
+        assert set(d["query_kind"]) == {kind} and set(d["stage"]) == {"rerank"}
+        assert set(d["model_version"]) == {version} and set(d["run_id"]) == {run_info["run_id"]}
+        assert all(0.0 < s < 1.0 for s in d["score"]) and all(-1.0 <= s <= 1.0 + 1e-6 for s in d["recall_score"])
+    assert summary["counts"]["cross_encoder_pairs"] < summary["counts"]["exhaustive_pairs"]
+
+
+def test_pyarrow_dataset_reads_the_tables_as_downstream_would(tmp_path, features, itc_model_dir):
+    out = tmp_path / "retrieval"
+    retrieve.run(_args(features, itc_model_dir, out, "--top-k", 3, "--recall-k", 6))
+    # The whole folder is one dataset (pyarrow skips _SUCCESS and _run.json): filter and project like a ranker.
+    dataset = ds.dataset(str(out), format="parquet")
+    assert dataset.schema.remove_metadata().equals(RETRIEVAL.remove_metadata())
+    top1 = dataset.to_table(columns=["query_id", "candidate_id", "score"],
+                            filter=(ds.field("query_kind") == "text") & (ds.field("rank") == 1))
+    assert top1.num_rows == N_PRODUCTS
+    one = dataset.to_table(filter=ds.field("query_id") == "p00007-1")
+    assert one.column("rank").to_pylist() == [1, 2, 3] and set(one.column("query_kind").to_pylist()) == {"image"}
+    assert dataset.count_rows() == 3 * (N_PRODUCTS + N_PRODUCTS * IMAGES_PER_PRODUCT)
+
+
+def test_two_stage_equals_exhaustive_when_recall_covers_the_catalog(tmp_path, features, model_dir):
+    """recall-k >= catalog size: every pair reaches the re-rank, so the tables are the exhaustive cross-encoder
+    ranking. Uses the model without an itc head (the backbone-fallback recall), which must work too."""
+    out = tmp_path / "retrieval"
+    n_images = N_PRODUCTS * IMAGES_PER_PRODUCT
+    retrieve.run(_args(features, model_dir, out, "--top-k", n_images, "--recall-k", n_images, "--index", "flat"))
+    assert "fallback" in json.loads((out / "_run.json").read_text())["recall_embedding"]
+    rt = resolve_runtime("cpu", "fp32")
+    loaded = load_model(model_dir, rt)
+    catalog = open_catalog([str(features)], loaded)
+    texts = catalog.text_ids
+    all_pairs = np.stack(np.meshgrid(np.arange(len(texts)), np.arange(n_images), indexing="ij"), -1).reshape(-1, 2)
+    margins = CrossEncoderScorer(loaded.model, rt).score(texts, IndexedImages(catalog.index, catalog.reader), all_pairs)
+    m = margins.reshape(len(texts), n_images)
+    t2i = read_table(str(out / "text_to_image.parquet"), "retrieval").to_pydict()
+    i2t = read_table(str(out / "image_to_text.parquet"), "retrieval").to_pydict()
+    assert len(t2i["query_id"]) == N_PRODUCTS * n_images and len(i2t["query_id"]) == n_images * N_PRODUCTS
+    for t, pid in enumerate(catalog.texts.product_ids):
+        rows = [i for i, q in enumerate(t2i["query_id"]) if q == pid]
+        got = [t2i["candidate_id"][i] for i in rows]
+        got_m = m[t, [catalog.index.image_ids.index(c) for c in got]]
+        assert np.all(np.diff(got_m) <= 0)  # the table's order is the exhaustive score order
+        assert sorted(got) == sorted(catalog.index.image_ids)
+        p = 1 / (1 + np.exp(-got_m.astype(np.float64)))
+        np.testing.assert_allclose([t2i["score"][i] for i in rows], p, atol=1e-6)
+    for i, iid in enumerate(catalog.index.image_ids):
+        rows = [r for r, q in enumerate(i2t["query_id"]) if q == iid]
+        got_m = m[[catalog.texts.index[c] for c in (i2t["candidate_id"][r] for r in rows)], i]
+        assert len(rows) == N_PRODUCTS and np.all(np.diff(got_m) <= 0)
+
+
+def test_retrieve_user_errors(tmp_path, features, model_dir):
+    with pytest.raises(UserError, match="--recall-k 5 is below --top-k 10"):
+        retrieve.run(_args(features, model_dir, tmp_path / "a", "--top-k", 10, "--recall-k", 5))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("")
+    with pytest.raises(UserError, match="already exists"):
+        retrieve.run(_args(features, model_dir, busy, "--top-k", 2, "--recall-k", 4))
+    retrieve.run(_args(features, model_dir, busy, "--top-k", 2, "--recall-k", 4, "--overwrite"))
+    assert (busy / "_SUCCESS").is_file() and not (busy / "x").exists()
+
+
+# ============================================================================================ recall stage
+def _unit(rng, n, d=16):
+    v = rng.standard_normal((n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_faiss_padding_never_leaves_the_recall_stage():
+    """An IVF index probing one list returns fewer than k neighbours, padded with id -1 by faiss."""
+    rng = np.random.default_rng(0)
+    centre_a, centre_b = np.eye(16, dtype=np.float32)[0], -np.eye(16, dtype=np.float32)[0]
+    db = np.concatenate([centre_a + 0.05 * _unit(rng, 200), centre_b + 0.05 * _unit(rng, 200)])
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    queries = db[:3]
+    raw = recall._build_faiss(db, "ivf", 1, None, 300)
+    _, raw_ids = raw.search(queries, 300)
+    assert (raw_ids == -1).any()  # the situation exists
+    got = recall.search(db, queries, 300, kind="ivf", nprobe=1)
+    assert (got.candidate >= 0).all() and len(got) == int((raw_ids >= 0).sum())
+    assert np.all(got.per_query(3) < 300)
+    for q in range(3):
+        s = got.score[got.query == q]
+        assert np.all(np.diff(s) <= 1e-6)
+    # and k above the database size is clipped, not padded
+    small = recall.search(db[:4], queries, 10, kind="flat")
+    assert np.array_equal(small.per_query(3), [4, 4, 4])
+
+
+def test_index_choice_and_exact_backends_agree():
+    assert recall.choose_kind(10, "auto", exact_max=100) == "flat"
+    assert recall.choose_kind(1000, "auto", exact_max=100) == "hnsw"
+    assert recall.choose_kind(10, "ivf") == "ivf"
+    with pytest.raises(UserError, match="--index"):
+        recall.choose_kind(10, "annoy")
+    rng = np.random.default_rng(1)
+    db, q = _unit(rng, 500), _unit(rng, 20)
+    flat = recall.search(db, q, 10, kind="flat")
+    exact = recall.search(db, q, 10, kind="torch")
+    assert np.array_equal(flat.candidate, exact.candidate)
+    np.testing.assert_allclose(flat.score, exact.score, atol=1e-5)
+    auto = recall.search(db, q, 10, kind="auto", exact_max=100)
+    assert auto.kind == "hnsw"
+    overlap = np.mean([len(set(auto.candidate[auto.query == i]) & set(flat.candidate[flat.query == i])) / 10
+                       for i in range(20)])
+    assert overlap >= 0.9
+    ivf = recall.search(db, q, 10, kind="ivf")
+    assert ivf.kind == "ivf" and (ivf.candidate >= 0).all()
+
+
+def test_help_explains_the_options():
+    parser = argparse.ArgumentParser()
+    retrieve.add_arguments(parser)
+    text = parser.format_help()
+    for opt in ("--features", "--model", "--out", "--overwrite", "--top-k", "--recall-k", "--index", "--exact-max", "--device", "--precision"):
+        assert opt in text
