@@ -40,17 +40,7 @@ from fashionbert.retrieve import dual_encoder_for, rank_rows, two_stage  # noqa:
 from fashionbert.scoring import ArrayImages, CrossEncoderScorer, Runtime, resolve_runtime  # noqa: E402
 from fashionbert.train import _quiet  # noqa: E402
 from tests.fake_features import make_tiny_backbone, write_fake_features  # noqa: E402
-
-
-def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, seconds: float = 1.5) -> float:
-    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-    for _ in range(3):
-        a @ b
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
-    return 2.0 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
+from bench.flops import matmul_gflops  # noqa: E402
 
 
 def encoder_flops(cfg: FashionBertConfig, seq: float) -> float:

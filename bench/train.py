@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -37,17 +36,7 @@ from fashionbert.features import FeatureReader, index_images, load_texts, open_f
 from fashionbert.modeling import FashionBertModel  # noqa: E402
 from fashionbert.train import _quiet, add_arguments, run  # noqa: E402
 from tests.fake_features import write_fake_features  # noqa: E402
-
-
-def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, seconds: float = 1.5) -> float:
-    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-    for _ in range(3):
-        a @ b
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
-    return 2.0 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
+from bench.flops import matmul_gflops  # noqa: E402
 
 
 def analytic_flops_per_pair(cfg: FashionBertConfig, text_len: float, mlm_tokens: float, mpm_patches: float) -> float:
