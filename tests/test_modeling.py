@@ -16,11 +16,6 @@ FEATURE_DIM = 16
 
 
 @pytest.fixture(scope="module")
-def tiny_backbone(tmp_path_factory):
-    return make_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"))
-
-
-@pytest.fixture(scope="module")
 def model(tiny_backbone):
     torch.manual_seed(0)
     m = _quiet(lambda: FashionBertModel.from_pretrained_backbone(FashionBertConfig(backbone=str(tiny_backbone), feature_dim=FEATURE_DIM)))

@@ -25,16 +25,11 @@ from fashionbert.features import (FeatureReader, index_images, load_texts, open_
                                   validation_mask)
 from fashionbert.modeling import FashionBertModel
 from fashionbert.train import KILL_AT_STEP_ENV, add_arguments, roc_auc, run
-from tests.fake_features import make_tiny_backbone, write_fake_features
+from tests.fake_features import write_fake_features
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 FEATURE_DIM = 16
-
-
-@pytest.fixture(scope="module")
-def tiny_backbone(tmp_path_factory):
-    return make_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="module")
