@@ -1,4 +1,4 @@
-"""Task weights for the MLM + MPM + TIA loss (FashionBERT's "adaptive loss").
+"""Task weights for the MLM + MPM + TIA (+ itc) loss (FashionBERT's "adaptive loss").
 
 Each batch the weights solve  min_w 1/2 sum_i (aK - n_i) w_i^2  s.t.  sum_i w_i = 1  (K tasks, a = 1), whose
 closed form is  w_i = (aK - n_i)^-1 / sum_j (aK - n_j)^-1.  A task with a larger n_i gets a larger weight.
@@ -8,7 +8,7 @@ Three ways to get n:
 
 - `adaptive-grad` (the paper): n_i is task i's squared gradient norm on a shared parameter set. The set is the
   weight matrix of the last encoder layer's FFN output projection (`bert.encoder.layer[-1].output.dense`).
-  Why that one: it is the last matrix all three tasks share (after it only LayerNorm, then the task heads), so
+  Why that one: it is the last matrix all the tasks share (after it only LayerNorm, then the task heads), so
   its gradient is the closest parameter-space measure of how hard each task pulls on the shared encoder, and it
   is cheap: the per-task gradient only needs a backward through the small heads and one LayerNorm, and the
   weight gradient is computed as X^T dY from the layer's saved input X and dY = dL_i/d(output), with no extra
@@ -58,40 +58,46 @@ def n_from_grad_norms(sq_norms: torch.Tensor) -> torch.Tensor:
 
 
 class SharedLayerProbe:
-    """Keeps the input and output of the shared Linear from the latest forward (training mode only)."""
+    """Keeps the input and output of every training-mode pass through the shared Linear since the last `clear`.
+
+    Several passes per batch are normal: the itc task runs the encoder on the text alone and on the image alone
+    besides the joint pass, and the weight's gradient is the sum over passes of dY_k^T X_k.
+    """
 
     def __init__(self, linear: torch.nn.Linear):
         self.linear = linear
-        self.input: torch.Tensor | None = None
-        self.output: torch.Tensor | None = None
+        self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._handle = linear.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
         if module.training and torch.is_grad_enabled():
-            self.input, self.output = inputs[0], output
+            self.records.append((inputs[0], output))
 
     def clear(self) -> None:
-        self.input = self.output = None
+        self.records = []
 
     def remove(self) -> None:
         self._handle.remove()
 
     def weight_grad_sq_norms(self, losses: Sequence[torch.Tensor]) -> torch.Tensor:
-        """||dL_i/dW||_F^2 for each loss, W the probed Linear's weight, via dW = dY^T X."""
-        if self.output is None:
+        """||dL_i/dW||_F^2 for each loss, W the probed Linear's weight, via dW = sum_k dY_k^T X_k."""
+        if not self.records:
             raise RuntimeError("SharedLayerProbe: no forward recorded (model in eval mode or no_grad?)")
-        x = self.input.detach().reshape(-1, self.input.shape[-1]).float()
+        xs = [x.detach().reshape(-1, x.shape[-1]).float() for x, _ in self.records]
+        outputs = [y for _, y in self.records]
+        device = xs[0].device
         norms = []
         for loss in losses:
             if not loss.requires_grad:
-                norms.append(torch.zeros((), device=x.device))
+                norms.append(torch.zeros((), device=device))
                 continue
-            (dy,) = torch.autograd.grad(loss, self.output, retain_graph=True, allow_unused=True)
-            if dy is None:
-                norms.append(torch.zeros((), device=x.device))
-                continue
-            dw = dy.reshape(-1, dy.shape[-1]).float().t() @ x
-            norms.append(dw.pow(2).sum())
+            grads = torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
+            dw = None
+            for x, dy in zip(xs, grads):
+                if dy is not None:
+                    part = dy.reshape(-1, dy.shape[-1]).float().t() @ x
+                    dw = part if dw is None else dw + part
+            norms.append(torch.zeros((), device=device) if dw is None else dw.pow(2).sum())
         return torch.stack(norms)
 
 
@@ -134,6 +140,12 @@ class TaskWeighter:
             dist.all_reduce(v, op=dist.ReduceOp.SUM)
             v /= dist.get_world_size()
         return v
+
+    def reset(self) -> None:
+        """Forget recorded passes; call before each training forward (batches that skip the weighting, such as
+        the TIA warm-up, would otherwise pile up activations)."""
+        if self.probe is not None:
+            self.probe.clear()
 
     def __call__(self, losses: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (weighted total loss, weights (K,), n (K,)); weights are constants for the backward."""

@@ -45,6 +45,10 @@ class FashionBertConfig:
     # Dropout of the encoder (hidden and attention), the patch embeddings and the TIA classifier; None keeps the
     # backbone's own rates. `fashionbert train` defaults to 0: see its --dropout help for the measurements.
     dropout: float | None = None
+    # The contrastive "itc" task and its recall embeddings (fashionbert.dual_encoder): the projection size of the
+    # text-only / image-only vectors, 0 = no itc head (a three-task model, as in the paper), and their pooling.
+    itc_dim: int = 0
+    itc_pooling: str = "mean"
 
     @property
     def classifier_dropout(self) -> float:
@@ -67,6 +71,9 @@ class FashionBertConfig:
             raise UserError(f"model config: grid ({self.grid}) and feature_dim ({self.feature_dim}) must be positive")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model config: dropout {self.dropout} must be in [0, 1)")
+        if self.itc_dim < 0 or self.itc_pooling not in ("mean", "cls"):
+            raise UserError(f"model config: itc_dim ({self.itc_dim}) must be >= 0 and itc_pooling "
+                            f"({self.itc_pooling!r}) 'mean' or 'cls'")
         if not 0.0 <= self.mlm_probability < 1.0 or not 0.0 <= self.mpm_probability < 1.0:
             raise UserError("model config: masking probabilities must be in [0, 1)")
         if self.bert and self.max_text_len > int(self.bert.get("max_position_embeddings", 512)):

@@ -7,11 +7,13 @@ heads map both into one space, and a nearest-neighbour index ranks candidates by
 symmetric in-batch InfoNCE loss, a batch of B aligned pairs gives B^2 scored pairs for 2B single-modality
 passes, which is also a cheap extra training signal for the shared encoder.
 
-Integration with training: the head is a module the model owns as `model.itc_head`, so its weights sit in
-the model's state dict (`itc_head.*` in model.safetensors) and travel with every checkpoint; `itc_loss` is
-the fourth task's loss. `fashionbert.scoring.load_model` attaches a head to a loaded model when the weights
-file has one. A model without a head still gives recall vectors (`DualEncoder` then mean-pools the backbone's
-hidden states, unprojected): usable, but untrained for the purpose.
+Integration with training: `fashionbert train --itc-dim D` (default 256) makes the model build a head here as
+`model.itc_head` (config.itc_dim / itc_pooling), so its weights sit in the model's state dict (`itc_head.*` in
+model.safetensors) and travel with every checkpoint; `FashionBertModel.forward` adds `itc_loss` as the fourth
+task, weighted with the other three by the same adaptive loss. `fashionbert.scoring.load_model` also attaches
+a head to a loaded model whose weights file has one but whose config predates `itc_dim`. A model without a head
+(`--itc-dim 0`) still gives recall vectors (`DualEncoder` then mean-pools the backbone's hidden states,
+unprojected): usable, but untrained for the purpose.
 
 Imports torch, numpy and the package's batching helpers only: training runs on boxes without faiss or Beam.
 """
@@ -28,7 +30,7 @@ from torch import nn
 
 from .batching import pad_texts
 
-# modeling.IGNORE_INDEX, restated: modeling imports this module once the model builds its itc_head itself.
+# modeling.IGNORE_INDEX, restated: modeling imports this module to build its itc_head.
 IGNORE_INDEX = -100
 POOLINGS = ("mean", "cls")
 ITC_PREFIX = "itc_head."

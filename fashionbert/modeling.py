@@ -147,8 +147,20 @@ class FashionBertModel(nn.Module):
         self.mlm_head = FashionBertMLMHead(bert_config)
         self.mpm_head = FashionBertMPMHead(config, bert_config)
         self.tia_head = FashionBertTIAHead(config, bert_config)
-        for module in (self.patch_embeddings, self.mlm_head, self.mpm_head, self.tia_head):
+        heads = [self.patch_embeddings, self.mlm_head, self.mpm_head, self.tia_head]
+        if config.itc_dim:
+            # Imported here: dual_encoder imports the batching helpers, which must not load with the model class.
+            from .dual_encoder import ContrastiveHead
+
+            self.itc_head = ContrastiveHead(bert_config.hidden_size, config.itc_dim, config.itc_pooling)
+            heads.append(self.itc_head)
+        for module in heads:
             _init_module(module, std)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The training tasks this model has heads for, in the order losses and weights are logged."""
+        return self.TASKS + (("itc",) if getattr(self, "itc_head", None) is not None else ())
 
     # ---------------------------------------------------------------------------------- construction
     @classmethod
@@ -269,6 +281,7 @@ class FashionBertModel(nn.Module):
         patch_mask: torch.Tensor | None = None,
         mlm_labels: torch.Tensor | None = None,
         tia_labels: torch.Tensor | None = None,
+        itc: bool = True,
     ) -> FashionBertOutput:
         """Per-task losses for the tasks whose labels are given.
 
@@ -277,6 +290,8 @@ class FashionBertModel(nn.Module):
         at masked tokens and -100 elsewhere; tia_labels (B,) 1 = aligned. MLM and MPM count only aligned rows
         when tia_labels is given (the text does not describe a mismatched image, so reconstructing one from the
         other is noise); the caller masks every row alike so that TIA cannot read "is it masked" as a label.
+        With an itc head and `itc`, the contrastive loss on the aligned rows joins as "itc" (two more encoder
+        passes, text-only and image-only, on those rows).
         """
         sequence_output, pooled = self.encode(input_ids, attention_mask, patch_features, patch_mask)
         text_len = input_ids.shape[1]
@@ -302,6 +317,10 @@ class FashionBertModel(nn.Module):
         tia_logits = self.tia_head(pooled)
         if tia_labels is not None:
             losses["tia"] = alignment_loss(tia_logits, tia_labels.long())
+        if itc and getattr(self, "itc_head", None) is not None:
+            from .dual_encoder import itc_loss
+
+            losses["itc"] = itc_loss(self, input_ids, attention_mask, patch_features, tia_labels, mlm_labels)
         return FashionBertOutput(losses=losses, tia_logits=tia_logits, sequence_output=sequence_output)
 
     @staticmethod

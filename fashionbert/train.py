@@ -1,4 +1,5 @@
-"""fashionbert train: MLM + MPM + TIA pretraining on featurize output, with adaptive task weights.
+"""fashionbert train: MLM + MPM + TIA (+ the contrastive itc task) pretraining on featurize output, with adaptive
+task weights.
 
     python -m fashionbert.train --features DIR --out OUT [options]
     torchrun --nproc_per_node N -m fashionbert.train --features DIR --out OUT ...   (DDP; gloo on CPU, nccl on GPU)
@@ -38,13 +39,14 @@ from .errors import UserError
 from .features import FeatureReader, index_images, load_texts, open_feature_folders, validation_mask
 from .modeling import FashionBertModel
 
-TASKS = ("mlm", "mpm", "tia")
+# The tasks that match text to image; the warm-up trains these alone.
+MATCHING_TASKS = ("tia", "itc")
 METRICS = "metrics.jsonl"
 CURVES = "training_curves.png"
 SUMMARY = "summary.json"
 # Options that fix the data order or the optimisation: a resumed run must use the checkpoint's values,
 # or it would not continue the same run.
-RESUME_MUST_MATCH = ("batch_size", "dropout", "tia_warmup", "grad_accum", "neg_ratio", "random_neg_fraction", "seed", "split_seed",
+RESUME_MUST_MATCH = ("batch_size", "itc_dim", "itc_pooling", "dropout", "tia_warmup", "grad_accum", "neg_ratio", "random_neg_fraction", "seed", "split_seed",
                      "val_fraction", "task_weights", "lr", "warmup", "weight_decay", "shuffle_window", "world_size")
 # A test seam: the process SIGKILLs itself after this step (to test --resume against a real kill).
 KILL_AT_STEP_ENV = "FASHIONBERT_TEST_KILL_AT_STEP"
@@ -86,6 +88,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "for BERT). Default 0: on this CPU dropout's random masks cost ~15%% of a training step, and "
                         "in a controlled 4x4 text-image matching test dropout 0.1 kept TIA on its chance plateau "
                         ">3x longer (default 0)")
+    g.add_argument("--itc-dim", type=int, default=256,
+                   help="the contrastive itc task (a 4th task under the same task weights): text-only and "
+                        "image-only passes projected to this many dimensions, trained with in-batch InfoNCE on "
+                        "the aligned pairs; the retrieval stage's recall vectors. 0 = the paper's three tasks "
+                        "only (then recall falls back to untrained mean-pooled states) (default 256)")
+    g.add_argument("--itc-pooling", choices=("mean", "cls"), default="mean",
+                   help="how the itc head pools a single-modality pass (default mean)")
     g.add_argument("--no-whole-word-mask", dest="whole_word_mask", action="store_false",
                    help="mask WordPiece tokens independently instead of whole words")
 
@@ -106,12 +115,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="AdamW weight decay, not applied to biases and LayerNorm weights (default 0.01)")
     g.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clipping, 0 = off (default 1.0)")
     g.add_argument("--tia-warmup", type=float, default=0.1,
-                   help="first steps (>= 1) or fraction of all steps (< 1) that train TIA alone on unmasked pairs "
-                        "before MLM and MPM join. Why: text-image matching starts on a plateau where TIA's gradient "
+                   help="first steps (>= 1) or fraction of all steps (< 1) that train the matching tasks alone "
+                        "(TIA, and itc when on, equal weights) on unmasked pairs before MLM and MPM join. Why: text-image matching starts on a plateau where TIA's gradient "
                         "is tiny; with MLM's much larger gradient in Adam's normaliser it stayed at chance for "
                         "hundreds of steps in our tests, alone it leaves the plateau in tens (default 0.1)")
     g.add_argument("--task-weights", choices=TASK_WEIGHT_MODES, default="adaptive-grad",
-                   help="MLM/MPM/TIA weights, w_i = (aK - n_i)^-1 / sum_j (aK - n_j)^-1 each batch: "
+                   help="MLM/MPM/TIA(/itc) weights, w_i = (aK - n_i)^-1 / sum_j (aK - n_j)^-1 each batch: "
                         "adaptive-grad = n from each task's share of the squared gradient norm on the last "
                         "encoder layer's FFN output weight (the paper); adaptive-loss = n = softmax(losses)^2 "
                         "(the official code); fixed = equal weights (default adaptive-grad)")
@@ -296,8 +305,9 @@ def plot_curves(metrics_path: Path, png_path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in train]
+    tasks = [k[2:] for k in sorted(train[0]) if k.startswith("w_")]
     fig, axes = plt.subplots(1, 3 if val else 2, figsize=(15 if val else 10, 4))
-    for t in TASKS:
+    for t in tasks:
         axes[0].plot(steps, [r[f"w_{t}"] for r in train], label=t)
         axes[1].plot(steps, [float("nan") if r[f"loss_{t}"] is None else r[f"loss_{t}"] for r in train], label=t)
     axes[0].set(title="task weights", xlabel="step", ylabel="weight")
@@ -459,6 +469,7 @@ def _run(args: argparse.Namespace, rt: Runtime, t_start: float) -> dict[str, Any
             cnn=str(feat_opts.get("cnn") or ""), patch_mode=str(feat_opts.get("patch_mode") or ""),
             mlm_probability=args.mlm_probability, mpm_probability=args.mpm_probability,
             whole_word_mask=args.whole_word_mask, dropout=None if args.dropout < 0 else args.dropout,
+            itc_dim=args.itc_dim, itc_pooling=args.itc_pooling,
         )
         torch.manual_seed(args.seed)
         model = _quiet(lambda: FashionBertModel.from_pretrained_backbone(config))
@@ -515,8 +526,11 @@ def _run(args: argparse.Namespace, rt: Runtime, t_start: float) -> dict[str, Any
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         train_model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    weighter = TaskWeighter(args.task_weights, model, TASKS, distributed=rt.distributed)
+    tasks = model.tasks
+    weighter = TaskWeighter(args.task_weights, model, tasks, distributed=rt.distributed)
     idle_params = [p for m in (model.mlm_head, model.mpm_head) for p in m.parameters()]
+    matching = [t for t in tasks if t in MATCHING_TASKS]
+    warmup_weights = torch.tensor([1.0 / len(matching) if t in matching else 0.0 for t in tasks])
 
     s100 = None
     if rt.main and len(val_rows):
@@ -526,8 +540,8 @@ def _run(args: argparse.Namespace, rt: Runtime, t_start: float) -> dict[str, Any
     if rt.main:
         _log(f"train: {len(train_rows)} images / {len(train_products)} products for training, {len(val_rows)} images "
              f"held out; {rt.world} process(es) on {rt.device} ({rt.precision}); steps {start_step}->{total_steps}, "
-             f"{positives_per_step} positives x (1+{args.neg_ratio}) rows per step; TIA alone for {tia_steps} steps, "
-             f"then task weights {args.task_weights}")
+             f"{positives_per_step} positives x (1+{args.neg_ratio}) rows per step; {'+'.join(matching)} alone for {tia_steps} steps, "
+             f"then {'/'.join(tasks)} with task weights {args.task_weights}")
         if index.skipped_no_text:
             _log(f"train: {index.skipped_no_text} image rows skipped (their product has no text)")
     batches_iter = iter_batches(stream, pairs, settings, vocab, args.seed, position, first_index=start_step * args.grad_accum)
@@ -546,9 +560,9 @@ def _run(args: argparse.Namespace, rt: Runtime, t_start: float) -> dict[str, Any
     try:
         while step < total_steps:
             t0 = time.perf_counter()
-            task_sum = torch.zeros(len(TASKS))
-            w_sum = torch.zeros(len(TASKS))
-            n_sum = torch.zeros(len(TASKS))
+            task_sum = torch.zeros(len(tasks))
+            w_sum = torch.zeros(len(tasks))
+            n_sum = torch.zeros(len(tasks))
             rows = 0
             for micro in range(args.grad_accum):
                 batch = next(batches).to(rt.device)
@@ -556,17 +570,19 @@ def _run(args: argparse.Namespace, rt: Runtime, t_start: float) -> dict[str, Any
                 sync = contextlib.nullcontext() if (not rt.distributed or micro == args.grad_accum - 1) else train_model.no_sync()
                 with sync:
                     torch.manual_seed(_step_seed(args.seed, rt.rank, batch.index))  # dropout: same draws on resume
+                    weighter.reset()
                     with rt.autocast():
                         output = train_model(**batch.model_inputs())
                     if batch.tia_only:
                         # The idle heads join the graph at zero cost so that DDP sees every parameter used.
-                        total = output.losses["tia"] + 0.0 * sum(p.sum() for p in idle_params)
-                        weights, n = torch.tensor([0.0, 0.0, 1.0]), torch.zeros(len(TASKS))
+                        total = sum(w.item() * output.losses[t] for w, t in zip(warmup_weights, tasks) if w > 0)
+                        total = total + 0.0 * sum(p.sum() for p in idle_params)
+                        weights, n = warmup_weights, torch.zeros(len(tasks))
                     else:
                         total, weights, n = weighter(output.losses)
                     (total / args.grad_accum).backward()
                 nan = torch.tensor(float("nan"))
-                task_sum += torch.stack([output.losses[t].detach().float().cpu() if t in output.losses else nan for t in TASKS])
+                task_sum += torch.stack([output.losses[t].detach().float().cpu() if t in output.losses else nan for t in tasks])
                 w_sum += weights
                 n_sum += n
                 rows += batch.rows
@@ -579,7 +595,7 @@ def _run(args: argparse.Namespace, rt: Runtime, t_start: float) -> dict[str, Any
             step += 1
 
             reduced = _all_reduce_mean(rt, torch.cat([task_sum / args.grad_accum, torch.tensor([float(rows)])]))
-            losses = reduced[: len(TASKS)]
+            losses = reduced[: len(tasks)]
             rows_global = float(reduced[-1]) * rt.world
             weights = w_sum / args.grad_accum
             n_mean = n_sum / args.grad_accum
@@ -590,15 +606,15 @@ def _run(args: argparse.Namespace, rt: Runtime, t_start: float) -> dict[str, Any
             last_train = {"kind": "train", "step": step, "epoch": position.epoch, "lr": lr, "loss": loss_total,
                           "grad_norm": float(grad_norm), "pairs": rows_global, "pairs_per_s": rate,
                           "step_seconds": elapsed, "time": time.time() - t_start}
-            for i, t in enumerate(TASKS):
+            for i, t in enumerate(tasks):
                 last_train[f"loss_{t}"] = None if math.isnan(float(losses[i])) else float(losses[i])
                 last_train[f"w_{t}"] = float(weights[i])
                 last_train[f"n_{t}"] = float(n_mean[i])
             metrics.write(last_train)
             bar.set_postfix_str(
-                f"loss {loss_total:.3f} | " + " ".join(f"{t} {float(losses[i]):.3f}" for i, t in enumerate(TASKS)
+                f"loss {loss_total:.3f} | " + " ".join(f"{t} {float(losses[i]):.3f}" for i, t in enumerate(tasks)
                                                        if not math.isnan(float(losses[i])))
-                + " | w " + "/".join(f"{float(weights[i]):.2f}" for i in range(len(TASKS)))
+                + " | w " + "/".join(f"{float(weights[i]):.2f}" for i in range(len(tasks)))
                 + f" | {pairs_rate_ema:.1f} pairs/s", refresh=False)
             bar.update(1)
 

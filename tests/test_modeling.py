@@ -171,7 +171,70 @@ def test_no_masked_position_still_touches_heads(model):
     assert out.losses["mlm"].requires_grad
 
 
+# ------------------------------------------------------------------------------------------ the itc task
+@pytest.fixture(scope="module")
+def itc_model(tiny_backbone):
+    torch.manual_seed(0)
+    cfg = FashionBertConfig(backbone=str(tiny_backbone), feature_dim=FEATURE_DIM, itc_dim=8, dropout=0.0)
+    return _quiet(lambda: FashionBertModel.from_pretrained_backbone(cfg)).train()
+
+
+def test_itc_is_a_fourth_task_on_aligned_rows(itc_model, model):
+    from fashionbert.dual_encoder import itc_loss
+
+    assert model.tasks == ("mlm", "mpm", "tia") and not hasattr(model, "itc_head")
+    assert itc_model.tasks == ("mlm", "mpm", "tia", "itc")
+    ids, attn, feats = _inputs(batch=4)
+    labels = torch.tensor([1, 0, 1, 1])
+    mlm_labels = torch.full_like(ids, -100)
+    mlm_labels[:, 2] = ids[:, 2]
+    masked = ids.clone()
+    masked[:, 2] = 103
+    out = itc_model(masked, attn, feats, mlm_labels=mlm_labels, tia_labels=labels)
+    assert set(out.losses) == {"mlm", "tia", "itc"}
+    # Masked tokens are put back and the TIA negative row is left out: the same loss as on the clean aligned rows.
+    rows = labels.bool()
+    expected = itc_loss(itc_model, ids[rows], attn[rows], feats[rows])
+    assert out.losses["itc"].item() == pytest.approx(expected.item(), rel=1e-5)
+    out.losses["itc"].backward()
+    assert itc_model.itc_head.text_proj.weight.grad.abs().sum() > 0
+    assert itc_model.bert.encoder.layer[-1].output.dense.weight.grad.abs().sum() > 0
+    itc_model.zero_grad()
+    assert "itc" not in itc_model(ids, attn, feats, tia_labels=labels, itc=False).losses
+
+
+def test_adaptive_grad_probe_sums_over_every_encoder_pass(itc_model):
+    """With itc the shared layer runs three times per batch (joint, text-only, image-only); the probe's norm
+    must equal the real gradient of the shared weight for every task."""
+    from fashionbert.adaptive_loss import TaskWeighter
+
+    weighter = TaskWeighter("adaptive-grad", itc_model, itc_model.tasks)
+    ids, attn, feats = _inputs(batch=4, seed=1)
+    weighter.reset()
+    out = itc_model(ids, attn, feats, patch_mask=torch.rand(4, 64) < 0.2, mlm_labels=torch.where(
+        torch.rand(ids.shape) < 0.3, ids, torch.full_like(ids, -100)), tia_labels=torch.tensor([1, 1, 0, 1]))
+    assert len(weighter.probe.records) == 3
+    losses = [out.losses[t] for t in itc_model.tasks]
+    got = weighter.probe.weight_grad_sq_norms(losses)
+    shared = itc_model.bert.encoder.layer[-1].output.dense.weight
+    for i, loss in enumerate(losses):
+        (g,) = torch.autograd.grad(loss, shared, retain_graph=True)
+        assert float(got[i]) == pytest.approx(float(g.pow(2).sum()), rel=1e-4), itc_model.tasks[i]
+    weighter.reset()
+    assert weighter.probe.records == []
+    weighter.probe.remove()
+
+
 # ------------------------------------------------------------------------------------------ save / load
+def test_itc_head_saved_and_loaded_with_the_model(itc_model, tmp_path):
+    itc_model.save(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["itc_dim"] == 8
+    loaded = FashionBertModel.from_checkpoint(tmp_path)
+    assert loaded.tasks[-1] == "itc"
+    for k, v in itc_model.itc_head.state_dict().items():
+        assert torch.equal(loaded.itc_head.state_dict()[k], v)
+
+
 def test_save_and_load_roundtrip(model, tmp_path):
     model.save(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())

@@ -34,17 +34,19 @@ FEATURE_DIM = 16
 
 
 # ============================================================================================ helpers (shared)
-def train_tiny_model(tmp: Path, features: Path, backbone: Path, steps: int = 6) -> Path:
-    """A tiny FashionBERT trained for a few steps by `fashionbert train` itself -> its OUT/model."""
+def train_tiny_model(tmp: Path, features: Path, backbone: Path, steps: int = 6, itc_dim: int = 0) -> Path:
+    """A tiny FashionBERT trained for a few steps by `fashionbert train` itself -> its OUT/model (by default the
+    paper's three tasks only, no itc head: the recall fallback must work for such models)."""
     out = tmp / "train-out"
     train_run(make_args(features, out, backbone, "--steps", steps, "--checkpoint-every", 0, "--prefetch", 0,
-                        "--val-every", 0))
+                        "--val-every", 0, "--itc-dim", itc_dim))
     return out / "model"
 
 
 def fit_itc_head(model_dir: Path, features: Path, out: Path, steps: int = 40, dim: int = 32, seed: int = 0) -> Path:
-    """Attach a ContrastiveHead to a trained model and train the itc task for a few steps (as training will, on
-    aligned pairs), then save: the weights file then holds `itc_head.*`."""
+    """Attach a ContrastiveHead to a trained three-task model and train the itc task alone for a few steps at a
+    high rate (a recall stage good enough for the retrieval tests, in seconds), then save: the weights file then
+    holds `itc_head.*` and config.json its size."""
     rt = resolve_runtime("cpu", "fp32")
     loaded = load_model(model_dir, rt)
     model = loaded.model
@@ -67,6 +69,7 @@ def fit_itc_head(model_dir: Path, features: Path, out: Path, steps: int = 40, di
         loss.backward()
         opt.step()
     model.eval()
+    model.config.itc_dim, model.config.itc_pooling = dim, "mean"
     model.save(out)
     return out
 

@@ -212,13 +212,15 @@ def _train_records(out):
 
 def test_a_few_steps_lower_every_task_loss(tmp_path, tiny_backbone):
     feats = write_fake_features(tmp_path / "f", n_products=8, feature_dim=FEATURE_DIM, noise=0.05, n_image_shards=1)
-    # TIA alone for the first 80 steps (the default recipe's warm-up), then all three with adaptive weights.
+    # The matching tasks (TIA, itc) alone for the first 80 steps (the default recipe's warm-up), then all four
+    # with adaptive weights.
     args = make_args(feats, tmp_path / "out", tiny_backbone, "--steps", 160, "--batch-size", 8, "--val-fraction", 0,
                      "--lr", 2e-3, "--warmup", 5, "--checkpoint-every", 0, "--tia-warmup", 80)
     run(args)
     recs = _train_records(tmp_path / "out")
-    assert all(r["loss_mlm"] is None and r["w_tia"] == 1.0 for r in recs[:80])
-    for task in ("mlm", "mpm", "tia"):
+    assert all(r["loss_mlm"] is None and r["w_tia"] == r["w_itc"] == 0.5 and r["w_mlm"] == 0.0 for r in recs[:80])
+    assert all(r["w_mlm"] > 0 and r["w_itc"] > 0 for r in recs[80:])
+    for task in ("mlm", "mpm", "tia", "itc"):
         values = [r[f"loss_{task}"] for r in recs if r[f"loss_{task}"] is not None]
         first, last = np.mean(values[:10]), np.mean(values[-10:])
         assert last < first * 0.85, (task, first, last)
@@ -249,7 +251,7 @@ def test_outputs_layout(uninterrupted, tokenizer):
     train = [r for r in recs if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
     for r in train:
-        assert sum(r[f"w_{t}"] for t in ("mlm", "mpm", "tia")) == pytest.approx(1.0, abs=1e-5)
+        assert sum(r[f"w_{t}"] for t in ("mlm", "mpm", "tia", "itc")) == pytest.approx(1.0, abs=1e-5)
         assert r["pairs_per_s"] > 0 and r["pairs"] == 8
     assert [r["step"] for r in recs if r["kind"] == "validation"] == [3, 6]
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
