@@ -2,8 +2,9 @@
 # Thin shell over the `fashionbert` CLI: set up .venv once, then run a flow. Logic lives in Python.
 #   ./run_pipeline.sh demo   synthetic catalog -> features (-> model -> tables as later stages land)
 #   ./run_pipeline.sh test   the test suite (what CI runs)
-#   ./run_pipeline.sh nightly --catalog SRC --workdir DIR [...]   scheduled incremental run
-#   ./run_pipeline.sh backfill --catalog SRC --workdir DIR [...]  the same, recomputed from scratch
+#   ./run_pipeline.sh nightly --catalog SRC --workdir DIR [--model DIR | --train] [...]   scheduled incremental run
+#   ./run_pipeline.sh backfill --catalog SRC --workdir DIR [--model DIR | --train] [...]  the same, featurized from scratch
+# (`./run_pipeline.sh nightly --help` lists every option; they all pass through to `fashionbert nightly`.)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"

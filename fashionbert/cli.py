@@ -63,12 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import nightly
 
-    n = sub.add_parser("nightly", help="scheduled run: incremental featurize against latest, ... , move latest",
-                       description=nightly.__doc__)
-    nightly.add_arguments(n)
-    b = sub.add_parser("backfill", help="like nightly, but recompute everything from scratch",
-                       description=nightly.__doc__)
-    nightly.add_arguments(b)
+    for name, help_text in (
+        ("nightly", "scheduled run: incremental featurize against latest, train (optional), retrieval tables, "
+                    "evaluate, then move latest"),
+        ("backfill", "like nightly, but featurize everything from scratch"),
+    ):
+        nightly.add_arguments(sub.add_parser(name, help=help_text, description=nightly.__doc__,
+                                             formatter_class=argparse.RawDescriptionHelpFormatter))
 
     from . import evaluate, report, retrieve, score_pairs, train
 

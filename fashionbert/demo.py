@@ -93,15 +93,6 @@ def run(out: str, products: int, seed: int) -> dict:
             "metrics_path": metrics_path, "metrics": metrics, "retrieval": tables, "report": page}
 
 
-def _headline(metrics: dict) -> dict:
-    """Sample-100 Rank@1/5/10 means both ways, TIA AUC, and the full-gallery figures as evaluate wrote them."""
-    s100 = metrics.get("sample100", {})
-    out = {f"sample100 {d} rank{k}": s100.get(d, {}).get(f"rank{k}", {}).get("mean")
-           for d in ("t2i", "i2t") for k in (1, 5, 10)}
-    out["tia auc"] = metrics.get("tia", {}).get("auc", {}).get("mean")
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="run_pipeline.sh demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=DEFAULT_OUT, help="demo output folder (default %(default)s)")
@@ -133,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.path.join(result['retrieval'], 'image_to_text.parquet')}")
     print(f"  report    {result['report']}")
     print("Headline metrics (a demo-length model: expect modest numbers):")
-    for name, value in _headline(result["metrics"]).items():
+    from .evaluate import headline
+
+    for name, value in headline(result["metrics"]).items():
         print(f"  {name:24s} {value}")
     return 0
 

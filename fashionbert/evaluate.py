@@ -313,6 +313,22 @@ def _full_gallery(args, catalog, scorer, held_out, rows) -> tuple[dict, str]:
     return out, dual.description
 
 
+def headline(metrics: dict) -> dict:
+    """The figures a dashboard tracks, flat: sample-100 Rank@1/5/10 means both ways, TIA accuracy and AUC, and the
+    full-gallery two-stage Rank@1 when that protocol ran."""
+    s100 = metrics.get("sample100", {})
+    out = {f"sample100_{d}_rank{k}": s100.get(d, {}).get(f"rank{k}", {}).get("mean")
+           for d in ("t2i", "i2t") for k in RANK_KS}
+    out["sample100_queries"] = s100.get("queries")
+    out["tia_accuracy"] = metrics.get("tia", {}).get("accuracy", {}).get("mean")
+    out["tia_auc"] = metrics.get("tia", {}).get("auc", {}).get("mean")
+    gallery = metrics.get("full_gallery")
+    if gallery:
+        for d in ("t2i", "i2t"):
+            out[f"gallery_{d}_rank1"] = gallery["two_stage"][d]["rank1"]
+    return out
+
+
 def _out_path(path: str) -> str:
     """Checked before any work, so a typo in --out does not cost a whole evaluation."""
     path = os.path.abspath(os.path.expanduser(path))

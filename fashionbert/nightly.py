@@ -1,21 +1,35 @@
 """Scheduled (nightly) and from-scratch (backfill) runs over one work folder.
 
+    fashionbert nightly  --catalog SRC --workdir DIR [--model DIR | --train] [options]
+    fashionbert backfill --catalog SRC --workdir DIR [--model DIR | --train] [options]
+
     WORKDIR/
-      runs/<run-id>/      features/, model/ (when trained), summary.json  - one folder per run
+      runs/<run-id>/      one folder per run:
+        features/           featurize output: nightly carries unchanged rows over from latest's, backfill
+                            recomputes all
+        train/              only with --train: `fashionbert train` output; train/model/ is the run's model
+        retrieval/          text_to_image.parquet, image_to_text.parquet (run_id column = <run-id>)
+        metrics.json        `fashionbert evaluate` output (not with --skip-evaluate)
+        summary.json        status, model, counts, metrics, timings, per-stage details
       latest -> runs/<run-id>   the last successful run; moved atomically, only on success
       last-run.json       the newest run's summary, failed or not (for monitoring)
       .lock               held for the whole run: a second run on the same folder exits at once
 
-A run featurizes incrementally against `latest` (nightly) or from nothing (backfill), then runs the
-later stages. Any failure exits non-zero naming the stage and leaves `latest` where it was.
+Stages: featurize, train (only with --train), retrieve, evaluate (unless --skip-evaluate). The model is
+--model DIR, or with --train the one trained on this run's features, or else the model the latest successful
+run used. Any failure exits non-zero naming the stage and leaves `latest` where it was. Options of the later
+stages pass through as one quoted string each: --train-args, --retrieve-args, --eval-args.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
+import importlib
 import json
 import os
+import shlex
 import sys
 import time
 import traceback
@@ -23,13 +37,56 @@ import traceback
 from . import publish
 from .errors import UserError
 
+# Appended before the user's --train-args (argparse keeps the last value, so the user's win). One checkpoint
+# is what evaluate needs (it reads the training split from it); a nightly run never resumes, so older ones
+# would only fill the disk every night.
+TRAIN_DEFAULTS = ["--keep-checkpoints", "1"]
+# Sized so that evaluation costs ~25k cross-encoder pairs: minutes on 2 CPU cores (~40 pairs/s), seconds on a
+# GPU. evaluate's own defaults (1000 queries x 3 draws, whole gallery, recall-k 100) cost hours on a CPU.
+EVAL_DEFAULTS = ["--queries", "100", "--draws", "1", "--gallery-max", "100", "--recall-k", "20"]
+DEFAULT_TOP_K, DEFAULT_RECALL_K = 50, 100
+
+
+@dataclasses.dataclass(frozen=True)
+class PassThrough:
+    """One later stage's options, given to nightly as a single string and parsed by that stage's own parser."""
+
+    option: str  # nightly's option holding them
+    module: str  # the fashionbert module (and, with '-' for '_', the subcommand) that receives them
+    reserved: tuple[str, ...]  # options nightly sets itself, refused in the string
+
+    @property
+    def dest(self) -> str:
+        return self.option.lstrip("-").replace("-", "_")
+
+
+PASS_THROUGH = {
+    "train": PassThrough("--train-args", "train", ("--features", "--out", "--resume")),
+    "retrieve": PassThrough("--retrieve-args", "retrieve",
+                            ("--features", "--model", "--out", "--overwrite", "--run-id", "--top-k", "--recall-k")),
+    "evaluate": PassThrough("--eval-args", "evaluate", ("--features", "--model", "--out")),
+}
+
 
 class StageFailed(Exception):
     def __init__(self, stage: str, cause: BaseException):
-        super().__init__(f"stage '{stage}' failed: {cause}")
+        super().__init__(f"stage '{stage}' failed: {_one_line(cause)}")
         self.stage, self.cause = stage, cause
 
 
+def _one_line(exc: BaseException) -> str:
+    from schemas import SchemaError
+
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, (UserError, SchemaError)):
+        return str(exc)
+    # Not a message written for users: the type tells a maintainer where to look; the traceback is in summary.json.
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+# ============================================================================================ work folder
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
     """An flock on WORKDIR/.lock: released by the kernel even when the holder is killed, so a crashed
@@ -77,64 +134,289 @@ def _write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _featurize_stage(ctx: dict) -> dict:
+def _save_summary(summary: dict, run_dir: str, workdir: str) -> None:
+    _write_json(os.path.join(run_dir, "summary.json"), summary)
+    _write_json(os.path.join(workdir, "last-run.json"), summary)
+
+
+def _read_summary(run_dir: str) -> dict:
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
+
+
+# ============================================================================================ model choice
+def _is_model(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, "config.json"))
+
+
+def resolve_model(args: argparse.Namespace, latest: str | None) -> dict:
+    """Which model the run scores with, decided before any work so that a missing one costs nothing."""
+    if args.train:
+        return {"source": "--train", "path": None}
+    if args.model:
+        path = os.path.realpath(os.path.expanduser(args.model))
+        if not _is_model(path):
+            raise UserError(f"--model {args.model}: no config.json there; point it at OUT/model of `fashionbert "
+                            f"train`, or pass --train")
+        return {"source": "--model", "path": path}
+    used = (_read_summary(latest).get("model") or {}).get("path") if latest else None
+    if not used:
+        raise UserError(f"no model to score with: --workdir {args.workdir} has no successful run that used one; "
+                        f"pass --model DIR or --train")
+    if not _is_model(used):
+        raise UserError(f"the model the latest run used, {used}, is gone (no config.json); pass --model DIR or --train")
+    return {"source": f"latest run {os.path.basename(latest)}", "path": used}
+
+
+# ============================================================================================ pass-through options
+class _StageParser(argparse.ArgumentParser):
+    """A later stage's own parser, whose mistakes are one-line UserErrors naming nightly's option. No
+    abbreviations: `--feat` must not sneak past the reserved-option check as a prefix of --features."""
+
+    def __init__(self, spec: PassThrough):
+        super().__init__(prog=spec.option, add_help=False, allow_abbrev=False)
+        self.spec = spec
+
+    def error(self, message: str):
+        command = self.spec.module.replace("_", "-")
+        raise UserError(f"{self.spec.option}: {message}; `fashionbert {command} --help` lists its options")
+
+
+# Why each option nightly sets itself is refused inside a pass-through string, and what to do instead.
+_RESERVED_HINTS = {"--top-k": "pass --top-k to nightly itself", "--recall-k": "pass --recall-k to nightly itself",
+                   "--model": "pass --model to nightly itself"}
+_OWN_FOLDER_HINT = "each run reads and writes its own folder WORKDIR/runs/<run-id>/"
+
+
+def split_pass_through(spec: PassThrough, text: str) -> list[str]:
+    try:
+        argv = shlex.split(text or "")
+    except ValueError as exc:
+        raise UserError(f"{spec.option} {text!r}: {exc}; quote it as one string, e.g. {spec.option}=\"--opt value\"")
+    for token in argv:
+        name = token.split("=", 1)[0]
+        if name in spec.reserved:
+            raise UserError(f"{spec.option}: {name} is set by the nightly run itself; "
+                            f"{_RESERVED_HINTS.get(name, _OWN_FOLDER_HINT)}")
+    return argv
+
+
+def _parse_stage(stage: str, argv: list[str]) -> argparse.Namespace:
+    spec = PASS_THROUGH[stage]
+    parser = _StageParser(spec)
+    importlib.import_module(f"fashionbert.{spec.module}").add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def _train_argv(args: argparse.Namespace, features: str, out: str) -> list[str]:
+    # The backbone must be the one featurize tokenized with (same vocabulary), so it follows featurize's option.
+    progress = ["--no-progress"] if args.no_progress else []
+    return ["--features", features, "--out", out, "--backbone", args.backbone, *TRAIN_DEFAULTS, *progress,
+            *args.train_argv]
+
+
+def _retrieve_argv(args: argparse.Namespace, features: str, model: str, out: str, run_id: str) -> list[str]:
+    return ["--features", features, "--model", model, "--out", out, "--run-id", run_id, "--top-k", str(args.top_k),
+            "--recall-k", str(args.recall_k), *args.retrieve_argv]
+
+
+def _evaluate_argv(args: argparse.Namespace, features: str, model: str, out: str) -> list[str]:
+    return ["--features", features, "--model", model, "--out", out, *EVAL_DEFAULTS, *args.evaluate_argv]
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Every mistake in the later stages' options, found before featurize spends its hour."""
+    if args.top_k < 1:
+        raise UserError(f"--top-k {args.top_k}: must be >= 1")
+    if args.recall_k < args.top_k:
+        raise UserError(f"--recall-k {args.recall_k} is below --top-k {args.top_k}: re-ranking can only order what "
+                        f"recall found; raise --recall-k to at least --top-k")
+    for stage, spec in PASS_THROUGH.items():
+        setattr(args, f"{stage}_argv", split_pass_through(spec, getattr(args, spec.dest)))
+    if args.train_argv and not args.train:
+        raise UserError("--train-args given without --train; add --train (or drop --train-args)")
+    if args.evaluate_argv and args.skip_evaluate:
+        raise UserError("--eval-args given with --skip-evaluate; drop one of them")
+    if args.train:
+        _parse_stage("train", _train_argv(args, "FEATURES", "OUT"))
+    _parse_stage("retrieve", _retrieve_argv(args, "FEATURES", "MODEL", "OUT", "RUN"))
+    if not args.skip_evaluate:
+        _parse_stage("evaluate", _evaluate_argv(args, "FEATURES", "MODEL", "OUT"))
+
+
+# ============================================================================================ stages
+@dataclasses.dataclass
+class RunContext:
+    args: argparse.Namespace
+    beam_args: list[str]
+    run_id: str
+    run_dir: str
+    latest: str | None
+    from_scratch: bool
+    model: dict  # {"source", "path", and "version" once retrieve has loaded it}
+    features: str | None = None
+
+
+def _featurize_stage(ctx: RunContext) -> dict:
     from pipelines.config import config_from_args
     from pipelines.featurize import run as featurize
 
     previous = None
-    if not ctx["from_scratch"] and ctx["latest"]:
-        candidate = os.path.join(ctx["latest"], "features")
+    if not ctx.from_scratch and ctx.latest:
+        candidate = os.path.join(ctx.latest, "features")
         previous = candidate if publish.is_complete(candidate) else None
-    cfg = config_from_args(ctx["args"], catalog=ctx["args"].catalog, out=os.path.join(ctx["run_dir"], "features"),
+    cfg = config_from_args(ctx.args, catalog=ctx.args.catalog, out=os.path.join(ctx.run_dir, "features"),
                            previous=previous, overwrite=False)
-    summary = featurize(cfg, ctx["beam_args"])
-    ctx["features"] = cfg.out
+    summary = featurize(cfg, ctx.beam_args)
+    ctx.features = cfg.out
     return {"previous": previous, "counts": summary["counts"], "elapsed_s": summary["elapsed_s"]}
 
 
-STAGES = [("featurize", _featurize_stage)]
+def _train_stage(ctx: RunContext) -> dict:
+    from . import train
+
+    out = os.path.join(ctx.run_dir, "train")
+    result = train.run(_parse_stage("train", _train_argv(ctx.args, ctx.features, out)))
+    ctx.model["path"] = os.path.realpath(result["model_dir"])
+    return {"out": out, "model": ctx.model["path"], "final_step": result["final_step"],
+            "train_images": result["train_images"], "validation_images": result["validation_images"],
+            "validation": result["validation"], "argv": ctx.args.train_argv}
+
+
+def _retrieve_stage(ctx: RunContext) -> dict:
+    from . import retrieve
+
+    out = os.path.join(ctx.run_dir, "retrieval")
+    argv = _retrieve_argv(ctx.args, ctx.features, ctx.model["path"], out, ctx.run_id)
+    result = retrieve.run(_parse_stage("retrieve", argv))
+    ctx.model["version"] = result["model"]["version"]
+    return {"out": out, "model_version": result["model"]["version"], "counts": result["counts"],
+            "options": result["options"], "index_used": result["index_used"], "phases_s": result["seconds"]}
+
+
+def _evaluate_stage(ctx: RunContext) -> dict:
+    from . import evaluate
+
+    out = os.path.join(ctx.run_dir, "metrics.json")
+    metrics = evaluate.run(_parse_stage("evaluate", _evaluate_argv(ctx.args, ctx.features, ctx.model["path"], out)))
+    return {"out": out, "headline": evaluate.headline(metrics), "split": metrics["split"],
+            "argv": [*EVAL_DEFAULTS, *ctx.args.evaluate_argv]}
+
+
+STAGES = [("featurize", _featurize_stage), ("train", _train_stage), ("retrieve", _retrieve_stage),
+          ("evaluate", _evaluate_stage)]
+
+
+def _wanted(stage: str, args: argparse.Namespace) -> bool:
+    return {"train": args.train, "evaluate": not args.skip_evaluate}.get(stage, True)
+
+
+def rollup(stages: dict) -> dict:
+    """The figures monitoring charts, flat, from whichever stages finished."""
+    counts: dict = {}
+    feat = stages.get("featurize", {}).get("counts")
+    if feat:
+        counts.update(catalog_rows=feat["input_rows"], images=feat["accepted_images"], texts=feat["texts"],
+                      rejects=feat["rejected_rows"], rejects_by_reason=feat["rejects_by_stage_reason"],
+                      images_computed=feat["images"]["computed"], images_carried=feat["images"]["carried"],
+                      images_deleted=feat["images"]["deleted"], texts_computed=feat["text_rows"]["computed"],
+                      texts_carried=feat["text_rows"]["carried"], texts_deleted=feat["text_rows"]["deleted"])
+    tables = stages.get("retrieve", {}).get("counts")
+    if tables:
+        counts.update({k: tables[k] for k in ("text_queries", "image_queries", "text_to_image_rows",
+                                              "image_to_text_rows", "cross_encoder_pairs")})
+    return {"counts": counts, "metrics": stages.get("evaluate", {}).get("headline", {}),
+            "timings_s": {name: s["seconds"] for name, s in stages.items() if "seconds" in s}}
+
+
+# ============================================================================================ run
+def _run_stages(ctx: RunContext, summary: dict) -> None:
+    for name, stage in STAGES:
+        if not _wanted(name, ctx.args):
+            summary["stages"][name] = {"status": "skipped"}
+            continue
+        t0 = time.time()
+        try:
+            result = stage(ctx)
+        except (Exception, KeyboardInterrupt) as exc:
+            seconds = round(time.time() - t0, 2)
+            summary["stages"][name] = {"status": "failed", "error": _one_line(exc), "seconds": seconds,
+                                       "traceback": traceback.format_exc(limit=8)}
+            raise StageFailed(name, exc) from exc
+        summary["stages"][name] = {"status": "ok", **result, "seconds": round(time.time() - t0, 2)}
 
 
 def run(args: argparse.Namespace, beam_args: list[str], from_scratch: bool) -> dict:
+    check_options(args)
     workdir = os.path.abspath(args.workdir)
     with workdir_lock(workdir):
+        latest = latest_run(workdir)
+        model = resolve_model(args, latest)
         run_id = publish.new_run_id()
         run_dir = os.path.join(workdir, "runs", run_id)
         os.makedirs(run_dir)
-        ctx = {"args": args, "beam_args": beam_args, "run_dir": run_dir, "latest": latest_run(workdir),
-               "from_scratch": from_scratch}
+        ctx = RunContext(args, beam_args, run_id, run_dir, latest, from_scratch, model)
         summary = {"run_id": run_id, "kind": "backfill" if from_scratch else "nightly", "catalog": args.catalog,
-                   "status": "running", "stages": {}, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                   "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "model": model, "options": _options(args), "stages": {}}
         t_run = time.time()
+        # Written now so that a run killed outright still shows in last-run.json: "running", never finished.
+        _save_summary(summary, run_dir, workdir)
         try:
-            for name, stage in STAGES:
-                t0 = time.time()
-                try:
-                    result = stage(ctx)
-                except (Exception, KeyboardInterrupt) as exc:
-                    summary["stages"][name] = {"status": "failed", "error": str(exc),
-                                               "traceback": traceback.format_exc(limit=5)}
-                    raise StageFailed(name, exc) from exc
-                summary["stages"][name] = {"status": "ok", "seconds": round(time.time() - t0, 2), **result}
+            _run_stages(ctx, summary)
             summary["status"] = "ok"
         except StageFailed as err:
             summary["status"] = "failed"
             summary["failed_stage"] = err.stage
+            summary["error"] = str(err)
             raise
         finally:
+            summary.update(rollup(summary["stages"]))
             summary["seconds"] = round(time.time() - t_run, 2)
-            _write_json(os.path.join(run_dir, "summary.json"), summary)
-            _write_json(os.path.join(workdir, "last-run.json"), summary)
+            _save_summary(summary, run_dir, workdir)
         point_latest(workdir, run_dir)
         return summary
 
 
+def _options(args: argparse.Namespace) -> dict:
+    return {"top_k": args.top_k, "recall_k": args.recall_k, "train_args": args.train_argv,
+            "retrieve_args": args.retrieve_argv, "eval_args": args.evaluate_argv, "skip_evaluate": args.skip_evaluate}
+
+
+# ============================================================================================ command
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from pipelines.config import CATALOG_HELP
     from pipelines.config import add_arguments as featurize_arguments
 
     parser.add_argument("--catalog", required=True, help=CATALOG_HELP)
-    parser.add_argument("--workdir", required=True, help="work folder holding runs/, latest and the lock")
+    parser.add_argument("--workdir", required=True,
+                        help="work folder holding runs/, latest, last-run.json and the lock")
+    m = parser.add_argument_group("model (default: the one the latest successful run used)")
+    which = m.add_mutually_exclusive_group()
+    which.add_argument("--model", metavar="DIR", help="score with this model folder (OUT/model of `fashionbert train`)")
+    which.add_argument("--train", action="store_true",
+                       help="train a model on this run's features first (into runs/<run-id>/train/; its backbone is "
+                            "featurize's --backbone) and score with it")
+    m.add_argument("--train-args", default="", metavar="'OPTS'",
+                   help="`fashionbert train` options for --train, one quoted string, e.g. --train-args='--steps 400 "
+                        f"--batch-size 32'; nightly adds {' '.join(TRAIN_DEFAULTS)} first (yours win)")
+    r = parser.add_argument_group("retrieval tables")
+    r.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="rows per query (default %(default)s)")
+    r.add_argument("--recall-k", type=int, default=DEFAULT_RECALL_K,
+                   help="candidates per query the cross-encoder re-ranks; the run's cost grows linearly with it "
+                        "(default %(default)s)")
+    r.add_argument("--retrieve-args", default="", metavar="'OPTS'",
+                   help="other `fashionbert retrieve` options, one quoted string, e.g. --retrieve-args='--device cuda "
+                        "--index hnsw'")
+    e = parser.add_argument_group("evaluation (metrics.json; headline figures go into summary.json)")
+    e.add_argument("--skip-evaluate", action="store_true", help="no evaluate stage")
+    e.add_argument("--eval-args", default="", metavar="'OPTS'",
+                   help=f"`fashionbert evaluate` options, one quoted string; nightly adds {' '.join(EVAL_DEFAULTS)} "
+                        f"first (about 25k cross-encoder pairs: minutes on a CPU), yours win. For a model trained "
+                        f"elsewhere, --eval-args='--split all' evaluates on every product")
     featurize_arguments(parser, with_outputs=False)
 
 

@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Sequence
@@ -183,6 +184,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"output folder: {TEXT_TO_IMAGE}, {IMAGE_TO_TEXT}, {RUN_JSON}; written to a staging folder "
                         f"and renamed into place with _SUCCESS, so readers never see a partial output")
     g.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out (atomically)")
+    g.add_argument("--run-id", metavar="ID", default=None,
+                   help="the tables' run_id column and _run.json's run id (letters, digits, '.', '_', '-'); default: "
+                        "a new id. An orchestrator (`fashionbert nightly`) passes its own run's id so that the tables "
+                        "join to its run")
     add_retrieval_arguments(parser)
     add_runtime_arguments(parser)
 
@@ -204,6 +209,18 @@ def add_retrieval_arguments(parser: argparse.ArgumentParser, top_k: bool = True)
                    help="largest index searched exactly when --index auto (default %(default)s)")
 
 
+_RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+
+
+def _run_id(given: str | None) -> str:
+    """The id names the staging folder too, so it must be a plain file-name component."""
+    if given is None:
+        return publish.new_run_id()
+    if not _RUN_ID.match(given) or given in (".", ".."):
+        raise UserError(f"--run-id {given!r}: use 1-100 letters, digits, '.', '_' or '-'")
+    return given
+
+
 def run(args: argparse.Namespace) -> dict:
     t_start = time.time()
     if args.top_k < 1:
@@ -211,12 +228,12 @@ def run(args: argparse.Namespace) -> dict:
     if args.recall_k < args.top_k:
         raise UserError(f"--recall-k {args.recall_k} is below --top-k {args.top_k}: the re-rank stage can only order "
                         f"the candidates recall found; raise --recall-k to at least --top-k")
+    run_id = _run_id(args.run_id)
     out = os.path.abspath(os.path.expanduser(args.out))
     publish.check_target(out, args.overwrite)
     rt = resolve_runtime(args.device, args.precision, args.num_threads)
     loaded = load_model(args.model, rt)
     catalog = open_catalog(args.features, loaded)
-    run_id = publish.new_run_id()
     scorer = CrossEncoderScorer(loaded.model, rt, args.batch_tokens, args.block_images)
     dual = dual_encoder_for(scorer)
     texts = catalog.text_ids

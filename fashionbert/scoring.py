@@ -99,6 +99,7 @@ def load_model(folder: str | Path, runtime: Runtime) -> LoadedModel:
     """A model folder written by training (OUT/model or OUT/checkpoints/step-N), in eval mode on the runtime's
     device, with its itc_head attached when the weights file has one (whether or not the model class builds
     it itself). Reads only JSON and safetensors."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder).expanduser()
@@ -109,7 +110,12 @@ def load_model(folder: str | Path, runtime: Runtime) -> LoadedModel:
     if not weights.is_file():
         raise UserError(f"--model {folder}: no {WEIGHTS_NAME}; not a complete FashionBERT model folder (use OUT/model "
                         f"of a finished `fashionbert train`)")
-    state = load_file(str(weights))
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"--model {folder}: cannot read {WEIGHTS_NAME} ({exc}); the file is damaged or was cut "
+                        f"short while copying: copy the model folder again or re-export it with `fashionbert train`"
+                        ) from None
     model = FashionBertModel(config)
     if any(k.startswith(ITC_PREFIX) for k in state) and getattr(model, "itc_head", None) is None:
         model.itc_head = ContrastiveHead.from_state_dict(state)

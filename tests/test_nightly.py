@@ -1,77 +1,179 @@
-"""Nightly and backfill runs over a work folder: incremental, atomic `latest`, lock, failures."""
+"""Nightly and backfill runs over a work folder: featurize incrementally, train or reuse a model, retrieval tables,
+evaluate; atomic `latest`, lock, failures named by stage, summary.json for monitoring.
+
+One module fixture runs the first nightly (with --train, on a tiny random BERT so training takes seconds); tests
+that need a previous successful run work on their own copy of its work folder and catalog.
+"""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from fashionbert import nightly, synth
+from schemas import RETRIEVAL, read_table
 from tests.featurize_helpers import read_manifest, synthetic_row, write_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT}
+N_PRODUCTS, TOP_K = 6, 3
+RETRIEVE = ["--top-k", str(TOP_K), "--recall-k", "5"]
+# The evaluate defaults assume a real catalog; 6 products need all of them as queries, 5 candidates each.
+EVAL = ["--eval-args", "--split all --queries 6 --candidates 5 --recall-k 5"]
 
 
 def _cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "fashionbert.cli", *args, "--no-progress"], capture_output=True,
-                          text=True, env=ENV, **kw)
+    return subprocess.run([sys.executable, "-m", "fashionbert.cli", *map(str, args), "--no-progress"],
+                          capture_output=True, text=True, env=ENV, **kw)
+
+
+def _summary(path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def _table(run_dir, name):
+    return read_table(os.path.join(run_dir, "retrieval", name), "retrieval").to_pydict()
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, tiny_backbone):
+    """A work folder after one successful `nightly --train` on a 6-product catalog."""
+    tmp = tmp_path_factory.mktemp("first-run")
+    manifest = synth.write_catalog(tmp / "cat", N_PRODUCTS)
+    train_args = f"--backbone {tiny_backbone} --steps 4 --batch-size 4 --val-fraction 0 --checkpoint-every 0 --prefetch 0"
+    proc = _cli("nightly", "--catalog", manifest, "--workdir", tmp / "work", "--train", "--train-args", train_args,
+                *RETRIEVE, *EVAL)
+    assert proc.returncode == 0, proc.stderr
+    return {"catalog": tmp / "cat", "work": tmp / "work", "run": os.path.realpath(tmp / "work" / "latest")}
+
+
+def _copy(first_run, tmp_path) -> tuple[str, Path]:
+    """This test's own catalog and work folder (`latest` is a relative link, so it follows the copy)."""
+    shutil.copytree(first_run["catalog"], tmp_path / "cat")
+    shutil.copytree(first_run["work"], tmp_path / "work", symlinks=True)
+    return str(tmp_path / "cat" / "manifest.csv"), tmp_path / "work"
 
 
 def _edit_catalog(manifest):
     """One product's text changed, one removed, one added."""
     rows = read_manifest(manifest)
     rows[1]["title"] += " (new season)"
-    removed = rows.pop(0)["image_id"]
+    removed = rows.pop(0)
     extra = synthetic_row(manifest, 0, 50)
     write_manifest(manifest, rows + [extra])
-    return removed, extra["image_id"]
+    return removed, extra
 
 
-def test_nightly_twice_recomputes_only_changes_and_moves_latest(tmp_path):
-    manifest = synth.write_catalog(tmp_path / "cat", 6)
-    work = tmp_path / "work"
-    first = _cli("nightly", "--catalog", manifest, "--workdir", str(work))
-    assert first.returncode == 0, first.stderr
+def test_first_run_trains_scores_evaluates_and_summarises(first_run):
+    run, work = first_run["run"], first_run["work"]
+    summary = _summary(work / "last-run.json")
+    assert summary == _summary(os.path.join(run, "summary.json")) and summary["status"] == "ok"
+    model = os.path.join(run, "train", "model")
+    assert summary["model"]["source"] == "--train" and summary["model"]["path"] == model
+    assert {k: v["status"] for k, v in summary["stages"].items()} == {
+        "featurize": "ok", "train": "ok", "retrieve": "ok", "evaluate": "ok"}
+    assert summary["stages"]["train"]["final_step"] == 4
+    assert len(os.listdir(os.path.join(run, "train", "checkpoints"))) == 1  # nightly keeps one by default
+    c = summary["counts"]
+    assert (c["catalog_rows"], c["images"], c["texts"], c["rejects"]) == (N_PRODUCTS, N_PRODUCTS, N_PRODUCTS, 0)
+    assert (c["text_queries"], c["image_queries"]) == (N_PRODUCTS, N_PRODUCTS)
+    assert c["text_to_image_rows"] == c["image_to_text_rows"] == TOP_K * N_PRODUCTS
+    assert set(summary["timings_s"]) == {"featurize", "train", "retrieve", "evaluate"}
+    metrics = summary["metrics"]
+    assert metrics["sample100_queries"] == N_PRODUCTS
+    assert all(0.0 <= metrics[k] <= 1.0 for k in ("sample100_t2i_rank1", "sample100_i2t_rank5", "tia_auc",
+                                                  "gallery_t2i_rank1"))
+    assert _summary(os.path.join(run, "metrics.json"))["sample100"]["queries"] == N_PRODUCTS
+    t2i = _table(run, "text_to_image.parquet")
+    assert set(t2i["run_id"]) == {summary["run_id"]} and set(t2i["model_version"]) == {summary["model"]["version"]}
+
+
+def test_nightly_twice_recomputes_only_changes_and_updates_tables(first_run, tmp_path):
+    manifest, work = _copy(first_run, tmp_path)
     run1 = os.path.realpath(work / "latest")
     removed, added = _edit_catalog(manifest)
-    second = _cli("nightly", "--catalog", manifest, "--workdir", str(work))
+    second = _cli("nightly", "--catalog", manifest, "--workdir", work, *RETRIEVE, *EVAL)  # reuses latest's model
     assert second.returncode == 0, second.stderr
     run2 = os.path.realpath(work / "latest")
     assert run2 != run1 and os.path.dirname(run2) == str(work / "runs")
-    summary = json.loads((work / "last-run.json").read_text())
+    summary = _summary(work / "last-run.json")
     feat = summary["stages"]["featurize"]
     assert summary["status"] == "ok" and feat["previous"] == os.path.join(run1, "features")
     assert feat["counts"]["images"] == {"new": 1, "changed": 0, "carried": 5, "deleted": 1, "computed": 1}
     assert feat["counts"]["text_rows"] == {"computed": 2, "carried": 4, "deleted": 2}
-    assert json.loads(open(os.path.join(run2, "summary.json")).read())["run_id"] == summary["run_id"]
-    backfill = _cli("backfill", "--catalog", manifest, "--workdir", str(work))
+    assert _summary(os.path.join(run2, "summary.json"))["run_id"] == summary["run_id"]
+    first = _summary(os.path.join(run1, "summary.json"))
+    assert summary["model"]["path"] == first["model"]["path"]
+    assert summary["model"]["source"] == f"latest run {os.path.basename(run1)}"
+    assert summary["stages"]["train"] == {"status": "skipped"}
+
+    products = {r["product_id"] for r in read_manifest(manifest)}
+    images = {r["image_id"] for r in read_manifest(manifest)}
+    for name, queries, candidates in (("text_to_image.parquet", products, images),
+                                      ("image_to_text.parquet", images, products)):
+        table = read_table(os.path.join(run2, "retrieval", name), "retrieval")
+        assert table.schema.remove_metadata().equals(RETRIEVAL.remove_metadata())
+        d = table.to_pydict()
+        assert set(d["query_id"]) == queries and set(d["candidate_id"]) <= candidates
+        assert all(d["query_id"].count(q) == TOP_K for q in queries)
+        assert set(d["run_id"]) == {summary["run_id"]}
+        assert set(d["model_version"]) == {first["model"]["version"]}
+        removed_ids = {removed["product_id"], removed["image_id"]}
+        assert not removed_ids & (set(d["query_id"]) | set(d["candidate_id"]))
+    assert added["product_id"] in _table(run2, "text_to_image.parquet")["query_id"]
+    assert added["image_id"] in _table(run2, "image_to_text.parquet")["query_id"]
+    assert removed["image_id"] in _table(run1, "image_to_text.parquet")["query_id"]  # yesterday's run is untouched
+
+    backfill = _cli("backfill", "--catalog", manifest, "--workdir", work, "--model", summary["model"]["path"],
+                    *RETRIEVE, "--skip-evaluate")
     assert backfill.returncode == 0, backfill.stderr
-    counts = json.loads((work / "last-run.json").read_text())["stages"]["featurize"]["counts"]
-    assert counts["images"]["computed"] == 6 and counts["images"]["carried"] == 0
+    last = _summary(work / "last-run.json")
+    assert last["kind"] == "backfill" and last["stages"]["evaluate"] == {"status": "skipped"} and not last["metrics"]
+    assert last["counts"]["images_computed"] == N_PRODUCTS and last["counts"]["images_carried"] == 0
+    assert os.path.basename(os.path.realpath(work / "latest")) == last["run_id"]
 
 
-def test_failure_names_the_stage_and_leaves_latest(tmp_path):
-    manifest = synth.write_catalog(tmp_path / "cat", 3)
-    work = tmp_path / "work"
-    assert _cli("nightly", "--catalog", manifest, "--workdir", str(work)).returncode == 0
+def test_failure_in_featurize_names_the_stage_and_leaves_latest(first_run, tmp_path):
+    manifest, work = _copy(first_run, tmp_path)
     before = os.path.realpath(work / "latest")
-    bad = _cli("nightly", "--catalog", manifest, "--workdir", str(work), "--id-column", "sku")
+    bad = _cli("nightly", "--catalog", manifest, "--workdir", work, "--id-column", "sku")
     assert bad.returncode == 1
     assert "stage 'featurize' failed" in bad.stderr and "latest left unchanged" in bad.stderr
     assert os.path.realpath(work / "latest") == before
-    status = json.loads((work / "last-run.json").read_text())
+    status = _summary(work / "last-run.json")
     assert status["status"] == "failed" and status["failed_stage"] == "featurize"
 
 
-def test_killed_run_leaves_latest_and_releases_the_lock(tmp_path):
-    manifest = synth.write_catalog(tmp_path / "cat", 3)
-    work = tmp_path / "work"
-    assert _cli("nightly", "--catalog", manifest, "--workdir", str(work)).returncode == 0
+def test_failure_in_a_later_stage_names_it_and_leaves_latest(first_run, tmp_path):
+    manifest, work = _copy(first_run, tmp_path)
+    before = os.path.realpath(work / "latest")
+    damaged = tmp_path / "model"
+    shutil.copytree(os.path.join(before, "train", "model"), damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # config.json is fine: the damage shows when retrieve loads it
+    bad = _cli("nightly", "--catalog", manifest, "--workdir", work, "--model", damaged, *RETRIEVE, *EVAL)
+    assert bad.returncode == 1
+    message = bad.stderr.strip().splitlines()[-1]
+    assert message.startswith("fashionbert nightly: stage 'retrieve' failed: --model")
+    assert "cannot read model.safetensors" in message and message.endswith("latest left unchanged")
+    assert "Traceback" not in bad.stderr
+    assert os.path.realpath(work / "latest") == before
+    status = _summary(work / "last-run.json")
+    assert status["status"] == "failed" and status["failed_stage"] == "retrieve"
+    assert status["stages"]["featurize"]["status"] == "ok" and status["stages"]["retrieve"]["status"] == "failed"
+    assert "evaluate" not in status["stages"]
+    assert _summary(work / "runs" / status["run_id"] / "summary.json") == status
+
+
+def test_killed_run_leaves_latest_and_releases_the_lock(first_run, tmp_path):
+    manifest, work = _copy(first_run, tmp_path)
     before = os.path.realpath(work / "latest")
     proc = subprocess.Popen([sys.executable, "-m", "fashionbert.cli", "nightly", "--catalog", "synthetic:400",
                              "--workdir", str(work), "--no-progress"], env=ENV, stdout=subprocess.DEVNULL,
@@ -85,8 +187,10 @@ def test_killed_run_leaves_latest_and_releases_the_lock(tmp_path):
     assert os.path.realpath(work / "latest") == before
     killed = [r for r in os.listdir(work / "runs") if str(work / "runs" / r) != before]
     assert killed and not (work / "runs" / killed[0] / "features" / "_SUCCESS").exists()
-    again = _cli("nightly", "--catalog", manifest, "--workdir", str(work))  # lock died with the process
+    assert _summary(work / "last-run.json")["status"] == "running"  # what monitoring sees of a killed run
+    again = _cli("nightly", "--catalog", manifest, "--workdir", work, *RETRIEVE, "--skip-evaluate")  # lock died too
     assert again.returncode == 0, again.stderr
+    assert _summary(work / "last-run.json")["status"] == "ok"
 
 
 def test_second_run_on_a_locked_workdir_exits_with_a_clear_message(tmp_path):
@@ -103,3 +207,51 @@ def test_lock_is_exclusive_in_process(tmp_path):
         with pytest.raises(Exception, match="locked"):
             with nightly.workdir_lock(str(tmp_path)):
                 pass
+
+
+# ============================================================================================ errors up front
+def _error(capsys, *argv) -> str:
+    """Runs nightly in-process; these mistakes must stop it before any work, with one line on stderr."""
+    assert nightly.main(list(map(str, argv))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("extra, says", [
+    ([], "has no successful run that used one; pass --model DIR or --train"),
+    (["--model", "nowhere"], "--model nowhere: no config.json there"),
+    (["--train", "--train-args=--stepz 4"],
+     "--train-args: unrecognized arguments: --stepz 4; `fashionbert train --help`"),
+    (["--train", "--train-args=--steps"], "--train-args: argument --steps: expected one argument"),
+    (["--train", "--train-args=--out elsewhere"], "--train-args: --out is set by the nightly run itself"),
+    (["--train-args=--steps 4", "--model", "m"], "--train-args given without --train"),
+    (["--train", "--retrieve-args=--top-k 5"],
+     "--retrieve-args: --top-k is set by the nightly run itself; pass --top-k to nightly"),
+    (["--train", "--retrieve-args=--index nope"], "--retrieve-args: argument --index: invalid choice: 'nope'"),
+    (["--train", "--eval-args=--queries 'ten"], "--eval-args \"--queries 'ten\": No closing quotation"),
+    (["--train", "--eval-args=--draws 2", "--skip-evaluate"], "--eval-args given with --skip-evaluate"),
+    (["--train", "--top-k", "10", "--recall-k", "5"], "--recall-k 5 is below --top-k 10"),
+])
+def test_option_mistakes_stop_before_any_work(tmp_path, capsys, extra, says):
+    work = tmp_path / "work"
+    err = _error(capsys, "--catalog", "synthetic:2", "--workdir", work, *extra)
+    assert says in err
+    assert not (work / "runs").exists()
+
+
+def test_model_of_latest_that_is_gone_is_an_error_before_any_work(first_run, tmp_path, capsys):
+    _, work = _copy(first_run, tmp_path)
+    latest = os.path.realpath(work / "latest")
+    summary = _summary(os.path.join(latest, "summary.json"))
+    summary["model"]["path"] = str(tmp_path / "deleted-model")
+    Path(latest, "summary.json").write_text(json.dumps(summary))
+    err = _error(capsys, "--catalog", "synthetic:2", "--workdir", work)
+    assert f"the model the latest run used, {tmp_path / 'deleted-model'}, is gone" in err and "--train" in err
+    assert os.listdir(work / "runs") == [os.path.basename(latest)]
+
+
+def test_model_and_train_are_mutually_exclusive(capsys):
+    with pytest.raises(SystemExit) as exc:
+        nightly.main(["--catalog", "synthetic:2", "--workdir", "w", "--model", "m", "--train"])
+    assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

@@ -132,6 +132,16 @@ def test_retrieve_user_errors(tmp_path, features, model_dir):
         retrieve.run(_args(features, model_dir, busy, "--top-k", 2, "--recall-k", 4))
     retrieve.run(_args(features, model_dir, busy, "--top-k", 2, "--recall-k", 4, "--overwrite"))
     assert (busy / "_SUCCESS").is_file() and not (busy / "x").exists()
+    with pytest.raises(UserError, match="--run-id '../x'"):
+        retrieve.run(_args(features, model_dir, tmp_path / "b", "--top-k", 2, "--recall-k", 4, "--run-id", "../x"))
+
+
+def test_run_id_option_names_the_tables_run(tmp_path, features, model_dir):
+    out = tmp_path / "retrieval"
+    summary = retrieve.run(_args(features, model_dir, out, "--top-k", 2, "--recall-k", 4, "--run-id", "nightly-7"))
+    assert summary["run_id"] == "nightly-7"
+    for name in ("text_to_image.parquet", "image_to_text.parquet"):
+        assert set(read_table(str(out / name), "retrieval").column("run_id").to_pylist()) == {"nightly-7"}
 
 
 # ============================================================================================ recall stage

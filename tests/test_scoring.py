@@ -246,6 +246,16 @@ def test_load_model_errors_name_the_folder(tmp_path):
         load_model(tmp_path / "empty", rt)
 
 
+def test_load_model_refuses_damaged_weights_in_one_line(tmp_path, model_dir):
+    damaged = tmp_path / "model"
+    shutil.copytree(model_dir, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])  # a copy cut short
+    with pytest.raises(UserError, match="cannot read model.safetensors .* copy the model folder again") as err:
+        load_model(damaged, resolve_runtime("cpu", "fp32"))
+    assert "\n" not in str(err.value)
+
+
 # ============================================================================================ score-pairs
 def _score_args(*argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
