@@ -11,8 +11,8 @@ Figures, each measured in this one run on this machine:
    re-rank of the distinct recalled pairs) vs the exhaustive cross-encoder over all 25M pairs; embedding and
    re-rank rates are measured on slices and extrapolated, the faiss search runs in full on vectors of the
    real dimension.
-3. Quality on 1k x 1k held-out products: a small FashionBERT trained here with TIA + the itc task (the way
-   training will run it), full-gallery Rank@10 of two-stage retrieval vs the exhaustive cross-encoder for
+3. Quality on 1k x 1k held-out products: a FashionBERT trained here by `fashionbert train` (four tasks, itc
+   included) on synthetic features, full-gallery Rank@10 of two-stage retrieval vs the exhaustive cross-encoder for
    several recall-k, with the compute each needs (target: >= 95% of exhaustive at >= 10x less compute).
 """
 from __future__ import annotations
@@ -29,9 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fashionbert.batching import BatchSettings, ImageStream, PairBuilder, StreamPosition, iter_batches, pad_texts  # noqa: E402
+from fashionbert.batching import pad_texts  # noqa: E402
 from fashionbert.config import FashionBertConfig  # noqa: E402
-from fashionbert.dual_encoder import ContrastiveHead, itc_loss  # noqa: E402
 from fashionbert.evaluate import gallery_ranks, recall_at  # noqa: E402
 from fashionbert.features import FeatureReader, index_images, load_texts, open_feature_folders, validation_mask  # noqa: E402
 from fashionbert.modeling import FashionBertModel  # noqa: E402
@@ -144,48 +143,35 @@ def bench_catalog(rates: dict, n: int, recall_k: int, dim: int):
 
 # ============================================================================================ 3. quality
 def train_small(features: Path, tmp: Path, rt: Runtime, steps: int, val_fraction: float, backbone: str,
-                lr: float = 2e-4):
-    """TIA alone for the first third (it starts on a plateau that a second task's gradient prolongs, as
-    `fashionbert train --tia-warmup` knows), then TIA + itc with equal weights. The packaged MiniLM by default:
-    a randomly initialised tiny backbone stayed on TIA's chance plateau for 250+ steps here."""
+                lr: float = 3e-4):
+    """`fashionbert train` itself (MLM + MPM + TIA + itc under adaptive-grad weights, matching tasks alone for the
+    first third) on the training products; returns the model as scoring loads it and the held-out mask (the
+    same group-id split train used). The packaged MiniLM by default: a randomly initialised tiny backbone
+    stayed on TIA's chance plateau for 250+ steps here."""
+    from fashionbert.scoring import load_model
+    from fashionbert.train import add_arguments as train_arguments
+    from fashionbert.train import run as train_run
+
     if backbone == "tiny":
         backbone = str(make_tiny_backbone(tmp / "small-bert", layers=2, hidden=64, heads=2, intermediate=128))
-    cfg = FashionBertConfig(backbone=backbone, feature_dim=32, dropout=0.0)
-    torch.manual_seed(0)
-    model = _quiet(lambda: FashionBertModel.from_pretrained_backbone(cfg))
-    model.itc_head = ContrastiveHead(cfg.hidden_size, 64)
+    parser = argparse.ArgumentParser()
+    train_arguments(parser)
+    out = tmp / "quality-train"
+    args = parser.parse_args(["--features", str(features), "--out", str(out), "--backbone", backbone,
+                              "--steps", str(steps), "--batch-size", "16", "--lr", str(lr), "--tia-warmup", "0.33",
+                              "--itc-dim", "64", "--val-fraction", str(val_fraction), "--val-every", "0",
+                              "--val-queries", "50", "--checkpoint-every", "0", "--no-progress",
+                              "--device", rt.device.type, "--precision", rt.precision])
+    t0 = time.perf_counter()
+    summary = train_run(args)
+    print(f"  trained {steps} steps in {time.perf_counter() - t0:.0f} s; validation {summary['validation']}")
+    model = load_model(out / "model", rt).model
     folders = open_feature_folders([features])
     texts = load_texts(folders)
     index = index_images(folders, texts)
     held_out = validation_mask(texts.group_id, val_fraction, 0)
-    train_rows = np.flatnonzero(~held_out[index.product])
-    reader = FeatureReader(index.shards, cfg.num_patches, cfg.feature_dim)
-    stream = ImageStream(index, train_rows, reader, seed=0, window_rows=1024)
-    pairs = PairBuilder(texts, np.unique(index.product[train_rows]), neg_ratio=1, random_neg_fraction=0.5)
-    settings = BatchSettings(16, cfg.max_text_len, cfg.pad_token_id, cfg.sep_token_id, 0.0, 0.0,
-                             unmasked_batches=1 << 30)
-    batches = iter_batches(stream, pairs, settings, None, 0, StreamPosition())
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30) * max(0.0, 1 - s / steps))
-    model.train()
-    t0 = time.perf_counter()
-    for step in range(steps):
-        b = next(batches)
-        inputs = b.model_inputs()
-        joint = step >= steps // 3
-        with rt.autocast():
-            losses = model(**inputs).losses
-            if joint:
-                losses["itc"] = itc_loss(model, **inputs)
-        (0.5 * losses["tia"] + 0.5 * losses["itc"] if joint else losses["tia"]).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if (step + 1) % 50 == 0:
-            print(f"  step {step + 1}: " + " ".join(f"{k} {float(v.detach()):.3f}" for k, v in losses.items())
-                  + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
-    return model.eval(), texts, index, reader, held_out
+    reader = FeatureReader(index.shards, model.config.num_patches, model.config.feature_dim)
+    return model, texts, index, reader, held_out
 
 
 def bench_quality(tmp: Path, rt: Runtime, gallery: int, steps: int, ks: list[int], timed_k: int, backbone: str):
@@ -205,7 +191,7 @@ def bench_quality(tmp: Path, rt: Runtime, gallery: int, steps: int, ks: list[int
     scorer = CrossEncoderScorer(model, rt)
     dual = dual_encoder_for(scorer)
     n_t, n_i = len(products), len(rows)
-    print(f"trained {steps} steps (TIA + itc); gallery {n_t} texts x {n_i} images")
+    print(f"trained {steps} steps (fashionbert train, 4 tasks); gallery {n_t} texts x {n_i} images")
 
     result, two_s = timed(two_stage, scorer, dual, gallery_texts, images, timed_k)
     all_pairs = np.stack(np.meshgrid(np.arange(n_t), np.arange(n_i), indexing="ij"), -1).reshape(-1, 2)
