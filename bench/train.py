@@ -39,14 +39,21 @@ from tests.fake_features import write_fake_features  # noqa: E402
 from bench.flops import matmul_gflops  # noqa: E402
 
 
-def analytic_flops_per_pair(cfg: FashionBertConfig, text_len: float, mlm_tokens: float, mpm_patches: float) -> float:
-    """Matmul FLOPs of one training pair: 3x forward (forward + backward), encoder + heads."""
+def analytic_flops_per_pair(cfg: FashionBertConfig, text_len: float, mlm_tokens: float, mpm_patches: float,
+                            aligned_share: float) -> float:
+    """Matmul FLOPs of one training pair: 3x forward (forward + backward), encoder + heads, plus the itc task's
+    text-only and image-only passes on the aligned rows when the model has an itc head."""
     h, i = cfg.hidden_size, int(cfg.bert["intermediate_size"])
     layers, v, d = int(cfg.bert["num_hidden_layers"]), cfg.vocab_size, cfg.feature_dim
-    seq = text_len + cfg.num_patches
-    per_layer = 2 * seq * (4 * h * h + 2 * h * i) + 2 * 2 * seq * seq * h
-    fwd = layers * per_layer + 2 * cfg.num_patches * d * h + 2 * h * h  # + patch projection + pooler
+
+    def encoder(seq: float) -> float:
+        return layers * (2 * seq * (4 * h * h + 2 * h * i) + 2 * 2 * seq * seq * h)
+
+    patch_projection = 2 * cfg.num_patches * d * h
+    fwd = encoder(text_len + cfg.num_patches) + patch_projection + 2 * h * h  # + pooler
     fwd += mlm_tokens * 2 * (h * h + h * v) + mpm_patches * 2 * (h * h + h * d)
+    if cfg.itc_dim:
+        fwd += aligned_share * (encoder(text_len) + encoder(cfg.num_patches) + patch_projection + 4 * h * cfg.itc_dim)
     return 3.0 * fwd
 
 
@@ -81,6 +88,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="training steps timed end to end (after 2 warm-up steps)")
     ap.add_argument("--text-words", type=int, default=40, help="filler words per synthetic text (40 -> ~45 tokens)")
     ap.add_argument("--feature-dim", type=int, default=1280)
+    ap.add_argument("--itc-dim", type=int, default=256, help="the itc task's projection, 0 = off (train's default 256)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads, 0 = torch's default (all cores)")
     ap.add_argument("--compare-steps", type=int, default=3, help="steps per precision in the bf16/fp32 comparison")
     a = ap.parse_args()
@@ -96,7 +104,7 @@ def main() -> None:
                                        n_image_shards=2, row_group_size=64, extra_words=a.text_words,
                                        tokenizer=tokenizer)
         torch.manual_seed(0)
-        cfg = FashionBertConfig(backbone=a.backbone, feature_dim=a.feature_dim)
+        cfg = FashionBertConfig(backbone=a.backbone, feature_dim=a.feature_dim, itc_dim=a.itc_dim)
         model = _quiet(lambda: FashionBertModel.from_pretrained_backbone(cfg)).train()
         it = batches_for(features, cfg, tokenizer, a.batch_size)
         sample = [next(it) for _ in range(4)]
@@ -105,6 +113,7 @@ def main() -> None:
         padded_len = float(np.mean([b.input_ids.shape[1] for b in sample]))
         mlm_tok = float(np.mean([((b.mlm_labels != -100) & b.tia_labels.bool()[:, None]).sum() / b.rows for b in sample]))
         mpm_p = float(np.mean([(b.patch_mask & b.tia_labels.bool()[:, None]).sum() / b.rows for b in sample]))
+        aligned = float(np.mean([b.tia_labels.float().mean() for b in sample]))
         h = cfg.hidden_size
 
         # ---- the CPU's matmul rate
@@ -118,7 +127,7 @@ def main() -> None:
         # ---- FLOPs per pair, counted
         from torch.utils.flop_counter import FlopCounterMode
 
-        weighter = TaskWeighter("adaptive-grad", model)
+        weighter = TaskWeighter("adaptive-grad", model, model.tasks)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
         with FlopCounterMode(display=False) as counter:
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -127,9 +136,9 @@ def main() -> None:
             total.backward()
         optimizer.zero_grad(set_to_none=True)
         counted = counter.get_total_flops() / rows
-        analytic = analytic_flops_per_pair(cfg, padded_len, mlm_tok, mpm_p)
+        analytic = analytic_flops_per_pair(cfg, padded_len, mlm_tok, mpm_p, aligned)
         print(f"batch: {rows} rows, text {text_len:.1f} tokens (padded {padded_len:.1f}) + {cfg.num_patches} patches; "
-              f"FLOPs per training pair: counted {counted / 1e9:.2f} G, analytic {analytic / 1e9:.2f} G")
+              f"tasks {'/'.join(model.tasks)}; FLOPs per training pair: counted {counted / 1e9:.2f} G, analytic {analytic / 1e9:.2f} G")
 
         # ---- bf16 vs fp32 on the same batches
         state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -145,9 +154,10 @@ def main() -> None:
                 times.append(time.perf_counter() - t0)
             compare[precision] = (losses, times)
         model.load_state_dict(state)
-        diffs = {t: max(abs(x[t] - y[t]) for x, y in zip(compare["fp32"][0], compare["bf16"][0])) for t in ("mlm", "mpm", "tia")}
+        tasks = model.tasks
+        diffs = {t: max(abs(x[t] - y[t]) for x, y in zip(compare["fp32"][0], compare["bf16"][0])) for t in tasks}
         rel = {t: max(abs(x[t] - y[t]) / max(abs(x[t]), 1e-9) for x, y in zip(compare["fp32"][0], compare["bf16"][0]))
-               for t in ("mlm", "mpm", "tia")}
+               for t in tasks}
         t32, t16 = statistics.median(compare["fp32"][1][1:] or compare["fp32"][1]), statistics.median(compare["bf16"][1][1:] or compare["bf16"][1])
         print("bf16 vs fp32 (same weights, batches, masks; dropout on): max |loss diff| "
               + ", ".join(f"{t} {diffs[t]:.4f} ({100 * rel[t]:.2f}%)" for t in diffs)
@@ -159,7 +169,8 @@ def main() -> None:
         add_arguments(parser)
         args = parser.parse_args(["--features", str(features), "--out", str(tmp / "out"), "--backbone", a.backbone,
                                   "--steps", str(a.steps + 2), "--batch-size", str(a.batch_size), "--val-fraction", "0",
-                                  "--checkpoint-every", "0", "--no-progress", "--precision", "bf16"])
+                                  "--checkpoint-every", "0", "--no-progress", "--precision", "bf16",
+                                  "--itc-dim", str(a.itc_dim), "--tia-warmup", "0"])
         t0 = time.perf_counter()
         run(args)
         wall = time.perf_counter() - t0
