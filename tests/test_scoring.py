@@ -27,7 +27,6 @@ from tests.fake_features import make_tiny_backbone, write_fake_features
 from tests.test_train import assert_import_neither_beam_nor_faiss, make_args
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
 FEATURE_DIM = 16
 
 
