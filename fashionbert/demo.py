@@ -20,7 +20,7 @@ def _catalog(out: str, products: int, seed: int) -> str:
     folder = os.path.join(out, "catalog")
     manifest = os.path.join(folder, "manifest.csv")
     stamp = os.path.join(folder, "_synth.json")
-    wanted = {"products": products, "seed": seed}
+    wanted = {"products": products, "seed": seed, "generator": synth.GENERATOR_VERSION}
     if os.path.isfile(manifest) and os.path.isfile(stamp):
         with open(stamp) as fh:
             if json.load(fh) == wanted:

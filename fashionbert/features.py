@@ -67,7 +67,7 @@ def open_feature_folder(path: str | os.PathLike) -> FeatureFolder:
     shapes = set()
     try:
         for shard in images:
-            schema = read_schema(str(shard), "images")
+            read_schema(str(shard), "images")
             meta = pq.read_schema(str(shard)).metadata
             shapes.add((int(meta[META_GRID]), int(meta[META_FEATURE_DIM])))
         for shard in texts:

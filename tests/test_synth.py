@@ -83,6 +83,22 @@ def test_variety(products):
     assert len({p.description for p in products}) >= 150
 
 
+def test_no_two_products_share_attributes_until_the_space_runs_out():
+    # Identical attribute sets are indistinguishable pairs: a ranking test could not have one right answer.
+    capacity = min(len(synth.attribute_space(g)) for g in GARMENTS) * len(GARMENTS)
+    attrs = [synth.catalog_attributes(3, i) for i in range(capacity)]
+    assert len({tuple(sorted(a.items())) for a in attrs}) == capacity
+    counts = {g: sum(a["garment"] == g for a in attrs) for g in GARMENTS}
+    assert set(counts.values()) == {capacity // len(GARMENTS)}  # balanced garments
+    # A pure function of (seed, index): the same answer alone, out of order, and different under another seed.
+    assert synth.catalog_attributes(3, 500) == attrs[500]
+    assert [synth.catalog_attributes(4, i) for i in range(50)] != attrs[:50]
+    for a in attrs[:40]:
+        assert a in synth.attribute_space(a["garment"])
+    # Past the capacity the garments cycle through their spaces again.
+    assert synth.catalog_attributes(3, capacity + 7)["garment"] in GARMENTS
+
+
 def test_write_catalog_matches_iter_products(tmp_path):
     out = tmp_path / "new" / "catalog"  # missing parents must be created
     manifest = write_catalog(out, 12, seed=2)
