@@ -4,7 +4,7 @@
 
 Figures, each measured in this one run on this machine:
 1. Cross-encoder throughput: pairs/s of `CrossEncoderScorer` with the packaged MiniLM backbone and real shapes
-   (8x8 x 1280 features, texts of ~45 tokens, 8 pairs per image as in a re-rank), bf16 where native; its ratio
+   (8x8 x 1286 features (CNN + colour), texts of ~45 tokens, 8 pairs per image as in a re-rank), bf16 where native; its ratio
    to this CPU's FLOP bound (peak matmul GFLOP/s on the encoder's FFN shape / executed FLOPs per pair; target
    >= 50%); and the unfactored `FashionBertModel.score` on padded batches for comparison.
 2. A 5k-image x 5k-text catalog: two-stage wall time (dual embedding of every item, faiss recall both ways,
@@ -34,6 +34,7 @@ from fashionbert.config import FashionBertConfig  # noqa: E402
 from fashionbert.evaluate import gallery_ranks, recall_at  # noqa: E402
 from fashionbert.features import FeatureReader, index_images, load_texts, open_feature_folders, validation_mask  # noqa: E402
 from fashionbert.modeling import FashionBertModel  # noqa: E402
+from fashionbert.patch_cnn import FEATURE_DIM  # noqa: E402
 from fashionbert.recall import search  # noqa: E402
 from fashionbert.retrieve import dual_encoder_for, rank_rows, two_stage  # noqa: E402
 from fashionbert.scoring import ArrayImages, CrossEncoderScorer, Runtime, resolve_runtime  # noqa: E402
@@ -70,11 +71,11 @@ def timed(fn, *a, **kw):
 
 # ============================================================================================ 1. throughput
 def bench_throughput(tmp: Path, rt: Runtime, n_pairs: int):
-    print("\n== 1. cross-encoder throughput (packaged MiniLM, 8x8 x 1280 features) ==")
-    features = write_fake_features(tmp / "minilm-features", n_products=96, feature_dim=1280, n_image_shards=1,
+    print("\n== 1. cross-encoder throughput (packaged MiniLM, 8x8 x 1286 features (CNN + colour)) ==")
+    features = write_fake_features(tmp / "minilm-features", n_products=96, feature_dim=FEATURE_DIM, n_image_shards=1,
                                    row_group_size=96, extra_words=40)
     texts, index, _, feats = load_all(features)
-    model = _quiet(lambda: FashionBertModel.from_pretrained_backbone(FashionBertConfig(feature_dim=1280))).eval()
+    model = _quiet(lambda: FashionBertModel.from_pretrained_backbone(FashionBertConfig(feature_dim=FEATURE_DIM))).eval()
     cfg = model.config
     text_ids = [t[0] for t in texts.input_ids]
     lengths = np.array([min(len(t), cfg.max_text_len) for t in text_ids])

@@ -7,7 +7,7 @@ Figures, each measured in this one run on this machine:
 - the model's FLOPs per training pair, counted by torch's FlopCounterMode over one full training step
   (forward, the adaptive-grad probe, backward), with an analytic count beside it;
 - end-to-end training pairs/s of `fashionbert.train` (Parquet stream, pairs, masking, bf16 autocast,
-  adaptive-grad, AdamW) on a synthetic featurize folder with real shapes (8x8 x 1280 features, texts of
+  adaptive-grad, AdamW) on a synthetic featurize folder with real shapes (8x8 x 1286 features (CNN + colour), texts of
   ~45 tokens), and its ratio to the FLOP bound (peak matmul GFLOP/s / FLOPs per pair); target >= 40%;
 - bf16 autocast vs fp32 on the same batches: per-task loss difference and train-step time.
 """
@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fashionbert.adaptive_loss import TaskWeighter  # noqa: E402
+from fashionbert.patch_cnn import FEATURE_DIM  # noqa: E402
 from fashionbert.backbone import load_tokenizer  # noqa: E402
 from fashionbert.batching import (BatchSettings, ImageStream, MaskingVocab, PairBuilder, StreamPosition,  # noqa: E402
                                   iter_batches)
@@ -87,7 +88,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="positives per step (x2 rows with --neg-ratio 1)")
     ap.add_argument("--steps", type=int, default=12, help="training steps timed end to end (after 2 warm-up steps)")
     ap.add_argument("--text-words", type=int, default=40, help="filler words per synthetic text (40 -> ~45 tokens)")
-    ap.add_argument("--feature-dim", type=int, default=1280)
+    ap.add_argument("--feature-dim", type=int, default=FEATURE_DIM)
     ap.add_argument("--itc-dim", type=int, default=256, help="the itc task's projection, 0 = off (train's default 256)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads, 0 = torch's default (all cores)")
     ap.add_argument("--compare-steps", type=int, default=3, help="steps per precision in the bf16/fp32 comparison")

@@ -29,7 +29,7 @@ class FashionBertConfig:
     max_text_len: int = 64
     # Image: grid x grid patches, each a `feature_dim` vector from the patch CNN named `cnn`.
     grid: int = 8
-    feature_dim: int = 1280
+    feature_dim: int = 1286  # patch_cnn.FEATURE_DIM: 1280 CNN channels + 6 colour statistics
     cnn: str = ""
     patch_mode: str = ""
     # Token ids the masking and padding need (from the backbone's tokenizer).

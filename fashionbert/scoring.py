@@ -37,6 +37,7 @@ from .errors import UserError
 from .features import (FeatureFolder, FeatureReader, ImageIndex, TextTable, index_images, load_texts,
                        open_feature_folders)
 from .modeling import WEIGHTS_NAME, FashionBertModel
+from .patch_cnn import COLOUR_DIM
 
 DEFAULT_TOKEN_BUDGET = 16384
 DEFAULT_BLOCK_IMAGES = 512
@@ -180,6 +181,10 @@ def training_options(folder: Path) -> tuple[dict, Path | None]:
 def check_compatible(loaded: LoadedModel, grid: int, feature_dim: int, texts: TextTable, where: str) -> None:
     cfg = loaded.config
     if (cfg.grid, cfg.feature_dim) != (grid, feature_dim):
+        if cfg.grid == grid and cfg.feature_dim + COLOUR_DIM == feature_dim:
+            raise UserError(f"--model {loaded.folder} was trained on {cfg.feature_dim}-d patch features, from before "
+                            f"featurize added {COLOUR_DIM} colour statistics per patch ({feature_dim}-d in --features "
+                            f"{where}); train a model on these features (fashionbert train, or nightly --train)")
         raise UserError(f"--model {loaded.folder} expects a {cfg.grid}x{cfg.grid} grid of {cfg.feature_dim}-d patch "
                         f"features, but --features {where} has {grid}x{grid} x {feature_dim}; featurize with the "
                         f"model's --grid/--cnn or use a model trained on these features")

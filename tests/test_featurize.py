@@ -15,6 +15,7 @@ import pytest
 import schemas
 from fashionbert import synth
 from fashionbert.errors import UserError
+from fashionbert.patch_cnn import FEATURE_DIM
 from pipelines import featurize as featurize_module
 from tests.bad_corpus import make_bad_corpus
 from tests.featurize_helpers import (HM_COLUMNS, HM_DEV, featurize, hm_subset, read_kind, read_manifest, run_info,
@@ -39,7 +40,7 @@ def test_synthetic_catalog_even_shards_and_schemas(tmp_path):
     images = read_kind(out, "images")
     ids = images.column("image_id").to_pylist()
     assert ids == sorted(ids) and len(set(ids)) == 25  # shards partition the sorted ids
-    feats = np.asarray(images.column("features")[0].values, dtype=np.float32).reshape(64, 1280)
+    feats = np.asarray(images.column("features")[0].values, dtype=np.float32).reshape(64, FEATURE_DIM)
     assert np.isfinite(feats).all() and feats.std() > 0
     texts = read_kind(out, "texts")
     assert texts.num_rows == 25
@@ -72,7 +73,7 @@ def test_bad_input_corpus_rejects_with_reasons_and_counts_add_up(tmp_path):
     assert counts["input_rows"] == len(expected) == counts["accepted_images"] + counts["rejected_rows"]
     assert counts["rejected_rows"] == sum(1 for r in expected.values() if r)
     # odd-but-valid images really were converted: 1x1 and 16-bit come out as full-size features
-    assert images["one-pixel"]["width"] == 1 and len(images["png16"]["features"]) == 64 * 1280
+    assert images["one-pixel"]["width"] == 1 and len(images["png16"]["features"]) == 64 * FEATURE_DIM
 
 
 def test_hm_dev_rows_featurize_without_rejects(tmp_path):

@@ -13,6 +13,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 import schemas
 from fashionbert import synth
+from fashionbert.patch_cnn import FEATURE_DIM
 from pipelines import catalog, images, shards, texts
 from pipelines.config import FeaturizeConfig
 from tests.bad_corpus import BAD_TEXT_BYTES, png_declaring
@@ -121,6 +122,26 @@ def test_decode_images_squares_computes_and_passes_carried_rows(tmp_path):
     assert rejects[0].reason == "too-many-pixels" and rejects[0].stage == "decode"
 
 
+def test_colour_statistics_per_cell():
+    """The 6 colour numbers after the CNN's channels: per-cell opponent mean (row-major cells) and spread."""
+    import torch
+
+    from fashionbert.patch_cnn import _OPPONENT, COLOUR_DIM, colour_statistics
+
+    img = np.zeros((1, 64, 64, 3), dtype=np.float32)
+    img[:, :, :32] = (25 / 255, 35 / 255, 95 / 255)  # navy on the left half
+    img[:, :, 32:] = (28 / 255, 28 / 255, 30 / 255)  # black on the right half
+    stats = colour_statistics(torch.from_numpy(img).permute(0, 3, 1, 2), grid=4)[0].numpy()
+    assert stats.shape == (16, COLOUR_DIM)
+    left, right = stats[np.arange(16) % 4 < 2], stats[np.arange(16) % 4 >= 2]
+    np.testing.assert_allclose(left[:, :3], np.tile(_OPPONENT.numpy() @ img[0, 0, 0], (8, 1)), atol=1e-5)
+    np.testing.assert_allclose(stats[:, 3:], 0.0, atol=1e-3)  # flat cells have no spread
+    assert np.abs(left[:, :3] - right[:, :3]).max() > 0.3  # navy and black: close for the CNN, far apart here
+    striped = np.zeros((1, 8, 8, 3), dtype=np.float32)
+    striped[:, ::2] = 1.0
+    assert colour_statistics(torch.from_numpy(striped).permute(0, 3, 1, 2), grid=1)[0, 0, 3] > 1.0
+
+
 def test_embed_patches_rows_and_carried_features_from_previous_file(tmp_path):
     cfg = dataclasses.replace(CFG, batch_size=2)
     fn = images.EmbedPatches(cfg, torch_threads=1)
@@ -130,8 +151,8 @@ def test_embed_patches_rows_and_carried_features_from_previous_file(tmp_path):
               squares[k], (300, 400)) for k in range(2)]
     rows = [e.item for e in fn.process(batch)]
     assert [r["image_id"] for r in rows] == ["i0", "i1"] and rows[0]["content_hash"] == "h0"
-    assert rows[0]["features"].dtype == np.float16 and rows[0]["features"].shape == (64 * 1280,)
-    table = shards.rows_to_table(rows, schemas.images_schema(8, 1280))
+    assert rows[0]["features"].dtype == np.float16 and rows[0]["features"].shape == (64 * FEATURE_DIM,)
+    table = shards.rows_to_table(rows, schemas.images_schema(8, FEATURE_DIM))
     pq.write_table(table, tmp_path / "prev.parquet", row_group_size=1)  # carried row lives in row group 1
     carried = images.PlannedImage(_row(image_id="i1", content_sha256="s"), "h1",
                                   images.PreviousImage("h1", str(tmp_path / "prev.parquet"), 1))

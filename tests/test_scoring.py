@@ -260,6 +260,16 @@ def _score_args(*argv) -> argparse.Namespace:
     return parser.parse_args([*map(str, argv), "--device", "cpu", "--precision", "fp32"])
 
 
+def test_model_from_before_the_colour_statistics_is_refused_with_the_fix(tmp_path, loaded):
+    # Features 6 wider than the model's: the one mismatch an upgrade creates, so its message says what to do.
+    wider = write_fake_features(tmp_path / "wider", n_products=4, feature_dim=FEATURE_DIM + 6, n_image_shards=1)
+    with pytest.raises(UserError, match="before featurize added 6 colour statistics.*train a model on these"):
+        open_catalog([str(wider)], loaded)
+    other = write_fake_features(tmp_path / "other", n_products=4, feature_dim=FEATURE_DIM + 1, n_image_shards=1)
+    with pytest.raises(UserError, match="use a model trained on these features"):
+        open_catalog([str(other)], loaded)
+
+
 def test_score_pairs_keeps_rows_order_and_extra_columns(tmp_path, features, model_dir, loaded, catalog):
     pairs = pa.table({
         "note": ["a", "b", "c", "d", "e", "f"],
