@@ -211,7 +211,7 @@ def catalog_attributes(seed: int, index: int) -> dict[str, str]:
     garments = list(GARMENTS)
     _rng_for(seed, f"garments:{block}").shuffle(garments)
     garment = garments[slot]
-    size = len(attribute_space(garment))
+    size = len(_shuffled_space(seed, garment, 0))  # cached, unlike building the space again
     cycle, k = divmod(block, size)
     return dict(_shuffled_space(seed, garment, cycle)[k])
 
