@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .patch_cnn import FEATURE_DIM
 
 CONFIG_NAME = "config.json"
 MODEL_TYPE = "fashionbert"
@@ -29,7 +30,7 @@ class FashionBertConfig:
     max_text_len: int = 64
     # Image: grid x grid patches, each a `feature_dim` vector from the patch CNN named `cnn`.
     grid: int = 8
-    feature_dim: int = 1286  # patch_cnn.FEATURE_DIM: 1280 CNN channels + 6 colour statistics
+    feature_dim: int = FEATURE_DIM  # the featurizer's: 1280 CNN channels + 6 colour statistics
     cnn: str = ""
     patch_mode: str = ""
     # Token ids the masking and padding need (from the backbone's tokenizer).
