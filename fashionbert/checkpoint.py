@@ -3,6 +3,8 @@
 OUT/checkpoints/step-0000500/
     model.safetensors, config.json      the model (FashionBertModel.save)
     vocab.txt, tokenizer.json, ...      the backbone tokenizer, so the folder is self-contained
+    score_fusion.json                   the ranking score fitted at this step's validation (fusion.py); only
+                                        on steps that validated
     training_state.json                 step, data positions, options, last metrics (human-readable)
     training_state.pt                   optimizer, scheduler, RNG states: tensors and plain containers only,
                                         read back with torch.load(weights_only=True)
@@ -100,8 +102,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, info: dict[str, Any],
-                    keep: int = 3) -> Path:
-    """Write OUT/checkpoints/step-N atomically; keep the newest `keep` checkpoints (0 = all)."""
+                    keep: int = 3, fusion=None) -> Path:
+    """Write OUT/checkpoints/step-N atomically; keep the newest `keep` checkpoints (0 = all). `fusion` (a
+    `fusion.ScoreFusion` fitted on this step's validation) goes into the folder as its ranking score."""
     root = Path(out) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
@@ -111,6 +114,8 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler
     staging.mkdir()
     model.save(staging)
     save_tokenizer(tokenizer, staging)
+    if fusion is not None:
+        fusion.save(staging)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
                staging / STATE_PT)
     (staging / STATE_JSON).write_text(json.dumps({"step": step, **info}, indent=2, sort_keys=True, default=str) + "\n")

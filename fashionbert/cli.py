@@ -40,8 +40,8 @@ def _run_module(name: str, args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2, default=str))
 
 
-MODULE_COMMANDS = {"train": "train", "score-pairs": "score_pairs", "evaluate": "evaluate", "retrieve": "retrieve",
-                   "report": "report"}
+MODULE_COMMANDS = {"train": "train", "fuse": "fuse", "score-pairs": "score_pairs", "evaluate": "evaluate",
+                   "retrieve": "retrieve", "report": "report"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,11 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         nightly.add_arguments(sub.add_parser(name, help=help_text, description=nightly.__doc__,
                                              formatter_class=argparse.RawDescriptionHelpFormatter))
 
-    from . import evaluate, report, retrieve, score_pairs, train
+    from . import evaluate, fuse, report, retrieve, score_pairs, train
 
     for name, module, help_text in (
         ("train", train, "train FashionBERT on featurize outputs (PyTorch)"),
-        ("score-pairs", score_pairs, "P(aligned) for given (product_id, image_id) pairs"),
+        ("fuse", fuse, "fit a model folder's ranking score (TIA margin + itc cosine) on held-out products"),
+        ("score-pairs", score_pairs, "the ranking score P(aligned) for given (product_id, image_id) pairs"),
         ("evaluate", evaluate, "sample-100, TIA and full-gallery metrics -> metrics.json"),
         ("retrieve", retrieve, "two-stage retrieval tables: text_to_image.parquet, image_to_text.parquet"),
         ("report", report, "static HTML page: sample queries with their top images, metrics, training curves"),

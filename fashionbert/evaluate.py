@@ -34,9 +34,9 @@ from .errors import UserError
 from .features import validation_mask
 from .recall import Neighbours
 from .retrieve import Ranked, add_retrieval_arguments, dual_encoder_for, exhaustive, two_stage
-from .scoring import (CrossEncoderScorer, IndexedImages, add_runtime_arguments, load_model, open_catalog,
-                      resolve_runtime, training_options)
-from .train import roc_auc
+from .scoring import (CrossEncoderScorer, IndexedImages, PairScorer, PairScores, add_runtime_arguments, load_model,
+                      open_catalog, resolve_runtime, training_options)
+from .validation import roc_auc
 
 RANK_KS = (1, 5, 10)
 DEFAULT_VAL_FRACTION = 0.05
@@ -90,46 +90,62 @@ def rank_of_true(scores: np.ndarray) -> int:
     return 1 + int((scores[1:] >= scores[0]).sum())
 
 
-def sample_hundred(draws: Sequence[Draw], score: Callable[[np.ndarray], np.ndarray]) -> dict:
+def sample_hundred(draws: Sequence[Draw], score: Callable[[np.ndarray], PairScores | np.ndarray]) -> dict:
     """Rank@K both ways and TIA accuracy/AUC per draw, then mean and spread.
 
-    `score(pairs)`: (n, 2) (text pool position, image pool position) -> (n,) TIA logit margins. Every distinct
-    pair of every draw and direction is scored once (draws and directions share many pairs)."""
+    `score(pairs)`: (n, 2) (text pool position, image pool position) -> `scoring.PairScores` (ranks by its
+    `logit`, the model's ranking score; TIA accuracy/AUC from its `margin`; Rank@K by each head under
+    "by_head"), or a plain (n,) array of TIA margins that is both. Every distinct pair of every draw and
+    direction is scored once (draws and directions share many pairs)."""
     t2i_pairs = [np.stack([np.full(len(c), q), c], axis=1) for d in draws for q, c in zip(d.queries, d.candidates)]
     i2t_pairs = [np.stack([c, np.full(len(c), q)], axis=1) for d in draws for q, c in zip(d.queries, d.candidates)]
     allpairs = np.concatenate(t2i_pairs + i2t_pairs).astype(np.int64)
     width = int(allpairs.max()) + 1
     unique, inverse = np.unique(allpairs[:, 0] * width + allpairs[:, 1], return_inverse=True)
-    margins = np.asarray(score(np.stack([unique // width, unique % width], axis=1)), dtype=np.float64)[inverse]
+    scored = score(np.stack([unique // width, unique % width], axis=1))
+    if isinstance(scored, np.ndarray):
+        columns = {"score": scored, "tia": scored}
+    else:
+        columns = {"score": scored.logit, "tia": scored.margin}
+        if scored.cosine is not None:
+            columns["itc"] = scored.cosine
     split = len(np.concatenate(t2i_pairs)) if t2i_pairs else 0
-    t2i_m, i2t_m = margins[:split], margins[split:]
+    by = {name: (v[:split], v[split:]) for name, v in
+          ((name, np.asarray(col, dtype=np.float64)[inverse]) for name, col in columns.items())}
     per_draw: dict[str, list[float]] = {}
     at = 0
     for d in draws:
-        ranks = {"t2i": [], "i2t": []}
+        ranks = {(name, direction): [] for name in by for direction in ("t2i", "i2t")}
         pos, neg, correct = [], [], []
         for c in d.candidates:
-            s_t, s_i = t2i_m[at:at + len(c)], i2t_m[at:at + len(c)]
+            for name, (t2i_s, i2t_s) in by.items():
+                ranks[name, "t2i"].append(rank_of_true(t2i_s[at:at + len(c)]))
+                ranks[name, "i2t"].append(rank_of_true(i2t_s[at:at + len(c)]))
+            s_t, s_i = by["tia"][0][at:at + len(c)], by["tia"][1][at:at + len(c)]
             at += len(c)
-            ranks["t2i"].append(rank_of_true(s_t))
-            ranks["i2t"].append(rank_of_true(s_i))
             pos.append(s_t[0])  # the true pair (same in both directions)
             neg.extend(s_t[1:])
             neg.extend(s_i[1:])
             correct.append(s_t[0] > 0)
             if len(c) > 1:
                 correct.append(s_t[1] <= 0)  # the first candidate: same sub-category where there is one
-        for direction, r in ranks.items():
+        for (name, direction), r in ranks.items():
             r = np.asarray(r)
             for k in RANK_KS:
-                per_draw.setdefault(f"{direction}_rank{k}", []).append(float((r <= k).mean()))
-            per_draw.setdefault(f"{direction}_mean_rank", []).append(float(r.mean()))
+                per_draw.setdefault(f"{name}/{direction}_rank{k}", []).append(float((r <= k).mean()))
+            per_draw.setdefault(f"{name}/{direction}_mean_rank", []).append(float(r.mean()))
         per_draw.setdefault("tia_accuracy", []).append(float(np.mean(correct)))
         per_draw.setdefault("tia_auc", []).append(roc_auc(np.asarray(pos), np.asarray(neg)))
-    result: dict = {}
-    for direction in ("t2i", "i2t"):
-        result[direction] = {f"rank{k}": _spread(per_draw[f"{direction}_rank{k}"]) for k in RANK_KS}
-        result[direction]["mean_rank"] = _spread(per_draw[f"{direction}_mean_rank"])
+
+    def ranks_of(name: str) -> dict:
+        out = {}
+        for direction in ("t2i", "i2t"):
+            out[direction] = {f"rank{k}": _spread(per_draw[f"{name}/{direction}_rank{k}"]) for k in RANK_KS}
+            out[direction]["mean_rank"] = _spread(per_draw[f"{name}/{direction}_mean_rank"])
+        return out
+
+    result: dict = ranks_of("score")
+    result["by_head"] = {name: ranks_of(name) for name in by if name != "score"}
     result["tia"] = {"accuracy": _spread(per_draw["tia_accuracy"]), "auc": _spread(per_draw["tia_auc"])}
     result["pairs_scored"] = int(len(unique))
     return result
@@ -167,15 +183,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", required=True, metavar="DIR", help="model folder: OUT/model of `fashionbert train`")
     g.add_argument("--out", required=True, metavar="FILE", help="metrics JSON to write (replaced atomically)")
 
-    g = parser.add_argument_group("held-out products")
-    g.add_argument("--split", choices=("validation", "all"), default="validation",
-                   help="validation = the products training held out (default); all = every product (for a "
-                        "catalog the model never saw)")
-    g.add_argument("--val-fraction", type=float, default=None,
-                   help="held-out fraction of the split; default: the training run's (read from its "
-                        f"training_state.json next to the model), else {DEFAULT_VAL_FRACTION}")
-    g.add_argument("--split-seed", type=int, default=None,
-                   help="salt of the split hash; default: the training run's, else 0")
+    add_split_arguments(parser)
 
     g = parser.add_argument_group("sample-100 protocol")
     g.add_argument("--queries", type=int, default=1000, help="query products per draw (default 1000)")
@@ -198,7 +206,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_runtime_arguments(parser)
 
 
-def _split(args, loaded, group_ids) -> tuple[np.ndarray, dict]:
+def add_split_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("held-out products")
+    g.add_argument("--split", choices=("validation", "all"), default="validation",
+                   help="validation = the products training held out (default); all = every product (for a "
+                        "catalog the model never saw)")
+    g.add_argument("--val-fraction", type=float, default=None,
+                   help="held-out fraction of the split; default: the training run's (read from its "
+                        f"training_state.json next to the model), else {DEFAULT_VAL_FRACTION}")
+    g.add_argument("--split-seed", type=int, default=None,
+                   help="salt of the split hash; default: the training run's, else 0")
+
+
+def held_out_products(args, loaded, group_ids) -> tuple[np.ndarray, dict]:
+    """Which products are held out (`args.split`, `args.val_fraction`, `args.split_seed`; defaults from the
+    training run that wrote the model), and how that was decided."""
     if args.split == "all":
         return np.ones(len(group_ids), dtype=bool), {"kind": "all"}
     options, source = training_options(loaded.folder)
@@ -208,7 +230,7 @@ def _split(args, loaded, group_ids) -> tuple[np.ndarray, dict]:
             "from": "command line" if args.val_fraction is not None else (str(source) if source else "default")}
     if float(fraction) <= 0:
         raise UserError(f"--val-fraction {fraction}: the model held out no products, so there is nothing unseen to "
-                        f"evaluate on; pass --split all with features of products it did not train on")
+                        f"evaluate or fit on; pass --split all with features of products it did not train on")
     return validation_mask(group_ids, float(fraction), int(seed)), info
 
 
@@ -222,18 +244,21 @@ def run(args: argparse.Namespace) -> dict:
     loaded = load_model(args.model, rt)
     catalog = open_catalog(args.features, loaded)
     texts, index = catalog.texts, catalog.index
-    held_out, split_info = _split(args, loaded, texts.group_id)
+    held_out, split_info = held_out_products(args, loaded, texts.group_id)
     rows = np.flatnonzero(held_out[index.product])
     if len(rows) < 2:
         raise UserError(f"only {len(rows)} held-out image(s) in --features: nothing to rank; use --split all, a larger "
                         f"--val-fraction, or featurize more products")
     scorer = CrossEncoderScorer(loaded.model, rt, args.batch_tokens, args.block_images)
+    pair_scorer = PairScorer(scorer, loaded.fusion, cosines=loaded.has_itc_head)
     text_ids = catalog.text_ids
     metrics: dict = {
         "model": {"path": str(loaded.folder.resolve()), "version": loaded.version, "step": loaded.step},
         "features": [str(f.path.resolve()) for f in catalog.folders],
         "split": split_info,
         "device": str(rt.device), "precision": rt.precision,
+        "ranking_score": loaded.fusion.describe(),
+        "score_fusion": loaded.fusion.to_dict(),
     }
 
     # ---- sample-100: one image per held-out product (its first by image_id)
@@ -250,19 +275,20 @@ def run(args: argparse.Namespace) -> dict:
                             args.draws, args.seed)
     pool_texts = [text_ids[p] for p in pool_products]
     pool_images = IndexedImages(index, catalog.reader, pool_rows)
-    s100 = sample_hundred(draws, lambda pairs: scorer.score(pool_texts, pool_images, pairs))
+    s100 = sample_hundred(draws, lambda pairs: pair_scorer.score(pool_texts, pool_images, pairs))
     metrics["sample100"] = {
         "pool_products": int(len(pool_products)), "queries": int(len(draws[0].queries)), "draws": args.draws,
         "candidates_mean": float(np.mean([len(c) - 1 for d in draws for c in d.candidates])),
         "seed": args.seed, "chance": {f"rank{k}": min(1.0, k / (args.candidates + 1)) for k in RANK_KS},
-        "t2i": s100["t2i"], "i2t": s100["i2t"], "pairs_scored": s100["pairs_scored"],
+        "t2i": s100["t2i"], "i2t": s100["i2t"], "by_head": s100["by_head"], "pairs_scored": s100["pairs_scored"],
         "seconds": round(time.perf_counter() - t0, 3),
     }
     metrics["tia"] = s100["tia"]
 
     # ---- full gallery
     if args.gallery:
-        metrics["full_gallery"], metrics["recall_embedding"] = _full_gallery(args, catalog, scorer, held_out, rows)
+        metrics["full_gallery"], metrics["recall_embedding"] = _full_gallery(args, catalog, scorer, held_out, rows,
+                                                                             loaded.fusion)
     else:
         metrics["recall_embedding"] = dual_encoder_for(scorer).description
     metrics["seconds"] = round(time.time() - t_start, 3)
@@ -270,7 +296,7 @@ def run(args: argparse.Namespace) -> dict:
     return metrics
 
 
-def _full_gallery(args, catalog, scorer, held_out, rows) -> tuple[dict, str]:
+def _full_gallery(args, catalog, scorer, held_out, rows, fusion) -> tuple[dict, str]:
     index = catalog.index
     products = np.flatnonzero(held_out)
     if args.gallery_max and len(products) > args.gallery_max:
@@ -282,7 +308,8 @@ def _full_gallery(args, catalog, scorer, held_out, rows) -> tuple[dict, str]:
     gallery_texts = [catalog.text_ids[p] for p in products]
     gallery_images = IndexedImages(index, catalog.reader, rows)
     dual = dual_encoder_for(scorer)
-    result = two_stage(scorer, dual, gallery_texts, gallery_images, args.recall_k, args.index, args.exact_max)
+    result = two_stage(scorer, dual, gallery_texts, gallery_images, args.recall_k, args.index, args.exact_max,
+                       fusion=fusion)
 
     def t2i_true(q, c):
         return image_text[c] == q
@@ -306,7 +333,8 @@ def _full_gallery(args, catalog, scorer, held_out, rows) -> tuple[dict, str]:
     }
     if args.exhaustive:
         t0 = time.perf_counter()
-        ex_t2i, ex_i2t = exhaustive(scorer, gallery_texts, gallery_images, result.text_vectors, result.image_vectors)
+        ex_t2i, ex_i2t = exhaustive(scorer, gallery_texts, gallery_images, result.text_vectors, result.image_vectors,
+                                    fusion)
         out["exhaustive"] = {"t2i": gallery_ranks(ex_t2i, t2i_true, t2i_queries, len(products)),
                              "i2t": gallery_ranks(ex_i2t, i2t_true, i2t_queries, len(rows)),
                              "seconds": round(time.perf_counter() - t0, 3)}

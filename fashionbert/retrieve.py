@@ -6,8 +6,10 @@ A cross-encoder cannot score every text against every image of a real catalog (1
 1. recall: every text and every image gets a dual embedding (a text-only and an image-only pass through the
    model's backbone, see dual_encoder.py); a faiss index returns each query's top --recall-k candidates by
    cosine;
-2. re-rank: the FashionBERT cross-encoder scores those candidates (P(aligned) from the TIA head); the final
-   rank is by that score, and both scores go into the table.
+2. re-rank: the FashionBERT cross-encoder scores those candidates (the TIA head's logit margin); the final rank
+   is by the model's ranking score, P(aligned) from the TIA margin fused with the recall cosine per the model's
+   score_fusion.json (fashionbert/fusion.py; the TIA margin alone for a model folder without one). The table's
+   `score` is that P(aligned), `recall_score` the cosine.
 The two directions' candidate pairs overlap (mutual neighbours), so each distinct (text, image) pair is
 scored once.
 
@@ -33,6 +35,7 @@ import numpy as np
 from . import publish
 from .dual_encoder import DualEncoder
 from .errors import UserError
+from .fusion import TIA_ONLY, ScoreFusion
 from .recall import DEFAULT_EXACT_MAX, KINDS, Neighbours, search
 from .scoring import (CrossEncoderScorer, ImageSource, IndexedImages, add_runtime_arguments, iter_features,
                       load_model, open_catalog, probability, resolve_runtime)
@@ -47,12 +50,12 @@ ROW_GROUP_ROWS = 100_000
 @dataclasses.dataclass
 class Ranked:
     """One direction's candidates, flattened: rows of a query contiguous (queries ascending), best first.
-    `margin` is the cross-encoder's TIA logit margin (ranks like P(aligned))."""
+    `logit` is the ranking score's logit (P(aligned) = sigmoid(logit); it does not saturate into ties)."""
 
     query: np.ndarray  # int64
     candidate: np.ndarray  # int64
     recall_score: np.ndarray  # float32
-    margin: np.ndarray  # float32
+    logit: np.ndarray  # float64
 
     def __len__(self) -> int:
         return len(self.query)
@@ -66,10 +69,10 @@ class Ranked:
         return np.arange(len(self.query), dtype=np.int64) - first + 1
 
 
-def rank_rows(query: np.ndarray, candidate: np.ndarray, recall_score: np.ndarray, margin: np.ndarray) -> Ranked:
-    # Ties (saturated scores) fall back to the recall score, then the candidate index, so the order is total.
-    order = np.lexsort((candidate, -recall_score, -margin, query))
-    return Ranked(query[order], candidate[order], recall_score[order], margin[order])
+def rank_rows(query: np.ndarray, candidate: np.ndarray, recall_score: np.ndarray, logit: np.ndarray) -> Ranked:
+    # Ties fall back to the recall score, then the candidate index, so the order is total.
+    order = np.lexsort((candidate, -recall_score, -logit, query))
+    return Ranked(query[order], candidate[order], recall_score[order], np.asarray(logit, dtype=np.float64)[order])
 
 
 @dataclasses.dataclass
@@ -98,8 +101,9 @@ def embed_all(dual: DualEncoder, texts: Sequence[np.ndarray], images: ImageSourc
 
 def two_stage(scorer: CrossEncoderScorer, dual: DualEncoder, texts: Sequence[np.ndarray], images: ImageSource,
               recall_k: int, index: str = "auto", exact_max: int = DEFAULT_EXACT_MAX,
-              vectors: tuple[np.ndarray, np.ndarray] | None = None) -> TwoStage:
-    """Recall top-`recall_k` by dual-embedding cosine in both directions, then re-rank with the cross-encoder."""
+              vectors: tuple[np.ndarray, np.ndarray] | None = None, fusion: ScoreFusion = TIA_ONLY) -> TwoStage:
+    """Recall top-`recall_k` by dual-embedding cosine in both directions, then re-rank by the ranking score
+    (`fusion` of the cross-encoder's margin and the recall cosine)."""
     seconds = {}
     t0 = time.perf_counter()
     text_vec, image_vec = vectors if vectors is not None else embed_all(dual, texts, images, scorer.token_budget)
@@ -118,14 +122,14 @@ def two_stage(scorer: CrossEncoderScorer, dual: DualEncoder, texts: Sequence[np.
     seconds["rerank"] = time.perf_counter() - t0
     n = len(t2i)
     return TwoStage(
-        t2i=rank_rows(t2i.query, t2i.candidate, t2i.score, margins[:n]),
-        i2t=rank_rows(i2t.query, i2t.candidate, i2t.score, margins[n:]),
+        t2i=rank_rows(t2i.query, t2i.candidate, t2i.score, fusion.logit(margins[:n], t2i.score)),
+        i2t=rank_rows(i2t.query, i2t.candidate, i2t.score, fusion.logit(margins[n:], i2t.score)),
         recall_t2i=t2i, recall_i2t=i2t, text_vectors=text_vec, image_vectors=image_vec, index_kind=t2i.kind,
         pairs_scored=len(unique), seconds=seconds)
 
 
 def exhaustive(scorer: CrossEncoderScorer, texts: Sequence[np.ndarray], images: ImageSource,
-               text_vec: np.ndarray, image_vec: np.ndarray) -> tuple[Ranked, Ranked]:
+               text_vec: np.ndarray, image_vec: np.ndarray, fusion: ScoreFusion = TIA_ONLY) -> tuple[Ranked, Ranked]:
     """Every text against every image with the cross-encoder (the reference two-stage retrieval approximates;
     affordable on small galleries only)."""
     n_t, n_i = len(texts), len(images)
@@ -133,7 +137,8 @@ def exhaustive(scorer: CrossEncoderScorer, texts: Sequence[np.ndarray], images: 
     i = np.tile(np.arange(n_i, dtype=np.int64), n_t)
     margins = scorer.score(texts, images, np.stack([t, i], axis=1))
     cos = (text_vec @ image_vec.T).astype(np.float32).reshape(-1)
-    return rank_rows(t, i, cos, margins), rank_rows(i, t, cos, margins)
+    logits = fusion.logit(margins, cos)
+    return rank_rows(t, i, cos, logits), rank_rows(i, t, cos, logits)
 
 
 # ============================================================================================ tables
@@ -158,7 +163,7 @@ def retrieval_table(ranked: Ranked, query_ids: Sequence[str], candidate_ids: Seq
         pa.array(np.full(n, query_kind, dtype=object).tolist(), pa.string()),
         pa.array(r.astype(np.int32), pa.int32()),
         pa.array(np.asarray(candidate_ids, dtype=object)[c].tolist() if n else [], pa.string()),
-        pa.array(probability(ranked.margin[keep][order]), pa.float32()),
+        pa.array(probability(ranked.logit[keep][order]), pa.float32()),
         pa.array(ranked.recall_score[keep][order].astype(np.float32), pa.float32()),
         pa.array(np.full(n, "rerank", dtype=object).tolist(), pa.string()),
         pa.array(np.full(n, model_version, dtype=object).tolist(), pa.string()),
@@ -238,7 +243,7 @@ def run(args: argparse.Namespace) -> dict:
     dual = dual_encoder_for(scorer)
     texts = catalog.text_ids
     result = two_stage(scorer, dual, texts, IndexedImages(catalog.index, catalog.reader), args.recall_k,
-                       args.index, args.exact_max)
+                       args.index, args.exact_max, fusion=loaded.fusion)
 
     publish.clean_stale_staging(out)
     staging = publish.staging_path(out, run_id)
@@ -257,6 +262,7 @@ def run(args: argparse.Namespace) -> dict:
         "options": {"top_k": args.top_k, "recall_k": args.recall_k, "index": args.index, "exact_max": args.exact_max},
         "index_used": result.index_kind,
         "recall_embedding": dual.description,
+        "ranking_score": loaded.fusion.describe(),
         "device": str(rt.device), "precision": rt.precision,
         "counts": {
             "text_queries": len(texts), "image_queries": len(catalog.index),

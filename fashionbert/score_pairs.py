@@ -1,12 +1,12 @@
-"""fashionbert score-pairs: P(aligned) for given (product text, image) pairs.
+"""fashionbert score-pairs: the model's ranking score, P(aligned), for given (product text, image) pairs.
 
     fashionbert score-pairs --features DIR --model DIR --pairs FILE --out FILE
 
 `--pairs` is Parquet or CSV with columns `product_id` (whose text) and `image_id`, plus any others. The
 output (Parquet or CSV, by --out's extension) keeps the input's columns and row order and adds `score`
-(float32 P(aligned)). A row whose id is missing or unknown to --features is not scored: it goes to the
-rejects file (schemas.PAIR_REJECTS: 0-based input row, ids, reason), so input rows = output rows + rejects.
-Both files are written to a temporary name and renamed into place.
+(float32 P(aligned), the same ranking score as the retrieval tables' `score`: see fashionbert/fusion.py). A
+row whose id is missing or unknown to --features is not scored: it goes to the rejects file
+(schemas.PAIR_REJECTS: 0-based input row, ids, reason), so input rows = output rows + rejects. Both files are written to a temporary name and renamed into place.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .scoring import (CrossEncoderScorer, IndexedImages, add_runtime_arguments, load_model, open_catalog, probability,
-                      resolve_runtime)
+from .scoring import (CrossEncoderScorer, IndexedImages, PairScorer, add_runtime_arguments, load_model, open_catalog,
+                      probability, resolve_runtime)
 
 ID_COLUMNS = ("product_id", "image_id")
 SCORE = "score"
@@ -144,8 +144,9 @@ def run(args: argparse.Namespace) -> dict:
     pair_array = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     # Repeated pairs (the same pair listed twice) are scored once.
     unique, inverse = np.unique(pair_array, axis=0, return_inverse=True)
-    margins = scorer.score(catalog.text_ids, IndexedImages(catalog.index, catalog.reader), unique)
-    scores = probability(margins[inverse.reshape(-1)]) if len(pair_array) else np.zeros(0, dtype=np.float32)
+    logits = PairScorer(scorer, loaded.fusion).score(catalog.text_ids, IndexedImages(catalog.index, catalog.reader),
+                                                     unique).logit
+    scores = probability(logits[inverse.reshape(-1)]) if len(pair_array) else np.zeros(0, dtype=np.float32)
 
     scored = table.take(pa.array(keep, pa.int64())).append_column(pa.field(SCORE, pa.float32()), pa.array(scores, pa.float32()))
     _write(scored, out, out_fmt)
@@ -155,6 +156,7 @@ def run(args: argparse.Namespace) -> dict:
         reasons[r] = reasons.get(r, 0) + 1
     return {
         "pairs": table.num_rows, "scored": len(keep), "rejected": len(rejects["row"]), "reject_reasons": reasons,
-        "distinct_pairs_scored": int(len(unique)), "out": out, "rejects": rejects_path, "model_version": loaded.version, "device": str(rt.device),
+        "distinct_pairs_scored": int(len(unique)), "out": out, "rejects": rejects_path, "model_version": loaded.version,
+        "ranking_score": loaded.fusion.describe(), "device": str(rt.device),
         "precision": rt.precision, "seconds": round(time.time() - t_start, 3),
     }

@@ -1,4 +1,8 @@
-"""Batched cross-encoder scoring: P(aligned) of (text, image) pairs from FashionBERT's TIA head.
+"""Batched scoring of (text, image) pairs: the cross-encoder's TIA margin, and the model's ranking score.
+
+The ranking score is P(aligned) = sigmoid(fusion of the TIA margin and the itc cosine) per the model folder's
+score_fusion.json (fashionbert/fusion.py; the TIA margin alone for a folder without one). `PairScorer` gives it
+for arbitrary pairs; `CrossEncoderScorer` is the expensive half, the joint pass.
 
 How the work is laid out, and why:
 - Reuse. A text's embeddings (word + position + segment 0, LayerNorm) and an image's patch embeddings
@@ -32,10 +36,12 @@ import numpy as np
 import torch
 
 from .config import FashionBertConfig
-from .dual_encoder import ITC_PREFIX, ContrastiveHead, length_batches
+from . import fusion as score_fusion
+from .dual_encoder import ITC_PREFIX, ContrastiveHead, DualEncoder, length_batches
 from .errors import UserError
 from .features import (FeatureFolder, FeatureReader, ImageIndex, TextTable, index_images, load_texts,
                        open_feature_folders)
+from .fusion import ScoreFusion
 from .modeling import WEIGHTS_NAME, FashionBertModel
 from .patch_cnn import COLOUR_DIM
 
@@ -66,7 +72,7 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", num_threads: 
     return Runtime(device=dev, precision=resolve_precision(precision, dev))
 
 
-def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+def add_runtime_arguments(parser: argparse.ArgumentParser, batching: bool = True) -> None:
     g = parser.add_argument_group("runtime")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto = cuda if available, else cpu (default auto)")
@@ -74,6 +80,8 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                    help="bf16 or fp32 arithmetic; auto = bf16 where the device runs it natively (CUDA with bf16, CPUs "
                         "with AVX512-BF16/AMX), else fp32 (default auto)")
     g.add_argument("--num-threads", type=int, default=0, help="torch CPU threads, 0 = torch's default")
+    if not batching:
+        return
     g.add_argument("--batch-tokens", type=int, default=DEFAULT_TOKEN_BUDGET,
                    help="cross-encoder batch size in tokens (pairs x (text + patch tokens)); pairs are sorted by "
                         "text length so batches barely pad (default %(default)s)")
@@ -87,9 +95,10 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
 class LoadedModel:
     model: FashionBertModel
     folder: Path
-    version: str  # <sha256 of the weights, 12 hex>[-step<N>]
+    version: str  # <sha256 of the weights, 12 hex>[-s<sha256 of score_fusion.json, 6 hex>][-step<N>]
     step: int | None
     has_itc_head: bool
+    fusion: ScoreFusion  # the ranking score (TIA alone without a score_fusion.json)
 
     @property
     def config(self) -> FashionBertConfig:
@@ -99,7 +108,7 @@ class LoadedModel:
 def load_model(folder: str | Path, runtime: Runtime) -> LoadedModel:
     """A model folder written by training (OUT/model or OUT/checkpoints/step-N), in eval mode on the runtime's
     device, with its itc_head attached when the weights file has one (whether or not the model class builds
-    it itself). Reads only JSON and safetensors."""
+    it itself), and its score fusion. Reads only JSON and safetensors."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -125,9 +134,21 @@ def load_model(folder: str | Path, runtime: Runtime) -> LoadedModel:
         raise UserError(f"{weights}: weights do not match config.json (missing {missing[:5]}, unexpected "
                         f"{unexpected[:5]}); re-export the model with `fashionbert train`")
     model.to(runtime.device).eval()
-    sha, step = weights_sha256(weights), training_step(folder)
-    version = sha[:12] + (f"-step{step}" if step is not None else "")
-    return LoadedModel(model, folder, version, step, getattr(model, "itc_head", None) is not None)
+    has_itc = getattr(model, "itc_head", None) is not None
+    fusion = score_fusion.load(folder)
+    if fusion.uses_itc and not has_itc:
+        raise UserError(f"{folder / score_fusion.FUSION_NAME} weighs the itc cosine, but the model has no itc head; "
+                        f"delete the file (rank by TIA alone) or refit it with `fashionbert fuse`")
+    step = training_step(folder)
+    return LoadedModel(model, folder, model_version(folder, step), step, has_itc, fusion)
+
+
+def model_version(folder: Path, step: int | None) -> str:
+    """<sha256 of the weights, 12 hex>[-s<sha256 of score_fusion.json, 6 hex>][-step<N>]. The fusion is part of
+    it: the scores change with the fusion while the weights stay the same."""
+    fusion_sha = score_fusion.file_digest(folder)
+    return (weights_sha256(folder / WEIGHTS_NAME)[:12] + (f"-s{fusion_sha[:6]}" if fusion_sha else "")
+            + (f"-step{step}" if step is not None else ""))
 
 
 def weights_sha256(path: Path) -> str:
@@ -363,3 +384,38 @@ class CrossEncoderScorer:
         sequence = m.bert.encoder(hidden, attention_mask=extended).last_hidden_state
         logits = m.tia_head(m.bert.pooler(sequence)).float()
         return (logits[:, 1] - logits[:, 0]).cpu().numpy()
+
+
+# ============================================================================================ ranking score
+@dataclasses.dataclass
+class PairScores:
+    margin: np.ndarray  # float32 TIA logit margins
+    cosine: np.ndarray | None  # float32 itc cosines (None when not asked for and the fusion does not use them)
+    logit: np.ndarray  # float64 logit of the ranking score: P(aligned) = sigmoid(logit)
+
+
+class PairScorer:
+    """The model's ranking score for arbitrary (text, image) pairs: the cross-encoder's TIA margin fused with the
+    cosine of the itc embeddings, per `fusion`. Each distinct text and image of a call is embedded once.
+
+    `cosines=True` computes the cosine even when the fusion does not use it (evaluate's per-head figures)."""
+
+    def __init__(self, cross: CrossEncoderScorer, fusion: ScoreFusion, cosines: bool = False):
+        self.cross = cross
+        self.fusion = fusion
+        self.dual = DualEncoder(cross.model, cross.runtime.device) if (fusion.uses_itc or cosines) else None
+
+    def score(self, texts: Sequence[np.ndarray], images: ImageSource, pairs: np.ndarray) -> PairScores:
+        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        margin = self.cross.score(texts, images, pairs)
+        cosine = self.cosines(texts, images, pairs) if self.dual is not None else None
+        return PairScores(margin, cosine, self.fusion.logit(margin, cosine))
+
+    def cosines(self, texts: Sequence[np.ndarray], images: ImageSource, pairs: np.ndarray) -> np.ndarray:
+        if not len(pairs):
+            return np.zeros(0, dtype=np.float32)
+        text_ids, text_of = np.unique(pairs[:, 0], return_inverse=True)
+        image_ids, image_of = np.unique(pairs[:, 1], return_inverse=True)
+        text_vec = self.dual.embed_texts([texts[t] for t in text_ids], token_budget=self.cross.token_budget)
+        image_vec = self.dual.embed_images(images.read(image_ids[i:i + 256]) for i in range(0, len(image_ids), 256))
+        return np.einsum("nd,nd->n", text_vec[text_of], image_vec[image_of]).astype(np.float32)

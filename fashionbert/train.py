@@ -32,12 +32,13 @@ from . import checkpoint as ckpt
 from .adaptive_loss import MODES as TASK_WEIGHT_MODES
 from .adaptive_loss import TaskWeighter
 from .backbone import DEFAULT_BACKBONE, load_tokenizer
-from .batching import (BatchSettings, MaskingVocab, PairBuilder, Prefetcher, SampleHundred, StreamPosition,
-                       build_sample_hundred, iter_batches, pad_texts, ImageStream)
+from .batching import (BatchSettings, MaskingVocab, PairBuilder, Prefetcher, StreamPosition, build_sample_hundred,
+                       iter_batches, ImageStream)
 from .config import FashionBertConfig
 from .errors import UserError
 from .features import FeatureReader, index_images, load_texts, open_feature_folders, validation_mask
 from .modeling import FashionBertModel
+from .validation import validate
 
 # The tasks that match text to image; the warm-up trains these alone.
 MATCHING_TASKS = ("tia", "itc")
@@ -330,68 +331,6 @@ def plot_curves(metrics_path: Path, png_path: Path) -> Path | None:
     return png_path
 
 
-def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
-    """P(score of a random positive > a random negative), ties counted half (Mann-Whitney U)."""
-    if not len(positive) or not len(negative):
-        return float("nan")
-    scores = np.concatenate([positive, negative])
-    order = scores.argsort(kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):  # average ranks over ties
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    u = ranks[: len(positive)].sum() - len(positive) * (len(positive) + 1) / 2
-    return float(u / (len(positive) * len(negative)))
-
-
-@torch.no_grad()
-def evaluate_sample_hundred(model: FashionBertModel, s100: SampleHundred, config: FashionBertConfig, rt: Runtime,
-                            batch_rows: int = 256) -> dict[str, float]:
-    """Quick validation on held-out products: text->image sample-100 Rank@1 (the true image strictly above
-    every candidate), TIA AUC over all (query, candidate) scores, TIA accuracy on balanced pairs (each true
-    pair and the query's first same-sub-category candidate) at P(aligned) > 0.5."""
-    was_training = model.training
-    model.eval()
-    pairs = [(q, c) for q in range(len(s100)) for c in s100.candidates[q]]
-    logits = np.empty(len(pairs), dtype=np.float64)
-    for start in range(0, len(pairs), batch_rows):
-        chunk = pairs[start:start + batch_rows]
-        ids, attn = pad_texts([s100.texts[q] for q, _ in chunk], config.max_text_len, config.pad_token_id, config.sep_token_id)
-        feats = s100.pool_features[[c for _, c in chunk]]
-        with rt.autocast():
-            _, pooled = model.encode(torch.from_numpy(ids).to(rt.device), torch.from_numpy(attn).to(rt.device),
-                                     torch.from_numpy(feats).to(rt.device).float())
-            out = model.tia_head(pooled).float()
-        # The logit margin ranks like P(aligned) but does not saturate to ties at 0.99999.
-        logits[start:start + len(chunk)] = (out[:, 1] - out[:, 0]).cpu().double().numpy()
-    if was_training:
-        model.train()
-    pos, neg, rank1, acc = [], [], [], []
-    at = 0
-    for q in range(len(s100)):
-        n = len(s100.candidates[q])
-        s = logits[at:at + n]
-        at += n
-        pos.append(s[0])
-        neg.extend(s[1:])
-        rank1.append(bool((s[1:] < s[0]).all()))
-        acc.append(s[0] > 0)
-        if n > 1:
-            acc.append(s[1] <= 0)
-    return {
-        "rank1_t2i": float(np.mean(rank1)),
-        "tia_auc": roc_auc(np.asarray(pos), np.asarray(neg)),
-        "tia_accuracy": float(np.mean(acc)),
-        "val_queries": len(s100),
-        "val_candidates_mean": float(np.mean([len(c) - 1 for c in s100.candidates])),
-    }
-
-
 # ============================================================================================ run
 def _check_resume_options(saved: dict, current: dict, where: Path) -> None:
     diff = [f"--{k.replace('_', '-')} {current.get(k)!r} (checkpoint: {saved.get(k)!r})"
@@ -619,13 +558,14 @@ def _run(args: argparse.Namespace, rt: Runtime, t_start: float) -> dict[str, Any
             bar.update(1)
 
             final = step == total_steps
+            fusion = None  # the score fusion fitted at this step's validation, saved with this step's checkpoint
             if s100 is not None and ((args.val_every and step % args.val_every == 0) or final):
-                last_val = {"kind": "validation", "step": step, **evaluate_sample_hundred(model, s100, config, rt)}
+                last_val, fusion = _validate(model, s100, config, rt, step)
                 metrics.write(last_val)
-                bar.write(f"step {step}: validation Rank@1 t2i {last_val['rank1_t2i']:.3f}, TIA acc "
-                          f"{last_val['tia_accuracy']:.3f}, AUC {last_val['tia_auc']:.3f}")
+                bar.write(_validation_line(last_val))
             if (args.checkpoint_every and step % args.checkpoint_every == 0) or final:
-                _save(rt, out, step, model, tokenizer, optimizer, scheduler, options, position, args, last_train, last_val)
+                _save(rt, out, step, model, tokenizer, optimizer, scheduler, options, position, args, last_train, last_val,
+                      fusion)
                 last_saved = step
                 if rt.main:
                     _try_plot(out)
@@ -643,8 +583,8 @@ def _run(args: argparse.Namespace, rt: Runtime, t_start: float) -> dict[str, Any
     if rt.main:
         final_ckpt = ckpt.latest_checkpoint(out)
         model_dir = ckpt.export_model(final_ckpt, out / ckpt.MODEL_DIR)
-        if not last_val and s100 is not None:
-            last_val = {"kind": "validation", "step": step, **evaluate_sample_hundred(model, s100, config, rt)}
+        if not last_val and s100 is not None:  # resumed at the end: report; the checkpoint keeps its own fusion
+            last_val, _ = _validate(model, s100, config, rt, step)
             metrics.write(last_val)
         metrics.close()
         plot = _try_plot(out)
@@ -670,12 +610,26 @@ def _step_seed(seed: int, rank: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, rank, index, 0xD209]).generate_state(1)[0])
 
 
-def _save(rt, out, step, model, tokenizer, optimizer, scheduler, options, position, args, last_train, last_val):
+def _validate(model, s100, config, rt, step: int):
+    val, fusion = validate(model, s100, config, rt)
+    return {"kind": "validation", "step": step, **val}, fusion
+
+
+def _validation_line(val: dict) -> str:
+    heads = f"TIA alone {val['rank1_t2i_tia']:.3f}" + (f", itc alone {val['rank1_t2i_itc']:.3f}"
+                                                       if "rank1_t2i_itc" in val else "")
+    return (f"step {val['step']}: validation Rank@1 t2i {val['rank1_t2i']:.3f} ({heads}), TIA acc "
+            f"{val['tia_accuracy']:.3f}, AUC {val['tia_auc']:.3f}")
+
+
+def _save(rt, out, step, model, tokenizer, optimizer, scheduler, options, position, args, last_train, last_val,
+          fusion=None):
     positions = _all_gather_ints(rt, position.as_list())
     if rt.main:
         info = {"options": options, "positions": positions, "batches_per_rank": step * args.grad_accum,
                 "metrics": {"train": last_train, "validation": last_val}}
-        ckpt.save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, info, keep=args.keep_checkpoints)
+        ckpt.save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, info, keep=args.keep_checkpoints,
+                             fusion=fusion)
     _barrier(rt)
 
 

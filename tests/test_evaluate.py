@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from fashionbert import evaluate
+from fashionbert import evaluate, fuse
 from fashionbert.errors import UserError
 from fashionbert.evaluate import draw_candidates, gallery_ranks, recall_at, sample_hundred
+from fashionbert.fusion import FUSION_NAME, ScoreFusion
 from fashionbert.recall import Neighbours
 from fashionbert.retrieve import rank_rows
-from fashionbert.scoring import load_model, resolve_runtime
+from fashionbert.scoring import PairScores, load_model, resolve_runtime
 from tests.fake_features import make_tiny_backbone, write_fake_features
 from tests.test_scoring import fit_itc_head, train_tiny_model
 
@@ -54,6 +56,22 @@ def test_sample_hundred_exact_rank_at_k_on_a_known_ranking():
                          + [np.full(100, (q + 1) / 1000) for q in range(101)])  # i2t: image q with the other texts
     auc = ((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
     assert m["tia"]["auc"]["mean"] == pytest.approx(auc, abs=1e-9)
+
+
+def test_sample_hundred_ranks_by_the_ranking_score_and_reports_each_head():
+    """The ranking score (here a perfect "itc" head alone) decides Rank@K; TIA accuracy/AUC and by_head["tia"] stay
+    the TIA margin's."""
+    draws = draw_candidates(["shirts"] * 21, n_queries=21, n_candidates=20, draws=1, seed=0)
+    known = _known_scorer([])
+    tia_only = sample_hundred(draws, known)
+
+    def both(pairs):
+        perfect = (pairs[:, 0] == pairs[:, 1]).astype(np.float64)
+        return PairScores(known(pairs), perfect.astype(np.float32), perfect)
+    m = sample_hundred(draws, both)
+    assert m["by_head"]["tia"]["t2i"] == tia_only["t2i"] and m["tia"] == tia_only["tia"]
+    assert m["t2i"] == m["by_head"]["itc"]["t2i"] and m["t2i"]["rank1"]["mean"] == 1.0 > tia_only["t2i"]["rank1"]["mean"]
+    assert tia_only["by_head"] == {"tia": {"t2i": tia_only["t2i"], "i2t": tia_only["i2t"]}}
 
 
 def test_ties_count_against_the_true_candidate():
@@ -99,9 +117,9 @@ def test_gallery_rank_and_recall_at_k_on_hand_made_rankings():
         for pos, c in enumerate(order):
             margin[q * 12 + c] = 100 - pos
     ranked = rank_rows(query, candidate, np.zeros(48, dtype=np.float32), margin)
-    ranked = type(ranked)(ranked.query, ranked.candidate, ranked.recall_score, ranked.margin)
+    ranked = type(ranked)(ranked.query, ranked.candidate, ranked.recall_score, ranked.logit)
     keep = ~((ranked.query == 3) & (ranked.candidate == 9))  # query 3's true image missed by recall
-    ranked = type(ranked)(ranked.query[keep], ranked.candidate[keep], ranked.recall_score[keep], ranked.margin[keep])
+    ranked = type(ranked)(ranked.query[keep], ranked.candidate[keep], ranked.recall_score[keep], ranked.logit[keep])
 
     def is_true(q, c):
         return c == 3 * q
@@ -173,6 +191,38 @@ def test_evaluate_split_all_and_errors(tmp_path, trained):
         evaluate.run(_args(features, model, tmp_path / "m.json", "--draws", 0))
     with pytest.raises(UserError, match="does not exist"):
         evaluate.run(_args(features, model, tmp_path / "no" / "m.json", "--queries", 5, "--draws", 1, "--no-gallery"))
+
+
+def test_fuse_fits_the_ranking_score_and_evaluate_ranks_by_it(tmp_path, trained):
+    features, model, itc = trained
+    run_dir = tmp_path / "run"  # a copy of the training output, so the module's fixture stays unfused
+    shutil.copytree(model.parent, run_dir)
+    itc = run_dir / itc.name
+    summary = fuse.run(_fuse_args(features, itc, "--split", "all", "--queries", 30, "--candidates", 20))
+    assert (itc / FUSION_NAME).is_file() and summary["version"] != summary["version_before"]
+    assert summary["version"] == load_model(itc, resolve_runtime("cpu", "fp32")).version
+    assert summary["fusion"]["fitted"]["source"] == "fashionbert fuse" and summary["fusion"]["fitted"]["positives"] == 30
+    assert summary["fusion"]["fitted"]["split"]["kind"] == "all"
+    assert {"rank1_t2i", "rank1_t2i_tia", "rank1_t2i_itc"} <= set(summary["validation"])
+
+    # A fusion that is the itc cosine alone: evaluate's ranks are then exactly the itc head's.
+    ScoreFusion(0.0, 1.0, 0.0, {"source": "test"}).save(itc)
+    m = evaluate.run(_args(features, itc, tmp_path / "m.json", "--split", "all", "--queries", 20, "--draws", 1,
+                           "--no-gallery"))
+    s = m["sample100"]
+    assert m["score_fusion"]["itc"] == 1.0 and "itc cosine" in m["ranking_score"]
+    assert set(s["by_head"]) == {"tia", "itc"}
+    for d in ("t2i", "i2t"):
+        assert s[d] == s["by_head"]["itc"][d]
+    with pytest.raises(UserError, match="no itc head"):
+        fuse.run(_fuse_args(features, model, "--split", "all"))
+
+
+def _fuse_args(features, model, *extra) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    fuse.add_arguments(parser)
+    return parser.parse_args(["--features", str(features), "--model", str(model), "--device", "cpu", "--precision",
+                              "fp32", *map(str, extra)])
 
 
 def test_help_explains_the_options():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import numpy as np
 import pyarrow.dataset as ds
@@ -13,6 +14,7 @@ import torch
 
 from fashionbert import recall, retrieve
 from fashionbert.errors import UserError
+from fashionbert.fusion import ScoreFusion
 from fashionbert.scoring import CrossEncoderScorer, IndexedImages, load_model, open_catalog, resolve_runtime
 from schemas import RETRIEVAL, read_table
 from tests.fake_features import make_tiny_backbone, write_fake_features
@@ -120,6 +122,38 @@ def test_two_stage_equals_exhaustive_when_recall_covers_the_catalog(tmp_path, fe
         rows = [r for r, q in enumerate(i2t["query_id"]) if q == iid]
         got_m = m[[catalog.texts.index[c] for c in (i2t["candidate_id"][r] for r in rows)], i]
         assert len(rows) == N_PRODUCTS and np.all(np.diff(got_m) <= 0)
+
+
+def test_tables_rank_by_the_fused_score_of_the_model_folder(tmp_path, features, itc_model_dir):
+    """With a score_fusion.json, `score` = sigmoid(a x TIA margin + b x recall cosine + c), rows ranked by it, and
+    the model version names the fusion."""
+    model = tmp_path / "model"
+    shutil.copytree(itc_model_dir, model)
+    fused = ScoreFusion(0.5, 4.0, -1.0, {"source": "test"})
+    fused.save(model)
+    out = tmp_path / "retrieval"
+    n_images = N_PRODUCTS * IMAGES_PER_PRODUCT
+    summary = retrieve.run(_args(features, model, out, "--top-k", n_images, "--recall-k", n_images, "--index", "flat"))
+    assert "itc cosine" in summary["ranking_score"] and "-s" in summary["model"]["version"]
+    rt = resolve_runtime("cpu", "fp32")
+    loaded = load_model(model, rt)
+    assert loaded.fusion == fused and loaded.version == summary["model"]["version"]
+    catalog = open_catalog([str(features)], loaded)
+    texts = catalog.text_ids
+    all_pairs = np.stack(np.meshgrid(np.arange(len(texts)), np.arange(n_images), indexing="ij"), -1).reshape(-1, 2)
+    margin = CrossEncoderScorer(loaded.model, rt).score(texts, IndexedImages(catalog.index, catalog.reader), all_pairs)
+    margin = margin.reshape(len(texts), n_images)
+    t2i = read_table(str(out / "text_to_image.parquet"), "retrieval").to_pydict()
+    tia_order_differs = False
+    for t, pid in enumerate(catalog.texts.product_ids):
+        rows = [i for i, q in enumerate(t2i["query_id"]) if q == pid]
+        images = [catalog.index.image_ids.index(t2i["candidate_id"][i]) for i in rows]
+        cos = np.asarray([t2i["recall_score"][i] for i in rows], dtype=np.float64)
+        expected = 1 / (1 + np.exp(-(0.5 * margin[t, images] + 4.0 * cos - 1.0)))
+        np.testing.assert_allclose([t2i["score"][i] for i in rows], expected, atol=2e-5)
+        assert np.all(np.diff([t2i["score"][i] for i in rows]) <= 0)
+        tia_order_differs |= bool(np.any(np.diff(margin[t, images]) > 0))
+    assert tia_order_differs  # the cosine changed the order somewhere: the test would notice TIA-only ranking
 
 
 def test_retrieve_user_errors(tmp_path, features, model_dir):

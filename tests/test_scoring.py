@@ -19,6 +19,7 @@ from fashionbert import score_pairs
 from fashionbert.batching import pad_texts
 from fashionbert.dual_encoder import ContrastiveHead, DualEncoder, contrastive_loss, itc_loss, length_batches
 from fashionbert.errors import UserError
+from fashionbert.fusion import ScoreFusion
 from fashionbert.scoring import (ArrayImages, CrossEncoderScorer, IndexedImages, load_model, open_catalog, probability,
                                  resolve_runtime)
 from fashionbert.train import run as train_run
@@ -296,6 +297,25 @@ def test_score_pairs_keeps_rows_order_and_extra_columns(tmp_path, features, mode
     assert rejects["row"] == [2, 4, 5]
     assert rejects["reason"] == ["unknown_image_id", "unknown_product_id", "missing_image_id"]
     assert summary["pairs"] == 6 == summary["scored"] + summary["rejected"]
+
+
+def test_score_pairs_gives_the_fused_ranking_score(tmp_path, features, model_dir, catalog):
+    model = fit_itc_head(model_dir, features, tmp_path / "with-itc", steps=3)
+    ScoreFusion(0.5, 4.0, -1.0, {"source": "test"}).save(model)
+    pairs = pa.table({"product_id": ["p00003", "p00005", "p00001"], "image_id": ["p00003-1", "p00000-0", "p00009-1"]})
+    pq.write_table(pairs, tmp_path / "pairs.parquet")
+    summary = score_pairs.run(_score_args("--features", features, "--model", model, "--pairs", tmp_path / "pairs.parquet",
+                                          "--out", tmp_path / "scored.parquet"))
+    assert "itc cosine" in summary["ranking_score"] and "-s" in summary["model_version"]
+    got = pq.read_table(tmp_path / "scored.parquet").column("score").to_numpy()
+    loaded = load_model(model, resolve_runtime("cpu", "fp32"))
+    t = np.array([catalog.texts.index[p] for p in pairs.column("product_id").to_pylist()])
+    i = np.array([catalog.index.image_ids.index(x) for x in pairs.column("image_id").to_pylist()])
+    feats = IndexedImages(catalog.index, catalog.reader).read(i)
+    margin = _reference_margins(loaded.model, catalog.text_ids, feats, np.stack([t, np.arange(3)], axis=1))
+    dual = DualEncoder(loaded.model, torch.device("cpu"))
+    cos = (dual.embed_texts([catalog.text_ids[x] for x in t]) * dual.embed_images([feats])).sum(axis=1)
+    np.testing.assert_allclose(got, probability(0.5 * margin + 4.0 * cos - 1.0), atol=1e-5)
 
 
 def test_score_pairs_csv_with_numeric_looking_ids(tmp_path, features, model_dir):

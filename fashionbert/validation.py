@@ -1,0 +1,128 @@
+"""Training's quick validation on held-out products, and the score fusion fitted on it.
+
+Every validation scores each held-out query text against its image and up to 100 same-sub-category images
+(`batching.SampleHundred`) with both matching heads: the TIA margin of the joint pass, and, when the model has an
+itc head, the cosine of the text-only and image-only embeddings. On those pairs it fits the ranking score
+(`fusion.fit`: a logistic regression on the two) and reports text->image Rank@1 by each head and by the fused
+score. The fused Rank@1 is cross-fitted (the fusion that scores half of the queries is fitted on the other
+half), so the figure is not measured on the pairs its three numbers were fitted on; the fusion returned, and
+saved with the checkpoint, is the fit on all pairs.
+
+Imports torch and numpy only (no Beam, no faiss).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import fusion as score_fusion
+from .batching import SampleHundred, pad_texts
+from .config import FashionBertConfig
+from .dual_encoder import DualEncoder
+from .fusion import ScoreFusion
+
+
+def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """P(score of a random positive > a random negative), ties counted half (Mann-Whitney U)."""
+    if not len(positive) or not len(negative):
+        return float("nan")
+    scores = np.concatenate([positive, negative])
+    order = scores.argsort(kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):  # average ranks over ties
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    u = ranks[: len(positive)].sum() - len(positive) * (len(positive) + 1) / 2
+    return float(u / (len(positive) * len(negative)))
+
+
+@torch.no_grad()
+def head_scores(model, s100: SampleHundred, config: FashionBertConfig, rt,
+                batch_rows: int = 256) -> tuple[np.ndarray, np.ndarray | None]:
+    """Every (query, candidate) pair of `s100`, queries in order, candidates in their order (the true one first):
+    (TIA logit margins, itc cosines or None when the model has no itc head), float64."""
+    was_training = model.training
+    model.eval()
+    try:
+        pairs = [(q, c) for q in range(len(s100)) for c in s100.candidates[q]]
+        margins = np.empty(len(pairs), dtype=np.float64)
+        for start in range(0, len(pairs), batch_rows):
+            chunk = pairs[start:start + batch_rows]
+            ids, attn = pad_texts([s100.texts[q] for q, _ in chunk], config.max_text_len, config.pad_token_id,
+                                  config.sep_token_id)
+            feats = s100.pool_features[[c for _, c in chunk]]
+            with rt.autocast():
+                _, pooled = model.encode(torch.from_numpy(ids).to(rt.device), torch.from_numpy(attn).to(rt.device),
+                                         torch.from_numpy(feats).to(rt.device).float())
+                out = model.tia_head(pooled).float()
+            # The logit margin ranks like P(aligned) but does not saturate to ties at 0.99999.
+            margins[start:start + len(chunk)] = (out[:, 1] - out[:, 0]).cpu().double().numpy()
+        if getattr(model, "itc_head", None) is None:
+            return margins, None
+        dual = DualEncoder(model, rt.device, rt.autocast, config.max_text_len)
+        text_vec = dual.embed_texts(s100.texts)
+        image_vec = dual.embed_images(s100.pool_features[i:i + 256] for i in range(0, len(s100.pool_features), 256))
+        q = np.asarray([p[0] for p in pairs], dtype=np.int64)
+        c = np.asarray([p[1] for p in pairs], dtype=np.int64)
+        return margins, np.einsum("nd,nd->n", text_vec[q], image_vec[c]).astype(np.float64)
+    finally:
+        if was_training:
+            model.train()
+
+
+def validate(model, s100: SampleHundred, config: FashionBertConfig, rt) -> tuple[dict, ScoreFusion | None]:
+    """Quick validation: text->image sample-100 Rank@1 (the true image strictly above every candidate) by the
+    fused score (cross-fitted) and by each head; TIA AUC over all pairs and TIA accuracy on balanced pairs (each
+    true pair and the query's first same-sub-category candidate) at P(aligned) > 0.5. Returns the metrics and
+    the score fusion fitted on all pairs (None for a model without an itc head: nothing to fuse)."""
+    margins, cosines = head_scores(model, s100, config, rt)
+    sizes = np.asarray([len(c) for c in s100.candidates])
+    query = np.repeat(np.arange(len(s100)), sizes)
+    label = np.zeros(len(margins), dtype=bool)
+    label[np.r_[0, np.cumsum(sizes)[:-1]]] = True
+    fitted = {"source": "training validation", "queries": len(s100), "pool_products": len(s100.pool_products)}
+    fusion = score_fusion.fit(margins, cosines, label, fitted) if cosines is not None else None
+    fused = cross_fitted_logits(margins, cosines, label, query % 2) if cosines is not None else margins
+
+    pos, neg = margins[label], margins[~label]
+    first_negative = np.r_[0, np.cumsum(sizes)[:-1]][sizes > 1] + 1
+    accuracy = np.r_[pos > 0, margins[first_negative] <= 0]
+    metrics = {
+        "rank1_t2i": rank1(fused, sizes),
+        "rank1_t2i_tia": rank1(margins, sizes),
+        "tia_auc": roc_auc(pos, neg),
+        "tia_accuracy": float(accuracy.mean()),
+        "val_queries": len(s100),
+        "val_candidates_mean": float(np.mean(sizes - 1)),
+        "ranking": (fusion or score_fusion.TIA_ONLY).describe(),
+    }
+    if cosines is not None:
+        metrics["rank1_t2i_itc"] = rank1(cosines, sizes)
+    return metrics, fusion
+
+
+def rank1(scores: np.ndarray, sizes: np.ndarray) -> float:
+    """Fraction of queries whose true candidate (first of its run of `sizes`) scores strictly above the rest."""
+    hits, at = [], 0
+    for n in sizes:
+        s = scores[at:at + n]
+        hits.append(bool((s[1:] < s[0]).all()))
+        at += n
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+def cross_fitted_logits(margins: np.ndarray, cosines: np.ndarray, label: np.ndarray, fold: np.ndarray) -> np.ndarray:
+    """Fused logits where each fold is scored by the fusion fitted on the other folds (all pairs of one query share
+    a fold, so no query is ranked by a fit that saw its own pairs)."""
+    out = np.empty(len(margins), dtype=np.float64)
+    for f in np.unique(fold):
+        mine = fold == f
+        other = ~mine if (~mine).any() else mine
+        fit = score_fusion.fit(margins[other], cosines[other], label[other])
+        out[mine] = fit.logit(margins[mine], cosines[mine])
+    return out

@@ -1,0 +1,89 @@
+"""The ranking score: the logistic fit of the TIA margin and itc cosine (known weights recovered, a harmful head
+dropped, too little data falls back to TIA), its file (round trip, damaged or negative weights refused), the
+cross-fitted validation Rank@1, and the model version that changes with the fusion."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fashionbert import fusion
+from fashionbert.errors import UserError
+from fashionbert.scoring import load_model, resolve_runtime
+from fashionbert.validation import cross_fitted_logits, rank1
+from tests.fake_features import make_tiny_backbone, write_fake_features
+from tests.test_scoring import train_tiny_model
+
+
+def _logistic_data(n: int, tia: float, itc: float, bias: float, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    margin, cosine = rng.normal(0, 2, n), rng.normal(0, 0.3, n)
+    label = rng.random(n) < 1 / (1 + np.exp(-(tia * margin + itc * cosine + bias)))
+    return margin, cosine, label
+
+
+def test_fit_recovers_the_weights_of_a_known_logistic_model():
+    margin, cosine, label = _logistic_data(200_000, tia=1.5, itc=6.0, bias=-2.0)
+    f = fusion.fit(margin, cosine, label, {"source": "test"})
+    assert f.tia == pytest.approx(1.5, rel=0.05) and f.itc == pytest.approx(6.0, rel=0.05)
+    # Positives and negatives weigh one half each: the intercept moves by the log prior odds (a balanced prior).
+    n_pos, n_neg = label.sum(), (~label).sum()
+    assert f.bias == pytest.approx(-2.0 + np.log(n_neg / n_pos), abs=0.05)
+    assert f.fitted == {"source": "test", "positives": int(n_pos), "negatives": int(n_neg)}
+    assert f.uses_itc and "itc cosine" in f.describe()
+    np.testing.assert_allclose(f.logit(margin[:3], cosine[:3]), f.tia * margin[:3] + f.itc * cosine[:3] + f.bias)
+
+
+def test_a_head_that_ranks_backwards_is_dropped_and_too_few_pairs_keep_tia():
+    rng = np.random.default_rng(1)
+    label = rng.random(5000) < 0.1
+    margin = 2.0 * label + rng.normal(0, 1, 5000)
+    cosine = -0.5 * label + rng.normal(0, 0.2, 5000)  # this "head" prefers the wrong pairs
+    f = fusion.fit(margin, cosine, label)
+    assert f.itc == 0.0 and f.tia > 0 and f.fitted["dropped"] == ["itc"] and not f.uses_itc
+    few = fusion.fit(margin[:50], cosine[:50], np.r_[np.ones(3, bool), np.zeros(47, bool)])
+    assert (few.tia, few.itc, few.bias) == (1.0, 0.0, 0.0) and "too few" in few.fitted["note"]
+    # No cosine at all (a model without an itc head): a TIA-only fit.
+    assert fusion.fit(margin, None, label).itc == 0.0
+
+
+def test_fusion_file_round_trip_and_refusals(tmp_path):
+    assert fusion.load(tmp_path) is fusion.TIA_ONLY and fusion.file_digest(tmp_path) is None
+    f = fusion.ScoreFusion(0.5, 7.0, -3.0, {"source": "test"})
+    f.save(tmp_path)
+    assert fusion.load(tmp_path) == f and len(fusion.file_digest(tmp_path)) == 64
+    assert not list(tmp_path.glob(".*tmp*"))
+    (tmp_path / fusion.FUSION_NAME).write_text("{not json")
+    with pytest.raises(UserError, match=r"score_fusion.json.*fashionbert fuse"):
+        fusion.load(tmp_path)
+    (tmp_path / fusion.FUSION_NAME).write_text(json.dumps({"tia": 1.0, "itc": -2.0, "bias": 0.0}))
+    with pytest.raises(UserError, match=r">= 0"):
+        fusion.load(tmp_path)
+
+
+def test_rank1_and_cross_fitting_use_no_query_s_own_pairs():
+    # two queries of 3 candidates: the first's true candidate wins, the second's ties (ties count as a miss)
+    assert rank1(np.array([3.0, 1.0, 2.0, 5.0, 5.0, 1.0]), np.array([3, 3])) == 0.5
+    margin, cosine, label = _logistic_data(4000, tia=1.0, itc=4.0, bias=-1.0, seed=2)
+    fold = np.arange(4000) // 100 % 2  # "queries" of 100 pairs, alternating folds
+    out = cross_fitted_logits(margin, cosine, label, fold)
+    for f in (0, 1):
+        other = fusion.fit(margin[fold != f], cosine[fold != f], label[fold != f])
+        np.testing.assert_allclose(out[fold == f], other.logit(margin[fold == f], cosine[fold == f]))
+
+
+def test_model_version_changes_with_the_fusion_and_a_fusion_needs_an_itc_head(tmp_path):
+    features = write_fake_features(tmp_path / "f", n_products=12, images_per_product=1, feature_dim=8)
+    model = train_tiny_model(tmp_path, features, make_tiny_backbone(tmp_path / "bert"), steps=2)
+    rt = resolve_runtime("cpu", "fp32")
+    plain = load_model(model, rt)
+    assert plain.fusion is fusion.TIA_ONLY and not (model / fusion.FUSION_NAME).exists()
+    assert plain.version.count("-") == 1  # <weights sha>-step2
+    fusion.ScoreFusion(2.0, 0.0, 0.5, {"source": "test"}).save(model)
+    tia_only = load_model(model, rt)
+    weights_sha = plain.version.split("-")[0]
+    assert tia_only.version == f"{weights_sha}-s{fusion.file_digest(model)[:6]}-step2" and tia_only.fusion.tia == 2.0
+    fusion.ScoreFusion(1.0, 3.0, 0.0).save(model)
+    with pytest.raises(UserError, match=r"itc cosine, but the model has no itc head"):
+        load_model(model, rt)
