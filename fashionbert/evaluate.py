@@ -7,7 +7,10 @@ Three protocols, all on held-out products (the training split: a hash of group_i
 1. sample-100 (FashionBERT / Fashion-Gen): N query products; each gets its true candidate plus 100 candidates
    of other products from the same sub-category (random products where the sub-category is too small).
    Text->image ranks the query text's image among 101 images; image->text ranks its text among 101 texts.
-   Rank@1/5/10, as mean and spread over several seeded draws of queries and candidates.
+   Rank@1/5/10, as mean and spread over several seeded draws of queries and candidates, by the model's ranking
+   score (fashionbert/fusion.py: what retrieve and score-pairs rank by) and, under `by_head`, by the TIA margin
+   and the itc cosine alone. The score's three fusion weights were fitted on held-out pairs too (training's
+   validation draw or `fashionbert fuse`), so its figure carries that small optimism; the per-head ones do not.
 2. TIA: accuracy of P(aligned) > 0.5 on balanced pairs (each true pair and one same-sub-category negative)
    and ROC AUC over every scored pair of the protocol.
 3. full gallery: every held-out text against every held-out image through the two-stage retrieval of

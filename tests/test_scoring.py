@@ -356,7 +356,7 @@ def test_score_pairs_user_errors(tmp_path, features, model_dir):
 def test_scoring_modules_import_neither_beam_nor_faiss():
     assert_import_neither_beam_nor_faiss("fashionbert.scoring", "fashionbert.dual_encoder", "fashionbert.score_pairs",
                                          "fashionbert.evaluate", "fashionbert.retrieve", "fashionbert.report",
-                                         "fashionbert.recall")
+                                         "fashionbert.recall", "fashionbert.fuse", "fashionbert.fusion")
 
 
 def test_help_explains_the_options():

@@ -330,7 +330,7 @@ def assert_import_neither_beam_nor_faiss(*modules: str) -> None:
 
 def test_train_imports_neither_beam_nor_faiss():
     assert_import_neither_beam_nor_faiss("fashionbert.train", "fashionbert.modeling", "fashionbert.features",
-                                         "fashionbert.checkpoint")
+                                         "fashionbert.checkpoint", "fashionbert.validation")
 
 
 def test_help_explains_the_options():
