@@ -333,8 +333,9 @@ class FashionBertModel(nn.Module):
 
     @torch.no_grad()
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, patch_features: torch.Tensor) -> torch.Tensor:
-        """P(aligned) for each (text, image) row: the matching score used for ranking. Call `.eval()` first
-        (`from_checkpoint` returns the model in eval mode); wrap in autocast for bf16."""
+        """The TIA head's P(aligned) for each (text, image) row. Call `.eval()` first (`from_checkpoint` returns the
+        model in eval mode); wrap in autocast for bf16. The product ranks by this fused with the itc cosine
+        (`scoring.PairScorer`, fashionbert/fusion.py) when the model folder has a score_fusion.json."""
         _, pooled = self.encode(input_ids, attention_mask, patch_features)
         return torch.softmax(self.tia_head(pooled).float(), dim=-1)[:, 1]
 

@@ -365,8 +365,8 @@ def run(args: argparse.Namespace) -> dict:
         "<h2>Training curves</h2>",
         f"<img src='{curves_uri}' alt='training curves' style='max-width:100%'>" if curves_uri else "<p>No --training given.</p>",
         f"<h2>Text → image: sample queries, top {args.top}</h2>",
-        "<p class=meta>P = cross-encoder P(aligned) (the rank order); cos = recall-stage cosine. Green: the query "
-        "product's own image.</p>",
+        f"<p class=meta>P = the ranking score P(aligned) (the rank order: {_e(run_info.get('ranking_score', 'TIA head'))}); "
+        "cos = recall-stage cosine. Green: the query product's own image.</p>",
         t2i_html(t2i, texts, thumbs, image_product, args.top),
         f"<h2>Image → text: sample queries, top {args.top}</h2>",
         i2t_html(i2t, texts, thumbs, image_product, args.top),
