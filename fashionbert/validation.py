@@ -3,7 +3,7 @@
 Every validation scores each held-out query text against its image and up to 100 same-sub-category images
 (`batching.SampleHundred`) with both matching heads: the TIA margin of the joint pass, and, when the model has an
 itc head, the cosine of the text-only and image-only embeddings. On those pairs it fits the ranking score
-(`fusion.fit`: a logistic regression on the two) and reports text->image Rank@1 by each head and by the fused
+(`fusion.fit`: the heads' weights that rank each query's true image first, calibrated to P(aligned)) and reports text->image Rank@1 by each head and by the fused
 score. The fused Rank@1 is cross-fitted (the fusion that scores half of the queries is fitted on the other
 half), so the figure is not measured on the pairs its three numbers were fitted on; the fusion returned, and
 saved with the checkpoint, is the fit on all pairs.
@@ -86,8 +86,8 @@ def validate(model, s100: SampleHundred, config: FashionBertConfig, rt) -> tuple
     label = np.zeros(len(margins), dtype=bool)
     label[np.r_[0, np.cumsum(sizes)[:-1]]] = True
     fitted = {"source": "training validation", "queries": len(s100), "pool_products": len(s100.pool_products)}
-    fusion = score_fusion.fit(margins, cosines, label, fitted) if cosines is not None else None
-    fused = cross_fitted_logits(margins, cosines, label, query % 2) if cosines is not None else margins
+    fusion = score_fusion.fit(margins, cosines, label, query, fitted) if cosines is not None else None
+    fused = cross_fitted_logits(margins, cosines, label, query, query % 2) if cosines is not None else margins
 
     pos, neg = margins[label], margins[~label]
     first_negative = np.r_[0, np.cumsum(sizes)[:-1]][sizes > 1] + 1
@@ -116,13 +116,14 @@ def rank1(scores: np.ndarray, sizes: np.ndarray) -> float:
     return float(np.mean(hits)) if hits else float("nan")
 
 
-def cross_fitted_logits(margins: np.ndarray, cosines: np.ndarray, label: np.ndarray, fold: np.ndarray) -> np.ndarray:
+def cross_fitted_logits(margins: np.ndarray, cosines: np.ndarray, label: np.ndarray, query: np.ndarray,
+                        fold: np.ndarray) -> np.ndarray:
     """Fused logits where each fold is scored by the fusion fitted on the other folds (all pairs of one query share
     a fold, so no query is ranked by a fit that saw its own pairs)."""
     out = np.empty(len(margins), dtype=np.float64)
     for f in np.unique(fold):
         mine = fold == f
         other = ~mine if (~mine).any() else mine
-        fit = score_fusion.fit(margins[other], cosines[other], label[other])
+        fit = score_fusion.fit(margins[other], cosines[other], label[other], query[other])
         out[mine] = fit.logit(margins[mine], cosines[mine])
     return out

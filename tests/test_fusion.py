@@ -1,5 +1,5 @@
-"""The ranking score: the logistic fit of the TIA margin and itc cosine (known weights recovered, a harmful head
-dropped, too little data falls back to TIA), its file (round trip, damaged or negative weights refused), the
+"""The ranking score: the fusion of the TIA margin and itc cosine (the ranking direction recovered and calibrated,
+a head that ranks backwards dropped, too little data falls back to TIA), its file (round trip, damaged or negative weights refused), the
 cross-fitted validation Rank@1, and the model version that changes with the fusion."""
 from __future__ import annotations
 
@@ -16,36 +16,46 @@ from tests.fake_features import make_tiny_backbone, write_fake_features
 from tests.test_scoring import train_tiny_model
 
 
-def _logistic_data(n: int, tia: float, itc: float, bias: float, seed: int = 0):
+def _ranking_data(queries: int, tia: float, itc: float, seed: int = 0, candidates: int = 20):
+    """Groups of candidates whose true one is drawn from softmax(tia x margin + itc x cosine) over the group: the
+    conditional-logit model the direction fit assumes, so its weights are recoverable."""
     rng = np.random.default_rng(seed)
-    margin, cosine = rng.normal(0, 2, n), rng.normal(0, 0.3, n)
-    label = rng.random(n) < 1 / (1 + np.exp(-(tia * margin + itc * cosine + bias)))
-    return margin, cosine, label
+    margin = rng.normal(0, 2, (queries, candidates))
+    cosine = rng.normal(0, 0.3, (queries, candidates))
+    s = tia * margin + itc * cosine
+    p = np.exp(s - s.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    true = (rng.random((queries, 1)) < p.cumsum(axis=1)).argmax(axis=1)
+    label = np.zeros((queries, candidates), dtype=bool)
+    label[np.arange(queries), true] = True
+    group = np.repeat(np.arange(queries), candidates)
+    return margin.ravel(), cosine.ravel(), label.ravel(), group
 
 
-def test_fit_recovers_the_weights_of_a_known_logistic_model():
-    margin, cosine, label = _logistic_data(200_000, tia=1.5, itc=6.0, bias=-2.0)
-    f = fusion.fit(margin, cosine, label, {"source": "test"})
-    assert f.tia == pytest.approx(1.5, rel=0.05) and f.itc == pytest.approx(6.0, rel=0.05)
-    # Positives and negatives weigh one half each: the intercept moves by the log prior odds (a balanced prior).
-    n_pos, n_neg = label.sum(), (~label).sum()
-    assert f.bias == pytest.approx(-2.0 + np.log(n_neg / n_pos), abs=0.05)
-    assert f.fitted == {"source": "test", "positives": int(n_pos), "negatives": int(n_neg)}
+def test_fit_recovers_the_ranking_direction_and_calibrates_on_a_balanced_prior():
+    margin, cosine, label, group = _ranking_data(20_000, tia=1.5, itc=6.0)
+    f = fusion.fit(margin, cosine, label, group, {"source": "test"})
+    assert f.itc / f.tia == pytest.approx(4.0, rel=0.05)
+    # Scale and bias are the class-balanced logistic fit on the fused sum: refitting them changes nothing.
+    z = margin + (f.itc / f.tia) * cosine
+    (scale,), bias = fusion._logistic(z[:, None], label)
+    assert f.tia == pytest.approx(scale, rel=1e-6) and f.bias == pytest.approx(bias, rel=1e-6)
+    assert f.fitted == {"source": "test", "positives": 20_000, "negatives": 380_000}
     assert f.uses_itc and "itc cosine" in f.describe()
     np.testing.assert_allclose(f.logit(margin[:3], cosine[:3]), f.tia * margin[:3] + f.itc * cosine[:3] + f.bias)
+    # balanced prior: the mean P(aligned) over positives and over negatives straddle 0.5
+    p = 1 / (1 + np.exp(-f.logit(margin, cosine)))
+    assert p[label].mean() > 0.5 > p[~label].mean()
 
 
 def test_a_head_that_ranks_backwards_is_dropped_and_too_few_pairs_keep_tia():
-    rng = np.random.default_rng(1)
-    label = rng.random(5000) < 0.1
-    margin = 2.0 * label + rng.normal(0, 1, 5000)
-    cosine = -0.5 * label + rng.normal(0, 0.2, 5000)  # this "head" prefers the wrong pairs
-    f = fusion.fit(margin, cosine, label)
+    margin, cosine, label, group = _ranking_data(2000, tia=1.0, itc=-4.0, seed=1)  # the "itc head" prefers wrong pairs
+    f = fusion.fit(margin, cosine, label, group)
     assert f.itc == 0.0 and f.tia > 0 and f.fitted["dropped"] == ["itc"] and not f.uses_itc
-    few = fusion.fit(margin[:50], cosine[:50], np.r_[np.ones(3, bool), np.zeros(47, bool)])
+    few = fusion.fit(margin[:100], cosine[:100], label[:100], group[:100])  # 5 queries: 5 positives
     assert (few.tia, few.itc, few.bias) == (1.0, 0.0, 0.0) and "too few" in few.fitted["note"]
     # No cosine at all (a model without an itc head): a TIA-only fit.
-    assert fusion.fit(margin, None, label).itc == 0.0
+    assert fusion.fit(margin, None, label, group).itc == 0.0
 
 
 def test_fusion_file_round_trip_and_refusals(tmp_path):
@@ -65,11 +75,11 @@ def test_fusion_file_round_trip_and_refusals(tmp_path):
 def test_rank1_and_cross_fitting_use_no_query_s_own_pairs():
     # two queries of 3 candidates: the first's true candidate wins, the second's ties (ties count as a miss)
     assert rank1(np.array([3.0, 1.0, 2.0, 5.0, 5.0, 1.0]), np.array([3, 3])) == 0.5
-    margin, cosine, label = _logistic_data(4000, tia=1.0, itc=4.0, bias=-1.0, seed=2)
-    fold = np.arange(4000) // 100 % 2  # "queries" of 100 pairs, alternating folds
-    out = cross_fitted_logits(margin, cosine, label, fold)
+    margin, cosine, label, group = _ranking_data(200, tia=1.0, itc=4.0, seed=2)
+    fold = group % 2
+    out = cross_fitted_logits(margin, cosine, label, group, fold)
     for f in (0, 1):
-        other = fusion.fit(margin[fold != f], cosine[fold != f], label[fold != f])
+        other = fusion.fit(margin[fold != f], cosine[fold != f], label[fold != f], group[fold != f])
         np.testing.assert_allclose(out[fold == f], other.logit(margin[fold == f], cosine[fold == f]))
 
 
