@@ -93,6 +93,17 @@ def test_pyarrow_dataset_reads_the_tables_as_downstream_would(tmp_path, features
     assert dataset.count_rows() == 3 * (N_PRODUCTS + N_PRODUCTS * IMAGES_PER_PRODUCT)
 
 
+def _every_margin(model, features):
+    """The loaded model, its catalog, and the TIA margin of every (text, image) pair as a texts x images matrix."""
+    rt = resolve_runtime("cpu", "fp32")
+    loaded = load_model(model, rt)
+    catalog = open_catalog([str(features)], loaded)
+    texts, n_images = catalog.text_ids, len(catalog.index)
+    pairs = np.stack(np.meshgrid(np.arange(len(texts)), np.arange(n_images), indexing="ij"), -1).reshape(-1, 2)
+    margin = CrossEncoderScorer(loaded.model, rt).score(texts, IndexedImages(catalog.index, catalog.reader), pairs)
+    return loaded, catalog, margin.reshape(len(texts), n_images)
+
+
 def test_two_stage_equals_exhaustive_when_recall_covers_the_catalog(tmp_path, features, model_dir):
     """recall-k >= catalog size: every pair reaches the re-rank, so the tables are the exhaustive cross-encoder
     ranking. Uses the model without an itc head (the backbone-fallback recall), which must work too."""
@@ -100,13 +111,7 @@ def test_two_stage_equals_exhaustive_when_recall_covers_the_catalog(tmp_path, fe
     n_images = N_PRODUCTS * IMAGES_PER_PRODUCT
     retrieve.run(_args(features, model_dir, out, "--top-k", n_images, "--recall-k", n_images, "--index", "flat"))
     assert "fallback" in json.loads((out / "_run.json").read_text())["recall_embedding"]
-    rt = resolve_runtime("cpu", "fp32")
-    loaded = load_model(model_dir, rt)
-    catalog = open_catalog([str(features)], loaded)
-    texts = catalog.text_ids
-    all_pairs = np.stack(np.meshgrid(np.arange(len(texts)), np.arange(n_images), indexing="ij"), -1).reshape(-1, 2)
-    margins = CrossEncoderScorer(loaded.model, rt).score(texts, IndexedImages(catalog.index, catalog.reader), all_pairs)
-    m = margins.reshape(len(texts), n_images)
+    _, catalog, m = _every_margin(model_dir, features)
     t2i = read_table(str(out / "text_to_image.parquet"), "retrieval").to_pydict()
     i2t = read_table(str(out / "image_to_text.parquet"), "retrieval").to_pydict()
     assert len(t2i["query_id"]) == N_PRODUCTS * n_images and len(i2t["query_id"]) == n_images * N_PRODUCTS
@@ -135,14 +140,8 @@ def test_tables_rank_by_the_fused_score_of_the_model_folder(tmp_path, features, 
     n_images = N_PRODUCTS * IMAGES_PER_PRODUCT
     summary = retrieve.run(_args(features, model, out, "--top-k", n_images, "--recall-k", n_images, "--index", "flat"))
     assert "itc cosine" in summary["ranking_score"] and "-s" in summary["model"]["version"]
-    rt = resolve_runtime("cpu", "fp32")
-    loaded = load_model(model, rt)
+    loaded, catalog, margin = _every_margin(model, features)
     assert loaded.fusion == fused and loaded.version == summary["model"]["version"]
-    catalog = open_catalog([str(features)], loaded)
-    texts = catalog.text_ids
-    all_pairs = np.stack(np.meshgrid(np.arange(len(texts)), np.arange(n_images), indexing="ij"), -1).reshape(-1, 2)
-    margin = CrossEncoderScorer(loaded.model, rt).score(texts, IndexedImages(catalog.index, catalog.reader), all_pairs)
-    margin = margin.reshape(len(texts), n_images)
     t2i = read_table(str(out / "text_to_image.parquet"), "retrieval").to_pydict()
     tia_order_differs = False
     for t, pid in enumerate(catalog.texts.product_ids):
