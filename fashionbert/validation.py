@@ -83,14 +83,15 @@ def validate(model, s100: SampleHundred, config: FashionBertConfig, rt) -> tuple
     margins, cosines = head_scores(model, s100, config, rt)
     sizes = np.asarray([len(c) for c in s100.candidates])
     query = np.repeat(np.arange(len(s100)), sizes)
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]  # each query's true candidate comes first
     label = np.zeros(len(margins), dtype=bool)
-    label[np.r_[0, np.cumsum(sizes)[:-1]]] = True
+    label[starts] = True
     fitted = {"source": "training validation", "queries": len(s100), "pool_products": len(s100.pool_products)}
     fusion = score_fusion.fit(margins, cosines, label, query, fitted) if cosines is not None else None
     fused = cross_fitted_logits(margins, cosines, label, query, query % 2) if cosines is not None else margins
 
     pos, neg = margins[label], margins[~label]
-    first_negative = np.r_[0, np.cumsum(sizes)[:-1]][sizes > 1] + 1
+    first_negative = starts[sizes > 1] + 1
     accuracy = np.r_[pos > 0, margins[first_negative] <= 0]
     metrics = {
         "rank1_t2i": rank1(fused, sizes),
