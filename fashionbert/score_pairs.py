@@ -6,7 +6,8 @@
 output (Parquet or CSV, by --out's extension) keeps the input's columns and row order and adds `score`
 (float32 P(aligned), the same ranking score as the retrieval tables' `score`: see fashionbert/fusion.py). A
 row whose id is missing or unknown to --features is not scored: it goes to the rejects file
-(schemas.PAIR_REJECTS: 0-based input row, ids, reason), so input rows = output rows + rejects. Both files are written to a temporary name and renamed into place.
+(schemas.PAIR_REJECTS: 0-based input row, ids, reason), so input rows = output rows + rejects. Both files are
+written to a temporary name and renamed into place.
 """
 from __future__ import annotations
 

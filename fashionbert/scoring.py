@@ -41,7 +41,6 @@ from .dual_encoder import ITC_PREFIX, ContrastiveHead, DualEncoder, length_batch
 from .errors import UserError
 from .features import (FeatureFolder, FeatureReader, ImageIndex, TextTable, index_images, load_texts,
                        open_feature_folders)
-from .fusion import ScoreFusion
 from .modeling import WEIGHTS_NAME, FashionBertModel
 from .patch_cnn import COLOUR_DIM
 
@@ -98,7 +97,7 @@ class LoadedModel:
     version: str  # <sha256 of the weights, 12 hex>[-s<sha256 of score_fusion.json, 6 hex>][-step<N>]
     step: int | None
     has_itc_head: bool
-    fusion: ScoreFusion  # the ranking score (TIA alone without a score_fusion.json)
+    fusion: score_fusion.ScoreFusion  # the ranking score (TIA alone without a score_fusion.json)
 
     @property
     def config(self) -> FashionBertConfig:
@@ -400,7 +399,7 @@ class PairScorer:
 
     `cosines=True` computes the cosine even when the fusion does not use it (evaluate's per-head figures)."""
 
-    def __init__(self, cross: CrossEncoderScorer, fusion: ScoreFusion, cosines: bool = False):
+    def __init__(self, cross: CrossEncoderScorer, fusion: score_fusion.ScoreFusion, cosines: bool = False):
         self.cross = cross
         self.fusion = fusion
         self.dual = DualEncoder(cross.model, cross.runtime.device) if (fusion.uses_itc or cosines) else None
