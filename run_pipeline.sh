@@ -30,7 +30,7 @@ cmd="${1:-}"
 case "$cmd" in
   demo)
     ensure_venv
-    exec "$VENV/bin/python" -m fashionbert.demo "$@"
+    exec "$VENV/bin/python" -m fashionbert.commands.demo "$@"
     ;;
   test)
     ensure_venv

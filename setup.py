@@ -31,5 +31,5 @@ setup(
     packages=find_packages(include=["fashionbert", "fashionbert.*", "pipelines", "pipelines.*", "schemas", "schemas.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest==9.2.0"]},
-    entry_points={"console_scripts": ["fashionbert=fashionbert.cli:main"]},
+    entry_points={"console_scripts": ["fashionbert=fashionbert.commands.cli:main"]},
 )

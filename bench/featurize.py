@@ -25,7 +25,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fashionbert.patch_cnn import PatchCNN, run_batched  # noqa: E402
+from fashionbert.model.patch_cnn import PatchCNN, run_batched  # noqa: E402
 from pipelines.decode import decode_image, fit_square  # noqa: E402
 from tests.featurize_helpers import hm_subset  # noqa: E402
 
@@ -72,7 +72,7 @@ def bare_cnn_workers(images: np.ndarray, workers: int, batch: int = 32) -> float
 
 def pipeline(manifest: str, out: str, mode: str, workers: int) -> tuple[float, int]:
     """Wall time of the CLI as a user runs it, in a child process; returns (images/s, peak RSS MB)."""
-    cmd = [sys.executable, "-m", "fashionbert.cli", "featurize", "--catalog", manifest, "--out", out,
+    cmd = [sys.executable, "-m", "fashionbert.commands.cli", "featurize", "--catalog", manifest, "--out", out,
            "--patch-mode", mode, "--no-progress", "--overwrite", f"--direct_num_workers={workers}", *HM_ARGS]
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out_fh, tempfile.TemporaryFile("w+") as err_fh:

@@ -29,18 +29,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fashionbert.batching import pad_texts  # noqa: E402
-from fashionbert.config import FashionBertConfig  # noqa: E402
-from fashionbert.evaluate import gallery_ranks, recall_at  # noqa: E402
-from fashionbert.features import FeatureReader, index_images, load_texts, open_feature_folders, validation_mask  # noqa: E402
-from fashionbert.modeling import FashionBertModel  # noqa: E402
-from fashionbert.patch_cnn import FEATURE_DIM  # noqa: E402
-from fashionbert.recall import search  # noqa: E402
-from fashionbert.retrieve import dual_encoder_for, rank_rows, two_stage  # noqa: E402
-from fashionbert.scoring import ArrayImages, CrossEncoderScorer, Runtime, resolve_runtime  # noqa: E402
-from fashionbert.train import _quiet  # noqa: E402
-from tests.fake_features import make_tiny_backbone, write_fake_features  # noqa: E402
 from bench.flops import matmul_gflops  # noqa: E402
+from fashionbert.data.batching import pad_texts  # noqa: E402
+from fashionbert.data.feature_catalog import ArrayImages
+from fashionbert.data.features import (FeatureReader, index_images, load_texts, open_feature_folders,  # noqa: E402
+                                       validation_mask)
+from fashionbert.evaluation.evaluate import gallery_ranks, recall_at  # noqa: E402
+from fashionbert.model.config import FashionBertConfig  # noqa: E402
+from fashionbert.model.modeling import FashionBertModel  # noqa: E402
+from fashionbert.model.patch_cnn import FEATURE_DIM  # noqa: E402
+from fashionbert.rank.cross_encoder import CrossEncoderScorer
+from fashionbert.rank.neighbours import search  # noqa: E402
+from fashionbert.rank.retrieve import dual_encoder_for, rank_rows, two_stage  # noqa: E402
+from fashionbert.runtime import Runtime, resolve_runtime  # noqa: E402
+from fashionbert.train.trainer import _quiet  # noqa: E402
+from tests.fake_features import make_tiny_backbone, write_fake_features  # noqa: E402
 
 
 def encoder_flops(cfg: FashionBertConfig, seq: float) -> float:
@@ -149,9 +152,9 @@ def train_small(features: Path, tmp: Path, rt: Runtime, steps: int, val_fraction
     first third) on the training products; returns the model as scoring loads it and the held-out mask (the
     same group-id split train used). The packaged MiniLM by default: a randomly initialised tiny backbone
     stayed on TIA's chance plateau for 250+ steps here."""
-    from fashionbert.scoring import load_model
-    from fashionbert.train import add_arguments as train_arguments
-    from fashionbert.train import run as train_run
+    from fashionbert.model.loading import load_model
+    from fashionbert.train.trainer import add_arguments as train_arguments
+    from fashionbert.train.trainer import run as train_run
 
     if backbone == "tiny":
         backbone = str(make_tiny_backbone(tmp / "small-bert", layers=2, hidden=64, heads=2, intermediate=128))

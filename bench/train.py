@@ -27,17 +27,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fashionbert.adaptive_loss import TaskWeighter  # noqa: E402
-from fashionbert.backbone import load_tokenizer  # noqa: E402
-from fashionbert.batching import (BatchSettings, ImageStream, MaskingVocab, PairBuilder, StreamPosition,  # noqa: E402
-                                  iter_batches)
-from fashionbert.config import FashionBertConfig  # noqa: E402
-from fashionbert.features import FeatureReader, index_images, load_texts, open_feature_folders  # noqa: E402
-from fashionbert.modeling import FashionBertModel  # noqa: E402
-from fashionbert.patch_cnn import FEATURE_DIM  # noqa: E402
-from fashionbert.train import _quiet, add_arguments, run  # noqa: E402
-from tests.fake_features import write_fake_features  # noqa: E402
 from bench.flops import matmul_gflops  # noqa: E402
+from fashionbert.data.batching import (BatchSettings, ImageStream, MaskingVocab, PairBuilder, StreamPosition,
+                                       iter_batches)
+from fashionbert.data.features import FeatureReader, index_images, load_texts, open_feature_folders  # noqa: E402
+from fashionbert.model.backbone import load_tokenizer  # noqa: E402
+from fashionbert.model.config import FashionBertConfig  # noqa: E402
+from fashionbert.model.modeling import FashionBertModel  # noqa: E402
+from fashionbert.model.patch_cnn import FEATURE_DIM  # noqa: E402
+from fashionbert.train.adaptive_loss import TaskWeighter  # noqa: E402
+from fashionbert.train.trainer import _quiet, add_arguments, run  # noqa: E402
+from tests.fake_features import write_fake_features  # noqa: E402
 
 
 def analytic_flops_per_pair(cfg: FashionBertConfig, text_len: float, mlm_tokens: float, mpm_patches: float,

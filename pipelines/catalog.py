@@ -255,7 +255,7 @@ def read_hdf5_range(cfg: FeaturizeConfig, start: int, stop: int):
 
 
 def synthetic_rows(cfg: FeaturizeConfig, seed: int, start: int, stop: int):
-    from fashionbert import synth
+    from fashionbert.data import synth
 
     for i in range(start, stop):
         p = synth.render_product(seed, i)

@@ -50,7 +50,7 @@ class FeaturizeConfig:
 
     def image_fingerprint(self) -> str:
         """Everything that changes an image's features; part of each image row's content hash."""
-        from fashionbert.patch_cnn import FEATURE_LAYOUT
+        from fashionbert.model.patch_cnn import FEATURE_LAYOUT
 
         keys = ("image_size", "grid", "fit", "cnn", "patch_mode", "patch_size", "precision")
         return _fingerprint({"v": FEATURIZE_VERSION, "layout": FEATURE_LAYOUT, **{k: getattr(self, k) for k in keys}})

@@ -6,7 +6,7 @@
     every stage's rejects --AssignShards--> rejects shards
 
 Shards are written into a staging folder; the driver then renumbers them, writes `_run.json` and
-publishes the folder atomically (`fashionbert.publish`).
+publishes the folder atomically (`fashionbert.data.publish`).
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 import schemas
-from fashionbert import publish
+from fashionbert.data import publish
 from fashionbert.errors import UserError
-from fashionbert.patch_cnn import FEATURE_DIM
+from fashionbert.model.patch_cnn import FEATURE_DIM
 
 from . import images as img
 from . import storage
@@ -123,8 +123,8 @@ def _preflight(cfg: FeaturizeConfig) -> None:
     """Load the tokenizer and find the CNN weights in the driver: a missing package or a bad --backbone
     fails here with one clear line, and local worker threads later find the (lazily importing)
     transformers modules already loaded instead of racing to import them."""
-    from fashionbert.backbone import load_tokenizer
-    from fashionbert.patch_cnn import CNNS, weights_path
+    from fashionbert.model.backbone import load_tokenizer
+    from fashionbert.model.patch_cnn import CNNS, weights_path
 
     load_tokenizer(cfg.backbone)
     weights_path(CNNS[cfg.cnn])

@@ -1,6 +1,6 @@
 """Image stages: read + hash, reconcile with the previous run, decode to squares, run the patch CNN.
 
-The pure work lives in `decode.py` and `fashionbert.patch_cnn`; these DoFns only move elements, count
+The pure work lives in `decode.py` and `fashionbert.model.patch_cnn`; these DoFns only move elements, count
 them (Beam metrics) and turn `RejectError`s into reject rows on a tagged output.
 """
 from __future__ import annotations
@@ -14,11 +14,11 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from . import storage
 from .catalog import CatalogRow
 from .config import FeaturizeConfig
 from .decode import decode_array, decode_image, fit_square
 from .rejects import Reject, RejectError
-from . import storage
 from .shards import Sharded
 
 REJECTS = "rejects"
@@ -44,7 +44,7 @@ class ImageReader:
 
     def read(self, row: CatalogRow):
         if row.synth_ref is not None:
-            from fashionbert import synth
+            from fashionbert.data import synth
 
             return synth.render_product(*row.synth_ref).image_bytes
         if row.h5_ref is not None:
@@ -261,7 +261,7 @@ class EmbedPatches(beam.DoFn):
     def setup(self):
         import torch
 
-        from fashionbert.patch_cnn import PatchCNN
+        from fashionbert.model.patch_cnn import PatchCNN
 
         torch.set_num_threads(max(1, self.torch_threads))
         cfg = self.cfg
@@ -273,7 +273,7 @@ class EmbedPatches(beam.DoFn):
     def process(self, batch):
         import time
 
-        from fashionbert.patch_cnn import run_batched
+        from fashionbert.model.patch_cnn import run_batched
 
         squares = [(i, sq) for i, (_, sq, _) in enumerate(batch) if sq is not None]
         feats = {}

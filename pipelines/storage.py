@@ -1,6 +1,6 @@
 """Output folders through Beam's FileSystems, so workers of a remote runner can write to gs://, s3://, ...
 
-Local folders are published with one atomic directory rename (`fashionbert.publish`). Object stores
+Local folders are published with one atomic directory rename (`fashionbert.data.publish`). Object stores
 have no atomic folder rename: there the files are moved one by one and `_SUCCESS` is written last, after
 the old output's `_SUCCESS` was removed first, so a reader that waits for `_SUCCESS` (as every reader
 here does) never reads a mixture.
@@ -11,7 +11,7 @@ import posixpath
 
 from apache_beam.io.filesystems import FileSystems
 
-from fashionbert import publish
+from fashionbert.data import publish
 
 SUCCESS = publish.SUCCESS
 

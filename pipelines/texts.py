@@ -7,9 +7,9 @@ import hashlib
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from . import storage
 from .catalog import CatalogRow
 from .config import FeaturizeConfig
-from . import storage
 from .shards import Sharded
 
 NS = "featurize"
@@ -71,7 +71,7 @@ class TokenizeTexts(beam.DoFn):
         self.cfg = cfg
 
     def setup(self):
-        from fashionbert.backbone import load_tokenizer
+        from fashionbert.model.backbone import load_tokenizer
 
         self.tokenizer = load_tokenizer(self.cfg.backbone)
 

@@ -138,7 +138,7 @@ def write_fake_features(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer is None:
-        from fashionbert.backbone import load_tokenizer
+        from fashionbert.model.backbone import load_tokenizer
 
         tokenizer = load_tokenizer(None)
     products = make_products(n_products, seed, subcategories, attributes)
@@ -201,7 +201,7 @@ def make_tiny_backbone(out: str | Path, layers: int = 2, hidden: int = 64, heads
     import torch
     from transformers import BertConfig, BertForPreTraining, BertModel
 
-    from fashionbert.backbone import resolve_backbone
+    from fashionbert.model.backbone import resolve_backbone
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

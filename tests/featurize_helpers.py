@@ -47,7 +47,7 @@ def write_manifest(manifest: str, rows: list[dict]) -> None:
 
 def synthetic_row(manifest: str, seed: int, index: int) -> dict:
     """A new synthetic product's manifest row, its image written next to the catalog's others."""
-    from fashionbert import synth
+    from fashionbert.data import synth
 
     p = synth.render_product(seed, index)
     with open(os.path.join(os.path.dirname(manifest), "images", f"{p.image_id}.png"), "wb") as fh:

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from fashionbert.adaptive_loss import (MODES, SharedLayerProbe, TaskWeighter, closed_form_weights, n_from_grad_norms,
-                                       n_from_losses)
+from fashionbert.train.adaptive_loss import (MODES, SharedLayerProbe, TaskWeighter, closed_form_weights,
+                                             n_from_grad_norms, n_from_losses)
 
 torch.set_num_threads(1)
 

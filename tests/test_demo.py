@@ -1,7 +1,7 @@
 """The demo's reuse rule: a second demo run reuses the model only when features and training recipe are unchanged."""
 import json
 
-from fashionbert import demo
+from fashionbert.commands import demo
 
 
 def _fake_training(calls):

@@ -11,13 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from fashionbert import evaluate, fuse
 from fashionbert.errors import UserError
-from fashionbert.evaluate import draw_candidates, gallery_ranks, recall_at, sample_hundred
-from fashionbert.fusion import FUSION_NAME, ScoreFusion
-from fashionbert.recall import Neighbours
-from fashionbert.retrieve import rank_rows
-from fashionbert.scoring import PairScores, load_model, resolve_runtime
+from fashionbert.evaluation import evaluate
+from fashionbert.evaluation import fit_fusion as fuse
+from fashionbert.evaluation.evaluate import draw_candidates, gallery_ranks, recall_at, sample_hundred
+from fashionbert.model.loading import load_model
+from fashionbert.model.score_fusion import FUSION_NAME, ScoreFusion
+from fashionbert.rank.cross_encoder import PairScores
+from fashionbert.rank.neighbours import Neighbours
+from fashionbert.rank.retrieve import rank_rows
+from fashionbert.runtime import resolve_runtime
 from tests.fake_features import make_tiny_backbone, write_fake_features
 from tests.test_scoring import fit_itc_head, train_tiny_model
 

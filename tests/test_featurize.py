@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import schemas
-from fashionbert import synth
+from fashionbert.data import synth
 from fashionbert.errors import UserError
-from fashionbert.patch_cnn import FEATURE_DIM
+from fashionbert.model.patch_cnn import FEATURE_DIM
 from pipelines import featurize as featurize_module
 from tests.bad_corpus import make_bad_corpus
 from tests.featurize_helpers import (HM_COLUMNS, HM_DEV, featurize, hm_subset, read_kind, read_manifest, run_info,
@@ -193,7 +193,7 @@ def test_previous_must_be_complete(tmp_path):
     ("synthetic:abc", "synthetic:N"),
 ])
 def test_cli_bad_catalog_is_one_clear_line(tmp_path, catalog, message):
-    proc = subprocess.run([sys.executable, "-m", "fashionbert.cli", "featurize", "--catalog", str(catalog),
+    proc = subprocess.run([sys.executable, "-m", "fashionbert.commands.cli", "featurize", "--catalog", str(catalog),
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.returncode == 2
@@ -203,7 +203,7 @@ def test_cli_bad_catalog_is_one_clear_line(tmp_path, catalog, message):
 
 def test_cli_missing_column_names_columns_and_fix(tmp_path):
     manifest = synth.write_catalog(tmp_path / "cat", 2)
-    proc = subprocess.run([sys.executable, "-m", "fashionbert.cli", "featurize", "--catalog", manifest,
+    proc = subprocess.run([sys.executable, "-m", "fashionbert.commands.cli", "featurize", "--catalog", manifest,
                            "--out", str(tmp_path / "o"), "--id-column", "sku"], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.returncode == 2 and "'sku'" in proc.stderr and "--id-column" in proc.stderr
@@ -231,7 +231,7 @@ def test_sdist_ships_the_code_packages(tmp_path):
                    capture_output=True)
     (sdist,) = list(tmp_path.glob("*.tar.gz"))
     names = tarfile.open(sdist).getnames()
-    for module in ("pipelines/featurize.py", "pipelines/decode.py", "fashionbert/patch_cnn.py", "schemas/__init__.py",
+    for module in ("pipelines/featurize.py", "pipelines/decode.py", "fashionbert/model/patch_cnn.py", "schemas/__init__.py",
                    "setup.py"):
         assert any(n.endswith(module) for n in names), module
 

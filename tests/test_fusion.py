@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from fashionbert import fusion
 from fashionbert.errors import UserError
-from fashionbert.scoring import load_model, resolve_runtime
-from fashionbert.validation import cross_fitted_logits, rank1
+from fashionbert.evaluation.quick_validation import cross_fitted_logits, rank1
+from fashionbert.model import score_fusion as fusion
+from fashionbert.model.loading import load_model
+from fashionbert.runtime import resolve_runtime
 from tests.fake_features import make_tiny_backbone, write_fake_features
 from tests.test_scoring import train_tiny_model
 

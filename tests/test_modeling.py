@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
+from fashionbert.model.config import FashionBertConfig
+from fashionbert.model.modeling import FashionBertModel, alignment_loss, masked_lm_loss, masked_patch_kl_loss
+from fashionbert.train.trainer import _quiet
 from tests.fake_features import make_tiny_backbone
-from fashionbert.config import FashionBertConfig
-from fashionbert.modeling import (FashionBertModel, alignment_loss, masked_lm_loss, masked_patch_kl_loss)
-from fashionbert.train import _quiet
 
 torch.set_num_threads(1)
 FEATURE_DIM = 16
@@ -180,7 +180,7 @@ def itc_model(tiny_backbone):
 
 
 def test_itc_is_a_fourth_task_on_aligned_rows(itc_model, model):
-    from fashionbert.dual_encoder import itc_loss
+    from fashionbert.model.contrastive import itc_loss
 
     assert model.tasks == ("mlm", "mpm", "tia") and not hasattr(model, "itc_head")
     assert itc_model.tasks == ("mlm", "mpm", "tia", "itc")
@@ -206,7 +206,7 @@ def test_itc_is_a_fourth_task_on_aligned_rows(itc_model, model):
 def test_adaptive_grad_probe_sums_over_every_encoder_pass(itc_model):
     """With itc the shared layer runs three times per batch (joint, text-only, image-only); the probe's norm
     must equal the real gradient of the shared weight for every task."""
-    from fashionbert.adaptive_loss import TaskWeighter
+    from fashionbert.train.adaptive_loss import TaskWeighter
 
     weighter = TaskWeighter("adaptive-grad", itc_model, itc_model.tasks)
     ids, attn, feats = _inputs(batch=4, seed=1)
@@ -268,7 +268,7 @@ def test_packaged_minilm_backbone_and_bf16_matches_fp32():
     the stated tolerance of fp32 (max(0.02, 2%) per task) on the same batch."""
     from safetensors import safe_open
 
-    from fashionbert.backbone import resolve_backbone
+    from fashionbert.model.backbone import resolve_backbone
 
     torch.manual_seed(0)
     m = _quiet(lambda: FashionBertModel.from_pretrained_backbone(FashionBertConfig(feature_dim=FEATURE_DIM))).eval()

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from fashionbert import nightly, synth
+from fashionbert.commands import nightly
+from fashionbert.data import synth
 from schemas import RETRIEVAL, read_table
 from tests.featurize_helpers import read_manifest, synthetic_row, write_manifest
 
@@ -30,7 +31,7 @@ EVAL = ["--eval-args", "--split all --queries 6 --candidates 5 --recall-k 5"]
 
 
 def _cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "fashionbert.cli", *map(str, args), "--no-progress"],
+    return subprocess.run([sys.executable, "-m", "fashionbert.commands.cli", *map(str, args), "--no-progress"],
                           capture_output=True, text=True, env=ENV, **kw)
 
 
@@ -175,7 +176,7 @@ def test_failure_in_a_later_stage_names_it_and_leaves_latest(first_run, tmp_path
 def test_killed_run_leaves_latest_and_releases_the_lock(first_run, tmp_path):
     manifest, work = _copy(first_run, tmp_path)
     before = os.path.realpath(work / "latest")
-    proc = subprocess.Popen([sys.executable, "-m", "fashionbert.cli", "nightly", "--catalog", "synthetic:400",
+    proc = subprocess.Popen([sys.executable, "-m", "fashionbert.commands.cli", "nightly", "--catalog", "synthetic:400",
                              "--workdir", str(work), "--no-progress"], env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 60

@@ -12,8 +12,8 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 import schemas
-from fashionbert import synth
-from fashionbert.patch_cnn import FEATURE_DIM
+from fashionbert.data import synth
+from fashionbert.model.patch_cnn import FEATURE_DIM
 from pipelines import catalog, images, shards, texts
 from pipelines.config import FeaturizeConfig
 from tests.bad_corpus import BAD_TEXT_BYTES, png_declaring
@@ -126,7 +126,7 @@ def test_colour_statistics_per_cell():
     """The 6 colour numbers after the CNN's channels: per-cell opponent mean (row-major cells) and spread."""
     import torch
 
-    from fashionbert.patch_cnn import _OPPONENT, COLOUR_DIM, colour_statistics
+    from fashionbert.model.patch_cnn import _OPPONENT, COLOUR_DIM, colour_statistics
 
     img = np.zeros((1, 64, 64, 3), dtype=np.float32)
     img[:, :, :32] = (25 / 255, 35 / 255, 95 / 255)  # navy on the left half

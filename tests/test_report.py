@@ -19,8 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fashionbert import evaluate, report, retrieve
 from fashionbert.errors import UserError
+from fashionbert.evaluation import evaluate, report
+from fashionbert.rank import retrieve
 from tests.fake_features import make_tiny_backbone, write_fake_features
 from tests.test_scoring import train_tiny_model
 

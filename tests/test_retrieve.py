@@ -12,10 +12,14 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 
-from fashionbert import recall, retrieve
+from fashionbert.data.feature_catalog import IndexedImages, open_catalog
 from fashionbert.errors import UserError
-from fashionbert.fusion import ScoreFusion
-from fashionbert.scoring import CrossEncoderScorer, IndexedImages, load_model, open_catalog, resolve_runtime
+from fashionbert.model.loading import load_model
+from fashionbert.model.score_fusion import ScoreFusion
+from fashionbert.rank import neighbours as recall
+from fashionbert.rank import retrieve
+from fashionbert.rank.cross_encoder import CrossEncoderScorer
+from fashionbert.runtime import resolve_runtime
 from schemas import RETRIEVAL, read_table
 from tests.fake_features import make_tiny_backbone, write_fake_features
 from tests.test_scoring import fit_itc_head, train_tiny_model

@@ -15,14 +15,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fashionbert import score_pairs
-from fashionbert.batching import pad_texts
-from fashionbert.dual_encoder import ContrastiveHead, DualEncoder, contrastive_loss, itc_loss, length_batches
+from fashionbert.data.batching import length_batches, pad_texts
+from fashionbert.data.feature_catalog import ArrayImages, IndexedImages, open_catalog
 from fashionbert.errors import UserError
-from fashionbert.fusion import ScoreFusion
-from fashionbert.scoring import (ArrayImages, CrossEncoderScorer, IndexedImages, load_model, open_catalog, probability,
-                                 resolve_runtime)
-from fashionbert.train import run as train_run
+from fashionbert.model.contrastive import ContrastiveHead, contrastive_loss, itc_loss
+from fashionbert.model.loading import load_model
+from fashionbert.model.score_fusion import ScoreFusion
+from fashionbert.rank import score_pairs
+from fashionbert.rank.cross_encoder import CrossEncoderScorer, probability
+from fashionbert.rank.embeddings import DualEncoder
+from fashionbert.runtime import resolve_runtime
+from fashionbert.train.trainer import run as train_run
 from schemas import read_table
 from tests.fake_features import make_tiny_backbone, write_fake_features
 from tests.test_train import assert_import_neither_beam_nor_faiss, make_args
@@ -354,9 +357,9 @@ def test_score_pairs_user_errors(tmp_path, features, model_dir):
 
 
 def test_scoring_modules_import_neither_beam_nor_faiss():
-    assert_import_neither_beam_nor_faiss("fashionbert.scoring", "fashionbert.dual_encoder", "fashionbert.score_pairs",
-                                         "fashionbert.evaluate", "fashionbert.retrieve", "fashionbert.report",
-                                         "fashionbert.recall", "fashionbert.fuse", "fashionbert.fusion")
+    assert_import_neither_beam_nor_faiss("fashionbert.rank.cross_encoder", "fashionbert.model.contrastive", "fashionbert.rank.embeddings", "fashionbert.model.loading", "fashionbert.data.feature_catalog", "fashionbert.runtime", "fashionbert.rank.score_pairs",
+                                         "fashionbert.evaluation.evaluate", "fashionbert.rank.retrieve", "fashionbert.evaluation.report",
+                                         "fashionbert.rank.neighbours", "fashionbert.evaluation.fit_fusion", "fashionbert.model.score_fusion")
 
 
 def test_help_explains_the_options():

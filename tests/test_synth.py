@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fashionbert import synth
-from fashionbert.synth import (COLOURS, GARMENTS, MANIFEST_COLUMNS, PATTERNS, SynthProduct, iter_products,
-                               render_image, render_product, write_catalog)
+from fashionbert.data import synth
+from fashionbert.data.synth import (COLOURS, GARMENTS, MANIFEST_COLUMNS, PATTERNS, SynthProduct, iter_products,
+                                    render_image, render_product, write_catalog)
 
 
 @pytest.fixture(scope="module")

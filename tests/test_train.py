@@ -16,17 +16,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fashionbert import checkpoint as ckpt
-from fashionbert.backbone import load_tokenizer
-from fashionbert.batching import (BatchSettings, ImageStream, MaskingVocab, PairBuilder, StreamPosition, iter_batches,
-                                  mask_patches, mask_tokens)
+from fashionbert.data.batching import (BatchSettings, ImageStream, MaskingVocab, PairBuilder, StreamPosition,
+                                       iter_batches, mask_patches, mask_tokens)
+from fashionbert.data.features import (FeatureReader, index_images, load_texts, open_feature_folder,
+                                       open_feature_folders, validation_mask)
 from fashionbert.errors import UserError
-from fashionbert.features import (FeatureReader, index_images, load_texts, open_feature_folder, open_feature_folders,
-                                  validation_mask)
-from fashionbert.fusion import FUSION_NAME
-from fashionbert.modeling import FashionBertModel
-from fashionbert.train import KILL_AT_STEP_ENV, add_arguments, run
-from fashionbert.validation import roc_auc
+from fashionbert.evaluation.quick_validation import roc_auc
+from fashionbert.model.backbone import load_tokenizer
+from fashionbert.model.modeling import FashionBertModel
+from fashionbert.model.score_fusion import FUSION_NAME
+from fashionbert.train import checkpoint as ckpt
+from fashionbert.train.trainer import KILL_AT_STEP_ENV, add_arguments, run
 from tests.fake_features import write_fake_features
 
 torch.set_num_threads(1)
@@ -329,8 +329,8 @@ def assert_import_neither_beam_nor_faiss(*modules: str) -> None:
 
 
 def test_train_imports_neither_beam_nor_faiss():
-    assert_import_neither_beam_nor_faiss("fashionbert.train", "fashionbert.modeling", "fashionbert.features",
-                                         "fashionbert.checkpoint", "fashionbert.validation")
+    assert_import_neither_beam_nor_faiss("fashionbert.train", "fashionbert.model.modeling", "fashionbert.data.features",
+                                         "fashionbert.train.checkpoint", "fashionbert.evaluation.quick_validation")
 
 
 def test_help_explains_the_options():
@@ -376,7 +376,7 @@ def test_rendered_synthetic_catalog_quality_rank1(tmp_path):
     for 300 steps, and the fused ranking score: held-out sample-100 text->image Rank@1 >= 0.9 (cross-fitted, ~150
     queries). Opt-in: ~3 min featurize + ~22 min training on the 2-core dev CPU. Measured there on this recipe's
     model: Rank@1 by the TIA head alone 0.69, by the itc cosine 0.94, fused 0.93."""
-    from fashionbert import synth
+    from fashionbert.data import synth
     from tests.featurize_helpers import featurize
 
     manifest = synth.write_catalog(tmp_path / "catalog", 600, seed=1)

@@ -14,12 +14,12 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .features import FeatureReader, ImageIndex, TextTable, truncate_ids
+from fashionbert.data.features import FeatureReader, ImageIndex, TextTable, truncate_ids
 
 IGNORE_INDEX = -100
 
@@ -473,3 +473,18 @@ def build_sample_hundred(texts: TextTable, index: ImageIndex, val_rows: np.ndarr
         cands.append(np.concatenate([[q], chosen]).astype(np.int64))
         qtexts.append(texts.input_ids[int(products[q])][0])
     return SampleHundred(products[query_pos], cands, products, feats, qtexts)
+
+
+def length_batches(order: np.ndarray, lengths: np.ndarray, token_budget: int, max_rows: int,
+                    extra_tokens: int) -> Iterable[np.ndarray]:
+    """Cut `order` (ascending length) into batches whose padded size (rows x (longest + extra)) stays within
+    the token budget (always at least one row)."""
+    start = 0
+    n = len(order)
+    while start < n:
+        stop = start + 1
+        while stop < n and stop - start < max_rows and \
+                (stop - start + 1) * (int(lengths[order[stop]]) + extra_tokens) <= token_budget:
+            stop += 1
+        yield order[start:stop]
+        start = stop

@@ -15,11 +15,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import fusion as score_fusion
-from .batching import SampleHundred, pad_texts
-from .config import FashionBertConfig
-from .dual_encoder import DualEncoder
-from .fusion import ScoreFusion
+from fashionbert.data.batching import SampleHundred, pad_texts
+from fashionbert.model import score_fusion as score_fusion
+from fashionbert.model.config import FashionBertConfig
+from fashionbert.model.score_fusion import ScoreFusion
+from fashionbert.rank.embeddings import DualEncoder
 
 
 def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:

@@ -10,7 +10,7 @@ passes, which is also a cheap extra training signal for the shared encoder.
 Integration with training: `fashionbert train --itc-dim D` (default 256) makes the model build a head here as
 `model.itc_head` (config.itc_dim / itc_pooling), so its weights sit in the model's state dict (`itc_head.*` in
 model.safetensors) and travel with every checkpoint; `FashionBertModel.forward` adds `itc_loss` as the fourth
-task, weighted with the other three by the same adaptive loss. `fashionbert.scoring.load_model` also attaches
+task, weighted with the other three by the same adaptive loss. `fashionbert.model.loading.load_model` also attaches
 a head to a loaded model whose weights file has one but whose config predates `itc_dim`. A model without a head
 (`--itc-dim 0`) still gives recall vectors (`DualEncoder` then mean-pools the backbone's hidden states,
 unprojected): usable, but untrained for the purpose.
@@ -19,16 +19,11 @@ Imports torch, numpy and the package's batching helpers only: training runs on b
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Callable, Iterable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .batching import pad_texts
 
 # modeling.IGNORE_INDEX, restated: modeling imports this module to build its itc_head.
 IGNORE_INDEX = -100
@@ -173,86 +168,3 @@ def itc_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, patch
 
 
 # ----------------------------------------------------------------------------------------------- batch embedding
-class DualEncoder:
-    """L2-normalised recall vectors for texts and images, in batches (inference only).
-
-    With `model.itc_head`: the head's projections. Without: the mean-pooled hidden states of the two passes,
-    unprojected (the identity projection), so recall works before training has the itc task, at whatever
-    quality the backbone gives; `description` says which was used.
-    """
-
-    def __init__(self, model, device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager]
-                 = contextlib.nullcontext, max_text_len: int | None = None):
-        self.model = model
-        self.head: ContrastiveHead | None = getattr(model, "itc_head", None)
-        self.device = device
-        self.autocast = autocast
-        self.max_text_len = max_text_len or int(model.config.max_text_len)
-
-    @property
-    def trained(self) -> bool:
-        return self.head is not None
-
-    @property
-    def description(self) -> str:
-        if self.head is not None:
-            return f"itc_head ({self.head.pooling} pooling, {self.head.dim}-d projection, trained contrastively)"
-        return ("backbone fallback: mean-pooled text-only / image-only hidden states, identity projection "
-                "(the model has no itc_head; recall is untrained)")
-
-    @torch.inference_mode()
-    def embed_texts(self, texts: Sequence[np.ndarray], token_budget: int = 16384, max_rows: int = 512) -> np.ndarray:
-        """(n, d) float32 in the order given. Texts are sorted by length and batched under a token budget, so
-        a batch pads to within a few tokens of each of its rows."""
-        cfg = self.model.config
-        lengths = np.fromiter((min(len(t), self.max_text_len) for t in texts), dtype=np.int64, count=len(texts))
-        order = np.argsort(lengths, kind="stable")
-        out: np.ndarray | None = None
-        for batch in length_batches(order, lengths, token_budget, max_rows, extra_tokens=0):
-            ids, mask = pad_texts([texts[i] for i in batch], self.max_text_len, cfg.pad_token_id, cfg.sep_token_id)
-            ids, mask = torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
-            with self.autocast():
-                if self.head is not None:
-                    vec = self.head.embed_text(self.model, ids, mask)
-                else:
-                    vec = F.normalize(masked_mean(text_states(self.model, ids, mask), mask), dim=-1)
-            vec = vec.float().cpu().numpy()
-            if out is None:
-                out = np.empty((len(texts), vec.shape[1]), dtype=np.float32)
-            out[batch] = vec
-        return out if out is not None else np.zeros((0, self.dim), dtype=np.float32)
-
-    @torch.inference_mode()
-    def embed_images(self, feature_batches: Iterable[np.ndarray]) -> np.ndarray:
-        """(n, d) float32 for feature batches ((b, P, D) float16 each) in the order given."""
-        parts = []
-        for feats in feature_batches:
-            if len(feats) == 0:
-                continue
-            x = torch.from_numpy(np.ascontiguousarray(feats)).to(self.device).float()
-            with self.autocast():
-                if self.head is not None:
-                    vec = self.head.embed_image(self.model, x)
-                else:
-                    vec = F.normalize(masked_mean(image_states(self.model, x), None), dim=-1)
-            parts.append(vec.float().cpu().numpy())
-        return np.concatenate(parts) if parts else np.zeros((0, self.dim), dtype=np.float32)
-
-    @property
-    def dim(self) -> int:
-        return self.head.dim if self.head is not None else int(self.model.config.hidden_size)
-
-
-def length_batches(order: np.ndarray, lengths: np.ndarray, token_budget: int, max_rows: int,
-                    extra_tokens: int) -> Iterable[np.ndarray]:
-    """Cut `order` (ascending length) into batches whose padded size (rows x (longest + extra)) stays within
-    the token budget (always at least one row)."""
-    start = 0
-    n = len(order)
-    while start < n:
-        stop = start + 1
-        while stop < n and stop - start < max_rows and \
-                (stop - start + 1) * (int(lengths[order[stop]]) + extra_tokens) <= token_budget:
-            stop += 1
-        yield order[start:stop]
-        start = stop

@@ -10,11 +10,11 @@ import json
 import logging
 import sys
 
-from .errors import UserError
+from fashionbert.errors import UserError
 
 
 def _synth(args: argparse.Namespace) -> None:
-    from . import synth
+    from fashionbert.data import synth
 
     if args.products <= 0:
         raise UserError(f"--products must be positive, got {args.products}")
@@ -36,12 +36,13 @@ def _featurize(args: argparse.Namespace, beam_args: list[str]) -> None:
 def _run_module(name: str, args: argparse.Namespace) -> None:
     import importlib
 
-    summary = importlib.import_module(f"fashionbert.{name}").run(args)
+    summary = importlib.import_module(name).run(args)
     print(json.dumps(summary, indent=2, default=str))
 
 
-MODULE_COMMANDS = {"train": "train", "fuse": "fuse", "score-pairs": "score_pairs", "evaluate": "evaluate",
-                   "retrieve": "retrieve", "report": "report"}
+MODULE_COMMANDS = {"train": "fashionbert.train.trainer", "fuse": "fashionbert.evaluation.fit_fusion",
+                   "score-pairs": "fashionbert.rank.score_pairs", "evaluate": "fashionbert.evaluation.evaluate",
+                   "retrieve": "fashionbert.rank.retrieve", "report": "fashionbert.evaluation.report"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "--direct_num_workers, --project, --setup_file, ...) go to Beam's PipelineOptions.")
     featurize_arguments(f)
 
-    from . import nightly
+    from fashionbert.commands import nightly
 
     for name, help_text in (
         ("nightly", "scheduled run: incremental featurize against latest, train (optional), retrieval tables, "
@@ -71,7 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         nightly.add_arguments(sub.add_parser(name, help=help_text, description=nightly.__doc__,
                                              formatter_class=argparse.RawDescriptionHelpFormatter))
 
-    from . import evaluate, fuse, report, retrieve, score_pairs, train
+    from fashionbert.evaluation import evaluate
+    from fashionbert.evaluation import fit_fusion as fuse
+    from fashionbert.evaluation import report
+    from fashionbert.rank import retrieve, score_pairs
+    from fashionbert.train import trainer as train
 
     for name, module, help_text in (
         ("train", train, "train FashionBERT on featurize outputs (PyTorch)"),
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, extra = parser.parse_known_args(argv)
     if args.command in ("nightly", "backfill"):
-        from . import nightly
+        from fashionbert.commands import nightly
 
         return nightly.main(argv[1:], from_scratch=args.command == "backfill")
     if extra and args.command != "featurize":

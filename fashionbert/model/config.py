@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .patch_cnn import FEATURE_DIM
+from fashionbert.errors import UserError
+from fashionbert.model.patch_cnn import FEATURE_DIM
 
 CONFIG_NAME = "config.json"
 MODEL_TYPE = "fashionbert"
@@ -46,7 +46,7 @@ class FashionBertConfig:
     # Dropout of the encoder (hidden and attention), the patch embeddings and the TIA classifier; None keeps the
     # backbone's own rates. `fashionbert train` defaults to 0: see its --dropout help for the measurements.
     dropout: float | None = None
-    # The contrastive "itc" task and its recall embeddings (fashionbert.dual_encoder): the projection size of the
+    # The contrastive "itc" task and its recall embeddings (fashionbert.model.contrastive): the projection size of the
     # text-only / image-only vectors, 0 = no itc head (a three-task model, as in the paper), and their pooling.
     itc_dim: int = 0
     itc_pooling: str = "mean"

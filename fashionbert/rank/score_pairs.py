@@ -4,7 +4,7 @@
 
 `--pairs` is Parquet or CSV with columns `product_id` (whose text) and `image_id`, plus any others. The
 output (Parquet or CSV, by --out's extension) keeps the input's columns and row order and adds `score`
-(float32 P(aligned), the same ranking score as the retrieval tables' `score`: see fashionbert/fusion.py). A
+(float32 P(aligned), the same ranking score as the retrieval tables' `score`: see fashionbert/model/score_fusion.py). A
 row whose id is missing or unknown to --features is not scored: it goes to the rejects file
 (schemas.PAIR_REJECTS: 0-based input row, ids, reason), so input rows = output rows + rejects. Both files are
 written to a temporary name and renamed into place.
@@ -18,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .scoring import (CrossEncoderScorer, IndexedImages, PairScorer, add_runtime_arguments, load_model, open_catalog,
-                      probability, resolve_runtime)
+from fashionbert.data.feature_catalog import IndexedImages, open_catalog
+from fashionbert.errors import UserError
+from fashionbert.model.loading import load_model
+from fashionbert.rank.cross_encoder import CrossEncoderScorer, PairScorer, add_batching_arguments, probability
+from fashionbert.runtime import add_runtime_arguments, resolve_runtime
 
 ID_COLUMNS = ("product_id", "image_id")
 SCORE = "score"
@@ -40,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rejects", metavar="FILE", default=None,
                    help="Parquet file for rows that could not be scored, with the reason (default: OUT's name with "
                         "'.rejects.parquet')")
-    add_runtime_arguments(parser)
+    add_batching_arguments(add_runtime_arguments(parser))
 
 
 def _format(path: str, option: str) -> str:

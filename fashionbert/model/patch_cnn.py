@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from fashionbert.errors import UserError
 
 CNN_DIM = 1280
 COLOUR_DIM = 6

@@ -18,9 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fashionbert.errors import UserError
 from schemas import META_FEATURE_DIM, META_GRID, SchemaError, read_schema, read_table
-
-from .errors import UserError
 
 SUCCESS = "_SUCCESS"
 RUN_JSON = "_run.json"

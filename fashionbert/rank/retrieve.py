@@ -4,11 +4,11 @@
 
 A cross-encoder cannot score every text against every image of a real catalog (100k x 100k pairs), so:
 1. recall: every text and every image gets a dual embedding (a text-only and an image-only pass through the
-   model's backbone, see dual_encoder.py); a faiss index returns each query's top --recall-k candidates by
+   model's backbone, see fashionbert/model/contrastive.py); a faiss index returns each query's top --recall-k candidates by
    cosine;
 2. re-rank: the FashionBERT cross-encoder scores those candidates (the TIA head's logit margin); the final rank
    is by the model's ranking score, P(aligned) from the TIA margin fused with the recall cosine per the model's
-   score_fusion.json (fashionbert/fusion.py; the TIA margin alone for a model folder without one). The table's
+   score_fusion.json (fashionbert/model/score_fusion.py; the TIA margin alone for a model folder without one). The table's
    `score` is that P(aligned), `recall_score` the cosine.
 The two directions' candidate pairs overlap (mutual neighbours), so each distinct (text, image) pair is
 scored once.
@@ -32,13 +32,15 @@ from typing import Sequence
 
 import numpy as np
 
-from . import publish
-from .dual_encoder import DualEncoder
-from .errors import UserError
-from .fusion import TIA_ONLY, ScoreFusion
-from .recall import DEFAULT_EXACT_MAX, KINDS, Neighbours, search
-from .scoring import (CrossEncoderScorer, ImageSource, IndexedImages, add_runtime_arguments, iter_features,
-                      load_model, open_catalog, probability, resolve_runtime)
+from fashionbert.data import publish
+from fashionbert.data.feature_catalog import ImageSource, IndexedImages, iter_features, open_catalog
+from fashionbert.errors import UserError
+from fashionbert.model.loading import load_model
+from fashionbert.model.score_fusion import TIA_ONLY, ScoreFusion
+from fashionbert.rank.cross_encoder import CrossEncoderScorer, add_batching_arguments, probability
+from fashionbert.rank.embeddings import DualEncoder
+from fashionbert.rank.neighbours import DEFAULT_EXACT_MAX, KINDS, Neighbours, search
+from fashionbert.runtime import add_runtime_arguments, resolve_runtime
 
 TEXT_TO_IMAGE = "text_to_image.parquet"
 IMAGE_TO_TEXT = "image_to_text.parquet"
@@ -194,7 +196,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "a new id. An orchestrator (`fashionbert nightly`) passes its own run's id so that the tables "
                         "join to its run")
     add_retrieval_arguments(parser)
-    add_runtime_arguments(parser)
+    add_batching_arguments(add_runtime_arguments(parser))
 
 
 def add_retrieval_arguments(parser: argparse.ArgumentParser, top_k: bool = True) -> None:

@@ -34,8 +34,8 @@ import sys
 import time
 import traceback
 
-from . import publish
-from .errors import UserError
+from fashionbert.data import publish
+from fashionbert.errors import UserError
 
 # Appended before the user's --train-args (argparse keeps the last value, so the user's win). One checkpoint
 # is what evaluate needs (it reads the training split from it); a nightly run never resumes, so older ones
@@ -52,7 +52,8 @@ class PassThrough:
     """One later stage's options, given to nightly as a single string and parsed by that stage's own parser."""
 
     option: str  # nightly's option holding them
-    module: str  # the fashionbert module (and, with '-' for '_', the subcommand) that receives them
+    command: str  # the `fashionbert` subcommand that receives them
+    module: str  # its module
     reserved: tuple[str, ...]  # options nightly sets itself, refused in the string
 
     @property
@@ -61,10 +62,11 @@ class PassThrough:
 
 
 PASS_THROUGH = {
-    "train": PassThrough("--train-args", "train", ("--features", "--out", "--resume")),
-    "retrieve": PassThrough("--retrieve-args", "retrieve",
+    "train": PassThrough("--train-args", "train", "fashionbert.train.trainer", ("--features", "--out", "--resume")),
+    "retrieve": PassThrough("--retrieve-args", "retrieve", "fashionbert.rank.retrieve",
                             ("--features", "--model", "--out", "--overwrite", "--run-id", "--top-k", "--recall-k")),
-    "evaluate": PassThrough("--eval-args", "evaluate", ("--features", "--model", "--out")),
+    "evaluate": PassThrough("--eval-args", "evaluate", "fashionbert.evaluation.evaluate",
+                            ("--features", "--model", "--out")),
 }
 
 
@@ -181,8 +183,7 @@ class _StageParser(argparse.ArgumentParser):
         self.spec = spec
 
     def error(self, message: str):
-        command = self.spec.module.replace("_", "-")
-        raise UserError(f"{self.spec.option}: {message}; `fashionbert {command} --help` lists its options")
+        raise UserError(f"{self.spec.option}: {message}; `fashionbert {self.spec.command} --help` lists its options")
 
 
 # Why each option nightly sets itself is refused inside a pass-through string, and what to do instead.
@@ -207,7 +208,7 @@ def split_pass_through(spec: PassThrough, text: str) -> list[str]:
 def _parse_stage(stage: str, argv: list[str]) -> argparse.Namespace:
     spec = PASS_THROUGH[stage]
     parser = _StageParser(spec)
-    importlib.import_module(f"fashionbert.{spec.module}").add_arguments(parser)
+    importlib.import_module(spec.module).add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -276,7 +277,7 @@ def _featurize_stage(ctx: RunContext) -> dict:
 
 
 def _train_stage(ctx: RunContext) -> dict:
-    from . import train
+    from fashionbert.train import trainer as train
 
     out = os.path.join(ctx.run_dir, "train")
     result = train.run(_parse_stage("train", _train_argv(ctx.args, ctx.features, out)))
@@ -287,7 +288,7 @@ def _train_stage(ctx: RunContext) -> dict:
 
 
 def _retrieve_stage(ctx: RunContext) -> dict:
-    from . import retrieve
+    from fashionbert.rank import retrieve
 
     out = os.path.join(ctx.run_dir, "retrieval")
     argv = _retrieve_argv(ctx.args, ctx.features, ctx.model["path"], out, ctx.run_id)
@@ -298,7 +299,7 @@ def _retrieve_stage(ctx: RunContext) -> dict:
 
 
 def _evaluate_stage(ctx: RunContext) -> dict:
-    from . import evaluate
+    from fashionbert.evaluation import evaluate
 
     out = os.path.join(ctx.run_dir, "metrics.json")
     metrics = evaluate.run(_parse_stage("evaluate", _evaluate_argv(ctx.args, ctx.features, ctx.model["path"], out)))

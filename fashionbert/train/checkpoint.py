@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UserError
+from fashionbert.errors import UserError
 
 CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
@@ -130,7 +130,7 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler
 
 def save_tokenizer(tokenizer, folder: Path) -> None:
     """The tokenizer files, plus a plain WordPiece vocab.txt (transformers 5 writes only tokenizer.json), so
-    that any BERT tool, and `fashionbert.backbone.load_tokenizer`, can read the folder."""
+    that any BERT tool, and `fashionbert.model.backbone.load_tokenizer`, can read the folder."""
     tokenizer.save_pretrained(str(folder))
     vocab_file = Path(folder) / "vocab.txt"
     if not vocab_file.exists():

@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from .errors import UserError
+from fashionbert.errors import UserError
 
 KINDS = ("auto", "flat", "hnsw", "ivf", "torch")
 DEFAULT_EXACT_MAX = 100_000

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from fashionbert.errors import UserError
 
 FUSION_NAME = "score_fusion.json"
 # A small ridge on the standardised weights: with a few hundred positives the fit is stable either way; the

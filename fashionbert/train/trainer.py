@@ -28,17 +28,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
-from .adaptive_loss import MODES as TASK_WEIGHT_MODES
-from .adaptive_loss import TaskWeighter
-from .backbone import DEFAULT_BACKBONE, load_tokenizer
-from .batching import (BatchSettings, MaskingVocab, PairBuilder, Prefetcher, StreamPosition, build_sample_hundred,
-                       iter_batches, ImageStream)
-from .config import FashionBertConfig
-from .errors import UserError
-from .features import FeatureReader, index_images, load_texts, open_feature_folders, validation_mask
-from .modeling import FashionBertModel
-from .validation import validate
+from fashionbert.data.batching import (BatchSettings, ImageStream, MaskingVocab, PairBuilder, Prefetcher,
+                                       StreamPosition, build_sample_hundred, iter_batches)
+from fashionbert.data.features import FeatureReader, index_images, load_texts, open_feature_folders, validation_mask
+from fashionbert.errors import UserError
+from fashionbert.evaluation.quick_validation import validate
+from fashionbert.model.backbone import load_tokenizer
+from fashionbert.model.config import FashionBertConfig
+from fashionbert.model.modeling import FashionBertModel
+from fashionbert.runtime import Runtime, setup_runtime
+from fashionbert.train import checkpoint as ckpt
+from fashionbert.train.adaptive_loss import TaskWeighter
+from fashionbert.train.config import TrainConfig, add_arguments, config_from_args
 
 # The tasks that match text to image; the warm-up trains these alone.
 MATCHING_TASKS = ("tia", "itc")
@@ -51,193 +52,6 @@ RESUME_MUST_MATCH = ("batch_size", "itc_dim", "itc_pooling", "dropout", "tia_war
                      "val_fraction", "task_weights", "lr", "warmup", "weight_decay", "shuffle_window", "world_size")
 # A test seam: the process SIGKILLs itself after this step (to test --resume against a real kill).
 KILL_AT_STEP_ENV = "FASHIONBERT_TEST_KILL_AT_STEP"
-
-
-# ============================================================================================ arguments
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("data")
-    g.add_argument("--features", action="append", required=True, metavar="DIR",
-                   help="featurize output folder (with _SUCCESS); repeat to train on several")
-    g.add_argument("--out", required=True, metavar="DIR",
-                   help="output folder: checkpoints/, model/ (final model for scoring), metrics.jsonl, "
-                        "training_curves.png, summary.json")
-    g.add_argument("--val-fraction", type=float, default=0.05,
-                   help="fraction of products held out for validation, split by a hash of group_id so that "
-                        "products of one group stay together; deterministic (default 0.05)")
-    g.add_argument("--split-seed", type=int, default=0,
-                   help="salt of the train/validation hash; keep it fixed to compare runs (default 0)")
-    g.add_argument("--neg-ratio", type=int, default=1,
-                   help="negative pairs per positive pair, each the positive's image with another product's "
-                        "text or its text with another product's image (default 1)")
-    g.add_argument("--random-neg-fraction", type=float, default=0.5,
-                   help="share of negatives drawn from any product rather than the same sub-category; "
-                        "same-sub-category negatives alone kept TIA at chance in calibration (default 0.5)")
-    g.add_argument("--max-text-len", type=int, default=None,
-                   help="max text tokens incl. [CLS]/[SEP] (default: featurize's max_text_len, else 64)")
-    g.add_argument("--shuffle-window", type=int, default=512,
-                   help="images per shuffle window: the stream reads this many images at a time, shuffles "
-                        "them, and draws image negatives from them; memory ~ window x 160 KB (default 512)")
-
-    g = parser.add_argument_group("model")
-    g.add_argument("--backbone", default=DEFAULT_BACKBONE, metavar="DIR",
-                   help="pretrained BERT folder (config.json, weights, vocab); 'minilm' = the packaged "
-                        "all-MiniLM-L6-v2 (default). Must use the vocabulary featurize tokenized with")
-    g.add_argument("--mlm-probability", type=float, default=0.15, help="share of text words masked (default 0.15)")
-    g.add_argument("--mpm-probability", type=float, default=0.10, help="share of patches masked (default 0.10)")
-    g.add_argument("--dropout", type=float, default=0.0,
-                   help="dropout of the encoder, patch embeddings and TIA head; -1 keeps the backbone's own (0.1 "
-                        "for BERT). Default 0: on this CPU dropout's random masks cost ~15%% of a training step, and "
-                        "in a controlled 4x4 text-image matching test dropout 0.1 kept TIA on its chance plateau "
-                        ">3x longer (default 0)")
-    g.add_argument("--itc-dim", type=int, default=256,
-                   help="the contrastive itc task (a 4th task under the same task weights): text-only and "
-                        "image-only passes projected to this many dimensions, trained with in-batch InfoNCE on "
-                        "the aligned pairs; the retrieval stage's recall vectors. 0 = the paper's three tasks "
-                        "only (then recall falls back to untrained mean-pooled states) (default 256)")
-    g.add_argument("--itc-pooling", choices=("mean", "cls"), default="mean",
-                   help="how the itc head pools a single-modality pass (default mean)")
-    g.add_argument("--no-whole-word-mask", dest="whole_word_mask", action="store_false",
-                   help="mask WordPiece tokens independently instead of whole words")
-
-    g = parser.add_argument_group("optimisation")
-    length = g.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=None, help="optimizer steps to train for")
-    length.add_argument("--epochs", type=float, default=None,
-                        help="passes over the training images (default 1 when --steps is not given)")
-    g.add_argument("--batch-size", type=int, default=32,
-                   help="positive pairs per micro-batch per process; with --neg-ratio R the model sees "
-                        "batch-size x (1+R) rows (default 32)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    g.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (default 1e-4)")
-    g.add_argument("--warmup", type=float, default=0.05,
-                   help="linear warm-up: steps if >= 1, else a fraction of all steps; then linear decay to 0 "
-                        "(default 0.05)")
-    g.add_argument("--weight-decay", type=float, default=0.01,
-                   help="AdamW weight decay, not applied to biases and LayerNorm weights (default 0.01)")
-    g.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clipping, 0 = off (default 1.0)")
-    g.add_argument("--tia-warmup", type=float, default=0.1,
-                   help="first steps (>= 1) or fraction of all steps (< 1) that train the matching tasks alone "
-                        "(TIA, and itc when on, equal weights) on unmasked pairs before MLM and MPM join. Why: text-image matching starts on a plateau where TIA's gradient "
-                        "is tiny; with MLM's much larger gradient in Adam's normaliser it stayed at chance for "
-                        "hundreds of steps in our tests, alone it leaves the plateau in tens (default 0.1)")
-    g.add_argument("--task-weights", choices=TASK_WEIGHT_MODES, default="adaptive-grad",
-                   help="MLM/MPM/TIA(/itc) weights, w_i = (aK - n_i)^-1 / sum_j (aK - n_j)^-1 each batch: "
-                        "adaptive-grad = n from each task's share of the squared gradient norm on the last "
-                        "encoder layer's FFN output weight (the paper); adaptive-loss = n = softmax(losses)^2 "
-                        "(the official code); fixed = equal weights (default adaptive-grad)")
-    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order, masks, dropout (default 0)")
-
-    g = parser.add_argument_group("runtime")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto = cuda if available, else cpu (default auto)")
-    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="bf16 autocast or fp32; auto = bf16 where the device has native bf16 (CUDA with bf16, "
-                        "CPUs with AVX512-BF16/AMX), else fp32. Measured on the dev CPU (AVX512-BF16, MiniLM, "
-                        "same batches): per-task losses within 0.1%% of fp32 (tests allow max(0.02, 2%%)), a "
-                        "training step 1.5x faster on one thread, bf16 matmuls 2.3-4x faster (default auto)")
-    g.add_argument("--num-threads", type=int, default=0, help="torch CPU threads per process, 0 = torch's default")
-    g.add_argument("--prefetch", type=int, default=2,
-                   help="batches prepared ahead in a background thread, 0 = none (default 2)")
-
-    g = parser.add_argument_group("validation, checkpoints, logging")
-    g.add_argument("--val-every", type=int, default=500, help="validate every N steps, 0 = only at the end (default 500)")
-    g.add_argument("--val-queries", type=int, default=100,
-                   help="held-out text queries of the quick sample-100 Rank@1, each against its image and up "
-                        "to 100 others of the sub-category (default 100)")
-    g.add_argument("--val-max-images", type=int, default=1000,
-                   help="held-out images kept in memory as the validation pool (default 1000)")
-    g.add_argument("--checkpoint-every", type=int, default=500,
-                   help="write a checkpoint every N steps (and at the end), 0 = only at the end (default 500)")
-    g.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept, 0 = all (default 3)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue from the newest complete checkpoint in OUT/checkpoints (fresh start if none)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-
-
-# ============================================================================================ runtime
-@dataclasses.dataclass
-class Runtime:
-    device: torch.device
-    precision: str
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-
-def cpu_has_native_bf16() -> bool:
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, c, lambda: False)()) for c in checks)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise UserError("--precision bf16: this GPU has no bf16 support; use --precision fp32")
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    # Without native bf16 instructions CPU autocast emulates bf16 and runs slower than fp32.
-    return "bf16" if cpu_has_native_bf16() else "fp32"
-
-
-def setup_runtime(device: str, precision: str) -> Runtime:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(dev)
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return Runtime(device=dev, precision=resolve_precision(precision, dev), rank=rank, world=world, local_rank=local_rank)
-
-
-def _all_reduce_mean(rt: Runtime, values: torch.Tensor) -> torch.Tensor:
-    if not rt.distributed:
-        return values
-    import torch.distributed as dist
-
-    v = values.to(rt.device if rt.device.type == "cuda" else "cpu").clone()
-    dist.all_reduce(v)
-    return (v / rt.world).cpu()
-
-
-def _all_gather_ints(rt: Runtime, values: list[int]) -> list[list[int]]:
-    if not rt.distributed:
-        return [values]
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.long, device=rt.device if rt.device.type == "cuda" else "cpu")
-    out = [torch.zeros_like(t) for _ in range(rt.world)]
-    dist.all_gather(out, t)
-    return [o.cpu().tolist() for o in out]
-
-
-def _barrier(rt: Runtime) -> None:
-    if rt.distributed:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 # ============================================================================================ pieces
@@ -342,23 +156,17 @@ def _check_resume_options(saved: dict, current: dict, where: Path) -> None:
                         f"checkpoint's options or train into a new --out")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: TrainConfig) -> dict[str, Any]:
     """Train; returns a summary with the final step, metrics and model folder."""
     t_start = time.time()
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    rt = setup_runtime(args.device, args.precision)
+    rt = setup_runtime(args.device, args.precision, args.num_threads)
     try:
         return _run(args, rt, t_start)
     finally:
-        if rt.distributed:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        rt.close()
 
 
-def _run(args: argparse.Namespace, rt: Runtime, t_start: float) -> dict[str, Any]:
+def _run(args: TrainConfig, rt: Runtime, t_start: float) -> dict[str, Any]:
     out = Path(args.out).expanduser()
     if args.batch_size < 1 or args.grad_accum < 1 or args.neg_ratio < 0:
         raise UserError("--batch-size and --grad-accum must be >= 1, --neg-ratio >= 0")
@@ -370,7 +178,7 @@ def _run(args: argparse.Namespace, rt: Runtime, t_start: float) -> dict[str, Any
                         f"that run, or choose a new --out")
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
-    _barrier(rt)
+    rt.barrier()
 
     # ---- data
     folders = open_feature_folders(args.features)
@@ -533,7 +341,7 @@ def _run(args: argparse.Namespace, rt: Runtime, t_start: float) -> dict[str, Any
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            reduced = _all_reduce_mean(rt, torch.cat([task_sum / args.grad_accum, torch.tensor([float(rows)])]))
+            reduced = rt.all_reduce_mean(torch.cat([task_sum / args.grad_accum, torch.tensor([float(rows)])]))
             losses = reduced[: len(tasks)]
             rows_global = float(reduced[-1]) * rt.world
             weights = w_sum / args.grad_accum
@@ -602,7 +410,7 @@ def _run(args: argparse.Namespace, rt: Runtime, t_start: float) -> dict[str, Any
         tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, out / SUMMARY)
         _log(f"train: done at step {step}; model in {model_dir}")
-    _barrier(rt)
+    rt.barrier()
     return summary
 
 
@@ -624,13 +432,13 @@ def _validation_line(val: dict) -> str:
 
 def _save(rt, out, step, model, tokenizer, optimizer, scheduler, options, position, args, last_train, last_val,
           fusion=None):
-    positions = _all_gather_ints(rt, position.as_list())
+    positions = rt.all_gather_ints(position.as_list())
     if rt.main:
         info = {"options": options, "positions": positions, "batches_per_rank": step * args.grad_accum,
                 "metrics": {"train": last_train, "validation": last_val}}
         ckpt.save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, info, keep=args.keep_checkpoints,
                              fusion=fusion)
-    _barrier(rt)
+    rt.barrier()
 
 
 def _try_plot(out: Path) -> Path | None:
@@ -662,9 +470,9 @@ def _log(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fashionbert train", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    config = config_from_args(parser.parse_args(argv))
     try:
-        summary = run(args)
+        summary = run(config)
     except UserError as exc:
         print(f"fashionbert train: error: {exc}", file=sys.stderr)
         return 2

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import FashionBertConfig
-from .errors import UserError
+from fashionbert.errors import UserError
+from fashionbert.model.config import FashionBertConfig
 
 WEIGHTS_NAME = "model.safetensors"
 IGNORE_INDEX = -100
@@ -150,7 +150,7 @@ class FashionBertModel(nn.Module):
         heads = [self.patch_embeddings, self.mlm_head, self.mpm_head, self.tia_head]
         if config.itc_dim:
             # Imported here: dual_encoder imports the batching helpers, which must not load with the model class.
-            from .dual_encoder import ContrastiveHead
+            from fashionbert.model.contrastive import ContrastiveHead
 
             self.itc_head = ContrastiveHead(bert_config.hidden_size, config.itc_dim, config.itc_pooling)
             heads.append(self.itc_head)
@@ -172,7 +172,7 @@ class FashionBertModel(nn.Module):
         """
         from transformers import BertModel
 
-        from .backbone import load_tokenizer, resolve_backbone
+        from fashionbert.model.backbone import load_tokenizer, resolve_backbone
 
         path = resolve_backbone(config.backbone)
         try:
@@ -318,7 +318,7 @@ class FashionBertModel(nn.Module):
         if tia_labels is not None:
             losses["tia"] = alignment_loss(tia_logits, tia_labels.long())
         if itc and getattr(self, "itc_head", None) is not None:
-            from .dual_encoder import itc_loss
+            from fashionbert.model.contrastive import itc_loss
 
             losses["itc"] = itc_loss(self, input_ids, attention_mask, patch_features, tia_labels, mlm_labels)
         return FashionBertOutput(losses=losses, tia_logits=tia_logits, sequence_output=sequence_output)
@@ -335,7 +335,7 @@ class FashionBertModel(nn.Module):
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, patch_features: torch.Tensor) -> torch.Tensor:
         """The TIA head's P(aligned) for each (text, image) row. Call `.eval()` first (`from_checkpoint` returns the
         model in eval mode); wrap in autocast for bf16. The product ranks by this fused with the itc cosine
-        (`scoring.PairScorer`, fashionbert/fusion.py) when the model folder has a score_fusion.json."""
+        (`rank.cross_encoder.PairScorer`, fashionbert/model/score_fusion.py) when the model folder has a score_fusion.json."""
         _, pooled = self.encode(input_ids, attention_mask, patch_features)
         return torch.softmax(self.tia_head(pooled).float(), dim=-1)[:, 1]
 

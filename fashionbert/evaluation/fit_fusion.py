@@ -3,7 +3,7 @@
     fashionbert fuse --features DIR --model DIR [--queries 500]
 
 The ranking score of retrieve, score-pairs and evaluate is P(aligned) = sigmoid(a x TIA margin + b x itc cosine
-+ c), three numbers in MODEL/score_fusion.json (fashionbert/fusion.py says why). Training fits them at every
++ c), three numbers in MODEL/score_fusion.json (fashionbert/model/score_fusion.py says why). Training fits them at every
 validation and saves them with the checkpoint; this command fits them for a model folder after the fact: a
 model trained before the file existed (which ranks by TIA alone), a checkpoint saved between validations, or
 a refit on more held-out queries than training's quick validation used. It scores each query text against its
@@ -21,11 +21,13 @@ import time
 
 import numpy as np
 
-from .batching import build_sample_hundred
-from .errors import UserError
-from .evaluate import add_split_arguments, held_out_products
-from .scoring import add_runtime_arguments, load_model, model_version, open_catalog, resolve_runtime
-from .validation import validate
+from fashionbert.data.batching import build_sample_hundred
+from fashionbert.data.feature_catalog import open_catalog
+from fashionbert.errors import UserError
+from fashionbert.evaluation.evaluate import add_split_arguments, held_out_products
+from fashionbert.evaluation.quick_validation import validate
+from fashionbert.model.loading import load_model, model_version
+from fashionbert.runtime import add_runtime_arguments, resolve_runtime
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-pool", type=int, default=2000,
                    help="held-out images kept in memory as candidates (default %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seed of the query and candidate draw (default 0)")
-    add_runtime_arguments(parser, batching=False)
+    add_runtime_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -9,13 +9,13 @@ import json
 import os
 import sys
 
-from .errors import UserError
+from fashionbert.errors import UserError
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo-out")
 
 
 def _catalog(out: str, products: int, seed: int) -> str:
-    from . import synth
+    from fashionbert.data import synth
 
     folder = os.path.join(out, "catalog")
     manifest = os.path.join(folder, "manifest.csv")
@@ -56,7 +56,7 @@ def _unchanged(counts: dict) -> bool:
 def _train(features: str, out: str, reuse: bool) -> dict:
     """Train, or reuse the last demo's model when the features are unchanged and it was trained with these
     settings (a model from an older demo recipe is retrained)."""
-    from . import train
+    from fashionbert.train import trainer as train
 
     model = os.path.join(out, "model")
     summary_path = os.path.join(out, "summary.json")
@@ -79,10 +79,9 @@ def _train(features: str, out: str, reuse: bool) -> dict:
 
 
 def run(out: str, products: int, seed: int) -> dict:
+    from fashionbert.data import publish
     from pipelines.config import FeaturizeConfig
     from pipelines.featurize import run as featurize
-
-    from . import publish
 
     manifest = _catalog(out, products, seed)
     features = os.path.join(out, "features")
@@ -90,7 +89,8 @@ def run(out: str, products: int, seed: int) -> dict:
     cfg = FeaturizeConfig(catalog=manifest, out=features, previous=previous, overwrite=True)
     summary = featurize(cfg)
     trained = _train(features, os.path.join(out, "train"), reuse=previous is not None and _unchanged(summary["counts"]))
-    from . import evaluate, report, retrieve
+    from fashionbert.evaluation import evaluate, report
+    from fashionbert.rank import retrieve
 
     model = os.path.join(out, "train", "model")
     metrics_path = os.path.join(out, "metrics.json")
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--products", type=int, default=300, help="synthetic products (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from .cli import quiet_beam_import_warning
+    from fashionbert.commands.cli import quiet_beam_import_warning
 
     quiet_beam_import_warning()
     try:
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.path.join(result['retrieval'], 'image_to_text.parquet')}")
     print(f"  report    {result['report']}")
     print("Headline metrics (a demo-length model: expect modest numbers):")
-    from .evaluate import headline
+    from fashionbert.evaluation.evaluate import headline
 
     for name, value in headline(result["metrics"]).items():
         print(f"  {name:24s} {value}")

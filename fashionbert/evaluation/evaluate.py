@@ -8,7 +8,7 @@ Three protocols, all on held-out products (the training split: a hash of group_i
    of other products from the same sub-category (random products where the sub-category is too small).
    Text->image ranks the query text's image among 101 images; image->text ranks its text among 101 texts.
    Rank@1/5/10, as mean and spread over several seeded draws of queries and candidates, by the model's ranking
-   score (fashionbert/fusion.py: what retrieve and score-pairs rank by) and, under `by_head`, by the TIA margin
+   score (fashionbert/model/score_fusion.py: what retrieve and score-pairs rank by) and, under `by_head`, by the TIA margin
    and the itc cosine alone. The score's three fusion weights were fitted on held-out pairs too (training's
    validation draw or `fashionbert fuse`), so its figure carries that small optimism; the per-head ones do not.
 2. TIA: accuracy of P(aligned) > 0.5 on balanced pairs (each true pair and one same-sub-category negative)
@@ -33,13 +33,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import UserError
-from .features import validation_mask
-from .recall import Neighbours
-from .retrieve import Ranked, add_retrieval_arguments, dual_encoder_for, exhaustive, two_stage
-from .scoring import (CrossEncoderScorer, IndexedImages, PairScorer, PairScores, add_runtime_arguments, load_model,
-                      open_catalog, resolve_runtime, training_options)
-from .validation import roc_auc
+from fashionbert.data.feature_catalog import IndexedImages, open_catalog
+from fashionbert.data.features import validation_mask
+from fashionbert.errors import UserError
+from fashionbert.evaluation.quick_validation import roc_auc
+from fashionbert.model.loading import load_model, training_options
+from fashionbert.rank.cross_encoder import CrossEncoderScorer, PairScorer, PairScores, add_batching_arguments
+from fashionbert.rank.neighbours import Neighbours
+from fashionbert.rank.retrieve import Ranked, add_retrieval_arguments, dual_encoder_for, exhaustive, two_stage
+from fashionbert.runtime import add_runtime_arguments, resolve_runtime
 
 RANK_KS = (1, 5, 10)
 DEFAULT_VAL_FRACTION = 0.05
@@ -206,7 +208,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="also score every gallery text against every gallery image with the cross-encoder and report "
                         "its Rank@K beside two-stage's (texts x images pairs: small galleries only)")
     add_retrieval_arguments(parser, top_k=False)
-    add_runtime_arguments(parser)
+    add_batching_arguments(add_runtime_arguments(parser))
 
 
 def add_split_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import UserError
+from fashionbert.errors import UserError
 
 DEFAULT_BACKBONE = "minilm"
 

@@ -26,8 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import UserError
-from .features import open_feature_folder
+from fashionbert.data.features import open_feature_folder
+from fashionbert.errors import UserError
 
 TOP = 10
 CURVES = "training_curves.png"
@@ -50,7 +50,7 @@ def load_source(source: str, base: str | None):
 
     try:
         if source.startswith("synthetic:"):
-            from .synth import render_product
+            from fashionbert.data.synth import render_product
 
             _, seed, index = source.split(":")
             data = render_product(int(seed), int(index)).image_bytes
@@ -320,7 +320,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from .retrieve import IMAGE_TO_TEXT, RUN_JSON, TEXT_TO_IMAGE
+    from fashionbert.rank.retrieve import IMAGE_TO_TEXT, RUN_JSON, TEXT_TO_IMAGE
 
     out = os.path.abspath(os.path.expanduser(args.out))
     if not os.path.isdir(os.path.dirname(out)):

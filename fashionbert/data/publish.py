@@ -12,7 +12,7 @@ import os
 import secrets
 import shutil
 
-from .errors import UserError
+from fashionbert.errors import UserError
 
 SUCCESS = "_SUCCESS"
 

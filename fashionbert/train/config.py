@@ -1,0 +1,160 @@
+"""`fashionbert train`'s options: the typed config the training stage runs on, and the parser that fills it.
+
+`TrainConfig`'s defaults are the command line's; nightly, the demo and tests build a `TrainConfig` directly, the
+CLI parses argv into one (`config_from_args`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from fashionbert.model.backbone import DEFAULT_BACKBONE
+from fashionbert.runtime import add_runtime_arguments
+from fashionbert.train.adaptive_loss import MODES as TASK_WEIGHT_MODES
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    features: list[str] = dataclasses.field(default_factory=list)  # featurize output folders
+    out: str = ""
+    # data
+    val_fraction: float = 0.05
+    split_seed: int = 0
+    neg_ratio: int = 1
+    random_neg_fraction: float = 0.5
+    max_text_len: int | None = None
+    shuffle_window: int = 512
+    # model
+    backbone: str = DEFAULT_BACKBONE
+    mlm_probability: float = 0.15
+    mpm_probability: float = 0.10
+    dropout: float = 0.0
+    itc_dim: int = 256
+    itc_pooling: str = "mean"
+    whole_word_mask: bool = True
+    # optimisation
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup: float = 0.05
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    tia_warmup: float = 0.1
+    task_weights: str = "adaptive-grad"
+    seed: int = 0
+    # runtime
+    device: str = "auto"
+    precision: str = "auto"
+    num_threads: int = 0
+    prefetch: int = 2
+    # validation, checkpoints, logging
+    val_every: int = 500
+    val_queries: int = 100
+    val_max_images: int = 1000
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    resume: bool = False
+    progress: bool = True
+
+
+D = TrainConfig()
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("data")
+    g.add_argument("--features", action="append", required=True, metavar="DIR",
+                   help="featurize output folder (with _SUCCESS); repeat to train on several")
+    g.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder: checkpoints/, model/ (final model for scoring), metrics.jsonl, "
+                        "training_curves.png, summary.json")
+    g.add_argument("--val-fraction", type=float, default=D.val_fraction,
+                   help="fraction of products held out for validation, split by a hash of group_id so that "
+                        "products of one group stay together; deterministic (default 0.05)")
+    g.add_argument("--split-seed", type=int, default=D.split_seed,
+                   help="salt of the train/validation hash; keep it fixed to compare runs (default 0)")
+    g.add_argument("--neg-ratio", type=int, default=D.neg_ratio,
+                   help="negative pairs per positive pair, each the positive's image with another product's "
+                        "text or its text with another product's image (default 1)")
+    g.add_argument("--random-neg-fraction", type=float, default=D.random_neg_fraction,
+                   help="share of negatives drawn from any product rather than the same sub-category; "
+                        "same-sub-category negatives alone kept TIA at chance in calibration (default 0.5)")
+    g.add_argument("--max-text-len", type=int, default=D.max_text_len,
+                   help="max text tokens incl. [CLS]/[SEP] (default: featurize's max_text_len, else 64)")
+    g.add_argument("--shuffle-window", type=int, default=D.shuffle_window,
+                   help="images per shuffle window: the stream reads this many images at a time, shuffles "
+                        "them, and draws image negatives from them; memory ~ window x 160 KB (default 512)")
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--backbone", default=D.backbone, metavar="DIR",
+                   help="pretrained BERT folder (config.json, weights, vocab); 'minilm' = the packaged "
+                        "all-MiniLM-L6-v2 (default). Must use the vocabulary featurize tokenized with")
+    g.add_argument("--mlm-probability", type=float, default=D.mlm_probability, help="share of text words masked (default 0.15)")
+    g.add_argument("--mpm-probability", type=float, default=D.mpm_probability, help="share of patches masked (default 0.10)")
+    g.add_argument("--dropout", type=float, default=D.dropout,
+                   help="dropout of the encoder, patch embeddings and TIA head; -1 keeps the backbone's own (0.1 "
+                        "for BERT). Default 0: on this CPU dropout's random masks cost ~15%% of a training step, and "
+                        "in a controlled 4x4 text-image matching test dropout 0.1 kept TIA on its chance plateau "
+                        ">3x longer (default 0)")
+    g.add_argument("--itc-dim", type=int, default=D.itc_dim,
+                   help="the contrastive itc task (a 4th task under the same task weights): text-only and "
+                        "image-only passes projected to this many dimensions, trained with in-batch InfoNCE on "
+                        "the aligned pairs; the retrieval stage's recall vectors. 0 = the paper's three tasks "
+                        "only (then recall falls back to untrained mean-pooled states) (default 256)")
+    g.add_argument("--itc-pooling", choices=("mean", "cls"), default=D.itc_pooling,
+                   help="how the itc head pools a single-modality pass (default mean)")
+    g.add_argument("--no-whole-word-mask", dest="whole_word_mask", action="store_false",
+                   help="mask WordPiece tokens independently instead of whole words")
+
+    g = parser.add_argument_group("optimisation")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=D.steps, help="optimizer steps to train for")
+    length.add_argument("--epochs", type=float, default=D.epochs,
+                        help="passes over the training images (default 1 when --steps is not given)")
+    g.add_argument("--batch-size", type=int, default=D.batch_size,
+                   help="positive pairs per micro-batch per process; with --neg-ratio R the model sees "
+                        "batch-size x (1+R) rows (default 32)")
+    g.add_argument("--grad-accum", type=int, default=D.grad_accum, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--lr", type=float, default=D.lr, help="peak AdamW learning rate (default 1e-4)")
+    g.add_argument("--warmup", type=float, default=D.warmup,
+                   help="linear warm-up: steps if >= 1, else a fraction of all steps; then linear decay to 0 "
+                        "(default 0.05)")
+    g.add_argument("--weight-decay", type=float, default=D.weight_decay,
+                   help="AdamW weight decay, not applied to biases and LayerNorm weights (default 0.01)")
+    g.add_argument("--clip-grad", type=float, default=D.clip_grad, help="gradient norm clipping, 0 = off (default 1.0)")
+    g.add_argument("--tia-warmup", type=float, default=D.tia_warmup,
+                   help="first steps (>= 1) or fraction of all steps (< 1) that train the matching tasks alone "
+                        "(TIA, and itc when on, equal weights) on unmasked pairs before MLM and MPM join. Why: text-image matching starts on a plateau where TIA's gradient "
+                        "is tiny; with MLM's much larger gradient in Adam's normaliser it stayed at chance for "
+                        "hundreds of steps in our tests, alone it leaves the plateau in tens (default 0.1)")
+    g.add_argument("--task-weights", choices=TASK_WEIGHT_MODES, default=D.task_weights,
+                   help="MLM/MPM/TIA(/itc) weights, w_i = (aK - n_i)^-1 / sum_j (aK - n_j)^-1 each batch: "
+                        "adaptive-grad = n from each task's share of the squared gradient norm on the last "
+                        "encoder layer's FFN output weight (the paper); adaptive-loss = n = softmax(losses)^2 "
+                        "(the official code); fixed = equal weights (default adaptive-grad)")
+    g.add_argument("--seed", type=int, default=D.seed, help="seed of initialisation, data order, masks, dropout (default 0)")
+
+    g = add_runtime_arguments(parser, precision_help=(
+        "Measured on the dev CPU (AVX512-BF16, MiniLM, same batches): per-task losses within 0.1%% of fp32 (tests "
+        "allow max(0.02, 2%%)), a training step 1.5x faster on one thread, bf16 matmuls 2.3-4x faster"))
+    g.add_argument("--prefetch", type=int, default=D.prefetch,
+                   help="batches prepared ahead in a background thread, 0 = none (default 2)")
+
+    g = parser.add_argument_group("validation, checkpoints, logging")
+    g.add_argument("--val-every", type=int, default=D.val_every, help="validate every N steps, 0 = only at the end (default 500)")
+    g.add_argument("--val-queries", type=int, default=D.val_queries,
+                   help="held-out text queries of the quick sample-100 Rank@1, each against its image and up "
+                        "to 100 others of the sub-category (default 100)")
+    g.add_argument("--val-max-images", type=int, default=D.val_max_images,
+                   help="held-out images kept in memory as the validation pool (default 1000)")
+    g.add_argument("--checkpoint-every", type=int, default=D.checkpoint_every,
+                   help="write a checkpoint every N steps (and at the end), 0 = only at the end (default 500)")
+    g.add_argument("--keep-checkpoints", type=int, default=D.keep_checkpoints, help="newest checkpoints kept, 0 = all (default 3)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in OUT/checkpoints (fresh start if none)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
