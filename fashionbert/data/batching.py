@@ -157,9 +157,6 @@ class ImageStream:
         rng = np.random.default_rng([self.seed, epoch, self.rank, self.world, w, 0x3A7])
         return Window(rows=rows[rng.permutation(len(rows))], start=start)
 
-    def epoch_length(self, epoch: int) -> int:
-        return sum(len(u) for u in self.epoch_units(epoch))
-
     def iter_windows(self, position: StreamPosition) -> Iterator[tuple[int, Window, np.ndarray, int]]:
         """(epoch, window, the window's features, rows of it already consumed) forever from `position`.
 
