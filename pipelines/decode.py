@@ -137,24 +137,6 @@ def fit_square(img: Image.Image, size: int, fit: str = "pad") -> np.ndarray:
     return out
 
 
-def to_grid_patches(square: np.ndarray, grid: int) -> np.ndarray:
-    """Cut an (S, S, C) square into grid*grid patches of (S/grid, S/grid, C), row-major.
-
-    Patch i is the cell at row i // grid, column i % grid: the order the model's learned patch position
-    table assumes, so it must never change.
-    """
-    if square.ndim != 3 or square.shape[0] != square.shape[1]:
-        raise ValueError(f"expected an (S, S, C) square, got shape {square.shape}")
-    if not isinstance(grid, (int, np.integer)) or grid <= 0:
-        raise ValueError(f"grid must be a positive int, got {grid!r}")
-    size, channels = square.shape[0], square.shape[2]
-    if size % grid != 0:
-        raise ValueError(f"size {size} is not divisible by grid {grid}")
-    p = size // grid
-    patches = square.reshape(grid, p, grid, p, channels).transpose(0, 2, 1, 3, 4)
-    return np.ascontiguousarray(patches.reshape(grid * grid, p, p, channels))
-
-
 def _border_median(img: Image.Image) -> np.ndarray:
     # Taken from the original, not the resized image: a downscale blends the outermost background pixels
     # with the subject, while the original border is the background itself. Cropping four 1-px strips

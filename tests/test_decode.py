@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from pipelines.decode import DEFAULT_MAX_PIXELS, decode_array, decode_image, fit_square, to_grid_patches
+from pipelines.decode import DEFAULT_MAX_PIXELS, decode_array, decode_image, fit_square
 from pipelines.rejects import RejectError
 
 try:
@@ -339,26 +339,3 @@ def test_unknown_fit_names_allowed_values():
 def test_fit_square_accepts_non_rgb_input():
     out = fit_square(Image.new("L", (10, 10), 5), 16)
     assert out.shape == (16, 16, 3) and (out == 5).all()
-
-
-# --- to_grid_patches ---------------------------------------------------------------------------------
-
-def test_patch_order_is_row_major():
-    grid, p = 4, 8
-    colours = np.arange(grid * grid * 3, dtype=np.uint8).reshape(grid, grid, 3) * 5
-    square = np.kron(colours, np.ones((p, p, 1), dtype=np.uint8))  # cell (r, c) filled with colours[r, c]
-    assert square.shape == (32, 32, 3)
-    patches = to_grid_patches(square, grid)
-    assert patches.shape == (grid * grid, p, p, 3)
-    for i in range(grid * grid):
-        assert (patches[i] == colours[i // grid, i % grid]).all(), i
-
-
-def test_patches_of_a_fitted_image():
-    out = to_grid_patches(fit_square(Image.new("RGB", (300, 400)), 256), 8)
-    assert out.shape == (64, 32, 32, 3) and out.dtype == np.uint8
-
-
-def test_grid_must_divide_size():
-    with pytest.raises(ValueError, match="divisible"):
-        to_grid_patches(np.zeros((256, 256, 3), dtype=np.uint8), 7)

@@ -14,7 +14,8 @@ import torch
 from fashionbert.errors import UserError
 from fashionbert.evaluation import evaluate
 from fashionbert.evaluation import fit_fusion as fuse
-from fashionbert.evaluation.evaluate import draw_candidates, gallery_ranks, recall_at, sample_hundred
+from fashionbert.evaluation.evaluate import gallery_ranks, recall_at, sample_hundred
+from fashionbert.evaluation.sample_hundred import draw_candidates
 from fashionbert.model.loading import load_model
 from fashionbert.model.score_fusion import FUSION_NAME, ScoreFusion
 from fashionbert.rank.cross_encoder import PairScores

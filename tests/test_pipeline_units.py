@@ -7,6 +7,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
@@ -140,6 +141,42 @@ def test_colour_statistics_per_cell():
     striped = np.zeros((1, 8, 8, 3), dtype=np.float32)
     striped[:, ::2] = 1.0
     assert colour_statistics(torch.from_numpy(striped).permute(0, 3, 1, 2), grid=1)[0, 0, 3] > 1.0
+
+
+class _PixelsCNN(torch.nn.Module):
+    """Stands in for EfficientNet: its feature map is the image itself, so a cell's CNN features are its mean colour."""
+
+    def extract_features(self, x):
+        return x
+
+
+@pytest.mark.parametrize("mode", ["grid", "patch"])
+def test_patch_order_is_row_major(monkeypatch, mode):
+    """Feature i is the cell at row i // grid, column i % grid: the order the model's learned patch position table
+    assumes, so it must never change. Checked through the DoFn featurize runs, in both patch modes."""
+    from fashionbert.model import patch_cnn
+
+    monkeypatch.setattr(patch_cnn, "load_backbone_cnn", lambda name, image_size: _PixelsCNN())
+    grid, p = 4, 8
+    colours = np.arange(grid * grid * 3, dtype=np.uint8).reshape(grid, grid, 3) * 5
+    square = np.kron(colours, np.ones((p, p, 1), dtype=np.uint8))  # cell (r, c) filled with colours[r, c]
+    cfg = dataclasses.replace(CFG, grid=grid, image_size=grid * p, patch_size=p, patch_mode=mode, precision="fp32")
+    fn = images.EmbedPatches(cfg, torch_threads=1)
+    fn.setup()
+    element = shards.Sharded(0, 1, 1, images.PlannedImage(_row(), "h"))
+    (row,) = [e.item for e in fn.process([(element, square, (grid * p, grid * p))])]
+    features = row["features"].astype(np.float32).reshape(grid * grid, 3 + patch_cnn.COLOUR_DIM)
+    rgb = colours.reshape(grid * grid, 3) / 255.0  # row-major cells
+    np.testing.assert_allclose(features[:, :3], (rgb - 0.5) / 0.5, atol=2e-3)
+    np.testing.assert_allclose(features[:, 3:6], rgb @ patch_cnn._OPPONENT.numpy().T, atol=1e-2)
+
+
+def test_grid_must_divide_the_image_size():
+    from fashionbert.errors import UserError
+    from fashionbert.model.patch_cnn import PatchCNN
+
+    with pytest.raises(UserError, match="--image-size 256 is not divisible by --grid 7"):
+        PatchCNN(grid=7, image_size=256)
 
 
 def test_embed_patches_rows_and_carried_features_from_previous_file(tmp_path):

@@ -84,7 +84,8 @@ def test_texts_and_image_index(features):
     assert len(texts) == 40 and len(index) == 80
     assert texts.input_ids[0][0][0] == 101 and texts.input_ids[0][0][-1] == 102
     assert texts.subcategory[0] == "shirts" and texts.group_id[0] == "g00000"
-    assert texts.subcategory_map()["p00001"] == "dresses" and texts.group_map()["p00001"] == "g00000"
+    p1 = texts.index["p00001"]
+    assert texts.subcategory[p1] == "dresses" and texts.group_id[p1] == "g00000"
     reader = FeatureReader(index.shards, 64, FEATURE_DIM)
     rows = np.array([79, 0, 33])
     got = reader.read(index.shard[rows], index.row_group[rows], index.row[rows])

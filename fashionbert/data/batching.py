@@ -1,5 +1,4 @@
-"""Training batches from featurize output: image stream, negative pairs, masking, collate; and the
-held-out sample-100 set used by validation.
+"""Training batches from featurize output: image stream, negative pairs, masking, collate.
 
 Determinism is by construction, so that `--resume` replays the exact batches:
 - the image order of an epoch is a function of (seed, epoch, rank, world size) only, computed from Parquet
@@ -157,9 +156,6 @@ class ImageStream:
         rows = np.concatenate(units)
         rng = np.random.default_rng([self.seed, epoch, self.rank, self.world, w, 0x3A7])
         return Window(rows=rows[rng.permutation(len(rows))], start=start)
-
-    def epoch_length(self, epoch: int) -> int:
-        return sum(len(u) for u in self.epoch_units(epoch))
 
     def iter_windows(self, position: StreamPosition) -> Iterator[tuple[int, Window, np.ndarray, int]]:
         """(epoch, window, the window's features, rows of it already consumed) forever from `position`.
@@ -425,54 +421,6 @@ class Prefetcher:
     def close(self):
         self.stop.set()
         self.thread.join(timeout=5)
-
-
-# ------------------------------------------------------------------------------------------- validation
-@dataclasses.dataclass
-class SampleHundred:
-    """Held-out sample-100 queries: each text query's true image + up to `candidates` others, from the same
-    sub-category first and random held-out products when it has too few."""
-
-    query_products: np.ndarray  # product index per query
-    candidates: list[np.ndarray]  # per query, indices into `pool_products`; the true one first
-    pool_products: np.ndarray
-    pool_features: np.ndarray  # (n, P, D) float16, one image per held-out product
-    texts: list[np.ndarray]  # per query, token ids
-
-    def __len__(self) -> int:
-        return len(self.query_products)
-
-
-def build_sample_hundred(texts: TextTable, index: ImageIndex, val_rows: np.ndarray, reader: FeatureReader,
-                         queries: int = 100, candidates: int = 100, max_pool: int = 1000, seed: int = 0) -> SampleHundred | None:
-    """One image per held-out product (the first by image_id); `max_pool` bounds the features in memory."""
-    rng = np.random.default_rng([seed, 0x100])
-    first: dict[int, int] = {}
-    for r in sorted(val_rows.tolist(), key=lambda r: index.image_ids[r]):
-        first.setdefault(int(index.product[r]), r)
-    products = np.asarray(sorted(first), dtype=np.int64)
-    if len(products) < 2:
-        return None
-    if len(products) > max_pool:
-        products = np.sort(rng.choice(products, size=max_pool, replace=False))
-    rows = np.asarray([first[int(p)] for p in products])
-    feats = reader.read(index.shard[rows], index.row_group[rows], index.row[rows])
-    subcat = np.asarray([texts.subcategory[p] for p in products], dtype=object)
-    n_queries = min(queries, len(products))
-    query_pos = np.sort(rng.choice(len(products), size=n_queries, replace=False))
-    cands, qtexts = [], []
-    for q in query_pos:
-        others = np.delete(np.arange(len(products)), q)
-        same = others[subcat[others] == subcat[q]] if subcat[q] else others[:0]
-        if len(same) >= candidates:
-            chosen = rng.choice(same, size=candidates, replace=False)
-        else:
-            rest = np.setdiff1d(others, same)
-            fill = rng.choice(rest, size=min(len(rest), candidates - len(same)), replace=False)
-            chosen = np.concatenate([same, fill])
-        cands.append(np.concatenate([[q], chosen]).astype(np.int64))
-        qtexts.append(texts.input_ids[int(products[q])][0])
-    return SampleHundred(products[query_pos], cands, products, feats, qtexts)
 
 
 def length_batches(order: np.ndarray, lengths: np.ndarray, token_budget: int, max_rows: int,

@@ -48,10 +48,6 @@ class Catalog:
         scored, like in training's validation, on the first)."""
         return [ids[0] for ids in self.texts.input_ids]
 
-    @property
-    def image_product(self) -> np.ndarray:
-        return self.index.product
-
 
 def open_catalog(paths: Sequence[str], loaded: LoadedModel) -> Catalog:
     folders = open_feature_folders(list(paths))

@@ -105,14 +105,6 @@ class TextTable:
     def __len__(self) -> int:
         return len(self.product_ids)
 
-    def subcategory_map(self) -> dict[str, str]:
-        """product_id -> sub-category (else category, else "")."""
-        return dict(zip(self.product_ids, self.subcategory))
-
-    def group_map(self) -> dict[str, str]:
-        """product_id -> group_id (the split key)."""
-        return dict(zip(self.product_ids, self.group_id))
-
     def max_token_id(self) -> int:
         return max((int(a.max()) for ids in self.input_ids for a in ids if a.size), default=0)
 
@@ -286,10 +278,3 @@ class FeatureReader:
                 if hi == len(wanted_sorted):
                     break
         return out
-
-
-def iter_image_batches(folder: FeatureFolder, columns: Sequence[str] | None = None,
-                       batch_rows: int = READ_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
-    """Stream every image row of a folder as record batches (never the whole table in memory)."""
-    for path in folder.image_shards:
-        yield from pq.ParquetFile(str(path)).iter_batches(batch_size=batch_rows, columns=list(columns) if columns else None)

@@ -24,7 +24,6 @@ scores the floor, not the ceiling.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time
@@ -37,6 +36,7 @@ from fashionbert.data.feature_catalog import IndexedImages, open_catalog
 from fashionbert.data.features import validation_mask
 from fashionbert.errors import UserError
 from fashionbert.evaluation.quick_validation import roc_auc
+from fashionbert.evaluation.sample_hundred import Draw, draw_candidates, first_image_per_product
 from fashionbert.model.loading import load_model, training_options
 from fashionbert.rank.cross_encoder import CrossEncoderScorer, PairScorer, PairScores, add_batching_arguments
 from fashionbert.rank.neighbours import Neighbours
@@ -48,42 +48,6 @@ DEFAULT_VAL_FRACTION = 0.05
 
 
 # ============================================================================================ sample-100
-@dataclasses.dataclass
-class Draw:
-    """One draw of the sample-100 protocol over a pool of products (positions into the pool)."""
-
-    queries: np.ndarray  # int64 (N,)
-    candidates: list[np.ndarray]  # per query: the query's own position first, then the others
-
-
-def draw_candidates(subcategory: Sequence[str], n_queries: int, n_candidates: int, draws: int, seed: int) -> list[Draw]:
-    """Seeded draws; each query's candidates come from its sub-category, filled with random other products
-    when the sub-category has fewer than `n_candidates` others (or no sub-category is known)."""
-    sub = np.asarray(subcategory, dtype=object)
-    n = len(sub)
-    by_sub: dict[str, np.ndarray] = {}
-    for s in set(sub.tolist()):
-        if s:
-            by_sub[s] = np.flatnonzero(sub == s)
-    out = []
-    for d in range(draws):
-        rng = np.random.default_rng([seed, d, 0x100])
-        queries = np.sort(rng.choice(n, size=min(n_queries, n), replace=False)).astype(np.int64)
-        cands = []
-        for q in queries:
-            same = by_sub.get(sub[q], np.zeros(0, dtype=np.int64))
-            same = same[same != q]
-            if len(same) >= n_candidates:
-                chosen = rng.choice(same, size=n_candidates, replace=False)
-            else:
-                rest = np.setdiff1d(np.arange(n), np.r_[same, q])
-                fill = rng.choice(rest, size=min(len(rest), n_candidates - len(same)), replace=False)
-                chosen = np.concatenate([rng.permutation(same), fill])
-            cands.append(np.concatenate([[q], chosen]).astype(np.int64))
-        out.append(Draw(queries, cands))
-    return out
-
-
 def _spread(values: Sequence[float]) -> dict:
     v = np.asarray(values, dtype=np.float64)
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
@@ -266,12 +230,8 @@ def run(args: argparse.Namespace) -> dict:
         "score_fusion": loaded.fusion.to_dict(),
     }
 
-    # ---- sample-100: one image per held-out product (its first by image_id)
-    first: dict[int, int] = {}
-    for r in sorted(rows.tolist(), key=lambda r: index.image_ids[r]):
-        first.setdefault(int(index.product[r]), r)
-    pool_products = np.asarray(sorted(first), dtype=np.int64)
-    pool_rows = np.asarray([first[int(p)] for p in pool_products], dtype=np.int64)
+    # ---- sample-100
+    pool_products, pool_rows = first_image_per_product(index, rows)
     if len(pool_products) < 2:
         raise UserError(f"only {len(pool_products)} held-out product(s) with an image: a query needs other products to "
                         f"rank against; use --split all, a larger --val-fraction, or featurize more products")

@@ -21,11 +21,11 @@ import time
 
 import numpy as np
 
-from fashionbert.data.batching import build_sample_hundred
 from fashionbert.data.feature_catalog import open_catalog
 from fashionbert.errors import UserError
 from fashionbert.evaluation.evaluate import add_split_arguments, held_out_products
 from fashionbert.evaluation.quick_validation import validate
+from fashionbert.evaluation.sample_hundred import build_sample_hundred
 from fashionbert.model.loading import load_model, model_version
 from fashionbert.runtime import add_runtime_arguments, resolve_runtime
 

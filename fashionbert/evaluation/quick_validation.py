@@ -1,7 +1,7 @@
 """Training's quick validation on held-out products, and the score fusion fitted on it.
 
 Every validation scores each held-out query text against its image and up to 100 same-sub-category images
-(`batching.SampleHundred`) with both matching heads: the TIA margin of the joint pass, and, when the model has an
+(`sample_hundred.SampleHundred`) with both matching heads: the TIA margin of the joint pass, and, when the model has an
 itc head, the cosine of the text-only and image-only embeddings. On those pairs it fits the ranking score
 (`fusion.fit`: the heads' weights that rank each query's true image first, calibrated to P(aligned)) and reports text->image Rank@1 by each head and by the fused
 score. The fused Rank@1 is cross-fitted (the fusion that scores half of the queries is fitted on the other
@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fashionbert.data.batching import SampleHundred, pad_texts
+from fashionbert.data.batching import pad_texts
+from fashionbert.evaluation.sample_hundred import SampleHundred
 from fashionbert.model import score_fusion as score_fusion
 from fashionbert.model.config import FashionBertConfig
 from fashionbert.model.score_fusion import ScoreFusion

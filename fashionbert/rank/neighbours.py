@@ -40,9 +40,6 @@ class Neighbours:
     def __len__(self) -> int:
         return len(self.query)
 
-    def per_query(self, n_queries: int) -> np.ndarray:
-        return np.bincount(self.query, minlength=n_queries)
-
 
 def choose_kind(n_database: int, kind: str = "auto", exact_max: int = DEFAULT_EXACT_MAX) -> str:
     if kind not in KINDS:

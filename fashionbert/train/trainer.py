@@ -29,10 +29,11 @@ import numpy as np
 import torch
 
 from fashionbert.data.batching import (BatchSettings, ImageStream, MaskingVocab, PairBuilder, Prefetcher,
-                                       StreamPosition, build_sample_hundred, iter_batches)
+                                       StreamPosition, iter_batches)
 from fashionbert.data.features import FeatureReader, index_images, load_texts, open_feature_folders, validation_mask
 from fashionbert.errors import UserError
 from fashionbert.evaluation.quick_validation import validate
+from fashionbert.evaluation.sample_hundred import build_sample_hundred
 from fashionbert.model.backbone import load_tokenizer
 from fashionbert.model.config import FashionBertConfig
 from fashionbert.model.modeling import FashionBertModel

@@ -1,0 +1,100 @@
+"""The sample-100 protocol's query and candidate sets, for training's quick validation, `fashionbert fuse` and
+`fashionbert evaluate`.
+
+The pool holds one image per held-out product (`first_image_per_product`). Each query product gets its true
+candidate first, then `candidates` others: a seeded sample of its sub-category when that has enough products,
+else all of them and random other products to fill (a product without a sub-category only gets the fill).
+
+Validation and evaluate drew differently before they shared this module, and each keeps its own draws, so
+that no figure measured before changes: validation draws once, from one seeded generator that also thins the
+pool to `max_pool`, and keeps a short sub-category in pool order; evaluate draws several times, each from its
+own generator, and shuffles a short sub-category (`shuffle_short`). The order matters: both report TIA
+accuracy on each query's first candidate.
+
+Imports numpy and pyarrow only (no torch).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from fashionbert.data.features import FeatureReader, ImageIndex, TextTable
+
+
+@dataclasses.dataclass
+class Draw:
+    """One draw of queries and their candidates over a pool of products (positions into the pool)."""
+
+    queries: np.ndarray  # int64 (N,), ascending
+    candidates: list[np.ndarray]  # per query: the query's own position first, then the others
+
+
+@dataclasses.dataclass
+class SampleHundred:
+    """Held-out sample-100 queries with their pool's features in memory: each text query's true image + up to
+    `candidates` others, from the same sub-category first and random held-out products when it has too few."""
+
+    query_products: np.ndarray  # product index per query
+    candidates: list[np.ndarray]  # per query, indices into `pool_products`; the true one first
+    pool_products: np.ndarray
+    pool_features: np.ndarray  # (n, P, D) float16, one image per held-out product
+    texts: list[np.ndarray]  # per query, token ids
+
+    def __len__(self) -> int:
+        return len(self.query_products)
+
+
+def first_image_per_product(index: ImageIndex, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pool of `rows` (image rows of `index`): its products, ascending, and each one's image, the first by
+    image_id (an id, unlike a row number, does not move when the shards are rewritten)."""
+    first: dict[int, int] = {}
+    for r in sorted(np.asarray(rows).tolist(), key=lambda r: index.image_ids[r]):
+        first.setdefault(int(index.product[r]), r)
+    products = np.asarray(sorted(first), dtype=np.int64)
+    return products, np.asarray([first[int(p)] for p in products], dtype=np.int64)
+
+
+def draw(subcategory: Sequence[str], n_queries: int, n_candidates: int, rng: np.random.Generator,
+         shuffle_short: bool) -> Draw:
+    """min(n_queries, pool) queries from a pool with these sub-categories, and their candidates."""
+    sub = np.asarray(subcategory, dtype=object)
+    n = len(sub)
+    queries = np.sort(rng.choice(n, size=min(n_queries, n), replace=False)).astype(np.int64)
+    candidates = []
+    for q in queries:
+        others = np.delete(np.arange(n), q)
+        same = others[sub[others] == sub[q]] if sub[q] else others[:0]
+        if len(same) >= n_candidates:
+            chosen = rng.choice(same, size=n_candidates, replace=False)
+        else:
+            rest = np.setdiff1d(others, same)
+            fill = rng.choice(rest, size=min(len(rest), n_candidates - len(same)), replace=False)
+            chosen = np.concatenate([rng.permutation(same) if shuffle_short else same, fill])
+        candidates.append(np.concatenate([[q], chosen]).astype(np.int64))
+    return Draw(queries, candidates)
+
+
+def draw_candidates(subcategory: Sequence[str], n_queries: int, n_candidates: int, draws: int, seed: int) -> list[Draw]:
+    """Evaluate's `draws` independent draws: draw d from a generator seeded by (seed, d)."""
+    return [draw(subcategory, n_queries, n_candidates, np.random.default_rng([seed, d, 0x100]), shuffle_short=True)
+            for d in range(draws)]
+
+
+def build_sample_hundred(texts: TextTable, index: ImageIndex, val_rows: np.ndarray, reader: FeatureReader,
+                         queries: int = 100, candidates: int = 100, max_pool: int = 1000,
+                         seed: int = 0) -> SampleHundred | None:
+    """Validation's one draw over the held-out images `val_rows`, with the pool's features read; `max_pool`
+    bounds them in memory (a seeded sample of the products). None when fewer than 2 products have an image."""
+    rng = np.random.default_rng([seed, 0x100])
+    products, rows = first_image_per_product(index, val_rows)
+    if len(products) < 2:
+        return None
+    if len(products) > max_pool:
+        keep = np.isin(products, rng.choice(products, size=max_pool, replace=False))
+        products, rows = products[keep], rows[keep]
+    feats = reader.read(index.shard[rows], index.row_group[rows], index.row[rows])
+    d = draw([texts.subcategory[p] for p in products], queries, candidates, rng, shuffle_short=False)
+    qtexts = [texts.input_ids[int(products[q])][0] for q in d.queries]
+    return SampleHundred(products[d.queries], d.candidates, products, feats, qtexts)
