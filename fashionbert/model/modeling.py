@@ -224,9 +224,18 @@ class FashionBertModel(PreTrainedModel):
         return model.to(map_location).eval()
 
     def save(self, folder: str | os.PathLike) -> None:
-        """model.safetensors + config.json (`save_pretrained`; the MLM decoder is tied at call time, so no
-        tensor is shared and safetensors stores each once)."""
-        self.save_pretrained(folder)
+        """model.safetensors + config.json: `save_pretrained` without its progress bar (training saves every
+        checkpoint this way). The MLM decoder is tied at call time, so no tensor is shared and safetensors stores
+        each once."""
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            self.save_pretrained(folder)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
 
     # ---------------------------------------------------------------------------------- forward
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
