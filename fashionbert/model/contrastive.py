@@ -11,7 +11,7 @@ passes, which is also a cheap extra training signal for the shared encoder.
 Integration with training: `fashionbert train --itc-dim D` (default 256) makes the model build a head here as
 `model.itc_head` (config.itc_dim / itc_pooling), so its weights sit in the model's state dict (`itc_head.*` in
 model.safetensors) and travel with every checkpoint; `FashionBertModel.forward` adds `itc_loss` as the fourth
-task, weighted with the other three by the same adaptive loss. `fashionbert.model.loading.load_model` also attaches
+task, weighted with the other three by the same adaptive loss. `FashionBertModel.from_checkpoint` also attaches
 a head to a loaded model whose weights file has one but whose config predates `itc_dim`. A model without a head
 (`--itc-dim 0`) still gives recall vectors (`DualEncoder` then mean-pools the backbone's hidden states,
 unprojected): usable, but untrained for the purpose.

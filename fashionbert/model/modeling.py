@@ -29,7 +29,7 @@ from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
 from fashionbert.errors import UserError
 from fashionbert.model.config import IGNORE_INDEX, FashionBertConfig
-from fashionbert.model.contrastive import ContrastiveHead, itc_loss
+from fashionbert.model.contrastive import ITC_PREFIX, ContrastiveHead, itc_loss
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -207,20 +207,30 @@ class FashionBertModel(PreTrainedModel):
 
     @classmethod
     def from_checkpoint(cls, folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> "FashionBertModel":
-        """A model saved by `save` (OUT/model or a training checkpoint), in eval mode. Reads only JSON and
-        safetensors: nothing is unpickled."""
+        """A model saved by `save` (OUT/model or a training checkpoint), in eval mode on `map_location`. Reads only
+        JSON and safetensors: nothing is unpickled. A weights file holding an itc head whose config.json predates
+        `itc_dim` gets the head it was saved with."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         folder = Path(folder)
         config = FashionBertConfig.load(folder)
         weights = folder / WEIGHTS_NAME
         if not weights.is_file():
-            raise UserError(f"{folder}: no {WEIGHTS_NAME}; not a complete FashionBERT model folder")
+            raise UserError(f"{folder}: no {WEIGHTS_NAME}; not a complete FashionBERT model folder (use OUT/model of "
+                            f"a finished `fashionbert train`)")
+        try:
+            state = load_file(str(weights), device=str(map_location))
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"{folder}: cannot read {WEIGHTS_NAME} ({exc}); the file is damaged or was cut short while "
+                            f"copying: copy the model folder again or re-export it with `fashionbert train`") from None
         model = cls(config)
-        state = load_file(str(weights), device=str(map_location))
+        if any(k.startswith(ITC_PREFIX) for k in state) and getattr(model, "itc_head", None) is None:
+            model.itc_head = ContrastiveHead.from_state_dict(state)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise UserError(f"{weights}: weights do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]})")
+            raise UserError(f"{weights}: weights do not match config.json (missing {missing[:5]}, unexpected "
+                            f"{unexpected[:5]}); re-export the model with `fashionbert train`")
         return model.to(map_location).eval()
 
     def save(self, folder: str | os.PathLike) -> None:
