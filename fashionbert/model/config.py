@@ -84,9 +84,6 @@ class FashionBertConfig(PreTrainedConfig):
     def validate(self) -> None:
         """transformers' own checks, then FashionBERT's (UserError naming the option to change)."""
         super().validate()
-        if self.format_version > FORMAT_VERSION:
-            raise UserError(f"model format version {self.format_version} is newer than this code reads "
-                            f"({FORMAT_VERSION}); upgrade fashionbert")
         if self.grid < 1 or self.feature_dim < 1:
             raise UserError(f"model config: grid ({self.grid}) and feature_dim ({self.feature_dim}) must be positive")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
@@ -120,9 +117,12 @@ class FashionBertConfig(PreTrainedConfig):
             raise UserError(f"{path}: not valid JSON ({exc})") from exc
         if d.get("model_type") != MODEL_TYPE:
             raise UserError(
-                f"config model_type is {d.get('model_type')!r}, not {MODEL_TYPE!r}: point --model at a folder "
-                f"written by `fashionbert train` (OUT/model or OUT/checkpoints/step-N)"
+                f"{path}: model_type is {d.get('model_type')!r}, not {MODEL_TYPE!r}: use a folder written by "
+                f"`fashionbert train` (OUT/model or OUT/checkpoints/step-N)"
             )
+        if int(d.get("format_version", 0)) > FORMAT_VERSION:
+            raise UserError(f"{path}: format version {d['format_version']} is newer than this code reads "
+                            f"({FORMAT_VERSION}); upgrade fashionbert")
         return cls.from_dict(d)
 
     def bert_config(self) -> BertConfig:

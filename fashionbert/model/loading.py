@@ -40,7 +40,10 @@ def load_model(folder: str | Path, runtime: Runtime) -> LoadedModel:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise UserError(f"--model {folder}: no such folder; point it at OUT/model of `fashionbert train`")
-    model = FashionBertModel.from_checkpoint(folder, runtime.device)
+    try:
+        model = FashionBertModel.from_checkpoint(folder, runtime.device)
+    except UserError as exc:
+        raise UserError(f"--model {exc}") from None  # the messages start with the path; name the option too
     has_itc = getattr(model, "itc_head", None) is not None
     fusion = score_fusion.load(folder)
     if fusion.uses_itc and not has_itc:
