@@ -290,3 +290,95 @@ def test_packaged_minilm_backbone_and_bf16_matches_fp32():
     for task in ("mlm", "mpm", "tia"):
         a, b = float(fp32[task]), float(bf16[task])
         assert abs(a - b) <= max(0.02, 0.02 * abs(a)), (task, a, b)
+
+
+# ------------------------------------------------------------------------------------------ the model's pieces
+def test_pieces_compose_to_encode_exactly(model):
+    ids, attn, feats = _inputs(batch=3, text_len=9)
+    attn[1, 6:] = 0
+    pmask = torch.zeros(3, 64, dtype=torch.bool)
+    pmask[:, ::7] = True
+    with torch.no_grad():
+        seq, pooled = model.encode(ids, attn, feats, patch_mask=pmask)
+        seq2, pooled2 = model.encode_joint(model.embed_text(ids), attn, model.embed_patches(feats, pmask))
+        margin = model.tia_margin(pooled)
+        logits = model.tia_head(pooled).float()
+    assert torch.equal(seq, seq2) and torch.equal(pooled, pooled2)
+    assert torch.equal(margin, logits[:, 1] - logits[:, 0])
+
+
+def test_single_modality_passes_are_the_encoder_on_one_modality(model):
+    ids, attn, feats = _inputs(batch=2, text_len=6)
+    with torch.no_grad():
+        text = model.encode_text(ids, attn)
+        image = model.encode_image(feats)
+        image_cls = model.encode_image(feats, with_cls=True)
+        patches = model.embed_patches(feats)
+    assert text.shape == (2, 6, model.config.hidden_size) and image.shape == (2, 64, model.config.hidden_size)
+    assert torch.equal(image, model.bert.encoder(patches).last_hidden_state)
+    assert image_cls.shape == (2, 65, model.config.hidden_size)
+    # text alone differs from the text half of the joint pass: the patches take part in every layer there
+    joint, _ = model.encode(ids, attn, feats)
+    assert (joint[:, :6] - text).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------ transformers integration
+def test_save_pretrained_round_trip_through_the_auto_classes(itc_model, tmp_path):
+    import fashionbert  # noqa: F401  (registers the model type with transformers)
+    from transformers import AutoConfig, AutoModel
+
+    itc_model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), FashionBertConfig)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert type(loaded) is FashionBertModel and loaded.tasks == itc_model.tasks
+    mine, theirs = itc_model.state_dict(), loaded.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    ids, attn, feats = _inputs()
+    itc_model.eval()
+    try:
+        assert torch.equal(itc_model.score(ids, attn, feats), loaded.eval().score(ids, attn, feats))
+    finally:
+        itc_model.train()
+
+
+def test_a_folder_from_a_newer_format_fails_with_one_line(model, tmp_path):
+    from fashionbert.errors import UserError
+
+    model.save(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"format_version": 99}))
+    with pytest.raises(UserError, match="format version 99 is newer"):
+        FashionBertModel.from_checkpoint(tmp_path)
+
+
+def test_default_init_draws_the_same_weights_as_before():
+    """post_init initialises the added modules as the hand-written loop did (BERT's normal(0, 0.02) scheme, modules
+    in declaration order), so a seed gives the same fresh heads: training from a seed stays reproducible."""
+    from fashionbert.model.contrastive import ContrastiveHead
+
+    cfg = FashionBertConfig(feature_dim=FEATURE_DIM, itc_dim=8, bert={
+        "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+        "vocab_size": 120, "max_position_embeddings": 64})
+    torch.manual_seed(0)
+    model = FashionBertModel(cfg)
+    torch.manual_seed(0)
+    bert_config = cfg.bert_config()
+    from transformers import BertModel
+
+    from fashionbert.model.modeling import (FashionBertMLMHead, FashionBertMPMHead, FashionBertPatchEmbeddings,
+                                            FashionBertTIAHead)
+
+    BertModel(bert_config, add_pooling_layer=True)
+    heads = [FashionBertPatchEmbeddings(cfg, bert_config), FashionBertMLMHead(bert_config),
+             FashionBertMPMHead(cfg, bert_config), FashionBertTIAHead(cfg, bert_config), ContrastiveHead(32, 8)]
+    for head in heads:
+        for m in head.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+                torch.nn.init.normal_(m.weight, std=0.02)
+                if isinstance(m, torch.nn.Linear):
+                    torch.nn.init.zeros_(m.bias)
+    names = ["patch_embeddings", "mlm_head", "mpm_head", "tia_head", "itc_head"]
+    for name, head in zip(names, heads):
+        for k, v in head.state_dict().items():
+            assert torch.equal(model.state_dict()[f"{name}.{k}"], v), f"{name}.{k}"

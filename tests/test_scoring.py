@@ -4,6 +4,7 @@ rule. Also the helpers the other scoring tests build their tiny trained models w
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 from pathlib import Path
@@ -138,6 +139,61 @@ def test_scorer_matches_the_model_and_keeps_order(loaded, catalog):
         texts, IndexedImages(catalog.index, catalog.reader), pairs)
     np.testing.assert_allclose(again, got, atol=2e-5)
     assert scorer.score(texts, ArrayImages(feats), np.zeros((0, 2), dtype=np.int64)).shape == (0,)
+
+
+def test_scorer_factored_pass_equals_encode_exactly(loaded, catalog):
+    """Texts of one length, so no batch pads differently from the reference: the scorer's reuse of text and patch
+    embeddings across pairs gives bit for bit the margins of the model's own encode()."""
+    model = loaded.model
+    feats = IndexedImages(catalog.index, catalog.reader).read(np.arange(len(catalog.index)))
+    texts = [np.asarray([101, 2000 + i, 2100 + i, 102]) for i in range(6)]
+    pairs = np.stack([np.tile(np.arange(6), 5), np.repeat(np.arange(5), 6)], axis=1)
+    scorer = CrossEncoderScorer(model, resolve_runtime("cpu", "fp32"), block_images=2)
+    got = scorer.score(texts, ArrayImages(feats), pairs)
+    ids = torch.from_numpy(np.stack([texts[t] for t in pairs[:, 0]]))
+    with torch.no_grad():
+        _, pooled = model.encode(ids, torch.ones_like(ids), torch.from_numpy(feats[pairs[:, 1]]).float())
+        ref = model.tia_margin(pooled).numpy()
+    np.testing.assert_array_equal(got, ref)
+
+
+def _cli_and_auto_margins(folder: Path, catalog) -> tuple[np.ndarray, np.ndarray]:
+    import fashionbert  # noqa: F401  (registers the model type with transformers)
+    from transformers import AutoModel
+
+    feats = IndexedImages(catalog.index, catalog.reader).read(np.arange(len(catalog.index)))
+    pairs = np.stack([np.arange(30), np.arange(0, 60, 2)], axis=1)
+    rt = resolve_runtime("cpu", "fp32")
+    cli = CrossEncoderScorer(load_model(folder, rt).model, rt).score(catalog.text_ids, ArrayImages(feats), pairs)
+    auto = AutoModel.from_pretrained(folder)
+    assert not auto.training
+    return cli, CrossEncoderScorer(auto, rt).score(catalog.text_ids, ArrayImages(feats), pairs)
+
+
+def test_auto_model_from_a_training_folder_scores_like_the_cli(model_dir, catalog):
+    cli, auto = _cli_and_auto_margins(model_dir, catalog)
+    np.testing.assert_array_equal(auto, cli)
+
+
+def test_a_folder_written_before_the_transformers_classes_loads(tmp_path, model_dir, catalog):
+    """7c0cff2 wrote config.json as the dataclass's fields plus model_type and format_version, nothing of
+    transformers' own keys; such a folder loads through both paths with the same scores."""
+    import dataclasses
+
+    from transformers import PreTrainedConfig
+
+    from fashionbert.model.config import FashionBertConfig
+
+    old = tmp_path / "old-model"
+    shutil.copytree(model_dir, old)
+    cfg = json.loads((old / "config.json").read_text())
+    own = {f.name for f in dataclasses.fields(FashionBertConfig)} - {f.name for f in dataclasses.fields(PreTrainedConfig)}
+    (old / "config.json").write_text(json.dumps({"model_type": "fashionbert", **{k: cfg[k] for k in own}}, indent=2,
+                                                sort_keys=True))
+    assert "transformers_version" not in (old / "config.json").read_text()
+    cli, auto = _cli_and_auto_margins(old, catalog)
+    np.testing.assert_array_equal(auto, _cli_and_auto_margins(model_dir, catalog)[0])
+    np.testing.assert_array_equal(auto, cli)
 
 
 def test_bf16_scores_close_to_fp32(loaded, catalog):

@@ -60,9 +60,8 @@ def head_scores(model, s100: SampleHundred, config: FashionBertConfig, rt,
             with rt.autocast():
                 _, pooled = model.encode(torch.from_numpy(ids).to(rt.device), torch.from_numpy(attn).to(rt.device),
                                          torch.from_numpy(feats).to(rt.device).float())
-                out = model.tia_head(pooled).float()
-            # The logit margin ranks like P(aligned) but does not saturate to ties at 0.99999.
-            margins[start:start + len(chunk)] = (out[:, 1] - out[:, 0]).cpu().double().numpy()
+                margin = model.tia_margin(pooled)
+            margins[start:start + len(chunk)] = margin.cpu().double().numpy()
         if getattr(model, "itc_head", None) is None:
             return margins, None
         dual = DualEncoder(model, rt.device, rt.autocast, config.max_text_len)

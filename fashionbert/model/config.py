@@ -1,8 +1,10 @@
 """The FashionBERT model configuration: everything needed to rebuild the network from a checkpoint.
 
-Saved as `config.json` in every checkpoint and in the final model folder. The BERT part is stored in full
-(the backbone's own config dict), so a checkpoint loads without the backbone folder it started from; the
-`backbone` field only records where the weights came from.
+A `transformers.PreTrainedConfig` (model_type "fashionbert", registered with `AutoConfig` by `import fashionbert`),
+saved as `config.json` in every checkpoint and in the final model folder. The BERT part is stored in full (the
+backbone's own config dict), so a checkpoint loads without the backbone folder it started from; the `backbone`
+field only records where the weights came from. Folders written before the class became a PreTrainedConfig hold
+the same keys and load unchanged.
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+
+from transformers import BertConfig, PreTrainedConfig
 
 from fashionbert.errors import UserError
 from fashionbert.model.patch_cnn import FEATURE_DIM
@@ -18,10 +21,13 @@ from fashionbert.model.patch_cnn import FEATURE_DIM
 CONFIG_NAME = "config.json"
 MODEL_TYPE = "fashionbert"
 FORMAT_VERSION = 1
+# The MLM label of a token that is not masked (PyTorch cross-entropy's ignore_index).
+IGNORE_INDEX = -100
 
 
-@dataclasses.dataclass
-class FashionBertConfig:
+class FashionBertConfig(PreTrainedConfig):
+    model_type = MODEL_TYPE
+
     # Where the pretrained text backbone came from ("minilm" for the packaged default, or a folder path).
     backbone: str = "minilm"
     # The backbone's BertConfig as a dict (filled by `from_pretrained_backbone`; needed to rebuild the encoder).
@@ -50,6 +56,8 @@ class FashionBertConfig:
     # text-only / image-only vectors, 0 = no itc head (a three-task model, as in the paper), and their pooling.
     itc_dim: int = 0
     itc_pooling: str = "mean"
+    # The folder layout's version: a reader refuses a newer one rather than misread it.
+    format_version: int = FORMAT_VERSION
 
     @property
     def classifier_dropout(self) -> float:
@@ -61,13 +69,21 @@ class FashionBertConfig:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.bert["hidden_size"])
+        return int(self._bert_field("hidden_size"))
 
     @property
     def vocab_size(self) -> int:
-        return int(self.bert["vocab_size"])
+        return int(self._bert_field("vocab_size"))
+
+    def _bert_field(self, name: str):
+        # AttributeError, not KeyError, before `bert` is filled: transformers probes these with getattr(..., None).
+        if name not in self.bert:
+            raise AttributeError(f"{name}: the config has no backbone yet (FashionBertModel.from_pretrained_backbone fills it)")
+        return self.bert[name]
 
     def validate(self) -> None:
+        """transformers' own checks, then FashionBERT's (UserError naming the option to change)."""
+        super().validate()
         if self.grid < 1 or self.feature_dim < 1:
             raise UserError(f"model config: grid ({self.grid}) and feature_dim ({self.feature_dim}) must be positive")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
@@ -85,29 +101,13 @@ class FashionBertConfig:
         if self.bert and int(self.bert.get("type_vocab_size", 2)) < 2:
             raise UserError("the backbone has a single segment embedding; FashionBERT needs segment 1 for patches")
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        return {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, **d}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FashionBertConfig":
-        if d.get("model_type") != MODEL_TYPE:
-            raise UserError(
-                f"config model_type is {d.get('model_type')!r}, not {MODEL_TYPE!r}: point --model at a folder "
-                f"written by `fashionbert train` (OUT/model or OUT/checkpoints/step-N)"
-            )
-        if int(d.get("format_version", 0)) > FORMAT_VERSION:
-            raise UserError(f"model format version {d.get('format_version')} is newer than this code reads ({FORMAT_VERSION})")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
     def save(self, folder: str | os.PathLike) -> Path:
-        path = Path(folder) / CONFIG_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        return path
+        self.save_pretrained(folder)
+        return Path(folder) / CONFIG_NAME
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "FashionBertConfig":
+        """The config.json of a model folder, with one-line errors for a folder that is not one."""
         path = Path(folder) / CONFIG_NAME
         try:
             d = json.loads(path.read_text())
@@ -115,9 +115,15 @@ class FashionBertConfig:
             raise UserError(f"{folder}: no {CONFIG_NAME}; not a FashionBERT model folder") from exc
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}: not valid JSON ({exc})") from exc
+        if d.get("model_type") != MODEL_TYPE:
+            raise UserError(
+                f"{path}: model_type is {d.get('model_type')!r}, not {MODEL_TYPE!r}: use a folder written by "
+                f"`fashionbert train` (OUT/model or OUT/checkpoints/step-N)"
+            )
+        if int(d.get("format_version", 0)) > FORMAT_VERSION:
+            raise UserError(f"{path}: format version {d['format_version']} is newer than this code reads "
+                            f"({FORMAT_VERSION}); upgrade fashionbert")
         return cls.from_dict(d)
 
-    def bert_config(self):
-        from transformers import BertConfig
-
+    def bert_config(self) -> BertConfig:
         return BertConfig(**self.bert)

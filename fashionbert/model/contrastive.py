@@ -1,8 +1,9 @@
 """Dual (one-modality-at-a-time) embeddings for the recall stage, and the in-batch contrastive task "itc".
 
 Why: the cross-encoder must see a text and an image together, so it cannot index a catalog (100k x 100k
-pairs). The same backbone run on one modality at a time can: a text-only pass ([CLS] text [SEP], segment 0)
-and an image-only pass (the patch embeddings alone, segment 1) each give one vector per item, projection
+pairs). The same backbone run on one modality at a time can: the model's text-only pass (`encode_text`:
+[CLS] text [SEP], segment 0) and image-only pass (`encode_image`: the patch embeddings alone, segment 1) each
+give one vector per item, projection
 heads map both into one space, and a nearest-neighbour index ranks candidates by cosine. Trained with a
 symmetric in-batch InfoNCE loss, a batch of B aligned pairs gives B^2 scored pairs for 2B single-modality
 passes, which is also a cheap extra training signal for the shared encoder.
@@ -10,12 +11,13 @@ passes, which is also a cheap extra training signal for the shared encoder.
 Integration with training: `fashionbert train --itc-dim D` (default 256) makes the model build a head here as
 `model.itc_head` (config.itc_dim / itc_pooling), so its weights sit in the model's state dict (`itc_head.*` in
 model.safetensors) and travel with every checkpoint; `FashionBertModel.forward` adds `itc_loss` as the fourth
-task, weighted with the other three by the same adaptive loss. `fashionbert.model.loading.load_model` also attaches
+task, weighted with the other three by the same adaptive loss. `FashionBertModel.from_checkpoint` also attaches
 a head to a loaded model whose weights file has one but whose config predates `itc_dim`. A model without a head
 (`--itc-dim 0`) still gives recall vectors (`DualEncoder` then mean-pools the backbone's hidden states,
 unprojected): usable, but untrained for the purpose.
 
-Imports torch, numpy and the package's batching helpers only: training runs on boxes without faiss or Beam.
+Imports torch and the model config only (the model itself is passed in): training runs on boxes without faiss
+or Beam.
 """
 from __future__ import annotations
 
@@ -25,43 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# modeling.IGNORE_INDEX, restated: modeling imports this module to build its itc_head.
-IGNORE_INDEX = -100
+from fashionbert.model.config import IGNORE_INDEX
+
 POOLINGS = ("mean", "cls")
 ITC_PREFIX = "itc_head."
 
 
-# ----------------------------------------------------------------------------------------------- passes
-def _encoder(model, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    from transformers.masking_utils import create_bidirectional_mask
-
-    if mask is None:
-        return model.bert.encoder(hidden).last_hidden_state
-    extended = create_bidirectional_mask(config=model.bert.config, inputs_embeds=hidden, attention_mask=mask)
-    return model.bert.encoder(hidden, attention_mask=extended).last_hidden_state
-
-
-def text_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Text-only pass: the text tokens alone through the shared encoder -> (B, T, H)."""
-    emb = model.bert.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
-    return _encoder(model, emb, attention_mask.to(torch.long))
-
-
-def image_states(model, patch_features: torch.Tensor, with_cls: bool = False) -> torch.Tensor:
-    """Image-only pass: the patch embeddings alone (segment 1, own position table) -> (B, P, H), or (B, 1+P, H)
-    with the [CLS] token embedding in front when the head pools on [CLS] (an image has no token of its own
-    whose job is to summarise it)."""
-    emb = model.bert.embeddings
-    feats = patch_features.to(model.patch_embeddings.projection.weight.dtype)
-    patches = model.patch_embeddings(feats, emb.token_type_embeddings.weight[1])
-    if with_cls:
-        cls_ids = torch.full((patches.shape[0], 1), int(model.config.cls_token_id), dtype=torch.long,
-                             device=patches.device)
-        cls = emb(input_ids=cls_ids, token_type_ids=torch.zeros_like(cls_ids))
-        patches = torch.cat([cls, patches.to(cls.dtype)], dim=1)
-    return _encoder(model, patches, None)
-
-
+# ----------------------------------------------------------------------------------------------- pooling
 def masked_mean(states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return states.float().mean(dim=1)
@@ -110,12 +82,12 @@ class ContrastiveHead(nn.Module):
         return head
 
     def embed_text(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        states = text_states(model, input_ids, attention_mask)
+        states = model.encode_text(input_ids, attention_mask)
         pooled = states[:, 0].float() if self.pooling == "cls" else masked_mean(states, attention_mask)
         return F.normalize(self.text_proj(pooled.to(self.text_proj.weight.dtype)).float(), dim=-1)
 
     def embed_image(self, model, patch_features: torch.Tensor) -> torch.Tensor:
-        states = image_states(model, patch_features, with_cls=self.pooling == "cls")
+        states = model.encode_image(patch_features, with_cls=self.pooling == "cls")
         pooled = states[:, 0].float() if self.pooling == "cls" else masked_mean(states, None)
         return F.normalize(self.image_proj(pooled.to(self.image_proj.weight.dtype)).float(), dim=-1)
 
@@ -166,5 +138,3 @@ def itc_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, patch
     text_vec, image_vec = head(model, ids, mask, feats)
     return contrastive_loss(text_vec, image_vec, head.scale(), groups)
 
-
-# ----------------------------------------------------------------------------------------------- batch embedding

@@ -3,7 +3,7 @@
 The folder is what `fashionbert train` writes (OUT/model, or a checkpoint OUT/checkpoints/step-N). `model_version`
 names the exact scores a folder gives (weights and fusion), and is written into every retrieval table row.
 
-Imports torch, numpy and safetensors only (no faiss, no Beam).
+Imports torch, transformers and safetensors only (no faiss, no Beam).
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from pathlib import Path
 from fashionbert.errors import UserError
 from fashionbert.model import score_fusion
 from fashionbert.model.config import FashionBertConfig
-from fashionbert.model.contrastive import ITC_PREFIX, ContrastiveHead
 from fashionbert.model.modeling import WEIGHTS_NAME, FashionBertModel
 from fashionbert.runtime import Runtime
 
@@ -37,33 +36,14 @@ class LoadedModel:
 
 def load_model(folder: str | Path, runtime: Runtime) -> LoadedModel:
     """A model folder written by training (OUT/model or OUT/checkpoints/step-N), in eval mode on the runtime's
-    device, with its itc_head attached when the weights file has one (whether or not the model class builds
-    it itself), and its score fusion. Reads only JSON and safetensors."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    device (`FashionBertModel.from_checkpoint`), with its score fusion. Reads only JSON and safetensors."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise UserError(f"--model {folder}: no such folder; point it at OUT/model of `fashionbert train`")
-    weights = folder / WEIGHTS_NAME
-    config = FashionBertConfig.load(folder)
-    if not weights.is_file():
-        raise UserError(f"--model {folder}: no {WEIGHTS_NAME}; not a complete FashionBERT model folder (use OUT/model "
-                        f"of a finished `fashionbert train`)")
     try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as exc:
-        raise UserError(f"--model {folder}: cannot read {WEIGHTS_NAME} ({exc}); the file is damaged or was cut "
-                        f"short while copying: copy the model folder again or re-export it with `fashionbert train`"
-                        ) from None
-    model = FashionBertModel(config)
-    if any(k.startswith(ITC_PREFIX) for k in state) and getattr(model, "itc_head", None) is None:
-        model.itc_head = ContrastiveHead.from_state_dict(state)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{weights}: weights do not match config.json (missing {missing[:5]}, unexpected "
-                        f"{unexpected[:5]}); re-export the model with `fashionbert train`")
-    model.to(runtime.device).eval()
+        model = FashionBertModel.from_checkpoint(folder, runtime.device)
+    except UserError as exc:
+        raise UserError(f"--model {exc}") from None  # the messages start with the path; name the option too
     has_itc = getattr(model, "itc_head", None) is not None
     fusion = score_fusion.load(folder)
     if fusion.uses_itc and not has_itc:

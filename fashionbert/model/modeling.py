@@ -1,12 +1,18 @@
 """FashionBERT: a single-stream BERT over `[CLS] text [SEP] patches` with MLM, MPM and TIA heads.
 
-Layout follows transformers' modeling_bert.py: a config object, modules top-down, the model last.
+Layout follows transformers' modeling_bert.py: a config object, modules top-down, the model last. The model is a
+`transformers.PreTrainedModel` (registered with `AutoModel` by `import fashionbert`), so `save_pretrained` and
+`AutoModel.from_pretrained` work on the folders training writes.
 
 Why the embeddings are built by hand: `BertModel(inputs_embeds=...)` adds the TEXT position table to every
 token, patches included. So the text goes through the backbone's own embedding module (word + position +
 segment 0 + LayerNorm), the patches through `FashionBertPatchEmbeddings` (Linear(CNN dim -> hidden) + a
 learned grid*grid patch position table + segment 1 + LayerNorm), and the concatenation goes straight to
 `bert.encoder` with an extended attention mask that hides text padding (patches are never padding).
+
+The model owns these pieces (`embed_text`, `embed_patches`, `encode_joint`, `encode_text`, `encode_image`,
+`tia_margin`) and `encode` composes them; training, the scorer (which reuses each text's and image's embeddings
+across pairs), the recall embeddings and validation call them, so the input layout is built in one place.
 """
 from __future__ import annotations
 
@@ -17,12 +23,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import BertModel, PreTrainedModel
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
 from fashionbert.errors import UserError
-from fashionbert.model.config import FashionBertConfig
+from fashionbert.model.config import IGNORE_INDEX, FashionBertConfig
+from fashionbert.model.contrastive import ITC_PREFIX, ContrastiveHead, itc_loss
 
 WEIGHTS_NAME = "model.safetensors"
-IGNORE_INDEX = -100
 
 
 # ----------------------------------------------------------------------------------------------- losses
@@ -49,20 +58,6 @@ def alignment_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- modules
-def _init_module(module: nn.Module, std: float) -> None:
-    # Same scheme as BertPreTrainedModel._init_weights, for the modules FashionBERT adds to the backbone.
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, mean=0.0, std=std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, mean=0.0, std=std)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
 class FashionBertPatchEmbeddings(nn.Module):
     """Patch features -> hidden: Linear + learned patch position table + segment 1, then LayerNorm."""
 
@@ -88,8 +83,6 @@ class FashionBertMLMHead(nn.Module):
     """
 
     def __init__(self, bert_config):
-        from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
-
         super().__init__()
         self.transform = BertPredictionHeadTransform(bert_config)
         self.bias = nn.Parameter(torch.zeros(bert_config.vocab_size))
@@ -102,8 +95,6 @@ class FashionBertMPMHead(nn.Module):
     """Hidden -> CNN feature dim, to regress the (softmax-normalised) features of masked patches."""
 
     def __init__(self, config: FashionBertConfig, bert_config):
-        from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
-
         super().__init__()
         self.transform = BertPredictionHeadTransform(bert_config)
         self.decoder = nn.Linear(bert_config.hidden_size, config.feature_dim)
@@ -131,31 +122,34 @@ class FashionBertOutput:
     sequence_output: torch.Tensor
 
 
-class FashionBertModel(nn.Module):
+class FashionBertModel(PreTrainedModel):
+    config_class = FashionBertConfig
     TASKS = ("mlm", "mpm", "tia")
 
     def __init__(self, config: FashionBertConfig):
-        from transformers import BertModel
-
-        super().__init__()
+        super().__init__(config)
         config.validate()
-        self.config = config
         bert_config = config.bert_config()
         self.bert = BertModel(bert_config, add_pooling_layer=True)
-        std = bert_config.initializer_range
         self.patch_embeddings = FashionBertPatchEmbeddings(config, bert_config)
         self.mlm_head = FashionBertMLMHead(bert_config)
         self.mpm_head = FashionBertMPMHead(config, bert_config)
         self.tia_head = FashionBertTIAHead(config, bert_config)
-        heads = [self.patch_embeddings, self.mlm_head, self.mpm_head, self.tia_head]
         if config.itc_dim:
-            # Imported here: dual_encoder imports the batching helpers, which must not load with the model class.
-            from fashionbert.model.contrastive import ContrastiveHead
-
             self.itc_head = ContrastiveHead(bert_config.hidden_size, config.itc_dim, config.itc_pooling)
-            heads.append(self.itc_head)
-        for module in heads:
-            _init_module(module, std)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # BertPreTrainedModel's scheme, for the modules FashionBERT adds (`bert` initialises its own). post_init
+        # reaches them in the order they are declared, so the same seed draws the same weights as it always has.
+        std = float(self.config.bert.get("initializer_range", 0.02))
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -170,8 +164,6 @@ class FashionBertModel(nn.Module):
 
         Fills `config.bert` and the special token ids from the backbone folder.
         """
-        from transformers import BertModel
-
         from fashionbert.model.backbone import load_tokenizer, resolve_backbone
 
         path = resolve_backbone(config.backbone)
@@ -215,32 +207,82 @@ class FashionBertModel(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> "FashionBertModel":
-        """A model saved by `save` (OUT/model or a training checkpoint), in eval mode. Reads only JSON and
-        safetensors: nothing is unpickled."""
+        """A model saved by `save` (OUT/model or a training checkpoint), in eval mode on `map_location`. Reads only
+        JSON and safetensors: nothing is unpickled. A weights file holding an itc head whose config.json predates
+        `itc_dim` gets the head it was saved with."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         folder = Path(folder)
         config = FashionBertConfig.load(folder)
         weights = folder / WEIGHTS_NAME
         if not weights.is_file():
-            raise UserError(f"{folder}: no {WEIGHTS_NAME}; not a complete FashionBERT model folder")
+            raise UserError(f"{folder}: no {WEIGHTS_NAME}; not a complete FashionBERT model folder (use OUT/model of "
+                            f"a finished `fashionbert train`)")
+        try:
+            state = load_file(str(weights), device=str(map_location))
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"{folder}: cannot read {WEIGHTS_NAME} ({exc}); the file is damaged or was cut short while "
+                            f"copying: copy the model folder again or re-export it with `fashionbert train`") from None
         model = cls(config)
-        state = load_file(str(weights), device=str(map_location))
+        if any(k.startswith(ITC_PREFIX) for k in state) and getattr(model, "itc_head", None) is None:
+            model.itc_head = ContrastiveHead.from_state_dict(state)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise UserError(f"{weights}: weights do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]})")
+            raise UserError(f"{weights}: weights do not match config.json (missing {missing[:5]}, unexpected "
+                            f"{unexpected[:5]}); re-export the model with `fashionbert train`")
         return model.to(map_location).eval()
 
     def save(self, folder: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
+        """model.safetensors + config.json: `save_pretrained` without its progress bar (training saves every
+        checkpoint this way). The MLM decoder is tied at call time, so no tensor is shared and safetensors stores
+        each once."""
+        from transformers.utils import logging as hf_logging
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-        self.config.save(folder)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            self.save_pretrained(folder)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
 
     # ---------------------------------------------------------------------------------- forward
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, H): word + text position + segment 0, LayerNorm (the backbone's module)."""
+        return self.bert.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
+
+    def embed_patches(self, patch_features: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, P, D) features -> (B, P, H). `patch_mask` (B, P) bool: patches zeroed first (MPM)."""
+        if patch_features.shape[1:] != (self.config.num_patches, self.config.feature_dim):
+            raise ValueError(
+                f"patch_features shape {tuple(patch_features.shape)}, expected (B, {self.config.num_patches}, "
+                f"{self.config.feature_dim})"
+            )
+        patch_features = patch_features.to(self.patch_embeddings.projection.weight.dtype)
+        if patch_mask is not None:
+            patch_features = patch_features.masked_fill(patch_mask.unsqueeze(-1), 0.0)
+        return self.patch_embeddings(patch_features, self.bert.embeddings.token_type_embeddings.weight[1])
+
+    def encode_embeddings(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The shared encoder on a sequence of embeddings -> (B, L, H); `attention_mask` (B, L) 1 = attend,
+        None = every position."""
+        if attention_mask is None:
+            return self.bert.encoder(hidden).last_hidden_state
+        extended = create_bidirectional_mask(config=self.bert.config, inputs_embeds=hidden,
+                                             attention_mask=attention_mask.to(torch.long))
+        return self.bert.encoder(hidden, attention_mask=extended).last_hidden_state
+
+    def encode_joint(self, text_embeds: torch.Tensor, text_mask: torch.Tensor,
+                     patch_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-encoder pass on `[CLS] text [SEP] patches`: (B, T, H) text and (B, P, H) patch embeddings,
+        (B, T) text mask -> (sequence_output (B, T+P, H), pooled (B, H)). Patches are never padding."""
+        hidden = torch.cat([text_embeds, patch_embeds.to(text_embeds.dtype)], dim=1)
+        mask = torch.cat([text_mask.to(torch.long), text_mask.new_ones(patch_embeds.shape[:2], dtype=torch.long)],
+                         dim=1)
+        sequence_output = self.encode_embeddings(hidden, mask)
+        return sequence_output, self.bert.pooler(sequence_output)
+
     def encode(
         self,
         input_ids: torch.Tensor,
@@ -249,29 +291,30 @@ class FashionBertModel(nn.Module):
         patch_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (sequence_output (B, T+P, H), pooled (B, H)). `patch_mask` (B, P) bool: patches zeroed (MPM)."""
-        batch, text_len = input_ids.shape
-        if patch_features.shape[1:] != (self.config.num_patches, self.config.feature_dim):
-            raise ValueError(
-                f"patch_features shape {tuple(patch_features.shape)}, expected (B, {self.config.num_patches}, "
-                f"{self.config.feature_dim})"
-            )
-        emb = self.bert.embeddings
-        text = emb(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
-        patch_features = patch_features.to(self.patch_embeddings.projection.weight.dtype)
-        if patch_mask is not None:
-            patch_features = patch_features.masked_fill(patch_mask.unsqueeze(-1), 0.0)
-        patches = self.patch_embeddings(patch_features, emb.token_type_embeddings.weight[1])
-        hidden = torch.cat([text, patches.to(text.dtype)], dim=1)
-        full_mask = torch.cat(
-            [attention_mask.to(torch.long), attention_mask.new_ones((batch, self.config.num_patches), dtype=torch.long)],
-            dim=1,
-        )
-        from transformers.masking_utils import create_bidirectional_mask
+        text = self.embed_text(input_ids)  # before the patches: dropout draws in the order it always has
+        return self.encode_joint(text, attention_mask, self.embed_patches(patch_features, patch_mask))
 
-        extended = create_bidirectional_mask(config=self.bert.config, inputs_embeds=hidden, attention_mask=full_mask)
-        sequence_output = self.bert.encoder(hidden, attention_mask=extended).last_hidden_state
-        pooled = self.bert.pooler(sequence_output)
-        return sequence_output, pooled
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text-only pass: the text tokens alone through the shared encoder -> (B, T, H)."""
+        return self.encode_embeddings(self.embed_text(input_ids), attention_mask)
+
+    def encode_image(self, patch_features: torch.Tensor, with_cls: bool = False) -> torch.Tensor:
+        """Image-only pass: the patch embeddings alone (segment 1, own position table) -> (B, P, H), or (B, 1+P, H)
+        with the [CLS] token embedding in front when the caller pools on [CLS] (an image has no token of its own
+        whose job is to summarise it)."""
+        patches = self.embed_patches(patch_features)
+        if with_cls:
+            cls_ids = torch.full((patches.shape[0], 1), int(self.config.cls_token_id), dtype=torch.long,
+                                 device=patches.device)
+            cls = self.embed_text(cls_ids)
+            patches = torch.cat([cls, patches.to(cls.dtype)], dim=1)
+        return self.encode_embeddings(patches)
+
+    def tia_margin(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The TIA logit margin l1 - l0 (float32): it ranks like P(aligned) = sigmoid(margin) but does not
+        saturate into ties at P ~ 1."""
+        logits = self.tia_head(pooled).float()
+        return logits[:, 1] - logits[:, 0]
 
     def forward(
         self,
@@ -318,8 +361,6 @@ class FashionBertModel(nn.Module):
         if tia_labels is not None:
             losses["tia"] = alignment_loss(tia_logits, tia_labels.long())
         if itc and getattr(self, "itc_head", None) is not None:
-            from fashionbert.model.contrastive import itc_loss
-
             losses["itc"] = itc_loss(self, input_ids, attention_mask, patch_features, tia_labels, mlm_labels)
         return FashionBertOutput(losses=losses, tia_logits=tia_logits, sequence_output=sequence_output)
 

@@ -88,12 +88,10 @@ class CrossEncoderScorer:
 
     @torch.inference_mode()
     def patch_embeddings(self, features: np.ndarray) -> torch.Tensor:
-        """(k, P, D) features -> (k, P, H) patch embeddings on the device, as `FashionBertModel.encode` makes
-        them (the same modules, so fp32 scores match the unfactored model)."""
-        m = self.model
+        """(k, P, D) features -> (k, P, H) patch embeddings on the device (the model's `embed_patches`, so fp32
+        scores match the unfactored model)."""
         x = torch.from_numpy(np.ascontiguousarray(features)).to(self.runtime.device).to(self.dtype)
-        seg = m.bert.embeddings.token_type_embeddings.weight[1]
-        out = [m.patch_embeddings(x[start:start + 256], seg) for start in range(0, len(x), 256)]
+        out = [self.model.embed_patches(x[start:start + 256]) for start in range(0, len(x), 256)]
         return torch.cat(out) if out else x.new_zeros((0, self.config.num_patches, self.config.hidden_size))
 
     @torch.inference_mode()
@@ -129,21 +127,14 @@ class CrossEncoderScorer:
         return out
 
     def _score_batch(self, texts, text_index: np.ndarray, patches: torch.Tensor, image_local: np.ndarray) -> np.ndarray:
-        from transformers.masking_utils import create_bidirectional_mask
-
         m, cfg, dev = self.model, self.config, self.runtime.device
         unique_text, text_of_row = np.unique(text_index, return_inverse=True)
         ids, mask = pad_texts([texts[t] for t in unique_text], cfg.max_text_len, cfg.pad_token_id, cfg.sep_token_id)
-        ids_t = torch.from_numpy(ids).to(dev)
-        text_emb = m.bert.embeddings(input_ids=ids_t, token_type_ids=torch.zeros_like(ids_t))
+        text_emb = m.embed_text(torch.from_numpy(ids).to(dev))
         rows = torch.from_numpy(text_of_row).to(dev)
-        hidden = torch.cat([text_emb[rows], patches[torch.from_numpy(image_local).to(dev)]], dim=1)
-        text_mask = torch.from_numpy(mask).to(dev)[rows]
-        full_mask = torch.cat([text_mask, text_mask.new_ones((len(rows), cfg.num_patches))], dim=1)
-        extended = create_bidirectional_mask(config=m.bert.config, inputs_embeds=hidden, attention_mask=full_mask)
-        sequence = m.bert.encoder(hidden, attention_mask=extended).last_hidden_state
-        logits = m.tia_head(m.bert.pooler(sequence)).float()
-        return (logits[:, 1] - logits[:, 0]).cpu().numpy()
+        _, pooled = m.encode_joint(text_emb[rows], torch.from_numpy(mask).to(dev)[rows],
+                                   patches[torch.from_numpy(image_local).to(dev)])
+        return m.tia_margin(pooled).cpu().numpy()
 
 
 # ============================================================================================ ranking score

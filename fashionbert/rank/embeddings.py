@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fashionbert.data.batching import length_batches, pad_texts
-from fashionbert.model.contrastive import ContrastiveHead, image_states, masked_mean, text_states
+from fashionbert.model.contrastive import ContrastiveHead, masked_mean
 
 
 class DualEncoder:
@@ -60,7 +60,7 @@ class DualEncoder:
                 if self.head is not None:
                     vec = self.head.embed_text(self.model, ids, mask)
                 else:
-                    vec = F.normalize(masked_mean(text_states(self.model, ids, mask), mask), dim=-1)
+                    vec = F.normalize(masked_mean(self.model.encode_text(ids, mask), mask), dim=-1)
             vec = vec.float().cpu().numpy()
             if out is None:
                 out = np.empty((len(texts), vec.shape[1]), dtype=np.float32)
@@ -79,7 +79,7 @@ class DualEncoder:
                 if self.head is not None:
                     vec = self.head.embed_image(self.model, x)
                 else:
-                    vec = F.normalize(masked_mean(image_states(self.model, x), None), dim=-1)
+                    vec = F.normalize(masked_mean(self.model.encode_image(x), None), dim=-1)
             parts.append(vec.float().cpu().numpy())
         return np.concatenate(parts) if parts else np.zeros((0, self.dim), dtype=np.float32)
 
