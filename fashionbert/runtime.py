@@ -136,13 +136,23 @@ def setup_runtime(device: str = "auto", precision: str = "auto", num_threads: in
                    local_rank=local_rank)
 
 
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    """The fields of `add_runtime_arguments`' options, for the configs of the stages that take them."""
+
+    device: str = "auto"
+    precision: str = "auto"
+    num_threads: int = 0
+
+
 def add_runtime_arguments(parser: argparse.ArgumentParser, precision_help: str = "") -> argparse._ArgumentGroup:
     """--device, --precision and --num-threads, in a "runtime" group (returned, for a stage's own runtime options)."""
+    d = RuntimeOptions()
     g = parser.add_argument_group("runtime")
-    g.add_argument("--device", choices=DEVICES, default="auto", help="auto = cuda if available, else cpu (default auto)")
-    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+    g.add_argument("--device", choices=DEVICES, default=d.device, help="auto = cuda if available, else cpu (default auto)")
+    g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="bf16 or fp32 arithmetic; auto = bf16 where the device runs it natively (CUDA with bf16, CPUs "
                         "with AVX512-BF16/AMX), else fp32" + (f". {precision_help}" if precision_help else "")
                         + " (default auto)")
-    g.add_argument("--num-threads", type=int, default=0, help="torch CPU threads per process, 0 = torch's default")
+    g.add_argument("--num-threads", type=int, default=d.num_threads, help="torch CPU threads per process, 0 = torch's default")
     return g
