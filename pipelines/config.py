@@ -52,8 +52,10 @@ class FeaturizeConfig:
         """Refuses values no run can use; `featurize.run` calls it first, so a config built in code (nightly, the
         demo, tests) is held to the same rules as one parsed from the command line."""
         if not self.text_columns:
-            raise UserError("--text-columns is empty; name at least one text column, e.g. --text-columns title,description")
-        for name in ("image_size", "grid", "patch_size", "batch_size", "max_pixels", "max_text_len", "images_per_shard"):
+            raise UserError("--text-columns is empty; name at least one text column, e.g. --text-columns "
+                            "title,description")
+        for name in ("image_size", "grid", "patch_size", "batch_size", "max_pixels", "max_text_len",
+                     "images_per_shard"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(self, name)}")
         if self.image_size % self.grid:

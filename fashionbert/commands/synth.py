@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 
 from fashionbert.errors import UserError
-from fashionbert.options import config_from_args as fill_config
+from fashionbert.runtime import stage_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,7 +16,7 @@ class SynthConfig:
 
 
 def config_from_args(args: argparse.Namespace) -> SynthConfig:
-    return fill_config(SynthConfig, args)
+    return stage_config(SynthConfig, args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

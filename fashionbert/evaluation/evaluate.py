@@ -38,13 +38,12 @@ from fashionbert.data.features import validation_mask
 from fashionbert.errors import UserError
 from fashionbert.evaluation.quick_validation import roc_auc
 from fashionbert.model.loading import load_model, training_options
-from fashionbert.options import config_from_args as fill_config
 from fashionbert.rank.cross_encoder import (BatchingOptions, CrossEncoderScorer, PairScorer, PairScores,
                                             add_batching_arguments)
 from fashionbert.rank.neighbours import Neighbours
 from fashionbert.rank.retrieve import (Ranked, RecallOptions, add_retrieval_arguments, dual_encoder_for, exhaustive,
                                        two_stage)
-from fashionbert.runtime import RuntimeOptions, add_runtime_arguments, resolve_runtime
+from fashionbert.runtime import RuntimeOptions, add_runtime_arguments, resolve_runtime, stage_config
 
 RANK_KS = (1, 5, 10)
 DEFAULT_VAL_FRACTION = 0.05
@@ -209,7 +208,7 @@ class EvaluateConfig(SplitOptions, RecallOptions, BatchingOptions, RuntimeOption
 
 
 def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
-    return fill_config(EvaluateConfig, args)
+    return stage_config(EvaluateConfig, args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -27,8 +27,7 @@ from fashionbert.errors import UserError
 from fashionbert.evaluation.evaluate import SplitOptions, add_split_arguments, held_out_products
 from fashionbert.evaluation.quick_validation import validate
 from fashionbert.model.loading import load_model, model_version
-from fashionbert.options import config_from_args as fill_config
-from fashionbert.runtime import RuntimeOptions, add_runtime_arguments, resolve_runtime
+from fashionbert.runtime import RuntimeOptions, add_runtime_arguments, resolve_runtime, stage_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +41,7 @@ class FuseConfig(SplitOptions, RuntimeOptions):
 
 
 def config_from_args(args: argparse.Namespace) -> FuseConfig:
-    return fill_config(FuseConfig, args)
+    return stage_config(FuseConfig, args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

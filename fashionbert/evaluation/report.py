@@ -29,7 +29,7 @@ import numpy as np
 
 from fashionbert.data.features import open_feature_folder
 from fashionbert.errors import UserError
-from fashionbert.options import config_from_args as fill_config
+from fashionbert.runtime import stage_config
 
 TOP = 10
 CURVES = "training_curves.png"
@@ -319,7 +319,7 @@ class ReportConfig:
 
 
 def config_from_args(args: argparse.Namespace) -> ReportConfig:
-    return fill_config(ReportConfig, args)
+    return stage_config(ReportConfig, args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -36,12 +36,11 @@ from fashionbert.data import publish
 from fashionbert.data.feature_catalog import ImageSource, IndexedImages, iter_features, open_catalog
 from fashionbert.errors import UserError
 from fashionbert.model.loading import load_model
-from fashionbert.options import config_from_args as fill_config
 from fashionbert.model.score_fusion import TIA_ONLY, ScoreFusion
 from fashionbert.rank.cross_encoder import BatchingOptions, CrossEncoderScorer, add_batching_arguments, probability
 from fashionbert.rank.embeddings import DualEncoder
 from fashionbert.rank.neighbours import DEFAULT_EXACT_MAX, KINDS, Neighbours, search
-from fashionbert.runtime import RuntimeOptions, add_runtime_arguments, resolve_runtime
+from fashionbert.runtime import RuntimeOptions, add_runtime_arguments, resolve_runtime, stage_config
 
 TEXT_TO_IMAGE = "text_to_image.parquet"
 IMAGE_TO_TEXT = "image_to_text.parquet"
@@ -202,7 +201,7 @@ class RetrieveConfig(RecallOptions, BatchingOptions, RuntimeOptions):
 
 
 def config_from_args(args: argparse.Namespace) -> RetrieveConfig:
-    return fill_config(RetrieveConfig, args)
+    return stage_config(RetrieveConfig, args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

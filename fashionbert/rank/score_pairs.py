@@ -22,10 +22,9 @@ import numpy as np
 from fashionbert.data.feature_catalog import IndexedImages, open_catalog
 from fashionbert.errors import UserError
 from fashionbert.model.loading import load_model
-from fashionbert.options import config_from_args as fill_config
 from fashionbert.rank.cross_encoder import (BatchingOptions, CrossEncoderScorer, PairScorer, add_batching_arguments,
                                             probability)
-from fashionbert.runtime import RuntimeOptions, add_runtime_arguments, resolve_runtime
+from fashionbert.runtime import RuntimeOptions, add_runtime_arguments, resolve_runtime, stage_config
 
 ID_COLUMNS = ("product_id", "image_id")
 SCORE = "score"
@@ -41,7 +40,7 @@ class ScorePairsConfig(BatchingOptions, RuntimeOptions):
 
 
 def config_from_args(args: argparse.Namespace) -> ScorePairsConfig:
-    return fill_config(ScorePairsConfig, args)
+    return stage_config(ScorePairsConfig, args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
