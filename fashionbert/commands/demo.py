@@ -12,11 +12,13 @@ import sys
 from typing import TYPE_CHECKING
 
 from fashionbert.errors import UserError
+from fashionbert.runtime import stage_config
 
 if TYPE_CHECKING:  # training imports torch: the demo imports it when it trains
     from fashionbert.train.config import TrainConfig
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo-out")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_OUT = os.path.join(REPO, "demo-out")  # README's `demo-out/`, ignored by git
 
 
 def _catalog(out: str, products: int, seed: int) -> str:
@@ -85,12 +87,31 @@ def _train(features: str, out: str, reuse: bool) -> dict:
     return summary
 
 
-def run(out: str, products: int, seed: int) -> dict:
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    out: str = DEFAULT_OUT
+    products: int = 300
+    seed: int = 0
+
+
+def config_from_args(args: argparse.Namespace) -> DemoConfig:
+    return stage_config(DemoConfig, args)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = DemoConfig()
+    parser.add_argument("--out", default=d.out, help="demo output folder (default %(default)s)")
+    parser.add_argument("--products", type=int, default=d.products, help="synthetic products (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed)
+
+
+def run(config: DemoConfig) -> dict:
     from fashionbert.data import publish
     from pipelines.config import FeaturizeConfig
     from pipelines.featurize import run as featurize
 
-    manifest = _catalog(out, products, seed)
+    out = config.out
+    manifest = _catalog(out, config.products, config.seed)
     features = os.path.join(out, "features")
     previous = features if publish.is_complete(features) else None
     cfg = FeaturizeConfig(catalog=manifest, out=features, previous=previous, overwrite=True)
@@ -113,15 +134,13 @@ def run(out: str, products: int, seed: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="run_pipeline.sh demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=DEFAULT_OUT, help="demo output folder (default %(default)s)")
-    parser.add_argument("--products", type=int, default=300, help="synthetic products (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args(argv))
     from fashionbert.commands.cli import quiet_beam_import_warning
 
     quiet_beam_import_warning()
     try:
-        result = run(args.out, args.products, args.seed)
+        result = run(config)
     except UserError as err:
         print(f"demo: error: {err}", file=sys.stderr)
         return 2
