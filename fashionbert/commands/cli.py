@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_nightly_commands(sub) -> None:
+def _add_nightly_commands(sub: argparse._SubParsersAction) -> None:
     from fashionbert.commands import nightly
 
     for name, help_text in (

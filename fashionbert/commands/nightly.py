@@ -448,8 +448,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--skip-evaluate", action="store_true", help="no evaluate stage")
     e.add_argument("--eval-args", default="", metavar="'OPTS'",
                    help=f"`fashionbert evaluate` options, one quoted string; nightly adds "
-                        f"{' '.join(as_argv(EVAL_DEFAULTS))} first (about 25k cross-encoder pairs: minutes on a CPU), yours win. For a model trained "
-                        f"elsewhere, --eval-args='--split all' evaluates on every product")
+                        f"{' '.join(as_argv(EVAL_DEFAULTS))} first (about 25k cross-encoder pairs: minutes on a CPU), "
+                        f"yours win. For a model trained elsewhere, --eval-args='--split all' evaluates on every product")
     featurize_arguments(parser, with_outputs=False)
 
 

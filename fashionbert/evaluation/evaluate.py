@@ -230,7 +230,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="independent draws of queries and candidates; metrics report mean and spread. Each draw "
                         "costs up to 2 x queries x (candidates + 1) cross-encoder pairs (pairs shared between draws "
                         "are scored once) (default 3)")
-    g.add_argument("--seed", type=int, default=d.seed, help="seed of the draws and of --gallery-max sampling (default 0)")
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the draws and of --gallery-max sampling (default 0)")
 
     g = parser.add_argument_group("full-gallery protocol")
     g.add_argument("--gallery-max", type=int, default=d.gallery_max,

@@ -258,8 +258,8 @@ def run(config: RetrieveConfig) -> dict:
     if config.top_k < 1:
         raise UserError(f"--top-k {config.top_k}: must be >= 1")
     if config.recall_k < config.top_k:
-        raise UserError(f"--recall-k {config.recall_k} is below --top-k {config.top_k}: the re-rank stage can only order "
-                        f"the candidates recall found; raise --recall-k to at least --top-k")
+        raise UserError(f"--recall-k {config.recall_k} is below --top-k {config.top_k}: the re-rank stage can only "
+                        f"order the candidates recall found; raise --recall-k to at least --top-k")
     run_id = _run_id(config.run_id)
     out = os.path.abspath(os.path.expanduser(config.out))
     publish.check_target(out, config.overwrite)
@@ -286,7 +286,8 @@ def run(config: RetrieveConfig) -> dict:
         "run_id": run_id,
         "model": {"path": str(loaded.folder.resolve()), "version": loaded.version, "step": loaded.step},
         "features": [str(f.path.resolve()) for f in catalog.folders],
-        "options": {"top_k": config.top_k, "recall_k": config.recall_k, "index": config.index, "exact_max": config.exact_max},
+        "options": {"top_k": config.top_k, "recall_k": config.recall_k, "index": config.index,
+                    "exact_max": config.exact_max},
         "index_used": result.index_kind,
         "recall_embedding": dual.description,
         "ranking_score": loaded.fusion.describe(),
