@@ -4,6 +4,9 @@ One module for training and inference alike, so both resolve `--device auto --pr
 cuda when visible, else cpu; bf16 where the device runs it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX),
 else fp32. Under torchrun (WORLD_SIZE > 1) the process group is gloo on CPU and nccl on GPU.
 
+Also the stages' shared option plumbing: the runtime options' fields, and `stage_config`, which fills any stage's config
+from its parsed command line.
+
 Imports torch only: the GPU box that trains and scores has no Beam and no faiss.
 """
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+from typing import TypeVar
 
 import torch
 
@@ -136,13 +140,34 @@ def setup_runtime(device: str = "auto", precision: str = "auto", num_threads: in
                    local_rank=local_rank)
 
 
+C = TypeVar("C")
+
+
+def stage_config(cls: type[C], args: argparse.Namespace) -> C:
+    """The stage config `cls` filled from a parsed command line: every stage's config is a dataclass whose fields are
+    its options' dests, with the command line's defaults (other attributes of `args` are ignored)."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    """The fields of `add_runtime_arguments`' options, for the configs of the stages that take them."""
+
+    device: str = "auto"
+    precision: str = "auto"
+    num_threads: int = 0
+
+
 def add_runtime_arguments(parser: argparse.ArgumentParser, precision_help: str = "") -> argparse._ArgumentGroup:
     """--device, --precision and --num-threads, in a "runtime" group (returned, for a stage's own runtime options)."""
+    d = RuntimeOptions()
     g = parser.add_argument_group("runtime")
-    g.add_argument("--device", choices=DEVICES, default="auto", help="auto = cuda if available, else cpu (default auto)")
-    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+    g.add_argument("--device", choices=DEVICES, default=d.device,
+                   help="auto = cuda if available, else cpu (default auto)")
+    g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="bf16 or fp32 arithmetic; auto = bf16 where the device runs it natively (CUDA with bf16, CPUs "
                         "with AVX512-BF16/AMX), else fp32" + (f". {precision_help}" if precision_help else "")
                         + " (default auto)")
-    g.add_argument("--num-threads", type=int, default=0, help="torch CPU threads per process, 0 = torch's default")
+    g.add_argument("--num-threads", type=int, default=d.num_threads,
+                   help="torch CPU threads per process, 0 = torch's default")
     return g

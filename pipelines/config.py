@@ -48,6 +48,21 @@ class FeaturizeConfig:
     hdf5_chunk_rows: int = 256
     progress: bool = True
 
+    def check(self) -> None:
+        """Refuses values no run can use; `featurize.run` calls it first, so a config built in code (nightly, the
+        demo, tests) is held to the same rules as one parsed from the command line."""
+        if not self.text_columns:
+            raise UserError("--text-columns is empty; name at least one text column, e.g. --text-columns "
+                            "title,description")
+        for name in ("image_size", "grid", "patch_size", "batch_size", "max_pixels", "max_text_len",
+                     "images_per_shard"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(self, name)}")
+        if self.image_size % self.grid:
+            raise UserError(f"--image-size {self.image_size} must be divisible by --grid {self.grid} (e.g. 256 and 8)")
+        if self.max_text_len < 3:
+            raise UserError("--max-text-len must be at least 3 ([CLS], one token, [SEP])")
+
     def image_fingerprint(self) -> str:
         """Everything that changes an image's features; part of each image row's content hash."""
         from fashionbert.model.patch_cnn import FEATURE_LAYOUT
@@ -126,17 +141,9 @@ def add_arguments(parser: argparse.ArgumentParser, with_outputs: bool = True) ->
 
 
 def config_from_args(args: argparse.Namespace, **io) -> FeaturizeConfig:
-    """`io` supplies catalog/out/previous/overwrite when the parser was built without them."""
+    """`io` supplies catalog/out/previous/overwrite when the parser was built without them. Values are checked when
+    the config runs (`FeaturizeConfig.check`)."""
     text_columns = tuple(c.strip() for c in args.text_columns.split(",") if c.strip())
-    if not text_columns:
-        raise UserError("--text-columns is empty; name at least one text column, e.g. --text-columns title,description")
-    for name in ("image_size", "grid", "patch_size", "batch_size", "max_pixels", "max_text_len", "images_per_shard"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(args, name)}")
-    if args.image_size % args.grid:
-        raise UserError(f"--image-size {args.image_size} must be divisible by --grid {args.grid} (e.g. 256 and 8)")
-    if args.max_text_len < 3:
-        raise UserError("--max-text-len must be at least 3 ([CLS], one token, [SEP])")
     io = {"catalog": getattr(args, "catalog", None), "out": getattr(args, "out", None),
           "previous": getattr(args, "previous", None), "overwrite": getattr(args, "overwrite", False), **io}
     return FeaturizeConfig(

@@ -220,6 +220,7 @@ def pipeline_options(beam_args: list[str]) -> tuple[PipelineOptions, int]:
 
 def run(cfg: FeaturizeConfig, beam_args: list[str] | None = None) -> dict:
     start = time.time()
+    cfg.check()
     storage.check_target(cfg.out, cfg.overwrite)
     info = inspect_catalog(cfg)
     _check_previous(cfg)

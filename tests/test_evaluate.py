@@ -148,11 +148,12 @@ def trained(tmp_path_factory):
     return features, model, itc
 
 
-def _args(features, model, out, *extra) -> argparse.Namespace:
+def _args(features, model, out, *extra) -> evaluate.EvaluateConfig:
     parser = argparse.ArgumentParser()
     evaluate.add_arguments(parser)
-    return parser.parse_args(["--features", str(features), "--model", str(model), "--out", str(out), "--device", "cpu",
-                              "--precision", "fp32", *map(str, extra)])
+    return evaluate.config_from_args(parser.parse_args([
+        "--features", str(features), "--model", str(model), "--out", str(out), "--device", "cpu", "--precision", "fp32",
+        *map(str, extra)]))
 
 
 def test_evaluate_writes_all_three_protocols(tmp_path, trained):
@@ -222,11 +223,11 @@ def test_fuse_fits_the_ranking_score_and_evaluate_ranks_by_it(tmp_path, trained)
         fuse.run(_fuse_args(features, model, "--split", "all"))
 
 
-def _fuse_args(features, model, *extra) -> argparse.Namespace:
+def _fuse_args(features, model, *extra) -> fuse.FuseConfig:
     parser = argparse.ArgumentParser()
     fuse.add_arguments(parser)
-    return parser.parse_args(["--features", str(features), "--model", str(model), "--device", "cpu", "--precision",
-                              "fp32", *map(str, extra)])
+    return fuse.config_from_args(parser.parse_args(["--features", str(features), "--model", str(model), "--device",
+                                                    "cpu", "--precision", "fp32", *map(str, extra)]))
 
 
 def test_help_explains_the_options():

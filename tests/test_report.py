@@ -66,18 +66,19 @@ def built(tmp_path_factory):
     model = train_tiny_model(tmp, features, make_tiny_backbone(tmp / "bert"), steps=3)
     p = argparse.ArgumentParser()
     retrieve.add_arguments(p)
-    retrieve.run(p.parse_args(["--features", str(features), "--model", str(model), "--out", str(tmp / "retrieval"),
-                               "--top-k", "10", "--recall-k", "12", "--device", "cpu"]))
+    retrieve.run(retrieve.config_from_args(p.parse_args([
+        "--features", str(features), "--model", str(model), "--out", str(tmp / "retrieval"), "--top-k", "10",
+        "--recall-k", "12", "--device", "cpu"])))
     p = argparse.ArgumentParser()
     evaluate.add_arguments(p)
-    evaluate.run(p.parse_args(["--features", str(features), "--model", str(model), "--out", str(tmp / "metrics.json"),
-                               "--split", "all", "--queries", "8", "--draws", "2", "--candidates", "5", "--recall-k", "8",
-                               "--device", "cpu"]))
+    evaluate.run(evaluate.config_from_args(p.parse_args([
+        "--features", str(features), "--model", str(model), "--out", str(tmp / "metrics.json"), "--split", "all",
+        "--queries", "8", "--draws", "2", "--candidates", "5", "--recall-k", "8", "--device", "cpu"])))
     p = argparse.ArgumentParser()
     report.add_arguments(p)
     args = p.parse_args(["--retrieval", str(tmp / "retrieval"), "--metrics", str(tmp / "metrics.json"),
                          "--training", str(model.parent), "--queries", "4", "--out", str(tmp / "report.html")])
-    summary = report.run(args)
+    summary = report.run(report.config_from_args(args))
     return tmp, summary, sources
 
 
@@ -121,14 +122,18 @@ def test_report_user_errors(built, tmp_path):
     tmp, _, _ = built
     p = argparse.ArgumentParser()
     report.add_arguments(p)
+
+    def config(*argv):
+        return report.config_from_args(p.parse_args(argv))
+
     with pytest.raises(UserError, match="no _SUCCESS"):
-        report.run(p.parse_args(["--retrieval", str(tmp_path), "--out", str(tmp_path / "r.html")]))
+        report.run(config("--retrieval", str(tmp_path), "--out", str(tmp_path / "r.html")))
     with pytest.raises(UserError, match="training_curves.png"):
-        report.run(p.parse_args(["--retrieval", str(tmp / "retrieval"), "--training", str(tmp_path),
-                                 "--out", str(tmp_path / "r.html")]))
+        report.run(config("--retrieval", str(tmp / "retrieval"), "--training", str(tmp_path),
+                          "--out", str(tmp_path / "r.html")))
     with pytest.raises(UserError, match="--metrics"):
-        report.run(p.parse_args(["--retrieval", str(tmp / "retrieval"), "--metrics", str(tmp_path / "none.json"),
-                                 "--out", str(tmp_path / "r.html")]))
+        report.run(config("--retrieval", str(tmp / "retrieval"), "--metrics", str(tmp_path / "none.json"),
+                          "--out", str(tmp_path / "r.html")))
 
 
 def test_images_load_in_headless_chromium(built):

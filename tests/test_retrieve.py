@@ -45,11 +45,12 @@ def itc_model_dir(tmp_path_factory, features, model_dir):
     return fit_itc_head(model_dir, features, tmp_path_factory.mktemp("itc") / "model", steps=20)
 
 
-def _args(features, model, out, *extra) -> argparse.Namespace:
+def _args(features, model, out, *extra) -> retrieve.RetrieveConfig:
     parser = argparse.ArgumentParser()
     retrieve.add_arguments(parser)
-    return parser.parse_args(["--features", str(features), "--model", str(model), "--out", str(out), "--device", "cpu",
-                              "--precision", "fp32", *map(str, extra)])
+    return retrieve.config_from_args(parser.parse_args([
+        "--features", str(features), "--model", str(model), "--out", str(out), "--device", "cpu", "--precision", "fp32",
+        *map(str, extra)]))
 
 
 def test_tables_schema_sorted_k_rows_and_published(tmp_path, features, itc_model_dir):

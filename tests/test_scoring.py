@@ -314,10 +314,10 @@ def test_load_model_refuses_damaged_weights_in_one_line(tmp_path, model_dir):
 
 
 # ============================================================================================ score-pairs
-def _score_args(*argv) -> argparse.Namespace:
+def _score_args(*argv) -> score_pairs.ScorePairsConfig:
     parser = argparse.ArgumentParser()
     score_pairs.add_arguments(parser)
-    return parser.parse_args([*map(str, argv), "--device", "cpu", "--precision", "fp32"])
+    return score_pairs.config_from_args(parser.parse_args([*map(str, argv), "--device", "cpu", "--precision", "fp32"]))
 
 
 def test_model_from_before_the_colour_statistics_is_refused_with_the_fix(tmp_path, loaded):

@@ -6,6 +6,7 @@ GPU box (no Beam) can still run training and scoring.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -13,55 +14,60 @@ import sys
 from fashionbert.errors import UserError
 
 
-def _synth(args: argparse.Namespace) -> None:
-    from fashionbert.data import synth
-
-    if args.products <= 0:
-        raise UserError(f"--products must be positive, got {args.products}")
-    path = synth.write_catalog(args.out, args.products, args.seed)
-    print(f"synthetic catalog: {args.products} products -> {path}")
-
-
-def _featurize(args: argparse.Namespace, beam_args: list[str]) -> None:
-    from pipelines.config import config_from_args
-    from pipelines.featurize import run
-
-    summary = run(config_from_args(args), beam_args)
-    c = summary["counts"]
-    print(f"featurize: {c['input_rows']} catalog rows -> {c['accepted_images']} images, {c['texts']} texts, "
-          f"{c['rejected_rows']} rejects; images computed {c['images']['computed']}, carried "
-          f"{c['images']['carried']}, deleted {c['images']['deleted']} ({summary['elapsed_s']} s) -> {args.out}")
-
-
-def _run_module(name: str, args: argparse.Namespace) -> None:
-    import importlib
-
-    summary = importlib.import_module(name).run(args)
-    print(json.dumps(summary, indent=2, default=str))
+# subcommand: (module with add_arguments and config_from_args, module with run(config), help)
+STAGES = {
+    "synth": ("fashionbert.commands.synth", "fashionbert.commands.synth",
+              "write the built-in synthetic catalog (manifest.csv + images/)"),
+    "featurize": ("pipelines.config", "pipelines.featurize", "catalog -> Parquet feature shards (Apache Beam)"),
+    "train": ("fashionbert.train.config", "fashionbert.train.trainer",
+              "train FashionBERT on featurize outputs (PyTorch)"),
+    "fuse": ("fashionbert.evaluation.fit_fusion", "fashionbert.evaluation.fit_fusion",
+             "fit a model folder's ranking score (TIA margin + itc cosine) on held-out products"),
+    "score-pairs": ("fashionbert.rank.score_pairs", "fashionbert.rank.score_pairs",
+                    "the ranking score P(aligned) for given (product_id, image_id) pairs"),
+    "evaluate": ("fashionbert.evaluation.evaluate", "fashionbert.evaluation.evaluate",
+                 "sample-100, TIA and full-gallery metrics -> metrics.json"),
+    "retrieve": ("fashionbert.rank.retrieve", "fashionbert.rank.retrieve",
+                 "two-stage retrieval tables: text_to_image.parquet, image_to_text.parquet"),
+    "report": ("fashionbert.evaluation.report", "fashionbert.evaluation.report",
+               "static HTML page: sample queries with their top images, metrics, training curves"),
+}
+FEATURIZE_DESCRIPTION = ("Catalog -> images/texts/rejects Parquet shards + _run.json. Unrecognised options (--runner, "
+                         "--direct_num_workers, --project, --setup_file, ...) go to Beam's PipelineOptions.")
 
 
-MODULE_COMMANDS = {"train": "fashionbert.train.trainer", "fuse": "fashionbert.evaluation.fit_fusion",
-                   "score-pairs": "fashionbert.rank.score_pairs", "evaluate": "fashionbert.evaluation.evaluate",
-                   "retrieve": "fashionbert.rank.retrieve", "report": "fashionbert.evaluation.report"}
+def _print_result(command: str, config, result: dict) -> None:
+    if command == "synth":
+        print(f"synthetic catalog: {result['products']} products -> {result['manifest']}")
+    elif command == "featurize":
+        c = result["counts"]
+        print(f"featurize: {c['input_rows']} catalog rows -> {c['accepted_images']} images, {c['texts']} texts, "
+              f"{c['rejected_rows']} rejects; images computed {c['images']['computed']}, carried "
+              f"{c['images']['carried']}, deleted {c['images']['deleted']} ({result['elapsed_s']} s) -> {config.out}")
+    else:
+        print(json.dumps(result, indent=2, default=str))
+
+
+def _run_stage(command: str, args: argparse.Namespace, beam_args: list[str]) -> None:
+    """Parses the namespace into the stage's config and runs it; only featurize takes Beam's options."""
+    options, runner = (importlib.import_module(name) for name in STAGES[command][:2])
+    config = options.config_from_args(args)
+    result = runner.run(config, beam_args) if command == "featurize" else runner.run(config)
+    _print_result(command, config, result)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fashionbert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, (options, runner, help_text) in STAGES.items():
+        if name == "train":
+            _add_nightly_commands(sub)  # after featurize, the stage they start with
+        description = FEATURIZE_DESCRIPTION if name == "featurize" else importlib.import_module(runner).__doc__
+        importlib.import_module(options).add_arguments(sub.add_parser(name, help=help_text, description=description))
+    return parser
 
-    s = sub.add_parser("synth", help="write the built-in synthetic catalog (manifest.csv + images/)")
-    s.add_argument("--out", required=True, help="folder to write the catalog into")
-    s.add_argument("--products", type=int, default=500, help="number of products (default %(default)s)")
-    s.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same catalog")
 
-    from pipelines.config import add_arguments as featurize_arguments
-
-    f = sub.add_parser(
-        "featurize", help="catalog -> Parquet feature shards (Apache Beam)",
-        description="Catalog -> images/texts/rejects Parquet shards + _run.json. Unrecognised options (--runner, "
-                    "--direct_num_workers, --project, --setup_file, ...) go to Beam's PipelineOptions.")
-    featurize_arguments(f)
-
+def _add_nightly_commands(sub: argparse._SubParsersAction) -> None:
     from fashionbert.commands import nightly
 
     for name, help_text in (
@@ -71,23 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         nightly.add_arguments(sub.add_parser(name, help=help_text, description=nightly.__doc__,
                                              formatter_class=argparse.RawDescriptionHelpFormatter))
-
-    from fashionbert.evaluation import evaluate
-    from fashionbert.evaluation import fit_fusion as fuse
-    from fashionbert.evaluation import report
-    from fashionbert.rank import retrieve, score_pairs
-    from fashionbert.train import trainer as train
-
-    for name, module, help_text in (
-        ("train", train, "train FashionBERT on featurize outputs (PyTorch)"),
-        ("fuse", fuse, "fit a model folder's ranking score (TIA margin + itc cosine) on held-out products"),
-        ("score-pairs", score_pairs, "the ranking score P(aligned) for given (product_id, image_id) pairs"),
-        ("evaluate", evaluate, "sample-100, TIA and full-gallery metrics -> metrics.json"),
-        ("retrieve", retrieve, "two-stage retrieval tables: text_to_image.parquet, image_to_text.parquet"),
-        ("report", report, "static HTML page: sample queries with their top images, metrics, training curves"),
-    ):
-        module.add_arguments(sub.add_parser(name, help=help_text, description=module.__doc__))
-    return parser
 
 
 class _QuietBeamImports(logging.Filter):
@@ -118,12 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from schemas import SchemaError
 
     try:
-        if args.command == "synth":
-            _synth(args)
-        elif args.command == "featurize":
-            _featurize(args, extra)
-        else:
-            _run_module(MODULE_COMMANDS[args.command], args)
+        _run_stage(args.command, args, extra)
     except (UserError, SchemaError) as err:
         print(f"fashionbert {args.command}: error: {err}", file=sys.stderr)
         return 2

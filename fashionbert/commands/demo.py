@@ -5,13 +5,20 @@ A second run reuses the catalog and carries unchanged features over (`--previous
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from fashionbert.errors import UserError
+from fashionbert.runtime import stage_config
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo-out")
+if TYPE_CHECKING:  # training imports torch: the demo imports it when it trains
+    from fashionbert.train.config import TrainConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_OUT = os.path.join(REPO, "demo-out")  # README's `demo-out/`, ignored by git
 
 
 def _catalog(out: str, products: int, seed: int) -> str:
@@ -33,19 +40,14 @@ def _catalog(out: str, products: int, seed: int) -> str:
 
 # Short on purpose: the demo shows the flow within ~10 minutes on 2 cores (training ~5 of them); real training
 # runs far longer. Validation once, at the end: on a CPU each one costs as much as ~20 training steps.
-DEMO_TRAIN_ARGS = ["--steps", "160", "--batch-size", "16", "--lr", "3e-4", "--tia-warmup", "0.2", "--val-fraction", "0.2",
-                   "--val-every", "0", "--val-queries", "50", "--checkpoint-every", "0", "--no-progress"]
+DEMO_TRAIN = {"steps": 160, "batch_size": 16, "lr": 3e-4, "tia_warmup": 0.2, "val_fraction": 0.2, "val_every": 0,
+              "val_queries": 50, "checkpoint_every": 0, "progress": False}
 
 
 # Evaluation and retrieval settings sized so the whole demo stays within minutes on 2 cores.
-DEMO_EVAL_ARGS = ["--queries", "50", "--draws", "1", "--recall-k", "10"]
-DEMO_RETRIEVE_ARGS = ["--top-k", "10", "--recall-k", "10", "--overwrite"]
-
-
-def _command(module, argv: list[str]) -> dict:
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    return module.run(parser.parse_args(argv))
+DEMO_EVAL = {"queries": 50, "draws": 1, "recall_k": 10}
+DEMO_RETRIEVE = {"top_k": 10, "recall_k": 10, "overwrite": True}
+RECIPE_STAMP = "_demo_recipe.json"
 
 
 def _unchanged(counts: dict) -> bool:
@@ -53,18 +55,25 @@ def _unchanged(counts: dict) -> bool:
     return not (images["computed"] or images["deleted"] or texts["computed"] or texts["deleted"])
 
 
+def _recipe(config: TrainConfig) -> dict:
+    """Everything training runs with but its folders: a model is reused only for the same recipe."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("features", "out")}
+
+
 def _train(features: str, out: str, reuse: bool) -> dict:
     """Train, or reuse the last demo's model when the features are unchanged and it was trained with these
     settings (a model from an older demo recipe is retrained)."""
-    from fashionbert.train import trainer as train
+    from fashionbert.train import trainer
+    from fashionbert.train.config import TrainConfig
 
+    config = TrainConfig(features=[features], out=out, **DEMO_TRAIN)
     model = os.path.join(out, "model")
     summary_path = os.path.join(out, "summary.json")
-    stamp = os.path.join(out, "_demo_train_args.json")
+    stamp = os.path.join(out, RECIPE_STAMP)
     if reuse and os.path.isfile(os.path.join(model, "config.json")) and os.path.isfile(summary_path) \
             and os.path.isfile(stamp):
         with open(stamp) as fh:
-            same_recipe = json.load(fh) == DEMO_TRAIN_ARGS
+            same_recipe = json.load(fh) == _recipe(config)
         if same_recipe:
             with open(summary_path) as fh:
                 return {**json.load(fh), "reused": True}
@@ -72,18 +81,37 @@ def _train(features: str, out: str, reuse: bool) -> dict:
         import shutil
 
         shutil.rmtree(out)  # features or recipe changed: the old checkpoints must not be resumed
-    summary = _command(train, ["--features", features, "--out", out, *DEMO_TRAIN_ARGS])
+    summary = trainer.run(config)
     with open(stamp, "w") as fh:
-        json.dump(DEMO_TRAIN_ARGS, fh)
+        json.dump(_recipe(config), fh)
     return summary
 
 
-def run(out: str, products: int, seed: int) -> dict:
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    out: str = DEFAULT_OUT
+    products: int = 300
+    seed: int = 0
+
+
+def config_from_args(args: argparse.Namespace) -> DemoConfig:
+    return stage_config(DemoConfig, args)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = DemoConfig()
+    parser.add_argument("--out", default=d.out, help="demo output folder (default %(default)s)")
+    parser.add_argument("--products", type=int, default=d.products, help="synthetic products (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed)
+
+
+def run(config: DemoConfig) -> dict:
     from fashionbert.data import publish
     from pipelines.config import FeaturizeConfig
     from pipelines.featurize import run as featurize
 
-    manifest = _catalog(out, products, seed)
+    out = config.out
+    manifest = _catalog(out, config.products, config.seed)
     features = os.path.join(out, "features")
     previous = features if publish.is_complete(features) else None
     cfg = FeaturizeConfig(catalog=manifest, out=features, previous=previous, overwrite=True)
@@ -94,27 +122,25 @@ def run(out: str, products: int, seed: int) -> dict:
 
     model = os.path.join(out, "train", "model")
     metrics_path = os.path.join(out, "metrics.json")
-    metrics = _command(evaluate, ["--features", features, "--model", model, "--out", metrics_path, *DEMO_EVAL_ARGS])
+    metrics = evaluate.run(evaluate.EvaluateConfig(features=[features], model=model, out=metrics_path, **DEMO_EVAL))
     tables = os.path.join(out, "retrieval")
-    _command(retrieve, ["--features", features, "--model", model, "--out", tables, *DEMO_RETRIEVE_ARGS])
+    retrieve.run(retrieve.RetrieveConfig(features=[features], model=model, out=tables, **DEMO_RETRIEVE))
     page = os.path.join(out, "report.html")
-    _command(report, ["--retrieval", tables, "--metrics", metrics_path, "--training", os.path.join(out, "train"),
-                      "--features", features, "--out", page])
+    report.run(report.ReportConfig(retrieval=tables, metrics=metrics_path, training=os.path.join(out, "train"),
+                                   features=[features], out=page))
     return {"catalog": manifest, "features": features, "featurize": summary, "train": trained, "model": model,
             "metrics_path": metrics_path, "metrics": metrics, "retrieval": tables, "report": page}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="run_pipeline.sh demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=DEFAULT_OUT, help="demo output folder (default %(default)s)")
-    parser.add_argument("--products", type=int, default=300, help="synthetic products (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args(argv))
     from fashionbert.commands.cli import quiet_beam_import_warning
 
     quiet_beam_import_warning()
     try:
-        result = run(args.out, args.products, args.seed)
+        result = run(config)
     except UserError as err:
         print(f"demo: error: {err}", file=sys.stderr)
         return 2

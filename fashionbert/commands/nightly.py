@@ -33,18 +33,31 @@ import shlex
 import sys
 import time
 import traceback
+from typing import TYPE_CHECKING
 
 from fashionbert.data import publish
 from fashionbert.errors import UserError
 
-# Appended before the user's --train-args (argparse keeps the last value, so the user's win). One checkpoint
-# is what evaluate needs (it reads the training split from it); a nightly run never resumes, so older ones
-# would only fill the disk every night.
-TRAIN_DEFAULTS = ["--keep-checkpoints", "1"]
+if TYPE_CHECKING:  # the stages import torch and Beam, so nightly imports them when they run
+    from fashionbert.evaluation.evaluate import EvaluateConfig
+    from fashionbert.rank.retrieve import RetrieveConfig
+    from fashionbert.train.config import TrainConfig
+    from pipelines.config import FeaturizeConfig
+
+# Nightly's settings of a later stage, under the user's pass-through options (which win). One checkpoint is what
+# evaluate needs (it reads the training split from it); a nightly run never resumes, so older ones would only fill
+# the disk every night.
+TRAIN_DEFAULTS = {"keep_checkpoints": 1}
 # Sized so that evaluation costs ~25k cross-encoder pairs: minutes on 2 CPU cores (~40 pairs/s), seconds on a
 # GPU. evaluate's own defaults (1000 queries x 3 draws, whole gallery, recall-k 100) cost hours on a CPU.
-EVAL_DEFAULTS = ["--queries", "100", "--draws", "1", "--gallery-max", "100", "--recall-k", "20"]
+EVAL_DEFAULTS = {"queries": 100, "draws": 1, "gallery_max": 100, "recall_k": 20}
 DEFAULT_TOP_K, DEFAULT_RECALL_K = 50, 100
+
+
+def as_argv(values: dict) -> list[str]:
+    """Option values as a command line writes them (`{"gallery_max": 100}` -> `--gallery-max 100`): how --help and
+    summary.json show nightly's settings beside the user's pass-through options."""
+    return [arg for name, value in values.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,20 +66,19 @@ class PassThrough:
 
     option: str  # nightly's option holding them
     command: str  # the `fashionbert` subcommand that receives them
-    module: str  # its module
+    module: str  # the module with its add_arguments and config_from_args
     reserved: tuple[str, ...]  # options nightly sets itself, refused in the string
-
-    @property
-    def dest(self) -> str:
-        return self.option.lstrip("-").replace("-", "_")
+    required: tuple[str, ...]  # the reserved options its parser requires (nightly fills them per run)
 
 
 PASS_THROUGH = {
-    "train": PassThrough("--train-args", "train", "fashionbert.train.trainer", ("--features", "--out", "--resume")),
+    "train": PassThrough("--train-args", "train", "fashionbert.train.config", ("--features", "--out", "--resume"),
+                         ("--features", "--out")),
     "retrieve": PassThrough("--retrieve-args", "retrieve", "fashionbert.rank.retrieve",
-                            ("--features", "--model", "--out", "--overwrite", "--run-id", "--top-k", "--recall-k")),
-    "evaluate": PassThrough("--eval-args", "evaluate", "fashionbert.evaluation.evaluate",
+                            ("--features", "--model", "--out", "--overwrite", "--run-id", "--top-k", "--recall-k"),
                             ("--features", "--model", "--out")),
+    "evaluate": PassThrough("--eval-args", "evaluate", "fashionbert.evaluation.evaluate",
+                            ("--features", "--model", "--out"), ("--features", "--model", "--out")),
 }
 
 
@@ -154,19 +166,19 @@ def _is_model(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, "config.json"))
 
 
-def resolve_model(args: argparse.Namespace, latest: str | None) -> dict:
+def resolve_model(config: NightlyConfig, latest: str | None) -> dict:
     """Which model the run scores with, decided before any work so that a missing one costs nothing."""
-    if args.train:
+    if config.train is not None:
         return {"source": "--train", "path": None}
-    if args.model:
-        path = os.path.realpath(os.path.expanduser(args.model))
+    if config.model:
+        path = os.path.realpath(os.path.expanduser(config.model))
         if not _is_model(path):
-            raise UserError(f"--model {args.model}: no config.json there; point it at OUT/model of `fashionbert "
+            raise UserError(f"--model {config.model}: no config.json there; point it at OUT/model of `fashionbert "
                             f"train`, or pass --train")
         return {"source": "--model", "path": path}
     used = (_read_summary(latest).get("model") or {}).get("path") if latest else None
     if not used:
-        raise UserError(f"no model to score with: --workdir {args.workdir} has no successful run that used one; "
+        raise UserError(f"no model to score with: --workdir {config.workdir} has no successful run that used one; "
                         f"pass --model DIR or --train")
     if not _is_model(used):
         raise UserError(f"the model the latest run used, {used}, is gone (no config.json); pass --model DIR or --train")
@@ -205,73 +217,91 @@ def split_pass_through(spec: PassThrough, text: str) -> list[str]:
     return argv
 
 
-def _parse_stage(stage: str, argv: list[str]) -> argparse.Namespace:
-    spec = PASS_THROUGH[stage]
+def parse_pass_through(spec: PassThrough, argv: list[str], defaults: dict):
+    """The stage's config from the user's `argv`, read by the stage's own parser over nightly's `defaults` (so the
+    user's options win). The options nightly fills per run get placeholders here; each stage replaces them."""
+    options = importlib.import_module(spec.module)
     parser = _StageParser(spec)
-    importlib.import_module(spec.module).add_arguments(parser)
-    return parser.parse_args(argv)
+    options.add_arguments(parser)
+    parser.set_defaults(**defaults)
+    placeholders = [arg for name in spec.required for arg in (name, name.lstrip("-").upper())]
+    return options.config_from_args(parser.parse_args([*placeholders, *argv]))
 
 
-def _train_argv(args: argparse.Namespace, features: str, out: str) -> list[str]:
-    # The backbone must be the one featurize tokenized with (same vocabulary), so it follows featurize's option.
-    progress = ["--no-progress"] if args.no_progress else []
-    return ["--features", features, "--out", out, "--backbone", args.backbone, *TRAIN_DEFAULTS, *progress,
-            *args.train_argv]
+# ============================================================================================ config
+@dataclasses.dataclass(frozen=True)
+class NightlyConfig:
+    """A nightly or backfill run: the configs of its stages, complete but for what each run decides (its folders,
+    the model, the run id), and the pass-through options as given (summary.json records them)."""
+
+    workdir: str
+    featurize: FeaturizeConfig  # catalog and column mapping; out and previous are the run's
+    retrieve: RetrieveConfig
+    train: TrainConfig | None = None  # None: no --train
+    evaluate: EvaluateConfig | None = None  # None: --skip-evaluate
+    model: str | None = None  # --model
+    from_scratch: bool = False  # backfill: featurize everything, carry nothing over
+    beam_args: list[str] = dataclasses.field(default_factory=list)  # featurize's Beam runner options
+    train_args: list[str] = dataclasses.field(default_factory=list)
+    retrieve_args: list[str] = dataclasses.field(default_factory=list)
+    eval_args: list[str] = dataclasses.field(default_factory=list)
 
 
-def _retrieve_argv(args: argparse.Namespace, features: str, model: str, out: str, run_id: str) -> list[str]:
-    return ["--features", features, "--model", model, "--out", out, "--run-id", run_id, "--top-k", str(args.top_k),
-            "--recall-k", str(args.recall_k), *args.retrieve_argv]
-
-
-def _evaluate_argv(args: argparse.Namespace, features: str, model: str, out: str) -> list[str]:
-    return ["--features", features, "--model", model, "--out", out, *EVAL_DEFAULTS, *args.evaluate_argv]
-
-
-def check_options(args: argparse.Namespace) -> None:
-    """Every mistake in the later stages' options, found before featurize spends its hour."""
-    if args.top_k < 1:
-        raise UserError(f"--top-k {args.top_k}: must be >= 1")
-    if args.recall_k < args.top_k:
-        raise UserError(f"--recall-k {args.recall_k} is below --top-k {args.top_k}: re-ranking can only order what "
+def _check_retrieval(top_k: int, recall_k: int) -> None:
+    if top_k < 1:
+        raise UserError(f"--top-k {top_k}: must be >= 1")
+    if recall_k < top_k:
+        raise UserError(f"--recall-k {recall_k} is below --top-k {top_k}: re-ranking can only order what "
                         f"recall found; raise --recall-k to at least --top-k")
-    for stage, spec in PASS_THROUGH.items():
-        setattr(args, f"{stage}_argv", split_pass_through(spec, getattr(args, spec.dest)))
-    if args.train_argv and not args.train:
+
+
+def config_from_args(args: argparse.Namespace, beam_args: list[str], from_scratch: bool) -> NightlyConfig:
+    """The run's config from nightly's parsed options. Every mistake in the later stages' options surfaces here,
+    before featurize spends its hour."""
+    from pipelines.config import config_from_args as featurize_config
+
+    _check_retrieval(args.top_k, args.recall_k)
+    train_args = split_pass_through(PASS_THROUGH["train"], args.train_args)
+    retrieve_args = split_pass_through(PASS_THROUGH["retrieve"], args.retrieve_args)
+    eval_args = split_pass_through(PASS_THROUGH["evaluate"], args.eval_args)
+    if train_args and not args.train:
         raise UserError("--train-args given without --train; add --train (or drop --train-args)")
-    if args.evaluate_argv and args.skip_evaluate:
+    if eval_args and args.skip_evaluate:
         raise UserError("--eval-args given with --skip-evaluate; drop one of them")
+    featurize = featurize_config(args, catalog=args.catalog, out="", previous=None, overwrite=False)
+    train = None
     if args.train:
-        _parse_stage("train", _train_argv(args, "FEATURES", "OUT"))
-    _parse_stage("retrieve", _retrieve_argv(args, "FEATURES", "MODEL", "OUT", "RUN"))
-    if not args.skip_evaluate:
-        _parse_stage("evaluate", _evaluate_argv(args, "FEATURES", "MODEL", "OUT"))
+        # The backbone must be the one featurize tokenized with (same vocabulary), so it follows featurize's option.
+        train = parse_pass_through(PASS_THROUGH["train"], train_args, {
+            **TRAIN_DEFAULTS, "backbone": featurize.backbone, "progress": featurize.progress})
+    retrieve = parse_pass_through(PASS_THROUGH["retrieve"], retrieve_args,
+                                  {"top_k": args.top_k, "recall_k": args.recall_k})
+    evaluate = None if args.skip_evaluate else parse_pass_through(PASS_THROUGH["evaluate"], eval_args, EVAL_DEFAULTS)
+    return NightlyConfig(workdir=args.workdir, featurize=featurize, retrieve=retrieve, train=train, evaluate=evaluate,
+                         model=args.model, from_scratch=from_scratch, beam_args=beam_args, train_args=train_args,
+                         retrieve_args=retrieve_args, eval_args=eval_args)
 
 
 # ============================================================================================ stages
 @dataclasses.dataclass
 class RunContext:
-    args: argparse.Namespace
-    beam_args: list[str]
+    config: NightlyConfig
     run_id: str
     run_dir: str
     latest: str | None
-    from_scratch: bool
     model: dict  # {"source", "path", and "version" once retrieve has loaded it}
     features: str | None = None
 
 
 def _featurize_stage(ctx: RunContext) -> dict:
-    from pipelines.config import config_from_args
     from pipelines.featurize import run as featurize
 
     previous = None
-    if not ctx.from_scratch and ctx.latest:
+    if not ctx.config.from_scratch and ctx.latest:
         candidate = os.path.join(ctx.latest, "features")
         previous = candidate if publish.is_complete(candidate) else None
-    cfg = config_from_args(ctx.args, catalog=ctx.args.catalog, out=os.path.join(ctx.run_dir, "features"),
-                           previous=previous, overwrite=False)
-    summary = featurize(cfg, ctx.beam_args)
+    cfg = dataclasses.replace(ctx.config.featurize, out=os.path.join(ctx.run_dir, "features"), previous=previous)
+    summary = featurize(cfg, ctx.config.beam_args)
     ctx.features = cfg.out
     return {"previous": previous, "counts": summary["counts"], "elapsed_s": summary["elapsed_s"]}
 
@@ -280,19 +310,19 @@ def _train_stage(ctx: RunContext) -> dict:
     from fashionbert.train import trainer as train
 
     out = os.path.join(ctx.run_dir, "train")
-    result = train.run(_parse_stage("train", _train_argv(ctx.args, ctx.features, out)))
+    result = train.run(dataclasses.replace(ctx.config.train, features=[ctx.features], out=out))
     ctx.model["path"] = os.path.realpath(result["model_dir"])
     return {"out": out, "model": ctx.model["path"], "final_step": result["final_step"],
             "train_images": result["train_images"], "validation_images": result["validation_images"],
-            "validation": result["validation"], "argv": ctx.args.train_argv}
+            "validation": result["validation"], "argv": ctx.config.train_args}
 
 
 def _retrieve_stage(ctx: RunContext) -> dict:
     from fashionbert.rank import retrieve
 
     out = os.path.join(ctx.run_dir, "retrieval")
-    argv = _retrieve_argv(ctx.args, ctx.features, ctx.model["path"], out, ctx.run_id)
-    result = retrieve.run(_parse_stage("retrieve", argv))
+    result = retrieve.run(dataclasses.replace(ctx.config.retrieve, features=[ctx.features], model=ctx.model["path"],
+                                              out=out, run_id=ctx.run_id))
     ctx.model["version"] = result["model"]["version"]
     return {"out": out, "model_version": result["model"]["version"], "counts": result["counts"],
             "options": result["options"], "index_used": result["index_used"], "phases_s": result["seconds"]}
@@ -302,17 +332,18 @@ def _evaluate_stage(ctx: RunContext) -> dict:
     from fashionbert.evaluation import evaluate
 
     out = os.path.join(ctx.run_dir, "metrics.json")
-    metrics = evaluate.run(_parse_stage("evaluate", _evaluate_argv(ctx.args, ctx.features, ctx.model["path"], out)))
+    metrics = evaluate.run(dataclasses.replace(ctx.config.evaluate, features=[ctx.features], model=ctx.model["path"],
+                                               out=out))
     return {"out": out, "headline": evaluate.headline(metrics), "split": metrics["split"],
-            "argv": [*EVAL_DEFAULTS, *ctx.args.evaluate_argv]}
+            "argv": [*as_argv(EVAL_DEFAULTS), *ctx.config.eval_args]}
 
 
 STAGES = [("featurize", _featurize_stage), ("train", _train_stage), ("retrieve", _retrieve_stage),
           ("evaluate", _evaluate_stage)]
 
 
-def _wanted(stage: str, args: argparse.Namespace) -> bool:
-    return {"train": args.train, "evaluate": not args.skip_evaluate}.get(stage, True)
+def _wanted(stage: str, config: NightlyConfig) -> bool:
+    return {"train": config.train is not None, "evaluate": config.evaluate is not None}.get(stage, True)
 
 
 def rollup(stages: dict) -> dict:
@@ -336,7 +367,7 @@ def rollup(stages: dict) -> dict:
 # ============================================================================================ run
 def _run_stages(ctx: RunContext, summary: dict) -> None:
     for name, stage in STAGES:
-        if not _wanted(name, ctx.args):
+        if not _wanted(name, ctx.config):
             summary["stages"][name] = {"status": "skipped"}
             continue
         t0 = time.time()
@@ -350,19 +381,19 @@ def _run_stages(ctx: RunContext, summary: dict) -> None:
         summary["stages"][name] = {"status": "ok", **result, "seconds": round(time.time() - t0, 2)}
 
 
-def run(args: argparse.Namespace, beam_args: list[str], from_scratch: bool) -> dict:
-    check_options(args)
-    workdir = os.path.abspath(args.workdir)
+def run(config: NightlyConfig) -> dict:
+    workdir = os.path.abspath(config.workdir)
     with workdir_lock(workdir):
         latest = latest_run(workdir)
-        model = resolve_model(args, latest)
+        model = resolve_model(config, latest)
         run_id = publish.new_run_id()
         run_dir = os.path.join(workdir, "runs", run_id)
         os.makedirs(run_dir)
-        ctx = RunContext(args, beam_args, run_id, run_dir, latest, from_scratch, model)
-        summary = {"run_id": run_id, "kind": "backfill" if from_scratch else "nightly", "catalog": args.catalog,
-                   "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   "model": model, "options": _options(args), "stages": {}}
+        ctx = RunContext(config, run_id, run_dir, latest, model)
+        summary = {"run_id": run_id, "kind": "backfill" if config.from_scratch else "nightly",
+                   "catalog": config.featurize.catalog, "status": "running",
+                   "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": model,
+                   "options": _options(config), "stages": {}}
         t_run = time.time()
         # Written now so that a run killed outright still shows in last-run.json: "running", never finished.
         _save_summary(summary, run_dir, workdir)
@@ -382,9 +413,10 @@ def run(args: argparse.Namespace, beam_args: list[str], from_scratch: bool) -> d
         return summary
 
 
-def _options(args: argparse.Namespace) -> dict:
-    return {"top_k": args.top_k, "recall_k": args.recall_k, "train_args": args.train_argv,
-            "retrieve_args": args.retrieve_argv, "eval_args": args.evaluate_argv, "skip_evaluate": args.skip_evaluate}
+def _options(config: NightlyConfig) -> dict:
+    return {"top_k": config.retrieve.top_k, "recall_k": config.retrieve.recall_k, "train_args": config.train_args,
+            "retrieve_args": config.retrieve_args, "eval_args": config.eval_args,
+            "skip_evaluate": config.evaluate is None}
 
 
 # ============================================================================================ command
@@ -403,7 +435,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "featurize's --backbone) and score with it")
     m.add_argument("--train-args", default="", metavar="'OPTS'",
                    help="`fashionbert train` options for --train, one quoted string, e.g. --train-args='--steps 400 "
-                        f"--batch-size 32'; nightly adds {' '.join(TRAIN_DEFAULTS)} first (yours win)")
+                        f"--batch-size 32'; nightly adds {' '.join(as_argv(TRAIN_DEFAULTS))} first (yours win)")
     r = parser.add_argument_group("retrieval tables")
     r.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="rows per query (default %(default)s)")
     r.add_argument("--recall-k", type=int, default=DEFAULT_RECALL_K,
@@ -415,9 +447,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e = parser.add_argument_group("evaluation (metrics.json; headline figures go into summary.json)")
     e.add_argument("--skip-evaluate", action="store_true", help="no evaluate stage")
     e.add_argument("--eval-args", default="", metavar="'OPTS'",
-                   help=f"`fashionbert evaluate` options, one quoted string; nightly adds {' '.join(EVAL_DEFAULTS)} "
-                        f"first (about 25k cross-encoder pairs: minutes on a CPU), yours win. For a model trained "
-                        f"elsewhere, --eval-args='--split all' evaluates on every product")
+                   help=f"`fashionbert evaluate` options, one quoted string; nightly adds "
+                        f"{' '.join(as_argv(EVAL_DEFAULTS))} first (about 25k cross-encoder pairs: minutes on a CPU), "
+                        f"yours win. For a model trained elsewhere, --eval-args='--split all' evaluates on every product")
     featurize_arguments(parser, with_outputs=False)
 
 
@@ -427,7 +459,7 @@ def main(argv: list[str] | None = None, from_scratch: bool = False) -> int:
     add_arguments(parser)
     args, beam_args = parser.parse_known_args(argv)
     try:
-        summary = run(args, beam_args, from_scratch)
+        summary = run(config_from_args(args, beam_args, from_scratch))
     except StageFailed as err:
         print(f"fashionbert {name}: {err}; latest left unchanged", file=sys.stderr)
         return 1

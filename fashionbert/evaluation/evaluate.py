@@ -38,10 +38,12 @@ from fashionbert.errors import UserError
 from fashionbert.evaluation.quick_validation import roc_auc
 from fashionbert.evaluation.sample_hundred import Draw, draw_candidates, first_image_per_product
 from fashionbert.model.loading import load_model, training_options
-from fashionbert.rank.cross_encoder import CrossEncoderScorer, PairScorer, PairScores, add_batching_arguments
+from fashionbert.rank.cross_encoder import (BatchingOptions, CrossEncoderScorer, PairScorer, PairScores,
+                                            add_batching_arguments)
 from fashionbert.rank.neighbours import Neighbours
-from fashionbert.rank.retrieve import Ranked, add_retrieval_arguments, dual_encoder_for, exhaustive, two_stage
-from fashionbert.runtime import add_runtime_arguments, resolve_runtime
+from fashionbert.rank.retrieve import (Ranked, RecallOptions, add_retrieval_arguments, dual_encoder_for, exhaustive,
+                                       two_stage)
+from fashionbert.runtime import RuntimeOptions, add_runtime_arguments, resolve_runtime, stage_config
 
 RANK_KS = (1, 5, 10)
 DEFAULT_VAL_FRACTION = 0.05
@@ -144,7 +146,37 @@ def recall_at(neigh: Neighbours, is_true, queries: np.ndarray, n_queries: int, k
 
 
 # ============================================================================================ command
+@dataclasses.dataclass(frozen=True)
+class SplitOptions:
+    """The fields of `add_split_arguments`' options: which products are held out (None = the training run's)."""
+
+    split: str = "validation"
+    val_fraction: float | None = None
+    split_seed: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig(SplitOptions, RecallOptions, BatchingOptions, RuntimeOptions):
+    features: list[str] = dataclasses.field(default_factory=list)  # featurize output folders
+    model: str = ""
+    out: str = ""
+    # sample-100 protocol
+    queries: int = 1000
+    candidates: int = 100
+    draws: int = 3
+    seed: int = 0
+    # full-gallery protocol
+    gallery_max: int = 0
+    gallery: bool = True
+    exhaustive: bool = False
+
+
+def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
+    return stage_config(EvaluateConfig, args)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = EvaluateConfig()
     g = parser.add_argument_group("inputs and outputs")
     g.add_argument("--features", action="append", required=True, metavar="DIR",
                    help="featurize output folder (with _SUCCESS); repeat for several (the ones the model trained on, "
@@ -155,17 +187,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_split_arguments(parser)
 
     g = parser.add_argument_group("sample-100 protocol")
-    g.add_argument("--queries", type=int, default=1000, help="query products per draw (default 1000)")
-    g.add_argument("--candidates", type=int, default=100,
+    g.add_argument("--queries", type=int, default=d.queries, help="query products per draw (default 1000)")
+    g.add_argument("--candidates", type=int, default=d.candidates,
                    help="other products per query, same sub-category first (default 100)")
-    g.add_argument("--draws", type=int, default=3,
+    g.add_argument("--draws", type=int, default=d.draws,
                    help="independent draws of queries and candidates; metrics report mean and spread. Each draw "
                         "costs up to 2 x queries x (candidates + 1) cross-encoder pairs (pairs shared between draws "
                         "are scored once) (default 3)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the draws and of --gallery-max sampling (default 0)")
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the draws and of --gallery-max sampling (default 0)")
 
     g = parser.add_argument_group("full-gallery protocol")
-    g.add_argument("--gallery-max", type=int, default=0,
+    g.add_argument("--gallery-max", type=int, default=d.gallery_max,
                    help="at most this many held-out products (seeded sample) in the full gallery; 0 = all (default)")
     g.add_argument("--no-gallery", dest="gallery", action="store_false", help="skip the full-gallery protocol")
     g.add_argument("--exhaustive", action="store_true",
@@ -176,18 +209,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_split_arguments(parser: argparse.ArgumentParser) -> None:
+    d = SplitOptions()
     g = parser.add_argument_group("held-out products")
-    g.add_argument("--split", choices=("validation", "all"), default="validation",
+    g.add_argument("--split", choices=("validation", "all"), default=d.split,
                    help="validation = the products training held out (default); all = every product (for a "
                         "catalog the model never saw)")
-    g.add_argument("--val-fraction", type=float, default=None,
+    g.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help="held-out fraction of the split; default: the training run's (read from its "
                         f"training_state.json next to the model), else {DEFAULT_VAL_FRACTION}")
-    g.add_argument("--split-seed", type=int, default=None,
+    g.add_argument("--split-seed", type=int, default=d.split_seed,
                    help="salt of the split hash; default: the training run's, else 0")
 
 
-def held_out_products(args, loaded, group_ids) -> tuple[np.ndarray, dict]:
+def held_out_products(args: SplitOptions, loaded, group_ids) -> tuple[np.ndarray, dict]:
     """Which products are held out (`args.split`, `args.val_fraction`, `args.split_seed`; defaults from the
     training run that wrote the model), and how that was decided."""
     if args.split == "all":
@@ -203,7 +237,7 @@ def held_out_products(args, loaded, group_ids) -> tuple[np.ndarray, dict]:
     return validation_mask(group_ids, float(fraction), int(seed)), info
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: EvaluateConfig) -> dict:
     t_start = time.time()
     for name in ("queries", "candidates", "draws", "recall_k"):
         if getattr(args, name) < 1:
@@ -261,7 +295,7 @@ def run(args: argparse.Namespace) -> dict:
     return metrics
 
 
-def _full_gallery(args, catalog, scorer, held_out, rows, fusion) -> tuple[dict, str]:
+def _full_gallery(args: EvaluateConfig, catalog, scorer, held_out, rows, fusion) -> tuple[dict, str]:
     index = catalog.index
     products = np.flatnonzero(held_out)
     if args.gallery_max and len(products) > args.gallery_max:

@@ -23,14 +23,29 @@ import numpy as np
 
 from fashionbert.data.feature_catalog import open_catalog
 from fashionbert.errors import UserError
-from fashionbert.evaluation.evaluate import add_split_arguments, held_out_products
+from fashionbert.evaluation.evaluate import SplitOptions, add_split_arguments, held_out_products
 from fashionbert.evaluation.quick_validation import validate
 from fashionbert.evaluation.sample_hundred import build_sample_hundred
 from fashionbert.model.loading import load_model, model_version
-from fashionbert.runtime import add_runtime_arguments, resolve_runtime
+from fashionbert.runtime import RuntimeOptions, add_runtime_arguments, resolve_runtime, stage_config
+
+
+@dataclasses.dataclass(frozen=True)
+class FuseConfig(SplitOptions, RuntimeOptions):
+    features: list[str] = dataclasses.field(default_factory=list)  # featurize output folders
+    model: str = ""
+    queries: int = 500
+    candidates: int = 100
+    max_pool: int = 2000
+    seed: int = 0
+
+
+def config_from_args(args: argparse.Namespace) -> FuseConfig:
+    return stage_config(FuseConfig, args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = FuseConfig()
     g = parser.add_argument_group("inputs and outputs")
     g.add_argument("--features", action="append", required=True, metavar="DIR",
                    help="featurize output folder(s) the model trained on (its held-out products are fitted on)")
@@ -39,18 +54,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "written or replaced")
     add_split_arguments(parser)
     g = parser.add_argument_group("pairs to fit on")
-    g.add_argument("--queries", type=int, default=500,
+    g.add_argument("--queries", type=int, default=d.queries,
                    help="held-out query products; each gives its true pair and up to --candidates negatives "
                         "(default %(default)s)")
-    g.add_argument("--candidates", type=int, default=100,
+    g.add_argument("--candidates", type=int, default=d.candidates,
                    help="other held-out products per query, same sub-category first (default %(default)s)")
-    g.add_argument("--max-pool", type=int, default=2000,
+    g.add_argument("--max-pool", type=int, default=d.max_pool,
                    help="held-out images kept in memory as candidates (default %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the query and candidate draw (default 0)")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of the query and candidate draw (default 0)")
     add_runtime_arguments(parser)
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: FuseConfig) -> dict:
     t_start = time.time()
     for name in ("queries", "candidates", "max_pool"):
         if getattr(args, name) < 1:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import datetime
 import html
 import io
@@ -28,6 +29,7 @@ import numpy as np
 
 from fashionbert.data.features import open_feature_folder
 from fashionbert.errors import UserError
+from fashionbert.runtime import stage_config
 
 TOP = 10
 CURVES = "training_curves.png"
@@ -303,57 +305,75 @@ def i2t_html(queries: dict[str, list[dict]], texts: dict[str, str], thumbs: Thum
 
 
 # ============================================================================================ command
+@dataclasses.dataclass(frozen=True)
+class ReportConfig:
+    retrieval: str = ""
+    out: str = ""
+    metrics: str | None = None
+    training: str | None = None
+    features: list[str] | None = None  # None: the ones recorded in the retrieval folder's _run.json
+    queries: int = 6
+    top: int = TOP
+    thumb_size: int = 112
+    seed: int = 0
+
+
+def config_from_args(args: argparse.Namespace) -> ReportConfig:
+    return stage_config(ReportConfig, args)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = ReportConfig()
     parser.add_argument("--retrieval", required=True, metavar="DIR",
                         help="output folder of `fashionbert retrieve` (text_to_image.parquet, image_to_text.parquet)")
-    parser.add_argument("--metrics", metavar="FILE", default=None, help="metrics JSON of `fashionbert evaluate`")
-    parser.add_argument("--training", metavar="DIR", default=None,
+    parser.add_argument("--metrics", metavar="FILE", default=d.metrics, help="metrics JSON of `fashionbert evaluate`")
+    parser.add_argument("--training", metavar="DIR", default=d.training,
                         help=f"output folder of `fashionbert train`, for its {CURVES}")
-    parser.add_argument("--features", action="append", metavar="DIR", default=None,
+    parser.add_argument("--features", action="append", metavar="DIR", default=d.features,
                         help="featurize output folder(s) for texts and image sources (default: the ones recorded in "
                              "the retrieval folder's _run.json)")
-    parser.add_argument("--queries", type=int, default=6, help="sample queries shown per direction (default 6)")
-    parser.add_argument("--top", type=int, default=TOP, help="candidates shown per query (default %(default)s)")
-    parser.add_argument("--thumb-size", type=int, default=112, help="thumbnail size in pixels (default 112)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sample queries (default 0)")
+    parser.add_argument("--queries", type=int, default=d.queries, help="sample queries shown per direction (default 6)")
+    parser.add_argument("--top", type=int, default=d.top, help="candidates shown per query (default %(default)s)")
+    parser.add_argument("--thumb-size", type=int, default=d.thumb_size, help="thumbnail size in pixels (default 112)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the sample queries (default 0)")
     parser.add_argument("--out", required=True, metavar="FILE", help="HTML file to write (replaced atomically)")
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(config: ReportConfig) -> dict:
     from fashionbert.rank.retrieve import IMAGE_TO_TEXT, RUN_JSON, TEXT_TO_IMAGE
 
-    out = os.path.abspath(os.path.expanduser(args.out))
+    out = os.path.abspath(os.path.expanduser(config.out))
     if not os.path.isdir(os.path.dirname(out)):
         raise UserError(f"--out {out}: folder {os.path.dirname(out)} does not exist; create it or choose another path")
-    retrieval = Path(args.retrieval).expanduser()
+    retrieval = Path(config.retrieval).expanduser()
     if not (retrieval / "_SUCCESS").is_file():
         raise UserError(f"--retrieval {retrieval}: not a finished `fashionbert retrieve` output (no _SUCCESS); run "
                         f"`fashionbert retrieve --features DIR --model DIR --out {retrieval}` first")
     run_info = json.loads((retrieval / RUN_JSON).read_text()) if (retrieval / RUN_JSON).is_file() else {}
-    features = args.features or run_info.get("features")
+    features = config.features or run_info.get("features")
     if not features:
         raise UserError(f"--retrieval {retrieval} does not record its features folder; pass --features DIR")
     metrics = None
-    if args.metrics:
+    if config.metrics:
         try:
-            metrics = json.loads(Path(args.metrics).read_text())
+            metrics = json.loads(Path(config.metrics).read_text())
         except FileNotFoundError as exc:
-            raise UserError(f"--metrics {args.metrics}: no such file; run `fashionbert evaluate ... --out "
-                            f"{args.metrics}` or leave the option out") from exc
+            raise UserError(f"--metrics {config.metrics}: no such file; run `fashionbert evaluate ... --out "
+                            f"{config.metrics}` or leave the option out") from exc
         except json.JSONDecodeError as exc:
-            raise UserError(f"--metrics {args.metrics}: not valid JSON ({exc})") from exc
+            raise UserError(f"--metrics {config.metrics}: not valid JSON ({exc})") from exc
     curves_uri = None
-    if args.training:
-        png = Path(args.training).expanduser() / CURVES
+    if config.training:
+        png = Path(config.training).expanduser() / CURVES
         if not png.is_file():
-            raise UserError(f"--training {args.training}: no {CURVES} there; point it at the --out folder of "
+            raise UserError(f"--training {config.training}: no {CURVES} there; point it at the --out folder of "
                             f"`fashionbert train` (it writes the plot when matplotlib is installed)")
         curves_uri = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
 
     texts, sources, image_product = read_catalog_info(features)
-    thumbs = Thumbnails(sources, args.thumb_size)
-    t2i = read_queries(retrieval / TEXT_TO_IMAGE, args.queries, args.seed)
-    i2t = read_queries(retrieval / IMAGE_TO_TEXT, args.queries, args.seed)
+    thumbs = Thumbnails(sources, config.thumb_size)
+    t2i = read_queries(retrieval / TEXT_TO_IMAGE, config.queries, config.seed)
+    i2t = read_queries(retrieval / IMAGE_TO_TEXT, config.queries, config.seed)
     model = run_info.get("model", {})
     generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = [
@@ -364,12 +384,12 @@ def run(args: argparse.Namespace) -> dict:
         "<h2>Metrics</h2>", metrics_html(metrics) if metrics else "<p>No --metrics given.</p>",
         "<h2>Training curves</h2>",
         f"<img src='{curves_uri}' alt='training curves' style='max-width:100%'>" if curves_uri else "<p>No --training given.</p>",
-        f"<h2>Text → image: sample queries, top {args.top}</h2>",
+        f"<h2>Text → image: sample queries, top {config.top}</h2>",
         f"<p class=meta>P = the ranking score P(aligned) (the rank order: {_e(run_info.get('ranking_score', 'TIA head'))}); "
         "cos = recall-stage cosine. Green: the query product's own image.</p>",
-        t2i_html(t2i, texts, thumbs, image_product, args.top),
-        f"<h2>Image → text: sample queries, top {args.top}</h2>",
-        i2t_html(i2t, texts, thumbs, image_product, args.top),
+        t2i_html(t2i, texts, thumbs, image_product, config.top),
+        f"<h2>Image → text: sample queries, top {config.top}</h2>",
+        i2t_html(i2t, texts, thumbs, image_product, config.top),
     ]
     if thumbs.missing:
         body.insert(2, f"<p class=note>{thumbs.missing} image(s) could not be read from their catalog source here and "

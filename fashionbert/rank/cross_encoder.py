@@ -43,12 +43,21 @@ DEFAULT_TOKEN_BUDGET = 16384
 DEFAULT_BLOCK_IMAGES = 512
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchingOptions:
+    """The fields of `add_batching_arguments`' options, for the configs of the stages that score pairs."""
+
+    batch_tokens: int = DEFAULT_TOKEN_BUDGET
+    block_images: int = DEFAULT_BLOCK_IMAGES
+
+
 def add_batching_arguments(group: argparse._ArgumentGroup) -> None:
     """The cross-encoder's batching options (into a stage's runtime group)."""
-    group.add_argument("--batch-tokens", type=int, default=DEFAULT_TOKEN_BUDGET,
+    d = BatchingOptions()
+    group.add_argument("--batch-tokens", type=int, default=d.batch_tokens,
                        help="cross-encoder batch size in tokens (pairs x (text + patch tokens)); pairs are sorted by "
                             "text length so batches barely pad (default %(default)s)")
-    group.add_argument("--block-images", type=int, default=DEFAULT_BLOCK_IMAGES,
+    group.add_argument("--block-images", type=int, default=d.block_images,
                        help="images whose patch embeddings are held at once; memory ~ block x patches x hidden x 4 "
                             "bytes (2 in bf16) (default %(default)s)")
 

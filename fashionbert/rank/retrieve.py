@@ -37,10 +37,10 @@ from fashionbert.data.feature_catalog import ImageSource, IndexedImages, iter_fe
 from fashionbert.errors import UserError
 from fashionbert.model.loading import load_model
 from fashionbert.model.score_fusion import TIA_ONLY, ScoreFusion
-from fashionbert.rank.cross_encoder import CrossEncoderScorer, add_batching_arguments, probability
+from fashionbert.rank.cross_encoder import BatchingOptions, CrossEncoderScorer, add_batching_arguments, probability
 from fashionbert.rank.embeddings import DualEncoder
 from fashionbert.rank.neighbours import DEFAULT_EXACT_MAX, KINDS, Neighbours, search
-from fashionbert.runtime import add_runtime_arguments, resolve_runtime
+from fashionbert.runtime import RuntimeOptions, add_runtime_arguments, resolve_runtime, stage_config
 
 TEXT_TO_IMAGE = "text_to_image.parquet"
 IMAGE_TO_TEXT = "image_to_text.parquet"
@@ -181,7 +181,31 @@ def write_table(table, path: str | Path) -> None:
 
 
 # ============================================================================================ command
+@dataclasses.dataclass(frozen=True)
+class RecallOptions:
+    """The fields of `add_retrieval_arguments`' options that evaluate shares."""
+
+    recall_k: int = 100
+    index: str = "auto"
+    exact_max: int = DEFAULT_EXACT_MAX
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrieveConfig(RecallOptions, BatchingOptions, RuntimeOptions):
+    features: list[str] = dataclasses.field(default_factory=list)  # featurize output folders
+    model: str = ""
+    out: str = ""
+    overwrite: bool = False
+    run_id: str | None = None
+    top_k: int = 50
+
+
+def config_from_args(args: argparse.Namespace) -> RetrieveConfig:
+    return stage_config(RetrieveConfig, args)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = RetrieveConfig()
     g = parser.add_argument_group("inputs and outputs")
     g.add_argument("--features", action="append", required=True, metavar="DIR",
                    help="featurize output folder (with _SUCCESS); repeat for several. Every product text and every "
@@ -191,7 +215,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"output folder: {TEXT_TO_IMAGE}, {IMAGE_TO_TEXT}, {RUN_JSON}; written to a staging folder "
                         f"and renamed into place with _SUCCESS, so readers never see a partial output")
     g.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out (atomically)")
-    g.add_argument("--run-id", metavar="ID", default=None,
+    g.add_argument("--run-id", metavar="ID", default=d.run_id,
                    help="the tables' run_id column and _run.json's run id (letters, digits, '.', '_', '-'); default: "
                         "a new id. An orchestrator (`fashionbert nightly`) passes its own run's id so that the tables "
                         "join to its run")
@@ -200,19 +224,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_retrieval_arguments(parser: argparse.ArgumentParser, top_k: bool = True) -> None:
+    d = RetrieveConfig()
     g = parser.add_argument_group("two-stage retrieval")
     if top_k:
-        g.add_argument("--top-k", type=int, default=50,
+        g.add_argument("--top-k", type=int, default=d.top_k,
                        help="rows per query in the tables (fewer when the catalog is smaller) (default 50)")
-    g.add_argument("--recall-k", type=int, default=100,
+    g.add_argument("--recall-k", type=int, default=d.recall_k,
                    help="candidates per query from the dual-embedding recall stage that the cross-encoder "
                         "re-ranks; cost grows linearly with it (default 100)")
-    g.add_argument("--index", choices=KINDS, default="auto",
+    g.add_argument("--index", choices=KINDS, default=d.index,
                    help="nearest-neighbour index of the recall stage: flat = exact faiss IndexFlatIP; hnsw / ivf = "
                         "approximate faiss indexes for large catalogs; torch = exact search without faiss; auto = "
                         "flat up to --exact-max vectors, hnsw above (torch when faiss is not installed) "
                         "(default auto)")
-    g.add_argument("--exact-max", type=int, default=DEFAULT_EXACT_MAX,
+    g.add_argument("--exact-max", type=int, default=d.exact_max,
                    help="largest index searched exactly when --index auto (default %(default)s)")
 
 
@@ -228,32 +253,32 @@ def _run_id(given: str | None) -> str:
     return given
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(config: RetrieveConfig) -> dict:
     t_start = time.time()
-    if args.top_k < 1:
-        raise UserError(f"--top-k {args.top_k}: must be >= 1")
-    if args.recall_k < args.top_k:
-        raise UserError(f"--recall-k {args.recall_k} is below --top-k {args.top_k}: the re-rank stage can only order "
-                        f"the candidates recall found; raise --recall-k to at least --top-k")
-    run_id = _run_id(args.run_id)
-    out = os.path.abspath(os.path.expanduser(args.out))
-    publish.check_target(out, args.overwrite)
-    rt = resolve_runtime(args.device, args.precision, args.num_threads)
-    loaded = load_model(args.model, rt)
-    catalog = open_catalog(args.features, loaded)
-    scorer = CrossEncoderScorer(loaded.model, rt, args.batch_tokens, args.block_images)
+    if config.top_k < 1:
+        raise UserError(f"--top-k {config.top_k}: must be >= 1")
+    if config.recall_k < config.top_k:
+        raise UserError(f"--recall-k {config.recall_k} is below --top-k {config.top_k}: the re-rank stage can only "
+                        f"order the candidates recall found; raise --recall-k to at least --top-k")
+    run_id = _run_id(config.run_id)
+    out = os.path.abspath(os.path.expanduser(config.out))
+    publish.check_target(out, config.overwrite)
+    rt = resolve_runtime(config.device, config.precision, config.num_threads)
+    loaded = load_model(config.model, rt)
+    catalog = open_catalog(config.features, loaded)
+    scorer = CrossEncoderScorer(loaded.model, rt, config.batch_tokens, config.block_images)
     dual = dual_encoder_for(scorer)
     texts = catalog.text_ids
-    result = two_stage(scorer, dual, texts, IndexedImages(catalog.index, catalog.reader), args.recall_k,
-                       args.index, args.exact_max, fusion=loaded.fusion)
+    result = two_stage(scorer, dual, texts, IndexedImages(catalog.index, catalog.reader), config.recall_k,
+                       config.index, config.exact_max, fusion=loaded.fusion)
 
     publish.clean_stale_staging(out)
     staging = publish.staging_path(out, run_id)
     os.makedirs(staging)
     t0 = time.perf_counter()
     product_ids, image_ids = catalog.texts.product_ids, catalog.index.image_ids
-    t2i = retrieval_table(result.t2i, product_ids, image_ids, "text", args.top_k, loaded.version, run_id)
-    i2t = retrieval_table(result.i2t, image_ids, product_ids, "image", args.top_k, loaded.version, run_id)
+    t2i = retrieval_table(result.t2i, product_ids, image_ids, "text", config.top_k, loaded.version, run_id)
+    i2t = retrieval_table(result.i2t, image_ids, product_ids, "image", config.top_k, loaded.version, run_id)
     write_table(t2i, os.path.join(staging, TEXT_TO_IMAGE))
     write_table(i2t, os.path.join(staging, IMAGE_TO_TEXT))
     result.seconds["write"] = time.perf_counter() - t0
@@ -261,7 +286,8 @@ def run(args: argparse.Namespace) -> dict:
         "run_id": run_id,
         "model": {"path": str(loaded.folder.resolve()), "version": loaded.version, "step": loaded.step},
         "features": [str(f.path.resolve()) for f in catalog.folders],
-        "options": {"top_k": args.top_k, "recall_k": args.recall_k, "index": args.index, "exact_max": args.exact_max},
+        "options": {"top_k": config.top_k, "recall_k": config.recall_k, "index": config.index,
+                    "exact_max": config.exact_max},
         "index_used": result.index_kind,
         "recall_embedding": dual.description,
         "ranking_score": loaded.fusion.describe(),

@@ -12,6 +12,7 @@ written to a temporary name and renamed into place.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -21,14 +22,29 @@ import numpy as np
 from fashionbert.data.feature_catalog import IndexedImages, open_catalog
 from fashionbert.errors import UserError
 from fashionbert.model.loading import load_model
-from fashionbert.rank.cross_encoder import CrossEncoderScorer, PairScorer, add_batching_arguments, probability
-from fashionbert.runtime import add_runtime_arguments, resolve_runtime
+from fashionbert.rank.cross_encoder import (BatchingOptions, CrossEncoderScorer, PairScorer, add_batching_arguments,
+                                            probability)
+from fashionbert.runtime import RuntimeOptions, add_runtime_arguments, resolve_runtime, stage_config
 
 ID_COLUMNS = ("product_id", "image_id")
 SCORE = "score"
 
 
+@dataclasses.dataclass(frozen=True)
+class ScorePairsConfig(BatchingOptions, RuntimeOptions):
+    features: list[str] = dataclasses.field(default_factory=list)  # featurize output folders
+    model: str = ""
+    pairs: str = ""
+    out: str = ""
+    rejects: str | None = None  # default: OUT's name with '.rejects.parquet'
+
+
+def config_from_args(args: argparse.Namespace) -> ScorePairsConfig:
+    return stage_config(ScorePairsConfig, args)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = ScorePairsConfig()
     g = parser.add_argument_group("inputs and outputs")
     g.add_argument("--features", action="append", required=True, metavar="DIR",
                    help="featurize output folder(s) holding the texts and images the pairs name")
@@ -39,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--out", required=True, metavar="FILE",
                    help="scored pairs, .parquet or .csv: the input rows in input order plus a float32 'score' column "
                         "(replaced atomically if it exists)")
-    g.add_argument("--rejects", metavar="FILE", default=None,
+    g.add_argument("--rejects", metavar="FILE", default=d.rejects,
                    help="Parquet file for rows that could not be scored, with the reason (default: OUT's name with "
                         "'.rejects.parquet')")
     add_batching_arguments(add_runtime_arguments(parser))
@@ -108,19 +124,19 @@ def _write(table, path: str, fmt: str) -> None:
     os.replace(tmp, path)
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(config: ScorePairsConfig) -> dict:
     import pyarrow as pa
 
     from schemas import PAIR_REJECTS
 
     t_start = time.time()
-    out_fmt = _format(args.out, "--out")
-    out = _out_path(args.out, "--out")
-    rejects_path = _out_path(args.rejects or str(Path(out).with_suffix("")) + ".rejects.parquet", "--rejects")
-    table = read_pairs(args.pairs)
-    rt = resolve_runtime(args.device, args.precision, args.num_threads)
-    loaded = load_model(args.model, rt)
-    catalog = open_catalog(args.features, loaded)
+    out_fmt = _format(config.out, "--out")
+    out = _out_path(config.out, "--out")
+    rejects_path = _out_path(config.rejects or str(Path(out).with_suffix("")) + ".rejects.parquet", "--rejects")
+    table = read_pairs(config.pairs)
+    rt = resolve_runtime(config.device, config.precision, config.num_threads)
+    loaded = load_model(config.model, rt)
+    catalog = open_catalog(config.features, loaded)
 
     product_ids, image_ids = _ids(table, "product_id"), _ids(table, "image_id")
     text_of = catalog.texts.index
@@ -143,7 +159,7 @@ def run(args: argparse.Namespace) -> dict:
         keep.append(row)
         pairs.append((text_of[pid], image_of[iid]))
 
-    scorer = CrossEncoderScorer(loaded.model, rt, args.batch_tokens, args.block_images)
+    scorer = CrossEncoderScorer(loaded.model, rt, config.batch_tokens, config.block_images)
     pair_array = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     # Repeated pairs (the same pair listed twice) are scored once.
     unique, inverse = np.unique(pair_array, axis=0, return_inverse=True)
