@@ -24,6 +24,7 @@ scores the floor, not the ceiling.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
