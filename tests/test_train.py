@@ -26,7 +26,7 @@ from fashionbert.model.backbone import load_tokenizer
 from fashionbert.model.modeling import FashionBertModel
 from fashionbert.model.score_fusion import FUSION_NAME
 from fashionbert.train import checkpoint as ckpt
-from fashionbert.train.trainer import KILL_AT_STEP_ENV, add_arguments, run
+from fashionbert.train.trainer import add_arguments, run
 from tests.fake_features import write_fake_features
 
 torch.set_num_threads(1)
@@ -231,12 +231,21 @@ def test_a_few_steps_lower_every_task_loss(tmp_path, tiny_backbone):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, features, tiny_backbone):
     out = tmp_path_factory.mktemp("run") / "out"
-    summary = run(make_args(features, out, tiny_backbone, "--steps", 6, "--checkpoint-every", 2, "--val-every", 3))
-    return out, summary
+    checkpointed = []  # what on_step sees on disk after each step
+
+    def on_step(step):
+        checkpointed.append((step, ckpt.latest_checkpoint(out).name if ckpt.latest_checkpoint(out) else None))
+
+    summary = run(make_args(features, out, tiny_backbone, "--steps", 6, "--checkpoint-every", 2, "--val-every", 3),
+                  on_step=on_step)
+    return out, summary, checkpointed
 
 
 def test_outputs_layout(uninterrupted, tokenizer):
-    out, summary = uninterrupted
+    out, summary, checkpointed = uninterrupted
+    # on_step runs after every step, once that step's checkpoint is published
+    assert checkpointed == [(1, None), (2, "step-0000002"), (3, "step-0000002"), (4, "step-0000004"),
+                            (5, "step-0000004"), (6, "step-0000006")]
     assert summary["final_step"] == 6 and Path(summary["model_dir"]) == out / "model"
     assert {"rank1_t2i", "rank1_t2i_tia", "rank1_t2i_itc", "tia_accuracy", "tia_auc"} <= set(summary["validation"])
     assert [p.name for p in ckpt.complete_checkpoints(out)] == ["step-0000002", "step-0000004", "step-0000006"]
@@ -270,13 +279,29 @@ def test_outputs_layout(uninterrupted, tokenizer):
         run(make_args(features, out, "minilm", "--steps", 6))
 
 
+# A training process that SIGKILLs itself once step argv[1] is done (and its checkpoint, if any, written).
+KILLED_AT_STEP = """
+import argparse, os, signal, sys
+from fashionbert.train.trainer import add_arguments, config_from_args, run
+
+def kill_at(step):
+    def on_step(done):
+        if done == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return on_step
+
+parser = argparse.ArgumentParser()
+add_arguments(parser)
+run(config_from_args(parser.parse_args(sys.argv[2:])), on_step=kill_at(int(sys.argv[1])))
+"""
+
+
 def test_kill_and_resume_reach_the_uninterrupted_state(tmp_path, uninterrupted, features, tiny_backbone):
-    ref_out, _ = uninterrupted
+    ref_out, _, _ = uninterrupted
     out = tmp_path / "killed"
-    env = dict(os.environ, **{KILL_AT_STEP_ENV: "3"})
-    proc = subprocess.run([sys.executable, "-m", "fashionbert.train",
+    proc = subprocess.run([sys.executable, "-c", KILLED_AT_STEP, "3",
                            *cli_args(features, out, tiny_backbone, "--steps", 6, "--checkpoint-every", 2, "--val-every", 3)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert ckpt.latest_checkpoint(out).name == "step-0000002"
     (out / "checkpoints" / ".staging-step-0000004-99999").mkdir()  # as if killed while writing the next one
