@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import os
 import signal
 import subprocess
@@ -26,8 +27,11 @@ from fashionbert.evaluation.quick_validation import roc_auc
 from fashionbert.model.backbone import load_tokenizer
 from fashionbert.model.modeling import FashionBertModel
 from fashionbert.model.score_fusion import FUSION_NAME
+from fashionbert.runtime import setup_runtime
 from fashionbert.train import checkpoint as ckpt
-from fashionbert.train.trainer import add_arguments, run
+from fashionbert.train.state import build_state
+from fashionbert.train.step import train_step
+from fashionbert.train.trainer import add_arguments, config_from_args, run
 from tests.fake_features import write_fake_features
 
 torch.set_num_threads(1)
@@ -278,6 +282,23 @@ def test_outputs_layout(uninterrupted, tokenizer):
     # a second run into the same --out must not silently mix runs
     with pytest.raises(UserError, match="--resume"):
         run(make_args(features, out, "minilm", "--steps", 6))
+
+
+def test_set_up_and_train_step_alone_give_the_runs_first_steps(tmp_path, uninterrupted, features, tiny_backbone):
+    ref_out, _, _ = uninterrupted
+    config = config_from_args(make_args(features, tmp_path / "out", tiny_backbone, "--steps", 6, "--checkpoint-every", 2,
+                                        "--val-every", 3))
+    rt = setup_runtime(config.device, config.precision, config.num_threads)
+    state = build_state(config, rt)
+    try:
+        results = [train_step(state, rt) for _ in range(2)]
+    finally:
+        state.close()
+    assert state.step == 2 and state.total_steps == 6
+    for record, result in zip(_train_records(ref_out), results):
+        assert (record["grad_norm"], record["lr"], record["pairs"]) == (result.grad_norm, result.lr, result.pairs)
+        losses = [None if math.isnan(x) else x for x in result.losses.tolist()]
+        assert [record[f"loss_{t}"] for t in state.model.tasks] == losses
 
 
 # A training process that SIGKILLs itself once step argv[1] is done (and its checkpoint, if any, written).
