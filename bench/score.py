@@ -42,7 +42,7 @@ from fashionbert.rank.cross_encoder import CrossEncoderScorer
 from fashionbert.rank.neighbours import search  # noqa: E402
 from fashionbert.rank.retrieve import dual_encoder_for, rank_rows, two_stage  # noqa: E402
 from fashionbert.runtime import Runtime, resolve_runtime  # noqa: E402
-from fashionbert.train.trainer import _quiet  # noqa: E402
+from fashionbert.train.state import quiet_transformers as _quiet  # noqa: E402
 from tests.fake_features import make_tiny_backbone, write_fake_features  # noqa: E402
 
 

@@ -36,7 +36,8 @@ from fashionbert.model.config import FashionBertConfig  # noqa: E402
 from fashionbert.model.modeling import FashionBertModel  # noqa: E402
 from fashionbert.model.patch_cnn import FEATURE_DIM  # noqa: E402
 from fashionbert.train.adaptive_loss import TaskWeighter  # noqa: E402
-from fashionbert.train.trainer import _quiet, add_arguments, run  # noqa: E402
+from fashionbert.train.state import quiet_transformers as _quiet  # noqa: E402
+from fashionbert.train.trainer import add_arguments, run  # noqa: E402
 from tests.fake_features import write_fake_features  # noqa: E402
 
 

@@ -8,7 +8,7 @@ import torch
 
 from fashionbert.model.config import FashionBertConfig
 from fashionbert.model.modeling import FashionBertModel, alignment_loss, masked_lm_loss, masked_patch_kl_loss
-from fashionbert.train.trainer import _quiet
+from fashionbert.train.state import quiet_transformers as _quiet
 from tests.fake_features import make_tiny_backbone
 
 torch.set_num_threads(1)

@@ -3,7 +3,9 @@ DDP on CPU, the no-Beam/no-faiss import rule, and (slow) synthetic quality."""
 from __future__ import annotations
 
 import argparse
+import ast
 import json
+import math
 import os
 import signal
 import subprocess
@@ -25,8 +27,11 @@ from fashionbert.evaluation.quick_validation import roc_auc
 from fashionbert.model.backbone import load_tokenizer
 from fashionbert.model.modeling import FashionBertModel
 from fashionbert.model.score_fusion import FUSION_NAME
+from fashionbert.runtime import setup_runtime
 from fashionbert.train import checkpoint as ckpt
-from fashionbert.train.trainer import KILL_AT_STEP_ENV, add_arguments, run
+from fashionbert.train.state import build_state
+from fashionbert.train.step import train_step
+from fashionbert.train.trainer import TrainConfig, add_arguments, config_from_args, run
 from tests.fake_features import write_fake_features
 
 torch.set_num_threads(1)
@@ -45,12 +50,13 @@ def tokenizer():
     return load_tokenizer(None)
 
 
-def make_args(features, out, backbone, *extra) -> argparse.Namespace:
+def make_args(features, out, backbone, *extra) -> TrainConfig:
+    """The TrainConfig `fashionbert train` would run on with these options (the tests' small-model defaults first)."""
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    return parser.parse_args(["--features", str(features), "--out", str(out), "--backbone", str(backbone),
+    return config_from_args(parser.parse_args(["--features", str(features), "--out", str(out), "--backbone", str(backbone),
                               "--num-threads", "1", "--no-progress", "--batch-size", "4", "--lr", "1e-3",
-                              "--val-fraction", "0.2", "--val-queries", "8", *map(str, extra)])
+                              "--val-fraction", "0.2", "--val-queries", "8", *map(str, extra)]))
 
 
 def cli_args(features, out, backbone, *extra) -> list[str]:
@@ -232,12 +238,21 @@ def test_a_few_steps_lower_every_task_loss(tmp_path, tiny_backbone):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, features, tiny_backbone):
     out = tmp_path_factory.mktemp("run") / "out"
-    summary = run(make_args(features, out, tiny_backbone, "--steps", 6, "--checkpoint-every", 2, "--val-every", 3))
-    return out, summary
+    checkpointed = []  # what on_step sees on disk after each step
+
+    def on_step(step):
+        checkpointed.append((step, ckpt.latest_checkpoint(out).name if ckpt.latest_checkpoint(out) else None))
+
+    summary = run(make_args(features, out, tiny_backbone, "--steps", 6, "--checkpoint-every", 2, "--val-every", 3),
+                  on_step=on_step)
+    return out, summary, checkpointed
 
 
 def test_outputs_layout(uninterrupted, tokenizer):
-    out, summary = uninterrupted
+    out, summary, checkpointed = uninterrupted
+    # on_step runs after every step, once that step's checkpoint is published
+    assert checkpointed == [(1, None), (2, "step-0000002"), (3, "step-0000002"), (4, "step-0000004"),
+                            (5, "step-0000004"), (6, "step-0000006")]
     assert summary["final_step"] == 6 and Path(summary["model_dir"]) == out / "model"
     assert {"rank1_t2i", "rank1_t2i_tia", "rank1_t2i_itc", "tia_accuracy", "tia_auc"} <= set(summary["validation"])
     assert [p.name for p in ckpt.complete_checkpoints(out)] == ["step-0000002", "step-0000004", "step-0000006"]
@@ -271,13 +286,45 @@ def test_outputs_layout(uninterrupted, tokenizer):
         run(make_args(features, out, "minilm", "--steps", 6))
 
 
+def test_set_up_and_train_step_alone_give_the_runs_first_steps(tmp_path, uninterrupted, features, tiny_backbone):
+    ref_out, _, _ = uninterrupted
+    config = make_args(features, tmp_path / "out", tiny_backbone, "--steps", 6, "--checkpoint-every", 2, "--val-every", 3)
+    rt = setup_runtime(config.device, config.precision, config.num_threads)
+    state = build_state(config, rt)
+    try:
+        results = [train_step(state, rt) for _ in range(2)]
+    finally:
+        state.close()
+    assert state.step == 2 and state.total_steps == 6
+    for record, result in zip(_train_records(ref_out), results):
+        assert (record["grad_norm"], record["lr"], record["pairs"]) == (result.grad_norm, result.lr, result.pairs)
+        losses = [None if math.isnan(x) else x for x in result.losses.tolist()]
+        assert [record[f"loss_{t}"] for t in state.model.tasks] == losses
+
+
+# A training process that SIGKILLs itself once step argv[1] is done (and its checkpoint, if any, written).
+KILLED_AT_STEP = """
+import argparse, os, signal, sys
+from fashionbert.train.trainer import add_arguments, config_from_args, run
+
+def kill_at(step):
+    def on_step(done):
+        if done == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return on_step
+
+parser = argparse.ArgumentParser()
+add_arguments(parser)
+run(config_from_args(parser.parse_args(sys.argv[2:])), on_step=kill_at(int(sys.argv[1])))
+"""
+
+
 def test_kill_and_resume_reach_the_uninterrupted_state(tmp_path, uninterrupted, features, tiny_backbone):
-    ref_out, _ = uninterrupted
+    ref_out, _, _ = uninterrupted
     out = tmp_path / "killed"
-    env = dict(os.environ, **{KILL_AT_STEP_ENV: "3"})
-    proc = subprocess.run([sys.executable, "-m", "fashionbert.train",
+    proc = subprocess.run([sys.executable, "-c", KILLED_AT_STEP, "3",
                            *cli_args(features, out, tiny_backbone, "--steps", 6, "--checkpoint-every", 2, "--val-every", 3)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert ckpt.latest_checkpoint(out).name == "step-0000002"
     (out / "checkpoints" / ".staging-step-0000004-99999").mkdir()  # as if killed while writing the next one
@@ -332,6 +379,31 @@ def assert_import_neither_beam_nor_faiss(*modules: str) -> None:
 def test_train_imports_neither_beam_nor_faiss():
     assert_import_neither_beam_nor_faiss("fashionbert.train", "fashionbert.model.modeling", "fashionbert.data.features",
                                          "fashionbert.train.checkpoint", "fashionbert.evaluation.quick_validation")
+
+
+INFERENCE_PACKAGES = ("fashionbert/model", "fashionbert/data", "fashionbert/rank", "fashionbert/evaluation")
+
+
+def _imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.update([node.module] + [f"{node.module}.{a.name}" for a in node.names])
+    return names
+
+
+def test_inference_does_not_import_the_trainer():
+    """Scoring, evaluation, the model and the data layer sit below training: none of them imports fashionbert.train
+    (the runtime they share is fashionbert.runtime)."""
+    files = [p for pkg in INFERENCE_PACKAGES for p in sorted((REPO / pkg).rglob("*.py"))]
+    files.append(REPO / "fashionbert" / "runtime.py")
+    assert len(files) > 10
+    offenders = {str(p.relative_to(REPO)): sorted(m for m in _imported_modules(p)
+                                                  if m == "fashionbert.train" or m.startswith("fashionbert.train."))
+                 for p in files}
+    assert not {f: m for f, m in offenders.items() if m}
 
 
 def test_help_explains_the_options():

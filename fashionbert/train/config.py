@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 
 from fashionbert.model.backbone import DEFAULT_BACKBONE
-from fashionbert.runtime import add_runtime_arguments
+from fashionbert.runtime import add_runtime_arguments, stage_config
 from fashionbert.train.adaptive_loss import MODES as TASK_WEIGHT_MODES
 
 
@@ -63,10 +63,18 @@ D = TrainConfig()
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    return stage_config(TrainConfig, args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _data_arguments(parser)
+    _model_arguments(parser)
+    _optimisation_arguments(parser)
+    _runtime_arguments(parser)
+    _validation_arguments(parser)
+
+
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--features", action="append", required=True, metavar="DIR",
                    help="featurize output folder (with _SUCCESS); repeat to train on several")
@@ -90,6 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="images per shuffle window: the stream reads this many images at a time, shuffles "
                         "them, and draws image negatives from them; memory ~ window x 160 KB (default 512)")
 
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--backbone", default=D.backbone, metavar="DIR",
                    help="pretrained BERT folder (config.json, weights, vocab); 'minilm' = the packaged "
@@ -111,6 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-whole-word-mask", dest="whole_word_mask", action="store_false",
                    help="mask WordPiece tokens independently instead of whole words")
 
+
+def _optimisation_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("optimisation")
     length = g.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=D.steps, help="optimizer steps to train for")
@@ -139,12 +151,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(the official code); fixed = equal weights (default adaptive-grad)")
     g.add_argument("--seed", type=int, default=D.seed, help="seed of initialisation, data order, masks, dropout (default 0)")
 
+
+def _runtime_arguments(parser: argparse.ArgumentParser) -> None:
     g = add_runtime_arguments(parser, precision_help=(
         "Measured on the dev CPU (AVX512-BF16, MiniLM, same batches): per-task losses within 0.1%% of fp32 (tests "
         "allow max(0.02, 2%%)), a training step 1.5x faster on one thread, bf16 matmuls 2.3-4x faster"))
     g.add_argument("--prefetch", type=int, default=D.prefetch,
                    help="batches prepared ahead in a background thread, 0 = none (default 2)")
 
+
+def _validation_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("validation, checkpoints, logging")
     g.add_argument("--val-every", type=int, default=D.val_every, help="validate every N steps, 0 = only at the end (default 500)")
     g.add_argument("--val-queries", type=int, default=D.val_queries,

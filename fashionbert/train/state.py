@@ -1,0 +1,253 @@
+"""Training's set-up: data, model, optimizer, task weights, validation set and batches, built once into the
+`TrainState` the loop advances; with --resume, restored from the newest checkpoint under --out."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from fashionbert.data.batching import (Batch, BatchSettings, ImageStream, MaskingVocab, PairBuilder, Prefetcher,
+                                       StreamPosition, iter_batches)
+from fashionbert.data.features import (FeatureReader, ImageIndex, TextTable, index_images, load_texts,
+                                       open_feature_folders, validation_mask)
+from fashionbert.errors import UserError
+from fashionbert.evaluation.sample_hundred import SampleHundred, build_sample_hundred
+from fashionbert.model.backbone import load_tokenizer
+from fashionbert.model.config import FashionBertConfig
+from fashionbert.model.modeling import FashionBertModel
+from fashionbert.runtime import Runtime
+from fashionbert.train import checkpoint as ckpt
+from fashionbert.train.adaptive_loss import TaskWeighter
+from fashionbert.train.config import TrainConfig
+from fashionbert.train.optim import build_optimizer, restore_optimizer
+
+# Options that fix the data order or the optimisation: a resumed run must use the checkpoint's values,
+# or it would not continue the same run.
+RESUME_MUST_MATCH = ("batch_size", "itc_dim", "itc_pooling", "dropout", "tia_warmup", "grad_accum", "neg_ratio",
+                     "random_neg_fraction", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
+                     "weight_decay", "shuffle_window", "world_size")
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """The feature folders' texts and images, split into training and held-out rows by product group."""
+    texts: TextTable
+    index: ImageIndex
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    grid: int
+    feature_dim: int
+    feature_options: dict[str, Any]  # featurize's options (max_text_len, cnn, patch_mode)
+
+    @property
+    def train_products(self) -> np.ndarray:
+        return np.unique(self.index.product[self.train_rows])
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What the loop reads and advances. `step` counts completed optimizer steps; `position` is where this
+    process's batch stream stands after them."""
+    config: TrainConfig
+    out: Path
+    data: TrainingData
+    model: FashionBertModel  # the weights checkpoints save
+    model_config: FashionBertConfig
+    train_model: torch.nn.Module  # the model, or its DDP wrapper: forward and backward go through this
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    weighter: TaskWeighter
+    batches: Iterator[Batch]
+    validation: SampleHundred | None  # held-out queries; the main process validates, the others hold None
+    options: dict[str, Any]  # the run's options, as every checkpoint records them
+    total_steps: int
+    tia_steps: int  # the first steps train the matching tasks alone
+    step: int
+    position: StreamPosition
+    resumed_from: Path | None
+
+    def close(self) -> None:
+        if isinstance(self.batches, Prefetcher):
+            self.batches.close()
+
+
+def build_state(config: TrainConfig, rt: Runtime) -> TrainState:
+    """Everything the loop needs for `config`, continued from the newest checkpoint under --out with --resume."""
+    out = _prepare_out(config, rt)
+    resumed_from = ckpt.latest_checkpoint(out) if config.resume else None
+    data = load_data(config, rt.world)
+    total_steps = _total_steps(config, len(data.train_rows), rt.world)
+    options = _options(config, rt.world)
+    info, saved = ckpt.load_training_state(resumed_from) if resumed_from is not None else ({}, {})
+    if resumed_from is not None:
+        _check_resume_options(info.get("options", {}), options, resumed_from)
+        model, model_config, tokenizer = _load_model(resumed_from)
+    else:
+        model, model_config, tokenizer = _new_model(config, data)
+    _check_features_fit(model_config, data)
+    model.to(rt.device).train()
+
+    warmup_steps, tia_steps = _steps_of(config.warmup, total_steps), _steps_of(config.tia_warmup, total_steps)
+    optimizer, scheduler = build_optimizer(model, config.lr, config.weight_decay, rt.device, warmup_steps, total_steps)
+    step, position = 0, StreamPosition()
+    if resumed_from is not None:
+        restore_optimizer(optimizer, scheduler, saved, warmup_steps, total_steps)
+        step = int(info["step"])
+        positions = info.get("positions") or [[0, 0]]
+        position = StreamPosition(*positions[rt.rank if rt.rank < len(positions) else 0])
+        ckpt.set_rng_state(saved["rng"])
+    train_model = _distributed(model, rt)
+    weighter = TaskWeighter(config.task_weights, model, model.tasks, distributed=rt.distributed)
+    reader = FeatureReader(data.index.shards, model_config.num_patches, model_config.feature_dim)
+    validation = None
+    if rt.main and len(data.val_rows):
+        validation = build_sample_hundred(data.texts, data.index, data.val_rows, reader, queries=config.val_queries,
+                                          max_pool=config.val_max_images, seed=config.split_seed)
+    batches = _batches(config, data, reader, model_config, tokenizer, rt, tia_steps, position, step)
+    return TrainState(config=config, out=out, data=data, model=model, model_config=model_config,
+                      train_model=train_model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                      weighter=weighter, batches=batches, validation=validation, options=options,
+                      total_steps=total_steps, tia_steps=tia_steps, step=step, position=position,
+                      resumed_from=resumed_from)
+
+
+def _prepare_out(config: TrainConfig, rt: Runtime) -> Path:
+    out = Path(config.out).expanduser()
+    if config.batch_size < 1 or config.grad_accum < 1 or config.neg_ratio < 0:
+        raise UserError("--batch-size and --grad-accum must be >= 1, --neg-ratio >= 0")
+    if not 0.0 <= config.random_neg_fraction <= 1.0:
+        raise UserError("--random-neg-fraction must be in [0, 1]")
+    existing = ckpt.latest_checkpoint(out)
+    if existing is not None and not config.resume:
+        raise UserError(f"--out {out} already has checkpoints (newest {existing.name}); pass --resume to continue "
+                        f"that run, or choose a new --out")
+    if rt.main:
+        out.mkdir(parents=True, exist_ok=True)
+    rt.barrier()
+    return out
+
+
+def load_data(config: TrainConfig, world: int) -> TrainingData:
+    folders = open_feature_folders(config.features)
+    texts = load_texts(folders)
+    index = index_images(folders, texts)
+    if not len(index):
+        raise UserError(f"--features {', '.join(map(str, config.features))}: no image row has a product text; "
+                        f"nothing to train on")
+    is_val_product = validation_mask(texts.group_id, config.val_fraction, config.split_seed)
+    is_val_row = is_val_product[index.product]
+    train_rows, val_rows = np.nonzero(~is_val_row)[0], np.nonzero(is_val_row)[0]
+    if len(train_rows) < world:
+        raise UserError(f"only {len(train_rows)} training images after holding out --val-fraction "
+                        f"{config.val_fraction}; lower it or featurize more products")
+    return TrainingData(texts, index, train_rows, val_rows, folders[0].grid, folders[0].feature_dim,
+                        folders[0].options)
+
+
+def _total_steps(config: TrainConfig, train_images: int, world: int) -> int:
+    if config.steps is not None:
+        total = int(config.steps)
+    else:
+        positives_per_step = config.batch_size * config.grad_accum * world
+        total = max(1, math.ceil((config.epochs or 1.0) * train_images / positives_per_step))
+    if total < 1:
+        raise UserError("--steps must be >= 1")
+    return total
+
+
+def _steps_of(value: float, total_steps: int) -> int:
+    """A step count given as steps (>= 1) or as a fraction of all steps (< 1)."""
+    return int(value) if value >= 1 else int(round(value * total_steps))
+
+
+def _options(config: TrainConfig, world: int) -> dict[str, Any]:
+    # "func" is the subcommand's handler when a caller passes the command line's namespace.
+    options = {k: v for k, v in vars(config).items() if k not in ("func",)}
+    options["features"] = [str(Path(f).expanduser().resolve()) for f in config.features]
+    options["world_size"] = world
+    return options
+
+
+def _check_resume_options(saved: dict, current: dict, where: Path) -> None:
+    diff = [f"--{k.replace('_', '-')} {current.get(k)!r} (checkpoint: {saved.get(k)!r})"
+            for k in RESUME_MUST_MATCH if k in saved and saved.get(k) != current.get(k)]
+    if sorted(map(str, saved.get("features", []))) != sorted(map(str, current.get("features", []))):
+        diff.append(f"--features {current.get('features')} (checkpoint: {saved.get('features')})")
+    if diff:
+        raise UserError(f"--resume: options differ from the run in {where}: {'; '.join(diff)}; resume with the "
+                        f"checkpoint's options or train into a new --out")
+
+
+def _load_model(checkpoint: Path) -> tuple[FashionBertModel, FashionBertConfig, Any]:
+    model = FashionBertModel.from_checkpoint(checkpoint)
+    return model, model.config, load_tokenizer(checkpoint)
+
+
+def _new_model(config: TrainConfig, data: TrainingData) -> tuple[FashionBertModel, FashionBertConfig, Any]:
+    """The pretrained backbone with freshly initialised patch embeddings and heads (seeded by --seed)."""
+    options = data.feature_options
+    model_config = FashionBertConfig(
+        backbone=str(config.backbone), max_text_len=config.max_text_len or int(options.get("max_text_len") or 64),
+        grid=data.grid, feature_dim=data.feature_dim, cnn=str(options.get("cnn") or ""),
+        patch_mode=str(options.get("patch_mode") or ""), mlm_probability=config.mlm_probability,
+        mpm_probability=config.mpm_probability, whole_word_mask=config.whole_word_mask,
+        dropout=None if config.dropout < 0 else config.dropout, itc_dim=config.itc_dim,
+        itc_pooling=config.itc_pooling,
+    )
+    torch.manual_seed(config.seed)
+    model = quiet_transformers(lambda: FashionBertModel.from_pretrained_backbone(model_config))
+    return model, model_config, load_tokenizer(config.backbone)
+
+
+def _check_features_fit(model_config: FashionBertConfig, data: TrainingData) -> None:
+    if (model_config.grid, model_config.feature_dim) != (data.grid, data.feature_dim):
+        raise UserError(f"the checkpoint expects grid {model_config.grid} x feature_dim {model_config.feature_dim}, "
+                        f"the features have {data.grid} x {data.feature_dim}")
+    if data.texts.max_token_id() >= model_config.vocab_size:
+        raise UserError(f"--features texts hold token id {data.texts.max_token_id()} >= the backbone's vocabulary "
+                        f"({model_config.vocab_size}): they were tokenized for another backbone; featurize with the "
+                        f"same --backbone as train")
+
+
+def _distributed(model: FashionBertModel, rt: Runtime) -> torch.nn.Module:
+    if not rt.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+
+def _batches(config: TrainConfig, data: TrainingData, reader: FeatureReader, model_config: FashionBertConfig,
+             tokenizer, rt: Runtime, tia_steps: int, position: StreamPosition, step: int) -> Iterator[Batch]:
+    """This process's endless batches from `position` on (batch numbers continue from `step`)."""
+    settings = BatchSettings(
+        batch_size=config.batch_size, max_text_len=model_config.max_text_len, pad_token_id=model_config.pad_token_id,
+        sep_token_id=model_config.sep_token_id, mlm_probability=model_config.mlm_probability,
+        mpm_probability=model_config.mpm_probability, whole_word_mask=model_config.whole_word_mask,
+        unmasked_batches=tia_steps * config.grad_accum)
+    vocab = MaskingVocab.from_tokenizer(tokenizer, model_config.vocab_size)
+    stream = ImageStream(data.index, data.train_rows, reader, seed=config.seed, rank=rt.rank, world=rt.world,
+                         window_rows=config.shuffle_window)
+    pairs = PairBuilder(data.texts, data.train_products, config.neg_ratio, config.random_neg_fraction)
+    batches = iter_batches(stream, pairs, settings, vocab, config.seed, position,
+                           first_index=step * config.grad_accum)
+    return Prefetcher(batches, config.prefetch) if config.prefetch > 0 else batches
+
+
+def quiet_transformers(fn):
+    """Run a transformers load without its progress bars and load reports (training prints its own summary)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return fn()
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()

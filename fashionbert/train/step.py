@@ -1,0 +1,91 @@
+"""One optimizer step: --grad-accum micro-batches (forward, task weights, backward), clip, AdamW, schedule."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+
+import numpy as np
+import torch
+
+from fashionbert.data.batching import Batch
+from fashionbert.runtime import Runtime
+from fashionbert.train.state import TrainState
+
+# The tasks that match text to image; the warm-up trains these alone.
+MATCHING_TASKS = ("tia", "itc")
+
+
+@dataclasses.dataclass
+class StepResult:
+    """A step's numbers, per task in `model.tasks` order, averaged over its micro-batches."""
+    losses: torch.Tensor  # also averaged over processes; nan for a task the step did not train
+    weights: torch.Tensor  # task weights
+    n: torch.Tensor  # the adaptive weights' n_i (zeros in the warm-up)
+    grad_norm: float  # before clipping
+    lr: float  # the rate this step used
+    pairs: float  # rows over all processes
+    seconds: float
+
+
+def train_step(state: TrainState, rt: Runtime) -> StepResult:
+    t0 = time.perf_counter()
+    accum = state.config.grad_accum
+    tasks = state.model.tasks
+    task_sum, w_sum, n_sum = torch.zeros(len(tasks)), torch.zeros(len(tasks)), torch.zeros(len(tasks))
+    rows = 0
+    for micro in range(accum):
+        batch = next(state.batches).to(rt.device)
+        losses, weights, n = _micro_step(state, rt, batch, last=micro == accum - 1)
+        task_sum += losses
+        w_sum += weights
+        n_sum += n
+        rows += batch.rows
+        state.position = batch.position
+    clip = state.config.clip_grad if state.config.clip_grad > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip)
+    lr = state.scheduler.get_last_lr()[0]
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    reduced = rt.all_reduce_mean(torch.cat([task_sum / accum, torch.tensor([float(rows)])]))
+    return StepResult(losses=reduced[: len(tasks)], weights=w_sum / accum, n=n_sum / accum,
+                      grad_norm=float(grad_norm), lr=lr, pairs=float(reduced[-1]) * rt.world,
+                      seconds=time.perf_counter() - t0)
+
+
+def _micro_step(state: TrainState, rt: Runtime, batch: Batch, last: bool):
+    """Forward and backward of one micro-batch -> (per-task losses, task weights, n)."""
+    tasks = state.model.tasks
+    # DDP syncs gradients only on the last micro-batch of a step.
+    sync = contextlib.nullcontext() if (not rt.distributed or last) else state.train_model.no_sync()
+    with sync:
+        torch.manual_seed(step_seed(state.config.seed, rt.rank, batch.index))  # dropout: same draws on resume
+        state.weighter.reset()
+        with rt.autocast():
+            output = state.train_model(**batch.model_inputs())
+        if batch.tia_only:
+            total, weights, n = _matching_only(state, output.losses)
+        else:
+            total, weights, n = state.weighter(output.losses)
+        (total / state.config.grad_accum).backward()
+    nan = torch.tensor(float("nan"))
+    losses = torch.stack([output.losses[t].detach().float().cpu() if t in output.losses else nan for t in tasks])
+    return losses, weights, n
+
+
+def _matching_only(state: TrainState, losses: dict[str, torch.Tensor]):
+    """The warm-up's loss: the matching tasks, equal weights -> (total, weights, n)."""
+    tasks = state.model.tasks
+    matching = [t for t in tasks if t in MATCHING_TASKS]
+    weights = torch.tensor([1.0 / len(matching) if t in matching else 0.0 for t in tasks])
+    total = sum(w.item() * losses[t] for w, t in zip(weights, tasks) if w > 0)
+    # The idle heads join the graph at zero cost so that DDP sees every parameter used.
+    idle = [p for head in (state.model.mlm_head, state.model.mpm_head) for p in head.parameters()]
+    total = total + 0.0 * sum(p.sum() for p in idle)
+    return total, weights, torch.zeros(len(tasks))
+
+
+def step_seed(seed: int, rank: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, index, 0xD209]).generate_state(1)[0])
