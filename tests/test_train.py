@@ -3,7 +3,6 @@ DDP on CPU, the no-Beam/no-faiss import rule, and (slow) synthetic quality."""
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
 import os
@@ -379,31 +378,6 @@ def assert_import_neither_beam_nor_faiss(*modules: str) -> None:
 def test_train_imports_neither_beam_nor_faiss():
     assert_import_neither_beam_nor_faiss("fashionbert.train", "fashionbert.model.modeling", "fashionbert.data.features",
                                          "fashionbert.train.checkpoint", "fashionbert.evaluation.quick_validation")
-
-
-INFERENCE_PACKAGES = ("fashionbert/model", "fashionbert/data", "fashionbert/rank", "fashionbert/evaluation")
-
-
-def _imported_modules(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.update([node.module] + [f"{node.module}.{a.name}" for a in node.names])
-    return names
-
-
-def test_inference_does_not_import_the_trainer():
-    """Scoring, evaluation, the model and the data layer sit below training: none of them imports fashionbert.train
-    (the runtime they share is fashionbert.runtime)."""
-    files = [p for pkg in INFERENCE_PACKAGES for p in sorted((REPO / pkg).rglob("*.py"))]
-    files.append(REPO / "fashionbert" / "runtime.py")
-    assert len(files) > 10
-    offenders = {str(p.relative_to(REPO)): sorted(m for m in _imported_modules(p)
-                                                  if m == "fashionbert.train" or m.startswith("fashionbert.train."))
-                 for p in files}
-    assert not {f: m for f, m in offenders.items() if m}
 
 
 def test_help_explains_the_options():
