@@ -42,7 +42,6 @@ from fashionbert.rank.cross_encoder import CrossEncoderScorer
 from fashionbert.rank.neighbours import search  # noqa: E402
 from fashionbert.rank.retrieve import dual_encoder_for, rank_rows, two_stage  # noqa: E402
 from fashionbert.runtime import Runtime, resolve_runtime  # noqa: E402
-from fashionbert.train.state import quiet_transformers as _quiet  # noqa: E402
 from tests.fake_features import make_tiny_backbone, write_fake_features  # noqa: E402
 
 
@@ -78,7 +77,7 @@ def bench_throughput(tmp: Path, rt: Runtime, n_pairs: int):
     features = write_fake_features(tmp / "minilm-features", n_products=96, feature_dim=FEATURE_DIM, n_image_shards=1,
                                    row_group_size=96, extra_words=40)
     texts, index, _, feats = load_all(features)
-    model = _quiet(lambda: FashionBertModel.from_pretrained_backbone(FashionBertConfig(feature_dim=FEATURE_DIM))).eval()
+    model = FashionBertModel.from_pretrained_backbone(FashionBertConfig(feature_dim=FEATURE_DIM)).eval()
     cfg = model.config
     text_ids = [t[0] for t in texts.input_ids]
     lengths = np.array([min(len(t), cfg.max_text_len) for t in text_ids])
@@ -153,21 +152,17 @@ def train_small(features: Path, tmp: Path, rt: Runtime, steps: int, val_fraction
     same group-id split train used). The packaged MiniLM by default: a randomly initialised tiny backbone
     stayed on TIA's chance plateau for 250+ steps here."""
     from fashionbert.model.loading import load_model
-    from fashionbert.train.trainer import add_arguments as train_arguments
+    from fashionbert.train.trainer import TrainConfig
     from fashionbert.train.trainer import run as train_run
 
     if backbone == "tiny":
         backbone = str(make_tiny_backbone(tmp / "small-bert", layers=2, hidden=64, heads=2, intermediate=128))
-    parser = argparse.ArgumentParser()
-    train_arguments(parser)
     out = tmp / "quality-train"
-    args = parser.parse_args(["--features", str(features), "--out", str(out), "--backbone", backbone,
-                              "--steps", str(steps), "--batch-size", "16", "--lr", str(lr), "--tia-warmup", "0.33",
-                              "--itc-dim", "64", "--val-fraction", str(val_fraction), "--val-every", "0",
-                              "--val-queries", "50", "--checkpoint-every", "0", "--no-progress",
-                              "--device", rt.device.type, "--precision", rt.precision])
+    config = TrainConfig(features=[str(features)], out=str(out), backbone=backbone, steps=steps, batch_size=16, lr=lr,
+                         tia_warmup=0.33, itc_dim=64, val_fraction=val_fraction, val_every=0, val_queries=50,
+                         checkpoint_every=0, progress=False, device=rt.device.type, precision=rt.precision)
     t0 = time.perf_counter()
-    summary = train_run(args)
+    summary = train_run(config)
     print(f"  trained {steps} steps in {time.perf_counter() - t0:.0f} s; validation {summary['validation']}")
     model = load_model(out / "model", rt).model
     folders = open_feature_folders([features])

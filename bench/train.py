@@ -36,8 +36,7 @@ from fashionbert.model.config import FashionBertConfig  # noqa: E402
 from fashionbert.model.modeling import FashionBertModel  # noqa: E402
 from fashionbert.model.patch_cnn import FEATURE_DIM  # noqa: E402
 from fashionbert.train.adaptive_loss import TaskWeighter  # noqa: E402
-from fashionbert.train.state import quiet_transformers as _quiet  # noqa: E402
-from fashionbert.train.trainer import add_arguments, run  # noqa: E402
+from fashionbert.train.trainer import TrainConfig, run  # noqa: E402
 from tests.fake_features import write_fake_features  # noqa: E402
 
 
@@ -107,7 +106,7 @@ def main() -> None:
                                        tokenizer=tokenizer)
         torch.manual_seed(0)
         cfg = FashionBertConfig(backbone=a.backbone, feature_dim=a.feature_dim, itc_dim=a.itc_dim)
-        model = _quiet(lambda: FashionBertModel.from_pretrained_backbone(cfg)).train()
+        model = FashionBertModel.from_pretrained_backbone(cfg).train()
         it = batches_for(features, cfg, tokenizer, a.batch_size)
         sample = [next(it) for _ in range(4)]
         rows = sample[0].rows
@@ -167,14 +166,11 @@ def main() -> None:
         del model, optimizer, weighter
 
         # ---- end to end: fashionbert.train
-        parser = argparse.ArgumentParser()
-        add_arguments(parser)
-        args = parser.parse_args(["--features", str(features), "--out", str(tmp / "out"), "--backbone", a.backbone,
-                                  "--steps", str(a.steps + 2), "--batch-size", str(a.batch_size), "--val-fraction", "0",
-                                  "--checkpoint-every", "0", "--no-progress", "--precision", "bf16",
-                                  "--itc-dim", str(a.itc_dim), "--tia-warmup", "0"])
+        config = TrainConfig(features=[str(features)], out=str(tmp / "out"), backbone=a.backbone, steps=a.steps + 2,
+                             batch_size=a.batch_size, val_fraction=0.0, checkpoint_every=0, progress=False,
+                             precision="bf16", itc_dim=a.itc_dim, tia_warmup=0.0)
         t0 = time.perf_counter()
-        run(args)
+        run(config)
         wall = time.perf_counter() - t0
         recs = [json.loads(l) for l in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
         timed = [r for r in recs if r.get("kind") == "train"][2:]

@@ -8,7 +8,6 @@ import torch
 
 from fashionbert.model.config import FashionBertConfig
 from fashionbert.model.modeling import FashionBertModel, alignment_loss, masked_lm_loss, masked_patch_kl_loss
-from fashionbert.train.state import quiet_transformers as _quiet
 from tests.fake_features import make_tiny_backbone
 
 torch.set_num_threads(1)
@@ -18,7 +17,7 @@ FEATURE_DIM = 16
 @pytest.fixture(scope="module")
 def model(tiny_backbone):
     torch.manual_seed(0)
-    m = _quiet(lambda: FashionBertModel.from_pretrained_backbone(FashionBertConfig(backbone=str(tiny_backbone), feature_dim=FEATURE_DIM)))
+    m = FashionBertModel.from_pretrained_backbone(FashionBertConfig(backbone=str(tiny_backbone), feature_dim=FEATURE_DIM))
     return m.eval()
 
 
@@ -176,7 +175,7 @@ def test_no_masked_position_still_touches_heads(model):
 def itc_model(tiny_backbone):
     torch.manual_seed(0)
     cfg = FashionBertConfig(backbone=str(tiny_backbone), feature_dim=FEATURE_DIM, itc_dim=8, dropout=0.0)
-    return _quiet(lambda: FashionBertModel.from_pretrained_backbone(cfg)).train()
+    return FashionBertModel.from_pretrained_backbone(cfg).train()
 
 
 def test_itc_is_a_fourth_task_on_aligned_rows(itc_model, model):
@@ -258,7 +257,7 @@ def test_bert_base_uncased_layout_backbone(tmp_path):
         head_dense = f.get_tensor("cls.predictions.transform.dense.weight")
         layer0_q = f.get_tensor("bert.encoder.layer.0.attention.self.query.weight")
     assert "cls.predictions.bias" in keys
-    m = _quiet(lambda: FashionBertModel.from_pretrained_backbone(FashionBertConfig(backbone=str(folder), feature_dim=FEATURE_DIM)))
+    m = FashionBertModel.from_pretrained_backbone(FashionBertConfig(backbone=str(folder), feature_dim=FEATURE_DIM))
     assert torch.equal(m.mlm_head.transform.dense.weight.detach(), head_dense)
     assert torch.equal(m.bert.encoder.layer[0].attention.self.query.weight.detach(), layer0_q)
 
@@ -271,7 +270,7 @@ def test_packaged_minilm_backbone_and_bf16_matches_fp32():
     from fashionbert.model.backbone import resolve_backbone
 
     torch.manual_seed(0)
-    m = _quiet(lambda: FashionBertModel.from_pretrained_backbone(FashionBertConfig(feature_dim=FEATURE_DIM))).eval()
+    m = FashionBertModel.from_pretrained_backbone(FashionBertConfig(feature_dim=FEATURE_DIM)).eval()
     assert m.config.hidden_size == 384 and m.config.bert["num_hidden_layers"] == 6
     with safe_open(str(resolve_backbone(None) / "model.safetensors"), "pt") as f:
         assert torch.equal(m.bert.embeddings.word_embeddings.weight.detach(), f.get_tensor("embeddings.word_embeddings.weight"))

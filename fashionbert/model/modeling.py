@@ -16,6 +16,7 @@ across pairs), the recall embeddings and validation call them, so the input layo
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -32,6 +33,23 @@ from fashionbert.model.config import IGNORE_INDEX, FashionBertConfig
 from fashionbert.model.contrastive import ITC_PREFIX, ContrastiveHead, itc_loss
 
 WEIGHTS_NAME = "model.safetensors"
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' progress bars and load reports off for the block (our stages print their own summary); the
+    caller's settings come back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 # ----------------------------------------------------------------------------------------------- losses
@@ -168,7 +186,8 @@ class FashionBertModel(PreTrainedModel):
 
         path = resolve_backbone(config.backbone)
         try:
-            bert = BertModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=True)
+            with quiet_transformers():
+                bert = BertModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=True)
         except (OSError, ValueError) as exc:
             raise UserError(f"backbone {path}: cannot load BERT weights ({exc}); the folder needs config.json and "
                             f"model.safetensors or pytorch_model.bin") from exc
@@ -237,15 +256,8 @@ class FashionBertModel(PreTrainedModel):
         """model.safetensors + config.json: `save_pretrained` without its progress bar (training saves every
         checkpoint this way). The MLM decoder is tied at call time, so no tensor is shared and safetensors stores
         each once."""
-        from transformers.utils import logging as hf_logging
-
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        try:
+        with quiet_transformers():
             self.save_pretrained(folder)
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
 
     # ---------------------------------------------------------------------------------- forward
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:

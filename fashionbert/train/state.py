@@ -166,8 +166,7 @@ def _steps_of(value: float, total_steps: int) -> int:
 
 
 def _options(config: TrainConfig, world: int) -> dict[str, Any]:
-    # "func" is the subcommand's handler when a caller passes the command line's namespace.
-    options = {k: v for k, v in vars(config).items() if k not in ("func",)}
+    options = dataclasses.asdict(config)
     options["features"] = [str(Path(f).expanduser().resolve()) for f in config.features]
     options["world_size"] = world
     return options
@@ -200,7 +199,7 @@ def _new_model(config: TrainConfig, data: TrainingData) -> tuple[FashionBertMode
         itc_pooling=config.itc_pooling,
     )
     torch.manual_seed(config.seed)
-    model = quiet_transformers(lambda: FashionBertModel.from_pretrained_backbone(model_config))
+    model = FashionBertModel.from_pretrained_backbone(model_config)
     return model, model_config, load_tokenizer(config.backbone)
 
 
@@ -238,16 +237,3 @@ def _batches(config: TrainConfig, data: TrainingData, reader: FeatureReader, mod
                            first_index=step * config.grad_accum)
     return Prefetcher(batches, config.prefetch) if config.prefetch > 0 else batches
 
-
-def quiet_transformers(fn):
-    """Run a transformers load without its progress bars and load reports (training prints its own summary)."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        return fn()
-    finally:
-        hf_logging.set_verbosity(level)
-        hf_logging.enable_progress_bar()
