@@ -64,7 +64,8 @@ def batches_for(features: Path, cfg: FashionBertConfig, tokenizer, batch_size: i
     index = index_images(folders, texts)
     reader = FeatureReader(index.shards, cfg.num_patches, cfg.feature_dim)
     stream = ImageStream(index, np.arange(len(index)), reader, seed=seed)
-    pairs = PairBuilder(texts, np.unique(index.product))
+    # as training's defaults: every negative mined from the itc similarity when the model has the itc head
+    pairs = PairBuilder(texts, np.unique(index.product), hard_fraction=1.0 if cfg.itc_dim else 0.0)
     settings = BatchSettings(batch_size, cfg.max_text_len, cfg.pad_token_id, cfg.sep_token_id,
                              cfg.mlm_probability, cfg.mpm_probability)
     return iter_batches(stream, pairs, settings, MaskingVocab.from_tokenizer(tokenizer, cfg.vocab_size), seed,
@@ -109,12 +110,16 @@ def main() -> None:
         model = FashionBertModel.from_pretrained_backbone(cfg).train()
         it = batches_for(features, cfg, tokenizer, a.batch_size)
         sample = [next(it) for _ in range(4)]
-        rows = sample[0].rows
+
+        def rows_of(b):  # the joint pass's rows: the batch's and the negatives the step mines
+            return b.rows + (len(b.mining.anchors) if b.mining is not None else 0)
+
+        rows = rows_of(sample[0])
         text_len = float(np.mean([b.attention_mask.sum(1).float().mean() for b in sample]))
         padded_len = float(np.mean([b.input_ids.shape[1] for b in sample]))
-        mlm_tok = float(np.mean([((b.mlm_labels != -100) & b.tia_labels.bool()[:, None]).sum() / b.rows for b in sample]))
-        mpm_p = float(np.mean([(b.patch_mask & b.tia_labels.bool()[:, None]).sum() / b.rows for b in sample]))
-        aligned = float(np.mean([b.tia_labels.float().mean() for b in sample]))
+        mlm_tok = float(np.mean([((b.mlm_labels != -100) & b.tia_labels.bool()[:, None]).sum() / rows_of(b) for b in sample]))
+        mpm_p = float(np.mean([(b.patch_mask & b.tia_labels.bool()[:, None]).sum() / rows_of(b) for b in sample]))
+        aligned = float(np.mean([b.tia_labels.float().sum() / rows_of(b) for b in sample]))
         h = cfg.hidden_size
 
         # ---- the CPU's matmul rate

@@ -166,7 +166,8 @@ def test_pairs_negatives_and_ratio(features):
     batch = products[:8]
     pool = index.product[:40]
     same = PairBuilder(texts, products, neg_ratio=2, random_neg_fraction=0.0)
-    t, images, labels, text_products = same.build(batch, pool, rng)
+    built = same.build(batch, pool, rng)
+    images, labels, text_products = built.images, built.labels, built.text_products
     assert len(labels) == 3 * len(batch) and labels.sum() == len(batch)
     sub = np.asarray(texts.subcategory, dtype=object)
     for i in np.nonzero(labels == 0)[0]:
@@ -176,7 +177,8 @@ def test_pairs_negatives_and_ratio(features):
     mixed = PairBuilder(texts, products, neg_ratio=1, random_neg_fraction=1.0)
     cross = 0
     for _ in range(20):
-        _, images, labels, text_products = mixed.build(batch, pool, rng)
+        built = mixed.build(batch, pool, rng)
+        images, labels, text_products = built.images, built.labels, built.text_products
         for i in np.nonzero(labels == 0)[0]:
             image_product = batch[images[i]] if images[i] < len(batch) else pool[images[i] - len(batch)]
             cross += sub[image_product] != sub[text_products[i]]

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fashionbert.data.features import FeatureReader, ImageIndex, TextTable, truncate_ids
+from fashionbert.model.hard_negatives import MiningRequest
 
 IGNORE_INDEX = -100
 
@@ -180,20 +181,41 @@ class ImageStream:
 
 
 # ------------------------------------------------------------------------------------------- pairs
+@dataclasses.dataclass
+class Pairs:
+    """One batch's rows: all positives first, then the negatives drawn here. `images` index the batch's
+    positives (b < B) or, from B on, the window pool (B + pool index). `mined_anchor` / `mined_swap_image` are the
+    negative slots left to the training step, which draws them from the itc similarity
+    (model/hard_negatives.py): anchor = the positive's number, swap_image = keep its text and mine an image (else
+    keep its image and mine a text)."""
+    texts: list[np.ndarray]
+    images: np.ndarray
+    labels: np.ndarray
+    text_products: np.ndarray
+    mined_anchor: np.ndarray
+    mined_swap_image: np.ndarray
+
+
 class PairBuilder:
     """Positive (text, image) pairs plus negatives: each positive gets `neg_ratio` negatives, each either
     its image with another product's text or its text with another product's image (half and half).
 
-    A `random_neg_fraction` of negatives take a random other product; the rest take one of the same
-    sub-category (random when the sub-category has no other product). Same-sub-category negatives alone
-    left TIA at chance in calibration: the mix gives it an easy signal to start from.
+    A `hard_fraction` of the negatives are mined by the training step from the itc similarity inside the batch
+    (the batch only records which slots). Of the others, a `random_neg_fraction` take a random other product and
+    the rest one of the same sub-category (random when the sub-category has no other product). Same-sub-category
+    negatives alone left TIA at chance in calibration: the mix gives it an easy signal to start from.
     """
 
-    def __init__(self, texts: TextTable, products: np.ndarray, neg_ratio: int = 1, random_neg_fraction: float = 0.5):
+    def __init__(self, texts: TextTable, products: np.ndarray, neg_ratio: int = 1, random_neg_fraction: float = 0.5,
+                 hard_fraction: float = 0.0):
         self.texts = texts
         self.products = np.asarray(products, dtype=np.int64)  # products negatives' texts may come from
         self.neg_ratio = int(neg_ratio)
         self.random_neg_fraction = float(random_neg_fraction)
+        self.hard_fraction = float(hard_fraction)
+        # Products of one group (a product's colours) are never each other's mined negatives.
+        groups = [g or f"\0product {p}" for p, g in enumerate(texts.group_id)]  # no group: the product alone
+        self.group_code = np.unique(np.asarray(groups, dtype=str), return_inverse=True)[1].astype(np.int64)
         self.subcat_of = np.asarray([texts.subcategory[p] for p in range(len(texts))], dtype=object)
         by_sub: dict[str, list[int]] = {}
         for p in self.products:
@@ -228,11 +250,9 @@ class PairBuilder:
         options = self.texts.input_ids[p]
         return options[0] if len(options) == 1 else options[int(rng.integers(len(options)))]
 
-    def build(self, products: np.ndarray, pool_products: np.ndarray, rng: np.random.Generator
-              ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
-        """-> (texts per row, image index per row (into batch positives b < B, or B + pool index), labels,
-        text product per row). Row order: all positives first, then the negatives."""
+    def build(self, products: np.ndarray, pool_products: np.ndarray, rng: np.random.Generator) -> Pairs:
         texts, images, labels, text_products = [], [], [], []
+        mined_anchor, mined_swap = [], []
         batch = len(products)
         for i, p in enumerate(products):
             texts.append(self.text_of(int(p), rng))
@@ -242,6 +262,11 @@ class PairBuilder:
         for i, p in enumerate(products):
             p = int(p)
             for _ in range(self.neg_ratio):
+                # (no draw when off, so that runs without mining keep their exact negatives)
+                if self.hard_fraction > 0 and rng.random() < self.hard_fraction:
+                    mined_anchor.append(i)
+                    mined_swap.append(rng.random() < 0.5)
+                    continue
                 swap_image = rng.random() < 0.5
                 if swap_image:
                     j = self._other_image(p, pool_products, rng)
@@ -258,7 +283,8 @@ class PairBuilder:
                 images.append(i)
                 labels.append(0)
                 text_products.append(q)
-        return texts, np.asarray(images), np.asarray(labels, dtype=np.int64), np.asarray(text_products)
+        return Pairs(texts, np.asarray(images), np.asarray(labels, dtype=np.int64), np.asarray(text_products),
+                     np.asarray(mined_anchor, dtype=np.int64), np.asarray(mined_swap, dtype=bool))
 
 
 def pad_texts(texts: Sequence[np.ndarray], max_len: int, pad_id: int, sep_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -285,6 +311,7 @@ class Batch:
     position: StreamPosition  # stream position after this batch
     index: int  # batch number in this rank's stream
     tia_only: bool = False  # a TIA warm-up batch: no masks, no MLM/MPM targets
+    mining: MiningRequest | None = None  # negative slots the step draws from the itc similarity
 
     @property
     def rows(self) -> int:
@@ -292,16 +319,18 @@ class Batch:
 
     def to(self, device: torch.device) -> "Batch":
         nb = device.type == "cuda"
-        return dataclasses.replace(
-            self, **{f: getattr(self, f).to(device, non_blocking=nb)
-                     for f in ("input_ids", "attention_mask", "patch_features", "patch_mask", "mlm_labels", "tia_labels")})
+        moved = {f: getattr(self, f).to(device, non_blocking=nb)
+                 for f in ("input_ids", "attention_mask", "patch_features", "patch_mask", "mlm_labels", "tia_labels")}
+        return dataclasses.replace(self, **moved, mining=self.mining.to(device) if self.mining is not None else None)
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        if self.tia_only:
-            return dict(input_ids=self.input_ids, attention_mask=self.attention_mask,
-                        patch_features=self.patch_features, tia_labels=self.tia_labels)
-        return dict(input_ids=self.input_ids, attention_mask=self.attention_mask, patch_features=self.patch_features,
-                    patch_mask=self.patch_mask, mlm_labels=self.mlm_labels, tia_labels=self.tia_labels)
+    def model_inputs(self) -> dict:
+        inputs = dict(input_ids=self.input_ids, attention_mask=self.attention_mask, patch_features=self.patch_features,
+                      tia_labels=self.tia_labels)
+        if not self.tia_only:
+            inputs.update(patch_mask=self.patch_mask, mlm_labels=self.mlm_labels)
+        if self.mining is not None:
+            inputs["mining"] = self.mining
+        return inputs
 
 
 @dataclasses.dataclass
@@ -315,12 +344,15 @@ class BatchSettings:
     whole_word_mask: bool = True
     # Batches numbered below this are for the TIA-only warm-up: no masks (TIA sees clean pairs, as at scoring).
     unmasked_batches: int = 0
+    mining_temperature: float = 0.0  # of mined negatives' softmax; 0 = the itc head's
 
 
-def collate(texts, image_index, labels, positive_features: np.ndarray, pool_features: np.ndarray,
-            settings: BatchSettings, vocab: MaskingVocab, rng: np.random.Generator,
-            position: StreamPosition, index: int) -> Batch:
-    ids, attn = pad_texts(texts, settings.max_text_len, settings.pad_token_id, settings.sep_token_id)
+def collate(pairs: Pairs, positive_features: np.ndarray, pool_features: np.ndarray, settings: BatchSettings,
+            vocab: MaskingVocab, rng: np.random.Generator, position: StreamPosition, index: int,
+            groups: np.ndarray | None = None, mining_seed: int = 0) -> Batch:
+    """`groups`: the positives' group codes, for the mined slots' draw (seeded by `mining_seed`)."""
+    image_index, labels = pairs.images, pairs.labels
+    ids, attn = pad_texts(pairs.texts, settings.max_text_len, settings.pad_token_id, settings.sep_token_id)
     # Every row is masked alike, negatives included, so that "is it masked" never tells TIA the label;
     # the model counts MLM/MPM on aligned rows only.
     unmasked = index < settings.unmasked_batches
@@ -333,6 +365,12 @@ def collate(texts, image_index, labels, positive_features: np.ndarray, pool_feat
     feats[own] = positive_features[image_index[own]]
     feats[~own] = pool_features[image_index[~own] - b]
     patch_mask = mask_patches(len(image_index), feats.shape[1], rng, mpm_p)
+    mining = None
+    if len(pairs.mined_anchor):
+        mining = MiningRequest(anchors=torch.from_numpy(pairs.mined_anchor),
+                               swap_image=torch.from_numpy(pairs.mined_swap_image),
+                               groups=torch.from_numpy(np.asarray(groups, dtype=np.int64)), seed=mining_seed,
+                               temperature=settings.mining_temperature)
     return Batch(
         input_ids=torch.from_numpy(masked_ids),
         attention_mask=torch.from_numpy(attn),
@@ -344,6 +382,7 @@ def collate(texts, image_index, labels, positive_features: np.ndarray, pool_feat
         position=position,
         index=index,
         tia_only=unmasked,
+        mining=mining,
     )
 
 
@@ -372,10 +411,16 @@ def iter_batches(stream: ImageStream, pairs: PairBuilder, settings: BatchSetting
             i += need
             carry_rows, carry_feats = carry_rows[:0], None
             rng = np.random.default_rng([seed, stream.rank, index, 0xBA7C])
-            texts, images, labels, _ = pairs.build(stream.index.product[rows], pool_products, rng)
-            yield collate(texts, images, labels, batch_feats, feats, settings, vocab, rng,
-                          StreamPosition(epoch, win.start + i), index)
+            products = stream.index.product[rows]
+            built = pairs.build(products, pool_products, rng)
+            yield collate(built, batch_feats, feats, settings, vocab, rng, StreamPosition(epoch, win.start + i), index,
+                          groups=pairs.group_code[products], mining_seed=mining_seed(seed, stream.rank, index))
             index += 1
+
+
+def mining_seed(seed: int, rank: int, index: int) -> int:
+    """The seed of a batch's mined-negative draw: a function of the batch alone, so a resumed run draws alike."""
+    return int(np.random.SeedSequence([seed, rank, index, 0x4E6]).generate_state(1)[0])
 
 
 class Prefetcher:

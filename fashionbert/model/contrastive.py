@@ -99,42 +99,65 @@ class ContrastiveHead(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- loss
 def contrastive_loss(text_vec: torch.Tensor, image_vec: torch.Tensor, scale: torch.Tensor | float,
-                     groups: torch.Tensor | None = None) -> torch.Tensor:
+                     groups: torch.Tensor | None = None, all_text_vec: torch.Tensor | None = None,
+                     all_image_vec: torch.Tensor | None = None, all_groups: torch.Tensor | None = None,
+                     offset: int = 0) -> torch.Tensor:
     """Symmetric in-batch InfoNCE: row i's text and image are the positive pair, every other row's image
     (text) a negative for its text (image); the mean of the text->image and image->text cross-entropies.
 
     `groups` (B,) marks rows of one product (two images sharing a text): those are not negatives of each
     other, since telling them apart is not the task and would push a product's images away from its text.
+
+    Under DDP, `all_*` are every process's rows gathered (this process's rows start at `offset`): each process's
+    rows then meet every process's rows as negatives, and DDP's gradient average gives the loss over the gathered
+    batch.
     """
     scale = scale.float() if torch.is_tensor(scale) else float(scale)
-    logits = scale * (text_vec.float() @ image_vec.float().t())
+    all_text_vec = text_vec if all_text_vec is None else all_text_vec
+    all_image_vec = image_vec if all_image_vec is None else all_image_vec
+    t2i = scale * (text_vec.float() @ all_image_vec.float().t())
+    i2t = scale * (image_vec.float() @ all_text_vec.float().t())
+    labels = torch.arange(text_vec.shape[0], device=t2i.device) + offset
     if groups is not None:
-        same = groups.unsqueeze(0) == groups.unsqueeze(1)
-        same.fill_diagonal_(False)
-        logits = logits.masked_fill(same, float("-inf"))
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+        all_groups = groups if all_groups is None else all_groups
+        same = groups.unsqueeze(1) == all_groups.unsqueeze(0)
+        same[torch.arange(len(labels), device=same.device), labels] = False
+        t2i, i2t = t2i.masked_fill(same, float("-inf")), i2t.masked_fill(same, float("-inf"))
+    return 0.5 * (F.cross_entropy(t2i, labels) + F.cross_entropy(i2t, labels))
 
 
-def itc_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, patch_features: torch.Tensor,
-             tia_labels: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """The "itc" task on a training batch (the same tensors `FashionBertModel.forward` takes).
-
-    Uses the aligned rows only (tia_labels == 1; TIA negatives are not pairs), with MLM-masked tokens put
-    back (the recall embedding is computed on clean text at indexing time), and the original patch features
-    (MPM zeroes patches inside `encode`, not in the batch tensor).
-    """
-    head: ContrastiveHead = model.itc_head
+def itc_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, patch_features: torch.Tensor,
+               tia_labels: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows the "itc" task trains on, from a training batch (the tensors `FashionBertModel.forward` takes):
+    the aligned rows only (tia_labels == 1; TIA negatives are not pairs), with MLM-masked tokens put back (the
+    recall embedding is computed on clean text at indexing time), trimmed to their longest text, and the original
+    patch features (MPM zeroes patches inside `encode`, not in the batch tensor). -> (ids, mask, features)."""
     rows = tia_labels.bool() if tia_labels is not None else torch.ones(input_ids.shape[0], dtype=torch.bool,
                                                                        device=input_ids.device)
     ids = input_ids if mlm_labels is None else torch.where(mlm_labels != IGNORE_INDEX, mlm_labels, input_ids)
     ids, mask, feats = ids[rows], attention_mask[rows], patch_features[rows]
-    if ids.shape[0] == 0:
-        # A zero that still touches every head parameter (DDP needs all of them in the backward).
-        return sum(p.sum() for p in head.parameters()) * 0.0
-    length = int(mask.sum(dim=1).max())
-    ids, mask = ids[:, :length], mask[:, :length]
-    _, groups = torch.unique(ids * mask, dim=0, return_inverse=True)
-    text_vec, image_vec = head(model, ids, mask, feats)
-    return contrastive_loss(text_vec, image_vec, head.scale(), groups)
+    length = int(mask.sum(dim=1).max()) if len(ids) else 0
+    return ids[:, :length], mask[:, :length], feats
 
+
+def text_groups(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) codes equal for rows with the same text."""
+    _, groups = torch.unique(ids * mask, dim=0, return_inverse=True)
+    return groups
+
+
+def unused_head_zero(head: nn.Module) -> torch.Tensor:
+    """A zero that still touches every head parameter (DDP needs all of them in the backward)."""
+    return sum(p.sum() for p in head.parameters()) * 0.0
+
+
+def itc_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, patch_features: torch.Tensor,
+             tia_labels: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The "itc" task on one process's training batch (see `itc_inputs` for the rows it uses)."""
+    head: ContrastiveHead = model.itc_head
+    ids, mask, feats = itc_inputs(input_ids, attention_mask, patch_features, tia_labels, mlm_labels)
+    if ids.shape[0] == 0:
+        return unused_head_zero(head)
+    text_vec, image_vec = head(model, ids, mask, feats)
+    return contrastive_loss(text_vec, image_vec, head.scale(), text_groups(ids, mask))

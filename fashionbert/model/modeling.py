@@ -30,7 +30,9 @@ from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
 from fashionbert.errors import UserError
 from fashionbert.model.config import IGNORE_INDEX, FashionBertConfig
-from fashionbert.model.contrastive import ITC_PREFIX, ContrastiveHead, itc_loss
+from fashionbert.model.contrastive import (ITC_PREFIX, ContrastiveHead, contrastive_loss, itc_inputs, text_groups,
+                                           unused_head_zero)
+from fashionbert.model.hard_negatives import MiningRequest, gather, gather_with_grad, mine, rank_offset, world_size
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -138,6 +140,20 @@ class FashionBertOutput:
     losses: dict[str, torch.Tensor]
     tia_logits: torch.Tensor
     sequence_output: torch.Tensor
+    mined: int = 0  # TIA negatives mined from the itc similarity and added to the batch
+
+
+@dataclasses.dataclass
+class ContrastiveState:
+    """The itc task's vectors of a batch's aligned rows, this process's and (under DDP) everybody's, with the
+    text codes (rows of one text share a code) and the head's logit scale: what mining reads."""
+    text_vec: torch.Tensor
+    image_vec: torch.Tensor
+    all_text_vec: torch.Tensor
+    all_image_vec: torch.Tensor
+    codes: torch.Tensor
+    all_codes: torch.Tensor
+    scale: float
 
 
 class FashionBertModel(PreTrainedModel):
@@ -337,6 +353,7 @@ class FashionBertModel(PreTrainedModel):
         mlm_labels: torch.Tensor | None = None,
         tia_labels: torch.Tensor | None = None,
         itc: bool = True,
+        mining: MiningRequest | None = None,
     ) -> FashionBertOutput:
         """Per-task losses for the tasks whose labels are given.
 
@@ -346,8 +363,20 @@ class FashionBertModel(PreTrainedModel):
         when tia_labels is given (the text does not describe a mismatched image, so reconstructing one from the
         other is noise); the caller masks every row alike so that TIA cannot read "is it masked" as a label.
         With an itc head and `itc`, the contrastive loss on the aligned rows joins as "itc" (two more encoder
-        passes, text-only and image-only, on those rows).
+        passes, text-only and image-only, on those rows; under DDP over every process's rows). `mining` adds TIA
+        negatives drawn from the itc similarity (model/hard_negatives.py) to the rows of the joint pass.
         """
+        itc_loss, state = None, None
+        if itc and getattr(self, "itc_head", None) is not None:
+            itc_loss, state = self._contrastive(input_ids, attention_mask, patch_features, tia_labels, mlm_labels)
+        mined = 0
+        if mining is not None:
+            if state is None:
+                raise ValueError("mining TIA negatives needs the itc head (itc_dim > 0) and itc=True")
+            rows = self._mined_rows(mining, state, input_ids, attention_mask, patch_features, patch_mask, mlm_labels,
+                                    tia_labels)
+            mined = int(rows[0].shape[0]) - int(input_ids.shape[0])
+            input_ids, attention_mask, patch_features, patch_mask, mlm_labels, tia_labels = rows
         sequence_output, pooled = self.encode(input_ids, attention_mask, patch_features, patch_mask)
         text_len = input_ids.shape[1]
         aligned = tia_labels.bool() if tia_labels is not None else None
@@ -372,9 +401,85 @@ class FashionBertModel(PreTrainedModel):
         tia_logits = self.tia_head(pooled)
         if tia_labels is not None:
             losses["tia"] = alignment_loss(tia_logits, tia_labels.long())
-        if itc and getattr(self, "itc_head", None) is not None:
-            losses["itc"] = itc_loss(self, input_ids, attention_mask, patch_features, tia_labels, mlm_labels)
-        return FashionBertOutput(losses=losses, tia_logits=tia_logits, sequence_output=sequence_output)
+        if itc_loss is not None:
+            losses["itc"] = itc_loss
+        return FashionBertOutput(losses=losses, tia_logits=tia_logits, sequence_output=sequence_output, mined=mined)
+
+    def _contrastive(self, input_ids, attention_mask, patch_features, tia_labels, mlm_labels
+                     ) -> tuple[torch.Tensor, ContrastiveState | None]:
+        """The itc loss on the aligned rows, and their vectors for mining. Under DDP every process's vectors are
+        gathered (with their gradient), so each text meets world x batch images as negatives."""
+        head: ContrastiveHead = self.itc_head
+        ids, mask, feats = itc_inputs(input_ids, attention_mask, patch_features, tia_labels, mlm_labels)
+        if ids.shape[0] == 0:
+            return unused_head_zero(head), None
+        text_vec, image_vec = head(self, ids, mask, feats)
+        scale = head.scale()
+        if world_size() == 1:
+            codes = text_groups(ids, mask)
+            return contrastive_loss(text_vec, image_vec, scale, codes), ContrastiveState(
+                text_vec, image_vec, text_vec, image_vec, codes, codes, float(scale.detach()))
+        all_text_vec, all_image_vec = gather_with_grad(text_vec), gather_with_grad(image_vec)
+        all_ids = gather(self._pad_to_max_len(ids * mask))
+        all_codes = text_groups(all_ids, torch.ones_like(all_ids))
+        offset = rank_offset(ids.shape[0])
+        codes = all_codes[offset:offset + ids.shape[0]]
+        loss = contrastive_loss(text_vec, image_vec, scale, codes, all_text_vec, all_image_vec, all_codes, offset)
+        return loss, ContrastiveState(text_vec, image_vec, all_text_vec, all_image_vec, codes, all_codes, float(scale.detach()))
+
+    def _pad_to_max_len(self, ids: torch.Tensor, value: int = 0) -> torch.Tensor:
+        """Texts right-padded to config.max_text_len, so that every process's rows have one shape to gather."""
+        width = int(self.config.max_text_len)
+        if ids.shape[1] > width:
+            raise ValueError(f"texts of {ids.shape[1]} tokens exceed the model's max_text_len {width}")
+        return F.pad(ids, (0, width - ids.shape[1]), value=value)
+
+    def _mined_rows(self, request: MiningRequest, state: ContrastiveState, input_ids, attention_mask, patch_features,
+                    patch_mask, mlm_labels, tia_labels) -> tuple:
+        """The batch's tensors with the mined negative rows appended (label 0, no MLM target). A mined row keeps its
+        anchor's masked text or masked patches and takes the other side from the partner the draw chose."""
+        # Row copying only: autocast's dtype promotion refuses float16 features in torch.cat on CPU.
+        with torch.autocast(device_type=patch_features.device.type, enabled=False):
+            return self._append_mined_rows(request, state, input_ids, attention_mask, patch_features, patch_mask,
+                                           mlm_labels, tia_labels)
+
+    def _append_mined_rows(self, request, state, input_ids, attention_mask, patch_features, patch_mask, mlm_labels,
+                           tia_labels) -> tuple:
+        positives = torch.nonzero(tia_labels.bool()).squeeze(1)
+        if len(positives) != len(request.groups):
+            raise ValueError(f"mining: {len(request.groups)} groups for {len(positives)} positive rows")
+        all_groups = gather(request.groups)
+        excluded = (request.groups.unsqueeze(1) == all_groups.unsqueeze(0)) | \
+                   (state.codes.unsqueeze(1) == state.all_codes.unsqueeze(0))
+        scale = 1.0 / request.temperature if request.temperature > 0 else state.scale
+        anchors, swap_image, partner = mine(request, state.text_vec, state.image_vec, state.all_text_vec,
+                                            state.all_image_vec, excluded, scale)
+        pmask = patch_mask if patch_mask is not None else torch.zeros(patch_features.shape[:2], dtype=torch.bool,
+                                                                      device=patch_features.device)
+        ids, mask = input_ids[positives], attention_mask[positives]
+        feats, pm = patch_features[positives], pmask[positives]
+        if world_size() > 1:
+            ids, mask = self._pad_to_max_len(ids, int(self.config.pad_token_id)), self._pad_to_max_len(mask)
+            all_ids, all_mask, all_feats, all_pm = gather(ids), gather(mask), gather(feats), gather(pm)
+        else:
+            all_ids, all_mask, all_feats, all_pm = ids, mask, feats, pm
+        keep_text = swap_image.unsqueeze(1)
+        new_ids = torch.where(keep_text, ids[anchors], all_ids[partner])
+        new_mask = torch.where(keep_text, mask[anchors], all_mask[partner])
+        new_feats = torch.where(swap_image.view(-1, 1, 1), all_feats[partner], feats[anchors])
+        new_pm = torch.where(keep_text, all_pm[partner], pm[anchors])
+        width = max(int(input_ids.shape[1]), int(new_mask.sum(dim=1).max()) if len(new_mask) else 0)
+        pad = int(self.config.pad_token_id)
+        input_ids = torch.cat([F.pad(input_ids, (0, width - input_ids.shape[1]), value=pad), new_ids[:, :width]])
+        attention_mask = torch.cat([F.pad(attention_mask, (0, width - attention_mask.shape[1])), new_mask[:, :width]])
+        patch_features = torch.cat([patch_features, new_feats.to(patch_features.dtype)])
+        if patch_mask is not None:
+            patch_mask = torch.cat([patch_mask, new_pm.to(patch_mask.dtype)])
+        if mlm_labels is not None:
+            mlm_labels = torch.cat([F.pad(mlm_labels, (0, width - mlm_labels.shape[1]), value=IGNORE_INDEX),
+                                    torch.full_like(new_ids[:, :width], IGNORE_INDEX)])
+        tia_labels = torch.cat([tia_labels, torch.zeros_like(anchors).to(tia_labels.dtype)])
+        return input_ids, attention_mask, patch_features, patch_mask, mlm_labels, tia_labels
 
     @staticmethod
     def _gathered_loss(states, select, head, loss_fn) -> torch.Tensor:

@@ -22,6 +22,8 @@ class TrainConfig:
     split_seed: int = 0
     neg_ratio: int = 1
     random_neg_fraction: float = 0.5
+    hard_neg_fraction: float | None = None  # None: 1.0 with the itc head, 0 without
+    hard_neg_temperature: float = 0.0
     max_text_len: int | None = None
     shuffle_window: int = 512
     # model
@@ -92,6 +94,14 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--random-neg-fraction", type=float, default=D.random_neg_fraction,
                    help="share of negatives drawn from any product rather than the same sub-category; "
                         "same-sub-category negatives alone kept TIA at chance in calibration (default 0.5)")
+    g.add_argument("--hard-neg-fraction", type=float, default=D.hard_neg_fraction,
+                   help="share of negatives mined in each batch from the itc similarity (ALBEF's hard negatives): a "
+                        "positive's text gets another positive's image, or its image another positive's text, drawn "
+                        "with probability softmax(cosine / temperature), never of its own group; the rest are drawn "
+                        "as --random-neg-fraction says. Needs the itc head (default 1.0; 0 with --itc-dim 0)")
+    g.add_argument("--hard-neg-temperature", type=float, default=D.hard_neg_temperature,
+                   help="temperature of the mined negatives' softmax; 0 = the itc head's learned temperature "
+                        "(default 0)")
     g.add_argument("--max-text-len", type=int, default=D.max_text_len,
                    help="max text tokens incl. [CLS]/[SEP] (default: featurize's max_text_len, else 64)")
     g.add_argument("--shuffle-window", type=int, default=D.shuffle_window,

@@ -28,8 +28,11 @@ from fashionbert.train.optim import build_optimizer, restore_optimizer
 # Options that fix the data order or the optimisation: a resumed run must use the checkpoint's values,
 # or it would not continue the same run.
 RESUME_MUST_MATCH = ("batch_size", "itc_dim", "itc_pooling", "dropout", "tia_warmup", "grad_accum", "neg_ratio",
-                     "random_neg_fraction", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
+                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
                      "weight_decay", "shuffle_window", "world_size")
+
+# What a checkpoint written before an option existed ran with.
+BEFORE_OPTION = {"hard_neg_fraction": 0.0, "hard_neg_temperature": 0.0}
 
 
 @dataclasses.dataclass
@@ -122,6 +125,11 @@ def _prepare_out(config: TrainConfig, rt: Runtime) -> Path:
         raise UserError("--batch-size and --grad-accum must be >= 1, --neg-ratio >= 0")
     if not 0.0 <= config.random_neg_fraction <= 1.0:
         raise UserError("--random-neg-fraction must be in [0, 1]")
+    if not 0.0 <= hard_neg_fraction(config) <= 1.0 or config.hard_neg_temperature < 0:
+        raise UserError("--hard-neg-fraction must be in [0, 1] and --hard-neg-temperature >= 0")
+    if hard_neg_fraction(config) > 0 and config.neg_ratio > 0 and config.itc_dim <= 0:
+        raise UserError(f"--hard-neg-fraction {config.hard_neg_fraction} mines negatives from the itc similarity, which "
+                        f"--itc-dim 0 turns off: pass --hard-neg-fraction 0 with --itc-dim 0")
     existing = ckpt.latest_checkpoint(out)
     if existing is not None and not config.resume:
         raise UserError(f"--out {out} already has checkpoints (newest {existing.name}); pass --resume to continue "
@@ -169,10 +177,19 @@ def _options(config: TrainConfig, world: int) -> dict[str, Any]:
     options = dataclasses.asdict(config)
     options["features"] = [str(Path(f).expanduser().resolve()) for f in config.features]
     options["world_size"] = world
+    options["hard_neg_fraction"] = hard_neg_fraction(config)
     return options
 
 
+def hard_neg_fraction(config: TrainConfig) -> float:
+    """--hard-neg-fraction, or its default: all negatives mined when the model has the itc head to mine with."""
+    if config.hard_neg_fraction is not None:
+        return float(config.hard_neg_fraction)
+    return 1.0 if config.itc_dim > 0 else 0.0
+
+
 def _check_resume_options(saved: dict, current: dict, where: Path) -> None:
+    saved = {**BEFORE_OPTION, **saved}
     diff = [f"--{k.replace('_', '-')} {current.get(k)!r} (checkpoint: {saved.get(k)!r})"
             for k in RESUME_MUST_MATCH if k in saved and saved.get(k) != current.get(k)]
     if sorted(map(str, saved.get("features", []))) != sorted(map(str, current.get("features", []))):
@@ -228,11 +245,12 @@ def _batches(config: TrainConfig, data: TrainingData, reader: FeatureReader, mod
         batch_size=config.batch_size, max_text_len=model_config.max_text_len, pad_token_id=model_config.pad_token_id,
         sep_token_id=model_config.sep_token_id, mlm_probability=model_config.mlm_probability,
         mpm_probability=model_config.mpm_probability, whole_word_mask=model_config.whole_word_mask,
-        unmasked_batches=tia_steps * config.grad_accum)
+        unmasked_batches=tia_steps * config.grad_accum, mining_temperature=config.hard_neg_temperature)
     vocab = MaskingVocab.from_tokenizer(tokenizer, model_config.vocab_size)
     stream = ImageStream(data.index, data.train_rows, reader, seed=config.seed, rank=rt.rank, world=rt.world,
                          window_rows=config.shuffle_window)
-    pairs = PairBuilder(data.texts, data.train_products, config.neg_ratio, config.random_neg_fraction)
+    pairs = PairBuilder(data.texts, data.train_products, config.neg_ratio, config.random_neg_fraction,
+                        hard_neg_fraction(config))
     batches = iter_batches(stream, pairs, settings, vocab, config.seed, position,
                            first_index=step * config.grad_accum)
     return Prefetcher(batches, config.prefetch) if config.prefetch > 0 else batches

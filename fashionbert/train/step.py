@@ -36,11 +36,11 @@ def train_step(state: TrainState, rt: Runtime) -> StepResult:
     rows = 0
     for micro in range(accum):
         batch = next(state.batches).to(rt.device)
-        losses, weights, n = _micro_step(state, rt, batch, last=micro == accum - 1)
+        losses, weights, n, mined = _micro_step(state, rt, batch, last=micro == accum - 1)
         task_sum += losses
         w_sum += weights
         n_sum += n
-        rows += batch.rows
+        rows += batch.rows + mined
         state.position = batch.position
     clip = state.config.clip_grad if state.config.clip_grad > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip)
@@ -56,7 +56,7 @@ def train_step(state: TrainState, rt: Runtime) -> StepResult:
 
 
 def _micro_step(state: TrainState, rt: Runtime, batch: Batch, last: bool):
-    """Forward and backward of one micro-batch -> (per-task losses, task weights, n)."""
+    """Forward and backward of one micro-batch -> (per-task losses, task weights, n, mined negative rows)."""
     tasks = state.model.tasks
     # DDP syncs gradients only on the last micro-batch of a step.
     sync = contextlib.nullcontext() if (not rt.distributed or last) else state.train_model.no_sync()
@@ -72,7 +72,7 @@ def _micro_step(state: TrainState, rt: Runtime, batch: Batch, last: bool):
         (total / state.config.grad_accum).backward()
     nan = torch.tensor(float("nan"))
     losses = torch.stack([output.losses[t].detach().float().cpu() if t in output.losses else nan for t in tasks])
-    return losses, weights, n
+    return losses, weights, n, output.mined
 
 
 def _matching_only(state: TrainState, losses: dict[str, torch.Tensor]):

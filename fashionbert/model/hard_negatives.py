@@ -1,0 +1,108 @@
+"""TIA negatives mined from the contrastive similarity (ALBEF's hard negatives for image-text matching).
+
+Why: a TIA negative drawn at random, or from the same sub-category, is usually told apart by the itc embeddings
+already, so the cross-encoder learns nothing the cheap embeddings cannot do, and re-ranking their top-k by it
+lowers Rank@1. ALBEF (Li et al. 2021) draws each text's negative image from the batch with probability
+softmax(similarity / temperature) under the contrastive head, and likewise each image's negative text: the
+negatives are the pairs the embeddings confuse, which is what a re-ranker is for. Early in training the
+similarity is near uniform, so the draws start as random negatives and harden as itc learns.
+
+A mined row keeps one side of a positive pair (its text with masked tokens, or its image with masked patches) and
+takes the other side from another positive of the batch, never of the same group (a product's other colours
+share its group) nor with the same text. Under DDP the candidates are the positives of every process: their
+inputs are gathered (no gradient; the joint pass embeds them again here) and the draw sees the gathered
+similarity. The draw uses its own generator, seeded per batch, so a resumed run draws the same negatives.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass
+class MiningRequest:
+    """Which positives of a batch get a mined negative, and how the draw is seeded.
+
+    `anchors` index the batch's positive rows in order (0 = the first row with tia_label 1); `swap_image[m]` True
+    means anchor m keeps its text and gets a mined image, False that it keeps its image and gets a mined text.
+    `groups` (one per positive row) are the products' group codes: rows of one group are never each other's
+    negatives."""
+
+    anchors: torch.Tensor  # (M,) long
+    swap_image: torch.Tensor  # (M,) bool
+    groups: torch.Tensor  # (B,) long
+    seed: int
+    temperature: float = 0.0  # of the softmax over cosines; 0 = the itc head's learned temperature
+
+    def to(self, device: torch.device) -> "MiningRequest":
+        return dataclasses.replace(self, anchors=self.anchors.to(device), swap_image=self.swap_image.to(device),
+                                   groups=self.groups.to(device))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's `tensor` concatenated along dim 0, in rank order (no gradient); itself on one process."""
+    if world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """`gather`, with the gradient flowing back to each process's own rows (for the contrastive loss over the
+    gathered batch)."""
+    if world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor.contiguous()))
+
+
+def rank_offset(rows: int) -> int:
+    """Where this process's rows start in a gathered tensor of `rows` per process."""
+    return dist.get_rank() * rows if world_size() > 1 else 0
+
+
+def negative_probabilities(similarity: torch.Tensor, excluded: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale x similarity) over each row's allowed candidates (float64); a row with none is all zeros."""
+    logits = (similarity.double() * scale).masked_fill(excluded, float("-inf"))
+    has_any = (~excluded).any(dim=1, keepdim=True)
+    probs = torch.softmax(logits.masked_fill(~has_any, 0.0), dim=1)
+    return torch.where(has_any, probs, torch.zeros_like(probs))
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One candidate per row of `probs` (CPU), -1 for a row with no candidate."""
+    usable = probs.sum(dim=1) > 0
+    out = torch.full((probs.shape[0],), -1, dtype=torch.long)
+    if bool(usable.any()):
+        out[usable] = torch.multinomial(probs[usable], 1, generator=generator).squeeze(1)
+    return out
+
+
+def mine(request: MiningRequest, text_vec: torch.Tensor, image_vec: torch.Tensor, all_text_vec: torch.Tensor,
+         all_image_vec: torch.Tensor, excluded: torch.Tensor, scale: float
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (anchors that got a negative (M',), their `swap_image`, the partner of each: an index into the gathered
+    positives). An anchor every candidate of which is excluded gets none.
+
+    text_vec / image_vec (B, d) are this process's positives, all_* (W*B, d) the gathered ones; `excluded` (B, W*B)
+    marks the candidates no anchor may draw (same group, same text). The similarity is detached: mining chooses
+    rows, the losses on those rows train the model."""
+    with torch.no_grad():
+        t2i = text_vec.detach().float() @ all_image_vec.detach().float().t()
+        i2t = image_vec.detach().float() @ all_text_vec.detach().float().t()
+        anchors, swap = request.anchors.cpu(), request.swap_image.cpu()
+        similarity = torch.where(swap.unsqueeze(1), t2i.cpu()[anchors], i2t.cpu()[anchors])
+        probs = negative_probabilities(similarity, excluded.cpu()[anchors], scale)
+        generator = torch.Generator().manual_seed(int(request.seed))
+        partner = draw(probs, generator)
+    device = request.anchors.device
+    kept = (partner >= 0).to(device)
+    return request.anchors[kept], request.swap_image[kept], partner.to(device)[kept]

@@ -1,0 +1,214 @@
+"""TIA negatives mined from the itc similarity: the draw's exclusions and distribution (against a hand-computed
+softmax), its determinism, the rows it adds to the joint pass, and the gathered batch under 2-process gloo DDP."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fashionbert.model.config import FashionBertConfig
+from fashionbert.model.contrastive import contrastive_loss, text_groups
+from fashionbert.model.hard_negatives import MiningRequest, mine, negative_probabilities
+from fashionbert.model.modeling import FashionBertModel
+
+torch.set_num_threads(1)
+FEATURE_DIM = 16
+
+
+def _request(anchors, swap, groups, seed=0, temperature=0.0):
+    return MiningRequest(anchors=torch.tensor(anchors), swap_image=torch.tensor(swap, dtype=torch.bool),
+                         groups=torch.tensor(groups), seed=seed, temperature=temperature)
+
+
+def _excluded(groups, codes=None):
+    g = torch.tensor(groups)
+    out = g.unsqueeze(1) == g.unsqueeze(0)
+    if codes is not None:
+        c = torch.tensor(codes)
+        out |= c.unsqueeze(1) == c.unsqueeze(0)
+    return out
+
+
+def test_probabilities_match_a_hand_computed_softmax():
+    # one text against four images: itself (group 0), a same-group colour (group 0) and two others
+    similarity = torch.tensor([[0.9, 0.8, 0.5, -0.2]])
+    excluded = torch.tensor([[True, True, False, False]])
+    p = negative_probabilities(similarity, excluded, scale=2.0)
+    e2, e3 = math.exp(2 * 0.5), math.exp(2 * -0.2)
+    assert p[0].tolist() == pytest.approx([0.0, 0.0, e2 / (e2 + e3), e3 / (e2 + e3)], abs=1e-7)
+    # nothing allowed: no draw at all, not a uniform one
+    assert negative_probabilities(similarity, torch.ones_like(excluded), 2.0).sum() == 0
+
+
+def test_draws_follow_the_softmax_and_never_the_positive_or_its_group():
+    torch.manual_seed(0)
+    vec = F.normalize(torch.randn(6, 8), dim=-1)
+    groups = [0, 0, 1, 2, 3, 3]  # rows 0/1 and 4/5 are colours of one product each
+    excluded = _excluded(groups)
+    scale = 5.0
+    counts = np.zeros((6, 6))
+    request = _request(list(range(6)) * 400, [True] * 2400, groups)
+    for seed in range(5):
+        request.seed = seed
+        anchors, swap, partner = mine(request, vec, vec, vec, vec, excluded, scale)
+        assert len(anchors) == 2400 and bool(swap.all())
+        np.add.at(counts, (anchors.numpy(), partner.numpy()), 1)
+    assert not counts[excluded.numpy()].any()  # never itself, never its group
+    expected = negative_probabilities(vec @ vec.t(), excluded, scale).numpy()
+    freq = counts / counts.sum(axis=1, keepdims=True)
+    assert np.abs(freq - expected).max() < 0.03  # 2,000 draws per row: ~0.011 standard error at p = 0.5
+
+
+def test_image_side_uses_the_image_to_text_similarity():
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    image = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    excluded = _excluded([0, 1, 2])
+    request = _request([0] * 200, [False] * 200, [0, 1, 2])
+    _, _, partner = mine(request, text, image, text, image, excluded, scale=50.0)
+    # image 0 looks like texts 1 and 2 (cos 1), not like its own text: both drawn, nearly evenly
+    assert set(partner.tolist()) == {1, 2}
+    request = _request([0] * 200, [True] * 200, [0, 1, 2])
+    _, _, partner = mine(request, text, image, text, image, excluded, scale=50.0)
+    assert set(partner.tolist()) == {1, 2}  # text 0 = (1, 0) is images 1 and 2
+
+
+def test_the_draw_is_a_function_of_the_seed():
+    torch.manual_seed(1)
+    vec = F.normalize(torch.randn(8, 4), dim=-1)
+    excluded = _excluded(list(range(8)))
+    first = mine(_request(list(range(8)) * 4, [True, False] * 16, list(range(8)), seed=7), vec, vec, vec, vec,
+                 excluded, 1.0)
+    again = mine(_request(list(range(8)) * 4, [True, False] * 16, list(range(8)), seed=7), vec, vec, vec, vec,
+                 excluded, 1.0)
+    other = mine(_request(list(range(8)) * 4, [True, False] * 16, list(range(8)), seed=8), vec, vec, vec, vec,
+                 excluded, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[2], other[2])
+
+
+def test_an_anchor_with_no_allowed_candidate_gets_no_row():
+    vec = F.normalize(torch.randn(3, 4), dim=-1)
+    anchors, _, partner = mine(_request([0, 1, 2], [True] * 3, [5, 5, 6]), vec, vec, vec, vec,
+                               _excluded([5, 5, 6]), 1.0)
+    # rows 0 and 1 may draw row 2 only; row 2 may draw 0 or 1
+    assert anchors.tolist() == [0, 1, 2] and partner[:2].tolist() == [2, 2] and partner[2] in (0, 1)
+    anchors, _, _ = mine(_request([0, 1], [True] * 2, [5, 5]), vec[:2], vec[:2], vec[:2], vec[:2],
+                         _excluded([5, 5]), 1.0)
+    assert len(anchors) == 0
+
+
+# ------------------------------------------------------------------------------------------ the joint pass's rows
+def _model(backbone, itc_dim=8) -> FashionBertModel:
+    torch.manual_seed(0)
+    cfg = FashionBertConfig(backbone=str(backbone), feature_dim=FEATURE_DIM, itc_dim=itc_dim, dropout=0.0,
+                            max_text_len=12)
+    return FashionBertModel.from_pretrained_backbone(cfg)
+
+
+def _batch(rows: int, seed: int, text_len=6):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2000, 3000, (rows, text_len), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102
+    attn = torch.ones_like(ids)
+    attn[0, -2:] = 0  # one padded text
+    feats = torch.rand(rows, 64, FEATURE_DIM, generator=g).half()
+    pmask = torch.rand(rows, 64, generator=g) < 0.2
+    return ids, attn, feats, pmask
+
+
+def test_mined_rows_keep_one_side_and_take_the_other_from_the_partner(tiny_backbone):
+    model = _model(tiny_backbone)
+    ids, attn, feats, pmask = _batch(4, seed=0)
+    labels = torch.ones(4, dtype=torch.long)
+    mlm = torch.full_like(ids, -100)
+    request = _request([0, 1, 2, 3], [True, False, True, False], [0, 1, 2, 3], seed=3)
+    _, state = model._contrastive(ids, attn, feats, labels, mlm)
+    rows = model._mined_rows(request, state, ids, attn, feats, pmask, mlm, labels)
+    anchors, swap, partner = mine(request, state.text_vec, state.image_vec, state.all_text_vec, state.all_image_vec,
+                                  _excluded([0, 1, 2, 3]), state.scale)
+    new_ids, new_attn, new_feats, new_pmask, new_mlm, new_labels = rows
+    assert new_labels.tolist() == [1, 1, 1, 1, 0, 0, 0, 0] and (new_mlm[4:] == -100).all()
+    for m, (a, s, p) in enumerate(zip(anchors.tolist(), swap.tolist(), partner.tolist())):
+        text_from, image_from = (a, p) if s else (p, a)
+        assert p != a
+        assert torch.equal(new_ids[4 + m], ids[text_from]) and torch.equal(new_attn[4 + m], attn[text_from])
+        assert torch.equal(new_feats[4 + m], feats[image_from]) and torch.equal(new_pmask[4 + m], pmask[image_from])
+    out = model(ids, attn, feats, pmask, mlm, labels, mining=request)
+    assert out.mined == 4 and out.tia_logits.shape == (8, 2) and set(out.losses) == {"mlm", "mpm", "tia", "itc"}
+
+
+def test_mining_needs_the_itc_head(tiny_backbone):
+    model = _model(tiny_backbone, itc_dim=0)
+    ids, attn, feats, _ = _batch(2, seed=0)
+    with pytest.raises(ValueError, match="itc"):
+        model(ids, attn, feats, tia_labels=torch.ones(2, dtype=torch.long), mining=_request([0], [True], [0, 1]))
+
+
+# ------------------------------------------------------------------------------------------ DDP
+def _ddp_worker(rank: int, world: int, port: int, backbone: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = _model(backbone)
+        ids, attn, feats, pmask = _batch(8, seed=0)  # the same 8 rows everywhere; each rank holds 4 of them
+        mine_rows = slice(4 * rank, 4 * rank + 4)
+        ids, attn, feats, pmask = ids[mine_rows], attn[mine_rows], feats[mine_rows], pmask[mine_rows]
+        labels = torch.ones(4, dtype=torch.long)
+        loss, state = model._contrastive(ids, attn, feats, labels, None)
+        # every local row in one group: the only candidates are the other process's rows
+        request = _request([0, 1, 2, 3], [True, False, True, False], [rank] * 4, seed=rank)
+        rows = model._mined_rows(request, state, ids, attn, feats, pmask, None, labels)
+        anchors, swap, partner = mine(request, state.text_vec, state.image_vec, state.all_text_vec, state.all_image_vec,
+                                      torch.tensor([rank] * 4).unsqueeze(1) == torch.tensor([0] * 4 + [1] * 4), state.scale)
+        loss.backward()
+        grad = model.itc_head.text_proj.weight.grad.clone()
+        dist.all_reduce(grad)
+        result = {"loss": float(loss), "partner": partner.tolist(), "swap": swap.tolist(),
+                  "mined_features": rows[2][4:].float().tolist(), "mined_ids": rows[0][4:].tolist(),
+                  "grad_mean": (grad / world).tolist()}
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_mines_over_the_gathered_batch(tmp_path, tiny_backbone):
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tiny_backbone), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ids, attn, feats, _ = _batch(8, seed=0)
+    for rank, res in enumerate(results):
+        other = range(4, 8) if rank == 0 else range(0, 4)
+        assert all(p in other for p in res["partner"])  # drawn from the other process's rows
+        for m, (p, s) in enumerate(zip(res["partner"], res["swap"])):
+            if s:  # the image came from the other process
+                assert torch.equal(torch.tensor(res["mined_features"][m]), feats[p].float())
+            else:  # the text came from the other process (padded to max_text_len for the gather, then trimmed)
+                got = torch.tensor(res["mined_ids"][m])
+                assert torch.equal(got[: int(attn[p].sum())], ids[p][: int(attn[p].sum())])
+    # the contrastive loss over the gathered batch: the processes' mean is the one-process loss over all 8 rows,
+    # and so is the gradient DDP averages
+    model = _model(tiny_backbone)
+    clean_ids = ids[:, : int(attn.sum(dim=1).max())]
+    text_vec, image_vec = model.itc_head(model, clean_ids, attn, feats)
+    whole = contrastive_loss(text_vec, image_vec, model.itc_head.scale(), text_groups(clean_ids, attn))
+    assert np.mean([r["loss"] for r in results]) == pytest.approx(float(whole.detach()), abs=1e-5)
+    whole.backward()
+    assert torch.allclose(torch.tensor(results[0]["grad_mean"]), model.itc_head.text_proj.weight.grad, atol=1e-5)
