@@ -1,6 +1,6 @@
 """Evaluation: the sample-100 protocol on a fixture whose ranking is known (exact Rank@K, TIA accuracy and AUC),
-its candidate draws, full-gallery Rank@K and Recall@K on hand-made rankings, and `fashionbert evaluate` end to
-end on a tiny trained model."""
+its candidate draws, full-gallery Rank@K (two-stage and recall-only) and Recall@K on hand-made rankings, and
+`fashionbert evaluate` end to end on a tiny trained model."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,7 @@ import torch
 from fashionbert.errors import UserError
 from fashionbert.evaluation import evaluate
 from fashionbert.evaluation import fit_fusion as fuse
-from fashionbert.evaluation.evaluate import gallery_ranks, recall_at, sample_hundred
+from fashionbert.evaluation.evaluate import gallery_ranks, recall_at, recall_order, sample_hundred
 from fashionbert.evaluation.sample_hundred import draw_candidates
 from fashionbert.model.loading import load_model
 from fashionbert.model.score_fusion import FUSION_NAME, ScoreFusion
@@ -135,6 +135,9 @@ def test_gallery_rank_and_recall_at_k_on_hand_made_rankings():
                        dtype=np.float32), "flat")
     r = recall_at(neigh, is_true, np.arange(3), 3, ks=(1, 3))
     assert r == {"recall@1": pytest.approx(1 / 3), "recall@3": pytest.approx(2 / 3)}
+    # ranked by the recall cosine alone, the same lists give Rank@K = Recall@K
+    alone = gallery_ranks(recall_order(neigh), is_true, np.arange(3), 3)
+    assert (alone["rank1"], alone["rank5"], alone["queries"]) == (pytest.approx(1 / 3), pytest.approx(2 / 3), 3)
 
 
 # ============================================================================================ end to end
@@ -179,8 +182,25 @@ def test_evaluate_writes_all_three_protocols(tmp_path, trained):
         assert g["two_stage"][d] == g["exhaustive"][d]
         assert g["recall"][d]["recall@50"] == 1.0
     assert g["cost"]["cross_encoder_pairs"] == g["cost"]["exhaustive_pairs"] == g["texts"] * g["images"]
+    _check_recall_only(metrics)
     assert "itc_head" in metrics["recall_embedding"]
     assert metrics["model"]["version"] == load_model(itc, resolve_runtime("cpu", "fp32")).version
+
+
+def _check_recall_only(metrics: dict) -> None:
+    """recall_only is the recall stage's own order over two-stage's queries: its Rank@1 is Recall@1, and the re-rank's
+    gain is the difference of the two Rank@1; headline carries both."""
+    g = metrics["full_gallery"]
+    flat = evaluate.headline(metrics)
+    for d in ("t2i", "i2t"):
+        alone = g["recall_only"][d]
+        assert set(alone) == {"rank1", "rank5", "rank10", "queries"} == set(g["two_stage"][d])
+        assert alone["queries"] == g["two_stage"][d]["queries"]
+        assert alone["rank1"] == g["recall"][d]["recall@1"]
+        assert alone["rank1"] <= alone["rank5"] <= alone["rank10"] <= 1
+        assert g["rerank_gain"][d] == pytest.approx(g["two_stage"][d]["rank1"] - alone["rank1"])
+        assert flat[f"gallery_{d}_recall_only_rank1"] == alone["rank1"]
+        assert flat[f"gallery_{d}_rank1"] == g["two_stage"][d]["rank1"]
 
 
 def test_evaluate_split_all_and_errors(tmp_path, trained):
@@ -190,6 +210,7 @@ def test_evaluate_split_all_and_errors(tmp_path, trained):
     assert m["sample100"]["pool_products"] == 40 and m["sample100"]["candidates_mean"] == 5
     assert m["full_gallery"]["texts"] == 12 and m["full_gallery"]["images"] == 24
     assert "fallback" in m["recall_embedding"]
+    _check_recall_only(m)  # recall-k 5 < 10: Rank@10 counts a true match recall missed as not found, both ways
     with pytest.raises(UserError, match="--val-fraction 0.0"):
         evaluate.run(_args(features, model, tmp_path / "m.json", "--val-fraction", 0))
     with pytest.raises(UserError, match="--draws 0"):

@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     from fashionbert.evaluation.evaluate import headline
 
     for name, value in headline(result["metrics"]).items():
-        print(f"  {name:24s} {value}")
+        print(f"  {name:32s} {value}")
     return 0
 
 

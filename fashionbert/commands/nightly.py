@@ -69,6 +69,8 @@ class PassThrough:
     module: str  # the module with its add_arguments and config_from_args
     reserved: tuple[str, ...]  # options nightly sets itself, refused in the string
     required: tuple[str, ...]  # the reserved options its parser requires (nightly fills them per run)
+    owner: str = "the nightly run"  # who sets the reserved options (bench/quality.py passes train options too)
+    folder_hint: str = "each run reads and writes its own folder WORKDIR/runs/<run-id>/"  # for a reserved folder option
 
 
 PASS_THROUGH = {
@@ -201,7 +203,6 @@ class _StageParser(argparse.ArgumentParser):
 # Why each option nightly sets itself is refused inside a pass-through string, and what to do instead.
 _RESERVED_HINTS = {"--top-k": "pass --top-k to nightly itself", "--recall-k": "pass --recall-k to nightly itself",
                    "--model": "pass --model to nightly itself"}
-_OWN_FOLDER_HINT = "each run reads and writes its own folder WORKDIR/runs/<run-id>/"
 
 
 def split_pass_through(spec: PassThrough, text: str) -> list[str]:
@@ -212,8 +213,8 @@ def split_pass_through(spec: PassThrough, text: str) -> list[str]:
     for token in argv:
         name = token.split("=", 1)[0]
         if name in spec.reserved:
-            raise UserError(f"{spec.option}: {name} is set by the nightly run itself; "
-                            f"{_RESERVED_HINTS.get(name, _OWN_FOLDER_HINT)}")
+            raise UserError(f"{spec.option}: {name} is set by {spec.owner} itself; "
+                            f"{_RESERVED_HINTS.get(name, spec.folder_hint)}")
     return argv
 
 

@@ -15,8 +15,10 @@ Three protocols, all on held-out products (the training split: a hash of group_i
    and ROC AUC over every scored pair of the protocol.
 3. full gallery: every held-out text against every held-out image through the two-stage retrieval of
    `fashionbert retrieve` (recall by dual embeddings, re-rank by the cross-encoder): Rank@1/5/10 of the final
-   ranking, the recall stage's Recall@K, and the compute against the exhaustive cross-encoder (which
-   `--exhaustive` also runs, for small galleries).
+   ranking (`two_stage`), of the recall stage's own order, the embedding cosine alone (`recall_only`: what
+   retrieval would return without the cross-encoder, at no extra cost), and `rerank_gain`, two-stage minus
+   recall-only Rank@1, which says whether the re-rank pays for its compute; the recall stage's Recall@K, and
+   the compute against the exhaustive cross-encoder (which `--exhaustive` also runs, for small galleries).
 
 A rank counts ties against the true candidate (rank = 1 + candidates scoring >= it), so a constant model
 scores the floor, not the ceiling.
@@ -140,8 +142,13 @@ def gallery_ranks(ranked: Ranked, is_true: Callable[[np.ndarray, np.ndarray], np
     return out
 
 
+def recall_order(neigh: Neighbours) -> Ranked:
+    """The recall stage's own ranking: its lists as they come, best cosine first."""
+    return Ranked(neigh.query, neigh.candidate, neigh.score, neigh.score)
+
+
 def recall_at(neigh: Neighbours, is_true, queries: np.ndarray, n_queries: int, ks: Sequence[int]) -> dict:
-    ranked = Ranked(neigh.query, neigh.candidate, neigh.score, neigh.score)
+    ranked = recall_order(neigh)
     best = first_true_rank(ranked.query, is_true(ranked.query, ranked.candidate), ranked.ranks(), n_queries)[queries]
     return {f"recall@{k}": float((best <= k).mean()) if len(best) else float("nan") for k in ks}
 
@@ -320,11 +327,17 @@ def _full_gallery(args: EvaluateConfig, catalog, scorer, held_out, rows, fusion)
     t2i_queries = np.unique(image_text)  # texts with at least one image in the gallery
     i2t_queries = np.arange(len(rows))
     ks = sorted({k for k in (1, 5, 10, 50, args.recall_k) if k <= args.recall_k})
+    two = {"t2i": gallery_ranks(result.t2i, t2i_true, t2i_queries, len(products)),
+           "i2t": gallery_ranks(result.i2t, i2t_true, i2t_queries, len(rows))}
+    # The same queries ranked by the embedding cosine alone: what the re-rank has to beat to earn its cost.
+    alone = {"t2i": gallery_ranks(recall_order(result.recall_t2i), t2i_true, t2i_queries, len(products)),
+             "i2t": gallery_ranks(recall_order(result.recall_i2t), i2t_true, i2t_queries, len(rows))}
     out = {
         "texts": int(len(products)), "images": int(len(rows)), "recall_k": args.recall_k,
         "index": result.index_kind,
-        "two_stage": {"t2i": gallery_ranks(result.t2i, t2i_true, t2i_queries, len(products)),
-                      "i2t": gallery_ranks(result.i2t, i2t_true, i2t_queries, len(rows))},
+        "two_stage": two,
+        "recall_only": alone,
+        "rerank_gain": {d: two[d]["rank1"] - alone[d]["rank1"] for d in ("t2i", "i2t")},
         "recall": {"t2i": recall_at(result.recall_t2i, t2i_true, t2i_queries, len(products), ks),
                    "i2t": recall_at(result.recall_i2t, i2t_true, i2t_queries, len(rows), ks)},
         "cost": {"cross_encoder_pairs": result.pairs_scored, "exhaustive_pairs": int(len(products) * len(rows)),
@@ -343,7 +356,7 @@ def _full_gallery(args: EvaluateConfig, catalog, scorer, held_out, rows, fusion)
 
 def headline(metrics: dict) -> dict:
     """The figures a dashboard tracks, flat: sample-100 Rank@1/5/10 means both ways, TIA accuracy and AUC, and the
-    full-gallery two-stage Rank@1 when that protocol ran."""
+    full-gallery Rank@1, two-stage and recall-only, when that protocol ran."""
     s100 = metrics.get("sample100", {})
     out = {f"sample100_{d}_rank{k}": s100.get(d, {}).get(f"rank{k}", {}).get("mean")
            for d in ("t2i", "i2t") for k in RANK_KS}
@@ -354,6 +367,8 @@ def headline(metrics: dict) -> dict:
     if gallery:
         for d in ("t2i", "i2t"):
             out[f"gallery_{d}_rank1"] = gallery["two_stage"][d]["rank1"]
+            # .get: metrics files written before recall_only existed have no such entry
+            out[f"gallery_{d}_recall_only_rank1"] = gallery.get("recall_only", {}).get(d, {}).get("rank1")
     return out
 
 

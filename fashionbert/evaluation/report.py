@@ -245,7 +245,8 @@ def metrics_html(m: dict) -> str:
         parts.append(f"<h3>Full gallery ({g['texts']} texts × {g['images']} images; recall-k {g['recall_k']}, "
                      f"index {_e(g.get('index'))}) (%)</h3>")
         rows = ""
-        for label, key in (("two-stage", "two_stage"), ("exhaustive cross-encoder", "exhaustive")):
+        for label, key in (("two-stage", "two_stage"), ("recall only (embedding cosine)", "recall_only"),
+                           ("exhaustive cross-encoder", "exhaustive")):
             if key in g:
                 for d, name in (("t2i", "text → image"), ("i2t", "image → text")):
                     rows += f"<tr><td>{label}, {name}</td>" + "".join(f"<td>{_fmt(g[key][d][f'rank{k}'])}</td>" for k in (1, 5, 10)) + "</tr>"

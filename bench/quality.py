@@ -1,0 +1,276 @@
+"""Quality benchmark: reproduces README's "What quality to expect" table on hm-dev in one command. Prints figures;
+asserts nothing.
+
+    python bench/quality.py --catalog ../shared/data/hm-dev/articles.csv --work DIR [--label L] [--train-args "..."]
+    python bench/quality.py --work DIR --summary
+
+Stages, each skipped when its output is already complete:
+1. featurize the catalog into DIR/features with the README's hm-dev column mapping (or --features FOLDER);
+2. train with the README recipe (600 steps, batch 32, lr 3e-4, ...) into DIR/train-<label>; --train-args adds
+   `fashionbert train` options on top of the recipe (an ablation), --retrain trains again;
+3. evaluate into DIR/eval-<label>.json: sample-100 (300 queries, 1 draw) and the full gallery (500 held-out
+   products, recall-k 10 on CPU; 1000 and 100 on a GPU).
+
+Prints a markdown table: sample-100 Rank@1/5/10 (%) both ways by the ranking score, the itc cosine alone and the TIA
+head alone, then the full gallery ranked two-stage (re-ranked by the score) and by the recall embedding alone, plus
+training steps and wall minutes. Appends the run's figures to DIR/quality.jsonl, so an ablation is a series of runs
+with different --label/--train-args; --summary prints one row per label (its latest run) from that file.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import re
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fashionbert.commands.nightly import PassThrough, parse_pass_through, split_pass_through  # noqa: E402
+from fashionbert.data import publish  # noqa: E402
+from fashionbert.errors import UserError  # noqa: E402
+from fashionbert.evaluation.evaluate import RANK_KS  # noqa: E402
+from fashionbert.train.config import TrainConfig  # noqa: E402
+
+# README's training command for the table (the options beyond --features/--out).
+RECIPE = {"steps": 600, "batch_size": 32, "lr": 3e-4, "tia_warmup": 0.2, "val_fraction": 0.2, "val_every": 0,
+          "val_queries": 200, "checkpoint_every": 0, "num_threads": 2}
+TRAIN_ARGS = PassThrough("--train-args", "train", "fashionbert.train.config", ("--features", "--out", "--resume"),
+                         ("--features", "--out"), owner="bench/quality.py",
+                         folder_hint="it trains on --features (or WORK/features) into WORK/train-<label>")
+# The table's rows: key in the figures, what it is ranked by.
+ROWS = (("score", "the ranking score (TIA + itc fused; what the tables use)"),
+        ("itc", "the itc cosine alone (`by_head.itc`)"),
+        ("tia", "the TIA head alone (`by_head.tia`)"),
+        ("gallery_two_stage", "full gallery, two-stage (recall, then re-rank by the score)"),
+        ("gallery_recall_only", "full gallery, recall only (the embedding cosine)"))
+QUALITY_LOG = "quality.jsonl"
+
+
+# ============================================================================================ figures and tables
+def figures(metrics: dict) -> dict:
+    """The table's numbers from an evaluate metrics dict: per row and direction, Rank@1/5/10 in % (rows a model
+    lacks, e.g. itc without an itc head, are left out)."""
+    s100 = metrics["sample100"]
+    sources = {"score": s100, **s100.get("by_head", {})}
+    out = {name: {d: [_pct(sources[name][d][f"rank{k}"]["mean"]) for k in RANK_KS] for d in ("t2i", "i2t")}
+           for name in ("score", "itc", "tia") if name in sources}
+    gallery = metrics.get("full_gallery")
+    if gallery:
+        for name, key in (("gallery_two_stage", "two_stage"), ("gallery_recall_only", "recall_only")):
+            out[name] = {d: [_pct(gallery[key][d][f"rank{k}"]) for k in RANK_KS] for d in ("t2i", "i2t")}
+    return out
+
+
+def _pct(x: float) -> float:
+    return round(100.0 * x, 2)
+
+
+def _cell(values: list[float] | None) -> str:
+    return " / ".join(f"{v:.1f}" for v in values) if values else "n/a"
+
+
+def format_table(record: dict) -> str:
+    """A run's markdown table (the README's, with the full-gallery rows) and its training line."""
+    fig, sizes = record["figures"], record["sizes"]
+    lines = [f"Label `{record['label']}`, train args `{' '.join(record['train_args']) or '(recipe)'}`. Rank@1/5/10 "
+             f"(%): sample-100 over {sizes['sample100_queries']} queries x {sizes['draws']} draw; full gallery "
+             f"{sizes.get('gallery_texts', 'n/a')} texts x {sizes.get('gallery_images', 'n/a')} images, "
+             f"recall-k {sizes['recall_k']}.", "",
+             "| ranked by | text -> image | image -> text |", "| --- | --- | --- |"]
+    for key, what in ROWS:
+        row = fig.get(key, {})
+        lines.append(f"| {what} | {_cell(row.get('t2i'))} | {_cell(row.get('i2t'))} |")
+    lines += ["", f"Training: {record['steps']} steps in {record['train_minutes']:.1f} min on {record['device']}; "
+                  f"evaluation {record['eval_minutes']:.1f} min."]
+    return "\n".join(lines)
+
+
+def format_summary(records: list[dict]) -> str:
+    """One markdown row per label (its latest run): Rank@1 (%) by score / itc / TIA both ways, and the full gallery's
+    two-stage / recall-only Rank@1 both ways."""
+    latest = {r["label"]: r for r in records}  # the file is in run order: later runs of a label win
+
+    def rank1(fig: dict, keys: tuple[str, ...], d: str) -> str:
+        return " / ".join(f"{fig[k][d][0]:.1f}" if k in fig else "n/a" for k in keys)
+
+    lines = ["| label | train args | steps | text->image R@1 score / itc / TIA | image->text R@1 score / itc / TIA | "
+             "gallery text->image R@1 two-stage / recall-only | gallery image->text R@1 two-stage / recall-only | "
+             "train min |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in latest.values():
+        fig = r["figures"]
+        heads, gallery = ("score", "itc", "tia"), ("gallery_two_stage", "gallery_recall_only")
+        lines.append(f"| {r['label']} | {' '.join(r['train_args']) or '(recipe)'} | {r['steps']} | "
+                     f"{rank1(fig, heads, 't2i')} | {rank1(fig, heads, 'i2t')} | {rank1(fig, gallery, 't2i')} | "
+                     f"{rank1(fig, gallery, 'i2t')} | {r['train_minutes']:.1f} |")
+    return "\n".join(lines)
+
+
+# ============================================================================================ stages
+def train_config(a: argparse.Namespace, features: Path, out: Path) -> TrainConfig:
+    """The README recipe, then --train-args over it (train's own parser), then this script's --steps/--backbone."""
+    argv = split_pass_through(TRAIN_ARGS, a.train_args)
+    recipe = {k: v for k, v in RECIPE.items() if k != "steps"}  # steps below: --epochs in --train-args replaces them
+    config = parse_pass_through(TRAIN_ARGS, argv, {**recipe, "backbone": a.backbone})
+    steps = a.steps or config.steps or (None if config.epochs else RECIPE["steps"])
+    return dataclasses.replace(config, features=[str(features)], out=str(out), steps=steps,
+                               epochs=None if a.steps else config.epochs)
+
+
+def featurize_stage(a: argparse.Namespace, out: Path) -> None:
+    """--features as given, else WORK/features (`out`), featurized from --catalog unless already complete."""
+    if a.features:
+        if not publish.is_complete(out):
+            raise UserError(f"--features {out}: not a complete featurize output (no _SUCCESS)")
+        return
+    if publish.is_complete(out):
+        made_from = json.loads((out / "_run.json").read_text())["catalog"]["source"]
+        if a.catalog and not _same_catalog(made_from, a.catalog):
+            raise UserError(f"{out} was featurized from {made_from}, not --catalog {a.catalog}; use another --work "
+                            f"or remove {out}")
+        _log(f"featurize: reusing {out} (from {made_from})")
+        return
+    if not a.catalog:
+        raise UserError(f"give --catalog (to featurize into {out}) or --features FOLDER")
+    from pipelines.config import FeaturizeConfig
+    from pipelines.featurize import run as featurize
+
+    cfg = FeaturizeConfig(catalog=a.catalog, out=str(out), overwrite=True, id_column=a.id_column,
+                          text_columns=tuple(c.strip() for c in a.text_columns.split(",") if c.strip()),
+                          category_column=a.category_column or None, subcategory_column=a.subcategory_column or None,
+                          group_column=a.group_column or None, backbone=a.backbone, progress=sys.stderr.isatty())
+    t0 = time.time()
+    summary = featurize(cfg)
+    _log(f"featurize: {summary['counts']['accepted_images']} images, {summary['counts']['rejected_rows']} rejects "
+         f"in {(time.time() - t0) / 60:.1f} min -> {out}")
+
+
+def _same_catalog(a: str, b: str) -> bool:
+    return a == b or os.path.abspath(a) == os.path.abspath(b)
+
+
+# Options that do not change the trained model: a finished run is reused whatever they were.
+_RUN_ONLY = ("out", "resume", "progress", "prefetch", "num_threads", "keep_checkpoints", "checkpoint_every")
+
+
+def train_stage(config: TrainConfig, retrain: bool) -> dict:
+    """Train unless OUT already holds a finished run (summary.json is written after OUT/model) with the same
+    options; its summary."""
+    out = Path(config.out)
+    summary = out / "summary.json"
+    if summary.is_file() and (out / "model").is_dir() and not retrain:
+        from fashionbert.model.loading import training_options
+
+        saved, _ = training_options(out / "model")
+        now = {**dataclasses.asdict(config), "features": [str(Path(f).resolve()) for f in config.features]}  # as saved
+        differ = [f"{k} {saved[k]!r} there, {v!r} now" for k, v in now.items()
+                  if k in saved and k not in _RUN_ONLY and saved[k] != v]
+        if differ:
+            raise UserError(f"{out} was trained with other options ({'; '.join(differ)}); pass --retrain to replace "
+                            f"it, or another --label")
+        _log(f"train: reusing {out} (--retrain to train again)")
+        return json.loads(summary.read_text())
+    from fashionbert.train.trainer import run as train
+
+    shutil.rmtree(out, ignore_errors=True)  # a killed or replaced run: start clean (train refuses old checkpoints)
+    return train(config)
+
+
+def evaluate_stage(a: argparse.Namespace, features: Path, train: TrainConfig, out: Path) -> dict:
+    import torch
+
+    from fashionbert.evaluation.evaluate import EvaluateConfig, run as evaluate
+
+    gpu = torch.cuda.is_available() and train.device != "cpu"  # a GPU affords the larger gallery and recall
+    config = EvaluateConfig(features=[str(features)], model=str(Path(train.out) / "model"), out=str(out),
+                            queries=a.queries, draws=1, gallery_max=a.gallery_max or (1000 if gpu else 500),
+                            recall_k=a.recall_k or (100 if gpu else 10), device=train.device,
+                            precision=train.precision, num_threads=train.num_threads)
+    return evaluate(config)
+
+
+# ============================================================================================ command
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", required=True, metavar="DIR", help="folder for features, trainings, evaluations and "
+                                                                 f"{QUALITY_LOG}")
+    ap.add_argument("--summary", action="store_true", help=f"print one row per label from WORK/{QUALITY_LOG}; run nothing")
+    g = ap.add_argument_group("features")
+    g.add_argument("--catalog", help="catalog to featurize into WORK/features (skipped when it is complete)")
+    g.add_argument("--features", metavar="DIR", help="an existing featurize output instead")
+    g.add_argument("--id-column", default="article_id")
+    g.add_argument("--text-columns", default="prod_name,colour_group_name,detail_desc")
+    g.add_argument("--category-column", default="product_group_name")
+    g.add_argument("--subcategory-column", default="product_type_name")
+    g.add_argument("--group-column", default="product_code")
+    g.add_argument("--backbone", default="minilm", help="text backbone of featurize and train (default minilm)")
+    g = ap.add_argument_group("training")
+    g.add_argument("--label", default="default", help="names the run: WORK/train-<label>, WORK/eval-<label>.json")
+    g.add_argument("--train-args", default="", metavar="'OPTS'",
+                   help="`fashionbert train` options over the recipe, one quoted string, e.g. --train-args '--neg-ratio 2'")
+    g.add_argument("--steps", type=int, help=f"training steps (default the recipe's {RECIPE['steps']})")
+    g.add_argument("--retrain", action="store_true", help="train again even if WORK/train-<label> is complete")
+    g = ap.add_argument_group("evaluation")
+    g.add_argument("--queries", type=int, default=300, help="sample-100 queries, one draw (default 300)")
+    g.add_argument("--gallery-max", type=int, help="full-gallery products (default 500 on CPU, 1000 on a GPU)")
+    g.add_argument("--recall-k", type=int, help="full-gallery recall-k (default 10 on CPU, 100 on a GPU)")
+    return ap.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> dict:
+    """Featurize, train, evaluate -> the run's record (also appended to WORK/quality.jsonl)."""
+    work = Path(a.work)
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", a.label):
+        raise UserError(f"--label {a.label!r}: use letters, digits, '.', '_' and '-' (it names folders)")
+    work.mkdir(parents=True, exist_ok=True)
+    features = Path(a.features) if a.features else work / "features"
+    config = train_config(a, features, work / f"train-{a.label}")  # first: a bad --train-args costs nothing
+    featurize_stage(a, features)
+    summary = train_stage(config, a.retrain)
+    metrics = evaluate_stage(a, features, config, work / f"eval-{a.label}.json")
+    gallery = metrics.get("full_gallery", {})
+    record = {
+        "label": a.label, "train_args": shlex.split(a.train_args), "steps": summary["final_step"],
+        "train_minutes": round(summary["seconds"] / 60, 2), "eval_minutes": round(metrics["seconds"] / 60, 2),
+        "device": summary["device"], "model_version": metrics["model"]["version"],
+        "sizes": {"sample100_queries": metrics["sample100"]["queries"], "draws": metrics["sample100"]["draws"],
+                  "gallery_texts": gallery.get("texts"), "gallery_images": gallery.get("images"),
+                  "recall_k": gallery.get("recall_k")},
+        "figures": figures(metrics),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    with open(work / QUALITY_LOG, "a") as fh:
+        fh.write(json.dumps(record, sort_keys=True) + "\n")
+    return record
+
+
+def read_log(work: Path) -> list[dict]:
+    path = work / QUALITY_LOG
+    if not path.is_file():
+        raise UserError(f"{path}: no runs yet; run this script without --summary first")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    try:
+        print(format_summary(read_log(Path(a.work))) if a.summary else format_table(run(a)))
+    except UserError as exc:
+        print(f"bench/quality.py: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""bench/quality.py: its table and summary from metrics, --train-args read by train's parser over the README recipe,
+and one end-to-end run (featurize a tiny synthetic catalog, train a tiny model, evaluate, table, summary)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import quality
+from fashionbert.errors import UserError
+
+
+def _metrics(score_t2i: float, with_itc: bool = True) -> dict:
+    """An evaluate metrics dict with only what the table reads."""
+    def ranks(r1):
+        return {d: {f"rank{k}": {"mean": r1 * k ** 0.5} for k in (1, 5, 10)} for d in ("t2i", "i2t")}
+
+    by_head = {"tia": ranks(0.15), **({"itc": ranks(0.3)} if with_itc else {})}
+    gallery = {key: {d: {f"rank{k}": r1 * k ** 0.5 for k in (1, 5, 10)} for d in ("t2i", "i2t")}
+               for key, r1 in (("two_stage", 0.12), ("recall_only", 0.1))}
+    return {"sample100": {**ranks(score_t2i), "by_head": by_head, "queries": 300, "draws": 1},
+            "full_gallery": {**gallery, "texts": 500, "images": 1000, "recall_k": 10}}
+
+
+def _record(label: str, metrics: dict, train_args=(), minutes: float = 45.0) -> dict:
+    return {"label": label, "train_args": list(train_args), "steps": 600, "train_minutes": minutes,
+            "eval_minutes": 8.0, "device": "cpu", "figures": quality.figures(metrics),
+            "sizes": {"sample100_queries": 300, "draws": 1, "gallery_texts": 500, "gallery_images": 1000,
+                      "recall_k": 10}}
+
+
+# ============================================================================================ formatting
+def test_table_has_one_row_per_ranking_in_percent():
+    fig = quality.figures(_metrics(0.297))
+    assert fig["score"]["t2i"] == [29.7, pytest.approx(66.41, abs=0.01), pytest.approx(93.92, abs=0.01)]
+    assert fig["gallery_recall_only"]["i2t"][0] == 10.0 and fig["gallery_two_stage"]["t2i"][0] == 12.0
+    table = quality.format_table(_record("default", _metrics(0.297)))
+    lines = table.splitlines()
+    assert "| the ranking score (TIA + itc fused; what the tables use) | 29.7 / 66.4 / 93.9 | 29.7 / 66.4 / 93.9 |" in lines
+    assert any(line.startswith("| the itc cosine alone") and "30.0 / 67.1" in line for line in lines)
+    assert any(line.startswith("| the TIA head alone") and "15.0 / 33.5" in line for line in lines)
+    assert any(line.startswith("| full gallery, two-stage") and "| 12.0 / 26.8" in line for line in lines)
+    assert any(line.startswith("| full gallery, recall only") and "| 10.0 / 22.4" in line for line in lines)
+    assert "Training: 600 steps in 45.0 min on cpu" in table and "500 texts x 1000 images, recall-k 10" in table
+    # a model without an itc head has no itc row figures
+    assert "| the itc cosine alone (`by_head.itc`) | n/a | n/a |" in quality.format_table(
+        _record("no-itc", _metrics(0.1, with_itc=False), ["--itc-dim", "0"]))
+
+
+def test_summary_has_the_latest_run_of_each_label():
+    records = [_record("default", _metrics(0.2)), _record("neg2", _metrics(0.25), ["--neg-ratio", "2"], 50.0),
+               _record("default", _metrics(0.3))]
+    lines = quality.format_summary(records).splitlines()
+    assert len(lines) == 2 + 2
+    assert lines[2] == "| default | (recipe) | 600 | 30.0 / 30.0 / 15.0 | 30.0 / 30.0 / 15.0 | 12.0 / 10.0 | 12.0 / 10.0 | 45.0 |"
+    assert lines[3].startswith("| neg2 | --neg-ratio 2 | 600 | 25.0 / 30.0 / 15.0 |") and lines[3].endswith("| 50.0 |")
+
+
+# ============================================================================================ --train-args
+def _config(*argv):
+    a = quality.parse_args(["--work", "w", *argv])
+    return quality.train_config(a, Path("feat"), Path("w/train-x"))
+
+
+def test_train_args_go_over_the_recipe():
+    c = _config()
+    for name, value in quality.RECIPE.items():
+        assert getattr(c, name) == value
+    assert (c.features, c.out, c.backbone, c.neg_ratio) == (["feat"], "w/train-x", "minilm", 1)
+    c = _config("--train-args", "--neg-ratio 2 --lr 1e-3 --steps 50", "--backbone", "tiny")
+    assert (c.neg_ratio, c.lr, c.steps, c.batch_size, c.backbone) == (2, 1e-3, 50, 32, "tiny")
+    assert _config("--train-args", "--steps 50", "--steps", "7").steps == 7  # the script's --steps wins
+    c = _config("--train-args", "--epochs 2")
+    assert (c.steps, c.epochs) == (None, 2.0)
+
+
+@pytest.mark.parametrize("train_args, says", [
+    ("--negratio 2", "--train-args: unrecognized arguments: --negratio 2"),
+    ("--out elsewhere", "--out is set by bench/quality.py itself"),
+    ("--lr 'x", "No closing quotation"),
+])
+def test_bad_train_args_are_one_clear_error(tmp_path, capsys, train_args, says):
+    with pytest.raises(UserError, match=says):
+        _config("--train-args", train_args)
+    # before any work: no catalog is read, nothing is featurized
+    assert quality.main(["--work", str(tmp_path / "w"), "--catalog", "synthetic:4", "--train-args", train_args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bench/quality.py: error: ") and says in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "w" / "features").exists()
+
+
+def test_user_errors_exit_2(tmp_path, capsys):
+    assert quality.main(["--work", str(tmp_path), "--catalog", str(tmp_path / "missing.csv")]) == 2
+    assert "missing.csv" in capsys.readouterr().err
+    assert quality.main(["--work", str(tmp_path), "--summary"]) == 2
+    assert "no runs yet" in capsys.readouterr().err
+    assert quality.main(["--work", str(tmp_path), "--label", "a/b"]) == 2
+    assert quality.main(["--work", str(tmp_path / "empty")]) == 2
+    assert "give --catalog" in capsys.readouterr().err
+
+
+# ============================================================================================ end to end
+def test_end_to_end_on_a_tiny_synthetic_catalog(tmp_path, capsys, tiny_backbone):
+    work = tmp_path / "work"
+    small = ["--work", str(work), "--backbone", str(tiny_backbone), "--steps", "3", "--queries", "10",
+             "--gallery-max", "8", "--recall-k", "5"]
+    # (the synthetic catalog ignores the column mapping)
+    args = small + ["--catalog", "synthetic:40",
+                    "--train-args", "--batch-size 8 --val-queries 8 --num-threads 1 --prefetch 0 --no-progress"]
+    assert quality.main(args) == 0
+    table = capsys.readouterr().out
+    assert "| the ranking score" in table and "| full gallery, recall only" in table and "Training: 3 steps" in table
+    assert (work / "features" / "_SUCCESS").is_file() and (work / "train-default" / "model").is_dir()
+    metrics = json.loads((work / "eval-default.json").read_text())
+    assert metrics["sample100"]["draws"] == 1 and metrics["full_gallery"]["recall_k"] == 5
+    assert "recall_only" in metrics["full_gallery"]
+
+    # a second label reuses the features; the same label with other options is refused, not silently reused
+    assert quality.main(args + ["--label", "neg2", "--train-args",
+                                "--batch-size 8 --val-queries 8 --num-threads 1 --prefetch 0 --no-progress --neg-ratio 2"]) == 0
+    assert "reusing" in capsys.readouterr().err
+    assert quality.main(args[:-2] + ["--train-args", "--batch-size 4"]) == 2
+    err = capsys.readouterr().err
+    assert "trained with other options (batch_size 8 there, 4 now" in err and "--retrain" in err
+    records = [json.loads(line) for line in (work / "quality.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in records] == ["default", "neg2"]
+    assert records[1]["train_args"][-2:] == ["--neg-ratio", "2"] and records[1]["steps"] == 3
+    assert set(records[0]["figures"]) == {"score", "tia", "itc", "gallery_two_stage", "gallery_recall_only"}
+
+    assert quality.main(["--work", str(work), "--summary"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert len(rows) == 4 and rows[2].startswith("| default |") and rows[3].startswith("| neg2 |")
