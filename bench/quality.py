@@ -142,7 +142,9 @@ def featurize_stage(a: argparse.Namespace, out: Path) -> None:
     from pipelines.config import FeaturizeConfig
     from pipelines.featurize import run as featurize
 
-    cfg = FeaturizeConfig(catalog=a.catalog, out=str(out), overwrite=True, id_column=a.id_column,
+    # an absolute path in _run.json, so that a later run from another folder recognises the catalog
+    catalog = a.catalog if "://" in a.catalog or a.catalog.startswith("synthetic:") else os.path.abspath(a.catalog)
+    cfg = FeaturizeConfig(catalog=catalog, out=str(out), overwrite=True, id_column=a.id_column,
                           text_columns=tuple(c.strip() for c in a.text_columns.split(",") if c.strip()),
                           category_column=a.category_column or None, subcategory_column=a.subcategory_column or None,
                           group_column=a.group_column or None, backbone=a.backbone, progress=sys.stderr.isatty())

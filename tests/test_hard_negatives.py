@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fashionbert.model.config import FashionBertConfig
-from fashionbert.model.contrastive import contrastive_loss, text_groups
+from fashionbert.model.contrastive import EmbeddingQueue, contrastive_loss, text_groups
 from fashionbert.model.hard_negatives import MiningRequest, mine, negative_probabilities
 from fashionbert.model.modeling import FashionBertModel
 
@@ -22,9 +22,9 @@ torch.set_num_threads(1)
 FEATURE_DIM = 16
 
 
-def _request(anchors, swap, groups, seed=0, temperature=0.0):
-    return MiningRequest(anchors=torch.tensor(anchors), swap_image=torch.tensor(swap, dtype=torch.bool),
-                         groups=torch.tensor(groups), seed=seed, temperature=temperature)
+def _request(anchors, swap, seed=0, temperature=0.0):
+    return MiningRequest(anchors=torch.tensor(anchors), swap_image=torch.tensor(swap, dtype=torch.bool), seed=seed,
+                         temperature=temperature)
 
 
 def _excluded(groups, codes=None):
@@ -54,7 +54,7 @@ def test_draws_follow_the_softmax_and_never_the_positive_or_its_group():
     excluded = _excluded(groups)
     scale = 5.0
     counts = np.zeros((6, 6))
-    request = _request(list(range(6)) * 400, [True] * 2400, groups)
+    request = _request(list(range(6)) * 400, [True] * 2400)
     for seed in range(5):
         request.seed = seed
         anchors, swap, partner = mine(request, vec, vec, vec, vec, excluded, scale)
@@ -70,11 +70,11 @@ def test_image_side_uses_the_image_to_text_similarity():
     text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     image = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
     excluded = _excluded([0, 1, 2])
-    request = _request([0] * 200, [False] * 200, [0, 1, 2])
+    request = _request([0] * 200, [False] * 200)
     _, _, partner = mine(request, text, image, text, image, excluded, scale=50.0)
     # image 0 looks like texts 1 and 2 (cos 1), not like its own text: both drawn, nearly evenly
     assert set(partner.tolist()) == {1, 2}
-    request = _request([0] * 200, [True] * 200, [0, 1, 2])
+    request = _request([0] * 200, [True] * 200)
     _, _, partner = mine(request, text, image, text, image, excluded, scale=50.0)
     assert set(partner.tolist()) == {1, 2}  # text 0 = (1, 0) is images 1 and 2
 
@@ -83,23 +83,20 @@ def test_the_draw_is_a_function_of_the_seed():
     torch.manual_seed(1)
     vec = F.normalize(torch.randn(8, 4), dim=-1)
     excluded = _excluded(list(range(8)))
-    first = mine(_request(list(range(8)) * 4, [True, False] * 16, list(range(8)), seed=7), vec, vec, vec, vec,
-                 excluded, 1.0)
-    again = mine(_request(list(range(8)) * 4, [True, False] * 16, list(range(8)), seed=7), vec, vec, vec, vec,
-                 excluded, 1.0)
-    other = mine(_request(list(range(8)) * 4, [True, False] * 16, list(range(8)), seed=8), vec, vec, vec, vec,
-                 excluded, 1.0)
+    first = mine(_request(list(range(8)) * 4, [True, False] * 16, seed=7), vec, vec, vec, vec, excluded, 1.0)
+    again = mine(_request(list(range(8)) * 4, [True, False] * 16, seed=7), vec, vec, vec, vec, excluded, 1.0)
+    other = mine(_request(list(range(8)) * 4, [True, False] * 16, seed=8), vec, vec, vec, vec, excluded, 1.0)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.equal(first[2], other[2])
 
 
 def test_an_anchor_with_no_allowed_candidate_gets_no_row():
     vec = F.normalize(torch.randn(3, 4), dim=-1)
-    anchors, _, partner = mine(_request([0, 1, 2], [True] * 3, [5, 5, 6]), vec, vec, vec, vec,
+    anchors, _, partner = mine(_request([0, 1, 2], [True] * 3), vec, vec, vec, vec,
                                _excluded([5, 5, 6]), 1.0)
     # rows 0 and 1 may draw row 2 only; row 2 may draw 0 or 1
     assert anchors.tolist() == [0, 1, 2] and partner[:2].tolist() == [2, 2] and partner[2] in (0, 1)
-    anchors, _, _ = mine(_request([0, 1], [True] * 2, [5, 5]), vec[:2], vec[:2], vec[:2], vec[:2],
+    anchors, _, _ = mine(_request([0, 1], [True] * 2), vec[:2], vec[:2], vec[:2], vec[:2],
                          _excluded([5, 5]), 1.0)
     assert len(anchors) == 0
 
@@ -128,8 +125,9 @@ def test_mined_rows_keep_one_side_and_take_the_other_from_the_partner(tiny_backb
     ids, attn, feats, pmask = _batch(4, seed=0)
     labels = torch.ones(4, dtype=torch.long)
     mlm = torch.full_like(ids, -100)
-    request = _request([0, 1, 2, 3], [True, False, True, False], [0, 1, 2, 3], seed=3)
-    _, state = model._contrastive(ids, attn, feats, labels, mlm)
+    request = _request([0, 1, 2, 3], [True, False, True, False], seed=3)
+    groups = torch.tensor([0, 1, 2, 3])
+    _, state = model._contrastive(ids, attn, feats, labels, mlm, groups)
     rows = model._mined_rows(request, state, ids, attn, feats, pmask, mlm, labels)
     anchors, swap, partner = mine(request, state.text_vec, state.image_vec, state.all_text_vec, state.all_image_vec,
                                   _excluded([0, 1, 2, 3]), state.scale)
@@ -140,7 +138,7 @@ def test_mined_rows_keep_one_side_and_take_the_other_from_the_partner(tiny_backb
         assert p != a
         assert torch.equal(new_ids[4 + m], ids[text_from]) and torch.equal(new_attn[4 + m], attn[text_from])
         assert torch.equal(new_feats[4 + m], feats[image_from]) and torch.equal(new_pmask[4 + m], pmask[image_from])
-    out = model(ids, attn, feats, pmask, mlm, labels, mining=request)
+    out = model(ids, attn, feats, pmask, mlm, labels, groups=groups, mining=request)
     assert out.mined == 4 and out.tia_logits.shape == (8, 2) and set(out.losses) == {"mlm", "mpm", "tia", "itc"}
 
 
@@ -148,7 +146,7 @@ def test_mining_needs_the_itc_head(tiny_backbone):
     model = _model(tiny_backbone, itc_dim=0)
     ids, attn, feats, _ = _batch(2, seed=0)
     with pytest.raises(ValueError, match="itc"):
-        model(ids, attn, feats, tia_labels=torch.ones(2, dtype=torch.long), mining=_request([0], [True], [0, 1]))
+        model(ids, attn, feats, tia_labels=torch.ones(2, dtype=torch.long), mining=_request([0], [True]))
 
 
 # ------------------------------------------------------------------------------------------ DDP
@@ -163,9 +161,9 @@ def _ddp_worker(rank: int, world: int, port: int, backbone: str, out: str) -> No
         mine_rows = slice(4 * rank, 4 * rank + 4)
         ids, attn, feats, pmask = ids[mine_rows], attn[mine_rows], feats[mine_rows], pmask[mine_rows]
         labels = torch.ones(4, dtype=torch.long)
-        loss, state = model._contrastive(ids, attn, feats, labels, None)
         # every local row in one group: the only candidates are the other process's rows
-        request = _request([0, 1, 2, 3], [True, False, True, False], [rank] * 4, seed=rank)
+        loss, state = model._contrastive(ids, attn, feats, labels, None, torch.tensor([rank] * 4))
+        request = _request([0, 1, 2, 3], [True, False, True, False], seed=rank)
         rows = model._mined_rows(request, state, ids, attn, feats, pmask, None, labels)
         anchors, swap, partner = mine(request, state.text_vec, state.image_vec, state.all_text_vec, state.all_image_vec,
                                       torch.tensor([rank] * 4).unsqueeze(1) == torch.tensor([0] * 4 + [1] * 4), state.scale)
@@ -212,3 +210,52 @@ def test_two_process_gloo_mines_over_the_gathered_batch(tmp_path, tiny_backbone)
     assert np.mean([r["loss"] for r in results]) == pytest.approx(float(whole.detach()), abs=1e-5)
     whole.backward()
     assert torch.allclose(torch.tensor(results[0]["grad_mean"]), model.itc_head.text_proj.weight.grad, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ the itc queue
+def test_queue_keeps_the_newest_and_round_trips():
+    q = EmbeddingQueue(size=5, dim=2)
+    for start in (0, 3):
+        rows = torch.arange(start, start + 3, dtype=torch.float32)
+        q.push(torch.stack([rows, rows], 1), torch.stack([-rows, -rows], 1), torch.arange(start, start + 3))
+    assert len(q) == 5 and q.groups.tolist() == [3, 4, 5, 0, 1]  # the newest batch first, the oldest dropped
+    again = EmbeddingQueue(size=5, dim=2)
+    again.load_state_dict(q.state_dict())
+    assert torch.equal(again.text, q.text) and torch.equal(again.image, q.image) and torch.equal(again.groups, q.groups)
+
+
+def test_queue_adds_negatives_except_the_rows_own_group():
+    torch.manual_seed(0)
+    text, image = F.normalize(torch.randn(3, 4), dim=-1), F.normalize(torch.randn(3, 4), dim=-1)
+    q = EmbeddingQueue(size=4, dim=4)
+    q.push(F.normalize(torch.randn(4, 4), dim=-1), F.normalize(torch.randn(4, 4), dim=-1), torch.tensor([7, 1, 8, 9]))
+    groups = torch.tensor([1, 2, 3])  # row 0's product group is in the queue: that entry is not its negative
+    got = contrastive_loss(text, image, 10.0, queue=q, product_groups=groups)
+    t2i = torch.cat([10 * text @ image.t(), 10 * text @ q.image.t()], 1)
+    i2t = torch.cat([10 * image @ text.t(), 10 * image @ q.text.t()], 1)
+    t2i[0, 3 + 1] = i2t[0, 3 + 1] = float("-inf")
+    labels = torch.arange(3)
+    expected = 0.5 * (F.cross_entropy(t2i, labels) + F.cross_entropy(i2t, labels))
+    assert float(got) == pytest.approx(float(expected), abs=1e-6)
+    assert float(contrastive_loss(text, image, 10.0, queue=q, product_groups=groups)) > \
+        float(contrastive_loss(text, image, 10.0))  # more negatives, a larger loss
+
+
+def test_forward_reads_the_queue_then_pushes_the_batch(tiny_backbone):
+    model = _model(tiny_backbone)
+    ids, attn, feats, _ = _batch(4, seed=0)
+    labels, groups = torch.ones(4, dtype=torch.long), torch.tensor([10, 11, 12, 13])
+    q = EmbeddingQueue(size=6, dim=8)
+    first = model(ids, attn, feats, tia_labels=labels, groups=groups, itc_queue=q)
+    assert q.groups.tolist() == [10, 11, 12, 13] and len(q) == 4
+    before = EmbeddingQueue(size=6, dim=8)
+    before.load_state_dict(q.state_dict())
+    second = model(ids, attn, feats, tia_labels=labels, groups=groups, itc_queue=q)
+    assert q.groups.tolist() == [10, 11, 12, 13, 10, 11]  # the batch pushed in front, the queue cut at 6
+    clean = ids[:, : int(attn.sum(dim=1).max())]
+    text_vec, image_vec = model.itc_head(model, clean, attn, feats)
+    expected = contrastive_loss(text_vec, image_vec, model.itc_head.scale(), text_groups(clean, attn), queue=before,
+                                product_groups=groups)
+    assert float(second.losses["itc"].detach()) == pytest.approx(float(expected.detach()), abs=1e-5)
+    assert float(second.losses["itc"].detach()) > float(first.losses["itc"].detach())  # more negatives
+    second.losses["itc"].backward()  # the queue's later push did not touch what this loss saved

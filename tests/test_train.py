@@ -374,6 +374,29 @@ def test_negative_mining_options_round_trip_and_resume_refuses_a_mismatch(tmp_pa
                       "--hard-neg-fraction", 0.5))
 
 
+def test_itc_queue_is_saved_with_the_checkpoint_and_resumes_bitwise(tmp_path, features, tiny_backbone):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "queue"
+    run(make_args(features, out, tiny_backbone, "--steps", 4, "--checkpoint-every", 2, "--val-every", 0,
+                  "--itc-queue", 6, "--tia-warmup", 1))
+    saved = torch.load(out / "checkpoints" / "step-0000002" / ckpt.STATE_PT, weights_only=True)["itc_queue"]
+    assert saved["text"].shape == (6, 256) and len(saved["groups"]) == 6  # 2 steps x 4 positives, cut at 6
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-0000004")
+    run(make_args(features, resumed, tiny_backbone, "--steps", 4, "--checkpoint-every", 2, "--val-every", 0,
+                  "--itc-queue", 6, "--tia-warmup", 1, "--resume"))
+    a, b = load_file(out / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in _train_records(out)] == [r["loss"] for r in _train_records(resumed)]
+    with pytest.raises(UserError, match="--itc-queue"):
+        run(make_args(features, resumed, tiny_backbone, "--steps", 6, "--resume", "--itc-queue", 12,
+                      "--tia-warmup", 1))
+
+
 def test_ddp_two_processes_on_cpu(tmp_path, features, tiny_backbone):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")

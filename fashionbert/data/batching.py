@@ -311,6 +311,7 @@ class Batch:
     position: StreamPosition  # stream position after this batch
     index: int  # batch number in this rank's stream
     tia_only: bool = False  # a TIA warm-up batch: no masks, no MLM/MPM targets
+    groups: torch.Tensor | None = None  # (positives,) group codes: rows of one group are not each other's negatives
     mining: MiningRequest | None = None  # negative slots the step draws from the itc similarity
 
     @property
@@ -321,13 +322,16 @@ class Batch:
         nb = device.type == "cuda"
         moved = {f: getattr(self, f).to(device, non_blocking=nb)
                  for f in ("input_ids", "attention_mask", "patch_features", "patch_mask", "mlm_labels", "tia_labels")}
-        return dataclasses.replace(self, **moved, mining=self.mining.to(device) if self.mining is not None else None)
+        return dataclasses.replace(self, **moved, groups=self.groups.to(device) if self.groups is not None else None,
+                                   mining=self.mining.to(device) if self.mining is not None else None)
 
     def model_inputs(self) -> dict:
         inputs = dict(input_ids=self.input_ids, attention_mask=self.attention_mask, patch_features=self.patch_features,
                       tia_labels=self.tia_labels)
         if not self.tia_only:
             inputs.update(patch_mask=self.patch_mask, mlm_labels=self.mlm_labels)
+        if self.groups is not None:
+            inputs["groups"] = self.groups
         if self.mining is not None:
             inputs["mining"] = self.mining
         return inputs
@@ -350,7 +354,8 @@ class BatchSettings:
 def collate(pairs: Pairs, positive_features: np.ndarray, pool_features: np.ndarray, settings: BatchSettings,
             vocab: MaskingVocab, rng: np.random.Generator, position: StreamPosition, index: int,
             groups: np.ndarray | None = None, mining_seed: int = 0) -> Batch:
-    """`groups`: the positives' group codes, for the mined slots' draw (seeded by `mining_seed`)."""
+    """`groups`: the positives' group codes (which rows are not each other's negatives); `mining_seed` seeds the
+    draw of the mined slots."""
     image_index, labels = pairs.images, pairs.labels
     ids, attn = pad_texts(pairs.texts, settings.max_text_len, settings.pad_token_id, settings.sep_token_id)
     # Every row is masked alike, negatives included, so that "is it masked" never tells TIA the label;
@@ -368,8 +373,7 @@ def collate(pairs: Pairs, positive_features: np.ndarray, pool_features: np.ndarr
     mining = None
     if len(pairs.mined_anchor):
         mining = MiningRequest(anchors=torch.from_numpy(pairs.mined_anchor),
-                               swap_image=torch.from_numpy(pairs.mined_swap_image),
-                               groups=torch.from_numpy(np.asarray(groups, dtype=np.int64)), seed=mining_seed,
+                               swap_image=torch.from_numpy(pairs.mined_swap_image), seed=mining_seed,
                                temperature=settings.mining_temperature)
     return Batch(
         input_ids=torch.from_numpy(masked_ids),
@@ -382,6 +386,7 @@ def collate(pairs: Pairs, positive_features: np.ndarray, pool_features: np.ndarr
         position=position,
         index=index,
         tia_only=unmasked,
+        groups=torch.from_numpy(np.asarray(groups, dtype=np.int64)) if groups is not None else None,
         mining=mining,
     )
 

@@ -98,10 +98,39 @@ class ContrastiveHead(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- loss
+class EmbeddingQueue:
+    """The itc vectors of the last `size` positives of training, detached, with their group codes: contrastive
+    negatives beyond one batch (MoCo / ALBEF keep such a queue; without their momentum encoder, as a memory bank of
+    the live encoder's recent outputs). The newest come first. Not a module: it is training state, saved with each
+    checkpoint (`state_dict`), never with the model."""
+
+    def __init__(self, size: int, dim: int):
+        self.size = int(size)
+        self.text = torch.zeros(0, dim)
+        self.image = torch.zeros(0, dim)
+        self.groups = torch.zeros(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return int(self.text.shape[0])
+
+    def push(self, text_vec: torch.Tensor, image_vec: torch.Tensor, groups: torch.Tensor) -> None:
+        # New tensors, not writes into the old ones: the batch that read the queue still needs them for its backward.
+        self.text = torch.cat([text_vec.detach().float(), self.text.to(text_vec.device)])[: self.size]
+        self.image = torch.cat([image_vec.detach().float(), self.image.to(image_vec.device)])[: self.size]
+        self.groups = torch.cat([groups.detach().long(), self.groups.to(groups.device)])[: self.size]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"text": self.text.cpu(), "image": self.image.cpu(), "groups": self.groups.cpu()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.text, self.image, self.groups = state["text"].float(), state["image"].float(), state["groups"].long()
+
+
 def contrastive_loss(text_vec: torch.Tensor, image_vec: torch.Tensor, scale: torch.Tensor | float,
                      groups: torch.Tensor | None = None, all_text_vec: torch.Tensor | None = None,
                      all_image_vec: torch.Tensor | None = None, all_groups: torch.Tensor | None = None,
-                     offset: int = 0) -> torch.Tensor:
+                     offset: int = 0, queue: EmbeddingQueue | None = None,
+                     product_groups: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric in-batch InfoNCE: row i's text and image are the positive pair, every other row's image
     (text) a negative for its text (image); the mean of the text->image and image->text cross-entropies.
 
@@ -110,7 +139,8 @@ def contrastive_loss(text_vec: torch.Tensor, image_vec: torch.Tensor, scale: tor
 
     Under DDP, `all_*` are every process's rows gathered (this process's rows start at `offset`): each process's
     rows then meet every process's rows as negatives, and DDP's gradient average gives the loss over the gathered
-    batch.
+    batch. A `queue` adds its vectors as negatives of every row, except those of the row's own product group
+    (`product_groups`, one per row).
     """
     scale = scale.float() if torch.is_tensor(scale) else float(scale)
     all_text_vec = text_vec if all_text_vec is None else all_text_vec
@@ -123,6 +153,10 @@ def contrastive_loss(text_vec: torch.Tensor, image_vec: torch.Tensor, scale: tor
         same = groups.unsqueeze(1) == all_groups.unsqueeze(0)
         same[torch.arange(len(labels), device=same.device), labels] = False
         t2i, i2t = t2i.masked_fill(same, float("-inf")), i2t.masked_fill(same, float("-inf"))
+    if queue is not None and len(queue):
+        own = product_groups.unsqueeze(1) == queue.groups.to(product_groups.device).unsqueeze(0)
+        t2i = torch.cat([t2i, (scale * (text_vec.float() @ queue.image.to(t2i.device).t())).masked_fill(own, float("-inf"))], 1)
+        i2t = torch.cat([i2t, (scale * (image_vec.float() @ queue.text.to(i2t.device).t())).masked_fill(own, float("-inf"))], 1)
     return 0.5 * (F.cross_entropy(t2i, labels) + F.cross_entropy(i2t, labels))
 
 

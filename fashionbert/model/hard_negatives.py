@@ -27,18 +27,15 @@ class MiningRequest:
 
     `anchors` index the batch's positive rows in order (0 = the first row with tia_label 1); `swap_image[m]` True
     means anchor m keeps its text and gets a mined image, False that it keeps its image and gets a mined text.
-    `groups` (one per positive row) are the products' group codes: rows of one group are never each other's
-    negatives."""
+    (Which candidates are excluded comes from the batch's group codes, `FashionBertModel.forward(groups=...)`.)"""
 
     anchors: torch.Tensor  # (M,) long
     swap_image: torch.Tensor  # (M,) bool
-    groups: torch.Tensor  # (B,) long
     seed: int
     temperature: float = 0.0  # of the softmax over cosines; 0 = the itc head's learned temperature
 
     def to(self, device: torch.device) -> "MiningRequest":
-        return dataclasses.replace(self, anchors=self.anchors.to(device), swap_image=self.swap_image.to(device),
-                                   groups=self.groups.to(device))
+        return dataclasses.replace(self, anchors=self.anchors.to(device), swap_image=self.swap_image.to(device))
 
 
 def world_size() -> int:

@@ -30,8 +30,8 @@ from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
 from fashionbert.errors import UserError
 from fashionbert.model.config import IGNORE_INDEX, FashionBertConfig
-from fashionbert.model.contrastive import (ITC_PREFIX, ContrastiveHead, contrastive_loss, itc_inputs, text_groups,
-                                           unused_head_zero)
+from fashionbert.model.contrastive import (ITC_PREFIX, ContrastiveHead, EmbeddingQueue, contrastive_loss, itc_inputs,
+                                           text_groups, unused_head_zero)
 from fashionbert.model.hard_negatives import MiningRequest, gather, gather_with_grad, mine, rank_offset, world_size
 
 WEIGHTS_NAME = "model.safetensors"
@@ -146,13 +146,16 @@ class FashionBertOutput:
 @dataclasses.dataclass
 class ContrastiveState:
     """The itc task's vectors of a batch's aligned rows, this process's and (under DDP) everybody's, with the
-    text codes (rows of one text share a code) and the head's logit scale: what mining reads."""
+    text codes (rows of one text share a code), the product group codes and the head's logit scale: what mining
+    reads."""
     text_vec: torch.Tensor
     image_vec: torch.Tensor
     all_text_vec: torch.Tensor
     all_image_vec: torch.Tensor
     codes: torch.Tensor
     all_codes: torch.Tensor
+    groups: torch.Tensor
+    all_groups: torch.Tensor
     scale: float
 
 
@@ -353,7 +356,9 @@ class FashionBertModel(PreTrainedModel):
         mlm_labels: torch.Tensor | None = None,
         tia_labels: torch.Tensor | None = None,
         itc: bool = True,
+        groups: torch.Tensor | None = None,
         mining: MiningRequest | None = None,
+        itc_queue: EmbeddingQueue | None = None,
     ) -> FashionBertOutput:
         """Per-task losses for the tasks whose labels are given.
 
@@ -363,12 +368,17 @@ class FashionBertModel(PreTrainedModel):
         when tia_labels is given (the text does not describe a mismatched image, so reconstructing one from the
         other is noise); the caller masks every row alike so that TIA cannot read "is it masked" as a label.
         With an itc head and `itc`, the contrastive loss on the aligned rows joins as "itc" (two more encoder
-        passes, text-only and image-only, on those rows; under DDP over every process's rows). `mining` adds TIA
-        negatives drawn from the itc similarity (model/hard_negatives.py) to the rows of the joint pass.
+        passes, text-only and image-only, on those rows; under DDP over every process's rows). `groups` (one per
+        aligned row) are the products' group codes: rows of one group are not each other's negatives. `mining` adds
+        TIA negatives drawn from the itc similarity (model/hard_negatives.py) to the rows of the joint pass;
+        `itc_queue` adds its vectors as contrastive negatives and then takes this batch's.
         """
         itc_loss, state = None, None
         if itc and getattr(self, "itc_head", None) is not None:
-            itc_loss, state = self._contrastive(input_ids, attention_mask, patch_features, tia_labels, mlm_labels)
+            itc_loss, state = self._contrastive(input_ids, attention_mask, patch_features, tia_labels, mlm_labels,
+                                                groups, itc_queue)
+        elif itc_queue is not None:
+            raise ValueError("an itc queue needs the itc head (itc_dim > 0) and itc=True")
         mined = 0
         if mining is not None:
             if state is None:
@@ -405,27 +415,39 @@ class FashionBertModel(PreTrainedModel):
             losses["itc"] = itc_loss
         return FashionBertOutput(losses=losses, tia_logits=tia_logits, sequence_output=sequence_output, mined=mined)
 
-    def _contrastive(self, input_ids, attention_mask, patch_features, tia_labels, mlm_labels
-                     ) -> tuple[torch.Tensor, ContrastiveState | None]:
+    def _contrastive(self, input_ids, attention_mask, patch_features, tia_labels, mlm_labels, groups=None,
+                     queue: EmbeddingQueue | None = None) -> tuple[torch.Tensor, ContrastiveState | None]:
         """The itc loss on the aligned rows, and their vectors for mining. Under DDP every process's vectors are
-        gathered (with their gradient), so each text meets world x batch images as negatives."""
+        gathered (with their gradient), so each text meets world x batch images as negatives; a queue adds its own
+        and then takes the (gathered) batch's."""
         head: ContrastiveHead = self.itc_head
         ids, mask, feats = itc_inputs(input_ids, attention_mask, patch_features, tia_labels, mlm_labels)
         if ids.shape[0] == 0:
             return unused_head_zero(head), None
+        if groups is None:  # no product groups given: each row its own
+            groups = torch.arange(ids.shape[0], device=ids.device) + rank_offset(ids.shape[0])
+        if len(groups) != ids.shape[0]:
+            raise ValueError(f"{len(groups)} group codes for {ids.shape[0]} aligned rows")
         text_vec, image_vec = head(self, ids, mask, feats)
         scale = head.scale()
         if world_size() == 1:
             codes = text_groups(ids, mask)
-            return contrastive_loss(text_vec, image_vec, scale, codes), ContrastiveState(
-                text_vec, image_vec, text_vec, image_vec, codes, codes, float(scale.detach()))
-        all_text_vec, all_image_vec = gather_with_grad(text_vec), gather_with_grad(image_vec)
-        all_ids = gather(self._pad_to_max_len(ids * mask))
-        all_codes = text_groups(all_ids, torch.ones_like(all_ids))
-        offset = rank_offset(ids.shape[0])
-        codes = all_codes[offset:offset + ids.shape[0]]
-        loss = contrastive_loss(text_vec, image_vec, scale, codes, all_text_vec, all_image_vec, all_codes, offset)
-        return loss, ContrastiveState(text_vec, image_vec, all_text_vec, all_image_vec, codes, all_codes, float(scale.detach()))
+            state = ContrastiveState(text_vec, image_vec, text_vec, image_vec, codes, codes, groups, groups,
+                                     float(scale.detach()))
+            loss = contrastive_loss(text_vec, image_vec, scale, codes, queue=queue, product_groups=groups)
+        else:
+            all_text_vec, all_image_vec = gather_with_grad(text_vec), gather_with_grad(image_vec)
+            all_ids = gather(self._pad_to_max_len(ids * mask))
+            all_codes = text_groups(all_ids, torch.ones_like(all_ids))
+            offset = rank_offset(ids.shape[0])
+            codes = all_codes[offset:offset + ids.shape[0]]
+            state = ContrastiveState(text_vec, image_vec, all_text_vec, all_image_vec, codes, all_codes, groups,
+                                     gather(groups), float(scale.detach()))
+            loss = contrastive_loss(text_vec, image_vec, scale, codes, all_text_vec, all_image_vec, all_codes, offset,
+                                    queue=queue, product_groups=groups)
+        if queue is not None:
+            queue.push(state.all_text_vec, state.all_image_vec, state.all_groups)
+        return loss, state
 
     def _pad_to_max_len(self, ids: torch.Tensor, value: int = 0) -> torch.Tensor:
         """Texts right-padded to config.max_text_len, so that every process's rows have one shape to gather."""
@@ -446,10 +468,7 @@ class FashionBertModel(PreTrainedModel):
     def _append_mined_rows(self, request, state, input_ids, attention_mask, patch_features, patch_mask, mlm_labels,
                            tia_labels) -> tuple:
         positives = torch.nonzero(tia_labels.bool()).squeeze(1)
-        if len(positives) != len(request.groups):
-            raise ValueError(f"mining: {len(request.groups)} groups for {len(positives)} positive rows")
-        all_groups = gather(request.groups)
-        excluded = (request.groups.unsqueeze(1) == all_groups.unsqueeze(0)) | \
+        excluded = (state.groups.unsqueeze(1) == state.all_groups.unsqueeze(0)) | \
                    (state.codes.unsqueeze(1) == state.all_codes.unsqueeze(0))
         scale = 1.0 / request.temperature if request.temperature > 0 else state.scale
         anchors, swap_image, partner = mine(request, state.text_vec, state.image_vec, state.all_text_vec,

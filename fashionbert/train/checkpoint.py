@@ -102,9 +102,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, info: dict[str, Any],
-                    keep: int = 3, fusion=None) -> Path:
+                    keep: int = 3, fusion=None, extra: dict[str, Any] | None = None) -> Path:
     """Write OUT/checkpoints/step-N atomically; keep the newest `keep` checkpoints (0 = all). `fusion` (a
-    `fusion.ScoreFusion` fitted on this step's validation) goes into the folder as its ranking score."""
+    `fusion.ScoreFusion` fitted on this step's validation) goes into the folder as its ranking score; `extra`
+    (tensors only) joins the training state (e.g. the itc queue)."""
     root = Path(out) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
@@ -116,8 +117,8 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler
     save_tokenizer(tokenizer, staging)
     if fusion is not None:
         fusion.save(staging)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-               staging / STATE_PT)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                **(extra or {})}, staging / STATE_PT)
     (staging / STATE_JSON).write_text(json.dumps({"step": step, **info}, indent=2, sort_keys=True, default=str) + "\n")
     _publish(staging, final)
     for stale in root.glob(".staging-*"):

@@ -33,6 +33,7 @@ class TrainConfig:
     dropout: float = 0.0
     itc_dim: int = 256
     itc_pooling: str = "mean"
+    itc_queue: int = 0
     whole_word_mask: bool = True
     # optimisation
     steps: int | None = None
@@ -128,6 +129,10 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                         "only (then recall falls back to untrained mean-pooled states) (default 256)")
     g.add_argument("--itc-pooling", choices=("mean", "cls"), default=D.itc_pooling,
                    help="how the itc head pools a single-modality pass (default mean)")
+    g.add_argument("--itc-queue", type=int, default=D.itc_queue,
+                   help="contrastive negatives beyond the batch: the itc vectors of the last N training positives "
+                        "(detached, as in MoCo/ALBEF's queue but without a momentum encoder), saved with each "
+                        "checkpoint; 0 = the batch's only (default 0)")
     g.add_argument("--no-whole-word-mask", dest="whole_word_mask", action="store_false",
                    help="mask WordPiece tokens independently instead of whole words")
 

@@ -18,6 +18,7 @@ from fashionbert.errors import UserError
 from fashionbert.evaluation.sample_hundred import SampleHundred, build_sample_hundred
 from fashionbert.model.backbone import load_tokenizer
 from fashionbert.model.config import FashionBertConfig
+from fashionbert.model.contrastive import EmbeddingQueue
 from fashionbert.model.modeling import FashionBertModel
 from fashionbert.runtime import Runtime
 from fashionbert.train import checkpoint as ckpt
@@ -28,11 +29,11 @@ from fashionbert.train.optim import build_optimizer, restore_optimizer
 # Options that fix the data order or the optimisation: a resumed run must use the checkpoint's values,
 # or it would not continue the same run.
 RESUME_MUST_MATCH = ("batch_size", "itc_dim", "itc_pooling", "dropout", "tia_warmup", "grad_accum", "neg_ratio",
-                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
+                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "itc_queue", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
                      "weight_decay", "shuffle_window", "world_size")
 
 # What a checkpoint written before an option existed ran with.
-BEFORE_OPTION = {"hard_neg_fraction": 0.0, "hard_neg_temperature": 0.0}
+BEFORE_OPTION = {"hard_neg_fraction": 0.0, "hard_neg_temperature": 0.0, "itc_queue": 0}
 
 
 @dataclasses.dataclass
@@ -67,6 +68,7 @@ class TrainState:
     weighter: TaskWeighter
     batches: Iterator[Batch]
     validation: SampleHundred | None  # held-out queries; the main process validates, the others hold None
+    queue: EmbeddingQueue | None  # --itc-queue's recent contrastive vectors (the same in every process)
     options: dict[str, Any]  # the run's options, as every checkpoint records them
     total_steps: int
     tia_steps: int  # the first steps train the matching tasks alone
@@ -104,6 +106,9 @@ def build_state(config: TrainConfig, rt: Runtime) -> TrainState:
         positions = info.get("positions") or [[0, 0]]
         position = StreamPosition(*positions[rt.rank if rt.rank < len(positions) else 0])
         ckpt.set_rng_state(saved["rng"])
+    queue = EmbeddingQueue(config.itc_queue, config.itc_dim) if config.itc_queue > 0 else None
+    if queue is not None and "itc_queue" in saved:
+        queue.load_state_dict(saved["itc_queue"])
     train_model = _distributed(model, rt)
     weighter = TaskWeighter(config.task_weights, model, model.tasks, distributed=rt.distributed)
     reader = FeatureReader(data.index.shards, model_config.num_patches, model_config.feature_dim)
@@ -114,7 +119,7 @@ def build_state(config: TrainConfig, rt: Runtime) -> TrainState:
     batches = _batches(config, data, reader, model_config, tokenizer, rt, tia_steps, position, step)
     return TrainState(config=config, out=out, data=data, model=model, model_config=model_config,
                       train_model=train_model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
-                      weighter=weighter, batches=batches, validation=validation, options=options,
+                      weighter=weighter, batches=batches, validation=validation, queue=queue, options=options,
                       total_steps=total_steps, tia_steps=tia_steps, step=step, position=position,
                       resumed_from=resumed_from)
 
@@ -127,8 +132,10 @@ def _prepare_out(config: TrainConfig, rt: Runtime) -> Path:
         raise UserError("--random-neg-fraction must be in [0, 1]")
     if not 0.0 <= hard_neg_fraction(config) <= 1.0 or config.hard_neg_temperature < 0:
         raise UserError("--hard-neg-fraction must be in [0, 1] and --hard-neg-temperature >= 0")
+    if config.itc_queue < 0 or (config.itc_queue > 0 and config.itc_dim <= 0):
+        raise UserError(f"--itc-queue {config.itc_queue}: must be >= 0, and needs the itc head (--itc-dim > 0)")
     if hard_neg_fraction(config) > 0 and config.neg_ratio > 0 and config.itc_dim <= 0:
-        raise UserError(f"--hard-neg-fraction {config.hard_neg_fraction} mines negatives from the itc similarity, which "
+        raise UserError(f"--hard-neg-fraction {hard_neg_fraction(config)} mines negatives from the itc similarity, which "
                         f"--itc-dim 0 turns off: pass --hard-neg-fraction 0 with --itc-dim 0")
     existing = ckpt.latest_checkpoint(out)
     if existing is not None and not config.resume:

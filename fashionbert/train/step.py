@@ -64,7 +64,7 @@ def _micro_step(state: TrainState, rt: Runtime, batch: Batch, last: bool):
         torch.manual_seed(step_seed(state.config.seed, rt.rank, batch.index))  # dropout: same draws on resume
         state.weighter.reset()
         with rt.autocast():
-            output = state.train_model(**batch.model_inputs())
+            output = state.train_model(**batch.model_inputs(), itc_queue=state.queue)
         if batch.tia_only:
             total, weights, n = _matching_only(state, output.losses)
         else:
