@@ -381,3 +381,36 @@ def test_default_init_draws_the_same_weights_as_before():
     for name, head in zip(names, heads):
         for k, v in head.state_dict().items():
             assert torch.equal(model.state_dict()[f"{name}.{k}"], v), f"{name}.{k}"
+
+
+# ------------------------------------------------------------------------------------------ late fusion
+def test_late_fusion_keeps_text_and_patches_apart_below_the_fusion_layer(tiny_backbone, tmp_path):
+    torch.manual_seed(0)
+    late = FashionBertModel.from_pretrained_backbone(
+        FashionBertConfig(backbone=str(tiny_backbone), feature_dim=FEATURE_DIM, fusion_layer=1, dropout=0.0)).eval()
+    ids, attn, feats = _inputs(batch=2)
+    attn[1, -2:] = 0
+    with torch.no_grad():
+        text, patches = late.embed_text(ids), late.embed_patches(feats)
+        seq, pooled = late.encode_joint(text, attn, patches)
+        # by hand: a block mask (text <-> text, patches <-> patches) in layer 0, the full mask above
+        hidden = torch.cat([text, patches], dim=1)
+        t, length = ids.shape[1], ids.shape[1] + 64
+        key_ok = torch.cat([attn.bool(), torch.ones(2, 64, dtype=torch.bool)], dim=1)
+        is_text = torch.arange(length) < t
+        block = (is_text.unsqueeze(0) == is_text.unsqueeze(1)).unsqueeze(0) & key_ok.unsqueeze(1)
+        layer0, layer1 = late.bert.encoder.layer
+        expected = layer1(layer0(hidden, block.unsqueeze(1)), key_ok.unsqueeze(1).unsqueeze(1).expand(2, 1, length, length))
+        assert torch.allclose(seq, expected, atol=1e-5)
+        # and the fused layer does read the image: other patches, another [CLS]
+        _, other = late.encode_joint(text, attn, late.embed_patches(feats.flip(0)))
+        assert not torch.allclose(pooled, other)
+    late.save(tmp_path / "late")
+    assert FashionBertModel.from_checkpoint(tmp_path / "late").config.fusion_layer == 1
+    config = json.loads((tmp_path / "late" / "config.json").read_text())
+    del config["fusion_layer"]  # a folder from before late fusion: the single stream
+    (tmp_path / "late" / "config.json").write_text(json.dumps(config))
+    assert FashionBertModel.from_checkpoint(tmp_path / "late").config.fusion_layer == 0
+    with pytest.raises(Exception, match="fusion_layer"):
+        FashionBertModel(FashionBertConfig(backbone=str(tiny_backbone), feature_dim=FEATURE_DIM, fusion_layer=2,
+                                           bert=late.config.bert))

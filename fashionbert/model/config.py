@@ -56,6 +56,10 @@ class FashionBertConfig(PreTrainedConfig):
     # text-only / image-only vectors, 0 = no itc head (a three-task model, as in the paper), and their pooling.
     itc_dim: int = 0
     itc_pooling: str = "mean"
+    # Late fusion (ALBEF's layout in one stream): the first `fusion_layer` encoder layers see the text and the patches
+    # apart, as the itc passes do, and only the layers above attend across them. 0 = the paper's single stream from
+    # the first layer.
+    fusion_layer: int = 0
     # The folder layout's version: a reader refuses a newer one rather than misread it.
     format_version: int = FORMAT_VERSION
 
@@ -91,6 +95,10 @@ class FashionBertConfig(PreTrainedConfig):
         if self.itc_dim < 0 or self.itc_pooling not in ("mean", "cls"):
             raise UserError(f"model config: itc_dim ({self.itc_dim}) must be >= 0 and itc_pooling "
                             f"({self.itc_pooling!r}) 'mean' or 'cls'")
+        layers = int(self.bert.get("num_hidden_layers", 0)) if self.bert else None
+        if self.fusion_layer < 0 or (layers is not None and self.fusion_layer >= layers):
+            raise UserError(f"model config: fusion_layer {self.fusion_layer} must be in [0, {layers}) (the backbone's "
+                            f"layers; at least one must fuse)")
         if not 0.0 <= self.mlm_probability < 1.0 or not 0.0 <= self.mpm_probability < 1.0:
             raise UserError("model config: masking probabilities must be in [0, 1)")
         if self.bert and self.max_text_len > int(self.bert.get("max_position_embeddings", 512)):

@@ -304,14 +304,31 @@ class FashionBertModel(PreTrainedModel):
                                              attention_mask=attention_mask.to(torch.long))
         return self.bert.encoder(hidden, attention_mask=extended).last_hidden_state
 
+    def run_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, layers) -> torch.Tensor:
+        """Some of the encoder's layers (a slice of `bert.encoder.layer`) on (B, L, H); mask as `encode_embeddings`."""
+        extended = None if attention_mask is None else create_bidirectional_mask(
+            config=self.bert.config, inputs_embeds=hidden, attention_mask=attention_mask.to(torch.long))
+        for layer in layers:
+            hidden = layer(hidden, extended)
+        return hidden
+
     def encode_joint(self, text_embeds: torch.Tensor, text_mask: torch.Tensor,
                      patch_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The cross-encoder pass on `[CLS] text [SEP] patches`: (B, T, H) text and (B, P, H) patch embeddings,
-        (B, T) text mask -> (sequence_output (B, T+P, H), pooled (B, H)). Patches are never padding."""
+        (B, T) text mask -> (sequence_output (B, T+P, H), pooled (B, H)). Patches are never padding. With
+        `config.fusion_layer` k > 0 the first k layers encode the text and the patches apart, the rest together."""
+        fusion = int(self.config.fusion_layer)
+        if fusion:
+            lower = self.bert.encoder.layer[:fusion]
+            text_embeds = self.run_layers(text_embeds, text_mask, lower)
+            patch_embeds = self.run_layers(patch_embeds.to(text_embeds.dtype), None, lower)
         hidden = torch.cat([text_embeds, patch_embeds.to(text_embeds.dtype)], dim=1)
         mask = torch.cat([text_mask.to(torch.long), text_mask.new_ones(patch_embeds.shape[:2], dtype=torch.long)],
                          dim=1)
-        sequence_output = self.encode_embeddings(hidden, mask)
+        if fusion:
+            sequence_output = self.run_layers(hidden, mask, self.bert.encoder.layer[fusion:])
+        else:
+            sequence_output = self.encode_embeddings(hidden, mask)
         return sequence_output, self.bert.pooler(sequence_output)
 
     def encode(

@@ -34,6 +34,7 @@ class TrainConfig:
     itc_dim: int = 256
     itc_pooling: str = "mean"
     itc_queue: int = 0
+    fusion_layer: int = 0
     whole_word_mask: bool = True
     # optimisation
     steps: int | None = None
@@ -133,6 +134,10 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="contrastive negatives beyond the batch: the itc vectors of the last N training positives "
                         "(detached, as in MoCo/ALBEF's queue but without a momentum encoder), saved with each "
                         "checkpoint; 0 = the batch's only (default 0)")
+    g.add_argument("--fusion-layer", type=int, default=D.fusion_layer,
+                   help="late fusion: the first K encoder layers see the text and the patches apart (as the itc passes "
+                        "do), the layers above attend across them, as ALBEF's fusion encoder sits on its unimodal "
+                        "encoders; 0 = the paper's single stream from the first layer (default 0)")
     g.add_argument("--no-whole-word-mask", dest="whole_word_mask", action="store_false",
                    help="mask WordPiece tokens independently instead of whole words")
 

@@ -29,11 +29,11 @@ from fashionbert.train.optim import build_optimizer, restore_optimizer
 # Options that fix the data order or the optimisation: a resumed run must use the checkpoint's values,
 # or it would not continue the same run.
 RESUME_MUST_MATCH = ("batch_size", "itc_dim", "itc_pooling", "dropout", "tia_warmup", "grad_accum", "neg_ratio",
-                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "itc_queue", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
+                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "itc_queue", "fusion_layer", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
                      "weight_decay", "shuffle_window", "world_size")
 
 # What a checkpoint written before an option existed ran with.
-BEFORE_OPTION = {"hard_neg_fraction": 0.0, "hard_neg_temperature": 0.0, "itc_queue": 0}
+BEFORE_OPTION = {"hard_neg_fraction": 0.0, "hard_neg_temperature": 0.0, "itc_queue": 0, "fusion_layer": 0}
 
 
 @dataclasses.dataclass
@@ -220,7 +220,7 @@ def _new_model(config: TrainConfig, data: TrainingData) -> tuple[FashionBertMode
         patch_mode=str(options.get("patch_mode") or ""), mlm_probability=config.mlm_probability,
         mpm_probability=config.mpm_probability, whole_word_mask=config.whole_word_mask,
         dropout=None if config.dropout < 0 else config.dropout, itc_dim=config.itc_dim,
-        itc_pooling=config.itc_pooling,
+        itc_pooling=config.itc_pooling, fusion_layer=config.fusion_layer,
     )
     torch.manual_seed(config.seed)
     model = FashionBertModel.from_pretrained_backbone(model_config)
