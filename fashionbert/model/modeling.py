@@ -312,24 +312,38 @@ class FashionBertModel(PreTrainedModel):
             hidden = layer(hidden, extended)
         return hidden
 
-    def encode_joint(self, text_embeds: torch.Tensor, text_mask: torch.Tensor,
-                     patch_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cross-encoder pass on `[CLS] text [SEP] patches`: (B, T, H) text and (B, P, H) patch embeddings,
-        (B, T) text mask -> (sequence_output (B, T+P, H), pooled (B, H)). Patches are never padding. With
-        `config.fusion_layer` k > 0 the first k layers encode the text and the patches apart, the rest together."""
+    def encode_text_below_fusion(self, text_embeds: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """A text's states entering the fusion layer: the first `config.fusion_layer` layers on the text alone (the
+        embeddings themselves when the fusion starts at the first layer). They depend on the text alone, so a scorer
+        computes them once per text, not once per pair."""
         fusion = int(self.config.fusion_layer)
-        if fusion:
-            lower = self.bert.encoder.layer[:fusion]
-            text_embeds = self.run_layers(text_embeds, text_mask, lower)
-            patch_embeds = self.run_layers(patch_embeds.to(text_embeds.dtype), None, lower)
-        hidden = torch.cat([text_embeds, patch_embeds.to(text_embeds.dtype)], dim=1)
-        mask = torch.cat([text_mask.to(torch.long), text_mask.new_ones(patch_embeds.shape[:2], dtype=torch.long)],
+        return self.run_layers(text_embeds, text_mask, self.bert.encoder.layer[:fusion]) if fusion else text_embeds
+
+    def encode_patches_below_fusion(self, patch_embeds: torch.Tensor) -> torch.Tensor:
+        """`encode_text_below_fusion` for an image's patch embeddings (once per image)."""
+        fusion = int(self.config.fusion_layer)
+        return self.run_layers(patch_embeds, None, self.bert.encoder.layer[:fusion]) if fusion else patch_embeds
+
+    def fuse(self, text_states: torch.Tensor, text_mask: torch.Tensor,
+             patch_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layers from `config.fusion_layer` up on `[text | patches]` -> (sequence_output, pooled)."""
+        hidden = torch.cat([text_states, patch_states.to(text_states.dtype)], dim=1)
+        mask = torch.cat([text_mask.to(torch.long), text_mask.new_ones(patch_states.shape[:2], dtype=torch.long)],
                          dim=1)
+        fusion = int(self.config.fusion_layer)
         if fusion:
             sequence_output = self.run_layers(hidden, mask, self.bert.encoder.layer[fusion:])
         else:
             sequence_output = self.encode_embeddings(hidden, mask)
         return sequence_output, self.bert.pooler(sequence_output)
+
+    def encode_joint(self, text_embeds: torch.Tensor, text_mask: torch.Tensor,
+                     patch_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-encoder pass on `[CLS] text [SEP] patches`: (B, T, H) text and (B, P, H) patch embeddings,
+        (B, T) text mask -> (sequence_output (B, T+P, H), pooled (B, H)). Patches are never padding. With
+        `config.fusion_layer` k > 0 the first k layers encode the text and the patches apart, the rest together."""
+        text_states = self.encode_text_below_fusion(text_embeds, text_mask)
+        return self.fuse(text_states, text_mask, self.encode_patches_below_fusion(patch_embeds.to(text_states.dtype)))
 
     def encode(
         self,

@@ -8,7 +8,8 @@ How the work is laid out, and why:
 - Reuse. A text's embeddings (word + position + segment 0, LayerNorm) and an image's patch embeddings
   (Linear(CNN dim -> hidden) + patch positions + segment 1, LayerNorm) each depend on that item alone, so they
   are computed once and gathered into every pair that uses the item; only the encoder, which mixes the two,
-  runs per pair. The patch projection is the part worth saving (a 64 x 1280 x hidden matmul, plus the fp16 ->
+  runs per pair. A late-fusion model (`config.fusion_layer` k) encodes each side alone in its first k layers,
+  so those run once per text and once per image too, and a pair costs only the layers above. The patch projection is the part worth saving (a 64 x 1280 x hidden matmul, plus the fp16 ->
   fp32 copy of 160 KB of features, per image instead of per pair). Patch embeddings are kept for a block of
   images at a time; text embeddings are recomputed per batch (deduplicated within it): they are a table
   lookup and a LayerNorm, far cheaper than the memory a catalog-wide cache would take.
@@ -97,10 +98,11 @@ class CrossEncoderScorer:
 
     @torch.inference_mode()
     def patch_embeddings(self, features: np.ndarray) -> torch.Tensor:
-        """(k, P, D) features -> (k, P, H) patch embeddings on the device (the model's `embed_patches`, so fp32
-        scores match the unfactored model)."""
+        """(k, P, D) features -> (k, P, H) patch states entering the fusion layer on the device (the model's
+        `embed_patches` and `encode_patches_below_fusion`, so fp32 scores match the unfactored model)."""
         x = torch.from_numpy(np.ascontiguousarray(features)).to(self.runtime.device).to(self.dtype)
-        out = [self.model.embed_patches(x[start:start + 256]) for start in range(0, len(x), 256)]
+        m = self.model
+        out = [m.encode_patches_below_fusion(m.embed_patches(x[start:start + 256])) for start in range(0, len(x), 256)]
         return torch.cat(out) if out else x.new_zeros((0, self.config.num_patches, self.config.hidden_size))
 
     @torch.inference_mode()
@@ -139,10 +141,10 @@ class CrossEncoderScorer:
         m, cfg, dev = self.model, self.config, self.runtime.device
         unique_text, text_of_row = np.unique(text_index, return_inverse=True)
         ids, mask = pad_texts([texts[t] for t in unique_text], cfg.max_text_len, cfg.pad_token_id, cfg.sep_token_id)
-        text_emb = m.embed_text(torch.from_numpy(ids).to(dev))
+        mask = torch.from_numpy(mask).to(dev)
+        text_states = m.encode_text_below_fusion(m.embed_text(torch.from_numpy(ids).to(dev)), mask)
         rows = torch.from_numpy(text_of_row).to(dev)
-        _, pooled = m.encode_joint(text_emb[rows], torch.from_numpy(mask).to(dev)[rows],
-                                   patches[torch.from_numpy(image_local).to(dev)])
+        _, pooled = m.fuse(text_states[rows], mask[rows], patches[torch.from_numpy(image_local).to(dev)])
         return m.tia_margin(pooled).cpu().numpy()
 
 
