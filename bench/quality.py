@@ -169,9 +169,10 @@ def train_stage(config: TrainConfig, retrain: bool) -> dict:
     summary = out / "summary.json"
     if summary.is_file() and (out / "model").is_dir() and not retrain:
         from fashionbert.model.loading import training_options
+        from fashionbert.train.state import run_options
 
         saved, _ = training_options(out / "model")
-        now = {**dataclasses.asdict(config), "features": [str(Path(f).resolve()) for f in config.features]}  # as saved
+        now = run_options(config, saved.get("world_size", 1))  # as the run recorded them
         differ = [f"{k} {saved[k]!r} there, {v!r} now" for k, v in now.items()
                   if k in saved and k not in _RUN_ONLY and saved[k] != v]
         if differ:

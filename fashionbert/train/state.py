@@ -87,7 +87,7 @@ def build_state(config: TrainConfig, rt: Runtime) -> TrainState:
     resumed_from = ckpt.latest_checkpoint(out) if config.resume else None
     data = load_data(config, rt.world)
     total_steps = _total_steps(config, len(data.train_rows), rt.world)
-    options = _options(config, rt.world)
+    options = run_options(config, rt.world)
     info, saved = ckpt.load_training_state(resumed_from) if resumed_from is not None else ({}, {})
     if resumed_from is not None:
         _check_resume_options(info.get("options", {}), options, resumed_from)
@@ -180,7 +180,8 @@ def _steps_of(value: float, total_steps: int) -> int:
     return int(value) if value >= 1 else int(round(value * total_steps))
 
 
-def _options(config: TrainConfig, world: int) -> dict[str, Any]:
+def run_options(config: TrainConfig, world: int) -> dict[str, Any]:
+    """The options a run records in every checkpoint: the config, features resolved, defaults resolved."""
     options = dataclasses.asdict(config)
     options["features"] = [str(Path(f).expanduser().resolve()) for f in config.features]
     options["world_size"] = world
