@@ -300,7 +300,7 @@ def test_pieces_compose_to_encode_exactly(model):
     with torch.no_grad():
         seq, pooled = model.encode(ids, attn, feats, patch_mask=pmask)
         seq2, pooled2 = model.encode_joint(model.embed_text(ids), attn, model.embed_patches(feats, pmask))
-        margin = model.tia_margin(pooled)
+        margin = model.tia_margin(seq, attn, pooled)
         logits = model.tia_head(pooled).float()
     assert torch.equal(seq, seq2) and torch.equal(pooled, pooled2)
     assert torch.equal(margin, logits[:, 1] - logits[:, 0])
@@ -414,3 +414,60 @@ def test_late_fusion_keeps_text_and_patches_apart_below_the_fusion_layer(tiny_ba
     with pytest.raises(Exception, match="fusion_layer"):
         FashionBertModel(FashionBertConfig(backbone=str(tiny_backbone), feature_dim=FEATURE_DIM, fusion_layer=2,
                                            bert=late.config.bert))
+
+
+# ------------------------------------------------------------------------------------------ the "halves" TIA head
+def _halves_model(tiny_backbone, **kw):
+    torch.manual_seed(0)
+    return FashionBertModel.from_pretrained_backbone(FashionBertConfig(
+        backbone=str(tiny_backbone), feature_dim=FEATURE_DIM, itc_dim=8, tia_pooling="halves", dropout=0.0, **kw))
+
+
+def test_halves_tia_head_adds_the_scaled_agreement_of_the_joint_halves(tiny_backbone):
+    import torch.nn.functional as F
+
+    model = _halves_model(tiny_backbone).eval()
+    ids, attn, feats = _inputs(batch=3, text_len=8)
+    attn[2, 5:] = 0
+    with torch.no_grad():
+        seq, pooled = model.encode(ids, attn, feats)
+        # by hand: the text half's mean over its unpadded tokens and the patch half's mean, each through its itc
+        # projection, cosine x exp(scale) (1 / 0.07 at initialisation) onto the aligned logit
+        m = attn.float().unsqueeze(-1)
+        text = (seq[:, :8] * m).sum(1) / m.sum(1)
+        image = seq[:, 8:].mean(1)
+        head = model.itc_head
+        cosine = (F.normalize(head.text_proj(text), dim=-1) * F.normalize(head.image_proj(image), dim=-1)).sum(-1)
+        cls = model.tia_head.classifier(pooled)
+        expected = cls[:, 1] - cls[:, 0] + cosine / 0.07
+        assert torch.allclose(model.tia_margin(seq, attn, pooled), expected, atol=1e-4)
+        # the pairing matters, not only each side: other patches give another agreement
+        seq2, pooled2 = model.encode(ids, attn, feats.flip(0))
+        assert not torch.allclose(model.tia_margin(seq2, attn, pooled2), expected, atol=1e-3)
+    labels = torch.tensor([1, 0, 1])
+    out = model(ids, attn, feats, tia_labels=labels, itc=False)
+    assert torch.allclose(out.tia_logits.float(), model.alignment_logits(seq, attn, pooled).float(), atol=1e-5)
+    assert float(out.losses["tia"].detach()) == pytest.approx(float(alignment_loss(out.tia_logits.detach(), labels)),
+                                                             abs=1e-6)
+    # the scale learns: TIA's gradient reaches it and the itc projections it reads through
+    model.train()
+    model(ids, attn, feats, tia_labels=labels, itc=False).losses["tia"].backward()
+    assert model.tia_head.agreement_scale.grad is not None and model.itc_head.text_proj.weight.grad.abs().sum() > 0
+
+
+def test_halves_tia_head_needs_the_itc_head_and_round_trips(tiny_backbone, tmp_path):
+    model = _halves_model(tiny_backbone)
+    model.save(tmp_path / "halves")
+    again = FashionBertModel.from_checkpoint(tmp_path / "halves")
+    assert again.config.tia_pooling == "halves"
+    assert torch.equal(again.tia_head.agreement_scale, model.tia_head.agreement_scale)
+    FashionBertModel(FashionBertConfig(backbone=str(tiny_backbone), feature_dim=FEATURE_DIM, itc_dim=8,
+                                       bert=model.config.bert)).save(tmp_path / "cls")
+    config = json.loads((tmp_path / "cls" / "config.json").read_text())
+    del config["tia_pooling"]  # a folder from before the option: the paper's [CLS] head, weights without the scale
+    (tmp_path / "cls" / "config.json").write_text(json.dumps(config))
+    assert FashionBertModel.from_checkpoint(tmp_path / "cls").config.tia_pooling == "cls"
+    assert not hasattr(FashionBertModel.from_checkpoint(tmp_path / "cls").tia_head, "agreement_scale")
+    with pytest.raises(Exception, match="tia_pooling 'halves'.*itc head"):
+        FashionBertModel(FashionBertConfig(backbone=str(tiny_backbone), feature_dim=FEATURE_DIM, itc_dim=0,
+                                           tia_pooling="halves", bert=model.config.bert))

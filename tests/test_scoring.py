@@ -108,8 +108,9 @@ def _reference_margins(model, texts, feats, pairs):
     cfg = model.config
     ids, mask = pad_texts([texts[t] for t in pairs[:, 0]], cfg.max_text_len, cfg.pad_token_id, cfg.sep_token_id)
     with torch.no_grad():
-        _, pooled = model.encode(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(feats[pairs[:, 1]]).float())
-        logits = model.tia_head(pooled)
+        mask = torch.from_numpy(mask)
+        seq, pooled = model.encode(torch.from_numpy(ids), mask, torch.from_numpy(feats[pairs[:, 1]]).float())
+        logits = model.alignment_logits(seq, mask, pooled)
     return (logits[:, 1] - logits[:, 0]).numpy()
 
 
@@ -152,8 +153,8 @@ def test_scorer_factored_pass_equals_encode_exactly(loaded, catalog):
     got = scorer.score(texts, ArrayImages(feats), pairs)
     ids = torch.from_numpy(np.stack([texts[t] for t in pairs[:, 0]]))
     with torch.no_grad():
-        _, pooled = model.encode(ids, torch.ones_like(ids), torch.from_numpy(feats[pairs[:, 1]]).float())
-        ref = model.tia_margin(pooled).numpy()
+        seq, pooled = model.encode(ids, torch.ones_like(ids), torch.from_numpy(feats[pairs[:, 1]]).float())
+        ref = model.tia_margin(seq, torch.ones_like(ids), pooled).numpy()
     np.testing.assert_array_equal(got, ref)
 
 
@@ -170,6 +171,30 @@ def test_late_fusion_scorer_runs_the_lower_layers_once_per_item_and_matches_the_
     np.testing.assert_allclose(got, _reference_margins(late, catalog.text_ids, feats, pairs), atol=2e-5)
     single = _reference_margins(loaded.model, catalog.text_ids, feats, pairs)
     assert np.abs(got - single).max() > 1e-3  # the fusion layer matters: not the single-stream numbers
+
+
+def test_halves_tia_scorer_matches_the_model(backbone, catalog):
+    """A "halves" TIA head reads the joint pass's text and patch halves: the factored scorer (texts padded per batch,
+    images in blocks) gives the model's own margins, and those are not the [CLS] classifier's alone."""
+    from fashionbert.model.config import FashionBertConfig
+    from fashionbert.model.modeling import FashionBertModel
+
+    torch.manual_seed(0)
+    model = FashionBertModel.from_pretrained_backbone(FashionBertConfig(
+        backbone=str(backbone), feature_dim=FEATURE_DIM, itc_dim=8, tia_pooling="halves", dropout=0.0)).eval()
+    feats = IndexedImages(catalog.index, catalog.reader).read(np.arange(len(catalog.index)))
+    rng = np.random.default_rng(2)
+    pairs = np.stack([rng.integers(0, len(catalog.text_ids), 40), rng.integers(0, len(feats), 40)], axis=1)
+    got = CrossEncoderScorer(model, resolve_runtime("cpu", "fp32"), token_budget=700, block_images=4).score(
+        catalog.text_ids, ArrayImages(feats), pairs)
+    np.testing.assert_allclose(got, _reference_margins(model, catalog.text_ids, feats, pairs), atol=2e-5)
+    cfg = model.config
+    ids, mask = pad_texts([catalog.text_ids[t] for t in pairs[:, 0]], cfg.max_text_len, cfg.pad_token_id,
+                          cfg.sep_token_id)
+    with torch.no_grad():
+        _, pooled = model.encode(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(feats[pairs[:, 1]]).float())
+        cls = model.tia_head(pooled)
+    assert np.abs(got - (cls[:, 1] - cls[:, 0]).numpy()).max() > 1e-2
 
 
 def _cli_and_auto_margins(folder: Path, catalog) -> tuple[np.ndarray, np.ndarray]:

@@ -349,7 +349,7 @@ def test_kill_and_resume_reach_the_uninterrupted_state(tmp_path, uninterrupted, 
     assert not list((out / "checkpoints").glob(".staging-*"))
 
 
-def test_negative_mining_options_round_trip_and_resume_refuses_a_mismatch(tmp_path, uninterrupted, features,
+def test_negative_mining_and_tia_pooling_options_round_trip_and_resume_refuses_a_mismatch(tmp_path, uninterrupted, features,
                                                                           tiny_backbone):
     import shutil
 
@@ -357,21 +357,27 @@ def test_negative_mining_options_round_trip_and_resume_refuses_a_mismatch(tmp_pa
     newest = ckpt.latest_checkpoint(ref_out)
     options = json.loads((newest / ckpt.STATE_JSON).read_text())["options"]
     assert options["hard_neg_fraction"] == 1.0 and options["hard_neg_temperature"] == 0.0  # the defaults, resolved
+    assert options["tia_pooling"] == "halves"
+    assert json.loads((ref_out / "model" / "config.json").read_text())["tia_pooling"] == "halves"
     out = tmp_path / "copy"
     shutil.copytree(ref_out, out)
-    for option, value in (("--hard-neg-fraction", 0.5), ("--hard-neg-temperature", 0.1)):
+    for option, value in (("--hard-neg-fraction", 0.5), ("--hard-neg-temperature", 0.1), ("--tia-pooling", "cls")):
         with pytest.raises(UserError, match=option):
             run(make_args(features, out, tiny_backbone, "--steps", 8, "--resume", option, value))
     # a checkpoint from before mining existed ran without it: resuming it with mining on would change the run
     state_json = ckpt.latest_checkpoint(out) / ckpt.STATE_JSON
     info = json.loads(state_json.read_text())
-    del info["options"]["hard_neg_fraction"], info["options"]["hard_neg_temperature"]
+    del info["options"]["hard_neg_fraction"], info["options"]["hard_neg_temperature"], info["options"]["tia_pooling"]
     state_json.write_text(json.dumps(info))
-    with pytest.raises(UserError, match=r"--hard-neg-fraction 1.0 \(checkpoint: 0.0\)"):
+    with pytest.raises(UserError, match=r"--hard-neg-fraction 1.0 \(checkpoint: 0.0\).*--tia-pooling 'halves' "
+                                        r"\(checkpoint: 'cls'\)"):
         run(make_args(features, out, tiny_backbone, "--steps", 8, "--resume"))
     with pytest.raises(UserError, match="--itc-dim 0"):
         run(make_args(features, tmp_path / "no-itc", tiny_backbone, "--steps", 1, "--itc-dim", 0,
                       "--hard-neg-fraction", 0.5))
+    with pytest.raises(UserError, match="--tia-pooling halves.*--itc-dim 0"):
+        run(make_args(features, tmp_path / "no-itc", tiny_backbone, "--steps", 1, "--itc-dim", 0,
+                      "--tia-pooling", "halves"))
 
 
 def test_itc_queue_is_saved_with_the_checkpoint_and_resumes_bitwise(tmp_path, features, tiny_backbone):

@@ -58,9 +58,10 @@ def head_scores(model, s100: SampleHundred, config: FashionBertConfig, rt,
                                   config.sep_token_id)
             feats = s100.pool_features[[c for _, c in chunk]]
             with rt.autocast():
-                _, pooled = model.encode(torch.from_numpy(ids).to(rt.device), torch.from_numpy(attn).to(rt.device),
-                                         torch.from_numpy(feats).to(rt.device).float())
-                margin = model.tia_margin(pooled)
+                mask = torch.from_numpy(attn).to(rt.device)
+                sequence_output, pooled = model.encode(torch.from_numpy(ids).to(rt.device), mask,
+                                                       torch.from_numpy(feats).to(rt.device).float())
+                margin = model.tia_margin(sequence_output, mask, pooled)
             margins[start:start + len(chunk)] = margin.cpu().double().numpy()
         if getattr(model, "itc_head", None) is None:
             return margins, None

@@ -23,6 +23,7 @@ MODEL_TYPE = "fashionbert"
 FORMAT_VERSION = 1
 # The MLM label of a token that is not masked (PyTorch cross-entropy's ignore_index).
 IGNORE_INDEX = -100
+TIA_POOLINGS = ("cls", "halves")
 
 
 class FashionBertConfig(PreTrainedConfig):
@@ -60,6 +61,12 @@ class FashionBertConfig(PreTrainedConfig):
     # apart, as the itc passes do, and only the layers above attend across them. 0 = the paper's single stream from
     # the first layer.
     fusion_layer: int = 0
+    # What the TIA classifier reads of the joint pass. "cls": BERT's pooled [CLS] (the paper). "halves": the pooled
+    # [CLS] plus the agreement of the pass's two halves -- the text tokens' and the patches' mean states through the
+    # itc head's projections, a scaled cosine added to the aligned logit (needs the itc head). Why: a linear probe on
+    # the trained [CLS] of hm-dev's single stream ranked no better than chance while the untrained agreement of the
+    # halves already ranked a third of the queries first (README, "What quality to expect").
+    tia_pooling: str = "cls"
     # The folder layout's version: a reader refuses a newer one rather than misread it.
     format_version: int = FORMAT_VERSION
 
@@ -95,6 +102,9 @@ class FashionBertConfig(PreTrainedConfig):
         if self.itc_dim < 0 or self.itc_pooling not in ("mean", "cls"):
             raise UserError(f"model config: itc_dim ({self.itc_dim}) must be >= 0 and itc_pooling "
                             f"({self.itc_pooling!r}) 'mean' or 'cls'")
+        if self.tia_pooling not in TIA_POOLINGS or (self.tia_pooling == "halves" and self.itc_dim <= 0):
+            raise UserError(f"model config: tia_pooling {self.tia_pooling!r} must be one of {TIA_POOLINGS}, and "
+                            f"'halves' needs the itc head (itc_dim > 0; it is {self.itc_dim})")
         layers = int(self.bert.get("num_hidden_layers", 0)) if self.bert else None
         if self.fusion_layer < 0 or (layers is not None and self.fusion_layer >= layers):
             raise UserError(f"model config: fusion_layer {self.fusion_layer} must be in [0, {layers}) (the backbone's "

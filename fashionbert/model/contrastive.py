@@ -81,15 +81,25 @@ class ContrastiveHead(nn.Module):
         head.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         return head
 
+    def project_text(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(pooled.to(self.text_proj.weight.dtype)).float(), dim=-1)
+
+    def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(pooled.to(self.image_proj.weight.dtype)).float(), dim=-1)
+
     def embed_text(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         states = model.encode_text(input_ids, attention_mask)
-        pooled = states[:, 0].float() if self.pooling == "cls" else masked_mean(states, attention_mask)
-        return F.normalize(self.text_proj(pooled.to(self.text_proj.weight.dtype)).float(), dim=-1)
+        return self.project_text(states[:, 0].float() if self.pooling == "cls" else masked_mean(states, attention_mask))
 
     def embed_image(self, model, patch_features: torch.Tensor) -> torch.Tensor:
         states = model.encode_image(patch_features, with_cls=self.pooling == "cls")
-        pooled = states[:, 0].float() if self.pooling == "cls" else masked_mean(states, None)
-        return F.normalize(self.image_proj(pooled.to(self.image_proj.weight.dtype)).float(), dim=-1)
+        return self.project_image(states[:, 0].float() if self.pooling == "cls" else masked_mean(states, None))
+
+    def agreement(self, text_states: torch.Tensor, text_mask: torch.Tensor, patch_states: torch.Tensor) -> torch.Tensor:
+        """Cosine (B,) float32 between the two halves of a joint pass, each mean-pooled (the patches have no [CLS] of
+        their own there) and projected as the single-modality vectors are: the "halves" TIA head's input."""
+        return (self.project_text(masked_mean(text_states, text_mask))
+                * self.project_image(masked_mean(patch_states, None))).sum(dim=-1)
 
     def forward(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 patch_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,13 +11,14 @@ learned grid*grid patch position table + segment 1 + LayerNorm), and the concate
 `bert.encoder` with an extended attention mask that hides text padding (patches are never padding).
 
 The model owns these pieces (`embed_text`, `embed_patches`, `encode_joint`, `encode_text`, `encode_image`,
-`tia_margin`) and `encode` composes them; training, the scorer (which reuses each text's and image's embeddings
+`alignment_logits`/`tia_margin`) and `encode` composes them; training, the scorer (which reuses each text's and image's embeddings
 across pairs), the recall embeddings and validation call them, so the input layout is built in one place.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 from pathlib import Path
 
@@ -124,15 +125,26 @@ class FashionBertMPMHead(nn.Module):
 
 
 class FashionBertTIAHead(nn.Module):
-    """2-way text-image alignment classifier on BERT's pooled [CLS]."""
+    """2-way text-image alignment classifier on BERT's pooled [CLS]; with `config.tia_pooling` "halves" the agreement
+    of the joint pass's text and patch halves (`ContrastiveHead.agreement`, a cosine) joins the aligned logit, times
+    a learned scale (CLIP's parameterisation, starting at 1 / 0.07 like the itc temperature: the cosine's spread
+    is small, and at the learning rate of a fine-tune a plain multiplier would barely move)."""
+
+    MAX_SCALE = 100.0
 
     def __init__(self, config: FashionBertConfig, bert_config):
         super().__init__()
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = nn.Linear(bert_config.hidden_size, 2)
+        if config.tia_pooling == "halves":
+            self.agreement_scale = nn.Parameter(torch.tensor(math.log(1.0 / 0.07)))
 
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(pooled))
+    def forward(self, pooled: torch.Tensor, agreement: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.classifier(self.dropout(pooled))
+        if agreement is None:
+            return logits
+        aligned = self.agreement_scale.exp().clamp(max=self.MAX_SCALE) * agreement
+        return logits.float() + F.pad(aligned.unsqueeze(1), (1, 0))
 
 
 @dataclasses.dataclass
@@ -372,10 +384,19 @@ class FashionBertModel(PreTrainedModel):
             patches = torch.cat([cls, patches.to(cls.dtype)], dim=1)
         return self.encode_embeddings(patches)
 
-    def tia_margin(self, pooled: torch.Tensor) -> torch.Tensor:
+    def alignment_logits(self, sequence_output: torch.Tensor, text_mask: torch.Tensor,
+                         pooled: torch.Tensor) -> torch.Tensor:
+        """TIA logits (B, 2) of a joint pass (`encode`'s outputs and the text mask it ran with)."""
+        if self.config.tia_pooling != "halves":
+            return self.tia_head(pooled)
+        text_len = text_mask.shape[1]
+        agreement = self.itc_head.agreement(sequence_output[:, :text_len], text_mask, sequence_output[:, text_len:])
+        return self.tia_head(pooled, agreement)
+
+    def tia_margin(self, sequence_output: torch.Tensor, text_mask: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         """The TIA logit margin l1 - l0 (float32): it ranks like P(aligned) = sigmoid(margin) but does not
         saturate into ties at P ~ 1."""
-        logits = self.tia_head(pooled).float()
+        logits = self.alignment_logits(sequence_output, text_mask, pooled).float()
         return logits[:, 1] - logits[:, 0]
 
     def forward(
@@ -439,7 +460,7 @@ class FashionBertModel(PreTrainedModel):
                 sequence_output[:, text_len:], select, self.mpm_head,
                 lambda out, sel: masked_patch_kl_loss(out, patch_features[sel]),
             )
-        tia_logits = self.tia_head(pooled)
+        tia_logits = self.alignment_logits(sequence_output, attention_mask, pooled)
         if tia_labels is not None:
             losses["tia"] = alignment_loss(tia_logits, tia_labels.long())
         if itc_loss is not None:
@@ -544,8 +565,8 @@ class FashionBertModel(PreTrainedModel):
         """The TIA head's P(aligned) for each (text, image) row. Call `.eval()` first (`from_checkpoint` returns the
         model in eval mode); wrap in autocast for bf16. The product ranks by this fused with the itc cosine
         (`rank.cross_encoder.PairScorer`, fashionbert/model/score_fusion.py) when the model folder has a score_fusion.json."""
-        _, pooled = self.encode(input_ids, attention_mask, patch_features)
-        return torch.softmax(self.tia_head(pooled).float(), dim=-1)[:, 1]
+        sequence_output, pooled = self.encode(input_ids, attention_mask, patch_features)
+        return torch.softmax(self.alignment_logits(sequence_output, attention_mask, pooled).float(), dim=-1)[:, 1]
 
 
 def _read_backbone_state(path: Path, prefix: str) -> dict[str, torch.Tensor]:

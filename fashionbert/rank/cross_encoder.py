@@ -144,8 +144,8 @@ class CrossEncoderScorer:
         mask = torch.from_numpy(mask).to(dev)
         text_states = m.encode_text_below_fusion(m.embed_text(torch.from_numpy(ids).to(dev)), mask)
         rows = torch.from_numpy(text_of_row).to(dev)
-        _, pooled = m.fuse(text_states[rows], mask[rows], patches[torch.from_numpy(image_local).to(dev)])
-        return m.tia_margin(pooled).cpu().numpy()
+        sequence_output, pooled = m.fuse(text_states[rows], mask[rows], patches[torch.from_numpy(image_local).to(dev)])
+        return m.tia_margin(sequence_output, mask[rows], pooled).cpu().numpy()
 
 
 # ============================================================================================ ranking score

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 
 from fashionbert.model.backbone import DEFAULT_BACKBONE
+from fashionbert.model.config import TIA_POOLINGS
 from fashionbert.runtime import add_runtime_arguments, stage_config
 from fashionbert.train.adaptive_loss import MODES as TASK_WEIGHT_MODES
 
@@ -35,6 +36,7 @@ class TrainConfig:
     itc_pooling: str = "mean"
     itc_queue: int = 0
     fusion_layer: int = 0
+    tia_pooling: str | None = None  # None: "halves" with the itc head, "cls" without
     whole_word_mask: bool = True
     # optimisation
     steps: int | None = None
@@ -138,6 +140,12 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="late fusion: the first K encoder layers see the text and the patches apart (as the itc passes "
                         "do), the layers above attend across them, as ALBEF's fusion encoder sits on its unimodal "
                         "encoders; 0 = the paper's single stream from the first layer (default 0)")
+    g.add_argument("--tia-pooling", choices=TIA_POOLINGS, default=D.tia_pooling,
+                   help="what the TIA classifier reads of the joint pass: cls = BERT's pooled [CLS] (the paper); "
+                        "halves = that plus the agreement of the pass's text and patch halves (their mean states "
+                        "through the itc projections, a scaled cosine), which gives the cross-encoder a start it "
+                        "learns from instead of a chance plateau. Needs the itc head (default halves; cls with "
+                        "--itc-dim 0)")
     g.add_argument("--no-whole-word-mask", dest="whole_word_mask", action="store_false",
                    help="mask WordPiece tokens independently instead of whole words")
 

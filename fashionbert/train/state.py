@@ -29,11 +29,12 @@ from fashionbert.train.optim import build_optimizer, restore_optimizer
 # Options that fix the data order or the optimisation: a resumed run must use the checkpoint's values,
 # or it would not continue the same run.
 RESUME_MUST_MATCH = ("batch_size", "itc_dim", "itc_pooling", "dropout", "tia_warmup", "grad_accum", "neg_ratio",
-                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "itc_queue", "fusion_layer", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
+                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "itc_queue", "fusion_layer", "tia_pooling", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
                      "weight_decay", "shuffle_window", "world_size")
 
 # What a checkpoint written before an option existed ran with.
-BEFORE_OPTION = {"hard_neg_fraction": 0.0, "hard_neg_temperature": 0.0, "itc_queue": 0, "fusion_layer": 0}
+BEFORE_OPTION = {"hard_neg_fraction": 0.0, "hard_neg_temperature": 0.0, "itc_queue": 0, "fusion_layer": 0,
+                 "tia_pooling": "cls"}
 
 
 @dataclasses.dataclass
@@ -132,6 +133,9 @@ def _prepare_out(config: TrainConfig, rt: Runtime) -> Path:
         raise UserError("--random-neg-fraction must be in [0, 1]")
     if not 0.0 <= hard_neg_fraction(config) <= 1.0 or config.hard_neg_temperature < 0:
         raise UserError("--hard-neg-fraction must be in [0, 1] and --hard-neg-temperature >= 0")
+    if tia_pooling(config) == "halves" and config.itc_dim <= 0:
+        raise UserError("--tia-pooling halves reads the joint pass through the itc head's projections, which "
+                        "--itc-dim 0 turns off: pass --tia-pooling cls with --itc-dim 0")
     if config.itc_queue < 0 or (config.itc_queue > 0 and config.itc_dim <= 0):
         raise UserError(f"--itc-queue {config.itc_queue}: must be >= 0, and needs the itc head (--itc-dim > 0)")
     if hard_neg_fraction(config) > 0 and config.neg_ratio > 0 and config.itc_dim <= 0:
@@ -186,6 +190,7 @@ def run_options(config: TrainConfig, world: int) -> dict[str, Any]:
     options["features"] = [str(Path(f).expanduser().resolve()) for f in config.features]
     options["world_size"] = world
     options["hard_neg_fraction"] = hard_neg_fraction(config)
+    options["tia_pooling"] = tia_pooling(config)
     return options
 
 
@@ -194,6 +199,13 @@ def hard_neg_fraction(config: TrainConfig) -> float:
     if config.hard_neg_fraction is not None:
         return float(config.hard_neg_fraction)
     return 1.0 if config.itc_dim > 0 else 0.0
+
+
+def tia_pooling(config: TrainConfig) -> str:
+    """--tia-pooling, or its default: the halves' agreement where the itc head gives it projections."""
+    if config.tia_pooling is not None:
+        return config.tia_pooling
+    return "halves" if config.itc_dim > 0 else "cls"
 
 
 def _check_resume_options(saved: dict, current: dict, where: Path) -> None:
@@ -222,6 +234,7 @@ def _new_model(config: TrainConfig, data: TrainingData) -> tuple[FashionBertMode
         mpm_probability=config.mpm_probability, whole_word_mask=config.whole_word_mask,
         dropout=None if config.dropout < 0 else config.dropout, itc_dim=config.itc_dim,
         itc_pooling=config.itc_pooling, fusion_layer=config.fusion_layer,
+        tia_pooling=tia_pooling(config),
     )
     torch.manual_seed(config.seed)
     model = FashionBertModel.from_pretrained_backbone(model_config)
