@@ -256,3 +256,102 @@ def test_model_and_train_are_mutually_exclusive(capsys):
     with pytest.raises(SystemExit) as exc:
         nightly.main(["--catalog", "synthetic:2", "--workdir", "w", "--model", "m", "--train"])
     assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_refusals_before_any_work_are_in_last_run_json(first_run, tmp_path, capsys):
+    _, work = _copy(first_run, tmp_path)
+    before = _summary(work / "last-run.json")
+    assert before["status"] == "ok"
+    _error(capsys, "--catalog", "synthetic:2", "--workdir", work, "--model", tmp_path / "nowhere")
+    refused = _summary(work / "last-run.json")
+    assert refused["status"] == "refused" and "no config.json there" in refused["error"] and refused["run_id"] is None
+    _error(capsys, "--catalog", "synthetic:2", "--workdir", work, "--top-k", "10", "--recall-k", "5")
+    assert "--recall-k 5 is below --top-k 10" in _summary(work / "last-run.json")["error"]
+    assert os.path.realpath(work / "latest") == first_run["run"].replace(str(first_run["work"]), str(work))
+
+
+def test_a_locked_workdir_leaves_the_holders_last_run_json(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "last-run.json").write_text('{"status": "running"}')
+    with nightly.workdir_lock(str(work)):
+        assert nightly.main(["--catalog", "synthetic:2", "--workdir", str(work), "--model", "m"]) != 0
+    assert _summary(work / "last-run.json") == {"status": "running"}
+
+
+# ============================================================================================ quality gate
+def _gate_summary(t2i, i2t, split_seed=0, argv=("--queries", "100")):
+    return {"stages": {"evaluate": {"status": "ok", "argv": list(argv),
+                                    "split": {"kind": "validation", "val_fraction": 0.2, "split_seed": split_seed,
+                                              "from": "somewhere"},
+                                    "headline": {"sample100_t2i_rank1": t2i, "sample100_i2t_rank1": i2t}}}}
+
+
+def test_quality_gate_compares_like_for_like(tmp_path):
+    latest = tmp_path / "run1"
+    latest.mkdir()
+    (latest / "summary.json").write_text(json.dumps(_gate_summary(0.40, 0.38)))
+    gate = nightly.quality_gate(_gate_summary(0.36, 0.37), str(latest), 5.0)
+    assert gate["passed"] and gate["compared"] and gate["figures"]["sample100_t2i_rank1"]["drop_points"] == 4.0
+    held = nightly.quality_gate(_gate_summary(0.40, 0.30), str(latest), 5.0)
+    assert not held["passed"] and "sample100_i2t_rank1 fell 8.0 points (38.0 -> 30.0)" in held["why"]
+    assert nightly.quality_gate(_gate_summary(0.40, 0.30), str(latest), 10.0)["passed"]
+    assert nightly.quality_gate(_gate_summary(0.50, 0.50), str(latest), 0.0)["passed"]  # a rise always passes
+    for other in (_gate_summary(0.1, 0.1, split_seed=1), _gate_summary(0.1, 0.1, argv=("--queries", "50"))):
+        gate = nightly.quality_gate(other, str(latest), 5.0)
+        assert gate["passed"] and not gate["compared"] and "another split or with other options" in gate["why"]
+    assert not nightly.quality_gate(_gate_summary(0.1, 0.1), None, 5.0)["compared"]
+    assert not nightly.quality_gate({"stages": {"evaluate": {"status": "skipped"}}}, str(latest), 5.0)["compared"]
+
+
+def test_gate_holds_latest_on_a_regression_and_moves_it_otherwise(first_run, tmp_path):
+    manifest, work = _copy(first_run, tmp_path)
+    run1 = os.path.realpath(work / "latest")
+    # Pretend yesterday's model ranked perfectly: today's real metrics are then a regression of > 5 points.
+    summary = _summary(os.path.join(run1, "summary.json"))
+    real = dict(summary["stages"]["evaluate"]["headline"])
+    assert real["sample100_t2i_rank1"] < 0.9 or real["sample100_i2t_rank1"] < 0.9
+    summary["stages"]["evaluate"]["headline"].update(sample100_t2i_rank1=1.0, sample100_i2t_rank1=1.0)
+    Path(run1, "summary.json").write_text(json.dumps(summary))
+    held = _cli("nightly", "--catalog", manifest, "--workdir", work, *RETRIEVE, *EVAL)
+    assert held.returncode == 3, held.stderr
+    assert "quality gate" in held.stderr and "latest left unchanged" in held.stderr
+    assert os.path.realpath(work / "latest") == run1
+    last = _summary(work / "last-run.json")
+    assert last["status"] == "held" and not last["gate"]["passed"] and "more than --max-regression 5.0" in last["gate"]["why"]
+    assert last["stages"]["retrieve"]["status"] == "ok" and os.path.isdir(work / "runs" / last["run_id"] / "retrieval")
+
+    moved = _cli("nightly", "--catalog", manifest, "--workdir", work, *RETRIEVE, *EVAL, "--max-regression", "100")
+    assert moved.returncode == 0, moved.stderr
+    last = _summary(work / "last-run.json")
+    assert last["status"] == "ok" and last["gate"]["passed"] and last["gate"]["compared"]
+    assert os.path.basename(os.path.realpath(work / "latest")) == last["run_id"]
+
+
+# ============================================================================================ pruning
+def test_keep_runs_prunes_the_oldest_but_never_latest_this_run_or_a_model_in_use(tmp_path):
+    work = tmp_path / "work"
+    names = [f"2026120{d}T000000Z-abcdef" for d in range(1, 8)]
+    for name in names:
+        (work / "runs" / name).mkdir(parents=True)
+    (work / "runs" / names[0] / "train" / "model").mkdir(parents=True)
+    nightly.point_latest(str(work), str(work / "runs" / names[1]))
+    protect = {str(work / "runs" / names[0] / "train" / "model"), str(work / "runs" / names[6])}
+    removed = nightly.prune_runs(str(work), 2, protect)
+    assert removed == [names[4], names[3], names[2]]
+    assert sorted(os.listdir(work / "runs")) == [names[0], names[1], names[5], names[6]]
+    assert nightly.prune_runs(str(work), None, set()) == []
+
+
+def test_keep_runs_in_a_nightly_run(first_run, tmp_path):
+    manifest, work = _copy(first_run, tmp_path)
+    run1 = os.path.realpath(work / "latest")  # holds the model every later run scores with
+    summary = _summary(os.path.join(run1, "summary.json"))
+    summary["model"]["path"] = os.path.join(run1, "train", "model")  # the copy's, not the fixture's
+    Path(run1, "summary.json").write_text(json.dumps(summary))
+    for _ in range(2):
+        proc = _cli("nightly", "--catalog", manifest, "--workdir", work, *RETRIEVE, "--skip-evaluate", "--keep-runs", "1")
+        assert proc.returncode == 0, proc.stderr
+    last = _summary(work / "last-run.json")
+    assert sorted(os.listdir(work / "runs")) == sorted([os.path.basename(run1), last["run_id"]])
+    assert len(last["pruned"]) == 1 and os.path.basename(os.path.realpath(work / "latest")) == last["run_id"]

@@ -12,13 +12,20 @@
         metrics.json        `fashionbert evaluate` output (not with --skip-evaluate)
         summary.json        status, model, counts, metrics, timings, per-stage details
       latest -> runs/<run-id>   the last successful run; moved atomically, only on success
-      last-run.json       the newest run's summary, failed or not (for monitoring)
+      last-run.json       the newest run's summary whatever its outcome: ok, failed, held by the quality gate,
+                          or refused before any work (no model, a bad option); "running" while one runs
       .lock               held for the whole run: a second run on the same folder exits at once
 
 Stages: featurize, train (only with --train), retrieve, evaluate (unless --skip-evaluate). The model is
 --model DIR, or with --train the one trained on this run's features, or else the model the latest successful
 run used. Any failure exits non-zero naming the stage and leaves `latest` where it was. Options of the later
 stages pass through as one quoted string each: --train-args, --retrieve-args, --eval-args.
+
+The quality gate: when evaluate ran on the same held-out split and protocol as latest's run, `latest` moves only
+if neither direction's sample-100 Rank@1 fell more than --max-regression points below latest's.
+
+Exit codes: 0 ok; 1 a stage failed; 2 bad usage or input (nothing run); 3 the quality gate held `latest`;
+75 the work folder is locked by another run (try again later).
 """
 from __future__ import annotations
 
@@ -28,8 +35,10 @@ import dataclasses
 import fcntl
 import importlib
 import json
+import logging
 import os
 import shlex
+import shutil
 import sys
 import time
 import traceback
@@ -44,6 +53,7 @@ if TYPE_CHECKING:  # the stages import torch and Beam, so nightly imports them w
     from fashionbert.train.config import TrainConfig
     from pipelines.config import FeaturizeConfig
 
+log = logging.getLogger(__name__)
 # Nightly's settings of a later stage, under the user's pass-through options (which win). One checkpoint is what
 # evaluate needs (it reads the training split from it); a nightly run never resumes, so older ones would only fill
 # the disk every night.
@@ -52,6 +62,11 @@ TRAIN_DEFAULTS = {"keep_checkpoints": 1}
 # GPU. evaluate's own defaults (1000 queries x 3 draws, whole gallery, recall-k 100) cost hours on a CPU.
 EVAL_DEFAULTS = {"queries": 100, "draws": 1, "gallery_max": 100, "recall_k": 20}
 DEFAULT_TOP_K, DEFAULT_RECALL_K = 50, 100
+# sample-100 Rank@1 on nightly's 100 held-out queries moves by ~1 point when a few percent of the catalog changes
+# under the same model; a fall of more than 5 points is a broken model or broken features, not noise.
+DEFAULT_MAX_REGRESSION = 5.0
+GATED = ("sample100_t2i_rank1", "sample100_i2t_rank1")  # the headline figures the gate compares
+EXIT_FAILED, EXIT_USAGE, EXIT_HELD = 1, 2, 3
 
 
 def as_argv(values: dict) -> list[str]:
@@ -82,6 +97,10 @@ PASS_THROUGH = {
     "evaluate": PassThrough("--eval-args", "evaluate", "fashionbert.evaluation.evaluate",
                             ("--features", "--model", "--out"), ("--features", "--model", "--out")),
 }
+
+
+class QualityHeld(Exception):
+    """Every stage succeeded but the metrics fell too far: the run stays, `latest` does not move."""
 
 
 class StageFailed(Exception):
@@ -116,8 +135,10 @@ def workdir_lock(workdir: str):
         fh.seek(0)
         holder = fh.read().strip() or "another process"
         fh.close()
-        raise UserError(f"--workdir {workdir} is locked by {holder}; wait for that run to finish (two runs must "
-                        f"not interleave on one work folder)") from None
+        err = UserError(f"--workdir {workdir} is locked by {holder}; wait for that run to finish (two runs must "
+                        f"not interleave on one work folder)")
+        err.busy = True  # the holder owns last-run.json: a refusal must not overwrite its "running"
+        raise err from None
     fh.seek(0)
     fh.truncate()
     fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
@@ -246,6 +267,8 @@ class NightlyConfig:
     train_args: list[str] = dataclasses.field(default_factory=list)
     retrieve_args: list[str] = dataclasses.field(default_factory=list)
     eval_args: list[str] = dataclasses.field(default_factory=list)
+    max_regression: float = DEFAULT_MAX_REGRESSION  # quality gate, Rank@1 points
+    keep_runs: int | None = None  # prune to this many run folders after each run; None keeps all
 
 
 def _check_retrieval(top_k: int, recall_k: int) -> None:
@@ -262,6 +285,12 @@ def config_from_args(args: argparse.Namespace, beam_args: list[str], from_scratc
     from pipelines.config import config_from_args as featurize_config
 
     _check_retrieval(args.top_k, args.recall_k)
+    if args.max_regression < 0:
+        raise UserError(f"--max-regression {args.max_regression}: must be >= 0 (Rank@1 points); pass a large value, "
+                        f"e.g. 100, to let any result move latest")
+    if args.keep_runs is not None and args.keep_runs < 1:
+        raise UserError(f"--keep-runs {args.keep_runs}: must be >= 1 (the run just made is always kept); omit it to "
+                        f"keep every run")
     train_args = split_pass_through(PASS_THROUGH["train"], args.train_args)
     retrieve_args = split_pass_through(PASS_THROUGH["retrieve"], args.retrieve_args)
     eval_args = split_pass_through(PASS_THROUGH["evaluate"], args.eval_args)
@@ -280,7 +309,8 @@ def config_from_args(args: argparse.Namespace, beam_args: list[str], from_scratc
     evaluate = None if args.skip_evaluate else parse_pass_through(PASS_THROUGH["evaluate"], eval_args, EVAL_DEFAULTS)
     return NightlyConfig(workdir=args.workdir, featurize=featurize, retrieve=retrieve, train=train, evaluate=evaluate,
                          model=args.model, from_scratch=from_scratch, beam_args=beam_args, train_args=train_args,
-                         retrieve_args=retrieve_args, eval_args=eval_args)
+                         retrieve_args=retrieve_args, eval_args=eval_args, max_regression=args.max_regression,
+                         keep_runs=args.keep_runs)
 
 
 # ============================================================================================ stages
@@ -365,12 +395,73 @@ def rollup(stages: dict) -> dict:
             "timings_s": {name: s["seconds"] for name, s in stages.items() if "seconds" in s}}
 
 
+# ============================================================================================ quality gate
+def quality_gate(summary: dict, latest: str | None, max_regression: float) -> dict:
+    """Whether this run may replace `latest`: {"passed": bool, "why": str, ...}. Rank@1 is compared in points
+    (percent) and only like for like: the same held-out split and evaluate options as latest's run, else there is
+    nothing to hold the run against and it passes, saying why."""
+    current = summary.get("stages", {}).get("evaluate", {})
+    if current.get("status") != "ok":
+        return {"passed": True, "compared": False, "why": "no evaluate stage this run"}
+    if latest is None:
+        return {"passed": True, "compared": False, "why": "no previous successful run"}
+    previous_summary = _read_summary(latest)
+    previous = previous_summary.get("stages", {}).get("evaluate", {})
+    if previous.get("status") != "ok":
+        return {"passed": True, "compared": False, "why": f"latest run {os.path.basename(latest)} has no metrics"}
+
+    def protocol(stage: dict) -> dict:
+        return {"split": {k: v for k, v in (stage.get("split") or {}).items() if k != "from"},
+                "argv": stage.get("argv")}
+
+    if protocol(current) != protocol(previous):
+        return {"passed": True, "compared": False,
+                "why": f"latest run {os.path.basename(latest)} was evaluated on another split or with other options"}
+    figures, falls = {}, []
+    for name in GATED:
+        now, before = current["headline"].get(name), previous["headline"].get(name)
+        if now is None or before is None:
+            continue
+        drop = round(100 * (before - now), 2)
+        figures[name] = {"latest": before, "this_run": now, "drop_points": drop}
+        if drop > max_regression:
+            falls.append(f"{name} fell {drop} points ({100 * before:.1f} -> {100 * now:.1f})")
+    passed = not falls
+    why = ("; ".join(falls) + f": more than --max-regression {max_regression} below latest run "
+           f"{os.path.basename(latest)}") if falls else f"within --max-regression {max_regression} of latest"
+    return {"passed": passed, "compared": True, "why": why, "against": os.path.basename(latest),
+            "max_regression": max_regression, "figures": figures}
+
+
+# ============================================================================================ pruning
+def prune_runs(workdir: str, keep: int, protect: set[str]) -> list[str]:
+    """Remove all but the `keep` newest run folders, never `latest`, never one in `protect` (the running run, and
+    any run whose folder holds a model latest or this run scores with). Run ids start with a UTC timestamp, so
+    name order is age order. Returns the removed run ids."""
+    runs_dir = os.path.join(workdir, "runs")
+    if keep is None or not os.path.isdir(runs_dir):
+        return []
+    latest = latest_run(workdir)
+    keep_paths = {os.path.realpath(p) for p in protect | ({latest} if latest else set())}
+    names = sorted((n for n in os.listdir(runs_dir) if os.path.isdir(os.path.join(runs_dir, n))), reverse=True)
+    removed = []
+    for name in names[keep:]:
+        path = os.path.realpath(os.path.join(runs_dir, name))
+        if any(path == kept or kept.startswith(path + os.sep) for kept in keep_paths):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(name)
+        log.info("pruned run %s (--keep-runs %d)", name, keep)
+    return removed
+
+
 # ============================================================================================ run
 def _run_stages(ctx: RunContext, summary: dict) -> None:
     for name, stage in STAGES:
         if not _wanted(name, ctx.config):
             summary["stages"][name] = {"status": "skipped"}
             continue
+        log.info("stage %s: start", name)
         t0 = time.time()
         try:
             result = stage(ctx)
@@ -378,28 +469,83 @@ def _run_stages(ctx: RunContext, summary: dict) -> None:
             seconds = round(time.time() - t0, 2)
             summary["stages"][name] = {"status": "failed", "error": _one_line(exc), "seconds": seconds,
                                        "traceback": traceback.format_exc(limit=8)}
+            log.error("stage %s: failed after %.1f s: %s", name, seconds, _one_line(exc))
             raise StageFailed(name, exc) from exc
         summary["stages"][name] = {"status": "ok", **result, "seconds": round(time.time() - t0, 2)}
+        log.info("stage %s: done in %.1f s%s", name, time.time() - t0, _stage_counts(name, result))
+
+
+def _stage_counts(name: str, result: dict) -> str:
+    """The few figures an operator reads in a stage's end line."""
+    c = result.get("counts") or {}
+    if name == "featurize" and c:
+        return (f": {c['accepted_images']} images ({c['images']['computed']} computed, {c['images']['carried']} "
+                f"carried), {c['texts']} texts, {c['rejected_rows']} rejects")
+    if name == "train":
+        return f": step {result['final_step']}, model {result['model']}"
+    if name == "retrieve" and c:
+        return (f": {c['text_queries']} text and {c['image_queries']} image queries, "
+                f"{c.get('pairs_scored', c['cross_encoder_pairs'])} pairs scored, {c.get('pairs_reused', 0)} reused")
+    if name == "evaluate":
+        h = result.get("headline") or {}
+        t2i, i2t = h.get("sample100_t2i_rank1"), h.get("sample100_i2t_rank1")
+        if t2i is not None and i2t is not None:
+            return f": sample-100 Rank@1 t2i {100 * t2i:.1f}, i2t {100 * i2t:.1f}"
+    return ""
+
+
+def _timestamp() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _refusal(kind: str, catalog: str | None, error: BaseException) -> dict:
+    return {"run_id": None, "kind": kind, "catalog": catalog, "status": "refused", "error": str(error),
+            "started": _timestamp(), "finished": _timestamp(), "stages": {}}
+
+
+def record_refusal(workdir: str, kind: str, catalog: str | None, error: BaseException) -> None:
+    """last-run.json for a run refused before any work (no model, a bad option), so monitoring does not keep
+    showing the previous run's "ok". Written under the lock; when another run holds it, that run owns the file."""
+    try:
+        with workdir_lock(workdir):
+            _write_json(os.path.join(workdir, "last-run.json"), _refusal(kind, catalog, error))
+    except (UserError, OSError):
+        pass
+
+
+def _model_paths(*summaries: dict) -> set[str]:
+    return {s["model"]["path"] for s in summaries if (s.get("model") or {}).get("path")}
 
 
 def run(config: NightlyConfig) -> dict:
     workdir = os.path.abspath(config.workdir)
+    kind = "backfill" if config.from_scratch else "nightly"
     with workdir_lock(workdir):
         latest = latest_run(workdir)
-        model = resolve_model(config, latest)
+        try:
+            model = resolve_model(config, latest)
+        except UserError as err:
+            _write_json(os.path.join(workdir, "last-run.json"), _refusal(kind, config.featurize.catalog, err))
+            err.recorded = True  # main must not record it again
+            raise
         run_id = publish.new_run_id()
         run_dir = os.path.join(workdir, "runs", run_id)
         os.makedirs(run_dir)
         ctx = RunContext(config, run_id, run_dir, latest, model)
-        summary = {"run_id": run_id, "kind": "backfill" if config.from_scratch else "nightly",
-                   "catalog": config.featurize.catalog, "status": "running",
-                   "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": model,
-                   "options": _options(config), "stages": {}}
+        summary = {"run_id": run_id, "kind": kind, "catalog": config.featurize.catalog, "status": "running",
+                   "started": _timestamp(), "model": model, "options": _options(config), "stages": {}}
+        log.info("%s run %s: start (catalog %s, model %s)", kind, run_id, config.featurize.catalog,
+                 model["path"] or "trained by this run")
         t_run = time.time()
         # Written now so that a run killed outright still shows in last-run.json: "running", never finished.
         _save_summary(summary, run_dir, workdir)
         try:
             _run_stages(ctx, summary)
+            summary["gate"] = quality_gate(summary, latest, config.max_regression)
+            if not summary["gate"]["passed"]:
+                summary["status"] = "held"
+                summary["error"] = f"quality gate: {summary['gate']['why']}"
+                raise QualityHeld(summary["error"])
             summary["status"] = "ok"
         except StageFailed as err:
             summary["status"] = "failed"
@@ -409,8 +555,17 @@ def run(config: NightlyConfig) -> dict:
         finally:
             summary.update(rollup(summary["stages"]))
             summary["seconds"] = round(time.time() - t_run, 2)
+            summary["finished"] = _timestamp()
             _save_summary(summary, run_dir, workdir)
-        point_latest(workdir, run_dir)
+            if summary["status"] == "ok":
+                point_latest(workdir, run_dir)
+            now_latest = latest_run(workdir)
+            pruned = prune_runs(workdir, config.keep_runs,
+                                {run_dir, *_model_paths(summary, _read_summary(now_latest) if now_latest else {})})
+            if pruned:
+                summary["pruned"] = pruned
+                _save_summary(summary, run_dir, workdir)
+            log.info("%s run %s: %s in %.1f s", kind, run_id, summary["status"], summary["seconds"])
         return summary
 
 
@@ -451,6 +606,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"`fashionbert evaluate` options, one quoted string; nightly adds "
                         f"{' '.join(as_argv(EVAL_DEFAULTS))} first (about 25k cross-encoder pairs: minutes on a CPU), "
                         f"yours win. For a model trained elsewhere, --eval-args='--split all' evaluates on every product")
+    k = parser.add_argument_group("quality gate and housekeeping")
+    k.add_argument("--max-regression", type=float, default=DEFAULT_MAX_REGRESSION, metavar="POINTS",
+                   help="hold latest (exit 3, summary.json says why) when either direction's sample-100 Rank@1 falls "
+                        "more than this many points below latest's, evaluated on the same split and options; a large "
+                        "value, e.g. 100, lets any result through (default %(default)s)")
+    k.add_argument("--keep-runs", type=int, default=None, metavar="N",
+                   help="after the run, remove all but the N newest run folders; never latest, this run, nor a run "
+                        "holding the model latest scores with (default: keep every run)")
     featurize_arguments(parser, with_outputs=False)
 
 
@@ -463,9 +626,14 @@ def main(argv: list[str] | None = None, from_scratch: bool = False) -> int:
         summary = run(config_from_args(args, beam_args, from_scratch))
     except StageFailed as err:
         print(f"fashionbert {name}: {err}; latest left unchanged", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
+    except QualityHeld as err:
+        print(f"fashionbert {name}: {err}; latest left unchanged", file=sys.stderr)
+        return EXIT_HELD
     except UserError as err:
+        if not getattr(err, "recorded", False) and not getattr(err, "busy", False):
+            record_refusal(os.path.abspath(args.workdir), name, args.catalog, err)
         print(f"fashionbert {name}: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", EXIT_USAGE)
     print(f"{name} run {summary['run_id']} ok in {summary['seconds']} s -> {os.path.join(args.workdir, 'latest')}")
     return 0
