@@ -16,6 +16,8 @@ META_NAME = b"fashionbert.schema"
 META_VERSION = b"fashionbert.schema_version"
 META_GRID = b"fashionbert.grid"
 META_FEATURE_DIM = b"fashionbert.feature_dim"
+META_MODEL_VERSION = b"fashionbert.model_version"
+META_PRECISION = b"fashionbert.precision"
 
 
 class SchemaError(ValueError):
@@ -103,6 +105,21 @@ PAIR_REJECTS = _with_meta(
     ],
 )
 
+# What retrieve and evaluate computed, for the next run of the same model (fashionbert/rank/score_cache.py): one row
+# per pair (kind "pair": text_hash, image_hash, margin) and per embedding (kind "text": text_hash, vector; kind
+# "image": image_hash, vector). Hashes are the featurize shards' content_hash. The metadata adds META_MODEL_VERSION
+# and META_PRECISION: the scores hold for that model at that precision only.
+SCORE_CACHE = _with_meta(
+    "score_cache",
+    [
+        pa.field("kind", pa.string(), nullable=False),  # "pair", "text" or "image"
+        pa.field("text_hash", pa.string()),
+        pa.field("image_hash", pa.string()),
+        pa.field("margin", pa.float32()),  # the cross-encoder's TIA logit margin
+        pa.field("vector", pa.list_(pa.float32())),  # the L2-normalised recall embedding
+    ],
+)
+
 
 def schema_name(schema: pa.Schema) -> str | None:
     meta = schema.metadata or {}
@@ -121,6 +138,8 @@ def expected_for(schema: pa.Schema) -> pa.Schema:
         return RETRIEVAL
     if name == "pair_rejects":
         return PAIR_REJECTS
+    if name == "score_cache":
+        return SCORE_CACHE
     if name == "images":
         meta = schema.metadata
         try:

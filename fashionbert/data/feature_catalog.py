@@ -48,6 +48,17 @@ class Catalog:
         scored, like in training's validation, on the first)."""
         return [ids[0] for ids in self.texts.input_ids]
 
+    @property
+    def text_hashes(self) -> np.ndarray:
+        """Per product, the content_hash of the text `text_ids` scores (object array of str): what a score cache
+        keys it by."""
+        return np.asarray([h[0] for h in self.texts.content_hash], dtype=object)
+
+    @property
+    def image_hashes(self) -> np.ndarray:
+        """Per image index, its content_hash (object array of str)."""
+        return np.asarray(self.index.content_hash, dtype=object)
+
 
 def open_catalog(paths: Sequence[str], loaded: LoadedModel) -> Catalog:
     folders = open_feature_folders(list(paths))
@@ -97,8 +108,3 @@ class IndexedImages:
         r = self.rows[np.asarray(indices, dtype=np.int64)]
         return self.reader.read(self.index.shard[r], self.index.row_group[r], self.index.row[r])
 
-
-def iter_features(images: ImageSource, batch_rows: int = 256):
-    """Every image of a source in index order (storage order for `IndexedImages`: sequential reads)."""
-    for start in range(0, len(images), batch_rows):
-        yield images.read(np.arange(start, min(start + batch_rows, len(images))))

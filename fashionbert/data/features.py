@@ -101,6 +101,7 @@ class TextTable:
     input_ids: list[list[np.ndarray]]  # per product, one or more token id arrays ([CLS] ... [SEP])
     subcategory: list[str]  # subcategory, else category, else "" (unknown: treated as a too-small group)
     group_id: list[str]
+    content_hash: list[list[str]]  # per product, the content_hash of each of its texts, parallel to input_ids
 
     def __len__(self) -> int:
         return len(self.product_ids)
@@ -124,6 +125,7 @@ def load_texts(folders: Iterable[FeatureFolder]) -> TextTable:
     input_ids: list[list[np.ndarray]] = []
     subcategory: list[str] = []
     group_id: list[str] = []
+    content_hash: list[list[str]] = []
     seen_hashes: set[tuple[str, str]] = set()
     cols = ["product_id", "input_ids", "category", "subcategory", "group_id", "content_hash"]
     for folder in folders:
@@ -141,15 +143,17 @@ def load_texts(folders: Iterable[FeatureFolder]) -> TextTable:
                 arr = np.asarray(ids, dtype=np.int64)
                 if pid in index:
                     input_ids[index[pid]].append(arr)
+                    content_hash[index[pid]].append(chash)
                     continue
                 index[pid] = len(product_ids)
                 product_ids.append(pid)
                 input_ids.append([arr])
+                content_hash.append([chash])
                 subcategory.append(sub or cat or "")
                 group_id.append(grp)
     if not product_ids:
         raise UserError("--features: the texts shards hold no rows; featurize accepted no product texts")
-    return TextTable(product_ids, index, input_ids, subcategory, group_id)
+    return TextTable(product_ids, index, input_ids, subcategory, group_id, content_hash)
 
 
 # ------------------------------------------------------------------------------------------- split
@@ -179,6 +183,7 @@ class ImageIndex:
     row: np.ndarray  # int64, row within the row group
     product: np.ndarray  # int64, index into the TextTable
     image_ids: list[str]
+    content_hash: list[str]  # the images shards' content_hash (image bytes + CNN settings) per entry
     skipped_no_text: int
     skipped_duplicate: int
 
@@ -188,7 +193,7 @@ class ImageIndex:
 
 def index_images(folders: Iterable[FeatureFolder], texts: TextTable) -> ImageIndex:
     shards: list[Path] = []
-    shard_col, rg_col, row_col, prod_col, image_ids = [], [], [], [], []
+    shard_col, rg_col, row_col, prod_col, image_ids, hashes = [], [], [], [], [], []
     seen: set[str] = set()
     no_text = dup = 0
     for folder in folders:
@@ -197,8 +202,10 @@ def index_images(folders: Iterable[FeatureFolder], texts: TextTable) -> ImageInd
             shards.append(path)
             pf = pq.ParquetFile(str(path))
             for rg in range(pf.num_row_groups):
-                t = pf.read_row_group(rg, columns=["image_id", "product_id"])
-                for r, (iid, pid) in enumerate(zip(t.column("image_id").to_pylist(), t.column("product_id").to_pylist())):
+                t = pf.read_row_group(rg, columns=["image_id", "product_id", "content_hash"])
+                for r, (iid, pid, chash) in enumerate(zip(t.column("image_id").to_pylist(),
+                                                          t.column("product_id").to_pylist(),
+                                                          t.column("content_hash").to_pylist())):
                     p = texts.index.get(pid)
                     if p is None:
                         no_text += 1
@@ -212,6 +219,7 @@ def index_images(folders: Iterable[FeatureFolder], texts: TextTable) -> ImageInd
                     row_col.append(r)
                     prod_col.append(p)
                     image_ids.append(iid)
+                    hashes.append(chash)
     return ImageIndex(
         shards=shards,
         shard=np.asarray(shard_col, dtype=np.int32),
@@ -219,6 +227,7 @@ def index_images(folders: Iterable[FeatureFolder], texts: TextTable) -> ImageInd
         row=np.asarray(row_col, dtype=np.int64),
         product=np.asarray(prod_col, dtype=np.int64),
         image_ids=image_ids,
+        content_hash=hashes,
         skipped_no_text=no_text,
         skipped_duplicate=dup,
     )

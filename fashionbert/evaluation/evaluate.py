@@ -22,6 +22,11 @@ Three protocols, all on held-out products (the training split: a hash of group_i
 
 A rank counts ties against the true candidate (rank = 1 + candidates scoring >= it), so a constant model
 scores the floor, not the ceiling.
+
+`--score-cache FILE` / `--save-scores FILE` work as for `fashionbert retrieve` (fashionbert/rank/score_cache.py):
+pair margins and embeddings an earlier run of the same model computed are reused, with the same metrics as
+without; metrics.json's `score_cache` counts pairs_scored / pairs_reused and embeddings_computed /
+embeddings_reused over all three protocols, and names the files read and written.
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ from fashionbert.rank.cross_encoder import (BatchingOptions, CrossEncoderScorer,
 from fashionbert.rank.neighbours import Neighbours
 from fashionbert.rank.retrieve import (Ranked, RecallOptions, add_retrieval_arguments, dual_encoder_for, exhaustive,
                                        two_stage)
+from fashionbert.rank.score_cache import CacheOptions, ItemKeys, add_cache_arguments, open_cache, save_path
 from fashionbert.runtime import RuntimeOptions, add_runtime_arguments, resolve_runtime, stage_config
 
 RANK_KS = (1, 5, 10)
@@ -164,7 +170,7 @@ class SplitOptions:
 
 
 @dataclasses.dataclass(frozen=True)
-class EvaluateConfig(SplitOptions, RecallOptions, BatchingOptions, RuntimeOptions):
+class EvaluateConfig(CacheOptions, SplitOptions, RecallOptions, BatchingOptions, RuntimeOptions):
     features: list[str] = dataclasses.field(default_factory=list)  # featurize output folders
     model: str = ""
     out: str = ""
@@ -213,6 +219,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="also score every gallery text against every gallery image with the cross-encoder and report "
                         "its Rank@K beside two-stage's (texts x images pairs: small galleries only)")
     add_retrieval_arguments(parser, top_k=False)
+    add_cache_arguments(parser)
     add_batching_arguments(add_runtime_arguments(parser))
 
 
@@ -251,6 +258,7 @@ def run(args: EvaluateConfig) -> dict:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     out = _out_path(args.out)
+    save_to = save_path(args.save_scores, out)
     rt = resolve_runtime(args.device, args.precision, args.num_threads)
     loaded = load_model(args.model, rt)
     catalog = open_catalog(args.features, loaded)
@@ -260,7 +268,8 @@ def run(args: EvaluateConfig) -> dict:
     if len(rows) < 2:
         raise UserError(f"only {len(rows)} held-out image(s) in --features: nothing to rank; use --split all, a larger "
                         f"--val-fraction, or featurize more products")
-    scorer = CrossEncoderScorer(loaded.model, rt, args.batch_tokens, args.block_images)
+    cache = open_cache(args, loaded.version, rt.precision)
+    scorer = CrossEncoderScorer(loaded.model, rt, args.batch_tokens, args.block_images, cache=cache)
     pair_scorer = PairScorer(scorer, loaded.fusion, cosines=loaded.has_itc_head)
     text_ids = catalog.text_ids
     metrics: dict = {
@@ -282,7 +291,8 @@ def run(args: EvaluateConfig) -> dict:
                             args.draws, args.seed)
     pool_texts = [text_ids[p] for p in pool_products]
     pool_images = IndexedImages(index, catalog.reader, pool_rows)
-    s100 = sample_hundred(draws, lambda pairs: pair_scorer.score(pool_texts, pool_images, pairs))
+    pool_keys = ItemKeys(catalog.text_hashes[pool_products], catalog.image_hashes[pool_rows])
+    s100 = sample_hundred(draws, lambda pairs: pair_scorer.score(pool_texts, pool_images, pairs, pool_keys))
     metrics["sample100"] = {
         "pool_products": int(len(pool_products)), "queries": int(len(draws[0].queries)), "draws": args.draws,
         "candidates_mean": float(np.mean([len(c) - 1 for d in draws for c in d.candidates])),
@@ -298,6 +308,9 @@ def run(args: EvaluateConfig) -> dict:
                                                                              loaded.fusion)
     else:
         metrics["recall_embedding"] = dual_encoder_for(scorer).description
+    if save_to is not None:
+        cache.save(save_to)
+    metrics["score_cache"] = cache.describe(save_to)
     metrics["seconds"] = round(time.time() - t_start, 3)
     _write_json(out, metrics)
     return metrics
@@ -314,9 +327,10 @@ def _full_gallery(args: EvaluateConfig, catalog, scorer, held_out, rows, fusion)
     image_text = np.asarray([position[int(p)] for p in index.product[rows]], dtype=np.int64)  # image -> its text's position
     gallery_texts = [catalog.text_ids[p] for p in products]
     gallery_images = IndexedImages(index, catalog.reader, rows)
+    keys = ItemKeys(catalog.text_hashes[products], catalog.image_hashes[rows])
     dual = dual_encoder_for(scorer)
     result = two_stage(scorer, dual, gallery_texts, gallery_images, args.recall_k, args.index, args.exact_max,
-                       fusion=fusion)
+                       fusion=fusion, keys=keys)
 
     def t2i_true(q, c):
         return image_text[c] == q
@@ -347,7 +361,7 @@ def _full_gallery(args: EvaluateConfig, catalog, scorer, held_out, rows, fusion)
     if args.exhaustive:
         t0 = time.perf_counter()
         ex_t2i, ex_i2t = exhaustive(scorer, gallery_texts, gallery_images, result.text_vectors, result.image_vectors,
-                                    fusion)
+                                    fusion, keys)
         out["exhaustive"] = {"t2i": gallery_ranks(ex_t2i, t2i_true, t2i_queries, len(products)),
                              "i2t": gallery_ranks(ex_i2t, i2t_true, i2t_queries, len(rows)),
                              "seconds": round(time.perf_counter() - t0, 3)}

@@ -37,7 +37,8 @@ from fashionbert.errors import UserError
 from fashionbert.model import score_fusion
 from fashionbert.model.config import FashionBertConfig
 from fashionbert.model.modeling import FashionBertModel
-from fashionbert.rank.embeddings import DualEncoder
+from fashionbert.rank.embeddings import DualEncoder, embed_items
+from fashionbert.rank.score_cache import ItemKeys, ScoreCache
 from fashionbert.runtime import Runtime
 
 DEFAULT_TOKEN_BUDGET = 16384
@@ -71,10 +72,13 @@ def probability(margin: np.ndarray) -> np.ndarray:
 # ============================================================================================ scorer
 class CrossEncoderScorer:
     """Scores (text index, image index) pairs. Returns the TIA logit margin l1 - l0 per pair: it ranks exactly
-    like P(aligned) = sigmoid(margin) but does not saturate into ties at P ~ 1 (use `probability` for P)."""
+    like P(aligned) = sigmoid(margin) but does not saturate into ties at P ~ 1 (use `probability` for P).
+
+    With a `cache` (fashionbert/rank/score_cache.py), a call that passes its items' content hashes (`keys`) takes the
+    pairs the cache holds from it, as `embed_items` does the recall embeddings; only the others are computed."""
 
     def __init__(self, model: FashionBertModel, runtime: Runtime, token_budget: int = DEFAULT_TOKEN_BUDGET,
-                 block_images: int = DEFAULT_BLOCK_IMAGES, max_rows: int = 512):
+                 block_images: int = DEFAULT_BLOCK_IMAGES, max_rows: int = 512, cache: ScoreCache | None = None):
         if token_budget < 1 or block_images < 1:
             raise UserError("--batch-tokens and --block-images must be >= 1")
         self.runtime = runtime
@@ -90,6 +94,7 @@ class CrossEncoderScorer:
         self.token_budget = token_budget
         self.block_images = block_images
         self.max_rows = max_rows
+        self.cache = cache
         self.pairs_scored = 0
 
     @property
@@ -105,10 +110,17 @@ class CrossEncoderScorer:
         out = [m.encode_patches_below_fusion(m.embed_patches(x[start:start + 256])) for start in range(0, len(x), 256)]
         return torch.cat(out) if out else x.new_zeros((0, self.config.num_patches, self.config.hidden_size))
 
-    @torch.inference_mode()
-    def score(self, texts: Sequence[np.ndarray], images: ImageSource, pairs: np.ndarray) -> np.ndarray:
+    def score(self, texts: Sequence[np.ndarray], images: ImageSource, pairs: np.ndarray,
+              keys: ItemKeys | None = None) -> np.ndarray:
         """`texts`: token ids per text index ([CLS] ... [SEP]); `pairs` (n, 2) int (text index, image index)
-        -> (n,) float32 margins, in the order of `pairs`."""
+        -> (n,) float32 margins, in the order of `pairs`. `keys`: the texts' and images' content hashes, for the
+        cache."""
+        if self.cache is not None and keys is not None:
+            return self.cache.margins(keys, pairs, lambda todo: self._score(texts, images, todo))
+        return self._score(texts, images, pairs)
+
+    @torch.inference_mode()
+    def _score(self, texts: Sequence[np.ndarray], images: ImageSource, pairs: np.ndarray) -> np.ndarray:
         pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
         out = np.empty(len(pairs), dtype=np.float32)
         if not len(pairs):
@@ -167,17 +179,20 @@ class PairScorer:
         self.fusion = fusion
         self.dual = DualEncoder(cross.model, cross.runtime.device) if (fusion.uses_itc or cosines) else None
 
-    def score(self, texts: Sequence[np.ndarray], images: ImageSource, pairs: np.ndarray) -> PairScores:
+    def score(self, texts: Sequence[np.ndarray], images: ImageSource, pairs: np.ndarray,
+              keys: ItemKeys | None = None) -> PairScores:
+        """`keys`: the texts' and images' content hashes, for the cross-encoder's cache."""
         pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-        margin = self.cross.score(texts, images, pairs)
-        cosine = self.cosines(texts, images, pairs) if self.dual is not None else None
+        margin = self.cross.score(texts, images, pairs, keys)
+        cosine = self.cosines(texts, images, pairs, keys) if self.dual is not None else None
         return PairScores(margin, cosine, self.fusion.logit(margin, cosine))
 
-    def cosines(self, texts: Sequence[np.ndarray], images: ImageSource, pairs: np.ndarray) -> np.ndarray:
+    def cosines(self, texts: Sequence[np.ndarray], images: ImageSource, pairs: np.ndarray,
+                keys: ItemKeys | None = None) -> np.ndarray:
         if not len(pairs):
             return np.zeros(0, dtype=np.float32)
         text_ids, text_of = np.unique(pairs[:, 0], return_inverse=True)
         image_ids, image_of = np.unique(pairs[:, 1], return_inverse=True)
-        text_vec = self.dual.embed_texts([texts[t] for t in text_ids], token_budget=self.cross.token_budget)
-        image_vec = self.dual.embed_images(images.read(image_ids[i:i + 256]) for i in range(0, len(image_ids), 256))
+        text_vec, image_vec = embed_items(self.dual, texts, images, text_ids, image_ids, self.cross.token_budget,
+                                          self.cross.cache, keys)
         return np.einsum("nd,nd->n", text_vec[text_of], image_vec[image_of]).astype(np.float32)

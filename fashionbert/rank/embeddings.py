@@ -1,14 +1,15 @@
 """Recall vectors: L2-normalised text-only and image-only embeddings of a whole catalog, in batches.
 
 The model's itc head (fashionbert/model/contrastive.py) defines the vectors; this module only batches the work:
-texts sorted by length under a token budget, images in feature batches.
+texts sorted by length under a token budget, images in feature batches. `embed_items` takes the vectors a score
+cache holds (fashionbert/rank/score_cache.py) from it and embeds only the others.
 
 Imports torch and numpy only (no faiss, no Beam).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +17,12 @@ import torch.nn.functional as F
 
 from fashionbert.data.batching import length_batches, pad_texts
 from fashionbert.model.contrastive import ContrastiveHead, masked_mean
+
+if TYPE_CHECKING:
+    from fashionbert.data.feature_catalog import ImageSource
+    from fashionbert.rank.score_cache import ItemKeys, ScoreCache
+
+IMAGE_BATCH = 256
 
 
 class DualEncoder:
@@ -86,3 +93,24 @@ class DualEncoder:
     @property
     def dim(self) -> int:
         return self.head.dim if self.head is not None else int(self.model.config.hidden_size)
+
+
+def embed_items(dual: DualEncoder, texts: Sequence[np.ndarray], images: ImageSource, text_index: np.ndarray,
+                image_index: np.ndarray, token_budget: int, cache: ScoreCache | None = None,
+                keys: ItemKeys | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The vectors of texts `text_index` and images `image_index`, in that order. With a cache and the call's
+    content hashes (`keys`), the vectors it holds are taken from it and only the others are computed (a night
+    with 1% changes embeds 1% of the catalog)."""
+    text_index, image_index = np.asarray(text_index, dtype=np.int64), np.asarray(image_index, dtype=np.int64)
+
+    def embed_texts(rows: np.ndarray) -> np.ndarray:
+        return dual.embed_texts([texts[t] for t in text_index[rows]], token_budget=token_budget)
+
+    def embed_images(rows: np.ndarray) -> np.ndarray:
+        chosen = image_index[rows]
+        return dual.embed_images(images.read(chosen[s:s + IMAGE_BATCH]) for s in range(0, len(chosen), IMAGE_BATCH))
+
+    if cache is None or keys is None:
+        return embed_texts(np.arange(len(text_index))), embed_images(np.arange(len(image_index)))
+    return (cache.vectors("text", keys.text[text_index], dual.dim, embed_texts),
+            cache.vectors("image", keys.image[image_index], dual.dim, embed_images))

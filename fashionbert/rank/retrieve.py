@@ -13,6 +13,13 @@ A cross-encoder cannot score every text against every image of a real catalog (1
 The two directions' candidate pairs overlap (mutual neighbours), so each distinct (text, image) pair is
 scored once.
 
+Nightly runs cost what changed: `--score-cache FILE` (an earlier run's `--save-scores FILE`, same model_version
+and precision) serves every pair margin and every embedding whose (text content hash, image content hash) it holds,
+so only new or changed texts and images are embedded and only pairs new to the cache run through the cross-encoder;
+recall itself is searched again in full (cheap). The tables equal those of a run without the cache. See
+fashionbert/rank/score_cache.py; `_run.json` counts pairs_scored / pairs_reused and embeddings_computed /
+embeddings_reused.
+
 Writes, published atomically (staging folder + rename, `_SUCCESS` last):
   OUT/text_to_image.parquet   each product text -> its top-K images (query_kind "text", candidate = image_id)
   OUT/image_to_text.parquet   each image -> its top-K product texts (query_kind "image", candidate = product_id)
@@ -33,13 +40,15 @@ from typing import Sequence
 import numpy as np
 
 from fashionbert.data import publish
-from fashionbert.data.feature_catalog import ImageSource, IndexedImages, iter_features, open_catalog
+from fashionbert.data.feature_catalog import ImageSource, IndexedImages, open_catalog
 from fashionbert.errors import UserError
 from fashionbert.model.loading import load_model
 from fashionbert.model.score_fusion import TIA_ONLY, ScoreFusion
 from fashionbert.rank.cross_encoder import BatchingOptions, CrossEncoderScorer, add_batching_arguments, probability
-from fashionbert.rank.embeddings import DualEncoder
+from fashionbert.rank.embeddings import DualEncoder, embed_items
 from fashionbert.rank.neighbours import DEFAULT_EXACT_MAX, KINDS, Neighbours, search
+from fashionbert.rank.score_cache import (CacheOptions, ItemKeys, ScoreCache, add_cache_arguments, open_cache,
+                                          save_path)
 from fashionbert.runtime import RuntimeOptions, add_runtime_arguments, resolve_runtime, stage_config
 
 TEXT_TO_IMAGE = "text_to_image.parquet"
@@ -96,19 +105,23 @@ def dual_encoder_for(scorer: CrossEncoderScorer) -> DualEncoder:
     return DualEncoder(scorer.model, scorer.runtime.device)
 
 
-def embed_all(dual: DualEncoder, texts: Sequence[np.ndarray], images: ImageSource,
-              token_budget: int) -> tuple[np.ndarray, np.ndarray]:
-    return dual.embed_texts(texts, token_budget=token_budget), dual.embed_images(iter_features(images))
+def embed_all(dual: DualEncoder, texts: Sequence[np.ndarray], images: ImageSource, token_budget: int,
+              cache: ScoreCache | None = None, keys: ItemKeys | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Every text's and image's vector; with a cache and the items' content hashes, those it holds come from it."""
+    return embed_items(dual, texts, images, np.arange(len(texts)), np.arange(len(images)), token_budget, cache, keys)
 
 
 def two_stage(scorer: CrossEncoderScorer, dual: DualEncoder, texts: Sequence[np.ndarray], images: ImageSource,
               recall_k: int, index: str = "auto", exact_max: int = DEFAULT_EXACT_MAX,
-              vectors: tuple[np.ndarray, np.ndarray] | None = None, fusion: ScoreFusion = TIA_ONLY) -> TwoStage:
+              vectors: tuple[np.ndarray, np.ndarray] | None = None, fusion: ScoreFusion = TIA_ONLY,
+              keys: ItemKeys | None = None) -> TwoStage:
     """Recall top-`recall_k` by dual-embedding cosine in both directions, then re-rank by the ranking score
-    (`fusion` of the cross-encoder's margin and the recall cosine)."""
+    (`fusion` of the cross-encoder's margin and the recall cosine). `keys`: the texts' and images' content
+    hashes, with which the scorer's cache serves the embeddings and margins it holds."""
     seconds = {}
     t0 = time.perf_counter()
-    text_vec, image_vec = vectors if vectors is not None else embed_all(dual, texts, images, scorer.token_budget)
+    text_vec, image_vec = vectors if vectors is not None else embed_all(dual, texts, images, scorer.token_budget,
+                                                                        scorer.cache, keys)
     seconds["embed"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     device = scorer.runtime.device.type
@@ -118,9 +131,9 @@ def two_stage(scorer: CrossEncoderScorer, dual: DualEncoder, texts: Sequence[np.
     t0 = time.perf_counter()
     # Both directions as (text, image) pairs; each distinct pair is scored once.
     n_images = max(1, len(images))
-    keys = np.concatenate([t2i.query * n_images + t2i.candidate, i2t.candidate * n_images + i2t.query])
-    unique, inverse = np.unique(keys, return_inverse=True)
-    margins = scorer.score(texts, images, np.stack([unique // n_images, unique % n_images], axis=1))[inverse]
+    flat = np.concatenate([t2i.query * n_images + t2i.candidate, i2t.candidate * n_images + i2t.query])
+    unique, inverse = np.unique(flat, return_inverse=True)
+    margins = scorer.score(texts, images, np.stack([unique // n_images, unique % n_images], axis=1), keys)[inverse]
     seconds["rerank"] = time.perf_counter() - t0
     n = len(t2i)
     return TwoStage(
@@ -131,13 +144,14 @@ def two_stage(scorer: CrossEncoderScorer, dual: DualEncoder, texts: Sequence[np.
 
 
 def exhaustive(scorer: CrossEncoderScorer, texts: Sequence[np.ndarray], images: ImageSource,
-               text_vec: np.ndarray, image_vec: np.ndarray, fusion: ScoreFusion = TIA_ONLY) -> tuple[Ranked, Ranked]:
+               text_vec: np.ndarray, image_vec: np.ndarray, fusion: ScoreFusion = TIA_ONLY,
+               keys: ItemKeys | None = None) -> tuple[Ranked, Ranked]:
     """Every text against every image with the cross-encoder (the reference two-stage retrieval approximates;
     affordable on small galleries only)."""
     n_t, n_i = len(texts), len(images)
     t = np.repeat(np.arange(n_t, dtype=np.int64), n_i)
     i = np.tile(np.arange(n_i, dtype=np.int64), n_t)
-    margins = scorer.score(texts, images, np.stack([t, i], axis=1))
+    margins = scorer.score(texts, images, np.stack([t, i], axis=1), keys)
     cos = (text_vec @ image_vec.T).astype(np.float32).reshape(-1)
     logits = fusion.logit(margins, cos)
     return rank_rows(t, i, cos, logits), rank_rows(i, t, cos, logits)
@@ -191,7 +205,7 @@ class RecallOptions:
 
 
 @dataclasses.dataclass(frozen=True)
-class RetrieveConfig(RecallOptions, BatchingOptions, RuntimeOptions):
+class RetrieveConfig(CacheOptions, RecallOptions, BatchingOptions, RuntimeOptions):
     features: list[str] = dataclasses.field(default_factory=list)  # featurize output folders
     model: str = ""
     out: str = ""
@@ -220,6 +234,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "a new id. An orchestrator (`fashionbert nightly`) passes its own run's id so that the tables "
                         "join to its run")
     add_retrieval_arguments(parser)
+    add_cache_arguments(parser)
     add_batching_arguments(add_runtime_arguments(parser))
 
 
@@ -263,14 +278,21 @@ def run(config: RetrieveConfig) -> dict:
     run_id = _run_id(config.run_id)
     out = os.path.abspath(os.path.expanduser(config.out))
     publish.check_target(out, config.overwrite)
+    save_to = save_path(config.save_scores, out)
     rt = resolve_runtime(config.device, config.precision, config.num_threads)
     loaded = load_model(config.model, rt)
     catalog = open_catalog(config.features, loaded)
-    scorer = CrossEncoderScorer(loaded.model, rt, config.batch_tokens, config.block_images)
+    cache = open_cache(config, loaded.version, rt.precision)
+    scorer = CrossEncoderScorer(loaded.model, rt, config.batch_tokens, config.block_images, cache=cache)
     dual = dual_encoder_for(scorer)
     texts = catalog.text_ids
     result = two_stage(scorer, dual, texts, IndexedImages(catalog.index, catalog.reader), config.recall_k,
-                       config.index, config.exact_max, fusion=loaded.fusion)
+                       config.index, config.exact_max, fusion=loaded.fusion,
+                       keys=ItemKeys(catalog.text_hashes, catalog.image_hashes))
+    if save_to is not None:
+        t0 = time.perf_counter()
+        cache.save(save_to)
+        result.seconds["save_scores"] = time.perf_counter() - t0
 
     publish.clean_stale_staging(out)
     staging = publish.staging_path(out, run_id)
@@ -296,7 +318,9 @@ def run(config: RetrieveConfig) -> dict:
             "text_queries": len(texts), "image_queries": len(catalog.index),
             "text_to_image_rows": t2i.num_rows, "image_to_text_rows": i2t.num_rows,
             "cross_encoder_pairs": result.pairs_scored, "exhaustive_pairs": len(texts) * len(catalog.index),
+            **cache.counts,  # pairs_scored + pairs_reused = cross_encoder_pairs
         },
+        "score_cache": {"inputs": cache.inputs, "saved": save_to},
         "seconds": {k: round(v, 3) for k, v in result.seconds.items()} | {"total": round(time.time() - t_start, 3)},
         "outputs": {"text_to_image": os.path.join(out, TEXT_TO_IMAGE), "image_to_text": os.path.join(out, IMAGE_TO_TEXT)},
     }
