@@ -25,7 +25,9 @@ from tests.featurize_helpers import read_manifest, synthetic_row, write_manifest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT}
 N_PRODUCTS, TOP_K = 6, 3
-RETRIEVE = ["--top-k", str(TOP_K), "--recall-k", "5"]
+# fp32 so that a night's tables, with scores reused from the night before, equal a backfill's exactly (bf16 margins
+# move by ~1e-3 with the batch they are computed in).
+RETRIEVE = ["--top-k", str(TOP_K), "--recall-k", "5", "--retrieve-args=--precision fp32"]
 # The evaluate defaults assume a real catalog; 6 products need all of them as queries, 5 candidates each.
 EVAL = ["--eval-args", "--split all --queries 6 --candidates 5 --recall-k 5"]
 
@@ -132,6 +134,16 @@ def test_nightly_twice_recomputes_only_changes_and_updates_tables(first_run, tmp
     assert added["image_id"] in _table(run2, "image_to_text.parquet")["query_id"]
     assert removed["image_id"] in _table(run1, "image_to_text.parquet")["query_id"]  # yesterday's run is untouched
 
+    # Night 2 ran the cross-encoder only on pairs with the changed or added text or image (the score cache).
+    retrieve = summary["stages"]["retrieve"]["counts"]
+    assert retrieve["pairs_scored"] + retrieve["pairs_reused"] == retrieve["cross_encoder_pairs"]
+    assert 0 < retrieve["pairs_scored"] < retrieve["cross_encoder_pairs"]
+    assert retrieve["embeddings_computed"] == 3  # two new texts (one edited, one added) and the added image
+    assert summary["counts"]["pairs_reused"] >= retrieve["pairs_reused"]  # evaluate's reuse adds to it
+    assert first["counts"]["pairs_reused"] == 0 and first["counts"]["embeddings_reused"] == 0
+    assert summary["stages"]["retrieve"]["score_cache"]["inputs"]
+    assert os.path.isfile(os.path.join(run2, "score_cache", "retrieve.parquet"))
+
     backfill = _cli("backfill", "--catalog", manifest, "--workdir", work, "--model", summary["model"]["path"],
                     *RETRIEVE, "--skip-evaluate")
     assert backfill.returncode == 0, backfill.stderr
@@ -139,6 +151,14 @@ def test_nightly_twice_recomputes_only_changes_and_updates_tables(first_run, tmp
     assert last["kind"] == "backfill" and last["stages"]["evaluate"] == {"status": "skipped"} and not last["metrics"]
     assert last["counts"]["images_computed"] == N_PRODUCTS and last["counts"]["images_carried"] == 0
     assert os.path.basename(os.path.realpath(work / "latest")) == last["run_id"]
+    # A backfill reuses nothing, and its tables equal night 2's, which reused most of its scores.
+    assert last["counts"]["pairs_reused"] == 0 and last["counts"]["embeddings_reused"] == 0
+    backfill_dir = os.path.realpath(work / "latest")
+    for name in ("text_to_image.parquet", "image_to_text.parquet"):
+        night, scratch = _table(run2, name), _table(backfill_dir, name)
+        assert [night[k] for k in ("query_id", "rank", "candidate_id")] == \
+            [scratch[k] for k in ("query_id", "rank", "candidate_id")]
+        assert max(abs(a - b) for a, b in zip(night["score"], scratch["score"])) < 1e-5
 
 
 def test_failure_in_featurize_names_the_stage_and_leaves_latest(first_run, tmp_path):
@@ -230,6 +250,10 @@ def _error(capsys, *argv) -> str:
     (["--train", "--retrieve-args=--top-k 5"],
      "--retrieve-args: --top-k is set by the nightly run itself; pass --top-k to nightly"),
     (["--train", "--retrieve-args=--index nope"], "--retrieve-args: argument --index: invalid choice: 'nope'"),
+    (["--train", "--eval-args=--score-cache x"], "--eval-args: --score-cache is set by the nightly run itself; each run "
+                                                 "reuses latest's scores"),
+    (["--train", "--max-regression", "-1"], "--max-regression -1.0: must be >= 0"),
+    (["--train", "--keep-runs", "0"], "--keep-runs 0: must be >= 1"),
     (["--train", "--eval-args=--queries 'ten"], "--eval-args \"--queries 'ten\": No closing quotation"),
     (["--train", "--eval-args=--draws 2", "--skip-evaluate"], "--eval-args given with --skip-evaluate"),
     (["--train", "--top-k", "10", "--recall-k", "5"], "--recall-k 5 is below --top-k 10"),

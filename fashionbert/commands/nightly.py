@@ -9,6 +9,8 @@
                             recomputes all
         train/              only with --train: `fashionbert train` output; train/model/ is the run's model
         retrieval/          text_to_image.parquet, image_to_text.parquet (run_id column = <run-id>)
+        score_cache/        retrieve.parquet, evaluate.parquet: the pair margins and embeddings each stage used; the
+                            next nightly run reuses latest's for the same model, so it scores only what changed
         metrics.json        `fashionbert evaluate` output (not with --skip-evaluate)
         summary.json        status, model, counts, metrics, timings, per-stage details
       latest -> runs/<run-id>   the last successful run; moved atomically, only on success
@@ -67,6 +69,7 @@ DEFAULT_TOP_K, DEFAULT_RECALL_K = 50, 100
 DEFAULT_MAX_REGRESSION = 5.0
 GATED = ("sample100_t2i_rank1", "sample100_i2t_rank1")  # the headline figures the gate compares
 EXIT_FAILED, EXIT_USAGE, EXIT_HELD = 1, 2, 3
+CACHE_COUNTS = ("pairs_scored", "pairs_reused", "embeddings_computed", "embeddings_reused")
 
 
 def as_argv(values: dict) -> list[str]:
@@ -92,11 +95,17 @@ PASS_THROUGH = {
     "train": PassThrough("--train-args", "train", "fashionbert.train.config", ("--features", "--out", "--resume"),
                          ("--features", "--out")),
     "retrieve": PassThrough("--retrieve-args", "retrieve", "fashionbert.rank.retrieve",
-                            ("--features", "--model", "--out", "--overwrite", "--run-id", "--top-k", "--recall-k"),
+                            ("--features", "--model", "--out", "--overwrite", "--run-id", "--top-k", "--recall-k",
+                             "--score-cache", "--save-scores"),
                             ("--features", "--model", "--out")),
     "evaluate": PassThrough("--eval-args", "evaluate", "fashionbert.evaluation.evaluate",
-                            ("--features", "--model", "--out"), ("--features", "--model", "--out")),
+                            ("--features", "--model", "--out", "--score-cache", "--save-scores"),
+                            ("--features", "--model", "--out")),
 }
+# Each run keeps what its cross-encoder and dual encoder computed, one file per stage (a stage saves only what it
+# used), and the next nightly run reads latest's files: it scores only pairs and embeds only items new to the model.
+SCORE_CACHE_DIR = "score_cache"
+SCORE_CACHE_FILES = {"retrieve": "retrieve.parquet", "evaluate": "evaluate.parquet"}
 
 
 class QualityHeld(Exception):
@@ -223,7 +232,9 @@ class _StageParser(argparse.ArgumentParser):
 
 # Why each option nightly sets itself is refused inside a pass-through string, and what to do instead.
 _RESERVED_HINTS = {"--top-k": "pass --top-k to nightly itself", "--recall-k": "pass --recall-k to nightly itself",
-                   "--model": "pass --model to nightly itself"}
+                   "--model": "pass --model to nightly itself",
+                   "--score-cache": "each run reuses latest's scores and saves its own under runs/<run-id>/score_cache/",
+                   "--save-scores": "each run reuses latest's scores and saves its own under runs/<run-id>/score_cache/"}
 
 
 def split_pass_through(spec: PassThrough, text: str) -> list[str]:
@@ -348,25 +359,42 @@ def _train_stage(ctx: RunContext) -> dict:
             "validation": result["validation"], "argv": ctx.config.train_args}
 
 
+def _cache_files(ctx: RunContext, stage: str) -> tuple[list[str], str]:
+    """The score-cache files `stage` reads (latest's, and this run's earlier stages'; none for a backfill, which
+    computes everything) and the one it writes."""
+    folder = os.path.join(ctx.run_dir, SCORE_CACHE_DIR)
+    os.makedirs(folder, exist_ok=True)
+    order = ["retrieve", "evaluate"]
+    inputs = [os.path.join(folder, SCORE_CACHE_FILES[s]) for s in order[:order.index(stage)]]
+    if not ctx.config.from_scratch and ctx.latest:
+        inputs += [os.path.join(ctx.latest, SCORE_CACHE_DIR, SCORE_CACHE_FILES[s]) for s in order]
+    return [f for f in inputs if os.path.isfile(f)], os.path.join(folder, SCORE_CACHE_FILES[stage])
+
+
 def _retrieve_stage(ctx: RunContext) -> dict:
     from fashionbert.rank import retrieve
 
     out = os.path.join(ctx.run_dir, "retrieval")
+    inputs, save = _cache_files(ctx, "retrieve")
     result = retrieve.run(dataclasses.replace(ctx.config.retrieve, features=[ctx.features], model=ctx.model["path"],
-                                              out=out, run_id=ctx.run_id))
+                                              out=out, run_id=ctx.run_id, score_cache=inputs, save_scores=save))
     ctx.model["version"] = result["model"]["version"]
     return {"out": out, "model_version": result["model"]["version"], "counts": result["counts"],
-            "options": result["options"], "index_used": result["index_used"], "phases_s": result["seconds"]}
+            "options": result["options"], "index_used": result["index_used"], "phases_s": result["seconds"],
+            "score_cache": result["score_cache"]}
 
 
 def _evaluate_stage(ctx: RunContext) -> dict:
     from fashionbert.evaluation import evaluate
 
     out = os.path.join(ctx.run_dir, "metrics.json")
+    inputs, save = _cache_files(ctx, "evaluate")
     metrics = evaluate.run(dataclasses.replace(ctx.config.evaluate, features=[ctx.features], model=ctx.model["path"],
-                                               out=out))
+                                               out=out, score_cache=inputs, save_scores=save))
+    cache = metrics["score_cache"]
     return {"out": out, "headline": evaluate.headline(metrics), "split": metrics["split"],
-            "argv": [*as_argv(EVAL_DEFAULTS), *ctx.config.eval_args]}
+            "argv": [*as_argv(EVAL_DEFAULTS), *ctx.config.eval_args],
+            "counts": {k: cache[k] for k in CACHE_COUNTS}, "score_cache": {k: cache[k] for k in ("inputs", "saved")}}
 
 
 STAGES = [("featurize", _featurize_stage), ("train", _train_stage), ("retrieve", _retrieve_stage),
@@ -391,6 +419,10 @@ def rollup(stages: dict) -> dict:
     if tables:
         counts.update({k: tables[k] for k in ("text_queries", "image_queries", "text_to_image_rows",
                                               "image_to_text_rows", "cross_encoder_pairs")})
+    # What the cross-encoder and the dual encoder ran (and what the score cache spared them), retrieve + evaluate.
+    cached = [stages[s]["counts"] for s in ("retrieve", "evaluate") if "pairs_scored" in stages.get(s, {}).get("counts", {})]
+    if cached:
+        counts.update({k: sum(c[k] for c in cached) for k in CACHE_COUNTS})
     return {"counts": counts, "metrics": stages.get("evaluate", {}).get("headline", {}),
             "timings_s": {name: s["seconds"] for name, s in stages.items() if "seconds" in s}}
 
@@ -490,7 +522,8 @@ def _stage_counts(name: str, result: dict) -> str:
         h = result.get("headline") or {}
         t2i, i2t = h.get("sample100_t2i_rank1"), h.get("sample100_i2t_rank1")
         if t2i is not None and i2t is not None:
-            return f": sample-100 Rank@1 t2i {100 * t2i:.1f}, i2t {100 * i2t:.1f}"
+            return (f": sample-100 Rank@1 t2i {100 * t2i:.1f}, i2t {100 * i2t:.1f}; {c.get('pairs_scored')} pairs "
+                    f"scored, {c.get('pairs_reused')} reused")
     return ""
 
 
