@@ -260,7 +260,7 @@ def run(args: EvaluateConfig) -> dict:
     if len(rows) < 2:
         raise UserError(f"only {len(rows)} held-out image(s) in --features: nothing to rank; use --split all, a larger "
                         f"--val-fraction, or featurize more products")
-    scorer = CrossEncoderScorer(loaded.model, rt, args.batch_tokens, args.block_images)
+    scorer = CrossEncoderScorer(loaded.model, rt, args.batch_tokens, args.block_images, progress=args.progress)
     pair_scorer = PairScorer(scorer, loaded.fusion, cosines=loaded.has_itc_head)
     text_ids = catalog.text_ids
     metrics: dict = {

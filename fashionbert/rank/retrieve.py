@@ -93,12 +93,12 @@ class TwoStage:
 def dual_encoder_for(scorer: CrossEncoderScorer) -> DualEncoder:
     """Recall embeddings from the scorer's copy of the model: in bf16 mode that is its bf16 copy, so both stages
     run the same arithmetic and neither pays autocast's casts."""
-    return DualEncoder(scorer.model, scorer.runtime.device)
+    return DualEncoder(scorer.model, scorer.runtime.device, progress=scorer.progress)
 
 
 def embed_all(dual: DualEncoder, texts: Sequence[np.ndarray], images: ImageSource,
               token_budget: int) -> tuple[np.ndarray, np.ndarray]:
-    return dual.embed_texts(texts, token_budget=token_budget), dual.embed_images(iter_features(images))
+    return dual.embed_texts(texts, token_budget=token_budget), dual.embed_images(iter_features(images), len(images))
 
 
 def two_stage(scorer: CrossEncoderScorer, dual: DualEncoder, texts: Sequence[np.ndarray], images: ImageSource,
@@ -266,7 +266,7 @@ def run(config: RetrieveConfig) -> dict:
     rt = resolve_runtime(config.device, config.precision, config.num_threads)
     loaded = load_model(config.model, rt)
     catalog = open_catalog(config.features, loaded)
-    scorer = CrossEncoderScorer(loaded.model, rt, config.batch_tokens, config.block_images)
+    scorer = CrossEncoderScorer(loaded.model, rt, config.batch_tokens, config.block_images, progress=config.progress)
     dual = dual_encoder_for(scorer)
     texts = catalog.text_ids
     result = two_stage(scorer, dual, texts, IndexedImages(catalog.index, catalog.reader), config.recall_k,
