@@ -10,23 +10,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # part -> the parts it may import (besides itself). Lower layers first.
+BASE = {"fashionbert.errors", "fashionbert.logs"}  # what every part may import
 ALLOWED = {
     "schemas": set(),
     "fashionbert.errors": set(),
-    "fashionbert.runtime": {"fashionbert.errors"},
-    "fashionbert.model": {"fashionbert.errors", "fashionbert.runtime"},
-    "fashionbert.data": {"fashionbert.errors", "fashionbert.runtime", "fashionbert.model", "schemas"},
-    "fashionbert.rank": {"fashionbert.errors", "fashionbert.runtime", "fashionbert.model", "fashionbert.data",
-                         "schemas"},
-    "fashionbert.evaluation": {"fashionbert.errors", "fashionbert.runtime", "fashionbert.model", "fashionbert.data",
-                               "fashionbert.rank", "schemas"},
-    "fashionbert.train": {"fashionbert.errors", "fashionbert.runtime", "fashionbert.model", "fashionbert.data",
-                          "fashionbert.rank", "fashionbert.evaluation", "schemas"},
+    "fashionbert.logs": set(),
+    "fashionbert.runtime": BASE,
+    "fashionbert.model": BASE | {"fashionbert.runtime"},
+    "fashionbert.data": BASE | {"fashionbert.runtime", "fashionbert.model", "schemas"},
+    "fashionbert.rank": BASE | {"fashionbert.runtime", "fashionbert.model", "fashionbert.data", "schemas"},
+    "fashionbert.evaluation": BASE | {"fashionbert.runtime", "fashionbert.model", "fashionbert.data", "fashionbert.rank",
+                                      "schemas"},
+    "fashionbert.train": BASE | {"fashionbert.runtime", "fashionbert.model", "fashionbert.data", "fashionbert.rank",
+                                 "fashionbert.evaluation", "schemas"},
     # The Beam featurizer needs the patch CNN, the tokenizer, atomic publishing and the synthetic catalog; nothing
     # that trains or scores.
-    "pipelines": {"fashionbert.errors", "fashionbert.model", "fashionbert.data", "schemas"},
-    "fashionbert.commands": {"fashionbert.errors", "fashionbert.runtime", "fashionbert.model", "fashionbert.data",
-                             "fashionbert.rank", "fashionbert.evaluation", "fashionbert.train", "pipelines", "schemas"},
+    "pipelines": BASE | {"fashionbert.model", "fashionbert.data", "schemas"},
+    "fashionbert.commands": BASE | {"fashionbert.runtime", "fashionbert.model", "fashionbert.data", "fashionbert.rank",
+                                    "fashionbert.evaluation", "fashionbert.train", "pipelines", "schemas"},
 }
 # fashionbert/__init__.py registers the model with transformers' Auto classes: the package root may import model/.
 PACKAGE_ROOT_ALLOWED = {"fashionbert.model", "fashionbert.errors"}

@@ -218,7 +218,7 @@ def test_second_run_on_a_locked_workdir_exits_with_a_clear_message(tmp_path):
     work = tmp_path / "work"
     with nightly.workdir_lock(str(work)):
         proc = _cli("nightly", "--catalog", "synthetic:2", "--workdir", str(work))
-    assert proc.returncode == 2
+    assert proc.returncode == 75
     assert "is locked by pid" in proc.stderr and "interleave" in proc.stderr
     assert not (work / "latest").exists()
 
@@ -299,7 +299,7 @@ def test_a_locked_workdir_leaves_the_holders_last_run_json(tmp_path):
     work.mkdir()
     (work / "last-run.json").write_text('{"status": "running"}')
     with nightly.workdir_lock(str(work)):
-        assert nightly.main(["--catalog", "synthetic:2", "--workdir", str(work), "--model", "m"]) != 0
+        assert nightly.main(["--catalog", "synthetic:2", "--workdir", str(work), "--model", "m"]) == 75
     assert _summary(work / "last-run.json") == {"status": "running"}
 
 

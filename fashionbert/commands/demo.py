@@ -41,7 +41,7 @@ def _catalog(out: str, products: int, seed: int) -> str:
 # Short on purpose: the demo shows the flow within ~10 minutes on 2 cores (training ~5 of them); real training
 # runs far longer. Validation once, at the end: on a CPU each one costs as much as ~20 training steps.
 DEMO_TRAIN = {"steps": 160, "batch_size": 16, "lr": 3e-4, "tia_warmup": 0.2, "val_fraction": 0.2, "val_every": 0,
-              "val_queries": 50, "checkpoint_every": 0, "progress": False}
+              "val_queries": 50, "checkpoint_every": 0}
 
 
 # Evaluation and retrieval settings sized so the whole demo stays within minutes on 2 cores.
@@ -57,7 +57,7 @@ def _unchanged(counts: dict) -> bool:
 
 def _recipe(config: TrainConfig) -> dict:
     """Everything training runs with but its folders: a model is reused only for the same recipe."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("features", "out")}
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("features", "out", "progress")}
 
 
 def _train(features: str, out: str, reuse: bool) -> dict:
@@ -136,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="run_pipeline.sh demo", description=__doc__.split("\n")[0])
     add_arguments(parser)
     config = config_from_args(parser.parse_args(argv))
-    from fashionbert.commands.cli import quiet_beam_import_warning
+    from fashionbert.logs import setup_logging
 
-    quiet_beam_import_warning()
+    setup_logging()
     try:
         result = run(config)
     except UserError as err:

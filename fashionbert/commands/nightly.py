@@ -47,7 +47,7 @@ import traceback
 from typing import TYPE_CHECKING
 
 from fashionbert.data import publish
-from fashionbert.errors import UserError
+from fashionbert.errors import EXIT_HELD, EXIT_STAGE_FAILED, Busy, UserError
 
 if TYPE_CHECKING:  # the stages import torch and Beam, so nightly imports them when they run
     from fashionbert.evaluation.evaluate import EvaluateConfig
@@ -68,7 +68,6 @@ DEFAULT_TOP_K, DEFAULT_RECALL_K = 50, 100
 # under the same model; a fall of more than 5 points is a broken model or broken features, not noise.
 DEFAULT_MAX_REGRESSION = 5.0
 GATED = ("sample100_t2i_rank1", "sample100_i2t_rank1")  # the headline figures the gate compares
-EXIT_FAILED, EXIT_USAGE, EXIT_HELD = 1, 2, 3
 CACHE_COUNTS = ("pairs_scored", "pairs_reused", "embeddings_computed", "embeddings_reused")
 
 
@@ -144,10 +143,8 @@ def workdir_lock(workdir: str):
         fh.seek(0)
         holder = fh.read().strip() or "another process"
         fh.close()
-        err = UserError(f"--workdir {workdir} is locked by {holder}; wait for that run to finish (two runs must "
-                        f"not interleave on one work folder)")
-        err.busy = True  # the holder owns last-run.json: a refusal must not overwrite its "running"
-        raise err from None
+        raise Busy(f"--workdir {workdir} is locked by {holder}; wait for that run to finish (two runs must not "
+                   f"interleave on one work folder)") from None
     fh.seek(0)
     fh.truncate()
     fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
@@ -316,8 +313,9 @@ def config_from_args(args: argparse.Namespace, beam_args: list[str], from_scratc
         train = parse_pass_through(PASS_THROUGH["train"], train_args, {
             **TRAIN_DEFAULTS, "backbone": featurize.backbone, "progress": featurize.progress})
     retrieve = parse_pass_through(PASS_THROUGH["retrieve"], retrieve_args,
-                                  {"top_k": args.top_k, "recall_k": args.recall_k})
-    evaluate = None if args.skip_evaluate else parse_pass_through(PASS_THROUGH["evaluate"], eval_args, EVAL_DEFAULTS)
+                                  {"top_k": args.top_k, "recall_k": args.recall_k, "progress": featurize.progress})
+    evaluate = None if args.skip_evaluate else parse_pass_through(PASS_THROUGH["evaluate"], eval_args, {
+        **EVAL_DEFAULTS, "progress": featurize.progress})
     return NightlyConfig(workdir=args.workdir, featurize=featurize, retrieve=retrieve, train=train, evaluate=evaluate,
                          model=args.model, from_scratch=from_scratch, beam_args=beam_args, train_args=train_args,
                          retrieve_args=retrieve_args, eval_args=eval_args, max_regression=args.max_regression,
@@ -659,14 +657,15 @@ def main(argv: list[str] | None = None, from_scratch: bool = False) -> int:
         summary = run(config_from_args(args, beam_args, from_scratch))
     except StageFailed as err:
         print(f"fashionbert {name}: {err}; latest left unchanged", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_STAGE_FAILED
     except QualityHeld as err:
         print(f"fashionbert {name}: {err}; latest left unchanged", file=sys.stderr)
         return EXIT_HELD
     except UserError as err:
-        if not getattr(err, "recorded", False) and not getattr(err, "busy", False):
+        # A busy work folder's last-run.json belongs to the run holding it.
+        if not getattr(err, "recorded", False) and not isinstance(err, Busy):
             record_refusal(os.path.abspath(args.workdir), name, args.catalog, err)
         print(f"fashionbert {name}: error: {err}", file=sys.stderr)
-        return getattr(err, "exit_code", EXIT_USAGE)
+        return err.exit_code
     print(f"{name} run {summary['run_id']} ok in {summary['seconds']} s -> {os.path.join(args.workdir, 'latest')}")
     return 0

@@ -269,7 +269,8 @@ def run(args: EvaluateConfig) -> dict:
         raise UserError(f"only {len(rows)} held-out image(s) in --features: nothing to rank; use --split all, a larger "
                         f"--val-fraction, or featurize more products")
     cache = open_cache(args, loaded.version, rt.precision)
-    scorer = CrossEncoderScorer(loaded.model, rt, args.batch_tokens, args.block_images, cache=cache)
+    scorer = CrossEncoderScorer(loaded.model, rt, args.batch_tokens, args.block_images, cache=cache,
+                                progress=args.progress)
     pair_scorer = PairScorer(scorer, loaded.fusion, cosines=loaded.has_itc_head)
     text_ids = catalog.text_ids
     metrics: dict = {

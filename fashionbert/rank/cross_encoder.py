@@ -34,6 +34,7 @@ import torch
 from fashionbert.data.batching import length_batches, pad_texts
 from fashionbert.data.feature_catalog import ImageSource
 from fashionbert.errors import UserError
+from fashionbert.logs import progress
 from fashionbert.model import score_fusion
 from fashionbert.model.config import FashionBertConfig
 from fashionbert.model.modeling import FashionBertModel
@@ -51,10 +52,11 @@ class BatchingOptions:
 
     batch_tokens: int = DEFAULT_TOKEN_BUDGET
     block_images: int = DEFAULT_BLOCK_IMAGES
+    progress: bool = True
 
 
 def add_batching_arguments(group: argparse._ArgumentGroup) -> None:
-    """The cross-encoder's batching options (into a stage's runtime group)."""
+    """The cross-encoder's batching and progress options (into a stage's runtime group)."""
     d = BatchingOptions()
     group.add_argument("--batch-tokens", type=int, default=d.batch_tokens,
                        help="cross-encoder batch size in tokens (pairs x (text + patch tokens)); pairs are sorted by "
@@ -62,6 +64,9 @@ def add_batching_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--block-images", type=int, default=d.block_images,
                        help="images whose patch embeddings are held at once; memory ~ block x patches x hidden x 4 "
                             "bytes (2 in bf16) (default %(default)s)")
+    group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress,
+                       help="a progress bar on a terminal; with --no-progress, or when stderr is not a terminal, a log "
+                            "line every 30 s instead (default --progress)")
 
 
 def probability(margin: np.ndarray) -> np.ndarray:
@@ -78,7 +83,10 @@ class CrossEncoderScorer:
     pairs the cache holds from it, as `embed_items` does the recall embeddings; only the others are computed."""
 
     def __init__(self, model: FashionBertModel, runtime: Runtime, token_budget: int = DEFAULT_TOKEN_BUDGET,
-                 block_images: int = DEFAULT_BLOCK_IMAGES, max_rows: int = 512, cache: ScoreCache | None = None):
+                 block_images: int = DEFAULT_BLOCK_IMAGES, max_rows: int = 512, cache: ScoreCache | None = None,
+                 progress: bool | None = None):
+        """`progress`: None = silent (training's validation); True = a bar on a terminal, else log lines; False = log
+        lines only."""
         if token_budget < 1 or block_images < 1:
             raise UserError("--batch-tokens and --block-images must be >= 1")
         self.runtime = runtime
@@ -95,6 +103,7 @@ class CrossEncoderScorer:
         self.block_images = block_images
         self.max_rows = max_rows
         self.cache = cache
+        self.progress = progress
         self.pairs_scored = 0
 
     @property
@@ -131,21 +140,24 @@ class CrossEncoderScorer:
         order = np.lexsort((lengths[pairs[:, 0]], pairs[:, 1]))  # by image, then text length
         images_sorted = pairs[order, 1]
         starts = np.flatnonzero(np.r_[True, images_sorted[1:] != images_sorted[:-1]])
-        for b in range(0, len(starts), self.block_images):
-            lo = starts[b]
-            hi = starts[b + self.block_images] if b + self.block_images < len(starts) else len(order)
-            block = order[lo:hi]
-            block_images = images_sorted[starts[b:b + self.block_images]]
-            patches = self.patch_embeddings(images.read(block_images))
-            local_image = np.searchsorted(block_images, pairs[block, 1])
-            # Within the block: by text length, so that batches pad little.
-            by_len = np.argsort(lengths[pairs[block, 0]], kind="stable")
-            block, local_image = block[by_len], local_image[by_len]
-            block_lengths = lengths[pairs[block, 0]]
-            for batch in length_batches(np.arange(len(block)), block_lengths, self.token_budget, self.max_rows,
-                                        extra_tokens=cfg.num_patches):
-                rows = block[batch]
-                out[rows] = self._score_batch(texts, pairs[rows, 0], patches, local_image[batch])
+        with progress(len(pairs), "score pairs", "pairs", bar=bool(self.progress),
+                      enabled=self.progress is not None) as shown:
+            for b in range(0, len(starts), self.block_images):
+                lo = starts[b]
+                hi = starts[b + self.block_images] if b + self.block_images < len(starts) else len(order)
+                block = order[lo:hi]
+                block_images = images_sorted[starts[b:b + self.block_images]]
+                patches = self.patch_embeddings(images.read(block_images))
+                local_image = np.searchsorted(block_images, pairs[block, 1])
+                # Within the block: by text length, so that batches pad little.
+                by_len = np.argsort(lengths[pairs[block, 0]], kind="stable")
+                block, local_image = block[by_len], local_image[by_len]
+                block_lengths = lengths[pairs[block, 0]]
+                for batch in length_batches(np.arange(len(block)), block_lengths, self.token_budget, self.max_rows,
+                                            extra_tokens=cfg.num_patches):
+                    rows = block[batch]
+                    out[rows] = self._score_batch(texts, pairs[rows, 0], patches, local_image[batch])
+                    shown.update(len(rows))
         self.pairs_scored += len(pairs)
         return out
 
@@ -177,7 +189,7 @@ class PairScorer:
     def __init__(self, cross: CrossEncoderScorer, fusion: score_fusion.ScoreFusion, cosines: bool = False):
         self.cross = cross
         self.fusion = fusion
-        self.dual = DualEncoder(cross.model, cross.runtime.device) if (fusion.uses_itc or cosines) else None
+        self.dual = DualEncoder(cross.model, cross.runtime.device, progress=cross.progress) if (fusion.uses_itc or cosines) else None
 
     def score(self, texts: Sequence[np.ndarray], images: ImageSource, pairs: np.ndarray,
               keys: ItemKeys | None = None) -> PairScores:

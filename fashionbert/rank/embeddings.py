@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fashionbert.data.batching import length_batches, pad_texts
+from fashionbert.logs import progress
 from fashionbert.model.contrastive import ContrastiveHead, masked_mean
 
 if TYPE_CHECKING:
@@ -31,15 +32,18 @@ class DualEncoder:
     With `model.itc_head`: the head's projections. Without: the mean-pooled hidden states of the two passes,
     unprojected (the identity projection), so recall works before training has the itc task, at whatever
     quality the backbone gives; `description` says which was used.
+
+    `progress`: None = silent (training's validation); True = a bar on a terminal, else log lines; False = log lines.
     """
 
     def __init__(self, model, device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager]
-                 = contextlib.nullcontext, max_text_len: int | None = None):
+                 = contextlib.nullcontext, max_text_len: int | None = None, progress: bool | None = None):
         self.model = model
         self.head: ContrastiveHead | None = getattr(model, "itc_head", None)
         self.device = device
         self.autocast = autocast
         self.max_text_len = max_text_len or int(model.config.max_text_len)
+        self.progress = progress
 
     @property
     def trained(self) -> bool:
@@ -60,6 +64,7 @@ class DualEncoder:
         lengths = np.fromiter((min(len(t), self.max_text_len) for t in texts), dtype=np.int64, count=len(texts))
         order = np.argsort(lengths, kind="stable")
         out: np.ndarray | None = None
+        shown = self._progress(len(texts), "embed texts", "texts")
         for batch in length_batches(order, lengths, token_budget, max_rows, extra_tokens=0):
             ids, mask = pad_texts([texts[i] for i in batch], self.max_text_len, cfg.pad_token_id, cfg.sep_token_id)
             ids, mask = torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
@@ -72,12 +77,16 @@ class DualEncoder:
             if out is None:
                 out = np.empty((len(texts), vec.shape[1]), dtype=np.float32)
             out[batch] = vec
+            shown.update(len(batch))
+        shown.close()
         return out if out is not None else np.zeros((0, self.dim), dtype=np.float32)
 
     @torch.inference_mode()
-    def embed_images(self, feature_batches: Iterable[np.ndarray]) -> np.ndarray:
-        """(n, d) float32 for feature batches ((b, P, D) float16 each) in the order given."""
+    def embed_images(self, feature_batches: Iterable[np.ndarray], total: int | None = None) -> np.ndarray:
+        """(n, d) float32 for feature batches ((b, P, D) float16 each) in the order given (`total` images, for the
+        progress report)."""
         parts = []
+        shown = self._progress(total, "embed images", "images")
         for feats in feature_batches:
             if len(feats) == 0:
                 continue
@@ -88,7 +97,12 @@ class DualEncoder:
                 else:
                     vec = F.normalize(masked_mean(self.model.encode_image(x), None), dim=-1)
             parts.append(vec.float().cpu().numpy())
+            shown.update(len(feats))
+        shown.close()
         return np.concatenate(parts) if parts else np.zeros((0, self.dim), dtype=np.float32)
+
+    def _progress(self, total: int | None, desc: str, unit: str):
+        return progress(total, desc, unit, bar=bool(self.progress), enabled=self.progress is not None)
 
     @property
     def dim(self) -> int:
@@ -108,7 +122,8 @@ def embed_items(dual: DualEncoder, texts: Sequence[np.ndarray], images: ImageSou
 
     def embed_images(rows: np.ndarray) -> np.ndarray:
         chosen = image_index[rows]
-        return dual.embed_images(images.read(chosen[s:s + IMAGE_BATCH]) for s in range(0, len(chosen), IMAGE_BATCH))
+        return dual.embed_images((images.read(chosen[s:s + IMAGE_BATCH]) for s in range(0, len(chosen), IMAGE_BATCH)),
+                                 total=len(chosen))
 
     if cache is None or keys is None:
         return embed_texts(np.arange(len(text_index))), embed_images(np.arange(len(image_index)))

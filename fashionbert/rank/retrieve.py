@@ -102,7 +102,7 @@ class TwoStage:
 def dual_encoder_for(scorer: CrossEncoderScorer) -> DualEncoder:
     """Recall embeddings from the scorer's copy of the model: in bf16 mode that is its bf16 copy, so both stages
     run the same arithmetic and neither pays autocast's casts."""
-    return DualEncoder(scorer.model, scorer.runtime.device)
+    return DualEncoder(scorer.model, scorer.runtime.device, progress=scorer.progress)
 
 
 def embed_all(dual: DualEncoder, texts: Sequence[np.ndarray], images: ImageSource, token_budget: int,
@@ -283,7 +283,8 @@ def run(config: RetrieveConfig) -> dict:
     loaded = load_model(config.model, rt)
     catalog = open_catalog(config.features, loaded)
     cache = open_cache(config, loaded.version, rt.precision)
-    scorer = CrossEncoderScorer(loaded.model, rt, config.batch_tokens, config.block_images, cache=cache)
+    scorer = CrossEncoderScorer(loaded.model, rt, config.batch_tokens, config.block_images, cache=cache,
+                                progress=config.progress)
     dual = dual_encoder_for(scorer)
     texts = catalog.text_ids
     result = two_stage(scorer, dual, texts, IndexedImages(catalog.index, catalog.reader), config.recall_k,

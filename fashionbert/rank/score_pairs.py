@@ -159,7 +159,7 @@ def run(config: ScorePairsConfig) -> dict:
         keep.append(row)
         pairs.append((text_of[pid], image_of[iid]))
 
-    scorer = CrossEncoderScorer(loaded.model, rt, config.batch_tokens, config.block_images)
+    scorer = CrossEncoderScorer(loaded.model, rt, config.batch_tokens, config.block_images, progress=config.progress)
     pair_array = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     # Repeated pairs (the same pair listed twice) are scored once.
     unique, inverse = np.unique(pair_array, axis=0, return_inverse=True)

@@ -201,4 +201,5 @@ def _validation_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-checkpoints", type=int, default=D.keep_checkpoints, help="newest checkpoints kept, 0 = all (default 3)")
     g.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in OUT/checkpoints (fresh start if none)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar: a log line every 30 s instead (as when stderr is not a terminal)")

@@ -1,18 +1,20 @@
 """What training reports about itself: OUT/metrics.jsonl (one record per step and per validation), the progress
-bar, and OUT/training_curves.png drawn from the records. Only the main process writes."""
+(a bar on a terminal, a log line every 30 s otherwise), and OUT/training_curves.png drawn from the records. Only the
+main process writes."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
+from fashionbert.logs import progress as show_progress
 from fashionbert.train.step import StepResult
+
+logger = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
 CURVES = "training_curves.png"
@@ -53,15 +55,14 @@ def _record_step(line: str) -> int:
 
 
 class TrainingLog:
-    """A run's metrics.jsonl and progress bar; keeps the latest train and validation records, which checkpoints
+    """A run's metrics.jsonl and progress; keeps the latest train and validation records, which checkpoints
     and the summary repeat."""
 
     def __init__(self, out: Path, tasks: list[str], start_step: int, total_steps: int, resumed: bool, main: bool,
                  progress: bool, t_start: float):
         self.out, self.tasks, self.main, self.t_start = out, list(tasks), main, t_start
         self.metrics = MetricsLog(out / METRICS, start_step if resumed else None, main)
-        self.bar = tqdm(total=total_steps, initial=start_step, disable=not (main and progress), unit="step",
-                        dynamic_ncols=True, file=sys.stderr)
+        self.bar = show_progress(total_steps, "train", "steps", bar=progress, enabled=main, initial=start_step)
         self.pairs_rate_ema: float | None = None
         self.last_train: dict[str, Any] = {}
         self.last_val: dict[str, Any] = {}
@@ -102,7 +103,7 @@ class TrainingLog:
         try:
             return plot_curves(self.out / METRICS, self.out / CURVES)
         except ImportError as exc:
-            print(f"train: no training_curves.png ({exc})", file=sys.stderr, flush=True)
+            logger.warning(f"train: no training_curves.png ({exc})")
             return None
 
     def close_bar(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -22,6 +23,7 @@ from typing import Any, Callable
 
 from fashionbert.errors import UserError
 from fashionbert.evaluation.quick_validation import validate
+from fashionbert.logs import setup_logging
 from fashionbert.model.score_fusion import ScoreFusion
 from fashionbert.runtime import Runtime, setup_runtime
 from fashionbert.train import checkpoint as ckpt
@@ -33,6 +35,7 @@ from fashionbert.train.step import MATCHING_TASKS, train_step
 __all__ = ["TrainConfig", "add_arguments", "config_from_args", "main", "run", "train"]
 
 SUMMARY = "summary.json"
+logger = logging.getLogger(__name__)
 
 
 def run(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -142,13 +145,14 @@ def _finish(state: TrainState, rt: Runtime, log: TrainingLog, t_start: float) ->
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    logger.info(msg)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fashionbert train", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     config = config_from_args(parser.parse_args(argv))
+    setup_logging()
     try:
         summary = run(config)
     except UserError as exc:
