@@ -151,10 +151,10 @@ def spy(monkeypatch):
         seen["texts"] += len(texts)
         return embed_texts(self, texts, **kw)
 
-    def _embed_images(self, batches):
+    def _embed_images(self, batches, **kw):
         batches = list(batches)
         seen["images"] += sum(len(b) for b in batches)
-        return embed_images(self, batches)
+        return embed_images(self, batches, **kw)
 
     monkeypatch.setattr(CrossEncoderScorer, "_score", _score)
     monkeypatch.setattr(DualEncoder, "embed_texts", _embed_texts)
