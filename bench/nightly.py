@@ -87,13 +87,12 @@ def nightly(catalog: Path, work: Path, model: str, a: argparse.Namespace) -> dic
 
 def describe(summary: dict) -> dict:
     c = summary.get("counts", {})
-    feat = summary["stages"]["featurize"]
     return {"wall_s": summary["wall_s"],
             **{f"{name}_s": stage.get("seconds") for name, stage in summary["stages"].items() if "seconds" in stage},
             "pairs_scored": c.get("pairs_scored"), "pairs_reused": c.get("pairs_reused"),
             "embeddings_computed": c.get("embeddings_computed"), "embeddings_reused": c.get("embeddings_reused"),
-            "images_computed": c.get("images_computed"), "images_carried": c.get("images_carried"),
-            "feature_bytes_written": (feat.get("counts") or {}).get("bytes_written")}
+            "images_computed": c.get("images_computed"), "images_linked": c.get("images_linked"),
+            "feature_bytes_written": c.get("feature_bytes_written"), "feature_bytes_linked": c.get("feature_bytes_linked")}
 
 
 def compare_tables(night: Path, reference: Path) -> dict:

@@ -21,6 +21,7 @@ class FeaturizeConfig:
     out: str
     previous: str | None = None
     overwrite: bool = False
+    compact: bool = False  # with --previous: rewrite every row instead of linking the previous run's image files
     # manifest column mapping
     id_column: str = "product_id"
     image_column: str = "image"
@@ -137,6 +138,10 @@ def add_arguments(parser: argparse.ArgumentParser, with_outputs: bool = True) ->
     o = parser.add_argument_group("output")
     o.add_argument("--images-per-shard", type=int, default=d.images_per_shard,
                    help="image rows per Parquet shard (default %(default)s, ~160 MB at 8x8x1280 fp16)")
+    o.add_argument("--compact", action="store_true",
+                   help="with --previous: write every image row into this run's own files instead of hard-linking "
+                        "the previous run's image files (which featurize also does by itself once too many of their "
+                        "rows are dead)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -154,5 +159,5 @@ def config_from_args(args: argparse.Namespace, **io) -> FeaturizeConfig:
         image_size=args.image_size, grid=args.grid, fit=args.fit, cnn=args.cnn, patch_mode=args.patch_mode,
         patch_size=args.patch_size, precision=args.precision, batch_size=args.batch_size,
         max_pixels=args.max_pixels, backbone=args.backbone, max_text_len=args.max_text_len,
-        images_per_shard=args.images_per_shard, progress=not args.no_progress,
+        images_per_shard=args.images_per_shard, compact=args.compact, progress=not args.no_progress,
     )

@@ -1,12 +1,29 @@
 """The featurize pipeline: catalog -> images-*.parquet, texts-*.parquet, rejects-*.parquet, _run.json.
 
     catalog --ReadCatalog--> rows --HashImages--> hashed rows --ReconcileImages (with --previous)-->
-      planned images --AssignShards--> DecodeImages --BatchElements--> EmbedPatches --> images shards
+      planned images --LinkOrWrite--> rows to write --AssignShards--> DecodeImages --BatchElements-->
+      EmbedPatches --> images shards
+                                  \--> linked rows --RecordLinks--> which previous rows stay live
     rows --(valid text)--> ReconcileTexts (with --previous) --AssignShards--> TokenizeTexts --> texts shards
     every stage's rejects --AssignShards--> rejects shards
 
 Shards are written into a staging folder; the driver then renumbers them, writes `_run.json` and
 publishes the folder atomically (`fashionbert.data.publish`).
+
+Incremental runs (`--previous DIR`) do not copy the previous run's image rows. An image whose content hash
+and light columns (product_id, source) are unchanged is served by the previous run's image file itself,
+hard-linked into the new folder under a new name (`images-NNNNN-of-MMMMM.parquet`, numbered before this
+run's own files; a byte copy where a hard link is impossible: another device, an object store). A hard link
+names the data, not the older folder, so pruning older runs never breaks a newer one, and the next run links
+the same files again. `_dead_image_rows.parquet` (schema `DEAD_IMAGE_ROWS`: file name, 0-based row; written
+whenever files were linked) lists the rows of linked files that are no longer live: deleted, changed,
+re-owned or duplicate images. Readers (`fashionbert.data.features`) skip them, so the folder reads as if its
+live rows had been copied; a folder without the file has no dead rows (every folder made before linking).
+New, changed and re-owned images are written into this run's own files, as is every row when linking would
+degrade the folder: over `COMPACT_DEAD_FRACTION` of its image rows dead, or more than `COMPACT_FILE_FACTOR`
+x the files a fresh run writes + `COMPACT_FILE_SLACK` (`pipelines.images`), or `--compact`. Texts are small
+and always copied. `_run.json` counts `images.linked` and, under `storage`, files and bytes linked, copied
+and written.
 """
 from __future__ import annotations
 
@@ -22,6 +39,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 
 import schemas
 from fashionbert.data import publish
+from fashionbert.data.features import DEAD_IMAGE_ROWS
 from fashionbert.errors import UserError
 from fashionbert.model.patch_cnn import FEATURE_DIM
 
@@ -51,8 +69,15 @@ class FeaturizeImages(beam.PTransform):
             | "JoinPrevious" >> beam.CoGroupByKey()
             | "Reconcile" >> beam.ParDo(img.ReconcileImages(cfg)).with_outputs(img.REJECTS, main="planned")
         )
-        decoded = (
+        decision = planned.planned | "PlanLinks" >> beam.CombineGlobally(img.PlanLinks(cfg))
+        split = (
             planned.planned
+            | "LinkOrWrite" >> beam.ParDo(img.LinkOrWrite(), beam.pvalue.AsSingleton(decision)).with_outputs(
+                img.LINKED, main="write")
+        )
+        _ = split[img.LINKED] | "RecordLinks" >> img.RecordLinks(self.staging, decision)
+        decoded = (
+            split.write
             | "Shard" >> AssignShards(lambda p: p.row.image_id, cfg.images_per_shard)
             | "Decode" >> beam.ParDo(img.DecodeImages(cfg)).with_outputs(img.REJECTS, main="squares")
         )
@@ -139,17 +164,20 @@ def _check_previous(cfg: FeaturizeConfig) -> None:
             schemas.read_schema(fh, "images", where=path)
 
 
-def finalize(staging: str, cfg: FeaturizeConfig) -> dict:
-    """Renumber shards contiguously (a shard whose every image was rejected writes no file), make sure
-    each table has at least one file so readers always find its schema, and count rows."""
+def finalize(staging: str, cfg: FeaturizeConfig) -> tuple[dict, dict]:
+    """Link the previous run's image files the pipeline chose and list their dead rows, renumber shards
+    contiguously (a shard whose every image was rejected writes no file; linked files come first), make sure each
+    table has at least one file so readers always find its schema, and count live rows -> (rows, links)."""
     import pyarrow.parquet as pq
 
+    handoff = _read_links_handoff(staging)
     kinds = {"images": schemas.images_schema(cfg.grid, FEATURE_DIM), "texts": schemas.TEXTS,
              "rejects": schemas.REJECTS}
-    rows = {}
+    rows, links = {}, _link_summary([], handoff.get("compacted"))
     for kind, schema in kinds.items():
         parts = storage.glob(staging, f"{kind}-*.parquet")
-        if not parts:
+        previous = handoff["files"] if kind == "images" else []
+        if not parts and not previous:
             with storage.create(storage.join(staging, shard_file_name(kind, 0, 1))) as fh:
                 pq.write_table(schema.empty_table(), fh, compression="zstd")
             rows[kind] = 0
@@ -159,11 +187,60 @@ def finalize(staging: str, cfg: FeaturizeConfig) -> dict:
             with storage.open_read(part) as fh:
                 total += pq.ParquetFile(fh).metadata.num_rows
             storage.rename(part, storage.join(staging, f"{kind}-{i:05d}.tmp"))
+        num_files = len(previous) + len(parts)
+        if previous:
+            links = _link_previous_images(staging, previous, num_files, handoff.get("compacted"))
+            total += links["rows"]
         for i in range(len(parts)):
             storage.rename(storage.join(staging, f"{kind}-{i:05d}.tmp"),
-                           storage.join(staging, shard_file_name(kind, i, len(parts))))
+                           storage.join(staging, shard_file_name(kind, len(previous) + i, num_files)))
         rows[kind] = total
-    return rows
+    return rows, links
+
+
+def _read_links_handoff(staging: str) -> dict:
+    path = storage.join(staging, img.LINKS_HANDOFF)
+    if not storage.exists(path):
+        return {"files": [], "compacted": None}
+    with storage.open_read(path) as fh:
+        handoff = json.loads(fh.read())
+    storage.delete(path)
+    return handoff
+
+
+def _link_summary(files: list[dict], compacted: str | None) -> dict:
+    return {"rows": sum(f["live"] for f in files), "dead_rows": sum(f["dead"] for f in files),
+            "files_linked": sum(f["linked"] for f in files), "files_copied": sum(not f["linked"] for f in files),
+            "bytes_linked": sum(f["bytes"] for f in files if f["linked"]),
+            "bytes_copied": sum(f["bytes"] for f in files if not f["linked"]), "compacted": compacted}
+
+
+def _link_previous_images(staging: str, previous: list, num_files: int, compacted: str | None) -> dict:
+    """Hard-link (else copy) each previous image file that serves live rows as image file i of `num_files`, and
+    write `_dead_image_rows.parquet`: the rows of those files no longer live, by file name."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files, dead_names, dead_rows = [], [], []
+    for i, (src, live) in enumerate(previous):
+        name = shard_file_name("images", i, num_files)
+        dst = storage.join(staging, name)
+        linked = storage.link_or_copy(src, dst)
+        with storage.open_read(dst) as fh:
+            num_rows = pq.ParquetFile(fh).metadata.num_rows
+        dead = np.setdiff1d(np.arange(num_rows, dtype=np.int64), np.asarray(live, dtype=np.int64))
+        dead_names.append(np.full(len(dead), name, dtype=object))
+        dead_rows.append(dead)
+        files.append({"live": len(live), "dead": len(dead), "linked": linked, "path": dst})
+    size = storage.sizes(staging, "images-*.parquet")
+    for f in files:
+        f["bytes"] = size[f.pop("path")]
+    record = pa.Table.from_arrays([pa.array(np.concatenate(dead_names), pa.string()),
+                                   pa.array(np.concatenate(dead_rows), pa.int64())], schema=schemas.DEAD_IMAGE_ROWS)
+    with storage.create(storage.join(staging, DEAD_IMAGE_ROWS)) as fh:
+        pq.write_table(record, fh, compression="zstd")
+    return _link_summary(files, compacted)
 
 
 def _reject_counts(staging: str) -> dict:
@@ -238,8 +315,9 @@ def run(cfg: FeaturizeConfig, beam_args: list[str] | None = None) -> dict:
         if progress_key:
             img.close_progress(progress_key)
     result = p.result if hasattr(p, "result") else None
-    rows = finalize(staging, cfg)
+    rows, links = finalize(staging, cfg)
     counters = _counters(result) if result is not None else {}
+    bytes_in_folder = sum(storage.sizes(staging, "*").values())
     summary = {
         "run_id": run_id,
         "schema_version": schemas.SCHEMA_VERSION,
@@ -252,9 +330,17 @@ def run(cfg: FeaturizeConfig, beam_args: list[str] | None = None) -> dict:
             "accepted_images": rows["images"],
             "rejected_rows": rows["rejects"],
             "texts": rows["texts"],
-            "images": {k: counters.get(f"images_{k}", 0) for k in ("new", "changed", "carried", "deleted", "computed")},
+            "images": {**{k: counters.get(f"images_{k}", 0) for k in ("new", "changed", "carried", "deleted", "computed")},
+                       "linked": links["rows"]},
             "text_rows": {k: counters.get(f"texts_{k}", 0) for k in ("computed", "carried", "deleted")},
             "rejects_by_stage_reason": _reject_counts(staging),
+            "storage": {
+                "image_files": len(storage.glob(staging, "images-*.parquet")),
+                "image_files_linked": links["files_linked"], "image_files_copied": links["files_copied"],
+                "dead_image_rows": links["dead_rows"], "compacted": links["compacted"],
+                "bytes_linked": links["bytes_linked"], "bytes_copied": links["bytes_copied"],
+                "bytes_written": bytes_in_folder - links["bytes_linked"] - links["bytes_copied"],
+            },
         },
         "shards": {k: [posixpath.basename(f) for f in storage.glob(staging, f"{k}-*.parquet")]
                    for k in ("images", "texts", "rejects")},

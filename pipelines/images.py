@@ -1,4 +1,4 @@
-"""Image stages: read + hash, reconcile with the previous run, decode to squares, run the patch CNN.
+"""Image stages: read + hash, reconcile with the previous run, link or write, decode to squares, run the patch CNN.
 
 The pure work lives in `decode.py` and `fashionbert.model.patch_cnn`; these DoFns only move elements, count
 them (Beam metrics) and turn `RejectError`s into reject rows on a tagged output.
@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import math
+import posixpath
 import threading
 
 import apache_beam as beam
@@ -22,7 +25,20 @@ from .rejects import Reject, RejectError
 from .shards import Sharded
 
 REJECTS = "rejects"
+LINKED = "linked"
 NS = "featurize"
+LINKS_HANDOFF = "_linked_rows.json"  # staging only: which previous rows the pipeline linked, for `finalize`
+
+# Linked files keep the rows of images deleted, changed or re-owned since they were written: disk spent on
+# nothing and rows every reader skips. Once they are over a quarter of the folder's image rows, one rewrite
+# (what a backfill writes) is cheaper than carrying them on night after night; at a quarter the waste stays
+# under a third of the live data.
+COMPACT_DEAD_FRACTION = 0.25
+# Each night adds its computed rows as new, mostly small files, and every reader opens every file. Rewrite
+# when a chain of nights has left more than twice the files a fresh run would write; the slack keeps a small
+# catalog (one fresh file) from being rewritten every other night.
+COMPACT_FILE_FACTOR = 2
+COMPACT_FILE_SLACK = 16
 
 
 def reject_of(row: CatalogRow, stage: str, reason: str, detail: str) -> Reject:
@@ -125,14 +141,19 @@ class PreviousImage:
     content_hash: str
     file: str
     index: int  # row index within the file
+    product_id: str | None = None
+    source: str | None = None
+    file_rows: int = 0  # rows in the file, live or dead
 
 
 @dataclasses.dataclass
 class PlannedImage:
-    """An accepted, de-duplicated row and what to do with it: compute, or carry `previous` over."""
+    """An accepted, de-duplicated row and what to do with it: compute, or carry `previous` over; `linkable` when
+    the previous row is this row exactly (features and every light column), so its file can serve it as is."""
     row: CatalogRow
     content_hash: str
     previous: PreviousImage | None = None
+    linkable: bool = False
 
 
 class ReconcileImages(beam.DoFn):
@@ -160,10 +181,108 @@ class ReconcileImages(beam.DoFn):
         prev = previous[0] if previous else None
         if prev is not None and prev.content_hash == chash:
             Metrics.counter(NS, "images_carried").inc()
-            yield PlannedImage(first, chash, prev)
+            # A re-assigned or moved image keeps its features but not its row: it is written anew.
+            same_row = (prev.product_id, prev.source) == (first.product_id, first.source)
+            yield PlannedImage(first, chash, prev, linkable=same_row)
         else:
             Metrics.counter(NS, "images_changed" if prev is not None else "images_new").inc()
             yield PlannedImage(first, chash)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkDecision:
+    link: bool  # serve linkable rows from the previous run's files, hard-linked; else rewrite every row
+    compacted: str | None = None  # why linking was refused (the folder would degrade), None otherwise
+
+
+def decide_links(planned: int, files: dict[str, tuple[int, int]], images_per_shard: int,
+                 force_rewrite: bool = False) -> LinkDecision:
+    """Link or rewrite, from the planned rows and, per previous file with a linkable row, (its rows, its linkable
+    rows): linking is refused when it would leave the folder with too many dead rows or too many files."""
+    if not files:
+        return LinkDecision(False)
+    if force_rewrite:
+        return LinkDecision(False, "--compact")
+    linked = sum(n for _, n in files.values())
+    in_files = sum(rows for rows, _ in files.values())
+    written = planned - linked
+    dead = in_files - linked
+    if dead > COMPACT_DEAD_FRACTION * (in_files + written):
+        return LinkDecision(False, f"{dead} dead rows of {in_files + written} > {COMPACT_DEAD_FRACTION:.0%}")
+    fresh_files = max(1, math.ceil(planned / images_per_shard))
+    image_files = len(files) + math.ceil(written / images_per_shard)
+    if image_files > COMPACT_FILE_FACTOR * fresh_files + COMPACT_FILE_SLACK:
+        return LinkDecision(False, f"{image_files} image files > {COMPACT_FILE_FACTOR} x {fresh_files} + "
+                                   f"{COMPACT_FILE_SLACK}")
+    return LinkDecision(True)
+
+
+class PlanLinks(beam.CombineFn):
+    """PlannedImage -> one LinkDecision for the run (a side input of LinkOrWrite)."""
+
+    def __init__(self, cfg: FeaturizeConfig):
+        self.images_per_shard, self.force_rewrite = cfg.images_per_shard, cfg.compact
+
+    def create_accumulator(self):
+        return 0, {}  # planned rows, previous file -> [rows in it, linkable rows]
+
+    def add_input(self, acc, plan: PlannedImage):
+        planned, files = acc
+        if plan.linkable:
+            files.setdefault(plan.previous.file, [plan.previous.file_rows, 0])[1] += 1
+        return planned + 1, files
+
+    def merge_accumulators(self, accs):
+        planned, files = 0, {}
+        for n, part in accs:
+            planned += n
+            for f, (rows, linkable) in part.items():
+                files.setdefault(f, [rows, 0])[1] += linkable
+        return planned, files
+
+    def extract_output(self, acc):
+        planned, files = acc
+        return decide_links(planned, {f: tuple(v) for f, v in files.items()}, self.images_per_shard,
+                            self.force_rewrite)
+
+
+class LinkOrWrite(beam.DoFn):
+    """PlannedImage -> itself on LINKED (its previous file will serve it) or on the main output (rows to write)."""
+
+    def setup(self):
+        self.linked = Metrics.counter(NS, "images_linked")
+
+    def process(self, plan: PlannedImage, decision: LinkDecision):
+        if plan.linkable and decision.link:
+            self.linked.inc()
+            yield beam.pvalue.TaggedOutput(LINKED, plan)
+        else:
+            yield plan
+
+
+def write_links_handoff(files: list, staging: str, decision: LinkDecision) -> None:
+    """Records (previous file, its linked rows) for `finalize`, which links the files and lists their dead rows."""
+    files = sorted(files)
+    storage.write_text(storage.join(staging, LINKS_HANDOFF), json.dumps({
+        "compacted": decision.compacted, "files": files}))
+
+
+class RecordLinks(beam.PTransform):
+    """Linked PlannedImages -> the staging folder's LINKS_HANDOFF file (written also when nothing was linked)."""
+
+    def __init__(self, staging: str, decision):
+        super().__init__()
+        self.staging, self.decision = staging, decision
+
+    def expand(self, linked):
+        return (
+            linked
+            | "ByFile" >> beam.Map(lambda p: (p.previous.file, p.previous.index))
+            | "GroupByFile" >> beam.GroupByKey()
+            | "SortRows" >> beam.MapTuple(lambda f, rows: (f, sorted(rows)))
+            | "AllFiles" >> beam.combiners.ToList()
+            | "Write" >> beam.Map(write_links_handoff, self.staging, beam.pvalue.AsSingleton(self.decision))
+        )
 
 
 class DecodeImages(_ReadsImages):
@@ -232,12 +351,13 @@ _progress_bars: dict[str, object] = {}
 
 
 def _shared_bar(key: str, total: int):
-    # Beam makes one DoFn instance per worker thread; one bar per run needs one object per process.
+    # Beam makes one DoFn instance per worker thread; one bar per run needs one object per process. A bar on a
+    # terminal, a log line every 30 s otherwise (a nightly run's log file).
     with _progress_lock:
         if key not in _progress_bars:
-            from tqdm import tqdm
+            from fashionbert.logs import progress
 
-            _progress_bars[key] = tqdm(total=total, unit="img", desc="featurize images", dynamic_ncols=True)
+            _progress_bars[key] = progress(total, "featurize images", "img")
         return _progress_bars[key]
 
 
@@ -300,12 +420,20 @@ class EmbedPatches(beam.DoFn):
 
 
 def previous_image_index(previous_dir: str):
-    """(image_id, PreviousImage) for every row of an earlier output's image shards (light columns only)."""
+    """(image_id, PreviousImage) for every live row of an earlier output's image files (light columns only)."""
+    from fashionbert.data.features import DEAD_IMAGE_ROWS, read_dead_rows
     from schemas import read_table
 
+    dead: dict = {}
+    record = storage.join(previous_dir, DEAD_IMAGE_ROWS)
+    if storage.exists(record):  # absent in folders of runs that linked nothing, or made before linking
+        with storage.open_read(record) as fh:
+            dead = read_dead_rows(fh, where=record)
     for path in storage.glob(previous_dir, "images-*.parquet"):
         with storage.open_read(path) as fh:
-            table = read_table(fh, "images", columns=["image_id", "content_hash"], where=path)
-        for i, (iid, chash) in enumerate(zip(table.column("image_id").to_pylist(),
-                                             table.column("content_hash").to_pylist())):
-            yield iid, PreviousImage(chash, path, i)
+            table = read_table(fh, "images", columns=["image_id", "product_id", "source", "content_hash"], where=path)
+        gone = set(dead.get(posixpath.basename(path), np.zeros(0, np.int64)).tolist())
+        columns = [table.column(c).to_pylist() for c in ("image_id", "product_id", "source", "content_hash")]
+        for i, (iid, pid, src, chash) in enumerate(zip(*columns)):
+            if i not in gone:
+                yield iid, PreviousImage(chash, path, i, pid, src, table.num_rows)

@@ -7,7 +7,9 @@ here does) never reads a mixture.
 """
 from __future__ import annotations
 
+import os
 import posixpath
+import shutil
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -52,6 +54,30 @@ def write_text(path: str, text: str) -> None:
 
 def rename(src: str, dst: str) -> None:
     FileSystems.rename([src], [dst])
+
+
+def sizes(folder: str, pattern: str) -> dict[str, int]:
+    """Bytes of each file matching `pattern`, by path."""
+    return {m.path: m.size_in_bytes for m in FileSystems.match([join(folder, pattern)])[0].metadata_list}
+
+
+def delete(path: str) -> None:
+    FileSystems.delete([path])
+
+
+def link_or_copy(src: str, dst: str) -> bool:
+    """Make `dst` hold `src`'s bytes: a hard link where the filesystem allows one (both local, same device), else a
+    byte copy (across devices, on object stores). True when linked: the file then costs no new disk space, and
+    deleting `src`'s folder later leaves `dst` intact."""
+    if not is_remote(src) and not is_remote(dst):
+        try:
+            os.link(src, dst)
+            return True
+        except OSError:  # another device, a filesystem without hard links, a link count at its limit
+            pass
+    with open_read(src) as fin, create(dst) as fout:
+        shutil.copyfileobj(fin, fout, 1 << 22)
+    return False
 
 
 def staging_path(out: str, run_id: str) -> str:

@@ -80,6 +80,17 @@ REJECTS = _with_meta(
 )
 
 
+# A feature folder's `_dead_image_rows.parquet`: rows of its image files that readers skip. Incremental featurize
+# hard-links the previous run's image files instead of copying their rows; the rows of those files that are no
+# longer live (deleted, changed or re-owned images) are listed here. No such file: every row is live.
+DEAD_IMAGE_ROWS = _with_meta(
+    "dead_image_rows",
+    [
+        pa.field("file", pa.string(), nullable=False),  # an images-*.parquet file name in the same folder
+        pa.field("row", pa.int64(), nullable=False),  # 0-based row index within that file
+    ],
+)
+
 RETRIEVAL = _with_meta(
     "retrieval",
     [
@@ -140,6 +151,8 @@ def expected_for(schema: pa.Schema) -> pa.Schema:
         return PAIR_REJECTS
     if name == "score_cache":
         return SCORE_CACHE
+    if name == "dead_image_rows":
+        return DEAD_IMAGE_ROWS
     if name == "images":
         meta = schema.metadata
         try:

@@ -69,3 +69,36 @@ def hm_subset(folder: str, n: int, hm_dev: str = HM_DEV) -> str:
             row["image"] = os.path.abspath(os.path.join(hm_dev, row["image"]))
             writer.writerow(row)
     return path
+
+
+def live_view(out: str) -> dict:
+    """A featurize output as every reader sees it (`fashionbert.data.features`, the report's catalog info): texts,
+    the image index in order with each image's product, its patch features, and the report's maps."""
+    import numpy as np
+
+    from fashionbert.data.features import FeatureReader, index_images, load_texts, open_feature_folder
+    from fashionbert.evaluation.report import read_catalog_info
+
+    folder = open_feature_folder(out)
+    texts = load_texts([folder])
+    index = index_images([folder], texts)
+    features = FeatureReader(index.shards, folder.num_patches, folder.feature_dim).read(
+        index.shard, index.row_group, index.row)
+    report_texts, sources, image_product = read_catalog_info([str(out)])
+    return {
+        "texts": {pid: ([a.tolist() for a in texts.input_ids[i]], texts.subcategory[i], texts.group_id[i])
+                  for pid, i in texts.index.items()},
+        "image_ids": index.image_ids,
+        "image_products": [texts.product_ids[p] for p in index.product],
+        "features": features.view(np.uint16),  # bitwise
+        "skipped": (index.skipped_no_text, index.skipped_duplicate),
+        "report": (report_texts, {k: v[0] for k, v in sources.items()}, image_product),
+    }
+
+
+def assert_same_view(got: dict, want: dict) -> None:
+    import numpy as np
+
+    for key in ("texts", "image_ids", "image_products", "skipped", "report"):
+        assert got[key] == want[key], key
+    assert got["features"].shape == want["features"].shape and np.array_equal(got["features"], want["features"])

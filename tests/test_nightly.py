@@ -6,6 +6,7 @@ that need a previous successful run work on their own copy of its work folder an
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -109,7 +110,10 @@ def test_nightly_twice_recomputes_only_changes_and_updates_tables(first_run, tmp
     summary = _summary(work / "last-run.json")
     feat = summary["stages"]["featurize"]
     assert summary["status"] == "ok" and feat["previous"] == os.path.join(run1, "features")
-    assert feat["counts"]["images"] == {"new": 1, "changed": 0, "carried": 5, "deleted": 1, "computed": 1}
+    assert feat["counts"]["images"] == {"new": 1, "changed": 0, "carried": 5, "deleted": 1, "computed": 1, "linked": 5}
+    # the carried rows stay in run 1's image file, hard-linked into run 2's features (not copied)
+    inodes = {os.stat(f).st_ino for f in glob.glob(os.path.join(run1, "features", "images-*.parquet"))}
+    assert inodes & {os.stat(f).st_ino for f in glob.glob(os.path.join(run2, "features", "images-*.parquet"))}
     assert feat["counts"]["text_rows"] == {"computed": 2, "carried": 4, "deleted": 2}
     assert _summary(os.path.join(run2, "summary.json"))["run_id"] == summary["run_id"]
     first = _summary(os.path.join(run1, "summary.json"))

@@ -413,6 +413,10 @@ def rollup(stages: dict) -> dict:
                       images_computed=feat["images"]["computed"], images_carried=feat["images"]["carried"],
                       images_deleted=feat["images"]["deleted"], texts_computed=feat["text_rows"]["computed"],
                       texts_carried=feat["text_rows"]["carried"], texts_deleted=feat["text_rows"]["deleted"])
+        storage = feat.get("storage") or {}  # featurize links latest's image files rather than copying their rows
+        counts.update(images_linked=feat["images"].get("linked", 0),
+                      feature_bytes_written=storage.get("bytes_written"), feature_bytes_linked=storage.get("bytes_linked"),
+                      feature_bytes_copied=storage.get("bytes_copied"))
     tables = stages.get("retrieve", {}).get("counts")
     if tables:
         counts.update({k: tables[k] for k in ("text_queries", "image_queries", "text_to_image_rows",

@@ -4,6 +4,11 @@ A folder is usable once featurize wrote `_SUCCESS`; every shard is checked again
 is read. Texts (small: ids and a few strings per product) are loaded whole; image patch features (about
 160 KB a row at 8x8x1280 fp16) never are: the image index keeps only ids and (shard, row group, row)
 coordinates, and features are read on demand in record batches.
+
+An incremental featurize run hard-links the previous run's image files into its folder instead of copying
+their rows; `_dead_image_rows.parquet` then lists the rows of those files that are no longer live (deleted,
+changed or re-owned images). Every reader here skips them, so such a folder reads exactly like one whose live
+rows were copied: the same image ids, product ids and features, indexed in image_id order.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from schemas import META_FEATURE_DIM, META_GRID, SchemaError, read_schema, read_
 
 SUCCESS = "_SUCCESS"
 RUN_JSON = "_run.json"
+DEAD_IMAGE_ROWS = "_dead_image_rows.parquet"
 READ_BATCH_ROWS = 256
 
 
@@ -34,10 +40,34 @@ class FeatureFolder:
     grid: int
     feature_dim: int
     options: dict
+    dead_rows: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # image file name -> dead rows
 
     @property
     def num_patches(self) -> int:
         return self.grid * self.grid
+
+    def live_mask(self, shard: Path, num_rows: int) -> np.ndarray | None:
+        """Which rows of one of the folder's image files are live; None when all are."""
+        dead = self.dead_rows.get(Path(shard).name)
+        if dead is None or not len(dead):
+            return None
+        mask = np.ones(num_rows, dtype=bool)
+        mask[dead[dead < num_rows]] = False
+        return mask
+
+
+def read_dead_rows(source, where: str | None = None) -> dict[str, np.ndarray]:
+    """A `_dead_image_rows.parquet` (a path or an open file) -> image file name -> sorted dead row indexes."""
+    table = read_table(source, "dead_image_rows", where=where)
+    if not table.num_rows:
+        return {}
+    files = table.column("file").combine_chunks().dictionary_encode()
+    codes = files.indices.to_numpy(zero_copy_only=False)
+    rows = table.column("row").to_numpy()
+    order = np.argsort(codes, kind="stable")
+    codes, rows = codes[order], rows[order]
+    bounds = np.searchsorted(codes, np.arange(len(files.dictionary) + 1))
+    return {name: np.sort(rows[bounds[k]:bounds[k + 1]]) for k, name in enumerate(files.dictionary.to_pylist())}
 
 
 def _fix(path: Path) -> str:
@@ -71,12 +101,18 @@ def open_feature_folder(path: str | os.PathLike) -> FeatureFolder:
             shapes.add((int(meta[META_GRID]), int(meta[META_FEATURE_DIM])))
         for shard in texts:
             read_schema(str(shard), "texts")
+        dead_rows = read_dead_rows(str(path / DEAD_IMAGE_ROWS)) if (path / DEAD_IMAGE_ROWS).is_file() else {}
     except SchemaError as exc:
         raise UserError(f"--features {path}: {exc}") from exc
+    unknown = sorted(set(dead_rows) - {p.name for p in images})
+    if unknown:
+        raise UserError(f"--features {path}: {DEAD_IMAGE_ROWS} names image files the folder lacks ({unknown[:3]}); "
+                        f"{_fix(path)}")
     if len(shapes) != 1:
         raise UserError(f"--features {path}: image shards disagree on (grid, feature_dim): {sorted(shapes)}; {_fix(path)}")
     grid, feature_dim = shapes.pop()
-    return FeatureFolder(path=path, image_shards=images, text_shards=texts, grid=grid, feature_dim=feature_dim, options=options)
+    return FeatureFolder(path=path, image_shards=images, text_shards=texts, grid=grid, feature_dim=feature_dim,
+                         options=options, dead_rows=dead_rows)
 
 
 def open_feature_folders(paths: Sequence[str | os.PathLike]) -> list[FeatureFolder]:
@@ -191,35 +227,48 @@ class ImageIndex:
         return len(self.image_ids)
 
 
+def _live_image_rows(folder: FeatureFolder, first_shard: int) -> list[tuple[str, str, str, int, int, int]]:
+    """(image_id, product_id, content_hash, shard, row group, row) of a folder's live image rows, in image_id order: the order a
+    featurize run writes them, also when some of the folder's files were linked from an earlier run."""
+    rows = []
+    for s, path in enumerate(folder.image_shards, start=first_shard):
+        pf = pq.ParquetFile(str(path))
+        live = folder.live_mask(path, pf.metadata.num_rows)
+        start = 0
+        for rg in range(pf.num_row_groups):
+            t = pf.read_row_group(rg, columns=["image_id", "product_id", "content_hash"])
+            for r, (iid, pid, chash) in enumerate(zip(t.column("image_id").to_pylist(), t.column("product_id").to_pylist(),
+                                                      t.column("content_hash").to_pylist())):
+                if live is None or live[start + r]:
+                    rows.append((iid, pid, chash, s, rg, r))
+            start += t.num_rows
+    rows.sort(key=lambda x: x[0])  # stable: of two rows with one id, the first in file order stays first
+    return rows
+
+
 def index_images(folders: Iterable[FeatureFolder], texts: TextTable) -> ImageIndex:
     shards: list[Path] = []
     shard_col, rg_col, row_col, prod_col, image_ids, hashes = [], [], [], [], [], []
     seen: set[str] = set()
     no_text = dup = 0
     for folder in folders:
-        for path in folder.image_shards:
-            s = len(shards)
-            shards.append(path)
-            pf = pq.ParquetFile(str(path))
-            for rg in range(pf.num_row_groups):
-                t = pf.read_row_group(rg, columns=["image_id", "product_id", "content_hash"])
-                for r, (iid, pid, chash) in enumerate(zip(t.column("image_id").to_pylist(),
-                                                          t.column("product_id").to_pylist(),
-                                                          t.column("content_hash").to_pylist())):
-                    p = texts.index.get(pid)
-                    if p is None:
-                        no_text += 1
-                        continue
-                    if iid in seen:
-                        dup += 1
-                        continue
-                    seen.add(iid)
-                    shard_col.append(s)
-                    rg_col.append(rg)
-                    row_col.append(r)
-                    prod_col.append(p)
-                    image_ids.append(iid)
-                    hashes.append(chash)
+        rows = _live_image_rows(folder, len(shards))
+        shards.extend(folder.image_shards)
+        for iid, pid, chash, s, rg, r in rows:
+            p = texts.index.get(pid)
+            if p is None:
+                no_text += 1
+                continue
+            if iid in seen:
+                dup += 1
+                continue
+            seen.add(iid)
+            shard_col.append(s)
+            rg_col.append(rg)
+            row_col.append(r)
+            prod_col.append(p)
+            image_ids.append(iid)
+            hashes.append(chash)
     return ImageIndex(
         shards=shards,
         shard=np.asarray(shard_col, dtype=np.int32),

@@ -151,7 +151,9 @@ def read_catalog_info(features: Sequence[str]) -> tuple[dict[str, str], dict[str
             for pid, text in zip(d["product_id"], d["text"]):
                 texts.setdefault(pid, text)
         for shard in folder.image_shards:
-            d = read_table(str(shard), "images", columns=["image_id", "product_id", "source"]).to_pydict()
+            table = read_table(str(shard), "images", columns=["image_id", "product_id", "source"])
+            live = folder.live_mask(shard, table.num_rows)
+            d = (table if live is None else table.filter(live)).to_pydict()
             for iid, pid, src in zip(d["image_id"], d["product_id"], d["source"]):
                 sources.setdefault(iid, (src, base))
                 image_product.setdefault(iid, pid)
