@@ -60,9 +60,10 @@ def test_nightly_parses_pass_through_options_into_stage_configs(tmp_path):
                              "--direct_num_workers", "2")
     assert config.train == TrainConfig(features=["FEATURES"], out="OUT", backbone="bert-dir", progress=False, steps=4,
                                        keep_checkpoints=2)  # the user's --keep-checkpoints wins over nightly's
+    # --no-progress reaches every stage (log lines instead of bars)
     assert config.retrieve == RetrieveConfig(features=["FEATURES"], model="MODEL", out="OUT", top_k=7, recall_k=9,
-                                             index="flat")
-    assert config.evaluate == EvaluateConfig(features=["FEATURES"], model="MODEL", out="OUT",
+                                             index="flat", progress=False)
+    assert config.evaluate == EvaluateConfig(features=["FEATURES"], model="MODEL", out="OUT", progress=False,
                                              **{**nightly.EVAL_DEFAULTS, "queries": 7})
     assert config.featurize.catalog == "synthetic:4" and config.featurize.backbone == "bert-dir"
     assert config.beam_args == ["--direct_num_workers", "2"] and config.train_args == ["--steps", "4",
@@ -90,8 +91,10 @@ def test_nightly_runs_its_stages_on_configs_without_argv(tmp_path, monkeypatch):
     images = {"computed": 4, "carried": 0, "deleted": 0}
     counts = {"input_rows": 4, "accepted_images": 4, "texts": 4, "rejected_rows": 0, "rejects_by_stage_reason": {},
               "images": images, "text_rows": images}
+    cache_counts = {"pairs_scored": 12, "pairs_reused": 0, "embeddings_computed": 8, "embeddings_reused": 0}
     table_counts = {"text_queries": 4, "image_queries": 4, "text_to_image_rows": 8, "image_to_text_rows": 8,
-                    "cross_encoder_pairs": 12}
+                    "cross_encoder_pairs": 12, **cache_counts}
+    cache = {"inputs": [], "saved": "x"}
 
     def fake(name, result):
         def run(cfg, *beam_args):
@@ -103,8 +106,10 @@ def test_nightly_runs_its_stages_on_configs_without_argv(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "run", fake("train", {"model_dir": str(tmp_path / "m"), "final_step": 4,
                                                        "train_images": 4, "validation_images": 0, "validation": {}}))
     monkeypatch.setattr(retrieve, "run", fake("retrieve", {"model": {"version": "v1"}, "counts": table_counts,
-                                                           "options": {}, "index_used": "flat", "seconds": {}}))
-    monkeypatch.setattr(evaluate, "run", fake("evaluate", {"split": {"kind": "all"}}))
+                                                           "options": {}, "index_used": "flat", "seconds": {},
+                                                           "score_cache": cache}))
+    monkeypatch.setattr(evaluate, "run", fake("evaluate", {"split": {"kind": "all"},
+                                                           "score_cache": {**cache_counts, **cache}}))
     summary = nightly.run(config)
 
     run_dir = os.path.join(os.path.abspath(config.workdir), "runs", summary["run_id"])
@@ -113,10 +118,15 @@ def test_nightly_runs_its_stages_on_configs_without_argv(tmp_path, monkeypatch):
     assert seen["featurize"] == dataclasses.replace(config.featurize, out=features)
     assert seen["train"] == dataclasses.replace(config.train, features=[features], out=os.path.join(run_dir, "train"))
     model = os.path.realpath(tmp_path / "m")
+    # no latest run: no score cache to read; each stage saves its own
+    caches = os.path.join(run_dir, nightly.SCORE_CACHE_DIR)
     assert seen["retrieve"] == dataclasses.replace(config.retrieve, features=[features], model=model,
-                                                   out=os.path.join(run_dir, "retrieval"), run_id=summary["run_id"])
+                                                   out=os.path.join(run_dir, "retrieval"), run_id=summary["run_id"],
+                                                   save_scores=os.path.join(caches, "retrieve.parquet"))
     assert seen["evaluate"] == dataclasses.replace(config.evaluate, features=[features], model=model,
-                                                   out=os.path.join(run_dir, "metrics.json"))
+                                                   out=os.path.join(run_dir, "metrics.json"),
+                                                   save_scores=os.path.join(caches, "evaluate.parquet"))
+    assert summary["counts"]["pairs_scored"] == 24 and summary["counts"]["embeddings_computed"] == 16
     assert summary["options"]["train_args"] == ["--steps", "4"]
     assert summary["stages"]["evaluate"]["argv"] == ["--queries", "100", "--draws", "1", "--gallery-max", "100",
                                                      "--recall-k", "20"]
