@@ -129,4 +129,4 @@ def test_nightly_runs_its_stages_on_configs_without_argv(tmp_path, monkeypatch):
     assert summary["counts"]["pairs_scored"] == 24 and summary["counts"]["embeddings_computed"] == 16
     assert summary["options"]["train_args"] == ["--steps", "4"]
     assert summary["stages"]["evaluate"]["argv"] == ["--queries", "100", "--draws", "1", "--gallery-max", "100",
-                                                     "--recall-k", "20"]
+                                                     "--recall-k", "20", "--draw-by", "product-id"]

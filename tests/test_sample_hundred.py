@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from fashionbert.data.features import FeatureReader, index_images, load_texts, open_feature_folders
-from fashionbert.evaluation.sample_hundred import build_sample_hundred, draw, draw_candidates, first_image_per_product
+from fashionbert.evaluation.sample_hundred import (build_sample_hundred, draw, draw_by_product, draw_candidates,
+                                                  first_image_per_product)
 from tests.fake_features import write_fake_features
 
 # a: 6 products (enough for 4 candidates), b: 3 (too few: all of them, then random fill), "": unknown
@@ -82,3 +83,45 @@ def test_fewer_than_two_products_give_no_validation_set(catalog):
     texts, index, reader = catalog
     one_product = np.flatnonzero(index.product == 0)
     assert build_sample_hundred(texts, index, one_product, reader) is None
+
+
+def _by_id(ids, subs, n_queries=5, n_candidates=4, salt="0:0"):
+    d = draw_by_product(ids, subs, n_queries, n_candidates, salt)
+    return {ids[q]: [ids[c] for c in cands] for q, cands in zip(d.queries, d.candidates)}, d
+
+
+def test_draw_by_product_keeps_the_protocol():
+    ids = [f"p{i:02d}" for i in range(len(SUBCATEGORIES))]
+    drawn, d = _by_id(ids, SUBCATEGORIES)
+    assert len(drawn) == 5 and d.queries.tolist() == sorted(d.queries.tolist())
+    sub = dict(zip(ids, SUBCATEGORIES))
+    for query, cands in drawn.items():
+        assert cands[0] == query and len(cands) == 5 and len(set(cands)) == 5
+        same = [c for c in ids if c != query and sub[c] == sub[query]] if sub[query] else []
+        if len(same) >= 4:
+            assert all(sub[c] == sub[query] for c in cands[1:])
+        else:  # a short sub-category: all of it first, then the fill
+            assert set(cands[1:1 + len(same)]) == set(same)
+    assert _by_id(ids, SUBCATEGORIES)[0] == drawn  # deterministic
+    assert _by_id(ids, SUBCATEGORIES, salt="0:1")[0] != drawn  # another draw is another sample
+    assert draw_candidates(SUBCATEGORIES, 5, 4, 1, seed=0, product_ids=ids)[0].candidates[0].tolist() == \
+        d.candidates[0].tolist()
+
+
+def test_draw_by_product_is_stable_when_other_products_come_and_go():
+    rng = np.random.default_rng(0)
+    ids = [f"p{i:03d}" for i in range(300)]
+    subs = [f"s{k}" for k in rng.integers(0, 3, size=300)]
+    before, _ = _by_id(ids, subs, n_queries=20, n_candidates=30)
+    # Remove a product that is no query, add two: the queries stay, and a query's candidates change only where the
+    # removed one was among them or a newcomer ranks among them.
+    gone = next(p for p in ids if p not in before)
+    kept = [(p, s) for p, s in zip(ids, subs) if p != gone] + [("new-1", "s0"), ("new-2", "s1")]
+    after, _ = _by_id([p for p, _ in kept], [s for _, s in kept], n_queries=20, n_candidates=30)
+    assert set(after) == set(before) or len(set(after) ^ set(before)) <= 4  # a newcomer may rank among the queries
+    unchanged = [q for q in before if q in after and after[q] == before[q]]
+    assert len(unchanged) >= len(before) // 2
+    for q in set(before) & set(after):
+        lost = set(before[q]) - set(after[q])
+        assert lost <= {gone} | set(before[q][-2:])  # the removed one, or the last ones pushed out by newcomers
+        assert set(after[q]) - set(before[q]) <= {"new-1", "new-2"} | ({p for p, _ in kept} if gone in before[q] else set())

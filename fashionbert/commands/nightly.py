@@ -62,7 +62,9 @@ log = logging.getLogger(__name__)
 TRAIN_DEFAULTS = {"keep_checkpoints": 1}
 # Sized so that evaluation costs ~25k cross-encoder pairs: minutes on 2 CPU cores (~40 pairs/s), seconds on a
 # GPU. evaluate's own defaults (1000 queries x 3 draws, whole gallery, recall-k 100) cost hours on a CPU.
-EVAL_DEFAULTS = {"queries": 100, "draws": 1, "gallery_max": 100, "recall_k": 20}
+# Drawn by product id, so that each night evaluates the same queries against the same candidates where the catalog
+# did not change them: the quality gate compares like for like, and the score cache serves those pairs.
+EVAL_DEFAULTS = {"queries": 100, "draws": 1, "gallery_max": 100, "recall_k": 20, "draw_by": "product-id"}
 DEFAULT_TOP_K, DEFAULT_RECALL_K = 50, 100
 # sample-100 Rank@1 on nightly's 100 held-out queries moves by ~1 point when a few percent of the catalog changes
 # under the same model; a fall of more than 5 points is a broken model or broken features, not noise.

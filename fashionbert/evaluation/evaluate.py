@@ -44,7 +44,7 @@ from fashionbert.data.feature_catalog import IndexedImages, open_catalog
 from fashionbert.data.features import validation_mask
 from fashionbert.errors import UserError
 from fashionbert.evaluation.quick_validation import roc_auc
-from fashionbert.evaluation.sample_hundred import Draw, draw_candidates, first_image_per_product
+from fashionbert.evaluation.sample_hundred import Draw, draw_candidates, first_image_per_product, id_hashes
 from fashionbert.model.loading import load_model, training_options
 from fashionbert.rank.cross_encoder import (BatchingOptions, CrossEncoderScorer, PairScorer, PairScores,
                                             add_batching_arguments)
@@ -55,6 +55,7 @@ from fashionbert.rank.score_cache import CacheOptions, ItemKeys, add_cache_argum
 from fashionbert.runtime import RuntimeOptions, add_runtime_arguments, resolve_runtime, stage_config
 
 RANK_KS = (1, 5, 10)
+DRAW_BY = ("position", "product-id")
 DEFAULT_VAL_FRACTION = 0.05
 
 
@@ -179,6 +180,7 @@ class EvaluateConfig(CacheOptions, SplitOptions, RecallOptions, BatchingOptions,
     candidates: int = 100
     draws: int = 3
     seed: int = 0
+    draw_by: str = "position"
     # full-gallery protocol
     gallery_max: int = 0
     gallery: bool = True
@@ -210,6 +212,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "are scored once) (default 3)")
     g.add_argument("--seed", type=int, default=d.seed,
                    help="seed of the draws and of --gallery-max sampling (default 0)")
+    g.add_argument("--draw-by", choices=DRAW_BY, default=d.draw_by,
+                   help="position: seeded draws over the held-out pool (the protocol of the README's quality table); "
+                        "product-id: every query, candidate and --gallery-max product chosen by a seeded hash of "
+                        "product ids, so they stay the same when other products enter or leave the catalog "
+                        "(nightly's: its quality gate compares like for like, its score cache finds the pairs) "
+                        "(default position)")
 
     g = parser.add_argument_group("full-gallery protocol")
     g.add_argument("--gallery-max", type=int, default=d.gallery_max,
@@ -288,8 +296,9 @@ def run(args: EvaluateConfig) -> dict:
         raise UserError(f"only {len(pool_products)} held-out product(s) with an image: a query needs other products to "
                         f"rank against; use --split all, a larger --val-fraction, or featurize more products")
     t0 = time.perf_counter()
+    by_id = [texts.product_ids[p] for p in pool_products] if args.draw_by == "product-id" else None
     draws = draw_candidates([texts.subcategory[p] for p in pool_products], args.queries, args.candidates,
-                            args.draws, args.seed)
+                            args.draws, args.seed, product_ids=by_id)
     pool_texts = [text_ids[p] for p in pool_products]
     pool_images = IndexedImages(index, catalog.reader, pool_rows)
     pool_keys = ItemKeys(catalog.text_hashes[pool_products], catalog.image_hashes[pool_rows])
@@ -297,7 +306,7 @@ def run(args: EvaluateConfig) -> dict:
     metrics["sample100"] = {
         "pool_products": int(len(pool_products)), "queries": int(len(draws[0].queries)), "draws": args.draws,
         "candidates_mean": float(np.mean([len(c) - 1 for d in draws for c in d.candidates])),
-        "seed": args.seed, "chance": {f"rank{k}": min(1.0, k / (args.candidates + 1)) for k in RANK_KS},
+        "seed": args.seed, "draw_by": args.draw_by, "chance": {f"rank{k}": min(1.0, k / (args.candidates + 1)) for k in RANK_KS},
         "t2i": s100["t2i"], "i2t": s100["i2t"], "by_head": s100["by_head"], "pairs_scored": s100["pairs_scored"],
         "seconds": round(time.perf_counter() - t0, 3),
     }
@@ -321,8 +330,12 @@ def _full_gallery(args: EvaluateConfig, catalog, scorer, held_out, rows, fusion)
     index = catalog.index
     products = np.flatnonzero(held_out)
     if args.gallery_max and len(products) > args.gallery_max:
-        rng = np.random.default_rng([args.seed, 0x6A1])
-        products = np.sort(rng.choice(products, size=args.gallery_max, replace=False))
+        if args.draw_by == "product-id":
+            keys = id_hashes([catalog.texts.product_ids[p] for p in products], f"{args.seed}:gallery")
+            products = np.sort(products[np.argsort(keys, kind="stable")[:args.gallery_max]])
+        else:
+            rng = np.random.default_rng([args.seed, 0x6A1])
+            products = np.sort(rng.choice(products, size=args.gallery_max, replace=False))
         rows = rows[np.isin(index.product[rows], products)]
     position = {int(p): i for i, p in enumerate(products)}
     image_text = np.asarray([position[int(p)] for p in index.product[rows]], dtype=np.int64)  # image -> its text's position

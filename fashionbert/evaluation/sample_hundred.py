@@ -11,11 +11,17 @@ pool to `max_pool`, and keeps a short sub-category in pool order; evaluate draws
 own generator, and shuffles a short sub-category (`shuffle_short`). The order matters: both report TIA
 accuracy on each query's first candidate.
 
+Evaluate can also draw by product id (`draw_by_product`, `--draw-by product-id`): every choice is a product's rank
+under a seeded hash of its id (of the query's and the candidate's ids, for candidates), so a query keeps its
+candidates, and the queries stay the queries, when other products enter or leave the catalog. Nightly evaluates
+that way: its quality gate compares the same queries night after night, and its score cache finds their pairs.
+
 Imports numpy and pyarrow only (no torch).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Sequence
 
 import numpy as np
@@ -76,10 +82,50 @@ def draw(subcategory: Sequence[str], n_queries: int, n_candidates: int, rng: np.
     return Draw(queries, candidates)
 
 
-def draw_candidates(subcategory: Sequence[str], n_queries: int, n_candidates: int, draws: int, seed: int) -> list[Draw]:
-    """Evaluate's `draws` independent draws: draw d from a generator seeded by (seed, d)."""
+def draw_candidates(subcategory: Sequence[str], n_queries: int, n_candidates: int, draws: int, seed: int,
+                    product_ids: Sequence[str] | None = None) -> list[Draw]:
+    """Evaluate's `draws` independent draws: draw d from a generator seeded by (seed, d); with `product_ids`, by
+    product id (`draw_by_product`) salted with (seed, d)."""
+    if product_ids is not None:
+        return [draw_by_product(product_ids, subcategory, n_queries, n_candidates, f"{seed}:{d}") for d in range(draws)]
     return [draw(subcategory, n_queries, n_candidates, np.random.default_rng([seed, d, 0x100]), shuffle_short=True)
             for d in range(draws)]
+
+
+def id_hashes(ids: Sequence[str], salt: str) -> np.ndarray:
+    """A uint64 per id from a salted blake2b: the same on every run and machine."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(f"{salt}\x00{i}".encode(), digest_size=8).digest(), "little")
+                        for i in ids), dtype=np.uint64, count=len(ids))
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: scrambles a uint64 so that keys of related pairs are unrelated."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def draw_by_product(product_ids: Sequence[str], subcategory: Sequence[str], n_queries: int, n_candidates: int,
+                    salt: str) -> Draw:
+    """`draw`'s protocol with every random choice made by product id: the queries are the products of lowest
+    hash; a query's candidates are its sub-category's products of lowest pair hash (query id, candidate id), then
+    the others' (a short sub-category is filled). Adding or removing products moves a query's candidates only
+    where a newcomer ranks among them or one of them left."""
+    sub = np.asarray(subcategory, dtype=object)
+    h = id_hashes(product_ids, salt)
+    n = len(sub)
+    queries = np.sort(np.argsort(h, kind="stable")[:min(n_queries, n)]).astype(np.int64)
+    candidates = []
+    for q in queries:
+        others = np.delete(np.arange(n), q)
+        ordered = others[np.argsort(_mix(h[others] ^ _mix(h[q])), kind="stable")]
+        same = ordered[sub[ordered] == sub[q]] if sub[q] else ordered[:0]
+        rest = ordered[sub[ordered] != sub[q]] if sub[q] else ordered
+        chosen = same[:n_candidates] if len(same) >= n_candidates else np.concatenate(
+            [same, rest[:n_candidates - len(same)]])
+        candidates.append(np.concatenate([[q], chosen]).astype(np.int64))
+    return Draw(queries, candidates)
 
 
 def build_sample_hundred(texts: TextTable, index: ImageIndex, val_rows: np.ndarray, reader: FeatureReader,
