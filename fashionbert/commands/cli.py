@@ -30,11 +30,11 @@ STAGES = {
     "fuse": ("fashionbert.evaluation.fit_fusion", "fashionbert.evaluation.fit_fusion",
              "fit a model folder's ranking score (TIA margin + itc cosine) on held-out products"),
     "score-pairs": ("fashionbert.rank.score_pairs", "fashionbert.rank.score_pairs",
-                    "the ranking score P(aligned) for given (product_id, image_id) pairs"),
+                    "the ranking score P(aligned) for given (product_id, image_id) pairs (Beam with --runner)"),
     "evaluate": ("fashionbert.evaluation.evaluate", "fashionbert.evaluation.evaluate",
                  "sample-100, TIA and full-gallery metrics -> metrics.json"),
     "retrieve": ("fashionbert.rank.retrieve", "fashionbert.rank.retrieve",
-                 "two-stage retrieval tables: text_to_image.parquet, image_to_text.parquet"),
+                 "two-stage retrieval tables: text_to_image.parquet, image_to_text.parquet (Beam with --runner)"),
     "report": ("fashionbert.evaluation.report", "fashionbert.evaluation.report",
                "static HTML page: sample queries with their top images, metrics, training curves"),
 }
@@ -46,6 +46,12 @@ NIGHTLY = {
 }
 FEATURIZE_DESCRIPTION = ("Catalog -> images/texts/rejects Parquet shards + _run.json. Unrecognised options (--runner, "
                          "--direct_num_workers, --project, --setup_file, ...) go to Beam's PipelineOptions.")
+# Stages that take Beam's options: with any, their Beam pipeline runs (pipelines/, imported only then); without,
+# retrieve and score-pairs run in this process (the GPU box without Beam, nightly, evaluate).
+BEAM_STAGES = {"featurize": "pipelines.featurize", "retrieve": "pipelines.retrieve", "score-pairs": "pipelines.score_pairs"}
+BEAM_EPILOG = ("Options this stage does not know are Beam's (--runner, --direct_num_workers, --project, "
+               "--setup_file, ...): with any of them it runs as a Beam pipeline whose workers read the features and "
+               "the model themselves; without, in this process.")
 DISTRIBUTION = "fashionbert-pipeline"  # setup.py's name
 # The config fields a stage's start line names: what it reads and where it writes.
 IO_FIELDS = ("catalog", "previous", "features", "model", "pairs", "retrieval", "metrics", "training", "out")
@@ -131,16 +137,28 @@ def _counts(command: str, result: dict) -> str:
 
 
 def _run_stage(command: str, args: argparse.Namespace, beam_args: list[str]) -> None:
-    """Parses the namespace into the stage's config and runs it, with a start and an end line in the log; only
-    featurize takes Beam's options."""
-    options, runner = (importlib.import_module(name) for name in STAGES[command][:2])
+    """Parses the namespace into the stage's config and runs it, with a start and an end line in the log; with Beam
+    options, as the stage's Beam pipeline."""
+    options = importlib.import_module(STAGES[command][0])
     config = options.config_from_args(args)
+    beam = command == "featurize" or bool(beam_args)
+    runner = _beam_module(command, beam_args) if beam else importlib.import_module(STAGES[command][1])
     stage_log = logging.getLogger(runner.__name__)
     stage_log.info(_start_line(command, config))
     t_start = time.time()
-    result = runner.run(config, beam_args) if command == "featurize" else runner.run(config)
+    result = runner.run(config, beam_args) if beam else runner.run(config)
     stage_log.info(f"{command}: done in {time.time() - t_start:.1f} s: {_counts(command, result or {})}")
     _print_result(command, config, result)
+
+
+def _beam_module(command: str, beam_args: list[str]):
+    try:
+        return importlib.import_module(BEAM_STAGES[command])
+    except ModuleNotFoundError as exc:
+        if exc.name != "apache_beam" and not (exc.name or "").startswith("apache_beam."):
+            raise
+        raise UserError(f"unrecognized option(s) {' '.join(beam_args)}: not a `fashionbert {command}` option, and Beam "
+                        f"(whose options the others are) is not installed here") from None
 
 
 # ============================================================================================ parsers
@@ -170,7 +188,8 @@ def stage_parser(command: str) -> argparse.ArgumentParser:
         return parser
     options, runner, _ = STAGES[command]
     description = FEATURIZE_DESCRIPTION if command == "featurize" else importlib.import_module(runner).__doc__
-    parser = argparse.ArgumentParser(prog=f"fashionbert {command}", description=description)
+    parser = argparse.ArgumentParser(prog=f"fashionbert {command}", description=description,
+                                     epilog=BEAM_EPILOG if command in BEAM_STAGES and command != "featurize" else None)
     importlib.import_module(options).add_arguments(parser)
     return parser
 
@@ -196,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return nightly.main(rest, from_scratch=command == "backfill")
     parser = stage_parser(command)
-    # Only featurize takes options it does not know: Beam's.
-    stage_args, extra = parser.parse_known_args(rest) if command == "featurize" else (parser.parse_args(rest), [])
+    # The Beam stages take options they do not know: Beam's.
+    stage_args, extra = parser.parse_known_args(rest) if command in BEAM_STAGES else (parser.parse_args(rest), [])
     from schemas import SchemaError
 
     try:

@@ -72,19 +72,35 @@ def search(database: np.ndarray, queries: np.ndarray, k: int, kind: str = "auto"
            exact_max: int = DEFAULT_EXACT_MAX, nprobe: int | None = None, ef_search: int | None = None,
            device: str = "cpu") -> Neighbours:
     """Top-`k` database rows for each query row by inner product. Both are L2-normalised float32 (n, d)."""
-    database = np.ascontiguousarray(database, dtype=np.float32)
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    kind = choose_kind(len(database), kind, exact_max)
-    k = min(int(k), len(database))
-    if k < 1 or not len(queries):
-        empty = np.zeros(0, dtype=np.int64)
-        return Neighbours(empty, empty.copy(), np.zeros(0, dtype=np.float32), kind)
-    if kind == "torch":
-        scores, ids = _torch_search(database, queries, k, device)
-    else:
-        index = _build_faiss(database, kind, nprobe, ef_search, k)
-        scores, ids = index.search(queries, k)
-    return _flatten(scores, ids, kind)
+    return NeighbourIndex(database, k, kind, exact_max, nprobe, ef_search, device).search(queries)
+
+
+class NeighbourIndex:
+    """A database indexed once and searched for its top-`k` by any number of query chunks (the Beam retrieve
+    searches chunks of queries in its workers against one index per worker)."""
+
+    def __init__(self, database: np.ndarray, k: int, kind: str = "auto", exact_max: int = DEFAULT_EXACT_MAX,
+                 nprobe: int | None = None, ef_search: int | None = None, device: str = "cpu"):
+        self.database = np.ascontiguousarray(database, dtype=np.float32)
+        self.kind = choose_kind(len(self.database), kind, exact_max)
+        self.k = min(int(k), len(self.database))
+        self.device = device
+        self._faiss = (_build_faiss(self.database, self.kind, nprobe, ef_search, self.k)
+                       if self.kind != "torch" and self.k >= 1 else None)
+
+    def search(self, queries: np.ndarray, first_query: int = 0) -> Neighbours:
+        """Neighbours of each query row; query numbers start at `first_query` (a chunk's offset)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.k < 1 or not len(queries):
+            empty = np.zeros(0, dtype=np.int64)
+            return Neighbours(empty, empty.copy(), np.zeros(0, dtype=np.float32), self.kind)
+        if self._faiss is None:
+            scores, ids = _torch_search(self.database, queries, self.k, self.device)
+        else:
+            scores, ids = self._faiss.search(queries, self.k)
+        found = _flatten(scores, ids, self.kind)
+        found.query += first_query
+        return found
 
 
 def _build_faiss(database: np.ndarray, kind: str, nprobe: int | None, ef_search: int | None, k: int):

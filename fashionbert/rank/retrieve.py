@@ -79,6 +79,20 @@ class Ranked:
         first = np.repeat(starts, np.diff(np.r_[starts, len(self.query)]))
         return np.arange(len(self.query), dtype=np.int64) - first + 1
 
+    def top(self, k: int) -> "Ranked":
+        """The rows ranked 1..k of each query."""
+        keep = self.ranks() <= k
+        return Ranked(self.query[keep], self.candidate[keep], self.recall_score[keep], self.logit[keep])
+
+    @staticmethod
+    def concat(parts: Sequence["Ranked"]) -> "Ranked":
+        """Rows of several parts, unordered (rank_rows orders them)."""
+        def cat(name: str, dtype) -> np.ndarray:
+            return np.concatenate([getattr(p, name) for p in parts] or [np.zeros(0, dtype)]).astype(dtype, copy=False)
+
+        return Ranked(cat("query", np.int64), cat("candidate", np.int64), cat("recall_score", np.float32),
+                      cat("logit", np.float64))
+
 
 def rank_rows(query: np.ndarray, candidate: np.ndarray, recall_score: np.ndarray, logit: np.ndarray) -> Ranked:
     # Ties fall back to the recall score, then the candidate index, so the order is total.
@@ -165,9 +179,8 @@ def retrieval_table(ranked: Ranked, query_ids: Sequence[str], candidate_ids: Seq
 
     from schemas import RETRIEVAL
 
-    ranks = ranked.ranks()
-    keep = ranks <= top_k
-    q, c, r = ranked.query[keep], ranked.candidate[keep], ranks[keep]
+    ranked = ranked.top(top_k)
+    q, c, r = ranked.query, ranked.candidate, ranked.ranks()
     qids = np.asarray(query_ids, dtype=object)
     position = np.empty(len(qids), dtype=np.int64)
     position[np.argsort(qids, kind="stable")] = np.arange(len(qids))  # Python str order = UTF-8 byte order
@@ -179,8 +192,8 @@ def retrieval_table(ranked: Ranked, query_ids: Sequence[str], candidate_ids: Seq
         pa.array(np.full(n, query_kind, dtype=object).tolist(), pa.string()),
         pa.array(r.astype(np.int32), pa.int32()),
         pa.array(np.asarray(candidate_ids, dtype=object)[c].tolist() if n else [], pa.string()),
-        pa.array(probability(ranked.logit[keep][order]), pa.float32()),
-        pa.array(ranked.recall_score[keep][order].astype(np.float32), pa.float32()),
+        pa.array(probability(ranked.logit[order]), pa.float32()),
+        pa.array(ranked.recall_score[order].astype(np.float32), pa.float32()),
         pa.array(np.full(n, "rerank", dtype=object).tolist(), pa.string()),
         pa.array(np.full(n, model_version, dtype=object).tolist(), pa.string()),
         pa.array(np.full(n, run_id, dtype=object).tolist(), pa.string()),
@@ -188,10 +201,11 @@ def retrieval_table(ranked: Ranked, query_ids: Sequence[str], candidate_ids: Seq
     return pa.Table.from_arrays(arrays, schema=RETRIEVAL)
 
 
-def write_table(table, path: str | Path) -> None:
+def write_table(table, where) -> None:
+    """`where`: a local path or an open binary file (a staging file on any filesystem)."""
     import pyarrow.parquet as pq
 
-    pq.write_table(table, str(path), row_group_size=ROW_GROUP_ROWS)
+    pq.write_table(table, str(where) if isinstance(where, (str, Path)) else where, row_group_size=ROW_GROUP_ROWS)
 
 
 # ============================================================================================ command
@@ -268,14 +282,51 @@ def _run_id(given: str | None) -> str:
     return given
 
 
-def run(config: RetrieveConfig) -> dict:
-    t_start = time.time()
+def check_config(config: RetrieveConfig) -> str:
+    """The options' own errors, before any work -> the run id."""
     if config.top_k < 1:
         raise UserError(f"--top-k {config.top_k}: must be >= 1")
     if config.recall_k < config.top_k:
         raise UserError(f"--recall-k {config.recall_k} is below --top-k {config.top_k}: the re-rank stage can only "
                         f"order the candidates recall found; raise --recall-k to at least --top-k")
-    run_id = _run_id(config.run_id)
+    return _run_id(config.run_id)
+
+
+def run_facts(loaded, catalog, runtime, dual: DualEncoder, index_used: str, t2i_rows: int, i2t_rows: int,
+              pairs: int) -> dict:
+    """What `_run.json` says about the model, the features and the counts of a run (either way it ran)."""
+    return {
+        "model": {"path": str(loaded.folder.resolve()), "version": loaded.version, "step": loaded.step},
+        "features": [str(f.path.resolve()) for f in catalog.folders],
+        "index_used": index_used,
+        "recall_embedding": dual.description,
+        "ranking_score": loaded.fusion.describe(),
+        "device": str(runtime.device), "precision": runtime.precision,
+        "counts": {
+            "text_queries": len(catalog.texts), "image_queries": len(catalog.index),
+            "text_to_image_rows": t2i_rows, "image_to_text_rows": i2t_rows,
+            "cross_encoder_pairs": pairs, "exhaustive_pairs": len(catalog.texts) * len(catalog.index),
+        },
+    }
+
+
+def run_summary(run_id: str, config: RetrieveConfig, out: str, facts: dict, seconds: dict, t_start: float,
+                **extra) -> dict:
+    return {
+        "run_id": run_id,
+        **{k: facts[k] for k in ("model", "features")},
+        "options": {"top_k": config.top_k, "recall_k": config.recall_k, "index": config.index,
+                    "exact_max": config.exact_max},
+        **{k: v for k, v in facts.items() if k not in ("model", "features")},
+        **extra,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()} | {"total": round(time.time() - t_start, 3)},
+        "outputs": {"text_to_image": os.path.join(out, TEXT_TO_IMAGE), "image_to_text": os.path.join(out, IMAGE_TO_TEXT)},
+    }
+
+
+def run(config: RetrieveConfig) -> dict:
+    t_start = time.time()
+    run_id = check_config(config)
     out = os.path.abspath(os.path.expanduser(config.out))
     publish.check_target(out, config.overwrite)
     save_to = save_path(config.save_scores, out)
@@ -305,26 +356,10 @@ def run(config: RetrieveConfig) -> dict:
     write_table(t2i, os.path.join(staging, TEXT_TO_IMAGE))
     write_table(i2t, os.path.join(staging, IMAGE_TO_TEXT))
     result.seconds["write"] = time.perf_counter() - t0
-    summary = {
-        "run_id": run_id,
-        "model": {"path": str(loaded.folder.resolve()), "version": loaded.version, "step": loaded.step},
-        "features": [str(f.path.resolve()) for f in catalog.folders],
-        "options": {"top_k": config.top_k, "recall_k": config.recall_k, "index": config.index,
-                    "exact_max": config.exact_max},
-        "index_used": result.index_kind,
-        "recall_embedding": dual.description,
-        "ranking_score": loaded.fusion.describe(),
-        "device": str(rt.device), "precision": rt.precision,
-        "counts": {
-            "text_queries": len(texts), "image_queries": len(catalog.index),
-            "text_to_image_rows": t2i.num_rows, "image_to_text_rows": i2t.num_rows,
-            "cross_encoder_pairs": result.pairs_scored, "exhaustive_pairs": len(texts) * len(catalog.index),
-            **cache.counts,  # pairs_scored + pairs_reused = cross_encoder_pairs
-        },
-        "score_cache": {"inputs": cache.inputs, "saved": save_to},
-        "seconds": {k: round(v, 3) for k, v in result.seconds.items()} | {"total": round(time.time() - t_start, 3)},
-        "outputs": {"text_to_image": os.path.join(out, TEXT_TO_IMAGE), "image_to_text": os.path.join(out, IMAGE_TO_TEXT)},
-    }
+    facts = run_facts(loaded, catalog, rt, dual, result.index_kind, t2i.num_rows, i2t.num_rows, result.pairs_scored)
+    facts["counts"].update(cache.counts)  # pairs_scored + pairs_reused = cross_encoder_pairs
+    summary = run_summary(run_id, config, out, facts, result.seconds, t_start,
+                          score_cache={"inputs": cache.inputs, "saved": save_to})
     with open(os.path.join(staging, RUN_JSON), "w") as fh:
         json.dump(summary, fh, indent=2)
     publish.publish(staging, out)

@@ -16,6 +16,7 @@ import dataclasses
 import os
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -70,14 +71,20 @@ def _format(path: str, option: str) -> str:
     raise UserError(f"{option} {path}: unknown file type {suffix or '(none)'}; use a .parquet or .csv file")
 
 
+def check_pairs(path: str) -> str:
+    """--pairs' format, and that it exists, before any work."""
+    fmt = _format(path, "--pairs")
+    if not os.path.isfile(path):
+        raise UserError(f"--pairs {path}: no such file")
+    return fmt
+
+
 def read_pairs(path: str):
     import pyarrow as pa
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
-    fmt = _format(path, "--pairs")
-    if not os.path.isfile(path):
-        raise UserError(f"--pairs {path}: no such file")
+    fmt = check_pairs(path)
     try:
         if fmt == "parquet":
             table = pq.read_table(path)
@@ -112,32 +119,51 @@ def _out_path(path: str, option: str) -> str:
     return path
 
 
-def _write(table, path: str, fmt: str) -> None:
+def write_file(table, fh, fmt: str) -> None:
+    """`table` into an open binary file, as Parquet or CSV."""
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
-    tmp = f"{path}.tmp-{os.getpid()}"
     if fmt == "parquet":
-        pq.write_table(table, tmp)
+        pq.write_table(table, fh)
     else:
-        pcsv.write_csv(table, tmp)
+        pcsv.write_csv(table, fh)
+
+
+def _write(table, path: str, fmt: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        write_file(table, fh, fmt)
     os.replace(tmp, path)
 
 
-def run(config: ScorePairsConfig) -> dict:
-    import pyarrow as pa
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """Where score-pairs writes, checked before any work: the scored pairs (Parquet or CSV) and the rejects."""
 
-    from schemas import PAIR_REJECTS
+    out: str
+    fmt: str
+    rejects: str
 
-    t_start = time.time()
-    out_fmt = _format(config.out, "--out")
+
+def check_outputs(config: ScorePairsConfig) -> Outputs:
+    fmt = _format(config.out, "--out")
     out = _out_path(config.out, "--out")
-    rejects_path = _out_path(config.rejects or str(Path(out).with_suffix("")) + ".rejects.parquet", "--rejects")
-    table = read_pairs(config.pairs)
-    rt = resolve_runtime(config.device, config.precision, config.num_threads)
-    loaded = load_model(config.model, rt)
-    catalog = open_catalog(config.features, loaded)
+    rejects = _out_path(config.rejects or str(Path(out).with_suffix("")) + ".rejects.parquet", "--rejects")
+    return Outputs(out, fmt, rejects)
 
+
+@dataclasses.dataclass
+class Resolved:
+    """The pairs file's rows matched against the features: `keep` (ascending input rows) are scored as `pairs`
+    (text index, image index); the others are `rejects` (schemas.PAIR_REJECTS columns)."""
+
+    keep: list[int]
+    pairs: np.ndarray  # (len(keep), 2) int64
+    rejects: dict[str, list]
+
+
+def resolve_pairs(table, catalog) -> Resolved:
     product_ids, image_ids = _ids(table, "product_id"), _ids(table, "image_id")
     text_of = catalog.texts.index
     image_of = {iid: i for i, iid in enumerate(catalog.index.image_ids)}
@@ -158,24 +184,55 @@ def run(config: ScorePairsConfig) -> dict:
             continue
         keep.append(row)
         pairs.append((text_of[pid], image_of[iid]))
+    return Resolved(keep, np.asarray(pairs, dtype=np.int64).reshape(-1, 2), rejects)
 
-    scorer = CrossEncoderScorer(loaded.model, rt, config.batch_tokens, config.block_images, progress=config.progress)
-    pair_array = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-    # Repeated pairs (the same pair listed twice) are scored once.
-    unique, inverse = np.unique(pair_array, axis=0, return_inverse=True)
-    logits = PairScorer(scorer, loaded.fusion).score(catalog.text_ids, IndexedImages(catalog.index, catalog.reader),
-                                                     unique).logit
-    scores = probability(logits[inverse.reshape(-1)]) if len(pair_array) else np.zeros(0, dtype=np.float32)
 
-    scored = table.take(pa.array(keep, pa.int64())).append_column(pa.field(SCORE, pa.float32()), pa.array(scores, pa.float32()))
-    _write(scored, out, out_fmt)
-    _write(pa.Table.from_pydict(rejects, schema=PAIR_REJECTS), rejects_path, "parquet")
+def scored_table(table, keep: Sequence[int], scores: np.ndarray):
+    """The kept input rows, in input order with every input column, plus `score`."""
+    import pyarrow as pa
+
+    return table.take(pa.array(keep, pa.int64())).append_column(pa.field(SCORE, pa.float32()),
+                                                                pa.array(scores, pa.float32()))
+
+
+def rejects_table(rejects: dict[str, list]):
+    import pyarrow as pa
+
+    from schemas import PAIR_REJECTS
+
+    return pa.Table.from_pydict(rejects, schema=PAIR_REJECTS)
+
+
+def summary(input_rows: int, resolved: Resolved, distinct_pairs: int, outputs: Outputs, loaded_version: str,
+            ranking_score: str, device: str, precision: str, t_start: float) -> dict:
     reasons: dict[str, int] = {}
-    for r in rejects["reason"]:
+    for r in resolved.rejects["reason"]:
         reasons[r] = reasons.get(r, 0) + 1
     return {
-        "pairs": table.num_rows, "scored": len(keep), "rejected": len(rejects["row"]), "reject_reasons": reasons,
-        "distinct_pairs_scored": int(len(unique)), "out": out, "rejects": rejects_path, "model_version": loaded.version,
-        "ranking_score": loaded.fusion.describe(), "device": str(rt.device),
-        "precision": rt.precision, "seconds": round(time.time() - t_start, 3),
+        "pairs": input_rows, "scored": len(resolved.keep), "rejected": len(resolved.rejects["row"]),
+        "reject_reasons": reasons, "distinct_pairs_scored": int(distinct_pairs), "out": outputs.out,
+        "rejects": outputs.rejects, "model_version": loaded_version, "ranking_score": ranking_score, "device": device,
+        "precision": precision, "seconds": round(time.time() - t_start, 3),
     }
+
+
+def run(config: ScorePairsConfig) -> dict:
+    t_start = time.time()
+    outputs = check_outputs(config)
+    table = read_pairs(config.pairs)
+    rt = resolve_runtime(config.device, config.precision, config.num_threads)
+    loaded = load_model(config.model, rt)
+    catalog = open_catalog(config.features, loaded)
+    resolved = resolve_pairs(table, catalog)
+
+    scorer = CrossEncoderScorer(loaded.model, rt, config.batch_tokens, config.block_images, progress=config.progress)
+    # Repeated pairs (the same pair listed twice) are scored once.
+    unique, inverse = np.unique(resolved.pairs, axis=0, return_inverse=True)
+    logits = PairScorer(scorer, loaded.fusion).score(catalog.text_ids, IndexedImages(catalog.index, catalog.reader),
+                                                     unique).logit
+    scores = probability(logits[inverse.reshape(-1)]) if len(resolved.pairs) else np.zeros(0, dtype=np.float32)
+
+    _write(scored_table(table, resolved.keep, scores), outputs.out, outputs.fmt)
+    _write(rejects_table(resolved.rejects), outputs.rejects, "parquet")
+    return summary(table.num_rows, resolved, len(unique), outputs, loaded.version, loaded.fusion.describe(),
+                   str(rt.device), rt.precision, t_start)

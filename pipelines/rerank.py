@@ -1,0 +1,259 @@
+"""Scoring inside Beam: the model handlers that RunInference loads the FashionBERT model with, and the steps the
+retrieve and score-pairs pipelines share.
+
+A worker of a remote runner shares no memory and no disk with the driver, so nothing here travels but path strings
+and options (`ScoringSpec`): every worker process opens the model folder and the feature catalog itself
+(`fashionbert.model.loading.load_model`, `fashionbert.data.feature_catalog.open_catalog`). `scoring_context`
+loads them once per process and run (Beam's `Shared`): RunInference's handlers and the plain DoFns that need the
+catalog's ids all get that one object, so its threads share one copy of the weights.
+
+Work travels as `PairBlock`s: one image with the distinct texts it is paired with. Keeping an image's pairs
+together keeps the scorer's one-projection-per-image saving (fashionbert/rank/cross_encoder.py), and grouping by
+image is itself the shuffle that spreads the blocks over the workers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import uuid
+from typing import Any, Iterable, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.utils import shared
+
+from fashionbert.data.feature_catalog import Catalog, IndexedImages, open_catalog
+from fashionbert.errors import UserError
+from fashionbert.model.loading import LoadedModel, load_model
+from fashionbert.rank.cross_encoder import CrossEncoderScorer, PairScorer
+from fashionbert.rank.embeddings import DualEncoder, embed_items
+from fashionbert.runtime import Runtime, resolve_runtime
+
+# Directions of a retrieval block's recall cosines (columns of PairBlock.cosines).
+T2I, I2T = 0, 1
+
+
+# ============================================================================================ options
+def check_beam_args(beam_args: Sequence[str], command: str) -> None:
+    """Options a stage does not know must be Beam's: a typo is refused here, with the closest match, instead of
+    Beam discarding it with a warning."""
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for cls in PipelineOptions.__subclasses__():
+        cls._add_argparse_args(parser)  # noqa: SLF001 - how PipelineOptions itself collects every option
+    _, unknown = parser.parse_known_args(list(beam_args))
+    flags = [a for a in unknown if a.startswith("-")] or unknown
+    if flags:
+        known = [o for action in parser._actions for o in action.option_strings]  # noqa: SLF001
+        close = difflib.get_close_matches(flags[0].split("=", 1)[0], known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"unrecognized option(s) {' '.join(unknown)}: neither a `fashionbert {command}` option nor a "
+                        f"Beam pipeline option{hint}; `fashionbert {command} --help` lists the stage's options")
+
+
+# ============================================================================================ the model, per process
+@dataclasses.dataclass(frozen=True)
+class ScoringSpec:
+    """What a worker needs to open the model and the features: path strings and options only."""
+
+    model: str
+    features: tuple[str, ...]
+    device: str
+    precision: str
+    num_threads: int
+    batch_tokens: int
+    block_images: int
+    run_id: str
+    load_tag: str  # unique per pipeline run: one load per process and run; a later run reloads (the files may differ)
+
+
+def spec_for(config, run_id: str, threads: int) -> ScoringSpec:
+    """A stage config's model, features and runtime options, local paths made absolute (workers may run
+    elsewhere); `threads`: torch threads when the config leaves them to the runner."""
+    def where(path: str) -> str:
+        return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+    return ScoringSpec(where(config.model), tuple(where(p) for p in config.features), config.device,
+                       config.precision, config.num_threads or threads, config.batch_tokens, config.block_images,
+                       run_id, f"fashionbert-scoring-{run_id}-{uuid.uuid4().hex}")
+
+
+def check_model(model: str) -> None:
+    """The driver reads neither the model nor the features (workers do); a local model folder that is not there
+    is still worth one clear line before the pipeline starts."""
+    if "://" not in model and not os.path.isdir(os.path.expanduser(model)):
+        raise UserError(f"--model {model}: no such folder; point it at OUT/model of `fashionbert train`")
+
+
+class ScoringContext:
+    """The model folder and the feature catalog, opened in a worker process: the cross-encoder, the recall
+    encoder, the image source and the ids."""
+
+    def __init__(self, spec: ScoringSpec):
+        self.runtime: Runtime = resolve_runtime(spec.device, spec.precision, spec.num_threads)
+        self.loaded: LoadedModel = load_model(spec.model, self.runtime)
+        self.catalog: Catalog = open_catalog(list(spec.features), self.loaded)
+        self.scorer = CrossEncoderScorer(self.loaded.model, self.runtime, spec.batch_tokens, spec.block_images,
+                                         progress=None)
+        # Recall vectors from the scorer's copy of the model, as the single-process retrieve takes them.
+        self.dual = DualEncoder(self.scorer.model, self.runtime.device, progress=None)
+        self.text_ids = self.catalog.text_ids
+        self.images = IndexedImages(self.catalog.index, self.catalog.reader)
+
+    @property
+    def version(self) -> str:
+        return self.loaded.version
+
+
+_CONTEXTS = shared.Shared()
+
+
+def scoring_context(spec: ScoringSpec) -> ScoringContext:
+    """This process's context for `spec`, loaded by the first caller; held weakly, so it lives as long as a step
+    of the running pipeline holds it."""
+    return _CONTEXTS.acquire(lambda: ScoringContext(spec), tag=spec.load_tag)
+
+
+class CatalogModelHandler(ModelHandler):
+    """RunInference's handle on the model: `load_model` opens the model folder and the feature catalog in the
+    worker (once per process, shared by its threads and by both handlers of a pipeline)."""
+
+    def __init__(self, spec: ScoringSpec, **batching: Any):
+        super().__init__(**batching)
+        self.spec = spec
+
+    def load_model(self) -> ScoringContext:
+        return scoring_context(self.spec)
+
+    def get_metrics_namespace(self) -> str:
+        return "fashionbert"
+
+
+class ContextDoFn(beam.DoFn):
+    """A DoFn that reads the catalog's ids or the model through this process's scoring context."""
+
+    def __init__(self, spec: ScoringSpec):
+        self.spec = spec
+        self.ctx: ScoringContext | None = None
+
+    def setup(self):
+        self.ctx = scoring_context(self.spec)
+
+
+# ============================================================================================ embeddings
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """Items start..stop of one kind ("text" or "image"): a unit of embedding and of recall search."""
+
+    kind: str
+    start: int
+    stop: int
+
+
+class EmbedHandler(CatalogModelHandler):
+    """Chunks -> their items' L2-normalised recall vectors, (stop - start, d) float32."""
+
+    def __init__(self, spec: ScoringSpec):
+        super().__init__(spec, min_batch_size=1, max_batch_size=1)
+
+    def run_inference(self, batch: Sequence[Chunk], model: ScoringContext,
+                      inference_args: dict | None = None) -> Iterable[PredictionResult]:
+        empty = np.zeros(0, dtype=np.int64)
+        for chunk in batch:
+            items = np.arange(chunk.start, chunk.stop, dtype=np.int64)
+            texts, images = (items, empty) if chunk.kind == "text" else (empty, items)
+            text_vec, image_vec = embed_items(model.dual, model.text_ids, model.images, texts, images,
+                                              self.spec.batch_tokens)
+            yield PredictionResult(chunk, text_vec if chunk.kind == "text" else image_vec, model.version)
+
+
+class GatherVectors(beam.CombineFn):
+    """(chunk, vectors) -> {"text": (n_texts, d), "image": (n_images, d)} in item order."""
+
+    def create_accumulator(self):
+        return []
+
+    def add_input(self, acc, element):
+        acc.append(element)
+        return acc
+
+    def merge_accumulators(self, accs):
+        return [x for acc in accs for x in acc]
+
+    def extract_output(self, acc):
+        out = {}
+        for kind in ("text", "image"):
+            parts = sorted((c.start, v) for c, v in acc if c.kind == kind)
+            out[kind] = np.concatenate([v for _, v in parts]) if parts else np.zeros((0, 0), dtype=np.float32)
+        return out
+
+
+class Embed(beam.PTransform):
+    """Chunks -> one dict of every text's and every image's recall vector (for an AsSingleton side input)."""
+
+    def __init__(self, spec: ScoringSpec):
+        super().__init__()
+        self.spec = spec
+
+    def expand(self, chunks):
+        return (
+            chunks
+            | "Embed" >> RunInference(EmbedHandler(self.spec))
+            | "Pair" >> beam.Map(lambda r: (r.example, r.inference))
+            | "Gather" >> beam.CombineGlobally(GatherVectors())
+        )
+
+
+# ============================================================================================ cross-encoder
+@dataclasses.dataclass
+class PairBlock:
+    """One image and the distinct texts paired with it. `cosines`: (n, 2) recall cosines of a retrieval block,
+    column T2I where the pair is the text's candidate, I2T where it is the image's, NaN where it is not; None for
+    given pairs (score-pairs), whose itc cosine the handler computes when the ranking score uses it."""
+
+    image: int
+    texts: np.ndarray  # int64
+    cosines: np.ndarray | None = None
+
+
+class CrossEncoderHandler(CatalogModelHandler):
+    """PairBlocks -> the ranking score's logit per pair: (n, 2) per direction for a retrieval block (P(aligned) =
+    sigmoid(logit), fused with each direction's recall cosine as fashionbert.rank.retrieve.two_stage does), (n,) for
+    given pairs. A batch holds up to `block_images` blocks (BatchElements adapts the size to the time a batch
+    takes); the scorer sorts its pairs by image and text length and cuts them into token-budget batches itself.
+    Batches are counted in blocks, not pairs: BatchElements weighing elements by pairs emits empty batches when
+    one block outweighs its current target, which the keyed handler cannot take."""
+
+    def __init__(self, spec: ScoringSpec):
+        super().__init__(spec, min_batch_size=1, max_batch_size=spec.block_images)
+
+    def run_inference(self, batch: Sequence[PairBlock], model: ScoringContext,
+                      inference_args: dict | None = None) -> Iterable[PredictionResult]:
+        pairs = np.concatenate([np.stack([b.texts, np.full(len(b.texts), b.image, dtype=np.int64)], axis=1)
+                                for b in batch])
+        fusion = model.loaded.fusion
+        if batch[0].cosines is None:
+            logits = PairScorer(model.scorer, fusion).score(model.text_ids, model.images, pairs).logit
+        else:
+            margins = model.scorer.score(model.text_ids, model.images, pairs)
+            logits = fusion.logit(np.repeat(margins[:, None], 2, axis=1), np.concatenate([b.cosines for b in batch]))
+        start = 0
+        for b in batch:
+            yield PredictionResult(b, logits[start:start + len(b.texts)], model.version)
+            start += len(b.texts)
+
+
+class ScoreBlocks(beam.PTransform):
+    """(key, PairBlock) -> (key, PredictionResult(block, logits, model_version)), through RunInference with a keyed
+    handler: the key is what the caller carries past the model (an image, input row numbers)."""
+
+    def __init__(self, spec: ScoringSpec):
+        super().__init__()
+        self.spec = spec
+
+    def expand(self, blocks):
+        return blocks | "RunInference" >> RunInference(KeyedModelHandler(CrossEncoderHandler(self.spec)))

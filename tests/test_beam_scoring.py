@@ -1,0 +1,161 @@
+"""retrieve and score-pairs as Beam pipelines (pipelines/retrieve.py, pipelines/score_pairs.py): on the in-process
+FnApiRunner they give the single-process stages' outputs on the same model and features; the model is loaded
+once per worker process and shared by its threads; Beam options pass through the CLI, and a bad one is refused."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from fashionbert.commands import cli
+from fashionbert.errors import UserError
+from fashionbert.model.score_fusion import ScoreFusion
+from fashionbert.rank import retrieve, score_pairs
+from pipelines import rerank
+from pipelines import retrieve as beam_retrieve
+from pipelines import score_pairs as beam_score_pairs
+from schemas import read_table
+from tests.fake_features import make_tiny_backbone, write_fake_features
+from tests.test_scoring import fit_itc_head, train_tiny_model
+
+torch.set_num_threads(1)
+N_PRODUCTS, IMAGES_PER_PRODUCT = 16, 2
+FN_API = "--runner=FnApiRunner"
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    return write_fake_features(tmp_path_factory.mktemp("features"), n_products=N_PRODUCTS,
+                               images_per_product=IMAGES_PER_PRODUCT, feature_dim=16, n_image_shards=2, row_group_size=8)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, features):
+    """A model with an itc head (the recall embeddings) and a fitted-looking fusion, so the cosine counts."""
+    tmp = tmp_path_factory.mktemp("model")
+    three_tasks = train_tiny_model(tmp, features, make_tiny_backbone(tmp / "bert"))
+    model = fit_itc_head(three_tasks, features, tmp / "itc", steps=10)
+    ScoreFusion(0.7, 3.0, -0.5, {"source": "test"}).save(model)
+    return model
+
+
+def _retrieve_config(features, model, out, *extra) -> retrieve.RetrieveConfig:
+    parser = argparse.ArgumentParser()
+    retrieve.add_arguments(parser)
+    return retrieve.config_from_args(parser.parse_args([
+        "--features", str(features), "--model", str(model), "--out", str(out), "--device", "cpu", "--precision", "fp32",
+        "--run-id", "r1", "--no-progress", *map(str, extra)]))
+
+
+def _tables(out):
+    return {name: read_table(str(out / name), "retrieval").to_pydict()
+            for name in (retrieve.TEXT_TO_IMAGE, retrieve.IMAGE_TO_TEXT)}
+
+
+def _assert_same_tables(got, want):
+    for name in want:
+        g, w = got[name], want[name]
+        for column in ("query_id", "query_kind", "rank", "candidate_id", "stage", "model_version", "run_id"):
+            assert g[column] == w[column], (name, column)
+        np.testing.assert_allclose(g["score"], w["score"], atol=1e-5)
+        np.testing.assert_allclose(g["recall_score"], w["recall_score"], atol=1e-5)
+
+
+@pytest.mark.parametrize("workers", [[], ["--direct_num_workers=2"]], ids=["one-worker", "two-threads"])
+def test_beam_retrieve_equals_the_single_process_tables(tmp_path, features, model_dir, workers):
+    want_summary = retrieve.run(_retrieve_config(features, model_dir, tmp_path / "single", "--top-k", 4,
+                                                 "--recall-k", 6))
+    # chunks of 5 items: several embedding, search and top-K tasks, and text queries split over chunks
+    got_summary = beam_retrieve.run(_retrieve_config(features, model_dir, tmp_path / "beam", "--top-k", 4,
+                                                     "--recall-k", 6), [FN_API, *workers], chunk=5)
+    _assert_same_tables(_tables(tmp_path / "beam"), _tables(tmp_path / "single"))
+    assert (tmp_path / "beam" / "_SUCCESS").is_file() and not list(tmp_path.glob("*.staging-*"))
+    on_disk = json.loads((tmp_path / "beam" / "_run.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "beam").iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
+    for key in ("model", "features", "index_used", "recall_embedding", "ranking_score", "counts"):
+        assert on_disk[key] == want_summary[key] == got_summary[key], key
+    assert on_disk["beam_options"] == [FN_API, *workers]
+
+
+def test_the_model_is_loaded_once_per_process_and_shared(tmp_path, features, model_dir, monkeypatch):
+    loads = []
+    real = rerank.load_model
+
+    def counting(*a, **kw):
+        loads.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(rerank, "load_model", counting)
+    # Two worker threads in one process; two RunInference steps (embeddings, cross-encoder) and the DoFns that
+    # read the catalog's ids: one load.
+    beam_retrieve.run(_retrieve_config(features, model_dir, tmp_path / "beam", "--top-k", 2, "--recall-k", 3),
+                      [FN_API, "--direct_num_workers=2", "--direct_running_mode=multi_threading"], chunk=8)
+    assert len(loads) == 1
+    handler = rerank.CrossEncoderHandler(rerank.spec_for(
+        _retrieve_config(features, model_dir, tmp_path / "x"), "r", 1))
+    # One copy per process (Beam's Shared), not one model server for all processes.
+    assert not handler.share_model_across_processes()
+    assert handler.batch_elements_kwargs()["max_batch_size"] == 512  # --block-images
+
+
+def _score_config(*args) -> score_pairs.ScorePairsConfig:
+    parser = argparse.ArgumentParser()
+    score_pairs.add_arguments(parser)
+    return score_pairs.config_from_args(parser.parse_args([*map(str, args), "--device", "cpu", "--precision", "fp32",
+                                                           "--no-progress"]))
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "csv"])
+def test_beam_score_pairs_equals_the_single_process_output(tmp_path, features, model_dir, suffix):
+    pairs = pa.table({
+        "note": ["a", "b", "c", "d", "e", "f", "g"],
+        "image_id": ["p00003-1", "p00000-0", "nope-0", "p00003-1", "p00007-0", None, "p00009-1"],
+        "product_id": ["p00003", "p00005", "p00001", "p00003", "zzz", "p00002", "p00011"],
+        "weight": [1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5],
+    })
+    pq.write_table(pairs, tmp_path / "pairs.parquet")
+    common = ("--features", features, "--model", model_dir, "--pairs", tmp_path / "pairs.parquet")
+    want = score_pairs.run(_score_config(*common, "--out", tmp_path / f"single.{suffix}"))
+    got = beam_score_pairs.run(_score_config(*common, "--out", tmp_path / f"beam.{suffix}"), [FN_API])
+    read = (lambda p: pq.read_table(p)) if suffix == "parquet" else (lambda p: pcsv.read_csv(p))
+    g, w = read(tmp_path / f"beam.{suffix}"), read(tmp_path / f"single.{suffix}")
+    assert g.column_names == w.column_names == ["note", "image_id", "product_id", "weight", "score"]
+    assert g.drop(["score"]).equals(w.drop(["score"]))
+    np.testing.assert_allclose(g.column("score").to_numpy(), w.column("score").to_numpy(), atol=1e-5)
+    assert pq.read_table(tmp_path / "beam.rejects.parquet").equals(pq.read_table(tmp_path / "single.rejects.parquet"))
+    for key in ("pairs", "scored", "rejected", "reject_reasons", "distinct_pairs_scored", "model_version"):
+        assert got[key] == want[key], key
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_cli_passes_beam_options_and_refuses_a_bad_one(tmp_path, features, model_dir, capsys):
+    code = cli.main(["retrieve", "--features", str(features), "--model", str(model_dir), "--out",
+                     str(tmp_path / "r"), "--top-k", "2", "--recall-k", "3", "--device", "cpu", "--no-progress",
+                     "--runner", "FnApiRunner", "--direct_num_workers", "1"])
+    assert code == 0
+    run_info = json.loads((tmp_path / "r" / "_run.json").read_text())
+    assert run_info["beam_options"] == ["--runner", "FnApiRunner", "--direct_num_workers", "1"]
+    code = cli.main(["retrieve", "--features", str(features), "--model", str(model_dir), "--out",
+                     str(tmp_path / "r2"), "--runner", "FnApiRunner", "--recal-k", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines()[-1].startswith(
+        "fashionbert retrieve: error: unrecognized option(s) --recal-k 3: neither a `fashionbert retrieve` option")
+    assert not (tmp_path / "r2").exists()
+    # without Beam options the single-process stage runs, and a typo is argparse's usage error
+    with pytest.raises(SystemExit):
+        cli.main(["score-pairs", "--features", str(features), "--model", str(model_dir), "--pairs", "x.csv",
+                  "--out", str(tmp_path / "o.csv"), "--no-such-option"])
+
+
+def test_beam_runs_refuse_the_score_cache(tmp_path, features, model_dir):
+    config = _retrieve_config(features, model_dir, tmp_path / "r", "--save-scores", tmp_path / "s.parquet")
+    with pytest.raises(UserError, match="--score-cache and --save-scores work in the single-process retrieve only"):
+        beam_retrieve.run(config, [FN_API])
+    with pytest.raises(UserError, match=r"unrecognized option\(s\) --runer=FnApiRunner"):
+        beam_retrieve.run(_retrieve_config(features, model_dir, tmp_path / "r"), ["--runer=FnApiRunner"])
