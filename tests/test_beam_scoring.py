@@ -147,10 +147,12 @@ def test_cli_passes_beam_options_and_refuses_a_bad_one(tmp_path, features, model
     assert code == 2 and err.strip().splitlines()[-1].startswith(
         "fashionbert retrieve: error: unrecognized option(s) --recal-k 3: neither a `fashionbert retrieve` option")
     assert not (tmp_path / "r2").exists()
-    # without Beam options the single-process stage runs, and a typo is argparse's usage error
-    with pytest.raises(SystemExit):
-        cli.main(["score-pairs", "--features", str(features), "--model", str(model_dir), "--pairs", "x.csv",
-                  "--out", str(tmp_path / "o.csv"), "--no-such-option"])
+    code = cli.main(["score-pairs", "--features", str(features), "--model", str(model_dir), "--pairs", "x.csv",
+                     "--out", str(tmp_path / "o.csv"), "--direct_num_workrs=2"])
+    assert code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == (
+        "fashionbert score-pairs: error: unrecognized option(s) --direct_num_workrs=2: neither a `fashionbert "
+        "score-pairs` option nor a Beam pipeline option (did you mean --direct_num_workers?); `fashionbert "
+        "score-pairs --help` lists the stage's options")
 
 
 def test_beam_runs_refuse_the_score_cache(tmp_path, features, model_dir):

@@ -23,9 +23,9 @@ ALLOWED = {
                                       "schemas"},
     "fashionbert.train": BASE | {"fashionbert.runtime", "fashionbert.model", "fashionbert.data", "fashionbert.rank",
                                  "fashionbert.evaluation", "schemas"},
-    # The Beam featurizer needs the patch CNN, the tokenizer, atomic publishing and the synthetic catalog; nothing
-    # that trains or scores.
-    "pipelines": BASE | {"fashionbert.model", "fashionbert.data", "schemas"},
+    # The Beam featurizer needs the patch CNN, the tokenizer, atomic publishing and the synthetic catalog; the Beam
+    # retrieve and score-pairs run rank's scorers in their workers. Nothing that trains or evaluates.
+    "pipelines": BASE | {"fashionbert.runtime", "fashionbert.model", "fashionbert.data", "fashionbert.rank", "schemas"},
     "fashionbert.commands": BASE | {"fashionbert.runtime", "fashionbert.model", "fashionbert.data", "fashionbert.rank",
                                     "fashionbert.evaluation", "fashionbert.train", "pipelines", "schemas"},
 }
