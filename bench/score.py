@@ -1,6 +1,7 @@
 """Scoring and retrieval benchmark. Prints figures; asserts nothing (targets live here, not in tests).
 
     python bench/score.py [--threads 0] [--pairs 512] [--catalog 5000] [--recall-k 100] [--gallery 1000]
+    python bench/score.py --skip 1,2,3 --beam-features FEATURES --beam-model MODEL [--beam-pairs 2048]
 
 Figures, each measured in this one run on this machine:
 1. Cross-encoder throughput: pairs/s of `CrossEncoderScorer` with the packaged MiniLM backbone and real shapes
@@ -14,12 +15,24 @@ Figures, each measured in this one run on this machine:
 3. Quality on 1k x 1k held-out products: a FashionBERT trained here by `fashionbert train` (four tasks, itc
    included) on synthetic features, full-gallery Rank@10 of two-stage retrieval vs the exhaustive cross-encoder for
    several recall-k, with the compute each needs (target: >= 95% of exhaustive at >= 10x less compute).
+4. (`--beam-features DIR --beam-model DIR`) The cross-encoder through Beam: score-pairs' pipeline (RunInference
+   with the model handler, pipelines/score_pairs.py) against the single-process score-pairs on the same pairs of
+   real features, one torch thread per worker process: on Beam's PortableRunner (embedded job server, workers from a
+   worker pool this script starts; it gives a job one worker process), and on the FnApiRunner with 1 and 2 worker
+   processes (`--direct_running_mode multi_processing`). Pairs/s by wall time (model loading included) and the
+   2-worker / 1-worker ratio, all from this one run.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -233,6 +246,143 @@ def bench_quality(tmp: Path, rt: Runtime, gallery: int, steps: int, ks: list[int
               f" | {100 * g_i:5.1f} ({100 * g_i / max(ex[1]['rank10'], 1e-9):5.1f}%) | {distinct:,} | {ratio:.1f}x less")
 
 
+# ============================================================================================ 4. Beam
+class WorkerPool:
+    """Beam's worker pool (`worker_pool_main`) in its own process group: each SDK worker a job asks for is a
+    separate process, as on Flink, Spark or Dataflow. The pool starts workers with `python` from PATH, so this
+    interpreter's folder leads PATH, and this checkout leads PYTHONPATH."""
+
+    def __init__(self):
+        with socket.socket() as sock:
+            sock.bind(("localhost", 0))
+            self.port = sock.getsockname()[1]
+        env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
+                   PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+        self.log = tempfile.NamedTemporaryFile(prefix="beam-pool-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen([sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
+                                      f"--service_port={self.port}"], env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("localhost", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"the worker pool did not start; see {self.log.name}")
+                time.sleep(0.2)
+        self.args = ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=EXTERNAL",
+                     f"--environment_config=localhost:{self.port}"]
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+
+
+def sdk_workers(parent: int) -> int:
+    """Live SDK worker processes (`sdk_worker_main`, or the pool's `SdkHarness`) whose parent is `parent`: the worker pool, or this process for
+    the FnApiRunner's multi_processing mode."""
+    found = 0
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            found += ppid == parent and b"sdk_worker" in (proc / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def count_workers(parent: int, stop: threading.Event, seen: list[int]) -> None:
+    while not stop.is_set():
+        seen.append(sdk_workers(parent))
+        stop.wait(0.5)
+
+
+def write_bench_pairs(features: str, path: Path, n_pairs: int, per_image: int) -> int:
+    """`n_pairs` (product text, image) pairs over n_pairs / per_image images, each image with its own product's
+    text and random others (a re-rank's shape), as score-pairs' input. -> images used."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folders = open_feature_folders([features])
+    texts = load_texts(folders)
+    index = index_images(folders, texts)
+    rng = np.random.default_rng(0)
+    n_images = min(len(index), max(1, n_pairs // per_image))
+    images = np.sort(rng.choice(len(index), n_images, replace=False))
+    image_ids, product_ids = [], []
+    for i in images:
+        others = rng.choice(len(texts.product_ids), per_image - 1, replace=False)
+        image_ids += [index.image_ids[i]] * per_image
+        product_ids += [texts.product_ids[index.product[i]]] + [texts.product_ids[t] for t in others]
+    pq.write_table(pa.table({"product_id": product_ids[:n_pairs], "image_id": image_ids[:n_pairs]}), path)
+    return n_images
+
+
+def bench_beam(tmp: Path, features: str, model: str, n_pairs: int, per_image: int, precision: str) -> dict:
+    """score-pairs in this process, on the portable runner (one worker process), and on the FnApiRunner with 1 and 2
+    worker processes -> pairs/s each."""
+    from fashionbert.rank import score_pairs
+    from pipelines import score_pairs as beam_score_pairs
+
+    print(f"\n== 4. cross-encoder through Beam (score-pairs' RunInference pipeline), {os.cpu_count()} cores ==")
+    # Worker processes import this checkout's `pipelines` to unpickle the pipeline's steps.
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    pairs = tmp / "bench-pairs.parquet"
+    n_images = write_bench_pairs(features, pairs, n_pairs, per_image)
+    print(f"{n_pairs} pairs over {n_images} images of {features}; model {model}; precision {precision}; "
+          f"pairs/s = pairs / wall seconds of the whole stage (model loading and worker start-up included)")
+
+    def config(out: str) -> score_pairs.ScorePairsConfig:
+        # One torch thread per worker process, as a cluster's workers each bring their own cores: the 2-worker /
+        # 1-worker ratio is then the scaling (2.0 ideal with a core each), 1-worker / in-process what Beam costs.
+        return score_pairs.ScorePairsConfig(features=[features], model=model, pairs=str(pairs), out=str(tmp / out),
+                                            device="cpu", precision=precision, num_threads=1, progress=False)
+
+    def measured(label: str, run, parent: int | None = None) -> float:
+        seen: list[int] = []
+        stop = threading.Event()
+        watcher = threading.Thread(target=count_workers, args=(parent or os.getpid(), stop, seen), daemon=True)
+        watcher.start()
+        try:
+            _, seconds = timed(run)
+        finally:
+            stop.set()
+            watcher.join()
+        print(f"{label}: {seconds:.1f} s, {n_pairs / seconds:.1f} pairs/s (most SDK worker processes alive at once: "
+              f"{max(seen, default=0)})")
+        return n_pairs / seconds
+
+    rates = {"in-process": measured("single process (score-pairs without Beam options), 1 torch thread",
+                                    lambda: score_pairs.run(config("single.parquet")))}
+    pool = WorkerPool()
+    try:
+        # The embedded job server runs its FnApiRunner with one worker whatever --direct_num_workers says (Beam
+        # 2.77's local_job_service does not pass the option on), so the pool serves this job one worker process.
+        rates["portable-1"] = measured("PortableRunner (embedded job server, worker pool), 1 worker process",
+                                       lambda: beam_score_pairs.run(config("portable.parquet"), pool.args),
+                                       parent=pool.proc.pid)
+    finally:
+        pool.stop()
+    for workers in (1, 2):
+        # Worker processes the FnApiRunner starts itself (sdk_worker_main over gRPC; nothing shared in memory).
+        args = ["--runner=FnApiRunner", "--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
+        rates[f"processes-{workers}"] = measured(
+            f"FnApiRunner multi_processing, {workers} worker process(es) x 1 torch thread",
+            lambda: beam_score_pairs.run(config(f"mp-{workers}.parquet"), args))
+    print(f"scaling 1 -> 2 worker processes: {rates['processes-2'] / rates['processes-1']:.2f}x; portable 1 worker / "
+          f"in-process: {rates['portable-1'] / rates['in-process']:.2f}x; 2 worker processes / in-process: "
+          f"{rates['processes-2'] / rates['in-process']:.2f}x")
+    print("pairs/s on one GPU: not measured (no GPU in this run)")
+    return rates
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=0, help="torch threads, 0 = torch's default")
@@ -247,6 +397,10 @@ def main() -> int:
     parser.add_argument("--quality-k", default="10,20,50,100", help="recall-k values compared in section 3")
     parser.add_argument("--timed-k", type=int, default=50, help="recall-k of the timed two-stage run in section 3")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip (1,2,3)")
+    parser.add_argument("--beam-features", metavar="DIR", help="section 4: a featurize output (e.g. hm-dev's)")
+    parser.add_argument("--beam-model", metavar="DIR", help="section 4: a model folder trained on those features")
+    parser.add_argument("--beam-pairs", type=int, default=2048, help="section 4: pairs scored by each path")
+    parser.add_argument("--beam-pairs-per-image", type=int, default=8, help="section 4: texts paired with each image")
     args = parser.parse_args()
     rt = resolve_runtime("auto", args.precision, args.threads)
     skip = set(args.skip.split(","))
@@ -260,6 +414,9 @@ def main() -> int:
         if "3" not in skip:
             bench_quality(tmp, rt, args.gallery, args.train_steps, [int(k) for k in args.quality_k.split(",")],
                           args.timed_k, args.quality_backbone)
+        if args.beam_features:
+            bench_beam(tmp, args.beam_features, args.beam_model, args.beam_pairs, args.beam_pairs_per_image,
+                       rt.precision)
     return 0
 
 

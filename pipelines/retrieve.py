@@ -27,9 +27,8 @@ from fashionbert.rank import retrieve as single
 from fashionbert.rank.neighbours import NeighbourIndex, choose_kind
 
 from . import storage
-from .featurize import pipeline_options
 from .rerank import (I2T, T2I, Chunk, ContextDoFn, Embed, PairBlock, ScoreBlocks, ScoringSpec, check_beam_args,
-                     check_model, spec_for)
+                     check_model, pipeline_options, spec_for)
 
 CHUNK = 2048  # texts or images per embedding / search / top-K task
 HANDOFF = "_beam_run.json"  # the writer's facts for the driver's _run.json; removed before publishing

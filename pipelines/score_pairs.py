@@ -22,8 +22,8 @@ from fashionbert.rank import score_pairs as single
 from fashionbert.rank.cross_encoder import probability
 
 from . import storage
-from .featurize import pipeline_options
-from .rerank import ContextDoFn, PairBlock, ScoreBlocks, ScoringSpec, check_beam_args, check_model, spec_for
+from .rerank import (ContextDoFn, PairBlock, ScoreBlocks, ScoringSpec, check_beam_args, check_model, pipeline_options,
+                     spec_for)
 
 
 class ReadPairs(ContextDoFn):

@@ -25,6 +25,10 @@ Writes, published atomically (staging folder + rename, `_SUCCESS` last):
   OUT/image_to_text.parquet   each image -> its top-K product texts (query_kind "image", candidate = product_id)
   OUT/_run.json               run id, model version, options, counts, timings
 Tables follow `schemas.RETRIEVAL`, sorted by (query_id, rank); a query has min(K, catalog size) rows.
+
+This module runs the stage in one process (the GPU box, nightly, evaluate). Given Beam options (`--runner X`, ...),
+`fashionbert retrieve` runs the same stage as a Beam pipeline instead (pipelines/retrieve.py): workers embed,
+recall, score through RunInference and write the same tables; --score-cache/--save-scores stay single-process.
 """
 from __future__ import annotations
 

@@ -8,6 +8,9 @@ output (Parquet or CSV, by --out's extension) keeps the input's columns and row 
 row whose id is missing or unknown to --features is not scored: it goes to the rejects file
 (schemas.PAIR_REJECTS: 0-based input row, ids, reason), so input rows = output rows + rejects. Both files are
 written to a temporary name and renamed into place.
+
+Given Beam options (`--runner X`, ...), `fashionbert score-pairs` runs as a Beam pipeline instead
+(pipelines/score_pairs.py): a worker reads --pairs, workers score through RunInference; same output.
 """
 from __future__ import annotations
 
