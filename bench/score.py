@@ -285,22 +285,28 @@ class WorkerPool:
         self.log.close()
 
 
-def sdk_workers(parent: int) -> int:
-    """Live SDK worker processes (`sdk_worker_main`, or the pool's `SdkHarness`) whose parent is `parent`: the worker pool, or this process for
-    the FnApiRunner's multi_processing mode."""
-    found = 0
+def sdk_workers(parent: int) -> dict[int, float]:
+    """CPU seconds so far of each live SDK worker process under `parent` (the worker pool, or this process for the
+    FnApiRunner's multi_processing mode, which starts each worker through `/bin/sh -c`)."""
+    procs = {}
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            found += ppid == parent and b"sdk_worker" in (proc / "cmdline").read_bytes()
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            procs[int(proc.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"),
+                                     (proc / "cmdline").read_bytes())
         except (OSError, IndexError, ValueError):
             continue
-    return found
+    return {pid: cpu for pid, (ppid, cpu, cmd) in procs.items()
+            if b"sdk_worker" in cmd and not cmd.startswith(b"/bin/sh")
+            and (ppid == parent or procs.get(ppid, (None,))[0] == parent)}
 
 
-def count_workers(parent: int, stop: threading.Event, seen: list[int]) -> None:
+def watch_workers(parent: int, stop: threading.Event, seen: list[int], cpu: dict[int, float]) -> None:
+    """Samples, until `stop`: how many workers are alive, and each one's CPU seconds (the last sample of each)."""
     while not stop.is_set():
-        seen.append(sdk_workers(parent))
+        now = sdk_workers(parent)
+        seen.append(len(now))
+        cpu.update(now)
         stop.wait(0.5)
 
 
@@ -346,17 +352,23 @@ def bench_beam(tmp: Path, features: str, model: str, n_pairs: int, per_image: in
                                             device="cpu", precision=precision, num_threads=1, progress=False)
 
     def measured(label: str, run, parent: int | None = None) -> float:
+        """pairs/s by wall time; also pairs per CPU-second (this process + its workers): on a machine other jobs
+        share, the wall-time rates follow the CPU share the processes get, the CPU-second rate the work done."""
         seen: list[int] = []
+        worker_cpu: dict[int, float] = {}
         stop = threading.Event()
-        watcher = threading.Thread(target=count_workers, args=(parent or os.getpid(), stop, seen), daemon=True)
+        watcher = threading.Thread(target=watch_workers, args=(parent or os.getpid(), stop, seen, worker_cpu),
+                                   daemon=True)
+        cpu0 = time.process_time()
         watcher.start()
         try:
             _, seconds = timed(run)
         finally:
             stop.set()
             watcher.join()
-        print(f"{label}: {seconds:.1f} s, {n_pairs / seconds:.1f} pairs/s (most SDK worker processes alive at once: "
-              f"{max(seen, default=0)})")
+        cpu = time.process_time() - cpu0 + sum(worker_cpu.values())
+        print(f"{label}: {seconds:.1f} s, {n_pairs / seconds:.1f} pairs/s; {cpu:.0f} CPU-s, {n_pairs / cpu:.1f} pairs "
+              f"per CPU-s (most SDK worker processes alive at once: {max(seen, default=0)})")
         return n_pairs / seconds
 
     rates = {"in-process": measured("single process (score-pairs without Beam options), 1 torch thread",

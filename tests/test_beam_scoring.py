@@ -67,8 +67,12 @@ def _assert_same_tables(got, want):
         np.testing.assert_allclose(g["recall_score"], w["recall_score"], atol=1e-5)
 
 
-@pytest.mark.parametrize("workers", [[], ["--direct_num_workers=2"]], ids=["one-worker", "two-threads"])
+@pytest.mark.parametrize("workers", [[], ["--direct_num_workers=2"],
+                                     ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]],
+                         ids=["one-worker", "two-threads", "two-processes"])
 def test_beam_retrieve_equals_the_single_process_tables(tmp_path, features, model_dir, workers):
+    """two-processes: workers are `sdk_worker_main` processes fed over gRPC, so nothing may come from the driver's
+    memory (as on a portable runner's worker pool)."""
     want_summary = retrieve.run(_retrieve_config(features, model_dir, tmp_path / "single", "--top-k", 4,
                                                  "--recall-k", 6))
     # chunks of 5 items: several embedding, search and top-K tasks, and text queries split over chunks
