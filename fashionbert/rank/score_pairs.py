@@ -7,7 +7,8 @@ output (Parquet or CSV, by --out's extension) keeps the input's columns and row 
 (float32 P(aligned), the same ranking score as the retrieval tables' `score`: see fashionbert/model/score_fusion.py). A
 row whose id is missing or unknown to --features is not scored: it goes to the rejects file
 (schemas.PAIR_REJECTS: 0-based input row, ids, reason), so input rows = output rows + rejects. Both files are
-written to a temporary name and renamed into place.
+written to a temporary name and renamed into place (on an object store, each is one object write). Every path may be
+a URI (gs://...; fashionbert/data/storage.py).
 """
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fashionbert.data import storage
 from fashionbert.data.feature_catalog import IndexedImages, open_catalog
+from fashionbert.data.model_store import load_model
 from fashionbert.errors import UserError
-from fashionbert.model.loading import load_model
 from fashionbert.rank.cross_encoder import (BatchingOptions, CrossEncoderScorer, PairScorer, add_batching_arguments,
                                             probability)
 from fashionbert.runtime import RuntimeOptions, add_runtime_arguments, resolve_runtime, stage_config
@@ -76,15 +78,17 @@ def read_pairs(path: str):
     import pyarrow.parquet as pq
 
     fmt = _format(path, "--pairs")
-    if not os.path.isfile(path):
+    storage.resolve(path, "--pairs")
+    if not (storage.exists(path) if storage.is_remote(path) else os.path.isfile(path)):
         raise UserError(f"--pairs {path}: no such file")
     try:
-        if fmt == "parquet":
-            table = pq.read_table(path)
-        else:
-            # Ids stay strings even when they look like numbers (H&M article ids do), so they match the features.
-            table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(
-                column_types={c: pa.string() for c in ID_COLUMNS}))
+        with storage.arrow_input(path) as source:
+            if fmt == "parquet":
+                table = pq.read_table(source)
+            else:
+                # Ids stay strings even when they look like numbers (H&M article ids do), so they match the features.
+                table = pcsv.read_csv(source, convert_options=pcsv.ConvertOptions(
+                    column_types={c: pa.string() for c in ID_COLUMNS}))
     except (pa.ArrowInvalid, OSError) as exc:
         raise UserError(f"--pairs {path}: cannot read it as {fmt} ({exc})") from exc
     missing = [c for c in ID_COLUMNS if c not in table.column_names]
@@ -105,23 +109,11 @@ def _ids(table, column: str) -> list[str | None]:
     return col.to_pylist()
 
 
-def _out_path(path: str, option: str) -> str:
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isdir(os.path.dirname(path)):
-        raise UserError(f"{option} {path}: folder {os.path.dirname(path)} does not exist; create it or choose another path")
-    return path
-
-
 def _write(table, path: str, fmt: str) -> None:
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
-    tmp = f"{path}.tmp-{os.getpid()}"
-    if fmt == "parquet":
-        pq.write_table(table, tmp)
-    else:
-        pcsv.write_csv(table, tmp)
-    os.replace(tmp, path)
+    storage.write_file(path, lambda fh: pq.write_table(table, fh) if fmt == "parquet" else pcsv.write_csv(table, fh))
 
 
 def run(config: ScorePairsConfig) -> dict:
@@ -131,8 +123,8 @@ def run(config: ScorePairsConfig) -> dict:
 
     t_start = time.time()
     out_fmt = _format(config.out, "--out")
-    out = _out_path(config.out, "--out")
-    rejects_path = _out_path(config.rejects or str(Path(out).with_suffix("")) + ".rejects.parquet", "--rejects")
+    out = storage.check_out_file(config.out, "--out")
+    rejects_path = storage.check_out_file(config.rejects or os.path.splitext(out)[0] + ".rejects.parquet", "--rejects")
     table = read_pairs(config.pairs)
     rt = resolve_runtime(config.device, config.precision, config.num_threads)
     loaded = load_model(config.model, rt)
