@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fashionbert.data import model_store, storage
+from fashionbert.data import model_store
 from fashionbert.errors import UserError
 from fashionbert.evaluation import evaluate, report
 from fashionbert.model.loading import load_model
@@ -200,7 +200,8 @@ class NoBeam:
 
 sys.meta_path.insert(0, NoBeam())
 import numpy as np
-import fashionbert.evaluation.evaluate, fashionbert.rank.retrieve, fashionbert.rank.score_pairs, fashionbert.train.trainer
+import fashionbert.evaluation.evaluate, fashionbert.rank.retrieve, fashionbert.rank.score_pairs  # noqa: F401
+import fashionbert.train.trainer  # noqa: F401
 from fashionbert.data import model_store, storage
 from fashionbert.data.features import FeatureReader, index_images, load_texts, open_feature_folder
 from fashionbert.errors import UserError

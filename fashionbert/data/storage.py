@@ -209,8 +209,8 @@ def _find_backend(path: str, root: str, option: str | None):
     try:
         return _Arrow(root)
     except Exception as exc:  # pyarrow's ArrowInvalid (unknown scheme), or its filesystem failed to start
-        fix = _INSTALL.get(scheme(path), "use a local path, or a URI whose scheme Beam's FileSystems or pyarrow.fs knows "
-                                         "(gs://, s3://)")
+        fix = _INSTALL.get(scheme(path), "use a local path, or a URI whose scheme Beam's FileSystems or pyarrow.fs "
+                                         "knows (gs://, s3://)")
         if scheme(path) in _INSTALL and filesystems is None:
             fix = f"{fix}, or a pyarrow built with {scheme(path)} support"
         name = f"{option} {path}" if option else path

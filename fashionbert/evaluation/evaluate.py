@@ -255,7 +255,8 @@ def held_out_products(args: SplitOptions, loaded, group_ids) -> tuple[np.ndarray
     fraction = args.val_fraction if args.val_fraction is not None else options.get("val_fraction", DEFAULT_VAL_FRACTION)
     seed = args.split_seed if args.split_seed is not None else options.get("split_seed", 0)
     info = {"kind": "validation", "val_fraction": float(fraction), "split_seed": int(seed),
-            "from": "command line" if args.val_fraction is not None else (_named(source, loaded) if source else "default")}
+            "from": ("command line" if args.val_fraction is not None
+                     else _named(source, loaded) if source else "default")}
     if float(fraction) <= 0:
         raise UserError(f"--val-fraction {fraction}: the model held out no products, so there is nothing unseen to "
                         f"evaluate or fit on; pass --split all with features of products it did not train on")

@@ -73,7 +73,8 @@ def run(args: FuseConfig) -> dict:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if storage.is_remote(args.model):
         raise UserError(f"--model {args.model}: fuse writes score_fusion.json into the model folder, so it must be a "
-                        f"local folder; copy it here (e.g. `gsutil -m cp -r {args.model} DIR`), fuse DIR, then upload DIR")
+                        f"local folder; copy it here (e.g. `gsutil -m cp -r {args.model} DIR`), fuse DIR, then upload "
+                        f"DIR")
     rt = resolve_runtime(args.device, args.precision, args.num_threads)
     loaded = load_model(args.model, rt)
     if not loaded.has_itc_head:

@@ -63,8 +63,8 @@ def load_model(folder: str | Path, runtime: Runtime, uri: str | None = None) -> 
     has_itc = getattr(model, "itc_head", None) is not None
     fusion = score_fusion.load(folder)
     if fusion.uses_itc and not has_itc:
-        raise UserError(f"{uri or folder}/{score_fusion.FUSION_NAME} weighs the itc cosine, but the model has no itc head; "
-                        f"delete the file (rank by TIA alone) or refit it with `fashionbert fuse`")
+        raise UserError(f"{uri or folder}/{score_fusion.FUSION_NAME} weighs the itc cosine, but the model has no itc "
+                        f"head; delete the file (rank by TIA alone) or refit it with `fashionbert fuse`")
     step = training_step(folder)
     return LoadedModel(model, folder, model_version(folder, step), step, has_itc, fusion, uri)
 

@@ -324,7 +324,8 @@ def run(config: RetrieveConfig) -> dict:
         },
         "score_cache": {"inputs": cache.inputs, "saved": save_to},
         "seconds": {k: round(v, 3) for k, v in result.seconds.items()} | {"total": round(time.time() - t_start, 3)},
-        "outputs": {"text_to_image": storage.join(out, TEXT_TO_IMAGE), "image_to_text": storage.join(out, IMAGE_TO_TEXT)},
+        "outputs": {"text_to_image": storage.join(out, TEXT_TO_IMAGE),
+                    "image_to_text": storage.join(out, IMAGE_TO_TEXT)},
     }
     storage.write_text(storage.join(staging, RUN_JSON), json.dumps(summary, indent=2))
     storage.publish_folder(staging, out)
