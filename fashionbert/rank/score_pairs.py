@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fashionbert.data.feature_catalog import IndexedImages, open_catalog
+from fashionbert.data.feature_catalog import Catalog, IndexedImages, open_catalog
 from fashionbert.errors import UserError
-from fashionbert.model.loading import load_model
+from fashionbert.model.loading import LoadedModel, load_model
 from fashionbert.rank.cross_encoder import (BatchingOptions, CrossEncoderScorer, PairScorer, add_batching_arguments,
                                             probability)
 from fashionbert.runtime import RuntimeOptions, add_runtime_arguments, resolve_runtime, stage_config
@@ -124,20 +124,24 @@ def _write(table, path: str, fmt: str) -> None:
     os.replace(tmp, path)
 
 
-def run(config: ScorePairsConfig) -> dict:
-    import pyarrow as pa
+@dataclasses.dataclass
+class ResolvedPairs:
+    """A pairs table's rows resolved against a feature catalog."""
 
-    from schemas import PAIR_REJECTS
+    keep: list[int]  # the input rows whose ids are known, in input order
+    pairs: np.ndarray  # (len(keep), 2) int64: (text index, image index) of each kept row
+    rejects: dict[str, list]  # the other rows, as schemas.PAIR_REJECTS columns
 
-    t_start = time.time()
-    out_fmt = _format(config.out, "--out")
-    out = _out_path(config.out, "--out")
-    rejects_path = _out_path(config.rejects or str(Path(out).with_suffix("")) + ".rejects.parquet", "--rejects")
-    table = read_pairs(config.pairs)
-    rt = resolve_runtime(config.device, config.precision, config.num_threads)
-    loaded = load_model(config.model, rt)
-    catalog = open_catalog(config.features, loaded)
+    def reject_reasons(self) -> dict[str, int]:
+        reasons: dict[str, int] = {}
+        for r in self.rejects["reason"]:
+            reasons[r] = reasons.get(r, 0) + 1
+        return reasons
 
+
+def resolve_pairs(table, catalog: Catalog) -> ResolvedPairs:
+    """Each row's product_id and image_id -> the catalog's text and image index; a row with a missing or unknown id
+    goes to the rejects with its reason."""
     product_ids, image_ids = _ids(table, "product_id"), _ids(table, "image_id")
     text_of = catalog.texts.index
     image_of = {iid: i for i, iid in enumerate(catalog.index.image_ids)}
@@ -158,24 +162,49 @@ def run(config: ScorePairsConfig) -> dict:
             continue
         keep.append(row)
         pairs.append((text_of[pid], image_of[iid]))
+    return ResolvedPairs(keep, np.asarray(pairs, dtype=np.int64).reshape(-1, 2), rejects)
 
-    scorer = CrossEncoderScorer(loaded.model, rt, config.batch_tokens, config.block_images, progress=config.progress)
-    pair_array = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-    # Repeated pairs (the same pair listed twice) are scored once.
-    unique, inverse = np.unique(pair_array, axis=0, return_inverse=True)
+
+def write_rejects(rejects: dict[str, list], path: str) -> None:
+    import pyarrow as pa
+
+    from schemas import PAIR_REJECTS
+
+    _write(pa.Table.from_pydict(rejects, schema=PAIR_REJECTS), path, "parquet")
+
+
+def ranking_scores(scorer: CrossEncoderScorer, loaded: LoadedModel, catalog: Catalog, pairs: np.ndarray) -> np.ndarray:
+    """The ranking score P(aligned), float32, of (text index, image index) pairs; a pair listed twice is scored once."""
+    unique, inverse = np.unique(pairs, axis=0, return_inverse=True)
     logits = PairScorer(scorer, loaded.fusion).score(catalog.text_ids, IndexedImages(catalog.index, catalog.reader),
                                                      unique).logit
-    scores = probability(logits[inverse.reshape(-1)]) if len(pair_array) else np.zeros(0, dtype=np.float32)
+    return probability(logits[inverse.reshape(-1)]) if len(pairs) else np.zeros(0, dtype=np.float32)
 
-    scored = table.take(pa.array(keep, pa.int64())).append_column(pa.field(SCORE, pa.float32()), pa.array(scores, pa.float32()))
+
+def run(config: ScorePairsConfig) -> dict:
+    import pyarrow as pa
+
+    t_start = time.time()
+    out_fmt = _format(config.out, "--out")
+    out = _out_path(config.out, "--out")
+    rejects_path = _out_path(config.rejects or str(Path(out).with_suffix("")) + ".rejects.parquet", "--rejects")
+    table = read_pairs(config.pairs)
+    rt = resolve_runtime(config.device, config.precision, config.num_threads)
+    loaded = load_model(config.model, rt)
+    catalog = open_catalog(config.features, loaded)
+
+    resolved = resolve_pairs(table, catalog)
+    scorer = CrossEncoderScorer(loaded.model, rt, config.batch_tokens, config.block_images, progress=config.progress)
+    scores = ranking_scores(scorer, loaded, catalog, resolved.pairs)
+
+    scored = table.take(pa.array(resolved.keep, pa.int64())).append_column(pa.field(SCORE, pa.float32()),
+                                                                            pa.array(scores, pa.float32()))
     _write(scored, out, out_fmt)
-    _write(pa.Table.from_pydict(rejects, schema=PAIR_REJECTS), rejects_path, "parquet")
-    reasons: dict[str, int] = {}
-    for r in rejects["reason"]:
-        reasons[r] = reasons.get(r, 0) + 1
+    write_rejects(resolved.rejects, rejects_path)
     return {
-        "pairs": table.num_rows, "scored": len(keep), "rejected": len(rejects["row"]), "reject_reasons": reasons,
-        "distinct_pairs_scored": int(len(unique)), "out": out, "rejects": rejects_path, "model_version": loaded.version,
+        "pairs": table.num_rows, "scored": len(resolved.keep), "rejected": len(resolved.rejects["row"]),
+        "reject_reasons": resolved.reject_reasons(), "distinct_pairs_scored": int(len(np.unique(resolved.pairs, axis=0))),
+        "out": out, "rejects": rejects_path, "model_version": loaded.version,
         "ranking_score": loaded.fusion.describe(), "device": str(rt.device),
         "precision": rt.precision, "seconds": round(time.time() - t_start, 3),
     }
