@@ -8,8 +8,9 @@ the same way (`square_view`), and the HTML overlay shows the image with CSS `obj
 (crop) in a square box with the grid of cells above it. Pad colour: white, not featurize's border median (only the
 cells' positions matter here).
 
-Cell opacity is proportional to the patch's share of the map, relative to the map's largest share (the hottest cell
-is the most opaque): maps of different pairs are not on one absolute scale.
+Cell opacity shows how far a patch's share of the map exceeds an even share (1 / patches), relative to the hottest
+patch's excess: the hottest cell is the most opaque, a patch at or below an even share is not tinted, and an even map
+tints nothing. Maps of different pairs are therefore not on one absolute scale; the cells' titles give the shares.
 """
 from __future__ import annotations
 
@@ -25,13 +26,14 @@ STYLE = """
 .heat{position:relative;margin:0 auto;overflow:hidden;background:#fff}
 .heat img{position:absolute;left:0;top:0;width:100%;height:100%;border:0;margin:0;border-radius:0}
 .heat .cells{position:absolute;left:0;top:0;width:100%;height:100%;display:grid}
-.heat .cells i{display:block;outline:1px solid rgba(255,255,255,.35)}
+.heat .cells i{display:block;outline:1px solid rgba(255,255,255,.35)} .heat .cells i.hot{outline:2px solid #fff;z-index:1}
 mark.att{background:none;padding:0 1px;border-radius:2px} .looks{color:#7a1050;font-size:11px}
 """
 
 # Checks, once the page has laid out, that every heatmap overlay is drawn over its image: the overlay box has the
-# image's size, holds grid x grid cells, and the hottest cell is the element on top at its own centre (so it is
-# visible, not hidden under the image). Sets data-heatmaps-total / -rendered / -checked on <body>.
+# image's size, holds grid x grid cells, and the hottest cell is tinted (its computed background is not transparent:
+# the style parsed) and is the element on top at its own centre (so it is visible, not hidden under the image). Sets
+# data-heatmaps-total / -rendered / -checked on <body>.
 CHECK_SCRIPT = """
 function fbCheckHeatmaps(){
   var boxes=Array.prototype.slice.call(document.querySelectorAll('.heat'));
@@ -40,6 +42,8 @@ function fbCheckHeatmaps(){
     if(!img||!hot||cells.length!==Number(b.getAttribute('data-cells'))) return false;
     var r=b.getBoundingClientRect(), ri=img.getBoundingClientRect(), rh=hot.getBoundingClientRect();
     if(!(r.width>0&&Math.abs(r.width-ri.width)<1&&Math.abs(r.height-ri.height)<1&&rh.width>0)) return false;
+    var bg=getComputedStyle(hot).backgroundColor.match(/[\d.]+/g);
+    if(!bg||bg.length<4||!(Number(bg[3])>0)) return false;
     hot.scrollIntoView();
     rh=hot.getBoundingClientRect();
     return document.elementFromPoint(rh.left+rh.width/2,rh.top+rh.height/2)===hot;
@@ -54,8 +58,9 @@ window.addEventListener('load',fbCheckHeatmaps);
 
 
 def _alphas(patch_map: np.ndarray) -> np.ndarray:
-    top = float(np.max(patch_map)) if len(patch_map) else 0.0
-    return MAX_ALPHA * np.asarray(patch_map, dtype=np.float64) / top if top > 0 else np.zeros(len(patch_map))
+    excess = np.asarray(patch_map, dtype=np.float64) - 1.0 / max(len(patch_map), 1)
+    top = float(excess.max()) if len(excess) else 0.0
+    return MAX_ALPHA * np.clip(excess / top, 0.0, 1.0) if top > 0 else np.zeros(len(excess))
 
 
 # ============================================================================================ images
@@ -91,7 +96,8 @@ def overlay_image(square, patch_map: np.ndarray, grid: int):
 def overlay_html(image_uri: str, patch_map: np.ndarray, grid: int, size: int, fit: str, title: str = "") -> str:
     """The image in a square box with a grid x grid CSS grid of tinted cells over it (no script, no external file)."""
     hot = int(np.argmax(patch_map))
-    cells = "".join(f"<i{' class=hot' if p == hot else ''} style='background:rgba{HEAT_RGB + (round(a, 3),)}' "
+    rgb = ",".join(map(str, HEAT_RGB))
+    cells = "".join(f"<i{' class=hot' if p == hot else ''} style='background:rgba({rgb},{a:.3f})' "
                     f"title='patch {p}: {100 * float(v):.1f}%'></i>"
                     for p, (a, v) in enumerate(zip(_alphas(patch_map), patch_map)))
     object_fit = "cover" if fit == "crop" else "contain"
