@@ -287,15 +287,16 @@ def test_explain_picture_tints_the_hottest_patch(explained):
     assert change(hot) > 20 and change(cold) < 2  # the hottest patch tinted, one below an even share untouched
 
 
-def test_explain_rollout_and_user_errors(explained, tmp_path):
-    tmp, pairs, _ = explained
-    summary = _explain(tmp, pairs, tmp_path / "rollout", "--method", "rollout")
-    last = pq.read_table(tmp / "explain" / "attention.parquet").column("patch_map").to_pylist()
-    rolled = pq.read_table(tmp_path / "rollout" / "attention.parquet").to_pydict()
-    assert summary["method"] == "rollout" and set(rolled["method"]) == {"rollout"}
-    assert all(abs(sum(m) - 1) < 1e-4 for m in rolled["patch_map"]) and rolled["patch_map"] != last
+def test_explain_methods_and_user_errors(explained, tmp_path):
+    tmp, pairs, summary = explained
+    assert summary["method"] == "rollout"  # the default
+    last = _explain(tmp, pairs, tmp_path / "last", "--method", "last")
+    rolled = pq.read_table(tmp / "explain" / "attention.parquet").column("patch_map").to_pylist()
+    table = pq.read_table(tmp_path / "last" / "attention.parquet").to_pydict()
+    assert last["method"] == "last" and set(table["method"]) == {"last"}
+    assert all(abs(sum(m) - 1) < 1e-4 for m in table["patch_map"]) and table["patch_map"] != rolled
     with pytest.raises(UserError, match="--overwrite"):
-        _explain(tmp, pairs, tmp_path / "rollout")
+        _explain(tmp, pairs, tmp_path / "last")
     bad = tmp_path / "bad.csv"
     bad.write_text("product,image\np00002,p00002-0\n")
     with pytest.raises(UserError, match="product_id"):

@@ -1,6 +1,6 @@
 """fashionbert explain: where a pair's words looked in its image, as pictures and as data.
 
-    fashionbert explain --model DIR --features DIR --pairs FILE --out DIR [--method last|rollout]
+    fashionbert explain --model DIR --features DIR --pairs FILE --out DIR [--method rollout|last]
 
 `--pairs` is what `fashionbert score-pairs` reads (Parquet or CSV, columns product_id and image_id). For each row
 whose ids --features knows, OUT gets:
@@ -70,7 +70,7 @@ def text_tokenizer(loaded: LoadedModel):
     return load_tokenizer(folder if own else loaded.config.backbone)
 
 
-def explain_pairs(model, texts: Sequence[np.ndarray], images: ImageSource, pairs: np.ndarray, method: str = "last",
+def explain_pairs(model, texts: Sequence[np.ndarray], images: ImageSource, pairs: np.ndarray, method: str = "rollout",
                   batch_pairs: int = BATCH_PAIRS) -> list[PairAttention]:
     """Maps of (text index, image index) pairs, in their order. `model`: in eval mode on its device, in the dtype it
     scores in (a `CrossEncoderScorer`'s model)."""
@@ -96,7 +96,7 @@ class ExplainConfig(BatchingOptions, RuntimeOptions):
     model: str = ""
     pairs: str = ""
     out: str = ""
-    method: str = "last"
+    method: str = "rollout"  # on hm-dev the last layer's map is mostly background and stopwords: README, "explain"
     size: int = 256
     overwrite: bool = False
 
@@ -120,8 +120,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out folder")
     m = parser.add_argument_group("maps")
     m.add_argument("--method", choices=METHODS, default=d.method,
-                   help="last = the last layer's attention, heads averaged; rollout = attention rollout through every "
-                        "layer (each layer's attention plus the residual, multiplied) (default %(default)s)")
+                   help="rollout = attention rollout through every layer (each layer's head-averaged attention plus "
+                        "the residual, multiplied); last = the last layer's attention, heads averaged (on hm-dev mostly "
+                        "background patches and stopwords) (default %(default)s)")
     m.add_argument("--size", type=int, default=d.size, help="side of each picture in pixels (default %(default)s)")
     add_batching_arguments(add_runtime_arguments(parser))
 

@@ -123,8 +123,11 @@ def words(tokens: list[str], positions: np.ndarray, mass: np.ndarray) -> list[tu
 
 
 def top_words(tokens: list[str], positions: np.ndarray, mass: np.ndarray, k: int = 3) -> list[str]:
-    ranked = sorted(words(tokens, positions, mass), key=lambda w: -w[2])
-    return [w[1] for w in ranked[:k]]
+    """The k distinct words with the most image mass, most first."""
+    best: dict[str, float] = {}
+    for _, word, weight in words(tokens, positions, mass):
+        best[word] = max(weight, best.get(word, 0.0))
+    return sorted(best, key=lambda w: -best[w])[:k]
 
 
 def _mark(text: str, weight: float, rel: float) -> str:

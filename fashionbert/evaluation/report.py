@@ -330,7 +330,7 @@ class ReportConfig:
     thumb_size: int = 112
     seed: int = 0
     model: str | None = None  # a model folder: heatmaps of where the text queries' words look in their top images
-    method: str = "last"
+    method: str = "rollout"
 
 
 def config_from_args(args: argparse.Namespace) -> ReportConfig:
@@ -355,8 +355,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model folder (OUT/model of `fashionbert train`, the one that ranked the retrieval): "
                              "each text query's shown images get a heatmap of where its words look, and its most "
                              "image-attending words are marked (see `fashionbert explain`)")
-    parser.add_argument("--method", choices=("last", "rollout"), default=d.method,
-                        help="with --model: the last layer's attention or attention rollout (default %(default)s)")
+    parser.add_argument("--method", choices=("rollout", "last"), default=d.method,
+                        help="with --model: attention rollout through every layer, or the last layer's attention (see "
+                             "`fashionbert explain --help`) (default %(default)s)")
     parser.add_argument("--out", required=True, metavar="FILE", help="HTML file to write (replaced atomically)")
 
 

@@ -21,7 +21,7 @@ from fashionbert.runtime import resolve_runtime
 
 class ReportAttention:
     def __init__(self, model_dir: str, features: Sequence[str], queries: dict[str, list[dict]], top: int,
-                 method: str = "last"):
+                 method: str = "rollout"):
         loaded = load_model(model_dir, resolve_runtime("auto", "fp32"))
         catalog = open_catalog(features, loaded)
         image_of = {iid: i for i, iid in enumerate(catalog.index.image_ids)}

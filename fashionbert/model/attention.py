@@ -36,7 +36,7 @@ import torch
 
 from fashionbert.model.modeling import FashionBertModel
 
-METHODS = ("last", "rollout")
+METHODS = ("rollout", "last")
 
 
 @dataclasses.dataclass
@@ -106,7 +106,7 @@ def _rollout(layers: list[torch.Tensor]) -> torch.Tensor:
 
 @torch.inference_mode()
 def token_patch_attention(model: FashionBertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                          patch_features: torch.Tensor, method: str = "last") -> TokenPatchAttention:
+                          patch_features: torch.Tensor, method: str = "rollout") -> TokenPatchAttention:
     """Maps for B pairs: input_ids/attention_mask (B, T) ([CLS] ... [SEP], right-padded), patch_features (B, P, D).
     The model should be in eval mode (dropout off), in the dtype it scores in (fp32 or bf16; the maps are computed in
     fp32 from its weights)."""
