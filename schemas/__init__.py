@@ -130,7 +130,8 @@ ATTENTION = _with_meta(
         pa.field("picture", pa.string(), nullable=False),  # the PNG, relative to the output folder
         pa.field("patch_map", pa.list_(pa.float32()), nullable=False),  # sums to 1
         pa.field("tokens", pa.list_(pa.string()), nullable=False),  # the text's word tokens (WordPiece)
-        pa.field("token_image_mass", pa.list_(pa.float32()), nullable=False),  # per token, its attention's share on patches
+        pa.field("token_image_mass", pa.list_(pa.float32()), nullable=False),  # per token: its attention's share on
+        # the patches
         pa.field("token_patch_maps", pa.list_(pa.list_(pa.float32())), nullable=False),  # per token, sums to 1
     ],
 )

@@ -1,5 +1,5 @@
-"""Token -> patch attention maps (fashionbert/model/attention.py): they sum as documented, come from the pass that scores
-(same margins as the model's own encode), leave the backbone on its own attention implementation, and point at the
+"""Token -> patch attention maps (fashionbert/model/attention.py): they sum as documented, come from the pass that
+scores (same margins as the model's own encode), leave the backbone on its own attention implementation, and point at the
 patch a constructed model makes decisive, for single-stream, late-fusion and "halves" models, in fp32 and bf16. The
 stage and the report's heatmaps are tested in test_report.py (they share its trained model and image sources)."""
 from __future__ import annotations

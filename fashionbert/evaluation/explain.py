@@ -26,7 +26,6 @@ import html
 import io
 import os
 import time
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -34,14 +33,14 @@ import torch
 
 from fashionbert.data import publish
 from fashionbert.data.batching import pad_texts
-from fashionbert.data.feature_catalog import Catalog, ImageSource, IndexedImages, open_catalog
+from fashionbert.data.feature_catalog import Catalog, ImageSource, IndexedImages
 from fashionbert.errors import UserError
 from fashionbert.evaluation import heatmaps
 from fashionbert.model.attention import METHODS, token_patch_attention
-from fashionbert.model.loading import LoadedModel, load_model
-from fashionbert.rank.cross_encoder import BatchingOptions, CrossEncoderScorer, add_batching_arguments
-from fashionbert.rank.score_pairs import read_pairs, ranking_scores, resolve_pairs, write_rejects
-from fashionbert.runtime import RuntimeOptions, add_runtime_arguments, resolve_runtime, stage_config
+from fashionbert.model.loading import LoadedModel
+from fashionbert.rank.cross_encoder import BatchingOptions, add_batching_arguments
+from fashionbert.rank.score_pairs import add_pair_inputs, score_pairs_file, write_rejects
+from fashionbert.runtime import RuntimeOptions, add_runtime_arguments, stage_config
 
 ATTENTION_FILE = "attention.parquet"
 REJECTS_FILE = "rejects.parquet"
@@ -107,22 +106,16 @@ def config_from_args(args: argparse.Namespace) -> ExplainConfig:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = ExplainConfig()
-    g = parser.add_argument_group("inputs and outputs")
-    g.add_argument("--features", action="append", required=True, metavar="DIR",
-                   help="featurize output folder(s) holding the texts and images the pairs name (their image sources "
-                        "are re-read for the pictures)")
-    g.add_argument("--model", required=True, metavar="DIR", help="model folder: OUT/model of `fashionbert train`")
-    g.add_argument("--pairs", required=True, metavar="FILE",
-                   help="Parquet (.parquet/.pq) or CSV (.csv) with columns product_id and image_id, as score-pairs reads")
+    g = add_pair_inputs(parser, ", as score-pairs reads (the features' image sources are re-read for the pictures)")
     g.add_argument("--out", required=True, metavar="DIR",
                    help=f"folder for pairs/*.png, {INDEX_FILE}, {ATTENTION_FILE} and {REJECTS_FILE} (published "
                         f"atomically)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out folder")
     m = parser.add_argument_group("maps")
     m.add_argument("--method", choices=METHODS, default=d.method,
-                   help="rollout = attention rollout through every layer (each layer's head-averaged attention plus "
-                        "the residual, multiplied); last = the last layer's attention, heads averaged (on hm-dev mostly "
-                        "background patches and stopwords) (default %(default)s)")
+                   help="rollout = attention rollout through every layer (each layer's head-averaged attention "
+                        "plus the residual, multiplied); last = the last layer's attention, heads averaged (on hm-dev "
+                        "mostly background patches and stopwords) (default %(default)s)")
     m.add_argument("--size", type=int, default=d.size, help="side of each picture in pixels (default %(default)s)")
     add_batching_arguments(add_runtime_arguments(parser))
 
@@ -184,14 +177,11 @@ def run(config: ExplainConfig) -> dict:
         raise UserError(f"--size {config.size}: use at least 16 pixels")
     out = os.path.abspath(os.path.expanduser(config.out))
     publish.check_target(out, config.overwrite)
-    table = read_pairs(config.pairs)
-    rt = resolve_runtime(config.device, config.precision, config.num_threads)
-    loaded = load_model(config.model, rt)
-    catalog = open_catalog(config.features, loaded)
-    resolved = resolve_pairs(table, catalog)
-    scorer = CrossEncoderScorer(loaded.model, rt, config.batch_tokens, config.block_images, progress=config.progress)
-    scores = ranking_scores(scorer, loaded, catalog, resolved.pairs)
-    maps = explain_pairs(scorer.model, catalog.text_ids, IndexedImages(catalog.index, catalog.reader),
+    scored = score_pairs_file(config)
+    table, loaded, catalog, resolved, scores = (scored.table, scored.loaded, scored.catalog, scored.resolved,
+                                                scored.scores)
+    rt = scored.scorer.runtime
+    maps = explain_pairs(scored.scorer.model, catalog.text_ids, IndexedImages(catalog.index, catalog.reader),
                          resolved.pairs, config.method)
     tokenizer = text_tokenizer(loaded)
     texts, sources, fit = catalog_views(catalog)

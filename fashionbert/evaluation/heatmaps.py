@@ -26,7 +26,9 @@ STYLE = """
 .heat{position:relative;margin:0 auto;overflow:hidden;background:#fff}
 .heat img{position:absolute;left:0;top:0;width:100%;height:100%;border:0;margin:0;border-radius:0}
 .heat .cells{position:absolute;left:0;top:0;width:100%;height:100%;display:grid}
-.heat .cells i{display:block;outline:1px solid rgba(255,255,255,.35)} .heat .cells i.hot{outline:2px solid #fff;z-index:1}
+.heat .cells i{display:block;outline:1px solid rgba(255,255,255,.35)}
+.heat .cells i.hot{outline:2px solid #fff;z-index:1}
+.cand.true .heat{outline:3px solid #1a9e3a}
 mark.att{background:none;padding:0 1px;border-radius:2px} .looks{color:#7a1050;font-size:11px}
 """
 

@@ -6,8 +6,8 @@ Shows sample text queries with their top-10 images (scores, the true match marke
 their top-10 texts likewise, the metric tables of `fashionbert evaluate`, and the training curves plot that
 `fashionbert train` writes (OUT/training_curves.png). With --model, each text query's images carry a heatmap of where
 its words look over the 8x8 patches, and its most image-attending words are marked (fashionbert/model/attention.py
-says what the maps are; `fashionbert explain` draws them for any pairs). Every image is embedded as a small base64 JPEG (the
-plot as PNG), so the page works when copied anywhere, with no server and no network.
+says what the maps are; `fashionbert explain` draws them for any pairs). Every image is embedded as a small base64
+JPEG (the plot as PNG), so the page works when copied anywhere, with no server and no network.
 
 Images are re-read from the catalog through each featurize row's `source`: a path (relative ones against the
 catalog folder in the features' _run.json), `file.h5#ROW` (Fashion-Gen, read with h5py), or

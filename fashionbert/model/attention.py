@@ -3,9 +3,11 @@
 What a map is (`token_patch_attention`), for one (text, image) pair of the joint pass `[CLS] text [SEP] | patches`:
 - A layer's attention matrix is its softmax attention, averaged over heads: row i is how query position i spreads
   its attention over the sequence's positions (padding gets none), so each row sums to 1.
-- `method="last"`: the last encoder layer's matrix A. `method="rollout"` (Abnar & Zuidema 2020): per layer
-  0.5 A + 0.5 I (the residual connection), rows renormalised, multiplied from the first layer up; row i then says how
-  much position i's final state draws on each input embedding, through every layer. In a late-fusion model
+- `method="last"`: the last encoder layer's matrix A. `method="rollout"` (Abnar & Zuidema 2020; the default):
+  per layer 0.5 A + 0.5 I (the residual connection), rows renormalised, multiplied from the first layer up; row i then
+  says how much position i's final state draws on each input embedding, through every layer. On hm-dev the last
+  layer's maps sit mostly on background patches and its most image-attending tokens are stopwords (attention sinks),
+  while rollout's follow the product words (README, `explain`). In a late-fusion model
   (`config.fusion_layer` k) the first k layers see the text and the patches apart: their matrices are block-diagonal
   (text x text, patches x patches), so text reaches the patches only through the layers from k up, and the rollout
   still counts what each patch state gathered from the other patches below k.

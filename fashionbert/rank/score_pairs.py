@@ -43,15 +43,21 @@ def config_from_args(args: argparse.Namespace) -> ScorePairsConfig:
     return stage_config(ScorePairsConfig, args)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = ScorePairsConfig()
+def add_pair_inputs(parser: argparse.ArgumentParser, pairs_note: str = "") -> argparse._ArgumentGroup:
+    """--features, --model and --pairs, in an "inputs and outputs" group (returned): the inputs of a stage that reads a
+    pairs file (score-pairs, explain)."""
     g = parser.add_argument_group("inputs and outputs")
     g.add_argument("--features", action="append", required=True, metavar="DIR",
                    help="featurize output folder(s) holding the texts and images the pairs name")
     g.add_argument("--model", required=True, metavar="DIR", help="model folder: OUT/model of `fashionbert train`")
     g.add_argument("--pairs", required=True, metavar="FILE",
-                   help="Parquet (.parquet/.pq) or CSV (.csv) file with columns product_id and image_id; other "
-                        "columns are carried to the output unchanged")
+                   help="Parquet (.parquet/.pq) or CSV (.csv) file with columns product_id and image_id" + pairs_note)
+    return g
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = ScorePairsConfig()
+    g = add_pair_inputs(parser, "; other columns are carried to the output unchanged")
     g.add_argument("--out", required=True, metavar="FILE",
                    help="scored pairs, .parquet or .csv: the input rows in input order plus a float32 'score' column "
                         "(replaced atomically if it exists)")
@@ -181,6 +187,29 @@ def ranking_scores(scorer: CrossEncoderScorer, loaded: LoadedModel, catalog: Cat
     return probability(logits[inverse.reshape(-1)]) if len(pairs) else np.zeros(0, dtype=np.float32)
 
 
+@dataclasses.dataclass
+class ScoredPairs:
+    table: object  # the pairs file as read (pyarrow.Table)
+    loaded: LoadedModel
+    catalog: Catalog
+    resolved: ResolvedPairs
+    scorer: CrossEncoderScorer
+    scores: np.ndarray  # float32 P(aligned) of each kept row (resolved.keep)
+
+
+def score_pairs_file(config) -> ScoredPairs:
+    """A stage config's pairs file (`pairs`) read, its model (`model`) loaded on its runtime, its features (`features`)
+    opened, the rows resolved and the known ones scored (the config's batching options)."""
+    table = read_pairs(config.pairs)
+    rt = resolve_runtime(config.device, config.precision, config.num_threads)
+    loaded = load_model(config.model, rt)
+    catalog = open_catalog(config.features, loaded)
+    resolved = resolve_pairs(table, catalog)
+    scorer = CrossEncoderScorer(loaded.model, rt, config.batch_tokens, config.block_images, progress=config.progress)
+    scores = ranking_scores(scorer, loaded, catalog, resolved.pairs)
+    return ScoredPairs(table, loaded, catalog, resolved, scorer, scores)
+
+
 def run(config: ScorePairsConfig) -> dict:
     import pyarrow as pa
 
@@ -188,22 +217,17 @@ def run(config: ScorePairsConfig) -> dict:
     out_fmt = _format(config.out, "--out")
     out = _out_path(config.out, "--out")
     rejects_path = _out_path(config.rejects or str(Path(out).with_suffix("")) + ".rejects.parquet", "--rejects")
-    table = read_pairs(config.pairs)
-    rt = resolve_runtime(config.device, config.precision, config.num_threads)
-    loaded = load_model(config.model, rt)
-    catalog = open_catalog(config.features, loaded)
-
-    resolved = resolve_pairs(table, catalog)
-    scorer = CrossEncoderScorer(loaded.model, rt, config.batch_tokens, config.block_images, progress=config.progress)
-    scores = ranking_scores(scorer, loaded, catalog, resolved.pairs)
-
+    scored_pairs = score_pairs_file(config)
+    table, resolved, scores = scored_pairs.table, scored_pairs.resolved, scored_pairs.scores
+    loaded, rt = scored_pairs.loaded, scored_pairs.scorer.runtime
     scored = table.take(pa.array(resolved.keep, pa.int64())).append_column(pa.field(SCORE, pa.float32()),
                                                                             pa.array(scores, pa.float32()))
     _write(scored, out, out_fmt)
     write_rejects(resolved.rejects, rejects_path)
     return {
         "pairs": table.num_rows, "scored": len(resolved.keep), "rejected": len(resolved.rejects["row"]),
-        "reject_reasons": resolved.reject_reasons(), "distinct_pairs_scored": int(len(np.unique(resolved.pairs, axis=0))),
+        "reject_reasons": resolved.reject_reasons(),
+        "distinct_pairs_scored": int(len(np.unique(resolved.pairs, axis=0))),
         "out": out, "rejects": rejects_path, "model_version": loaded.version,
         "ranking_score": loaded.fusion.describe(), "device": str(rt.device),
         "precision": rt.precision, "seconds": round(time.time() - t_start, 3),
