@@ -297,6 +297,9 @@ def test_explain_methods_and_user_errors(explained, tmp_path):
     assert all(abs(sum(m) - 1) < 1e-4 for m in table["patch_map"]) and table["patch_map"] != rolled
     with pytest.raises(UserError, match="--overwrite"):
         _explain(tmp, pairs, tmp_path / "last")
+    none_known = _explain(tmp, _pairs_file(tmp_path / "unknown.csv", [("p99999", "p00002-0")]), tmp_path / "none")
+    assert none_known["explained"] == 0 and none_known["rejected"] == 1
+    assert pq.read_table(tmp_path / "none" / "attention.parquet").num_rows == 0
     bad = tmp_path / "bad.csv"
     bad.write_text("product,image\np00002,p00002-0\n")
     with pytest.raises(UserError, match="product_id"):
