@@ -141,6 +141,26 @@ def test_score_pairs_reads_and_writes_uris(world):
     assert remote["scored"] == 2 and remote["model_version"] == local["model_version"]
 
 
+
+def test_explain_writes_its_folder_to_a_uri(world):
+    from fashionbert.evaluation import explain
+
+    pairs = pa.table({"product_id": ["p00001", "p00002", "zzz"], "image_id": ["p00001-0", "p00003-1", "p00001-0"]})
+    pq.write_table(pairs, world.store / "explain-pairs.parquet")
+    common = ("--pairs", uri(world.store / "explain-pairs.parquet"), "--size", 32, *CPU, "--no-progress")
+    local = explain.run(_config(explain, "--features", world.features, "--model", world.model,
+                                "--out", world.tmp / "explain", *common))
+    out = uri(world.store / "explain")
+    remote = explain.run(_config(explain, "--features", world.features_uri, "--model", world.model_uri, "--out", out,
+                                 *common))
+    assert remote["out"] == out and remote["explained"] == local["explained"] == 2 and remote["rejected"] == 1
+    written = sorted(str(p.relative_to(world.store / "explain")) for p in (world.store / "explain").rglob("*"))
+    assert written == ["_SUCCESS", "attention.parquet", "index.html", "pairs", "pairs/000000.png",
+                       "pairs/000001.png", "rejects.parquet"]  # nested files moved in, _SUCCESS last
+    assert not [p for p in world.store.glob("explain.staging-*/**/*") if p.is_file()]  # (an object store keeps no folder)
+    assert (pq.read_table(world.store / "explain" / "attention.parquet").column("patch_map")
+            .equals(pq.read_table(world.tmp / "explain" / "attention.parquet").column("patch_map")))
+
 @pytest.fixture(scope="module")
 def evaluated(world):
     options = ("--split", "all", "--queries", 6, "--draws", 1, "--candidates", 5, "--recall-k", 8, *CPU)

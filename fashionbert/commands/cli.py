@@ -37,6 +37,8 @@ STAGES = {
                  "two-stage retrieval tables: text_to_image.parquet, image_to_text.parquet"),
     "report": ("fashionbert.evaluation.report", "fashionbert.evaluation.report",
                "static HTML page: sample queries with their top images, metrics, training curves"),
+    "explain": ("fashionbert.evaluation.explain", "fashionbert.evaluation.explain",
+                "token -> patch attention maps of given pairs: pictures, an HTML page and attention.parquet"),
 }
 # fashionbert/commands/nightly.py parses these itself.
 NIGHTLY = {
@@ -125,6 +127,8 @@ def _counts(command: str, result: dict) -> str:
         return f"{get('pairs')} pairs: {get('scored')} scored, {get('rejected')} rejected"
     if command == "report":
         return f"{get('text_queries')} text queries, {get('image_queries')} image queries -> {get('out')}"
+    if command == "explain":
+        return f"{get('pairs')} pairs: {get('explained')} explained, {get('rejected')} rejected -> {get('out')}"
     if command == "fuse":
         return f"{get('ranking_score')}"
     return ""

@@ -396,10 +396,12 @@ def publish_folder(staging: str, out: str) -> None:
         return
     if exists(join(out, SUCCESS)):
         delete(join(out, SUCCESS))
-    old = glob(out, "*")
+    old = [f.path for f in walk(out)]
     if old:
         _backend(out).delete(old)
-    files = glob(staging, "*")
-    _backend(out).rename(files, [join(out, basename(f)) for f in files])
+    # At any depth (explain writes pairs/*.png): keys keep their path below the staging prefix.
+    files = [f.path for f in walk(staging)]
+    prefix = staging.rstrip("/") + "/"
+    _backend(out).rename(files, [join(out, f[len(prefix):]) for f in files])
     with create(join(out, SUCCESS)):  # object stores keep no empty folder: nothing left to remove
         pass

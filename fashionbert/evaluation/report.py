@@ -1,11 +1,13 @@
 """fashionbert report: one static HTML page to look at a model's retrieval results.
 
-    fashionbert report --retrieval DIR [--metrics metrics.json] [--training DIR] --out report.html
+    fashionbert report --retrieval DIR [--metrics metrics.json] [--training DIR] [--model DIR] --out report.html
 
 Shows sample text queries with their top-10 images (scores, the true match marked), sample image queries with
 their top-10 texts likewise, the metric tables of `fashionbert evaluate`, and the training curves plot that
-`fashionbert train` writes (OUT/training_curves.png). Every image is embedded as a small base64 JPEG (the
-plot as PNG), so the page works when copied anywhere, with no server and no network.
+`fashionbert train` writes (OUT/training_curves.png). With --model, each text query's images carry a heatmap of where
+its words look over the 8x8 patches, and its most image-attending words are marked (fashionbert/model/attention.py
+says what the maps are; `fashionbert explain` draws them for any pairs). Every image is embedded as a small base64
+JPEG (the plot as PNG), so the page works when copied anywhere, with no server and no network.
 
 Images are re-read from the catalog through each featurize row's `source`: a path (relative ones against the
 catalog folder in the features' _run.json), `file.h5#ROW` (Fashion-Gen, read with h5py), or
@@ -32,6 +34,7 @@ import numpy as np
 from fashionbert.data import storage
 from fashionbert.data.features import open_feature_folder
 from fashionbert.errors import UserError
+from fashionbert.evaluation import heatmaps
 from fashionbert.runtime import stage_config
 
 TOP = 10
@@ -279,7 +282,8 @@ def metrics_html(m: dict) -> str:
 
 
 def t2i_html(queries: dict[str, list[dict]], texts: dict[str, str], thumbs: Thumbnails, image_product: dict[str, str],
-             top: int) -> str:
+             top: int, attention=None) -> str:
+    """`attention` (report_attention.ReportAttention, with --model): heatmaps over the images, words marked."""
     out = []
     for qid, rows in queries.items():
         true_ranks = [r["rank"] for r in rows if image_product.get(r["candidate_id"]) == qid]
@@ -288,12 +292,18 @@ def t2i_html(queries: dict[str, list[dict]], texts: dict[str, str], thumbs: Thum
             uri, why = thumbs.get(r["candidate_id"])
             true = image_product.get(r["candidate_id"]) == qid
             label = "✓ true match" if true else f"#{r['rank']}"
-            cells.append(f"<div class='cand{' true' if true else ''}'><img src='{uri}' alt='{_e(r['candidate_id'])}' "
-                         f"title='{_e(r['candidate_id'])}'><div class=lab>{_e(label)}</div>"
+            img = f"<img src='{uri}' alt='{_e(r['candidate_id'])}' title='{_e(r['candidate_id'])}'>"
+            if attention is not None:
+                img = attention.image_html(qid, r["candidate_id"], uri, thumbs.size, img)
+            cells.append(f"<div class='cand{' true' if true else ''}'>{img}<div class=lab>{_e(label)}</div>"
                          f"<div class=score>P={r['score']:.3f} · cos={r['recall_score']:.3f}</div></div>")
         where = (f"true image at rank {true_ranks[0]}" if true_ranks else
                  f"true image not in this query's {len(rows)} retrieved candidates")
-        out.append(f"<div class=query><div class=qtext>{_e(texts.get(qid, '(text not found)'))}</div>"
+        text = texts.get(qid)
+        shown = _e(text if text is not None else "(text not found)")
+        if attention is not None and text is not None:
+            shown = attention.text_html(qid, text)
+        out.append(f"<div class=query><div class=qtext>{shown}</div>"
                    f"<div class=qid>product {_e(qid)} · {where}</div><div class=row>{''.join(cells)}</div></div>")
     return "".join(out) or "<p>No text queries in the table.</p>"
 
@@ -329,6 +339,8 @@ class ReportConfig:
     top: int = TOP
     thumb_size: int = 112
     seed: int = 0
+    model: str | None = None  # a model folder: heatmaps of where the text queries' words look in their top images
+    method: str = "rollout"
 
 
 def config_from_args(args: argparse.Namespace) -> ReportConfig:
@@ -349,6 +361,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top", type=int, default=d.top, help="candidates shown per query (default %(default)s)")
     parser.add_argument("--thumb-size", type=int, default=d.thumb_size, help="thumbnail size in pixels (default 112)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the sample queries (default 0)")
+    parser.add_argument("--model", metavar="DIR", default=d.model,
+                        help="model folder (OUT/model of `fashionbert train`, the one that ranked the retrieval): "
+                             "each text query's shown images get a heatmap of where its words look, and its most "
+                             "image-attending words are marked (see `fashionbert explain`)")
+    parser.add_argument("--method", choices=("rollout", "last"), default=d.method,
+                        help="with --model: attention rollout through every layer, or the last layer's attention (see "
+                             "`fashionbert explain --help`) (default %(default)s)")
     parser.add_argument("--out", required=True, metavar="FILE", help="HTML file to write (replaced atomically)")
 
 
@@ -393,6 +412,11 @@ def run(config: ReportConfig) -> dict:
     thumbs = Thumbnails(sources, config.thumb_size)
     t2i = read_queries(storage.join(retrieval, TEXT_TO_IMAGE), config.queries, config.seed)
     i2t = read_queries(storage.join(retrieval, IMAGE_TO_TEXT), config.queries, config.seed)
+    attention = None
+    if config.model:
+        from fashionbert.evaluation.report_attention import ReportAttention
+
+        attention = ReportAttention(config.model, features, t2i, config.top, config.method)
     model = run_info.get("model", {})
     generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = [
@@ -406,7 +430,8 @@ def run(config: ReportConfig) -> dict:
         f"<h2>Text → image: sample queries, top {config.top}</h2>",
         f"<p class=meta>P = the ranking score P(aligned) (the rank order: {_e(run_info.get('ranking_score', 'TIA head'))}); "
         "cos = recall-stage cosine. Green: the query product's own image.</p>",
-        t2i_html(t2i, texts, thumbs, image_product, config.top),
+        attention_legend(attention),
+        t2i_html(t2i, texts, thumbs, image_product, config.top, attention),
         f"<h2>Image → text: sample queries, top {config.top}</h2>",
         i2t_html(i2t, texts, thumbs, image_product, config.top),
     ]
@@ -414,7 +439,16 @@ def run(config: ReportConfig) -> dict:
         body.insert(2, f"<p class=note>{thumbs.missing} image(s) could not be read from their catalog source here and "
                        f"show a placeholder.</p>")
     page = ("<!DOCTYPE html><html lang=en><head><meta charset='utf-8'><title>FashionBERT report</title>"
-            f"<style>{STYLE}</style><script>{CHECK_SCRIPT}</script></head><body>{''.join(body)}</body></html>")
+            f"<style>{STYLE}{heatmaps.STYLE if attention else ''}</style><script>{CHECK_SCRIPT}"
+            f"{heatmaps.CHECK_SCRIPT if attention else ''}</script></head><body>{''.join(body)}</body></html>")
     storage.write_text(out, page)
     return {"out": out, "text_queries": len(t2i), "image_queries": len(i2t), "images": len(thumbs.cache),
-            "placeholders": thumbs.missing, "bytes": len(page.encode("utf-8"))}
+            "placeholders": thumbs.missing, "heatmaps": len(attention.maps) if attention else 0,
+            "bytes": len(page.encode("utf-8"))}
+
+
+def attention_legend(attention) -> str:
+    if attention is None:
+        return ("<p class=meta>Heatmaps of where each query's words look in its top images: run `fashionbert report` "
+                "with --model DIR (the model folder that ranked them).</p>")
+    return attention.legend()

@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from fashionbert.data import storage
-from fashionbert.data.feature_catalog import IndexedImages, open_catalog
+from fashionbert.data.feature_catalog import Catalog, IndexedImages, open_catalog
 from fashionbert.data.model_store import load_model
 from fashionbert.errors import UserError
+from fashionbert.model.loading import LoadedModel
 from fashionbert.rank.cross_encoder import (BatchingOptions, CrossEncoderScorer, PairScorer, add_batching_arguments,
                                             probability)
 from fashionbert.runtime import RuntimeOptions, add_runtime_arguments, resolve_runtime, stage_config
@@ -45,15 +46,21 @@ def config_from_args(args: argparse.Namespace) -> ScorePairsConfig:
     return stage_config(ScorePairsConfig, args)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = ScorePairsConfig()
+def add_pair_inputs(parser: argparse.ArgumentParser, pairs_note: str = "") -> argparse._ArgumentGroup:
+    """--features, --model and --pairs, in an "inputs and outputs" group (returned): the inputs of a stage that reads a
+    pairs file (score-pairs, explain)."""
     g = parser.add_argument_group("inputs and outputs")
     g.add_argument("--features", action="append", required=True, metavar="DIR",
                    help="featurize output folder(s) holding the texts and images the pairs name")
     g.add_argument("--model", required=True, metavar="DIR", help="model folder: OUT/model of `fashionbert train`")
     g.add_argument("--pairs", required=True, metavar="FILE",
-                   help="Parquet (.parquet/.pq) or CSV (.csv) file with columns product_id and image_id; other "
-                        "columns are carried to the output unchanged")
+                   help="Parquet (.parquet/.pq) or CSV (.csv) file with columns product_id and image_id" + pairs_note)
+    return g
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = ScorePairsConfig()
+    g = add_pair_inputs(parser, "; other columns are carried to the output unchanged")
     g.add_argument("--out", required=True, metavar="FILE",
                    help="scored pairs, .parquet or .csv: the input rows in input order plus a float32 'score' column "
                         "(replaced atomically if it exists)")
@@ -116,20 +123,24 @@ def _write(table, path: str, fmt: str) -> None:
     storage.write_file(path, lambda fh: pq.write_table(table, fh) if fmt == "parquet" else pcsv.write_csv(table, fh))
 
 
-def run(config: ScorePairsConfig) -> dict:
-    import pyarrow as pa
+@dataclasses.dataclass
+class ResolvedPairs:
+    """A pairs table's rows resolved against a feature catalog."""
 
-    from schemas import PAIR_REJECTS
+    keep: list[int]  # the input rows whose ids are known, in input order
+    pairs: np.ndarray  # (len(keep), 2) int64: (text index, image index) of each kept row
+    rejects: dict[str, list]  # the other rows, as schemas.PAIR_REJECTS columns
 
-    t_start = time.time()
-    out_fmt = _format(config.out, "--out")
-    out = storage.check_out_file(config.out, "--out")
-    rejects_path = storage.check_out_file(config.rejects or os.path.splitext(out)[0] + ".rejects.parquet", "--rejects")
-    table = read_pairs(config.pairs)
-    rt = resolve_runtime(config.device, config.precision, config.num_threads)
-    loaded = load_model(config.model, rt)
-    catalog = open_catalog(config.features, loaded)
+    def reject_reasons(self) -> dict[str, int]:
+        reasons: dict[str, int] = {}
+        for r in self.rejects["reason"]:
+            reasons[r] = reasons.get(r, 0) + 1
+        return reasons
 
+
+def resolve_pairs(table, catalog: Catalog) -> ResolvedPairs:
+    """Each row's product_id and image_id -> the catalog's text and image index; a row with a missing or unknown id
+    goes to the rejects with its reason."""
     product_ids, image_ids = _ids(table, "product_id"), _ids(table, "image_id")
     text_of = catalog.texts.index
     image_of = {iid: i for i, iid in enumerate(catalog.index.image_ids)}
@@ -150,24 +161,67 @@ def run(config: ScorePairsConfig) -> dict:
             continue
         keep.append(row)
         pairs.append((text_of[pid], image_of[iid]))
+    return ResolvedPairs(keep, np.asarray(pairs, dtype=np.int64).reshape(-1, 2), rejects)
 
-    scorer = CrossEncoderScorer(loaded.model, rt, config.batch_tokens, config.block_images, progress=config.progress)
-    pair_array = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-    # Repeated pairs (the same pair listed twice) are scored once.
-    unique, inverse = np.unique(pair_array, axis=0, return_inverse=True)
+
+def write_rejects(rejects: dict[str, list], path: str) -> None:
+    import pyarrow as pa
+
+    from schemas import PAIR_REJECTS
+
+    _write(pa.Table.from_pydict(rejects, schema=PAIR_REJECTS), path, "parquet")
+
+
+def ranking_scores(scorer: CrossEncoderScorer, loaded: LoadedModel, catalog: Catalog, pairs: np.ndarray) -> np.ndarray:
+    """The ranking score P(aligned), float32, of (text index, image index) pairs; a pair listed twice is scored once."""
+    unique, inverse = np.unique(pairs, axis=0, return_inverse=True)
     logits = PairScorer(scorer, loaded.fusion).score(catalog.text_ids, IndexedImages(catalog.index, catalog.reader),
                                                      unique).logit
-    scores = probability(logits[inverse.reshape(-1)]) if len(pair_array) else np.zeros(0, dtype=np.float32)
+    return probability(logits[inverse.reshape(-1)]) if len(pairs) else np.zeros(0, dtype=np.float32)
 
-    scored = table.take(pa.array(keep, pa.int64())).append_column(pa.field(SCORE, pa.float32()), pa.array(scores, pa.float32()))
+
+@dataclasses.dataclass
+class ScoredPairs:
+    table: object  # the pairs file as read (pyarrow.Table)
+    loaded: LoadedModel
+    catalog: Catalog
+    resolved: ResolvedPairs
+    scorer: CrossEncoderScorer
+    scores: np.ndarray  # float32 P(aligned) of each kept row (resolved.keep)
+
+
+def score_pairs_file(config) -> ScoredPairs:
+    """A stage config's pairs file (`pairs`) read, its model (`model`) loaded on its runtime, its features (`features`)
+    opened, the rows resolved and the known ones scored (the config's batching options)."""
+    table = read_pairs(config.pairs)
+    rt = resolve_runtime(config.device, config.precision, config.num_threads)
+    loaded = load_model(config.model, rt)
+    catalog = open_catalog(config.features, loaded)
+    resolved = resolve_pairs(table, catalog)
+    scorer = CrossEncoderScorer(loaded.model, rt, config.batch_tokens, config.block_images, progress=config.progress)
+    scores = ranking_scores(scorer, loaded, catalog, resolved.pairs)
+    return ScoredPairs(table, loaded, catalog, resolved, scorer, scores)
+
+
+def run(config: ScorePairsConfig) -> dict:
+    import pyarrow as pa
+
+    t_start = time.time()
+    out_fmt = _format(config.out, "--out")
+    out = storage.check_out_file(config.out, "--out")
+    rejects_path = storage.check_out_file(config.rejects or os.path.splitext(out)[0] + ".rejects.parquet", "--rejects")
+    scored_pairs = score_pairs_file(config)
+    table, resolved, scores = scored_pairs.table, scored_pairs.resolved, scored_pairs.scores
+    loaded, rt = scored_pairs.loaded, scored_pairs.scorer.runtime
+    scored = table.take(pa.array(resolved.keep, pa.int64())).append_column(pa.field(SCORE, pa.float32()),
+                                                                            pa.array(scores, pa.float32()))
     _write(scored, out, out_fmt)
-    _write(pa.Table.from_pydict(rejects, schema=PAIR_REJECTS), rejects_path, "parquet")
-    reasons: dict[str, int] = {}
-    for r in rejects["reason"]:
-        reasons[r] = reasons.get(r, 0) + 1
+    write_rejects(resolved.rejects, rejects_path)
     return {
-        "pairs": table.num_rows, "scored": len(keep), "rejected": len(rejects["row"]), "reject_reasons": reasons,
-        "distinct_pairs_scored": int(len(unique)), "out": out, "rejects": rejects_path, "model_version": loaded.version,
+        "pairs": table.num_rows, "scored": len(resolved.keep), "rejected": len(resolved.rejects["row"]),
+        "reject_reasons": resolved.reject_reasons(),
+        "distinct_pairs_scored": int(len(np.unique(resolved.pairs, axis=0))),
+        "out": out, "rejects": rejects_path, "model_version": loaded.version,
         "ranking_score": loaded.fusion.describe(), "device": str(rt.device),
         "precision": rt.precision, "seconds": round(time.time() - t_start, 3),
     }
