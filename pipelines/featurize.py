@@ -38,13 +38,12 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 import schemas
-from fashionbert.data import publish
+from fashionbert.data import publish, storage
 from fashionbert.data.features import DEAD_IMAGE_ROWS
 from fashionbert.errors import UserError
 from fashionbert.model.patch_cnn import FEATURE_DIM
 
 from . import images as img
-from . import storage
 from . import texts as txt
 from .catalog import CatalogInfo, ReadCatalog, inspect_catalog
 from .config import FeaturizeConfig

@@ -17,7 +17,8 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from . import storage
+from fashionbert.data import storage
+
 from .catalog import CatalogRow
 from .config import FeaturizeConfig
 from .decode import decode_array, decode_image, fit_square

@@ -25,9 +25,11 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, Predi
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils import shared
 
+from fashionbert.data import storage
 from fashionbert.data.feature_catalog import Catalog, IndexedImages, open_catalog
 from fashionbert.errors import UserError
-from fashionbert.model.loading import LoadedModel, load_model
+from fashionbert.data.model_store import load_model
+from fashionbert.model.loading import LoadedModel
 from fashionbert.rank.cross_encoder import CrossEncoderScorer, PairScorer
 from fashionbert.rank.embeddings import DualEncoder, embed_items
 from fashionbert.runtime import Runtime, resolve_runtime
@@ -39,22 +41,29 @@ T2I, I2T = 0, 1
 
 
 # ============================================================================================ options
-def check_beam_args(beam_args: Sequence[str], command: str) -> None:
-    """Options a stage does not know must be Beam's: a typo is refused here, with the closest match, instead of
-    Beam discarding it with a warning."""
+def unknown_beam_args(beam_args: Sequence[str]) -> str | None:
+    """The arguments among `beam_args` that no Beam pipeline option takes, as argparse words them ("unrecognized
+    arguments: ... (did you mean ...?)"), or None: Beam itself would only warn and drop them."""
     from apache_beam.options.pipeline_options import _BeamArgumentParser
 
     parser = _BeamArgumentParser(allow_abbrev=False)
     for cls in PipelineOptions.__subclasses__():
         cls._add_argparse_args(parser)  # noqa: SLF001 - how PipelineOptions itself collects every option
     _, unknown = parser.parse_known_args(list(beam_args))
+    if not unknown:
+        return None
     flags = [a for a in unknown if a.startswith("-")] or unknown
-    if flags:
-        known = [o for action in parser._actions for o in action.option_strings]  # noqa: SLF001
-        close = difflib.get_close_matches(flags[0].split("=", 1)[0], known, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise UserError(f"unrecognized option(s) {' '.join(unknown)}: neither a `fashionbert {command}` option nor a "
-                        f"Beam pipeline option{hint}; `fashionbert {command} --help` lists the stage's options")
+    known = [o for action in parser._actions for o in action.option_strings]  # noqa: SLF001
+    close = difflib.get_close_matches(flags[0].split("=", 1)[0], known, n=1)
+    return f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {close[0]}?)" if close else "")
+
+
+def check_beam_args(beam_args: Sequence[str], command: str) -> None:
+    """Options a stage does not know must be Beam's: a typo is refused, not dropped with Beam's warning."""
+    problem = unknown_beam_args(beam_args)
+    if problem:
+        raise UserError(f"{problem}: neither a `fashionbert {command}` option nor a Beam pipeline option; "
+                        f"`fashionbert {command} --help` lists the stage's options")
 
 
 # ============================================================================================ the model, per process
@@ -74,12 +83,10 @@ class ScoringSpec:
 
 
 def spec_for(config, run_id: str, threads: int) -> ScoringSpec:
-    """A stage config's model, features and runtime options, local paths made absolute (workers may run
-    elsewhere); `threads`: torch threads when the config leaves them to the runner."""
-    def where(path: str) -> str:
-        return path if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-    return ScoringSpec(where(config.model), tuple(where(p) for p in config.features), config.device,
+    """A stage config's model, features and runtime options, local paths made absolute and URI schemes checked
+    (workers may run elsewhere); `threads`: torch threads when the config leaves them to the runner."""
+    return ScoringSpec(storage.resolve(config.model, "--model"),
+                       tuple(storage.resolve(p, "--features") for p in config.features), config.device,
                        config.precision, config.num_threads or threads, config.batch_tokens, config.block_images,
                        run_id, f"fashionbert-scoring-{run_id}-{uuid.uuid4().hex}")
 
@@ -87,7 +94,7 @@ def spec_for(config, run_id: str, threads: int) -> ScoringSpec:
 def check_model(model: str) -> None:
     """The driver reads neither the model nor the features (workers do); a local model folder that is not there
     is still worth one clear line before the pipeline starts."""
-    if "://" not in model and not os.path.isdir(os.path.expanduser(model)):
+    if not storage.is_remote(model) and not os.path.isdir(os.path.expanduser(model)):
         raise UserError(f"--model {model}: no such folder; point it at OUT/model of `fashionbert train`")
 
 

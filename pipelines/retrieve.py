@@ -16,17 +16,16 @@ equal the single-process ones (ids and ranks; scores to float rounding of the ba
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import apache_beam as beam
 import numpy as np
 
+from fashionbert.data import storage
 from fashionbert.errors import UserError
 from fashionbert.rank import retrieve as single
 from fashionbert.rank.neighbours import NeighbourIndex, choose_kind
 
-from . import storage
 from .rerank import (I2T, T2I, Chunk, ContextDoFn, Embed, PairBlock, ScoreBlocks, ScoringSpec, check_beam_args,
                      check_model, pipeline_options, spec_for)
 
@@ -136,8 +135,7 @@ class WriteTables(ContextDoFn):
         i2t = single.retrieval_table(rank_all(i2t_parts), image_ids, product_ids, "image", cfg.top_k, ctx.version,
                                      run_id)
         for table, name in ((t2i, single.TEXT_TO_IMAGE), (i2t, single.IMAGE_TO_TEXT)):
-            with storage.create(storage.join(self.staging, name)) as fh:
-                single.write_table(table, fh)
+            single.write_table(table, storage.join(self.staging, name))
         index_used = choose_kind(len(image_ids), cfg.index, cfg.exact_max)
         facts = single.run_facts(ctx.loaded, ctx.catalog, ctx.runtime, ctx.dual, index_used, t2i.num_rows,
                                  i2t.num_rows, pairs)
@@ -175,7 +173,7 @@ def run(config: single.RetrieveConfig, beam_args: list[str], chunk: int = CHUNK)
         raise UserError("--score-cache and --save-scores work in the single-process retrieve only (run it without "
                         "Beam options); with a Beam runner every pair is scored")
     check_model(config.model)
-    out = config.out if storage.is_remote(config.out) else os.path.abspath(os.path.expanduser(config.out))
+    out = storage.resolve(config.out, "--out")
     storage.check_target(out, config.overwrite)
     options, threads = pipeline_options(beam_args)
     spec = spec_for(config, run_id, threads)

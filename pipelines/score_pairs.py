@@ -6,22 +6,23 @@
       their input rows; unknown ids on the side --Reshuffle--> RunInference(KeyedModelHandler(CrossEncoderHandler))
       --> scores by input row --Write (one worker: input order, every input column + score; the rejects)
 
-The output and the rejects file are written under temporary names beside their targets; the driver renames them
-into place. Same rows, order, columns and rejects as the single-process stage; scores to float rounding.
+The writing worker writes the output and the rejects file atomically (a temporary name renamed into place; on an
+object store, one object write each), as the single-process stage does. Same rows, order, columns and rejects as the
+single-process stage; scores to float rounding.
 """
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import apache_beam as beam
 import numpy as np
 
+from fashionbert.data import storage
+from fashionbert.data.publish import new_run_id
 from fashionbert.rank import score_pairs as single
 from fashionbert.rank.cross_encoder import probability
 
-from . import storage
 from .rerank import (ContextDoFn, PairBlock, ScoreBlocks, ScoringSpec, check_beam_args, check_model, pipeline_options,
                      spec_for)
 
@@ -53,8 +54,8 @@ def scores_by_row(element) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 class Write(ContextDoFn):
-    """One worker: the scored rows in input order with every input column -> OUT's temporary file; the rejects ->
-    theirs; what the summary needs -> a handoff file for the driver."""
+    """One worker: the scored rows in input order with every input column -> --out, the rejects -> --rejects (each
+    written atomically, as the single-process stage writes them); the summary -> a handoff file for the driver."""
 
     def __init__(self, spec: ScoringSpec, pairs: str, outputs: single.Outputs, t_start: float):
         super().__init__(spec)
@@ -65,24 +66,15 @@ class Write(ContextDoFn):
         rows = np.concatenate([r for r, _, _ in scored] or [np.zeros(0, np.int64)])
         scores = np.concatenate([s for _, s, _ in scored] or [np.zeros(0, np.float32)])
         order = np.argsort(rows, kind="stable")
-        with storage.create(temporary(self.outputs.out, self.spec.run_id)) as fh:
-            single.write_file(single.scored_table(table, rows[order].tolist(), scores[order]), fh, self.outputs.fmt)
-        with storage.create(temporary(self.outputs.rejects, self.spec.run_id)) as fh:
-            single.write_file(single.rejects_table(rejects), fh, "parquet")
-        resolved = single.Resolved(rows[order].tolist(), np.zeros((0, 2), np.int64), rejects)
-        ctx = self.ctx
-        summary = single.summary(table.num_rows, resolved, sum(n for _, _, n in scored), self.outputs,
-                                 ctx.version, ctx.loaded.fusion.describe(), str(ctx.runtime.device),
-                                 ctx.runtime.precision, self.t_start)
+        resolved = single.ResolvedPairs(rows[order].tolist(), np.zeros((0, 2), np.int64), rejects)
+        single.write_outputs(table, resolved, scores[order], self.outputs)
+        summary = single.summary(table.num_rows, resolved, sum(n for _, _, n in scored), self.outputs, self.ctx.loaded,
+                                 self.ctx.runtime, self.t_start)
         storage.write_text(handoff(self.outputs.out, self.spec.run_id), json.dumps(summary))
 
 
-def temporary(path: str, run_id: str) -> str:
-    return f"{path}.tmp-{run_id}"
-
-
 def handoff(out: str, run_id: str) -> str:
-    return f"{out}.tmp-{run_id}.json"
+    return f"{out}.summary-{run_id}.json"
 
 
 def build_pipeline(p: beam.Pipeline, spec: ScoringSpec, pairs: str, outputs: single.Outputs, t_start: float) -> None:
@@ -103,17 +95,12 @@ def run(config: single.ScorePairsConfig, beam_args: list[str]) -> dict:
     check_beam_args(beam_args, "score-pairs")
     outputs = single.check_outputs(config)
     check_model(config.model)
-    pairs = config.pairs if "://" in config.pairs else os.path.abspath(os.path.expanduser(config.pairs))
+    pairs = storage.resolve(config.pairs, "--pairs")
     single.check_pairs(pairs)
     options, threads = pipeline_options(beam_args)
-    from fashionbert.data.publish import new_run_id
-
     spec = spec_for(config, new_run_id(), threads)
     with beam.Pipeline(options=options) as p:
         build_pipeline(p, spec, pairs, outputs, t_start)
-    with storage.open_read(handoff(outputs.out, spec.run_id)) as fh:
-        summary = json.loads(fh.read())
+    summary = json.loads(storage.read_text(handoff(outputs.out, spec.run_id)))
     storage.delete(handoff(outputs.out, spec.run_id))
-    for path in (outputs.out, outputs.rejects):
-        storage.rename(temporary(path, spec.run_id), path)
     return summary | {"seconds": round(time.time() - t_start, 3), "beam_options": list(beam_args)}

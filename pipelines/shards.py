@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
+from fashionbert.data import storage
 
 
 class Sharded(typing.NamedTuple):

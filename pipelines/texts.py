@@ -7,7 +7,8 @@ import hashlib
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from . import storage
+from fashionbert.data import storage
+
 from .catalog import CatalogRow
 from .config import FeaturizeConfig
 from .shards import Sharded

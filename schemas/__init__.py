@@ -116,6 +116,26 @@ PAIR_REJECTS = _with_meta(
     ],
 )
 
+# `fashionbert explain`'s token -> patch attention maps (fashionbert/model/attention.py says what they are): one row per
+# explained pair. Patch lists are grid x grid values, row-major from the top-left patch; token lists are parallel.
+ATTENTION = _with_meta(
+    "attention",
+    [
+        pa.field("row", pa.int64(), nullable=False),  # 0-based row of the input pairs file
+        pa.field("product_id", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),  # P(aligned), the ranking score (as score-pairs gives it)
+        pa.field("tia_margin", pa.float32(), nullable=False),  # the TIA logit margin of the pass the maps come from
+        pa.field("method", pa.string(), nullable=False),  # "last" (last layer) or "rollout"
+        pa.field("picture", pa.string(), nullable=False),  # the PNG, relative to the output folder
+        pa.field("patch_map", pa.list_(pa.float32()), nullable=False),  # sums to 1
+        pa.field("tokens", pa.list_(pa.string()), nullable=False),  # the text's word tokens (WordPiece)
+        pa.field("token_image_mass", pa.list_(pa.float32()), nullable=False),  # per token: its attention's share on
+        # the patches
+        pa.field("token_patch_maps", pa.list_(pa.list_(pa.float32())), nullable=False),  # per token, sums to 1
+    ],
+)
+
 # What retrieve and evaluate computed, for the next run of the same model (fashionbert/rank/score_cache.py): one row
 # per pair (kind "pair": text_hash, image_hash, margin) and per embedding (kind "text": text_hash, vector; kind
 # "image": image_hash, vector). Hashes are the featurize shards' content_hash. The metadata adds META_MODEL_VERSION
@@ -151,6 +171,8 @@ def expected_for(schema: pa.Schema) -> pa.Schema:
         return PAIR_REJECTS
     if name == "score_cache":
         return SCORE_CACHE
+    if name == "attention":
+        return ATTENTION
     if name == "dead_image_rows":
         return DEAD_IMAGE_ROWS
     if name == "images":

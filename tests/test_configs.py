@@ -23,6 +23,7 @@ STAGES = {
     "evaluate": ("fashionbert.evaluation.evaluate", {"features": ["F"], "model": "M", "out": "O"}),
     "retrieve": ("fashionbert.rank.retrieve", {"features": ["F"], "model": "M", "out": "O"}),
     "report": ("fashionbert.evaluation.report", {"retrieval": "R", "out": "O"}),
+    "explain": ("fashionbert.evaluation.explain", {"features": ["F"], "model": "M", "pairs": "P", "out": "O"}),
     "demo": ("fashionbert.commands.demo", {}),
 }
 

@@ -456,7 +456,9 @@ def test_scoring_modules_import_neither_beam_nor_faiss():
     assert_import_neither_beam_nor_faiss("fashionbert.rank.cross_encoder", "fashionbert.model.contrastive", "fashionbert.rank.embeddings", "fashionbert.model.loading", "fashionbert.data.feature_catalog", "fashionbert.runtime", "fashionbert.rank.score_pairs",
                                          "fashionbert.evaluation.evaluate", "fashionbert.rank.retrieve", "fashionbert.evaluation.report",
                                          "fashionbert.rank.neighbours", "fashionbert.evaluation.fit_fusion", "fashionbert.model.score_fusion",
-                                         "fashionbert.rank.score_cache")
+                                         "fashionbert.rank.score_cache", "fashionbert.model.attention",
+                                         "fashionbert.evaluation.explain", "fashionbert.evaluation.report_attention",
+                                         "fashionbert.evaluation.heatmaps")
 
 
 def test_help_explains_the_options():

@@ -37,6 +37,8 @@ STAGES = {
                  "two-stage retrieval tables: text_to_image.parquet, image_to_text.parquet (Beam with --runner)"),
     "report": ("fashionbert.evaluation.report", "fashionbert.evaluation.report",
                "static HTML page: sample queries with their top images, metrics, training curves"),
+    "explain": ("fashionbert.evaluation.explain", "fashionbert.evaluation.explain",
+                "token -> patch attention maps of given pairs: pictures, an HTML page and attention.parquet"),
 }
 # fashionbert/commands/nightly.py parses these itself.
 NIGHTLY = {
@@ -131,6 +133,8 @@ def _counts(command: str, result: dict) -> str:
         return f"{get('pairs')} pairs: {get('scored')} scored, {get('rejected')} rejected"
     if command == "report":
         return f"{get('text_queries')} text queries, {get('image_queries')} image queries -> {get('out')}"
+    if command == "explain":
+        return f"{get('pairs')} pairs: {get('explained')} explained, {get('rejected')} rejected -> {get('out')}"
     if command == "fuse":
         return f"{get('ranking_score')}"
     return ""
@@ -142,7 +146,7 @@ def _run_stage(command: str, args: argparse.Namespace, beam_args: list[str]) -> 
     options = importlib.import_module(STAGES[command][0])
     config = options.config_from_args(args)
     beam = command == "featurize" or bool(beam_args)
-    runner = _beam_module(command, beam_args) if beam else importlib.import_module(STAGES[command][1])
+    runner = importlib.import_module(BEAM_STAGES[command] if beam else STAGES[command][1])
     stage_log = logging.getLogger(runner.__name__)
     stage_log.info(_start_line(command, config))
     t_start = time.time()
@@ -151,14 +155,15 @@ def _run_stage(command: str, args: argparse.Namespace, beam_args: list[str]) -> 
     _print_result(command, config, result)
 
 
-def _beam_module(command: str, beam_args: list[str]):
+def _not_beam_options(extra: list[str]) -> str | None:
+    """Why `extra` (what the stage's parser did not know) are not all Beam options, or None."""
     try:
-        return importlib.import_module(BEAM_STAGES[command])
+        from pipelines.rerank import unknown_beam_args
     except ModuleNotFoundError as exc:
-        if exc.name != "apache_beam" and not (exc.name or "").startswith("apache_beam."):
+        if not (exc.name or "").startswith("apache_beam"):
             raise
-        raise UserError(f"unrecognized option(s) {' '.join(beam_args)}: not a `fashionbert {command}` option, and Beam "
-                        f"(whose options the others are) is not installed here") from None
+        return f"unrecognized arguments: {' '.join(extra)} (Beam, whose options a stage passes on, is not installed)"
+    return unknown_beam_args(extra)
 
 
 # ============================================================================================ parsers
@@ -217,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = stage_parser(command)
     # The Beam stages take options they do not know: Beam's.
     stage_args, extra = parser.parse_known_args(rest) if command in BEAM_STAGES else (parser.parse_args(rest), [])
+    if extra and command != "featurize":
+        problem = _not_beam_options(extra)
+        if problem:
+            parser.error(problem)  # the stage's usage and the words argparse uses, exit status 2
     from schemas import SchemaError
 
     try:

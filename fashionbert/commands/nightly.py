@@ -46,7 +46,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING
 
-from fashionbert.data import publish
+from fashionbert.data import publish, storage
 from fashionbert.errors import EXIT_HELD, EXIT_STAGE_FAILED, Busy, UserError
 
 if TYPE_CHECKING:  # the stages import torch and Beam, so nightly imports them when they run
@@ -194,7 +194,7 @@ def _read_summary(run_dir: str) -> dict:
 
 # ============================================================================================ model choice
 def _is_model(folder: str) -> bool:
-    return os.path.isfile(os.path.join(folder, "config.json"))
+    return storage.exists(storage.join(folder, "config.json"))
 
 
 def resolve_model(config: NightlyConfig, latest: str | None) -> dict:
@@ -202,8 +202,8 @@ def resolve_model(config: NightlyConfig, latest: str | None) -> dict:
     if config.train is not None:
         return {"source": "--train", "path": None}
     if config.model:
-        path = os.path.realpath(os.path.expanduser(config.model))
-        if not _is_model(path):
+        path = config.model if storage.is_remote(config.model) else os.path.realpath(os.path.expanduser(config.model))
+        if not _is_model(storage.resolve(path, "--model")):
             raise UserError(f"--model {config.model}: no config.json there; point it at OUT/model of `fashionbert "
                             f"train`, or pass --train")
         return {"source": "--model", "path": path}

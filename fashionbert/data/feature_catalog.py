@@ -21,10 +21,10 @@ def check_compatible(loaded: LoadedModel, grid: int, feature_dim: int, texts: Te
     cfg = loaded.config
     if (cfg.grid, cfg.feature_dim) != (grid, feature_dim):
         if cfg.grid == grid and cfg.feature_dim + COLOUR_DIM == feature_dim:
-            raise UserError(f"--model {loaded.folder} was trained on {cfg.feature_dim}-d patch features, from before "
+            raise UserError(f"--model {loaded.where} was trained on {cfg.feature_dim}-d patch features, from before "
                             f"featurize added {COLOUR_DIM} colour statistics per patch ({feature_dim}-d in --features "
                             f"{where}); train a model on these features (fashionbert train, or nightly --train)")
-        raise UserError(f"--model {loaded.folder} expects a {cfg.grid}x{cfg.grid} grid of {cfg.feature_dim}-d patch "
+        raise UserError(f"--model {loaded.where} expects a {cfg.grid}x{cfg.grid} grid of {cfg.feature_dim}-d patch "
                         f"features, but --features {where} has {grid}x{grid} x {feature_dim}; featurize with the "
                         f"model's --grid/--cnn or use a model trained on these features")
     if texts.max_token_id() >= cfg.vocab_size:

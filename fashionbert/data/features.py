@@ -9,6 +9,9 @@ An incremental featurize run hard-links the previous run's image files into its 
 their rows; `_dead_image_rows.parquet` then lists the rows of those files that are no longer live (deleted,
 changed or re-owned images). Every reader here skips them, so such a folder reads exactly like one whose live
 rows were copied: the same image ids, product ids and features, indexed in image_id order.
+
+A folder is a local path or a URI (gs://, s3://, ...): shards are listed and opened through `storage`, and pyarrow
+reads the row groups it needs from the open files, so a remote folder is never copied whole.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fashionbert.data import storage
 from fashionbert.errors import UserError
 from schemas import META_FEATURE_DIM, META_GRID, SchemaError, read_schema, read_table
 
@@ -34,9 +38,9 @@ READ_BATCH_ROWS = 256
 
 @dataclasses.dataclass
 class FeatureFolder:
-    path: Path
-    image_shards: list[Path]
-    text_shards: list[Path]
+    path: str  # a local path or a URI
+    image_shards: list[str]
+    text_shards: list[str]
     grid: int
     feature_dim: int
     options: dict
@@ -46,9 +50,14 @@ class FeatureFolder:
     def num_patches(self) -> int:
         return self.grid * self.grid
 
-    def live_mask(self, shard: Path, num_rows: int) -> np.ndarray | None:
+    @property
+    def location(self) -> str:
+        """The folder for run summaries: the URI, or the absolute local path."""
+        return self.path if storage.is_remote(self.path) else str(Path(self.path).resolve())
+
+    def live_mask(self, shard: str, num_rows: int) -> np.ndarray | None:
         """Which rows of one of the folder's image files are live; None when all are."""
-        dead = self.dead_rows.get(Path(shard).name)
+        dead = self.dead_rows.get(storage.basename(shard))
         if dead is None or not len(dead):
             return None
         mask = np.ones(num_rows, dtype=bool)
@@ -70,41 +79,48 @@ def read_dead_rows(source, where: str | None = None) -> dict[str, np.ndarray]:
     return {name: np.sort(rows[bounds[k]:bounds[k + 1]]) for k, name in enumerate(files.dictionary.to_pylist())}
 
 
-def _fix(path: Path) -> str:
+def _fix(path: str) -> str:
     return f"run `fashionbert featurize --catalog SRC --out {path}` to completion, or point --features at a finished featurize output folder"
 
 
 def open_feature_folder(path: str | os.PathLike) -> FeatureFolder:
-    """Validate one featurize output folder; every problem is a UserError naming the folder and the fix."""
-    path = Path(path).expanduser()
-    if not path.is_dir():
+    """Validate one featurize output folder (a local path or a URI); every problem is a UserError naming the folder
+    and the fix."""
+    path = str(path).rstrip("/") if storage.is_remote(path) else str(Path(path).expanduser())
+    storage.resolve(path, "--features")
+    if not storage.is_folder(path):
         raise UserError(f"--features {path}: no such folder; {_fix(path)}")
-    if not (path / SUCCESS).is_file():
+    if not storage.is_complete(path):
         raise UserError(f"--features {path}: no {SUCCESS} marker, so featurize did not finish writing it; {_fix(path)}")
-    images = sorted(path.glob("images-*.parquet"))
-    texts = sorted(path.glob("texts-*.parquet"))
+    images = storage.glob(path, "images-*.parquet")
+    texts = storage.glob(path, "texts-*.parquet")
     if not images or not texts:
         missing = "images-*.parquet" if not images else "texts-*.parquet"
         raise UserError(f"--features {path}: has {SUCCESS} but no {missing} shards; {_fix(path)}")
     options: dict = {}
-    run_json = path / RUN_JSON
-    if run_json.is_file():
+    run_json = storage.join(path, RUN_JSON)
+    if storage.exists(run_json):
         try:
-            options = dict(json.loads(run_json.read_text()).get("options") or {})
+            options = dict(json.loads(storage.read_text(run_json)).get("options") or {})
         except (json.JSONDecodeError, AttributeError) as exc:
             raise UserError(f"--features {path}: {RUN_JSON} is not valid JSON ({exc}); {_fix(path)}") from exc
     shapes = set()
+    dead_file = storage.join(path, DEAD_IMAGE_ROWS)
     try:
         for shard in images:
-            read_schema(str(shard), "images")
-            meta = pq.read_schema(str(shard)).metadata
+            with storage.arrow_input(shard) as source:
+                meta = read_schema(source, "images", where=shard).metadata
             shapes.add((int(meta[META_GRID]), int(meta[META_FEATURE_DIM])))
         for shard in texts:
-            read_schema(str(shard), "texts")
-        dead_rows = read_dead_rows(str(path / DEAD_IMAGE_ROWS)) if (path / DEAD_IMAGE_ROWS).is_file() else {}
+            with storage.arrow_input(shard) as source:
+                read_schema(source, "texts", where=shard)
+        dead_rows = {}
+        if storage.exists(dead_file):
+            with storage.arrow_input(dead_file) as source:
+                dead_rows = read_dead_rows(source, where=dead_file)
     except SchemaError as exc:
         raise UserError(f"--features {path}: {exc}") from exc
-    unknown = sorted(set(dead_rows) - {p.name for p in images})
+    unknown = sorted(set(dead_rows) - {storage.basename(p) for p in images})
     if unknown:
         raise UserError(f"--features {path}: {DEAD_IMAGE_ROWS} names image files the folder lacks ({unknown[:3]}); "
                         f"{_fix(path)}")
@@ -167,7 +183,8 @@ def load_texts(folders: Iterable[FeatureFolder]) -> TextTable:
     for folder in folders:
         for shard in folder.text_shards:
             try:
-                table = read_table(str(shard), "texts", columns=cols)
+                with storage.arrow_input(shard) as source:
+                    table = read_table(source, "texts", columns=cols, where=shard)
             except SchemaError as exc:
                 raise UserError(f"--features {folder.path}: {exc}") from exc
             d = table.to_pydict()
@@ -213,7 +230,7 @@ def validation_mask(group_ids: Sequence[str], fraction: float, seed: int = 0) ->
 class ImageIndex:
     """One entry per image row with a product text: where it lives and whose it is; no features."""
 
-    shards: list[Path]
+    shards: list[str]
     shard: np.ndarray  # int32, index into shards
     row_group: np.ndarray  # int32
     row: np.ndarray  # int64, row within the row group
@@ -232,22 +249,24 @@ def _live_image_rows(folder: FeatureFolder, first_shard: int) -> list[tuple[str,
     featurize run writes them, also when some of the folder's files were linked from an earlier run."""
     rows = []
     for s, path in enumerate(folder.image_shards, start=first_shard):
-        pf = pq.ParquetFile(str(path))
-        live = folder.live_mask(path, pf.metadata.num_rows)
-        start = 0
-        for rg in range(pf.num_row_groups):
-            t = pf.read_row_group(rg, columns=["image_id", "product_id", "content_hash"])
-            for r, (iid, pid, chash) in enumerate(zip(t.column("image_id").to_pylist(), t.column("product_id").to_pylist(),
-                                                      t.column("content_hash").to_pylist())):
-                if live is None or live[start + r]:
-                    rows.append((iid, pid, chash, s, rg, r))
-            start += t.num_rows
+        with storage.arrow_input(path) as source:
+            pf = pq.ParquetFile(source)
+            live = folder.live_mask(path, pf.metadata.num_rows)
+            start = 0
+            for rg in range(pf.num_row_groups):
+                t = pf.read_row_group(rg, columns=["image_id", "product_id", "content_hash"])
+                for r, (iid, pid, chash) in enumerate(zip(t.column("image_id").to_pylist(),
+                                                          t.column("product_id").to_pylist(),
+                                                          t.column("content_hash").to_pylist())):
+                    if live is None or live[start + r]:
+                        rows.append((iid, pid, chash, s, rg, r))
+                start += t.num_rows
     rows.sort(key=lambda x: x[0])  # stable: of two rows with one id, the first in file order stays first
     return rows
 
 
 def index_images(folders: Iterable[FeatureFolder], texts: TextTable) -> ImageIndex:
-    shards: list[Path] = []
+    shards: list[str] = []
     shard_col, rg_col, row_col, prod_col, image_ids, hashes = [], [], [], [], [], []
     seen: set[str] = set()
     no_text = dup = 0
@@ -293,8 +312,9 @@ def features_to_numpy(column: pa.Array, num_patches: int, feature_dim: int) -> n
 class FeatureReader:
     """Reads patch features of chosen rows, one record batch at a time (memory: the rows asked for + one batch)."""
 
-    def __init__(self, shards: Sequence[Path], num_patches: int, feature_dim: int, batch_rows: int = READ_BATCH_ROWS):
-        self.shards = list(shards)
+    def __init__(self, shards: Sequence[str | os.PathLike], num_patches: int, feature_dim: int,
+                 batch_rows: int = READ_BATCH_ROWS):
+        self.shards = [str(s) for s in shards]
         self.num_patches = num_patches
         self.feature_dim = feature_dim
         self.batch_rows = batch_rows
@@ -303,7 +323,8 @@ class FeatureReader:
     def _file(self, shard: int) -> pq.ParquetFile:
         f = self._files.get(shard)
         if f is None:
-            f = self._files[shard] = pq.ParquetFile(str(self.shards[shard]))
+            # A remote shard's file stays open with its ParquetFile: each read fetches only the row groups asked for.
+            f = self._files[shard] = pq.ParquetFile(storage.arrow_source(self.shards[shard]))
         return f
 
     def iter_row_group(self, shard: int, row_group: int, columns: Sequence[str] = ("features",)) -> Iterator[tuple[int, pa.RecordBatch]]:

@@ -27,25 +27,27 @@ scores the floor, not the ceiling.
 pair margins and embeddings an earlier run of the same model computed are reused, with the same metrics as
 without; metrics.json's `score_cache` counts pairs_scored / pairs_reused and embeddings_computed /
 embeddings_reused over all three protocols, and names the files read and written.
+
+--features, --model, --out and the score-cache files may be URIs (gs://...; fashionbert/data/storage.py).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import os
 import time
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from fashionbert.data import storage
 from fashionbert.data.feature_catalog import IndexedImages, open_catalog
 from fashionbert.data.features import validation_mask
+from fashionbert.data.model_store import load_model
 from fashionbert.errors import UserError
 from fashionbert.evaluation.quick_validation import roc_auc
 from fashionbert.evaluation.sample_hundred import Draw, draw_candidates, first_image_per_product, id_hashes
-from fashionbert.model.loading import load_model, training_options
+from fashionbert.model.loading import training_options
 from fashionbert.rank.cross_encoder import (BatchingOptions, CrossEncoderScorer, PairScorer, PairScores,
                                             add_batching_arguments)
 from fashionbert.rank.neighbours import Neighbours
@@ -253,11 +255,19 @@ def held_out_products(args: SplitOptions, loaded, group_ids) -> tuple[np.ndarray
     fraction = args.val_fraction if args.val_fraction is not None else options.get("val_fraction", DEFAULT_VAL_FRACTION)
     seed = args.split_seed if args.split_seed is not None else options.get("split_seed", 0)
     info = {"kind": "validation", "val_fraction": float(fraction), "split_seed": int(seed),
-            "from": "command line" if args.val_fraction is not None else (str(source) if source else "default")}
+            "from": ("command line" if args.val_fraction is not None
+                     else _named(source, loaded) if source else "default")}
     if float(fraction) <= 0:
         raise UserError(f"--val-fraction {fraction}: the model held out no products, so there is nothing unseen to "
                         f"evaluate or fit on; pass --split all with features of products it did not train on")
     return validation_mask(group_ids, float(fraction), int(seed)), info
+
+
+def _named(source, loaded) -> str:
+    """A file of the model's training run as the user knows it: under the --model URI, not in its local copy."""
+    if not loaded.uri:
+        return str(source)
+    return storage.parent(loaded.uri) + str(source)[len(str(loaded.folder.parent)):]
 
 
 def run(args: EvaluateConfig) -> dict:
@@ -265,7 +275,7 @@ def run(args: EvaluateConfig) -> dict:
     for name in ("queries", "candidates", "draws", "recall_k"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    out = _out_path(args.out)
+    out = storage.check_out_file(args.out, "--out")
     save_to = save_path(args.save_scores, out)
     rt = resolve_runtime(args.device, args.precision, args.num_threads)
     loaded = load_model(args.model, rt)
@@ -282,8 +292,8 @@ def run(args: EvaluateConfig) -> dict:
     pair_scorer = PairScorer(scorer, loaded.fusion, cosines=loaded.has_itc_head)
     text_ids = catalog.text_ids
     metrics: dict = {
-        "model": {"path": str(loaded.folder.resolve()), "version": loaded.version, "step": loaded.step},
-        "features": [str(f.path.resolve()) for f in catalog.folders],
+        "model": {"path": loaded.location, "version": loaded.version, "step": loaded.step},
+        "features": [f.location for f in catalog.folders],
         "split": split_info,
         "device": str(rt.device), "precision": rt.precision,
         "ranking_score": loaded.fusion.describe(),
@@ -322,7 +332,7 @@ def run(args: EvaluateConfig) -> dict:
         cache.save(save_to)
     metrics["score_cache"] = cache.describe(save_to)
     metrics["seconds"] = round(time.time() - t_start, 3)
-    _write_json(out, metrics)
+    storage.write_text(out, json.dumps(metrics, indent=2, sort_keys=False) + "\n")
     return metrics
 
 
@@ -398,19 +408,3 @@ def headline(metrics: dict) -> dict:
             # .get: metrics files written before recall_only existed have no such entry
             out[f"gallery_{d}_recall_only_rank1"] = gallery.get("recall_only", {}).get(d, {}).get("rank1")
     return out
-
-
-def _out_path(path: str) -> str:
-    """Checked before any work, so a typo in --out does not cost a whole evaluation."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if not Path(path).parent.is_dir():
-        raise UserError(f"--out {path}: folder {Path(path).parent} does not exist; create it or choose another path")
-    return path
-
-
-def _write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-    os.replace(tmp, path)

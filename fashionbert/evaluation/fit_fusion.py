@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from fashionbert.data import storage
 from fashionbert.data.feature_catalog import open_catalog
 from fashionbert.errors import UserError
 from fashionbert.evaluation.evaluate import SplitOptions, add_split_arguments, held_out_products
@@ -70,6 +71,10 @@ def run(args: FuseConfig) -> dict:
     for name in ("queries", "candidates", "max_pool"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if storage.is_remote(args.model):
+        raise UserError(f"--model {args.model}: fuse writes score_fusion.json into the model folder, so it must be a "
+                        f"local folder; copy it here (e.g. `gsutil -m cp -r {args.model} DIR`), fuse DIR, then upload "
+                        f"DIR")
     rt = resolve_runtime(args.device, args.precision, args.num_threads)
     loaded = load_model(args.model, rt)
     if not loaded.has_itc_head:

@@ -1,16 +1,20 @@
 """fashionbert report: one static HTML page to look at a model's retrieval results.
 
-    fashionbert report --retrieval DIR [--metrics metrics.json] [--training DIR] --out report.html
+    fashionbert report --retrieval DIR [--metrics metrics.json] [--training DIR] [--model DIR] --out report.html
 
 Shows sample text queries with their top-10 images (scores, the true match marked), sample image queries with
 their top-10 texts likewise, the metric tables of `fashionbert evaluate`, and the training curves plot that
-`fashionbert train` writes (OUT/training_curves.png). Every image is embedded as a small base64 JPEG (the
-plot as PNG), so the page works when copied anywhere, with no server and no network.
+`fashionbert train` writes (OUT/training_curves.png). With --model, each text query's images carry a heatmap of where
+its words look over the 8x8 patches, and its most image-attending words are marked (fashionbert/model/attention.py
+says what the maps are; `fashionbert explain` draws them for any pairs). Every image is embedded as a small base64
+JPEG (the plot as PNG), so the page works when copied anywhere, with no server and no network.
 
 Images are re-read from the catalog through each featurize row's `source`: a path (relative ones against the
 catalog folder in the features' _run.json), `file.h5#ROW` (Fashion-Gen, read with h5py), or
 `synthetic:SEED:INDEX` (re-rendered). A source that cannot be read here (a remote URI, a moved file) shows a
 labelled placeholder, so the page never has a broken image.
+
+Every input and --out may be a URI (gs://...; fashionbert/data/storage.py); the page is one object write there.
 """
 from __future__ import annotations
 
@@ -27,8 +31,10 @@ from typing import Sequence
 
 import numpy as np
 
+from fashionbert.data import storage
 from fashionbert.data.features import open_feature_folder
 from fashionbert.errors import UserError
+from fashionbert.evaluation import heatmaps
 from fashionbert.runtime import stage_config
 
 TOP = 10
@@ -147,11 +153,13 @@ def read_catalog_info(features: Sequence[str]) -> tuple[dict[str, str], dict[str
         folder = open_feature_folder(path)
         base = catalog_folder(folder.options)
         for shard in folder.text_shards:
-            d = read_table(str(shard), "texts", columns=["product_id", "text"]).to_pydict()
+            with storage.arrow_input(shard) as source:
+                d = read_table(source, "texts", columns=["product_id", "text"], where=shard).to_pydict()
             for pid, text in zip(d["product_id"], d["text"]):
                 texts.setdefault(pid, text)
         for shard in folder.image_shards:
-            table = read_table(str(shard), "images", columns=["image_id", "product_id", "source"])
+            with storage.arrow_input(shard) as source:
+                table = read_table(source, "images", columns=["image_id", "product_id", "source"], where=shard)
             live = folder.live_mask(shard, table.num_rows)
             d = (table if live is None else table.filter(live)).to_pydict()
             for iid, pid, src in zip(d["image_id"], d["product_id"], d["source"]):
@@ -160,20 +168,25 @@ def read_catalog_info(features: Sequence[str]) -> tuple[dict[str, str], dict[str
     return texts, sources, image_product
 
 
-def read_queries(path: Path, count: int, seed: int) -> dict[str, list[dict]]:
-    """`count` seeded sample queries of a retrieval table, read as a downstream system would (pyarrow.dataset,
-    filtered on query_id) -> query_id -> rows by rank."""
-    import pyarrow.dataset as ds
+def read_queries(path: str, count: int, seed: int) -> dict[str, list[dict]]:
+    """`count` seeded sample queries of a retrieval table, read as a downstream system would (pyarrow, filtered on
+    query_id) -> query_id -> rows by rank."""
+    with storage.arrow_input(path) as source:
+        return _sample_queries(source, count, seed)
 
-    dataset = ds.dataset(str(path), format="parquet")
+
+def _sample_queries(source, count: int, seed: int) -> dict[str, list[dict]]:
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
     # One row per query (its rank 1), not the whole column: the table has K rows per query.
-    firsts = dataset.to_table(columns=["query_id"], filter=ds.field("rank") == 1).column("query_id").to_pylist()
+    firsts = pq.read_table(source, columns=["query_id"], filters=ds.field("rank") == 1).column("query_id").to_pylist()
     ids = np.unique(np.asarray(firsts, dtype=object))
     if not len(ids):
         return {}
     rng = np.random.default_rng([seed, 0x4E7])
     chosen = sorted(rng.choice(ids, size=min(count, len(ids)), replace=False).tolist())
-    rows = dataset.to_table(filter=ds.field("query_id").isin(chosen)).to_pylist()
+    rows = pq.read_table(source, filters=ds.field("query_id").isin(chosen)).to_pylist()
     out: dict[str, list[dict]] = {q: [] for q in chosen}
     for r in rows:
         out[r["query_id"]].append(r)
@@ -269,7 +282,8 @@ def metrics_html(m: dict) -> str:
 
 
 def t2i_html(queries: dict[str, list[dict]], texts: dict[str, str], thumbs: Thumbnails, image_product: dict[str, str],
-             top: int) -> str:
+             top: int, attention=None) -> str:
+    """`attention` (report_attention.ReportAttention, with --model): heatmaps over the images, words marked."""
     out = []
     for qid, rows in queries.items():
         true_ranks = [r["rank"] for r in rows if image_product.get(r["candidate_id"]) == qid]
@@ -278,12 +292,18 @@ def t2i_html(queries: dict[str, list[dict]], texts: dict[str, str], thumbs: Thum
             uri, why = thumbs.get(r["candidate_id"])
             true = image_product.get(r["candidate_id"]) == qid
             label = "✓ true match" if true else f"#{r['rank']}"
-            cells.append(f"<div class='cand{' true' if true else ''}'><img src='{uri}' alt='{_e(r['candidate_id'])}' "
-                         f"title='{_e(r['candidate_id'])}'><div class=lab>{_e(label)}</div>"
+            img = f"<img src='{uri}' alt='{_e(r['candidate_id'])}' title='{_e(r['candidate_id'])}'>"
+            if attention is not None:
+                img = attention.image_html(qid, r["candidate_id"], uri, thumbs.size, img)
+            cells.append(f"<div class='cand{' true' if true else ''}'>{img}<div class=lab>{_e(label)}</div>"
                          f"<div class=score>P={r['score']:.3f} · cos={r['recall_score']:.3f}</div></div>")
         where = (f"true image at rank {true_ranks[0]}" if true_ranks else
                  f"true image not in this query's {len(rows)} retrieved candidates")
-        out.append(f"<div class=query><div class=qtext>{_e(texts.get(qid, '(text not found)'))}</div>"
+        text = texts.get(qid)
+        shown = _e(text if text is not None else "(text not found)")
+        if attention is not None and text is not None:
+            shown = attention.text_html(qid, text)
+        out.append(f"<div class=query><div class=qtext>{shown}</div>"
                    f"<div class=qid>product {_e(qid)} · {where}</div><div class=row>{''.join(cells)}</div></div>")
     return "".join(out) or "<p>No text queries in the table.</p>"
 
@@ -319,6 +339,8 @@ class ReportConfig:
     top: int = TOP
     thumb_size: int = 112
     seed: int = 0
+    model: str | None = None  # a model folder: heatmaps of where the text queries' words look in their top images
+    method: str = "rollout"
 
 
 def config_from_args(args: argparse.Namespace) -> ReportConfig:
@@ -339,44 +361,62 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top", type=int, default=d.top, help="candidates shown per query (default %(default)s)")
     parser.add_argument("--thumb-size", type=int, default=d.thumb_size, help="thumbnail size in pixels (default 112)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the sample queries (default 0)")
+    parser.add_argument("--model", metavar="DIR", default=d.model,
+                        help="model folder (OUT/model of `fashionbert train`, the one that ranked the retrieval): "
+                             "each text query's shown images get a heatmap of where its words look, and its most "
+                             "image-attending words are marked (see `fashionbert explain`)")
+    parser.add_argument("--method", choices=("rollout", "last"), default=d.method,
+                        help="with --model: attention rollout through every layer, or the last layer's attention (see "
+                             "`fashionbert explain --help`) (default %(default)s)")
     parser.add_argument("--out", required=True, metavar="FILE", help="HTML file to write (replaced atomically)")
+
+
+def _folder(path: str, option: str) -> str:
+    """A folder option as messages name it: a URI as given, a local path with ~ expanded."""
+    storage.resolve(path, option)
+    return path.rstrip("/") if storage.is_remote(path) else str(Path(path).expanduser())
 
 
 def run(config: ReportConfig) -> dict:
     from fashionbert.rank.retrieve import IMAGE_TO_TEXT, RUN_JSON, TEXT_TO_IMAGE
 
-    out = os.path.abspath(os.path.expanduser(config.out))
-    if not os.path.isdir(os.path.dirname(out)):
-        raise UserError(f"--out {out}: folder {os.path.dirname(out)} does not exist; create it or choose another path")
-    retrieval = Path(config.retrieval).expanduser()
-    if not (retrieval / "_SUCCESS").is_file():
+    out = storage.check_out_file(config.out, "--out")
+    retrieval = _folder(config.retrieval, "--retrieval")
+    if not storage.is_complete(retrieval):
         raise UserError(f"--retrieval {retrieval}: not a finished `fashionbert retrieve` output (no _SUCCESS); run "
                         f"`fashionbert retrieve --features DIR --model DIR --out {retrieval}` first")
-    run_info = json.loads((retrieval / RUN_JSON).read_text()) if (retrieval / RUN_JSON).is_file() else {}
+    run_json = storage.join(retrieval, RUN_JSON)
+    run_info = json.loads(storage.read_text(run_json)) if storage.exists(run_json) else {}
     features = config.features or run_info.get("features")
     if not features:
         raise UserError(f"--retrieval {retrieval} does not record its features folder; pass --features DIR")
     metrics = None
     if config.metrics:
-        try:
-            metrics = json.loads(Path(config.metrics).read_text())
-        except FileNotFoundError as exc:
+        path = storage.resolve(config.metrics, "--metrics")
+        if not storage.exists(path):
             raise UserError(f"--metrics {config.metrics}: no such file; run `fashionbert evaluate ... --out "
-                            f"{config.metrics}` or leave the option out") from exc
+                            f"{config.metrics}` or leave the option out")
+        try:
+            metrics = json.loads(storage.read_text(path))
         except json.JSONDecodeError as exc:
             raise UserError(f"--metrics {config.metrics}: not valid JSON ({exc})") from exc
     curves_uri = None
     if config.training:
-        png = Path(config.training).expanduser() / CURVES
-        if not png.is_file():
+        png = storage.join(_folder(config.training, "--training"), CURVES)
+        if not storage.exists(png):
             raise UserError(f"--training {config.training}: no {CURVES} there; point it at the --out folder of "
                             f"`fashionbert train` (it writes the plot when matplotlib is installed)")
-        curves_uri = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+        curves_uri = "data:image/png;base64," + base64.b64encode(storage.read_bytes(png)).decode("ascii")
 
     texts, sources, image_product = read_catalog_info(features)
     thumbs = Thumbnails(sources, config.thumb_size)
-    t2i = read_queries(retrieval / TEXT_TO_IMAGE, config.queries, config.seed)
-    i2t = read_queries(retrieval / IMAGE_TO_TEXT, config.queries, config.seed)
+    t2i = read_queries(storage.join(retrieval, TEXT_TO_IMAGE), config.queries, config.seed)
+    i2t = read_queries(storage.join(retrieval, IMAGE_TO_TEXT), config.queries, config.seed)
+    attention = None
+    if config.model:
+        from fashionbert.evaluation.report_attention import ReportAttention
+
+        attention = ReportAttention(config.model, features, t2i, config.top, config.method)
     model = run_info.get("model", {})
     generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = [
@@ -390,7 +430,8 @@ def run(config: ReportConfig) -> dict:
         f"<h2>Text → image: sample queries, top {config.top}</h2>",
         f"<p class=meta>P = the ranking score P(aligned) (the rank order: {_e(run_info.get('ranking_score', 'TIA head'))}); "
         "cos = recall-stage cosine. Green: the query product's own image.</p>",
-        t2i_html(t2i, texts, thumbs, image_product, config.top),
+        attention_legend(attention),
+        t2i_html(t2i, texts, thumbs, image_product, config.top, attention),
         f"<h2>Image → text: sample queries, top {config.top}</h2>",
         i2t_html(i2t, texts, thumbs, image_product, config.top),
     ]
@@ -398,10 +439,16 @@ def run(config: ReportConfig) -> dict:
         body.insert(2, f"<p class=note>{thumbs.missing} image(s) could not be read from their catalog source here and "
                        f"show a placeholder.</p>")
     page = ("<!DOCTYPE html><html lang=en><head><meta charset='utf-8'><title>FashionBERT report</title>"
-            f"<style>{STYLE}</style><script>{CHECK_SCRIPT}</script></head><body>{''.join(body)}</body></html>")
-    tmp = f"{out}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(page)
-    os.replace(tmp, out)
+            f"<style>{STYLE}{heatmaps.STYLE if attention else ''}</style><script>{CHECK_SCRIPT}"
+            f"{heatmaps.CHECK_SCRIPT if attention else ''}</script></head><body>{''.join(body)}</body></html>")
+    storage.write_text(out, page)
     return {"out": out, "text_queries": len(t2i), "image_queries": len(i2t), "images": len(thumbs.cache),
-            "placeholders": thumbs.missing, "bytes": len(page.encode("utf-8"))}
+            "placeholders": thumbs.missing, "heatmaps": len(attention.maps) if attention else 0,
+            "bytes": len(page.encode("utf-8"))}
+
+
+def attention_legend(attention) -> str:
+    if attention is None:
+        return ("<p class=meta>Heatmaps of where each query's words look in its top images: run `fashionbert report` "
+                "with --model DIR (the model folder that ranked them).</p>")
+    return attention.legend()

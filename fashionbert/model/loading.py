@@ -3,6 +3,9 @@
 The folder is what `fashionbert train` writes (OUT/model, or a checkpoint OUT/checkpoints/step-N). `model_version`
 names the exact scores a folder gives (weights and fusion), and is written into every retrieval table row.
 
+A folder at a URI is first copied to a local cache (`fashionbert.data.model_store`); `uri` then names it in
+messages and run summaries, `folder` is the local copy.
+
 Imports torch, transformers and safetensors only (no faiss, no Beam).
 """
 from __future__ import annotations
@@ -28,29 +31,42 @@ class LoadedModel:
     step: int | None
     has_itc_head: bool
     fusion: score_fusion.ScoreFusion  # the ranking score (TIA alone without a score_fusion.json)
+    uri: str | None = None  # where the folder was read from when that was a URI (gs://...); `folder` is its local copy
+
+    @property
+    def where(self) -> str:
+        """The folder as the user named it: the URI, or the local path."""
+        return self.uri or str(self.folder)
+
+    @property
+    def location(self) -> str:
+        """The folder for run summaries: the URI, or the absolute local path."""
+        return self.uri or str(self.folder.resolve())
 
     @property
     def config(self) -> FashionBertConfig:
         return self.model.config
 
 
-def load_model(folder: str | Path, runtime: Runtime) -> LoadedModel:
+def load_model(folder: str | Path, runtime: Runtime, uri: str | None = None) -> LoadedModel:
     """A model folder written by training (OUT/model or OUT/checkpoints/step-N), in eval mode on the runtime's
-    device (`FashionBertModel.from_checkpoint`), with its score fusion. Reads only JSON and safetensors."""
+    device (`FashionBertModel.from_checkpoint`), with its score fusion. Reads only JSON and safetensors. `uri`: where
+    the local `folder` was copied from, named in messages instead of the copy."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise UserError(f"--model {folder}: no such folder; point it at OUT/model of `fashionbert train`")
     try:
         model = FashionBertModel.from_checkpoint(folder, runtime.device)
     except UserError as exc:
-        raise UserError(f"--model {exc}") from None  # the messages start with the path; name the option too
+        message = str(exc).replace(str(folder), uri) if uri else str(exc)
+        raise UserError(f"--model {message}") from None  # the messages start with the path; name the option too
     has_itc = getattr(model, "itc_head", None) is not None
     fusion = score_fusion.load(folder)
     if fusion.uses_itc and not has_itc:
-        raise UserError(f"{folder / score_fusion.FUSION_NAME} weighs the itc cosine, but the model has no itc head; "
-                        f"delete the file (rank by TIA alone) or refit it with `fashionbert fuse`")
+        raise UserError(f"{uri or folder}/{score_fusion.FUSION_NAME} weighs the itc cosine, but the model has no itc "
+                        f"head; delete the file (rank by TIA alone) or refit it with `fashionbert fuse`")
     step = training_step(folder)
-    return LoadedModel(model, folder, model_version(folder, step), step, has_itc, fusion)
+    return LoadedModel(model, folder, model_version(folder, step), step, has_itc, fusion, uri)
 
 
 def model_version(folder: Path, step: int | None) -> str:

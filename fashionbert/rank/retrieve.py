@@ -24,6 +24,8 @@ Writes, published atomically (staging folder + rename, `_SUCCESS` last):
   OUT/text_to_image.parquet   each product text -> its top-K images (query_kind "text", candidate = image_id)
   OUT/image_to_text.parquet   each image -> its top-K product texts (query_kind "image", candidate = product_id)
   OUT/_run.json               run id, model version, options, counts, timings
+--features, --model, --out and the score-cache files may be URIs (gs://...; fashionbert/data/storage.py): on an object
+store the files are staged beside --out and moved into it one by one, `_SUCCESS` last.
 Tables follow `schemas.RETRIEVAL`, sorted by (query_id, rank); a query has min(K, catalog size) rows.
 
 This module runs the stage in one process (the GPU box, nightly, evaluate). Given Beam options (`--runner X`, ...),
@@ -35,18 +37,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import re
 import time
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from fashionbert.data import publish
+from fashionbert.data import publish, storage
 from fashionbert.data.feature_catalog import ImageSource, IndexedImages, open_catalog
+from fashionbert.data.model_store import load_model
 from fashionbert.errors import UserError
-from fashionbert.model.loading import load_model
 from fashionbert.model.score_fusion import TIA_ONLY, ScoreFusion
 from fashionbert.rank.cross_encoder import BatchingOptions, CrossEncoderScorer, add_batching_arguments, probability
 from fashionbert.rank.embeddings import DualEncoder, embed_items
@@ -205,11 +205,11 @@ def retrieval_table(ranked: Ranked, query_ids: Sequence[str], candidate_ids: Seq
     return pa.Table.from_arrays(arrays, schema=RETRIEVAL)
 
 
-def write_table(table, where) -> None:
-    """`where`: a local path or an open binary file (a staging file on any filesystem)."""
+def write_table(table, path: str) -> None:
     import pyarrow.parquet as pq
 
-    pq.write_table(table, str(where) if isinstance(where, (str, Path)) else where, row_group_size=ROW_GROUP_ROWS)
+    with storage.create(path) as fh:
+        pq.write_table(table, fh, row_group_size=ROW_GROUP_ROWS)
 
 
 # ============================================================================================ command
@@ -300,8 +300,8 @@ def run_facts(loaded, catalog, runtime, dual: DualEncoder, index_used: str, t2i_
               pairs: int) -> dict:
     """What `_run.json` says about the model, the features and the counts of a run (either way it ran)."""
     return {
-        "model": {"path": str(loaded.folder.resolve()), "version": loaded.version, "step": loaded.step},
-        "features": [str(f.path.resolve()) for f in catalog.folders],
+        "model": {"path": loaded.location, "version": loaded.version, "step": loaded.step},
+        "features": [f.location for f in catalog.folders],
         "index_used": index_used,
         "recall_embedding": dual.description,
         "ranking_score": loaded.fusion.describe(),
@@ -324,15 +324,16 @@ def run_summary(run_id: str, config: RetrieveConfig, out: str, facts: dict, seco
         **{k: v for k, v in facts.items() if k not in ("model", "features")},
         **extra,
         "seconds": {k: round(v, 3) for k, v in seconds.items()} | {"total": round(time.time() - t_start, 3)},
-        "outputs": {"text_to_image": os.path.join(out, TEXT_TO_IMAGE), "image_to_text": os.path.join(out, IMAGE_TO_TEXT)},
+        "outputs": {"text_to_image": storage.join(out, TEXT_TO_IMAGE),
+                    "image_to_text": storage.join(out, IMAGE_TO_TEXT)},
     }
 
 
 def run(config: RetrieveConfig) -> dict:
     t_start = time.time()
     run_id = check_config(config)
-    out = os.path.abspath(os.path.expanduser(config.out))
-    publish.check_target(out, config.overwrite)
+    out = storage.resolve(config.out, "--out")
+    storage.check_target(out, config.overwrite)
     save_to = save_path(config.save_scores, out)
     rt = resolve_runtime(config.device, config.precision, config.num_threads)
     loaded = load_model(config.model, rt)
@@ -350,21 +351,20 @@ def run(config: RetrieveConfig) -> dict:
         cache.save(save_to)
         result.seconds["save_scores"] = time.perf_counter() - t0
 
-    publish.clean_stale_staging(out)
-    staging = publish.staging_path(out, run_id)
-    os.makedirs(staging)
+    storage.clean_stale_staging(out)
+    staging = storage.staging_path(out, run_id)
+    storage.make_folder(staging)
     t0 = time.perf_counter()
     product_ids, image_ids = catalog.texts.product_ids, catalog.index.image_ids
     t2i = retrieval_table(result.t2i, product_ids, image_ids, "text", config.top_k, loaded.version, run_id)
     i2t = retrieval_table(result.i2t, image_ids, product_ids, "image", config.top_k, loaded.version, run_id)
-    write_table(t2i, os.path.join(staging, TEXT_TO_IMAGE))
-    write_table(i2t, os.path.join(staging, IMAGE_TO_TEXT))
+    write_table(t2i, storage.join(staging, TEXT_TO_IMAGE))
+    write_table(i2t, storage.join(staging, IMAGE_TO_TEXT))
     result.seconds["write"] = time.perf_counter() - t0
     facts = run_facts(loaded, catalog, rt, dual, result.index_kind, t2i.num_rows, i2t.num_rows, result.pairs_scored)
     facts["counts"].update(cache.counts)  # pairs_scored + pairs_reused = cross_encoder_pairs
     summary = run_summary(run_id, config, out, facts, result.seconds, t_start,
                           score_cache={"inputs": cache.inputs, "saved": save_to})
-    with open(os.path.join(staging, RUN_JSON), "w") as fh:
-        json.dump(summary, fh, indent=2)
-    publish.publish(staging, out)
+    storage.write_text(storage.join(staging, RUN_JSON), json.dumps(summary, indent=2))
+    storage.publish_folder(staging, out)
     return summary

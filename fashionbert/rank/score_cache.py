@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from fashionbert.data import storage
 from fashionbert.errors import UserError
 from schemas import META_MODEL_VERSION, META_PRECISION, SCORE_CACHE, validate_schema
 
@@ -176,18 +177,15 @@ class ScoreCache:
 
     # ------------------------------------------------------------------------------------------ save
     def save(self, path: str) -> int:
-        """Write every pair and embedding this run used to `path` (temporary file + rename); returns the rows."""
+        """Write every pair and embedding this run used to `path` (a local temporary file + rename, or one object
+        write); returns the rows."""
         tables = [self._pair_table()] + [self._vector_table(kind) for kind in VECTOR_KINDS]
         meta = {**SCORE_CACHE.metadata, META_MODEL_VERSION: self.model_version.encode(),
                 META_PRECISION: self.precision.encode()}
         table = pa.concat_tables(tables).replace_schema_metadata(meta)
-        tmp = f"{path}.tmp-{os.getpid()}"
         try:
-            pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
-            os.replace(tmp, path)
+            storage.write_file(path, lambda fh: pq.write_table(table, fh, row_group_size=ROW_GROUP_ROWS))
         except OSError as exc:
-            if os.path.exists(tmp):
-                os.remove(tmp)
             raise UserError(f"--save-scores {path}: cannot write it ({exc}); free space or choose another "
                             f"path") from exc
         return table.num_rows
@@ -250,20 +248,23 @@ _READ_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, pa.ArrowEx
 
 def _read(path: str, model_version: str, precision: str) -> tuple[pa.Table, dict[str, tuple[list[str], np.ndarray]]]:
     """The file's pair rows and its embeddings per kind (hashes, (n, d) matrix), or _Unusable saying why not."""
-    if not os.path.isfile(path):
-        raise _Unusable("no such file (normal on a first run)" if not os.path.exists(path) else "not a file")
     try:
-        pf = pq.ParquetFile(path)
-        schema = pf.schema_arrow
-        validate_schema(schema, "score_cache", path)
-        meta = schema.metadata or {}
-        written = meta.get(META_MODEL_VERSION, b"").decode(), meta.get(META_PRECISION, b"").decode()
-        if written[0] != model_version:
-            raise _Unusable(f"written for model_version {written[0]!r}, this run scores with {model_version!r}")
-        if written[1] != precision:
-            raise _Unusable(f"written by a {written[1]} run, this run is {precision}: its scores would differ by "
-                            f"rounding")
-        table = pf.read()
+        if not storage.exists(path):
+            raise _Unusable("no such file (normal on a first run)")
+        if not storage.is_remote(path) and not os.path.isfile(path):
+            raise _Unusable("not a file")
+        with storage.arrow_input(path) as source:
+            pf = pq.ParquetFile(source)
+            schema = pf.schema_arrow
+            validate_schema(schema, "score_cache", path)
+            meta = schema.metadata or {}
+            written = meta.get(META_MODEL_VERSION, b"").decode(), meta.get(META_PRECISION, b"").decode()
+            if written[0] != model_version:
+                raise _Unusable(f"written for model_version {written[0]!r}, this run scores with {model_version!r}")
+            if written[1] != precision:
+                raise _Unusable(f"written by a {written[1]} run, this run is {precision}: its scores would differ by "
+                                f"rounding")
+            table = pf.read()
         kind = table.column("kind")
         pairs = table.filter(pc.equal(kind, "pair")).select(["text_hash", "image_hash", "margin"])
         vectors = {k: _vectors_of(table.filter(pc.equal(kind, k)), k) for k in VECTOR_KINDS}
@@ -320,14 +321,17 @@ def save_path(given: str | None, out: str) -> str | None:
     stage's --out, which the file must neither be nor lie in (a published --out folder replaces its contents)."""
     if given is None:
         return None
-    path = os.path.abspath(os.path.expanduser(given))
-    parent = os.path.dirname(path)
-    if path == out or path.startswith(out.rstrip(os.sep) + os.sep):
+    path = storage.resolve(given, "--save-scores")
+    sep = "/" if storage.is_remote(path) else os.sep
+    if path == out or path.startswith(out.rstrip(sep) + sep):
         raise UserError(f"--save-scores {given}: is --out or inside it, which this run replaces; write it beside "
                         f"--out")
+    if storage.is_remote(path):
+        return path
     if os.path.isdir(path):
         raise UserError(f"--save-scores {given}: is a folder; name a file in it, e.g. "
                         f"{os.path.join(path, 'scores.parquet')}")
+    parent = os.path.dirname(path)
     if not os.path.isdir(parent):
         raise UserError(f"--save-scores {given}: folder {parent} does not exist; create it or choose another path")
     return path

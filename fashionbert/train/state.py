@@ -10,6 +10,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from fashionbert.data import storage
 from fashionbert.data.batching import (Batch, BatchSettings, ImageStream, MaskingVocab, PairBuilder, Prefetcher,
                                        StreamPosition, iter_batches)
 from fashionbert.data.features import (FeatureReader, ImageIndex, TextTable, index_images, load_texts,
@@ -126,6 +127,10 @@ def build_state(config: TrainConfig, rt: Runtime) -> TrainState:
 
 
 def _prepare_out(config: TrainConfig, rt: Runtime) -> Path:
+    if storage.is_remote(config.out):
+        raise UserError(f"--out {config.out}: train writes its checkpoints and model to a local folder (it syncs and "
+                        f"renames them in place); train into a local --out, then upload it, e.g. `gsutil -m cp -r OUT "
+                        f"{config.out}` or `aws s3 cp --recursive OUT {config.out}`; --features may stay a URI")
     out = Path(config.out).expanduser()
     if config.batch_size < 1 or config.grad_accum < 1 or config.neg_ratio < 0:
         raise UserError("--batch-size and --grad-accum must be >= 1, --neg-ratio >= 0")
@@ -187,7 +192,7 @@ def _steps_of(value: float, total_steps: int) -> int:
 def run_options(config: TrainConfig, world: int) -> dict[str, Any]:
     """The options a run records in every checkpoint: the config, features resolved, defaults resolved."""
     options = dataclasses.asdict(config)
-    options["features"] = [str(Path(f).expanduser().resolve()) for f in config.features]
+    options["features"] = [f if storage.is_remote(f) else str(Path(f).expanduser().resolve()) for f in config.features]
     options["world_size"] = world
     options["hard_neg_fraction"] = hard_neg_fraction(config)
     options["tia_pooling"] = tia_pooling(config)
