@@ -131,7 +131,8 @@ class WriteTables(ContextDoFn):
         ctx, cfg = self.ctx, self.config
         product_ids, image_ids = ctx.catalog.texts.product_ids, ctx.catalog.index.image_ids
         run_id = self.spec.run_id
-        t2i = single.retrieval_table(rank_all(t2i_parts), product_ids, image_ids, "text", cfg.top_k, ctx.version, run_id)
+        t2i = single.retrieval_table(rank_all(t2i_parts), product_ids, image_ids, "text", cfg.top_k, ctx.version,
+                                     run_id)
         i2t = single.retrieval_table(rank_all(i2t_parts), image_ids, product_ids, "image", cfg.top_k, ctx.version,
                                      run_id)
         for table, name in ((t2i, single.TEXT_TO_IMAGE), (i2t, single.IMAGE_TO_TEXT)):

@@ -21,18 +21,12 @@ from pipelines import rerank
 from pipelines import retrieve as beam_retrieve
 from pipelines import score_pairs as beam_score_pairs
 from schemas import read_table
-from tests.fake_features import make_tiny_backbone, write_fake_features
+from tests.fake_features import make_tiny_backbone
+from tests.test_retrieve import features  # noqa: F401 - the fixture: 24 products, 2 images each
 from tests.test_scoring import fit_itc_head, train_tiny_model
 
 torch.set_num_threads(1)
-N_PRODUCTS, IMAGES_PER_PRODUCT = 16, 2
 FN_API = "--runner=FnApiRunner"
-
-
-@pytest.fixture(scope="module")
-def features(tmp_path_factory):
-    return write_fake_features(tmp_path_factory.mktemp("features"), n_products=N_PRODUCTS,
-                               images_per_product=IMAGES_PER_PRODUCT, feature_dim=16, n_image_shards=2, row_group_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +75,8 @@ def test_beam_retrieve_equals_the_single_process_tables(tmp_path, features, mode
     _assert_same_tables(_tables(tmp_path / "beam"), _tables(tmp_path / "single"))
     assert (tmp_path / "beam" / "_SUCCESS").is_file() and not list(tmp_path.glob("*.staging-*"))
     on_disk = json.loads((tmp_path / "beam" / "_run.json").read_text())
-    assert sorted(p.name for p in (tmp_path / "beam").iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
+    names = {side: sorted(p.name for p in (tmp_path / side).iterdir()) for side in ("beam", "single")}
+    assert names["beam"] == names["single"]
     for key in ("model", "features", "index_used", "recall_embedding", "ranking_score", "counts"):
         assert on_disk[key] == want_summary[key] == got_summary[key], key
     assert on_disk["beam_options"] == [FN_API, *workers]
@@ -164,5 +159,5 @@ def test_beam_runs_refuse_the_score_cache(tmp_path, features, model_dir):
     config = _retrieve_config(features, model_dir, tmp_path / "r", "--save-scores", tmp_path / "s.parquet")
     with pytest.raises(UserError, match="--score-cache and --save-scores work in the single-process retrieve only"):
         beam_retrieve.run(config, [FN_API])
-    with pytest.raises(UserError, match=r"unrecognized arguments: --runer=FnApiRunner .*neither a `fashionbert retrieve` option"):
+    with pytest.raises(UserError, match=r"unrecognized arguments: --runer=FnApiRunner .*neither a `fashionbert retrieve`"):
         beam_retrieve.run(_retrieve_config(features, model_dir, tmp_path / "r"), ["--runer=FnApiRunner"])

@@ -50,7 +50,8 @@ FEATURIZE_DESCRIPTION = ("Catalog -> images/texts/rejects Parquet shards + _run.
                          "--direct_num_workers, --project, --setup_file, ...) go to Beam's PipelineOptions.")
 # Stages that take Beam's options: with any, their Beam pipeline runs (pipelines/, imported only then); without,
 # retrieve and score-pairs run in this process (the GPU box without Beam, nightly, evaluate).
-BEAM_STAGES = {"featurize": "pipelines.featurize", "retrieve": "pipelines.retrieve", "score-pairs": "pipelines.score_pairs"}
+BEAM_STAGES = {"featurize": "pipelines.featurize", "retrieve": "pipelines.retrieve",
+               "score-pairs": "pipelines.score_pairs"}
 BEAM_EPILOG = ("Options this stage does not know are Beam's (--runner, --direct_num_workers, --project, "
                "--setup_file, ...): with any of them it runs as a Beam pipeline whose workers read the features and "
                "the model themselves; without, in this process.")
