@@ -1,7 +1,7 @@
 """Scoring and retrieval benchmark. Prints figures; asserts nothing (targets live here, not in tests).
 
     python bench/score.py [--threads 0] [--pairs 512] [--catalog 5000] [--recall-k 100] [--gallery 1000]
-    python bench/score.py --skip 1,2,3 --beam-features FEATURES --beam-model MODEL [--beam-pairs 2048]
+    python bench/score.py --skip 1,2,3 --beam-features FEATURES --beam-model MODEL [--beam-pairs 1280]
 
 Figures, each measured in this one run on this machine:
 1. Cross-encoder throughput: pairs/s of `CrossEncoderScorer` with the packaged MiniLM backbone and real shapes
@@ -19,7 +19,8 @@ Figures, each measured in this one run on this machine:
    with the model handler, pipelines/score_pairs.py) against the single-process score-pairs on the same pairs of
    real features, one torch thread per worker process: on Beam's PortableRunner (embedded job server, workers from a
    worker pool this script starts; it gives a job one worker process), and on the FnApiRunner with 1 and 2 worker
-   processes (`--direct_running_mode multi_processing`). Pairs/s by wall time (model loading included) and the
+   processes (`--direct_running_mode multi_processing`). Pairs/s by wall time (model loading included), pairs per
+   CPU-second (the processes together), and the
    2-worker / 1-worker ratio, all from this one run.
 """
 from __future__ import annotations
@@ -411,7 +412,7 @@ def main() -> int:
     parser.add_argument("--skip", default="", help="comma-separated sections to skip (1,2,3)")
     parser.add_argument("--beam-features", metavar="DIR", help="section 4: a featurize output (e.g. hm-dev's)")
     parser.add_argument("--beam-model", metavar="DIR", help="section 4: a model folder trained on those features")
-    parser.add_argument("--beam-pairs", type=int, default=2048, help="section 4: pairs scored by each path")
+    parser.add_argument("--beam-pairs", type=int, default=1280, help="section 4: pairs scored by each path")
     parser.add_argument("--beam-pairs-per-image", type=int, default=8, help="section 4: texts paired with each image")
     args = parser.parse_args()
     rt = resolve_runtime("auto", args.precision, args.threads)
