@@ -20,8 +20,7 @@ Figures, each measured in this one run on this machine:
    real features, one torch thread per worker process: on Beam's PortableRunner (embedded job server, workers from a
    worker pool this script starts; it gives a job one worker process), and on the FnApiRunner with 1 and 2 worker
    processes (`--direct_running_mode multi_processing`). Pairs/s by wall time (model loading included), pairs per
-   CPU-second (the processes together), and the
-   2-worker / 1-worker ratio, all from this one run.
+   CPU-second (the processes together), and the 2-worker / 1-worker ratio, all from this one run.
 """
 from __future__ import annotations
 
