@@ -3,7 +3,7 @@ retrieve and score-pairs pipelines share.
 
 A worker of a remote runner shares no memory and no disk with the driver, so nothing here travels but path strings
 and options (`ScoringSpec`): every worker process opens the model folder and the feature catalog itself
-(`fashionbert.model.loading.load_model`, `fashionbert.data.feature_catalog.open_catalog`). `scoring_context`
+(`fashionbert.data.model_store.load_model`, `fashionbert.data.feature_catalog.open_catalog`; local paths or URIs). `scoring_context`
 loads them once per process and run (Beam's `Shared`): RunInference's handlers and the plain DoFns that need the
 catalog's ids all get that one object, so its threads share one copy of the weights.
 
@@ -27,8 +27,8 @@ from apache_beam.utils import shared
 
 from fashionbert.data import storage
 from fashionbert.data.feature_catalog import Catalog, IndexedImages, open_catalog
-from fashionbert.errors import UserError
 from fashionbert.data.model_store import load_model
+from fashionbert.errors import UserError
 from fashionbert.model.loading import LoadedModel
 from fashionbert.rank.cross_encoder import CrossEncoderScorer, PairScorer
 from fashionbert.rank.embeddings import DualEncoder, embed_items
