@@ -2,10 +2,10 @@
 retrieve and score-pairs pipelines share.
 
 A worker of a remote runner shares no memory and no disk with the driver, so nothing here travels but path strings
-and options (`ScoringSpec`): every worker process opens the model folder and the feature catalog itself
-(`fashionbert.data.model_store.load_model`, `fashionbert.data.feature_catalog.open_catalog`; local paths or URIs). `scoring_context`
-loads them once per process and run (Beam's `Shared`): RunInference's handlers and the plain DoFns that need the
-catalog's ids all get that one object, so its threads share one copy of the weights.
+and options (`ScoringSpec`): every worker process opens the model folder and the feature catalog itself, by local
+path or URI (`fashionbert.data.model_store.load_model`, `fashionbert.data.feature_catalog.open_catalog`).
+`scoring_context` loads them once per process and run (Beam's `Shared`): RunInference's handlers and the plain DoFns
+that need the catalog's ids all get that one object, so its threads share one copy of the weights.
 
 Work travels as `PairBlock`s: one image with the distinct texts it is paired with. Keeping an image's pairs
 together keeps the scorer's one-projection-per-image saving (fashionbert/rank/cross_encoder.py), and grouping by
