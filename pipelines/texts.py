@@ -7,6 +7,8 @@ import hashlib
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+import schemas
+
 from . import storage
 from .catalog import CatalogRow
 from .config import FeaturizeConfig
@@ -90,12 +92,18 @@ class TokenizeTexts(beam.DoFn):
             yield e._replace(item=row)
 
 
-def previous_text_rows(previous_dir: str):
-    """((product_id, content_hash), row) for every row of an earlier output's text shards."""
-    from schemas import read_table
+class ReadPreviousTexts(beam.PTransform):
+    """An earlier output's text files -> ((product_id, content_hash), row), read by the workers (`_check_previous`
+    validated their schema in the driver)."""
 
-    for path in storage.glob(previous_dir, "texts-*.parquet"):
-        with storage.open_read(path) as fh:
-            rows = read_table(fh, "texts", where=path).to_pylist()
-        for row in rows:
-            yield (row["product_id"], row["content_hash"]), row
+    def __init__(self, previous_dir: str):
+        super().__init__()
+        self.previous_dir = previous_dir
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "Read" >> beam.io.ReadFromParquet(storage.join(self.previous_dir, "texts-*.parquet"),
+                                                columns=list(schemas.TEXTS.names))
+            | "ByKey" >> beam.Map(lambda row: ((row["product_id"], row["content_hash"]), row))
+        )
