@@ -422,27 +422,22 @@ class EmbedPatches(beam.DoFn):
 LIGHT_COLUMNS = ["image_id", "product_id", "source", "content_hash"]
 
 
-class ReadPreviousImages(beam.PTransform):
+@beam.ptransform_fn
+def ReadPreviousImages(pbegin, previous_dir: str):  # noqa: N802 - a PTransform, named like one
     """An earlier output's image files -> (image_id, PreviousImage) for each live row.
 
     The workers list and read the files (light columns only, never features), so nothing of the previous run
     passes through the driver or the job graph. Not `ReadFromParquet`: linking and dead-row records need each
     row's position in its file, which its records do not carry."""
+    from apache_beam.io import fileio
 
-    def __init__(self, previous_dir: str):
-        super().__init__()
-        self.previous_dir = previous_dir
-
-    def expand(self, pbegin):
-        from apache_beam.io import fileio
-
-        return (
-            pbegin
-            | "Match" >> fileio.MatchFiles(storage.join(self.previous_dir, "images-*.parquet"))
-            | "Paths" >> beam.Map(lambda m: m.path)
-            | "Spread" >> beam.Reshuffle()
-            | "Read" >> beam.ParDo(_ReadPreviousFile(self.previous_dir))
-        )
+    return (
+        pbegin
+        | "Match" >> fileio.MatchFiles(storage.join(previous_dir, "images-*.parquet"))
+        | "Paths" >> beam.Map(lambda m: m.path)
+        | "Spread" >> beam.Reshuffle()
+        | "Read" >> beam.ParDo(_ReadPreviousFile(previous_dir))
+    )
 
 
 class _ReadPreviousFile(beam.DoFn):

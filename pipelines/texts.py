@@ -92,18 +92,13 @@ class TokenizeTexts(beam.DoFn):
             yield e._replace(item=row)
 
 
-class ReadPreviousTexts(beam.PTransform):
+@beam.ptransform_fn
+def ReadPreviousTexts(pbegin, previous_dir: str):  # noqa: N802 - a PTransform, named like one
     """An earlier output's text files -> ((product_id, content_hash), row), read by the workers (`_check_previous`
     validated their schema in the driver)."""
-
-    def __init__(self, previous_dir: str):
-        super().__init__()
-        self.previous_dir = previous_dir
-
-    def expand(self, pbegin):
-        return (
-            pbegin
-            | "Read" >> beam.io.ReadFromParquet(storage.join(self.previous_dir, "texts-*.parquet"),
-                                                columns=list(schemas.TEXTS.names))
-            | "ByKey" >> beam.Map(lambda row: ((row["product_id"], row["content_hash"]), row))
-        )
+    return (
+        pbegin
+        | "Read" >> beam.io.ReadFromParquet(storage.join(previous_dir, "texts-*.parquet"),
+                                            columns=list(schemas.TEXTS.names))
+        | "ByKey" >> beam.Map(lambda row: ((row["product_id"], row["content_hash"]), row))
+    )
