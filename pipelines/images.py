@@ -14,6 +14,7 @@ import threading
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
@@ -419,7 +420,7 @@ class EmbedPatches(beam.DoFn):
             _shared_bar(self.progress_key, batch[0][0].total).update(len(batch))
 
 
-LIGHT_COLUMNS = ["image_id", "product_id", "source", "content_hash"]
+LIGHT_COLUMNS = ["image_id", "product_id", "source", "content_hash"]  # what reconciling needs; never features
 
 
 @beam.ptransform_fn
@@ -429,8 +430,6 @@ def ReadPreviousImages(pbegin, previous_dir: str):  # noqa: N802 - a PTransform,
     The workers list and read the files (light columns only, never features), so nothing of the previous run
     passes through the driver or the job graph. Not `ReadFromParquet`: linking and dead-row records need each
     row's position in its file, which its records do not carry."""
-    from apache_beam.io import fileio
-
     return (
         pbegin
         | "Match" >> fileio.MatchFiles(storage.join(previous_dir, "images-*.parquet"))
