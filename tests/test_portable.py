@@ -1,6 +1,6 @@
 """Featurize on Beam's portable runner, its workers separate processes from Beam's worker pool (issue #13): the path
 Flink, Spark and Dataflow take. Whatever works only in the driver's memory fails here; the outputs must equal the
-in-process FnApiRunner's, byte for byte where the files are deterministic."""
+in-process FnApiRunner's, byte for byte (but _run.json's run id and timings)."""
 from __future__ import annotations
 
 import os
@@ -12,13 +12,14 @@ from fashionbert.data import synth
 from fashionbert.data.features import DEAD_IMAGE_ROWS
 from fashionbert.errors import UserError
 from pipelines import featurize as featurize_module
-from pipelines import worker_pool
 from pipelines import images as img
+from pipelines import worker_pool
 from pipelines.config import FeaturizeConfig
 from pipelines.execution import check_paths_reach_workers, execution
 from tests.bad_corpus import make_bad_corpus
 from tests.featurize_helpers import (assert_same_view, featurize, live_view, read_kind, read_manifest, run_info,
                                      synthetic_row, write_manifest)
+
 
 def _refuse_in_driver(self):
     raise AssertionError(f"{type(self).__name__} ran in the driver process")
@@ -33,8 +34,7 @@ def _work_only_in_workers(m: pytest.MonkeyPatch) -> None:
 
 def _files(out) -> dict[str, bytes]:
     """Every output file but _run.json (run id, timings), by name."""
-    return {name: open(os.path.join(out, name), "rb").read() for name in sorted(os.listdir(out))
-            if name != "_run.json"}
+    return {path.name: path.read_bytes() for path in sorted(out.iterdir()) if path.name != "_run.json"}
 
 
 def assert_same_output(got_out, want_out) -> None:
