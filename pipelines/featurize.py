@@ -161,7 +161,7 @@ def _check_previous(cfg: FeaturizeConfig) -> None:
     if not storage.is_complete(cfg.previous):
         raise UserError(f"--previous {cfg.previous}: not a complete featurize output (no _SUCCESS); point it at "
                         f"the last successful run or drop --previous")
-    for kind in ("images", "texts"):  # the workers read the rest; a run writes all its files with one schema
+    for kind in ("images", "texts"):  # before starting: the workers read the files and check every one
         for path in storage.glob(cfg.previous, f"{kind}-*.parquet")[:1]:
             with storage.open_read(path) as fh:
                 schemas.read_schema(fh, kind, where=path)

@@ -14,7 +14,6 @@ import threading
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
@@ -23,7 +22,7 @@ from .catalog import CatalogRow
 from .config import FeaturizeConfig
 from .decode import decode_array, decode_image, fit_square
 from .rejects import Reject, RejectError
-from .shards import Sharded
+from .shards import ReadShardFiles, Sharded
 
 REJECTS = "rejects"
 LINKED = "linked"
@@ -423,20 +422,11 @@ class EmbedPatches(beam.DoFn):
 LIGHT_COLUMNS = ["image_id", "product_id", "source", "content_hash"]  # what reconciling needs; never features
 
 
-@beam.ptransform_fn
-def ReadPreviousImages(pbegin, previous_dir: str):  # noqa: N802 - a PTransform, named like one
-    """An earlier output's image files -> (image_id, PreviousImage) for each live row.
-
-    The workers list and read the files (light columns only, never features), so nothing of the previous run
-    passes through the driver or the job graph. Not `ReadFromParquet`: linking and dead-row records need each
-    row's position in its file, which its records do not carry."""
-    return (
-        pbegin
-        | "Match" >> fileio.MatchFiles(storage.join(previous_dir, "images-*.parquet"))
-        | "Paths" >> beam.Map(lambda m: m.path)
-        | "Spread" >> beam.Reshuffle()
-        | "Read" >> beam.ParDo(_ReadPreviousFile(previous_dir))
-    )
+def ReadPreviousImages(previous_dir: str) -> beam.PTransform:  # noqa: N802 - a PTransform, named like one
+    """An earlier output's image files -> (image_id, PreviousImage) for each live row, read by the workers (light
+    columns only, never features). Not `ReadFromParquet`: linking and dead-row records need each row's position in
+    its file, which its records do not carry."""
+    return ReadShardFiles(previous_dir, "images", beam.ParDo(_ReadPreviousFile(previous_dir)))
 
 
 class _ReadPreviousFile(beam.DoFn):

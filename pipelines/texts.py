@@ -12,7 +12,7 @@ import schemas
 from . import storage
 from .catalog import CatalogRow
 from .config import FeaturizeConfig
-from .shards import Sharded
+from .shards import ReadShardFiles, Sharded
 
 NS = "featurize"
 
@@ -92,13 +92,14 @@ class TokenizeTexts(beam.DoFn):
             yield e._replace(item=row)
 
 
-@beam.ptransform_fn
-def ReadPreviousTexts(pbegin, previous_dir: str):  # noqa: N802 - a PTransform, named like one
-    """An earlier output's text files -> ((product_id, content_hash), row), read by the workers (`_check_previous`
-    validated their schema in the driver)."""
-    return (
-        pbegin
-        | "Read" >> beam.io.ReadFromParquet(storage.join(previous_dir, "texts-*.parquet"),
-                                            columns=list(schemas.TEXTS.names))
-        | "ByKey" >> beam.Map(lambda row: ((row["product_id"], row["content_hash"]), row))
-    )
+def ReadPreviousTexts(previous_dir: str) -> beam.PTransform:  # noqa: N802 - a PTransform, named like one
+    """An earlier output's text files -> ((product_id, content_hash), row), read by the workers."""
+    return ReadShardFiles(previous_dir, "texts", beam.FlatMap(previous_text_rows))
+
+
+def previous_text_rows(path: str):
+    """((product_id, content_hash), row) for every row of one of an earlier output's text files."""
+    with storage.open_read(path) as fh:
+        rows = schemas.read_table(fh, "texts", where=path).to_pylist()
+    for row in rows:
+        yield (row["product_id"], row["content_hash"]), row
