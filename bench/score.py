@@ -25,11 +25,7 @@ Figures, each measured in this one run on this machine:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -247,44 +243,6 @@ def bench_quality(tmp: Path, rt: Runtime, gallery: int, steps: int, ks: list[int
 
 
 # ============================================================================================ 4. Beam
-class WorkerPool:
-    """Beam's worker pool (`worker_pool_main`) in its own process group: each SDK worker a job asks for is a
-    separate process, as on Flink, Spark or Dataflow. The pool starts workers with `python` from PATH, so this
-    interpreter's folder leads PATH, and this checkout leads PYTHONPATH."""
-
-    def __init__(self):
-        with socket.socket() as sock:
-            sock.bind(("localhost", 0))
-            self.port = sock.getsockname()[1]
-        env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
-                   PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
-        self.log = tempfile.NamedTemporaryFile(prefix="beam-pool-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen([sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
-                                      f"--service_port={self.port}"], env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("localhost", self.port), timeout=1).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"the worker pool did not start; see {self.log.name}")
-                time.sleep(0.2)
-        self.args = ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=EXTERNAL",
-                     f"--environment_config=localhost:{self.port}"]
-
-    def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self.log.close()
-
-
 def sdk_workers(parent: int) -> dict[int, float]:
     """CPU seconds so far of each live SDK worker process under `parent` (the worker pool, or this process for the
     FnApiRunner's multi_processing mode, which starts each worker through `/bin/sh -c`)."""
@@ -336,6 +294,7 @@ def bench_beam(tmp: Path, features: str, model: str, n_pairs: int, per_image: in
     worker processes -> pairs/s each."""
     from fashionbert.rank import score_pairs
     from pipelines import score_pairs as beam_score_pairs
+    from pipelines import worker_pool
 
     print(f"\n== 4. cross-encoder through Beam (score-pairs' RunInference pipeline), {os.cpu_count()} cores ==")
     # Worker processes import this checkout's `pipelines` to unpickle the pipeline's steps.
@@ -373,7 +332,7 @@ def bench_beam(tmp: Path, features: str, model: str, n_pairs: int, per_image: in
 
     rates = {"in-process": measured("single process (score-pairs without Beam options), 1 torch thread",
                                     lambda: score_pairs.run(config("single.parquet")))}
-    pool = WorkerPool()
+    pool = worker_pool.start()
     try:
         # The embedded job server runs its FnApiRunner with one worker whatever --direct_num_workers says (Beam
         # 2.77's local_job_service does not pass the option on), so the pool serves this job one worker process.

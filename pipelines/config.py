@@ -22,6 +22,7 @@ class FeaturizeConfig:
     previous: str | None = None
     overwrite: bool = False
     compact: bool = False  # with --previous: rewrite every row instead of linking the previous run's image files
+    shared_filesystem: bool = False  # local paths are mounted at the same place on every worker (`execution`)
     # manifest column mapping
     id_column: str = "product_id"
     image_column: str = "image"
@@ -143,6 +144,11 @@ def add_arguments(parser: argparse.ArgumentParser, with_outputs: bool = True) ->
                         "the previous run's image files (which featurize also does by itself once too many of their "
                         "rows are dead)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r = parser.add_argument_group("runner (Beam's own options, e.g. --runner, pass through)")
+    r.add_argument("--shared-filesystem", action="store_true",
+                   help="on a runner whose workers run on other machines: the local catalog, output and previous "
+                        "folders are mounted at the same place on every worker (NFS, a bucket mount); without it "
+                        "such paths are refused")
 
 
 def config_from_args(args: argparse.Namespace, **io) -> FeaturizeConfig:
@@ -160,4 +166,5 @@ def config_from_args(args: argparse.Namespace, **io) -> FeaturizeConfig:
         patch_size=args.patch_size, precision=args.precision, batch_size=args.batch_size,
         max_pixels=args.max_pixels, backbone=args.backbone, max_text_len=args.max_text_len,
         images_per_shard=args.images_per_shard, compact=args.compact, progress=not args.no_progress,
+        shared_filesystem=args.shared_filesystem,
     )

@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import posixpath
 import time
 from importlib import metadata
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 import schemas
 from fashionbert.data import publish, storage
@@ -47,6 +45,7 @@ from . import images as img
 from . import texts as txt
 from .catalog import CatalogInfo, ReadCatalog, inspect_catalog
 from .config import FeaturizeConfig
+from .execution import check_paths_reach_workers, execution
 from .shards import AssignShards, WriteShardRows, shard_file_name
 
 PACKAGES = ("fashionbert-pipeline", "apache-beam", "torch", "torchvision", "transformers", "tokenizers", "pyarrow",
@@ -131,9 +130,12 @@ def build_pipeline(p: beam.Pipeline, cfg: FeaturizeConfig, info: CatalogInfo, st
                    torch_threads: int, progress_key: str | None) -> None:
     rows = p | "ReadCatalog" >> ReadCatalog(cfg, info)
     hashed = rows | "Hash" >> beam.ParDo(img.HashImages(cfg)).with_outputs(img.REJECTS, main="hashed")
-    prev_images = p | "PreviousImages" >> beam.Create(
-        list(img.previous_image_index(cfg.previous)) if cfg.previous else [])
-    prev_texts = p | "PreviousTexts" >> beam.Create(list(txt.previous_text_rows(cfg.previous)) if cfg.previous else [])
+    if cfg.previous:
+        prev_images = p | "PreviousImages" >> img.ReadPreviousImages(cfg.previous)
+        prev_texts = p | "PreviousTexts" >> txt.ReadPreviousTexts(cfg.previous)
+    else:
+        prev_images = p | "PreviousImages" >> beam.Create([])
+        prev_texts = p | "PreviousTexts" >> beam.Create([])
     image_rejects = (hashed.hashed, prev_images) | "Images" >> FeaturizeImages(cfg, staging, torch_threads, progress_key)
     valid = rows | "ValidText" >> beam.Filter(lambda r: r.problem is None)
     _ = (valid, prev_texts) | "Texts" >> FeaturizeTexts(cfg, staging)
@@ -158,9 +160,10 @@ def _check_previous(cfg: FeaturizeConfig) -> None:
     if not storage.is_complete(cfg.previous):
         raise UserError(f"--previous {cfg.previous}: not a complete featurize output (no _SUCCESS); point it at "
                         f"the last successful run or drop --previous")
-    for path in storage.glob(cfg.previous, "images-*.parquet")[:1]:
-        with storage.open_read(path) as fh:
-            schemas.read_schema(fh, "images", where=path)
+    for kind in ("images", "texts"):  # before starting: the workers read the files and check every one
+        for path in storage.glob(cfg.previous, f"{kind}-*.parquet")[:1]:
+            with storage.open_read(path) as fh:
+                schemas.read_schema(fh, kind, where=path)
 
 
 def finalize(staging: str, cfg: FeaturizeConfig) -> tuple[dict, dict]:
@@ -276,40 +279,26 @@ def _versions() -> dict:
     return out
 
 
-def pipeline_options(beam_args: list[str]) -> tuple[PipelineOptions, int]:
-    """Local FnApiRunner unless the user names a runner; torch threads = cores / local workers."""
-    args = list(beam_args)
-    if not any(a.startswith("--runner") for a in args):
-        args.append("--runner=FnApiRunner")
-    options = PipelineOptions(args)
-    runner = options.view_as(StandardOptions).runner or ""
-    direct = options.view_as(DirectOptions)
-    workers = direct.direct_num_workers or 1
-    if workers > 1 and not any(a.startswith("--direct_running_mode") for a in args):
-        # Threads, not processes: torch and Pillow release the GIL, and the CNN loads once per thread
-        # instead of once per process.
-        direct.direct_running_mode = "multi_threading"
-    local = runner in ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "PrismRunner")
-    cores = os.cpu_count() or 1
-    return options, max(1, cores // workers) if local else cores
-
-
 def run(cfg: FeaturizeConfig, beam_args: list[str] | None = None) -> dict:
     start = time.time()
     cfg.check()
     storage.check_target(cfg.out, cfg.overwrite)
     info = inspect_catalog(cfg)
     _check_previous(cfg)
+    where = execution(beam_args or [])
+    check_paths_reach_workers(where, {"--out": cfg.out, "--previous": cfg.previous,
+                                      "--catalog": None if info.kind == "synthetic" else cfg.catalog},
+                              cfg.shared_filesystem)
     _preflight(cfg)
-    options, torch_threads = pipeline_options(beam_args or [])
     run_id = publish.new_run_id()
     storage.clean_stale_staging(cfg.out)
     staging = storage.staging_path(cfg.out, run_id)
     storage.make_folder(staging)
-    progress_key = run_id if cfg.progress else None
+    # A bar here sees only work done in this process; other runners show the featurize/images_computed counter.
+    progress_key = run_id if cfg.progress and where.in_process else None
     try:
-        with beam.Pipeline(options=options) as p:
-            build_pipeline(p, cfg, info, staging, torch_threads, progress_key)
+        with beam.Pipeline(options=where.options) as p:
+            build_pipeline(p, cfg, info, staging, where.torch_threads, progress_key)
     finally:
         if progress_key:
             img.close_progress(progress_key)

@@ -23,7 +23,7 @@ from .catalog import CatalogRow
 from .config import FeaturizeConfig
 from .decode import decode_array, decode_image, fit_square
 from .rejects import Reject, RejectError
-from .shards import Sharded
+from .shards import ReadShardFiles, Sharded
 
 REJECTS = "rejects"
 LINKED = "linked"
@@ -420,21 +420,46 @@ class EmbedPatches(beam.DoFn):
             _shared_bar(self.progress_key, batch[0][0].total).update(len(batch))
 
 
-def previous_image_index(previous_dir: str):
-    """(image_id, PreviousImage) for every live row of an earlier output's image files (light columns only)."""
+LIGHT_COLUMNS = ["image_id", "product_id", "source", "content_hash"]  # what reconciling needs; never features
+
+
+def ReadPreviousImages(previous_dir: str) -> beam.PTransform:  # noqa: N802 - a PTransform, named like one
+    """An earlier output's image files -> (image_id, PreviousImage) for each live row, read by the workers (light
+    columns only, never features). Not `ReadFromParquet`: linking and dead-row records need each row's position in
+    its file, which its records do not carry."""
+    return ReadShardFiles(previous_dir, "images", beam.ParDo(_ReadPreviousFile(previous_dir)))
+
+
+class _ReadPreviousFile(beam.DoFn):
+    def __init__(self, previous_dir: str):
+        self.previous_dir = previous_dir
+
+    def setup(self):
+        self.dead = read_dead_record(self.previous_dir)
+
+    def process(self, path: str):
+        yield from previous_file_index(path, self.dead.get(posixpath.basename(path), ()))
+
+
+def read_dead_record(previous_dir: str) -> dict:
+    """image file name -> its dead rows, from an earlier output's `_dead_image_rows.parquet`."""
     from fashionbert.data.features import DEAD_IMAGE_ROWS, read_dead_rows
+
+    record = storage.join(previous_dir, DEAD_IMAGE_ROWS)
+    if not storage.exists(record):  # absent in folders of runs that linked nothing, or made before linking
+        return {}
+    with storage.open_read(record) as fh:
+        return read_dead_rows(fh, where=record)
+
+
+def previous_file_index(path: str, dead_rows):
+    """(image_id, PreviousImage) for every row of one image file not in `dead_rows` (light columns only)."""
     from schemas import read_table
 
-    dead: dict = {}
-    record = storage.join(previous_dir, DEAD_IMAGE_ROWS)
-    if storage.exists(record):  # absent in folders of runs that linked nothing, or made before linking
-        with storage.open_read(record) as fh:
-            dead = read_dead_rows(fh, where=record)
-    for path in storage.glob(previous_dir, "images-*.parquet"):
-        with storage.open_read(path) as fh:
-            table = read_table(fh, "images", columns=["image_id", "product_id", "source", "content_hash"], where=path)
-        gone = set(dead.get(posixpath.basename(path), np.zeros(0, np.int64)).tolist())
-        columns = [table.column(c).to_pylist() for c in ("image_id", "product_id", "source", "content_hash")]
-        for i, (iid, pid, src, chash) in enumerate(zip(*columns)):
-            if i not in gone:
-                yield iid, PreviousImage(chash, path, i, pid, src, table.num_rows)
+    with storage.open_read(path) as fh:
+        table = read_table(fh, "images", columns=LIGHT_COLUMNS, where=path)
+    gone = set(np.asarray(dead_rows, dtype=np.int64).tolist())
+    columns = [table.column(c).to_pylist() for c in LIGHT_COLUMNS]
+    for i, (iid, pid, src, chash) in enumerate(zip(*columns)):
+        if i not in gone:
+            yield iid, PreviousImage(chash, path, i, pid, src, table.num_rows)

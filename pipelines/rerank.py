@@ -34,7 +34,6 @@ from fashionbert.rank.cross_encoder import CrossEncoderScorer, PairScorer
 from fashionbert.rank.embeddings import DualEncoder, embed_items
 from fashionbert.runtime import Runtime, resolve_runtime
 
-from .featurize import pipeline_options  # noqa: F401 - the runner and torch threads, as featurize reads them
 
 # Directions of a retrieval block's recall cosines (columns of PairBlock.cosines).
 T2I, I2T = 0, 1

@@ -26,8 +26,9 @@ from fashionbert.errors import UserError
 from fashionbert.rank import retrieve as single
 from fashionbert.rank.neighbours import NeighbourIndex, choose_kind
 
+from .execution import execution
 from .rerank import (I2T, T2I, Chunk, ContextDoFn, Embed, PairBlock, ScoreBlocks, ScoringSpec, check_beam_args,
-                     check_model, pipeline_options, spec_for)
+                     check_model, spec_for)
 
 CHUNK = 2048  # texts or images per embedding / search / top-K task
 HANDOFF = "_beam_run.json"  # the writer's facts for the driver's _run.json; removed before publishing
@@ -176,13 +177,13 @@ def run(config: single.RetrieveConfig, beam_args: list[str], chunk: int = CHUNK)
     check_model(config.model)
     out = storage.resolve(config.out, "--out")
     storage.check_target(out, config.overwrite)
-    options, threads = pipeline_options(beam_args)
-    spec = spec_for(config, run_id, threads)
+    where = execution(beam_args)
+    spec = spec_for(config, run_id, where.torch_threads)
     storage.clean_stale_staging(out)
     staging = storage.staging_path(out, run_id)
     storage.make_folder(staging)
     t0 = time.perf_counter()
-    with beam.Pipeline(options=options) as p:
+    with beam.Pipeline(options=where.options) as p:
         build_pipeline(p, spec, config, staging, chunk)
     seconds = {"pipeline": time.perf_counter() - t0}
     handoff = storage.join(staging, HANDOFF)

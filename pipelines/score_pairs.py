@@ -23,8 +23,8 @@ from fashionbert.data.publish import new_run_id
 from fashionbert.rank import score_pairs as single
 from fashionbert.rank.cross_encoder import probability
 
-from .rerank import (ContextDoFn, PairBlock, ScoreBlocks, ScoringSpec, check_beam_args, check_model, pipeline_options,
-                     spec_for)
+from .execution import execution
+from .rerank import ContextDoFn, PairBlock, ScoreBlocks, ScoringSpec, check_beam_args, check_model, spec_for
 
 
 class ReadPairs(ContextDoFn):
@@ -97,9 +97,9 @@ def run(config: single.ScorePairsConfig, beam_args: list[str]) -> dict:
     check_model(config.model)
     pairs = storage.resolve(config.pairs, "--pairs")
     single.check_pairs(pairs)
-    options, threads = pipeline_options(beam_args)
-    spec = spec_for(config, new_run_id(), threads)
-    with beam.Pipeline(options=options) as p:
+    where = execution(beam_args)
+    spec = spec_for(config, new_run_id(), where.torch_threads)
+    with beam.Pipeline(options=where.options) as p:
         build_pipeline(p, spec, pairs, outputs, t_start)
     summary = json.loads(storage.read_text(handoff(outputs.out, spec.run_id)))
     storage.delete(handoff(outputs.out, spec.run_id))

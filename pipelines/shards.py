@@ -67,6 +67,20 @@ class AssignShards(beam.PTransform):
         )
 
 
+@beam.ptransform_fn
+def ReadShardFiles(pbegin, folder: str, kind: str, read: beam.PTransform):  # noqa: N802 - a PTransform
+    """An output folder's `{kind}-*.parquet` files -> what `read` makes of each path. The workers list and read the
+    files (one per element, spread over them) through `storage`, so nothing of them passes through the driver or
+    the job graph."""
+    return (
+        pbegin
+        | "Folder" >> beam.Create([folder])
+        | "List" >> beam.FlatMap(lambda f: storage.glob(f, f"{kind}-*.parquet"))
+        | "Spread" >> beam.Reshuffle()
+        | "Read" >> read
+    )
+
+
 def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     arrays = []
     for field in schema:

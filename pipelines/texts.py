@@ -7,11 +7,12 @@ import hashlib
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+import schemas
 from fashionbert.data import storage
 
 from .catalog import CatalogRow
 from .config import FeaturizeConfig
-from .shards import Sharded
+from .shards import ReadShardFiles, Sharded
 
 NS = "featurize"
 
@@ -91,12 +92,14 @@ class TokenizeTexts(beam.DoFn):
             yield e._replace(item=row)
 
 
-def previous_text_rows(previous_dir: str):
-    """((product_id, content_hash), row) for every row of an earlier output's text shards."""
-    from schemas import read_table
+def ReadPreviousTexts(previous_dir: str) -> beam.PTransform:  # noqa: N802 - a PTransform, named like one
+    """An earlier output's text files -> ((product_id, content_hash), row), read by the workers."""
+    return ReadShardFiles(previous_dir, "texts", beam.FlatMap(previous_text_rows))
 
-    for path in storage.glob(previous_dir, "texts-*.parquet"):
-        with storage.open_read(path) as fh:
-            rows = read_table(fh, "texts", where=path).to_pylist()
-        for row in rows:
-            yield (row["product_id"], row["content_hash"]), row
+
+def previous_text_rows(path: str):
+    """((product_id, content_hash), row) for every row of one of an earlier output's text files."""
+    with storage.open_read(path) as fh:
+        rows = schemas.read_table(fh, "texts", where=path).to_pylist()
+    for row in rows:
+        yield (row["product_id"], row["content_hash"]), row

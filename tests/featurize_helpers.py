@@ -1,4 +1,4 @@
-"""Shared helpers for featurize tests: run the pipeline in-process on the FnApiRunner and read outputs."""
+"""Shared helpers for featurize tests: run the pipeline (in-process on the FnApiRunner by default) and read outputs."""
 from __future__ import annotations
 
 import csv
@@ -18,9 +18,10 @@ HM_COLUMNS = dict(id_column="article_id", text_columns=("prod_name", "colour_gro
                   group_column="product_code")
 
 
-def featurize(catalog: str, out: str, **kw) -> dict:
+def featurize(catalog: str, out: str, beam_args: list[str] | None = None, **kw) -> dict:
+    """One featurize run, on the in-process FnApiRunner unless `beam_args` name another runner."""
     cfg = FeaturizeConfig(catalog=str(catalog), out=str(out), progress=False, **kw)
-    return run(cfg, ["--runner=FnApiRunner"])
+    return run(cfg, beam_args or ["--runner=FnApiRunner"])
 
 
 def read_kind(out: str, kind: str) -> pa.Table:

@@ -4,6 +4,7 @@ once per worker process and shared by its threads; Beam options pass through the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import numpy as np
@@ -80,6 +81,22 @@ def test_beam_retrieve_equals_the_single_process_tables(tmp_path, features, mode
     for key in ("model", "features", "index_used", "recall_embedding", "ranking_score", "counts"):
         assert on_disk[key] == want_summary[key] == got_summary[key], key
     assert on_disk["beam_options"] == [FN_API, *workers]
+
+
+def test_beam_retrieve_and_score_pairs_on_the_portable_runner(tmp_path, features, model_dir, portable_pipeline_args):
+    """Workers in the worker pool's processes (the path Flink, Spark and Dataflow take): same outputs."""
+    config = _retrieve_config(features, model_dir, tmp_path / "single", "--top-k", 3, "--recall-k", 5)
+    retrieve.run(config)
+    beam_retrieve.run(dataclasses.replace(config, out=str(tmp_path / "beam")), portable_pipeline_args, chunk=16)
+    _assert_same_tables(_tables(tmp_path / "beam"), _tables(tmp_path / "single"))
+    pq.write_table(pa.table({"product_id": ["p00003", "zzz", "p00005"], "image_id": ["p00003-1", "p00001-0",
+                                                                                     "p00000-0"]}), tmp_path / "p.parquet")
+    common = ("--features", features, "--model", model_dir, "--pairs", tmp_path / "p.parquet")
+    want = score_pairs.run(_score_config(*common, "--out", tmp_path / "single.parquet"))
+    got = beam_score_pairs.run(_score_config(*common, "--out", tmp_path / "beam.parquet"), portable_pipeline_args)
+    assert got["scored"] == want["scored"] == 2 and got["rejected"] == 1
+    np.testing.assert_allclose(pq.read_table(tmp_path / "beam.parquet").column("score").to_numpy(),
+                               pq.read_table(tmp_path / "single.parquet").column("score").to_numpy(), atol=1e-5)
 
 
 def test_the_model_is_loaded_once_per_process_and_shared(tmp_path, features, model_dir, monkeypatch):

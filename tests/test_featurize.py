@@ -234,6 +234,22 @@ def test_sdist_ships_the_code_packages(tmp_path):
         assert any(n.endswith(module) for n in names), module
 
 
+def test_worker_image_matches_setup_py():
+    """Dockerfile.worker is built by hand (no docker in CI): its base must carry the Beam version setup.py pins, and
+    it must copy every package setup.py installs."""
+    import re
+
+    with open(os.path.join(ROOT, "Dockerfile.worker")) as fh:
+        dockerfile = fh.read()
+    with open(os.path.join(ROOT, "setup.py")) as fh:
+        setup_py = fh.read()
+    beam = re.search(r'"apache-beam==([\d.]+)"', setup_py).group(1)
+    assert re.search(rf"^FROM apache/beam_python3\.\d+_sdk:{re.escape(beam)}$", dockerfile, re.M)
+    packages = set(re.findall(r'"(\w+)"', re.search(r"find_packages\(include=\[(.*?)\]", setup_py).group(1)))
+    assert set(re.findall(r"^COPY (\S+) ", dockerfile, re.M)) == {"setup.py", *packages}
+    assert "RUN pip install --no-cache-dir ." in dockerfile
+
+
 def test_two_local_worker_threads_give_the_same_rows(tmp_path):
     from pipelines.config import FeaturizeConfig
     from pipelines.featurize import run

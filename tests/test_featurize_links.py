@@ -7,10 +7,12 @@ import errno
 import os
 import shutil
 
+import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from apache_beam.testing.util import assert_that, equal_to
 
 import schemas
 from fashionbert.data import synth
@@ -163,7 +165,8 @@ def test_readers_skip_dead_rows_and_refuse_a_record_of_missing_files(tmp_path):
     index = index_images([opened], load_texts([opened]))
     assert len(index) == 5 and dead_id not in index.image_ids
     assert dead_id not in read_catalog_info([str(folder)])[2]
-    assert dead_id not in dict(img.previous_image_index(str(folder)))
+    with beam.Pipeline(runner="FnApiRunner") as p:  # what featurize's workers read as --previous rows
+        assert_that(p | img.ReadPreviousImages(str(folder)) | beam.Keys(), equal_to(index.image_ids))
     _mark_dead(folder, "images-00009-of-00010.parquet", [0])
     with pytest.raises(UserError, match=DEAD_IMAGE_ROWS):
         open_feature_folder(folder)
