@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Sequence
 
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, PortableOptions, StandardOptions
 
@@ -62,6 +63,16 @@ def _embedded_on_this_machine(portable: PortableOptions) -> bool:
         address = portable.lookup_environment_option("external_service_address") or portable.environment_config or ""
         return address.rsplit(":", 1)[0] in LOCAL_HOSTS
     return False
+
+
+SHARED_FILESYSTEM = "--shared-filesystem"
+
+
+def take_shared_filesystem(beam_args: Sequence[str]) -> tuple[bool, list[str]]:
+    """retrieve's and score-pairs' `--shared-filesystem` (featurize's is in its own config): whether it was given,
+    and the Beam arguments without it."""
+    rest = [a for a in beam_args if a != SHARED_FILESYSTEM]
+    return len(rest) != len(beam_args), rest
 
 
 def check_paths_reach_workers(run: Execution, paths: dict[str, str | None], shared_filesystem: bool) -> None:

@@ -34,6 +34,8 @@ from fashionbert.rank.cross_encoder import CrossEncoderScorer, PairScorer
 from fashionbert.rank.embeddings import DualEncoder, embed_items
 from fashionbert.runtime import Runtime, resolve_runtime
 
+from .execution import take_shared_filesystem
+
 
 # Directions of a retrieval block's recall cosines (columns of PairBlock.cosines).
 T2I, I2T = 0, 1
@@ -48,7 +50,7 @@ def unknown_beam_args(beam_args: Sequence[str]) -> str | None:
     parser = _BeamArgumentParser(allow_abbrev=False)
     for cls in PipelineOptions.__subclasses__():
         cls._add_argparse_args(parser)  # noqa: SLF001 - how PipelineOptions itself collects every option
-    _, unknown = parser.parse_known_args(list(beam_args))
+    _, unknown = parser.parse_known_args(take_shared_filesystem(beam_args)[1])
     if not unknown:
         return None
     flags = [a for a in unknown if a.startswith("-")] or unknown
@@ -88,6 +90,13 @@ def spec_for(config, run_id: str, threads: int) -> ScoringSpec:
                        tuple(storage.resolve(p, "--features") for p in config.features), config.device,
                        config.precision, config.num_threads or threads, config.batch_tokens, config.block_images,
                        run_id, f"fashionbert-scoring-{run_id}-{uuid.uuid4().hex}")
+
+
+def worker_paths(config, **paths: str | None) -> dict[str, str | None]:
+    """The paths a scoring pipeline's workers open, by option, for `check_paths_reach_workers`."""
+    local_features = [f for f in config.features if not storage.is_remote(f)]
+    named = {"--model": config.model, "--features": " ".join(local_features) or None}
+    return named | {f"--{name}": path for name, path in paths.items()}
 
 
 def check_model(model: str) -> None:

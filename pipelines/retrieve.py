@@ -26,9 +26,9 @@ from fashionbert.errors import UserError
 from fashionbert.rank import retrieve as single
 from fashionbert.rank.neighbours import NeighbourIndex, choose_kind
 
-from .execution import execution
+from .execution import check_paths_reach_workers, execution, take_shared_filesystem
 from .rerank import (I2T, T2I, Chunk, ContextDoFn, Embed, PairBlock, ScoreBlocks, ScoringSpec, check_beam_args,
-                     check_model, spec_for)
+                     check_model, spec_for, worker_paths)
 
 CHUNK = 2048  # texts or images per embedding / search / top-K task
 HANDOFF = "_beam_run.json"  # the writer's facts for the driver's _run.json; removed before publishing
@@ -171,6 +171,7 @@ def run(config: single.RetrieveConfig, beam_args: list[str], chunk: int = CHUNK)
     t_start = time.time()
     run_id = single.check_config(config)
     check_beam_args(beam_args, "retrieve")
+    shared_filesystem, beam_args = take_shared_filesystem(beam_args)
     if config.score_cache or config.save_scores:
         raise UserError("--score-cache and --save-scores work in the single-process retrieve only (run it without "
                         "Beam options); with a Beam runner every pair is scored")
@@ -178,6 +179,7 @@ def run(config: single.RetrieveConfig, beam_args: list[str], chunk: int = CHUNK)
     out = storage.resolve(config.out, "--out")
     storage.check_target(out, config.overwrite)
     where = execution(beam_args)
+    check_paths_reach_workers(where, worker_paths(config, out=out), shared_filesystem)
     spec = spec_for(config, run_id, where.torch_threads)
     storage.clean_stale_staging(out)
     staging = storage.staging_path(out, run_id)

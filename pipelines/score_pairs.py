@@ -23,8 +23,9 @@ from fashionbert.data.publish import new_run_id
 from fashionbert.rank import score_pairs as single
 from fashionbert.rank.cross_encoder import probability
 
-from .execution import execution
-from .rerank import ContextDoFn, PairBlock, ScoreBlocks, ScoringSpec, check_beam_args, check_model, spec_for
+from .execution import check_paths_reach_workers, execution, take_shared_filesystem
+from .rerank import (ContextDoFn, PairBlock, ScoreBlocks, ScoringSpec, check_beam_args, check_model, spec_for,
+                     worker_paths)
 
 
 class ReadPairs(ContextDoFn):
@@ -93,11 +94,14 @@ def build_pipeline(p: beam.Pipeline, spec: ScoringSpec, pairs: str, outputs: sin
 def run(config: single.ScorePairsConfig, beam_args: list[str]) -> dict:
     t_start = time.time()
     check_beam_args(beam_args, "score-pairs")
+    shared_filesystem, beam_args = take_shared_filesystem(beam_args)
     outputs = single.check_outputs(config)
     check_model(config.model)
     pairs = storage.resolve(config.pairs, "--pairs")
     single.check_pairs(pairs)
     where = execution(beam_args)
+    check_paths_reach_workers(where, worker_paths(config, pairs=pairs, out=outputs.out, rejects=outputs.rejects),
+                              shared_filesystem)
     spec = spec_for(config, new_run_id(), where.torch_threads)
     with beam.Pipeline(options=where.options) as p:
         build_pipeline(p, spec, pairs, outputs, t_start)

@@ -178,3 +178,25 @@ def test_beam_runs_refuse_the_score_cache(tmp_path, features, model_dir):
         beam_retrieve.run(config, [FN_API])
     with pytest.raises(UserError, match=r"unrecognized arguments: --runer=FnApiRunner .*neither a `fashionbert retrieve`"):
         beam_retrieve.run(_retrieve_config(features, model_dir, tmp_path / "r"), ["--runer=FnApiRunner"])
+
+
+def test_local_paths_are_refused_where_workers_run_on_other_machines(tmp_path, features, model_dir):
+    """Dataflow's workers do not see this machine's disk: the run stops before any work, naming each local path and
+    the fix; --shared-filesystem vouches for a mount (the run then gets as far as Beam's own Dataflow checks)."""
+    dataflow = ["--runner=DataflowRunner", "--project=p", "--region=r", "--temp_location=gs://b/tmp"]
+    config = _retrieve_config(features, model_dir, tmp_path / "r")
+    with pytest.raises(UserError) as refused:
+        beam_retrieve.run(config, dataflow)
+    message = str(refused.value)
+    assert f"--model {model_dir}" in message and f"--features {features}" in message and "--out" in message
+    assert "gs://" in message and "--shared-filesystem" in message and "\n" not in message
+    assert not (tmp_path / "r").exists() and not list(tmp_path.glob("r.staging-*"))
+    parser = argparse.ArgumentParser()
+    score_pairs.add_arguments(parser)
+    pairs_config = score_pairs.config_from_args(parser.parse_args([
+        "--features", str(features), "--model", str(model_dir), "--pairs", str(tmp_path / "p.csv"),
+        "--out", "gs://b/scored.csv"]))
+    (tmp_path / "p.csv").write_text("product_id,image_id\n")
+    with pytest.raises(UserError, match=f"--pairs {tmp_path / 'p.csv'}"):
+        beam_score_pairs.run(pairs_config, dataflow)
+    assert rerank.unknown_beam_args(["--shared-filesystem", *dataflow]) is None  # the CLI lets it through

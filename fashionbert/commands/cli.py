@@ -54,7 +54,9 @@ BEAM_STAGES = {"featurize": "pipelines.featurize", "retrieve": "pipelines.retrie
                "score-pairs": "pipelines.score_pairs"}
 BEAM_EPILOG = ("Options this stage does not know are Beam's (--runner, --direct_num_workers, --project, "
                "--setup_file, ...): with any of them it runs as a Beam pipeline whose workers read the features and "
-               "the model themselves; without, in this process.")
+               "the model themselves; without, in this process. With workers on other machines every path must be a "
+               "URI they can reach (gs://, s3://), or pass --shared-filesystem when the local paths are mounted at "
+               "the same place on every worker.")
 DISTRIBUTION = "fashionbert-pipeline"  # setup.py's name
 # The config fields a stage's start line names: what it reads and where it writes.
 IO_FIELDS = ("catalog", "previous", "features", "model", "pairs", "retrieval", "metrics", "training", "out")
