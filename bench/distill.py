@@ -28,6 +28,7 @@ from bench.quality import figures  # noqa: E402
 from bench.score import scorer_pairs_per_s, throughput_inputs  # noqa: E402
 from fashionbert.errors import UserError  # noqa: E402
 from fashionbert.evaluation.evaluate import EvaluateConfig, run as evaluate  # noqa: E402
+from fashionbert.logs import setup_logging  # noqa: E402
 from fashionbert.model.loading import load_model  # noqa: E402
 from fashionbert.runtime import resolve_runtime  # noqa: E402
 from fashionbert.train import checkpoint as ckpt  # noqa: E402
@@ -156,6 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    setup_logging()
     try:
         record = run(a)
     except UserError as exc:
