@@ -175,4 +175,6 @@ def test_bad_options_are_refused_with_one_clear_message(tmp_path, teacher_dir):
     with pytest.raises(UserError, match="--teacher .*no config.json"):
         (tmp_path / "empty").mkdir()
         distill.run(config(tmp_path / "empty", tmp_path / "d"))
-    assert distill.main(["--teacher", str(tmp_path / "missing"), "--layers", "1", "--out", str(tmp_path / "e")]) == 2
+    from fashionbert.commands.cli import main
+
+    assert main(["distill", "--teacher", str(tmp_path / "missing"), "--layers", "1", "--out", str(tmp_path / "e")]) == 2

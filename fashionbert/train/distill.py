@@ -33,9 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
-import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +50,6 @@ from fashionbert.train import config as train_config
 from fashionbert.train.config import TrainConfig
 from fashionbert.train.state import Objective, TrainState, TrainingData
 from fashionbert.train.step import step_seed
-
-logger = logging.getLogger(__name__)
 
 TASKS = ("kd_tia", "kd_itc", "kd_emb")
 # Options a --resume must keep besides train's (state.RESUME_MUST_MATCH).
@@ -196,6 +191,8 @@ class Distillation:
 
     def micro_step(self, state: TrainState, rt: Runtime, batch: Batch, last: bool):
         """Forward and backward of one micro-batch -> (per-task losses, weights, n (zeros), mined rows)."""
+        if rt.distributed:  # the student's passes do not go through a DDP wrapper's forward
+            raise UserError("distill runs in one process: start it without torchrun")
         torch.manual_seed(step_seed(state.config.seed, rt.rank, batch.index))  # dropout: same draws on resume
         losses, mined = self.losses(state.model, batch, rt)
         total = sum(float(w) * losses[t] for w, t in zip(self.weights, self.tasks))
@@ -298,21 +295,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train_config.add_pair_arguments(g)
     train_config.add_schedule_arguments(parser)
     train_config.add_runtime_and_validation_arguments(parser)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from fashionbert.logs import setup_logging
-
-    parser = argparse.ArgumentParser(prog="fashionbert distill", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    config = config_from_args(parser.parse_args(argv))
-    setup_logging()
-    try:
-        summary = run(config)
-    except UserError as exc:
-        print(f"fashionbert distill: error: {exc}", file=sys.stderr)
-        return 2
-    if summary:
-        print(json.dumps({k: summary[k] for k in ("final_step", "model_dir", "validation", "teacher_layers")},
-                         sort_keys=True))
-    return 0

@@ -49,7 +49,7 @@ def run(config: TrainConfig, on_step: Callable[[int], None] | None = None,
         state = build_state(config, rt, objective)
         _log_start(state, rt)
         log = TrainingLog(state.out, state.tasks, state.step, state.total_steps, state.resumed_from is not None,
-                          rt.main, config.progress, t_start)
+                          rt.main, config.progress, t_start, state.objective.name)
         try:
             train(state, rt, log, on_step)
         finally:
