@@ -75,12 +75,13 @@ def timed(fn, *a, **kw):
 def throughput_inputs(tmp: Path, n_pairs: int):
     """Real shapes for the throughput measurement: texts of ~45 tokens, 8x8 x 1286 features, 8 pairs per image as in
     a re-rank -> (text ids, features, pairs (text, image))."""
-    features = write_fake_features(tmp / "minilm-features", n_products=96, feature_dim=FEATURE_DIM, n_image_shards=1,
-                                   row_group_size=96, extra_words=40)
+    images_used = max(1, n_pairs // 8)
+    n_products = max(96, images_used)
+    features = write_fake_features(tmp / "minilm-features", n_products=n_products, feature_dim=FEATURE_DIM,
+                                   n_image_shards=1, row_group_size=n_products, extra_words=40)
     texts, _, _, feats = load_all(features)
     text_ids = [t[0] for t in texts.input_ids]
     rng = np.random.default_rng(0)
-    images_used = max(1, n_pairs // 8)
     pairs = np.stack([rng.integers(0, len(text_ids), n_pairs), rng.integers(0, images_used, n_pairs)], axis=1)
     return text_ids, feats, pairs
 
