@@ -1,16 +1,18 @@
 """Distillation benchmark: README's "A faster cross-encoder" table in one command. Prints figures; asserts nothing.
 
-    python bench/distill.py --teacher /work/q/train-halves/model --work DIR [--layers 3,2,1] [--steps 120]
+    python bench/distill.py --teacher /work/q/train-halves/model --work DIR [--layers 2,3,1] [--steps 60]
 
-For each student size, the same budget: `fashionbert distill --teacher T --layers N` (train's batches and schedule,
---steps x --batch-size positives) into WORK/student-N (resumed when a run there was cut short, reused when it
-finished). Then, for the teacher and every student:
+For each student size in --layers order, the same budget: `fashionbert distill --teacher T --layers N` (train's
+batches and schedule, --steps x --batch-size positives) into WORK/student-N (resumed when a run there was cut short,
+reused when it finished), then its evaluation (the teacher's after the first student's distillation). Then, for the
+teacher and every student:
 - cross-encoder pairs/s: bench/score.py's measurement (`CrossEncoderScorer` on real shapes, 8 pairs per image),
   --rounds rounds round-robin over the models, best round kept (the machine is shared: the best round is the least
   disturbed one, and round-robin spreads a slow spell over all models);
 - sample-100 Rank@1/5/10 both ways by each model's ranking score on the teacher's held-out products: `fashionbert
-  evaluate` as bench/quality.py runs it (one draw, seed 0), --queries queries, no full gallery.
-Prints a markdown table and writes WORK/distill-bench.json.
+  evaluate` as bench/quality.py runs it (one draw, seed 0), --queries queries, no full gallery (an evaluation of
+  the same model version and query count is reused).
+Prints a markdown table and writes WORK/distill-bench.json (after every stage, so a cut run leaves what it measured).
 """
 from __future__ import annotations
 

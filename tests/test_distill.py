@@ -3,7 +3,6 @@ on held-out pairs, its folder is an ordinary model folder (load_model, AutoModel
 exactly, and bad options are refused with one clear message."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
