@@ -81,22 +81,36 @@ def timed(fn, *a, **kw):
 
 
 # ============================================================================================ 1. throughput
-def bench_throughput(tmp: Path, rt: Runtime, n_pairs: int):
-    print("\n== 1. cross-encoder throughput (packaged MiniLM, 8x8 x 1286 features (CNN + colour)) ==")
-    features = write_fake_features(tmp / "minilm-features", n_products=96, feature_dim=FEATURE_DIM, n_image_shards=1,
-                                   row_group_size=96, extra_words=40)
-    texts, index, _, feats = load_all(features)
-    model = FashionBertModel.from_pretrained_backbone(FashionBertConfig(feature_dim=FEATURE_DIM)).eval()
-    cfg = model.config
-    text_ids = [t[0] for t in texts.input_ids]
-    lengths = np.array([min(len(t), cfg.max_text_len) for t in text_ids])
-    rng = np.random.default_rng(0)
+def throughput_inputs(tmp: Path, n_pairs: int):
+    """Real shapes for the throughput measurement: texts of ~45 tokens, 8x8 x 1286 features, 8 pairs per image as in
+    a re-rank -> (text ids, features, pairs (text, image))."""
     images_used = max(1, n_pairs // 8)
+    n_products = max(96, images_used)
+    features = write_fake_features(tmp / "minilm-features", n_products=n_products, feature_dim=FEATURE_DIM,
+                                   n_image_shards=1, row_group_size=n_products, extra_words=40)
+    texts, _, _, feats = load_all(features)
+    text_ids = [t[0] for t in texts.input_ids]
+    rng = np.random.default_rng(0)
     pairs = np.stack([rng.integers(0, len(text_ids), n_pairs), rng.integers(0, images_used, n_pairs)], axis=1)
+    return text_ids, feats, pairs
+
+
+def scorer_pairs_per_s(model: FashionBertModel, rt: Runtime, text_ids, feats, pairs) -> tuple[float, CrossEncoderScorer]:
+    """`CrossEncoderScorer`'s pairs/s on these pairs, after a warm-up on 64 of them -> (rate, the scorer)."""
     scorer = CrossEncoderScorer(model, rt)
     scorer.score(text_ids, ArrayImages(feats), pairs[:64])  # warm-up
     _, seconds = timed(scorer.score, text_ids, ArrayImages(feats), pairs)
-    rate = n_pairs / seconds
+    return len(pairs) / seconds, scorer
+
+
+def bench_throughput(tmp: Path, rt: Runtime, n_pairs: int):
+    print("\n== 1. cross-encoder throughput (packaged MiniLM, 8x8 x 1286 features (CNN + colour)) ==")
+    text_ids, feats, pairs = throughput_inputs(tmp, n_pairs)
+    model = FashionBertModel.from_pretrained_backbone(FashionBertConfig(feature_dim=FEATURE_DIM)).eval()
+    cfg = model.config
+    lengths = np.array([min(len(t), cfg.max_text_len) for t in text_ids])
+    images_used = max(1, n_pairs // 8)  # as throughput_inputs draws them
+    rate, scorer = scorer_pairs_per_s(model, rt, text_ids, feats, pairs)
     mean_len = float(lengths[pairs[:, 0]].mean())
     per_pair = encoder_flops(cfg, mean_len + cfg.num_patches)
     executed = per_pair + patch_projection_flops(cfg) * images_used / n_pairs

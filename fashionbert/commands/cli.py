@@ -27,6 +27,8 @@ STAGES = {
     "featurize": ("pipelines.config", "pipelines.featurize", "catalog -> Parquet feature shards (Apache Beam)"),
     "train": ("fashionbert.train.config", "fashionbert.train.trainer",
               "train FashionBERT on featurize outputs (PyTorch)"),
+    "distill": ("fashionbert.train.distill", "fashionbert.train.distill",
+                "a student with fewer encoder layers trained on a teacher's scores (faster re-ranking)"),
     "fuse": ("fashionbert.evaluation.fit_fusion", "fashionbert.evaluation.fit_fusion",
              "fit a model folder's ranking score (TIA margin + itc cosine) on held-out products"),
     "score-pairs": ("fashionbert.rank.score_pairs", "fashionbert.rank.score_pairs",
@@ -118,7 +120,7 @@ def _counts(command: str, result: dict) -> str:
         images = c.get("images", {})
         return (f"{c.get('input_rows')} catalog rows -> {c.get('accepted_images')} images ({images.get('computed')} "
                 f"computed, {images.get('carried')} carried), {c.get('texts')} texts, {c.get('rejected_rows')} rejects")
-    if command == "train":
+    if command in ("train", "distill"):
         return (f"step {get('final_step')}/{get('total_steps')}, {get('train_images')} training images, "
                 f"{get('validation_images')} held out")
     if command == "retrieve":

@@ -153,6 +153,10 @@ class FashionBertOutput:
     tia_logits: torch.Tensor
     sequence_output: torch.Tensor
     mined: int = 0  # TIA negatives mined from the itc similarity and added to the batch
+    # The joint pass's rows (input_ids, attention_mask, patch_features) with the mined negatives appended, and the
+    # itc vectors (text, image) of the aligned rows: what a distilled student is fed and matched against.
+    joint_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    itc_vectors: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclasses.dataclass
@@ -465,7 +469,9 @@ class FashionBertModel(PreTrainedModel):
             losses["tia"] = alignment_loss(tia_logits, tia_labels.long())
         if itc_loss is not None:
             losses["itc"] = itc_loss
-        return FashionBertOutput(losses=losses, tia_logits=tia_logits, sequence_output=sequence_output, mined=mined)
+        return FashionBertOutput(losses=losses, tia_logits=tia_logits, sequence_output=sequence_output, mined=mined,
+                                 joint_inputs=(input_ids, attention_mask, patch_features),
+                                 itc_vectors=(state.text_vec, state.image_vec) if state is not None else None)
 
     def _contrastive(self, input_ids, attention_mask, patch_features, tia_labels, mlm_labels, groups=None,
                      queue: EmbeddingQueue | None = None) -> tuple[torch.Tensor, ContrastiveState | None]:

@@ -76,6 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _data_arguments(parser)
     _model_arguments(parser)
     _optimisation_arguments(parser)
+    add_runtime_and_validation_arguments(parser)
+
+
+def add_runtime_and_validation_arguments(parser: argparse.ArgumentParser) -> None:
+    """Device, precision, threads, prefetch, and validation/checkpoint/progress options (train's and distill's)."""
     _runtime_arguments(parser)
     _validation_arguments(parser)
 
@@ -92,6 +97,13 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
                         "products of one group stay together; deterministic (default 0.05)")
     g.add_argument("--split-seed", type=int, default=D.split_seed,
                    help="salt of the train/validation hash; keep it fixed to compare runs (default 0)")
+    g.add_argument("--max-text-len", type=int, default=D.max_text_len,
+                   help="max text tokens incl. [CLS]/[SEP] (default: featurize's max_text_len, else 64)")
+    add_pair_arguments(g)
+
+
+def add_pair_arguments(g: argparse._ArgumentGroup) -> None:
+    """The options of the pairs a batch holds (train's and distill's)."""
     g.add_argument("--neg-ratio", type=int, default=D.neg_ratio,
                    help="negative pairs per positive pair, each the positive's image with another product's "
                         "text or its text with another product's image (default 1)")
@@ -106,8 +118,6 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--hard-neg-temperature", type=float, default=D.hard_neg_temperature,
                    help="temperature of the mined negatives' softmax; 0 = the itc head's learned temperature "
                         "(default 0)")
-    g.add_argument("--max-text-len", type=int, default=D.max_text_len,
-                   help="max text tokens incl. [CLS]/[SEP] (default: featurize's max_text_len, else 64)")
     g.add_argument("--shuffle-window", type=int, default=D.shuffle_window,
                    help="images per shuffle window: the stream reads this many images at a time, shuffles "
                         "them, and draws image negatives from them; memory ~ window x 160 KB (default 512)")
@@ -150,7 +160,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="mask WordPiece tokens independently instead of whole words")
 
 
-def _optimisation_arguments(parser: argparse.ArgumentParser) -> None:
+def add_schedule_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Length, batch and AdamW options (train's and distill's); -> the group, for train's own to join."""
     g = parser.add_argument_group("optimisation")
     length = g.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=D.steps, help="optimizer steps to train for")
@@ -167,6 +178,12 @@ def _optimisation_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=D.weight_decay,
                    help="AdamW weight decay, not applied to biases and LayerNorm weights (default 0.01)")
     g.add_argument("--clip-grad", type=float, default=D.clip_grad, help="gradient norm clipping, 0 = off (default 1.0)")
+    g.add_argument("--seed", type=int, default=D.seed, help="seed of initialisation, data order, masks, dropout (default 0)")
+    return g
+
+
+def _optimisation_arguments(parser: argparse.ArgumentParser) -> None:
+    g = add_schedule_arguments(parser)
     g.add_argument("--tia-warmup", type=float, default=D.tia_warmup,
                    help="first steps (>= 1) or fraction of all steps (< 1) that train the matching tasks alone "
                         "(TIA, and itc when on, equal weights) on unmasked pairs before MLM and MPM join. Why: text-image matching starts on a plateau where TIA's gradient "
@@ -177,7 +194,6 @@ def _optimisation_arguments(parser: argparse.ArgumentParser) -> None:
                         "adaptive-grad = n from each task's share of the squared gradient norm on the last "
                         "encoder layer's FFN output weight (the paper); adaptive-loss = n = softmax(losses)^2 "
                         "(the official code); fixed = equal weights (default adaptive-grad)")
-    g.add_argument("--seed", type=int, default=D.seed, help="seed of initialisation, data order, masks, dropout (default 0)")
 
 
 def _runtime_arguments(parser: argparse.ArgumentParser) -> None:

@@ -59,10 +59,10 @@ class TrainingLog:
     and the summary repeat."""
 
     def __init__(self, out: Path, tasks: list[str], start_step: int, total_steps: int, resumed: bool, main: bool,
-                 progress: bool, t_start: float):
+                 progress: bool, t_start: float, name: str = "train"):
         self.out, self.tasks, self.main, self.t_start = out, list(tasks), main, t_start
         self.metrics = MetricsLog(out / METRICS, start_step if resumed else None, main)
-        self.bar = show_progress(total_steps, "train", "steps", bar=progress, enabled=main, initial=start_step)
+        self.bar = show_progress(total_steps, name, "steps", bar=progress, enabled=main, initial=start_step)
         self.pairs_rate_ema: float | None = None
         self.last_train: dict[str, Any] = {}
         self.last_val: dict[str, Any] = {}

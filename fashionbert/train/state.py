@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -54,6 +54,24 @@ class TrainingData:
         return np.unique(self.index.product[self.train_rows])
 
 
+ModelFactory = Callable[[TrainConfig, "TrainingData"], tuple[FashionBertModel, FashionBertConfig, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a run optimises where it differs from pretraining (None = pretraining's): the model a fresh run starts
+    from, one micro-batch's forward and backward (`step.micro_step`'s signature), the tasks it logs, the options a
+    --resume must keep besides RESUME_MUST_MATCH, and its start line. Distillation (train/distill.py) is the other
+    objective; the loop, checkpoints, --resume, validation and curves are the same for both."""
+    name: str = "train"
+    new_model: ModelFactory | None = None
+    micro_step: Callable | None = None
+    tasks: tuple[str, ...] | None = None  # None: the model's own (`FashionBertModel.tasks`)
+    resume_keys: tuple[str, ...] = ()
+    describe: Callable[["TrainState"], str] | None = None
+    matching_only: bool = False  # every batch clean, as pretraining's warm-up batches (no MLM/MPM masks)
+
+
 @dataclasses.dataclass
 class TrainState:
     """What the loop reads and advances. `step` counts completed optimizer steps; `position` is where this
@@ -77,13 +95,19 @@ class TrainState:
     step: int
     position: StreamPosition
     resumed_from: Path | None
+    objective: Objective = Objective()
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The tasks the steps report losses for, in the order they are logged."""
+        return self.objective.tasks or self.model.tasks
 
     def close(self) -> None:
         if isinstance(self.batches, Prefetcher):
             self.batches.close()
 
 
-def build_state(config: TrainConfig, rt: Runtime) -> TrainState:
+def build_state(config: TrainConfig, rt: Runtime, objective: Objective = Objective()) -> TrainState:
     """Everything the loop needs for `config`, continued from the newest checkpoint under --out with --resume."""
     out = _prepare_out(config, rt)
     resumed_from = ckpt.latest_checkpoint(out) if config.resume else None
@@ -92,14 +116,15 @@ def build_state(config: TrainConfig, rt: Runtime) -> TrainState:
     options = run_options(config, rt.world)
     info, saved = ckpt.load_training_state(resumed_from) if resumed_from is not None else ({}, {})
     if resumed_from is not None:
-        _check_resume_options(info.get("options", {}), options, resumed_from)
+        _check_resume_options(info.get("options", {}), options, resumed_from, objective.resume_keys)
         model, model_config, tokenizer = _load_model(resumed_from)
     else:
-        model, model_config, tokenizer = _new_model(config, data)
+        model, model_config, tokenizer = (objective.new_model or _new_model)(config, data)
     _check_features_fit(model_config, data)
     model.to(rt.device).train()
 
-    warmup_steps, tia_steps = _steps_of(config.warmup, total_steps), _steps_of(config.tia_warmup, total_steps)
+    warmup_steps = _steps_of(config.warmup, total_steps)
+    tia_steps = total_steps if objective.matching_only else _steps_of(config.tia_warmup, total_steps)
     optimizer, scheduler = build_optimizer(model, config.lr, config.weight_decay, rt.device, warmup_steps, total_steps)
     step, position = 0, StreamPosition()
     if resumed_from is not None:
@@ -123,7 +148,7 @@ def build_state(config: TrainConfig, rt: Runtime) -> TrainState:
                       train_model=train_model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                       weighter=weighter, batches=batches, validation=validation, queue=queue, options=options,
                       total_steps=total_steps, tia_steps=tia_steps, step=step, position=position,
-                      resumed_from=resumed_from)
+                      resumed_from=resumed_from, objective=objective)
 
 
 def _prepare_out(config: TrainConfig, rt: Runtime) -> Path:
@@ -213,10 +238,10 @@ def tia_pooling(config: TrainConfig) -> str:
     return "halves" if config.itc_dim > 0 else "cls"
 
 
-def _check_resume_options(saved: dict, current: dict, where: Path) -> None:
+def _check_resume_options(saved: dict, current: dict, where: Path, more_keys: tuple[str, ...] = ()) -> None:
     saved = {**BEFORE_OPTION, **saved}
     diff = [f"--{k.replace('_', '-')} {current.get(k)!r} (checkpoint: {saved.get(k)!r})"
-            for k in RESUME_MUST_MATCH if k in saved and saved.get(k) != current.get(k)]
+            for k in RESUME_MUST_MATCH + tuple(more_keys) if k in saved and saved.get(k) != current.get(k)]
     if sorted(map(str, saved.get("features", []))) != sorted(map(str, current.get("features", []))):
         diff.append(f"--features {current.get('features')} (checkpoint: {saved.get('features')})")
     if diff:

@@ -31,12 +31,13 @@ class StepResult:
 def train_step(state: TrainState, rt: Runtime) -> StepResult:
     t0 = time.perf_counter()
     accum = state.config.grad_accum
-    tasks = state.model.tasks
+    tasks = state.tasks
+    micro_step = state.objective.micro_step or _micro_step
     task_sum, w_sum, n_sum = torch.zeros(len(tasks)), torch.zeros(len(tasks)), torch.zeros(len(tasks))
     rows = 0
     for micro in range(accum):
         batch = next(state.batches).to(rt.device)
-        losses, weights, n, mined = _micro_step(state, rt, batch, last=micro == accum - 1)
+        losses, weights, n, mined = micro_step(state, rt, batch, last=micro == accum - 1)
         task_sum += losses
         w_sum += weights
         n_sum += n
@@ -56,7 +57,8 @@ def train_step(state: TrainState, rt: Runtime) -> StepResult:
 
 
 def _micro_step(state: TrainState, rt: Runtime, batch: Batch, last: bool):
-    """Forward and backward of one micro-batch -> (per-task losses, task weights, n, mined negative rows)."""
+    """Forward and backward of one micro-batch -> (per-task losses, task weights, n, mined negative rows); the
+    pretraining objective's."""
     tasks = state.model.tasks
     # DDP syncs gradients only on the last micro-batch of a step.
     sync = contextlib.nullcontext() if (not rt.distributed or last) else state.train_model.no_sync()

@@ -29,7 +29,7 @@ from fashionbert.runtime import Runtime, setup_runtime
 from fashionbert.train import checkpoint as ckpt
 from fashionbert.train.config import TrainConfig, add_arguments, config_from_args
 from fashionbert.train.metrics import METRICS, TrainingLog
-from fashionbert.train.state import TrainState, build_state
+from fashionbert.train.state import Objective, TrainState, build_state
 from fashionbert.train.step import MATCHING_TASKS, train_step
 
 __all__ = ["TrainConfig", "add_arguments", "config_from_args", "main", "run", "train"]
@@ -38,16 +38,18 @@ SUMMARY = "summary.json"
 logger = logging.getLogger(__name__)
 
 
-def run(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+def run(config: TrainConfig, on_step: Callable[[int], None] | None = None,
+        objective: Objective = Objective()) -> dict[str, Any]:
     """Train; returns a summary with the final step, metrics and model folder ({} on processes other than the
-    main one). `on_step(step)` is called after each completed step, once its checkpoint (if any) is on disk."""
+    main one). `on_step(step)` is called after each completed step, once its checkpoint (if any) is on disk.
+    `objective` says what the steps optimise where it is not pretraining (distillation: train/distill.py)."""
     t_start = time.time()
     rt = setup_runtime(config.device, config.precision, config.num_threads)
     try:
-        state = build_state(config, rt)
+        state = build_state(config, rt, objective)
         _log_start(state, rt)
-        log = TrainingLog(state.out, state.model.tasks, state.step, state.total_steps, state.resumed_from is not None,
-                          rt.main, config.progress, t_start)
+        log = TrainingLog(state.out, state.tasks, state.step, state.total_steps, state.resumed_from is not None,
+                          rt.main, config.progress, t_start, state.objective.name)
         try:
             train(state, rt, log, on_step)
         finally:
@@ -106,16 +108,18 @@ def save_checkpoint(state: TrainState, rt: Runtime, log: TrainingLog, fusion: Sc
 def _log_start(state: TrainState, rt: Runtime) -> None:
     if not rt.main:
         return
-    config, data, tasks = state.config, state.data, state.model.tasks
+    config, data, tasks, name = state.config, state.data, state.tasks, state.objective.name
     matching = [t for t in tasks if t in MATCHING_TASKS]
     positives_per_step = config.batch_size * config.grad_accum * rt.world
-    _log(f"train: {len(data.train_rows)} images / {len(data.train_products)} products for training, "
+    plan = (state.objective.describe(state) if state.objective.describe is not None else
+            f"{'+'.join(matching)} alone for {state.tia_steps} steps, then {'/'.join(tasks)} with task weights "
+            f"{config.task_weights}")
+    _log(f"{name}: {len(data.train_rows)} images / {len(data.train_products)} products for training, "
          f"{len(data.val_rows)} images held out; {rt.world} process(es) on {rt.device} ({rt.precision}); steps "
          f"{state.step}->{state.total_steps}, {positives_per_step} positives x (1+{config.neg_ratio}) rows per step; "
-         f"{'+'.join(matching)} alone for {state.tia_steps} steps, then {'/'.join(tasks)} with task weights "
-         f"{config.task_weights}")
+         f"{plan}")
     if data.index.skipped_no_text:
-        _log(f"train: {data.index.skipped_no_text} image rows skipped (their product has no text)")
+        _log(f"{name}: {data.index.skipped_no_text} image rows skipped (their product has no text)")
 
 
 def _finish(state: TrainState, rt: Runtime, log: TrainingLog, t_start: float) -> dict[str, Any]:
@@ -140,7 +144,7 @@ def _finish(state: TrainState, rt: Runtime, log: TrainingLog, t_start: float) ->
     tmp = state.out / f".{SUMMARY}.tmp"
     tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, state.out / SUMMARY)
-    _log(f"train: done at step {state.step}; model in {model_dir}")
+    _log(f"{state.objective.name}: done at step {state.step}; model in {model_dir}")
     return summary
 
 
