@@ -30,6 +30,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fashionbert", "fashionbert.*", "pipelines", "pipelines.*", "schemas", "schemas.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest==9.2.0"]},
+    # The driver of a job with gs:// or s3:// paths needs Beam's filesystem for them (Beam's SDK worker images
+    # already carry both): pip install '.[gcp]' or '.[aws]'.
+    extras_require={"test": ["pytest==9.2.0"], "gcp": ["apache-beam[gcp]==2.77.0"], "aws": ["apache-beam[aws]==2.77.0"]},
     entry_points={"console_scripts": ["fashionbert=fashionbert.commands.cli:main"]},
 )
