@@ -3,8 +3,9 @@
     python bench/distill.py --teacher /work/q/train-halves/model --work DIR [--layers 2,3,1] [--steps 60]
 
 For each student size in --layers order, the same budget: `fashionbert distill --teacher T --layers N` (train's
-batches and schedule, --steps x --batch-size positives) into WORK/student-N (resumed when a run there was cut short,
-reused when it finished), then its evaluation (the teacher's after the first student's distillation). Then, for the
+batches and schedule, --steps x --batch-size positives; --keep-recall as distill's default, or --no-keep-recall) into
+WORK/student-N (WORK/student-N-own-recall with --no-keep-recall; resumed when a run there was cut short, reused when
+it finished), then its evaluation (the teacher's after the first student's distillation). Then, for the
 teacher and every student:
 - cross-encoder pairs/s: bench/score.py's measurement (`CrossEncoderScorer` on real shapes, 8 pairs per image),
   --rounds rounds round-robin over the models, best round kept (the machine is shared: the best round is the least
@@ -39,9 +40,21 @@ from fashionbert.train.distill import DistillConfig, chosen_layers, run as disti
 RESULT = "distill-bench.json"
 
 
+def student_name(a: argparse.Namespace, layers: int) -> str:
+    return f"student-{layers}" + ("" if a.keep_recall else "-own-recall")
+
+
 def distill_stage(a: argparse.Namespace, layers: int, work: Path) -> dict:
-    out = work / f"student-{layers}"
+    out = work / student_name(a, layers)
     summary = out / "summary.json"
+    latest = ckpt.latest_checkpoint(out)
+    if latest is not None:  # a folder of another budget is neither resumed nor reused
+        saved = json.loads((latest / ckpt.STATE_JSON).read_text())["options"]
+        wanted = {"lr": a.lr, "temperature": a.temperature, "keep_recall": a.keep_recall,
+                  "hidden_weight": a.hidden_weight, "batch_size": a.batch_size}
+        differ = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+        if differ:
+            raise UserError(f"{out} holds a run with other options ({differ}: (there, asked)); use another --work")
     if summary.is_file() and (out / "model").is_dir():
         done = json.loads(summary.read_text())
         if done["final_step"] == a.steps:
@@ -49,7 +62,9 @@ def distill_stage(a: argparse.Namespace, layers: int, work: Path) -> dict:
             teacher = load_model(a.teacher, resolve_runtime("cpu", "auto", a.threads)).config
             return {**done, "teacher_layers": chosen_layers(int(teacher.bert["num_hidden_layers"]), layers)}
     config = DistillConfig(teacher=a.teacher, layers=layers, out=str(out), steps=a.steps, batch_size=a.batch_size,
-                           lr=a.lr, temperature=a.temperature, val_queries=a.val_queries, val_every=0,
+                           lr=a.lr, temperature=a.temperature, keep_recall=a.keep_recall,
+                           hidden_weight=a.hidden_weight,
+                           val_queries=a.val_queries, val_every=0,
                            checkpoint_every=a.checkpoint_every, num_threads=a.threads, progress=False,
                            resume=ckpt.latest_checkpoint(out) is not None)
     return distill(config)
@@ -86,7 +101,8 @@ def pairs_per_s(a: argparse.Namespace, models: dict[str, Path]) -> dict[str, flo
 
 def table(record: dict) -> str:
     """The markdown table: throughput, Rank@1/5/10 by the ranking score, Rank@1 as a share of the teacher's, and
-    Rank@1 by each head alone (the student's itc embeddings run through its fewer layers too)."""
+    Rank@1 by each head alone (with --keep-recall the student's itc embeddings are the teacher's; with
+    --no-keep-recall they run through its fewer layers too)."""
     rows = dict(sorted(record["models"].items(), key=lambda kv: -kv[1]["layers"]))
     teacher = rows["teacher"]
     lines = ["| model (teacher layers) | pairs/s | x teacher | text->image R@1/5/10 | image->text R@1/5/10 "
@@ -98,7 +114,8 @@ def table(record: dict) -> str:
         rate = m.get("pairs_per_s")
         speed = f"{rate:.1f} | {rate / teacher['pairs_per_s']:.2f}x" if rate and teacher.get("pairs_per_s") else "n/a | n/a"
         heads = [" / ".join(f"{fig[h][d][0]:.1f}" for d in ("t2i", "i2t")) if h in fig else "n/a" for h in ("itc", "tia")]
-        lines.append(f"| {name}: {m['layers']} layers{' ' + str(m['teacher_layers']) if m.get('teacher_layers') else ''} "
+        recall = {True: ", teacher's recall layers", False: ", own recall"}.get(m.get("keep_recall"), "")
+        lines.append(f"| {name}: {m['layers']} layer{'s' if m['layers'] != 1 else ''}{' ' + str(m['teacher_layers']) if m.get('teacher_layers') else ''}{recall} "
                      f"| {speed} | {' / '.join(f'{v:.1f}' for v in fig['score']['t2i'])} | "
                      f"{' / '.join(f'{v:.1f}' for v in fig['score']['i2t'])} | {ratio[0]:.0f}% / {ratio[1]:.0f}% | "
                      f"{heads[0]} | {heads[1]} | {m.get('distill_minutes', 0):.1f} |")
@@ -113,13 +130,14 @@ def run(a: argparse.Namespace) -> dict:
     t0 = time.time()
     teacher = load_model(a.teacher, resolve_runtime("cpu", "auto", a.threads)).config
     record = {"teacher": a.teacher, "budget": {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
-                                               "temperature": a.temperature, "val_queries": a.val_queries},
+                                               "temperature": a.temperature, "val_queries": a.val_queries,
+                                               "keep_recall": a.keep_recall, "hidden_weight": a.hidden_weight},
               "queries": a.queries, "models": {}}
     models = {}
     for n in [int(x) for x in a.layers.split(",") if x.strip()]:
         summary = distill_stage(a, n, work)
         record["features"] = json.loads((Path(summary["checkpoint"]) / ckpt.STATE_JSON).read_text())["options"]["features"]
-        runs = [(f"student-{n}", Path(summary["model_dir"]), summary)]
+        runs = [(student_name(a, n), Path(summary["model_dir"]), summary)]
         if not models:
             runs.insert(0, ("teacher", Path(a.teacher), None))
         for name, folder, s in runs:
@@ -129,7 +147,7 @@ def run(a: argparse.Namespace) -> dict:
                      "model_version": metrics["model"]["version"], "eval_minutes": round(metrics["seconds"] / 60, 2)}
             if s is not None:
                 entry.update(layers=n, teacher_layers=s["teacher_layers"], distill_minutes=round(s["seconds"] / 60, 2),
-                             validation=s["validation"])
+                             validation=s["validation"], keep_recall=a.keep_recall)
             record["models"][name] = entry
             _save(work, record, t0)
     for name, rate in pairs_per_s(a, models).items():
@@ -153,6 +171,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--batch-size", type=int, default=32, help="positives per step (default %(default)s)")
     g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default %(default)s)")
     g.add_argument("--temperature", type=float, default=DistillConfig.temperature, help="kd_tia's T (default %(default)s)")
+    g.add_argument("--keep-recall", action=argparse.BooleanOptionalAction, default=DistillConfig.keep_recall,
+                   help="distill's --keep-recall: the teacher's frozen layers for the recall passes (default %(default)s)")
+    g.add_argument("--hidden-weight", type=float, default=DistillConfig.hidden_weight,
+                   help="distill's --hidden-weight, kd_hidden's (default %(default)s)")
     g.add_argument("--val-queries", type=int, default=50,
                    help="held-out queries the student's score fusion is refitted on (default %(default)s)")
     g.add_argument("--checkpoint-every", type=int, default=20, help="checkpoints, to resume a cut run (default %(default)s)")
@@ -173,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench/distill.py: error: {exc}", file=sys.stderr)
         return 2
     print(f"Teacher {a.teacher}; budget per student: {a.steps} steps x {a.batch_size} positives (+ as many mined "
-          f"negatives), lr {a.lr}, T {a.temperature}; sample-100 over {a.queries} held-out queries, one draw; "
+          f"negatives), lr {a.lr}, T {a.temperature}, hidden weight {a.hidden_weight}, "
+          f"{'--keep-recall' if a.keep_recall else '--no-keep-recall'}; sample-100 over {a.queries} held-out queries, one draw; "
           f"{record['minutes']} min in all.\n")
     print(table(record))
     return 0

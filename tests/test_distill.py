@@ -3,6 +3,7 @@ on held-out pairs, its folder is an ordinary model folder (load_model, AutoModel
 exactly, and bad options are refused with one clear message."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from fashionbert.model.loading import load_model
 from fashionbert.model.modeling import FashionBertModel
 from fashionbert.model.score_fusion import FUSION_NAME
 from fashionbert.rank.cross_encoder import CrossEncoderScorer
+from fashionbert.rank.embeddings import DualEncoder
 from fashionbert.runtime import resolve_runtime
 from fashionbert.train import distill
 from fashionbert.train.distill import DistillConfig, build_student, chosen_layers
@@ -76,11 +78,51 @@ def test_student_layers_equal_the_chosen_teacher_layers_before_training(teacher_
     assert all(torch.equal(p, teacher_state[n]) for n, p in rest.items())
 
 
+def test_keep_recall_gives_the_student_the_teachers_recall_passes(teacher_dir):
+    teacher = FashionBertModel.from_checkpoint(teacher_dir)
+    student = build_student(teacher, 1, keep_recall=True).eval()
+    assert len(student.bert.encoder.layer) == 1 and student.config.recall_layers == 3
+    for i in range(3):
+        ours, theirs = student.recall_encoder.layer[i].state_dict(), teacher.bert.encoder.layer[i].state_dict()
+        assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+    torch.manual_seed(0)
+    ids = torch.randint(1000, 2000, (4, 7))
+    ids[:, 0], ids[:, -1] = 101, 102
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    feats = torch.randn(4, 64, FEATURE_DIM)
+    with torch.no_grad():
+        ours, theirs = student.itc_head(student, ids, mask, feats), teacher.itc_head(teacher, ids, mask, feats)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))  # the recall vectors are the teacher's, bit for bit
+    # a student of that student keeps the same recall encoder; without keep_recall it has none
+    grandchild = build_student(student, 1, from_layers=[0], keep_recall=True)
+    assert grandchild.config.recall_layers == 3 and torch.equal(
+        grandchild.recall_encoder.layer[2].output.dense.weight, teacher.bert.encoder.layer[2].output.dense.weight)
+    assert getattr(build_student(student, 1, from_layers=[0]), "recall_encoder", None) is None
+    bad = copy.deepcopy(student.config)
+    bad.recall_layers = -1
+    with pytest.raises(UserError, match="recall_layers -1 must be >= 0"):
+        bad.validate()
+
+
 def test_a_late_fusion_teacher_gives_a_student_that_fuses_where_its_layers_did(teacher_dir):
     teacher = FashionBertModel.from_checkpoint(teacher_dir)
     teacher.config.fusion_layer = 2  # layers 0 and 1 unimodal, layer 2 joint
     assert build_student(teacher, 2).config.fusion_layer == 1  # from layers [0, 2]: 0 stays unimodal
     assert build_student(teacher, 1).config.fusion_layer == 0  # from layer [2]: joint
+
+
+def test_hidden_distance_pairs_each_student_layer_with_its_teacher_layer_and_skips_padding():
+    torch.manual_seed(0)
+    teacher = [torch.randn(2, 3 + 4, 5) for _ in range(3)]
+    text_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    student = [teacher[0].clone(), teacher[2].clone()]
+    student[1][1, 2] += 10.0  # a padded text position: left out
+    assert float(distill.hidden_distance(student, teacher, [0, 2], text_mask)) == 0.0
+    student[1][0, 5] += 1.0  # one patch state of the second layer, 1.0 in each of 5 dims
+    expected = 0.5 * (1.0 / 13)  # that layer: (5 x 1.0^2 / 5) over 13 unpadded positions; two layers averaged
+    assert float(distill.hidden_distance(student, teacher, [0, 2], text_mask)) == pytest.approx(expected)
+    assert float(distill.hidden_distance(student, teacher, [1, 2], text_mask)) > expected  # layer 0 vs teacher 1
 
 
 def _held_out(cfg: DistillConfig, teacher):
@@ -89,8 +131,9 @@ def _held_out(cfg: DistillConfig, teacher):
     return build_sample_hundred(data.texts, data.index, data.val_rows, reader, queries=8, max_pool=40, seed=3)
 
 
-def test_distillation_lowers_the_divergence_on_held_out_pairs(tmp_path, teacher_dir):
-    cfg = config(teacher_dir, tmp_path / "out", layers=1, steps=40, lr=3e-4, warmup=5)
+@pytest.mark.parametrize("keep_recall", [True, False], ids=["keep-recall", "no-keep-recall"])
+def test_distillation_lowers_the_divergence_on_held_out_pairs(tmp_path, teacher_dir, keep_recall):
+    cfg = config(teacher_dir, tmp_path / "out", layers=1, steps=40, lr=3e-4, warmup=5, keep_recall=keep_recall)
     teacher = distill.load_teacher(str(teacher_dir))
     s100 = _held_out(cfg, teacher)
     rt = resolve_runtime("cpu", "fp32", 1)
@@ -98,11 +141,21 @@ def test_distillation_lowers_the_divergence_on_held_out_pairs(tmp_path, teacher_
     summary = distill.run(cfg)
     student = FashionBertModel.from_checkpoint(summary["model_dir"])
     after = distill.held_out_divergence(teacher, student, s100, rt, cfg.temperature)
-    assert after < 0.8 * before, (before, after)  # measured: 0.084 -> 0.059
+    assert after < 0.8 * before, (before, after)  # measured: 0.084 -> 0.059 (keep-recall 0.084 -> 0.05)
     assert summary["teacher_layers"] == [2]
     records = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["kind"] == "train"]
-    assert len(train_records) == 40 and {"loss_kd_tia", "loss_kd_itc", "loss_kd_emb"} <= set(train_records[0])
+    kd = {k for k in train_records[0] if k.startswith("loss_kd_")}
+    assert len(train_records) == 40 and kd == ({"loss_kd_tia", "loss_kd_hidden"} if keep_recall else
+                                               {"loss_kd_tia", "loss_kd_hidden", "loss_kd_itc", "loss_kd_emb"})
+    if keep_recall:  # what the recall passes read did not move; the joint layers did
+        frozen = {n: p for n, p in teacher.state_dict().items() if n.startswith(distill.RECALL_PREFIXES)}
+        ours = student.state_dict()
+        assert frozen and all(torch.equal(ours[n], p) for n, p in frozen.items())
+        assert all(torch.equal(ours["recall_encoder." + n[len("bert.encoder."):]], p)
+                   for n, p in teacher.state_dict().items() if n.startswith("bert.encoder.layer."))
+        assert not torch.equal(ours["bert.encoder.layer.0.output.dense.weight"],
+                               teacher.state_dict()["bert.encoder.layer.2.output.dense.weight"])
     assert (tmp_path / "out" / "training_curves.png").is_file()
 
 
@@ -122,7 +175,7 @@ def test_the_student_folder_is_an_ordinary_model_folder(tmp_path, student_run, t
     assert options["val_fraction"] == 0.25 and options["teacher"] == str(teacher_dir)
     rt = resolve_runtime("cpu", "fp32", 1)
     loaded = load_model(folder, rt)
-    assert loaded.config.bert["num_hidden_layers"] == 2 and loaded.step == 4
+    assert loaded.config.bert["num_hidden_layers"] == 2 and loaded.step == 4 and loaded.config.recall_layers == 3
     import fashionbert  # noqa: F401  (registers the model type with transformers)
     from transformers import AutoModel
 
@@ -131,6 +184,12 @@ def test_the_student_folder_is_an_ordinary_model_folder(tmp_path, student_run, t
     text_ids = [[101, *rng.integers(1000, 2000, 6).tolist(), 102] for _ in range(5)]
     feats = rng.standard_normal((3, 64, FEATURE_DIM)).astype(np.float32)
     pairs = np.array([[0, 0], [1, 2], [4, 1]])
+    # the recall stage's vectors are the teacher's (--keep-recall, the default)
+    teacher = load_model(teacher_dir, rt).model
+    text_arrays = [np.array(t, dtype=np.int32) for t in text_ids]
+    dual, teacher_dual = DualEncoder(loaded.model, rt.device), DualEncoder(teacher, rt.device)
+    np.testing.assert_array_equal(dual.embed_texts(text_arrays), teacher_dual.embed_texts(text_arrays))
+    np.testing.assert_array_equal(dual.embed_images([feats]), teacher_dual.embed_images([feats]))
     ours = CrossEncoderScorer(loaded.model, rt).score(text_ids, ArrayImages(feats), pairs)
     np.testing.assert_array_equal(CrossEncoderScorer(auto, rt).score(text_ids, ArrayImages(feats), pairs), ours)
     # `fashionbert score-pairs --model` on it
@@ -156,6 +215,8 @@ def test_resume_continues_exactly(tmp_path, student_run, teacher_dir):
         distill.run(config(teacher_dir, out, steps=4, checkpoint_every=2), on_step=cut_at_2)
     with pytest.raises(UserError, match="--layers 1 .*checkpoint: 2"):
         distill.run(config(teacher_dir, out, steps=4, checkpoint_every=2, layers=1, resume=True))
+    with pytest.raises(UserError, match="--keep-recall False .*checkpoint: True"):
+        distill.run(config(teacher_dir, out, steps=4, checkpoint_every=2, keep_recall=False, resume=True))
     summary = distill.run(config(teacher_dir, out, steps=4, checkpoint_every=2, resume=True))
     assert summary["resumed_from"].endswith("step-0000002")
     from safetensors.torch import load_file

@@ -61,6 +61,11 @@ class FashionBertConfig(PreTrainedConfig):
     # apart, as the itc passes do, and only the layers above attend across them. 0 = the paper's single stream from
     # the first layer.
     fusion_layer: int = 0
+    # The text-only and image-only passes (the itc / recall vectors) through an encoder of their own with this many
+    # layers (`FashionBertModel.recall_encoder`), sharing the embeddings; 0 = through the joint encoder, as `train`
+    # builds it. Why: a distilled student (`fashionbert distill`) keeps its teacher's layers here -- they run once
+    # per item, not once per pair -- so only the cross-encoder gets cheaper and the recall stage stays the teacher's.
+    recall_layers: int = 0
     # What the TIA classifier reads of the joint pass. "cls": BERT's pooled [CLS] (the paper). "halves": the pooled
     # [CLS] plus the agreement of the pass's two halves -- the text tokens' and the patches' mean states through the
     # itc head's projections, a scaled cosine added to the aligned logit (needs the itc head). Why: a linear probe on
@@ -109,6 +114,8 @@ class FashionBertConfig(PreTrainedConfig):
         if self.fusion_layer < 0 or (layers is not None and self.fusion_layer >= layers):
             raise UserError(f"model config: fusion_layer {self.fusion_layer} must be in [0, {layers}) (the backbone's "
                             f"layers; at least one must fuse)")
+        if self.recall_layers < 0:
+            raise UserError(f"model config: recall_layers {self.recall_layers} must be >= 0 (0: the joint encoder's)")
         if not 0.0 <= self.mlm_probability < 1.0 or not 0.0 <= self.mpm_probability < 1.0:
             raise UserError("model config: masking probabilities must be in [0, 1)")
         if self.bert and self.max_text_len > int(self.bert.get("max_position_embeddings", 512)):

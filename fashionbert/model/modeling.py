@@ -17,6 +17,7 @@ across pairs), the recall embeddings and validation call them, so the input layo
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertModel, PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
-from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
+from transformers.models.bert.modeling_bert import BertEncoder, BertPredictionHeadTransform
 
 from fashionbert.errors import UserError
 from fashionbert.model.config import IGNORE_INDEX, FashionBertConfig
@@ -190,6 +191,11 @@ class FashionBertModel(PreTrainedModel):
         self.tia_head = FashionBertTIAHead(config, bert_config)
         if config.itc_dim:
             self.itc_head = ContrastiveHead(bert_config.hidden_size, config.itc_dim, config.itc_pooling)
+        if config.recall_layers:
+            # The joint encoder's config (attention implementation included) with its own depth.
+            recall_config = copy.deepcopy(self.bert.config)
+            recall_config.num_hidden_layers = int(config.recall_layers)
+            self.recall_encoder = BertEncoder(recall_config)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -320,6 +326,14 @@ class FashionBertModel(PreTrainedModel):
                                              attention_mask=attention_mask.to(torch.long))
         return self.bert.encoder(hidden, attention_mask=extended).last_hidden_state
 
+    def encode_unimodal(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """A text-only or image-only sequence through the recall encoder (`config.recall_layers`), or through the
+        joint encoder where the model has none; mask as `encode_embeddings`."""
+        encoder = getattr(self, "recall_encoder", None)
+        if encoder is None:
+            return self.encode_embeddings(hidden, attention_mask)
+        return self.run_layers(hidden, attention_mask, encoder.layer)
+
     def run_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, layers) -> torch.Tensor:
         """Some of the encoder's layers (a slice of `bert.encoder.layer`) on (B, L, H); mask as `encode_embeddings`."""
         extended = None if attention_mask is None else create_bidirectional_mask(
@@ -361,6 +375,27 @@ class FashionBertModel(PreTrainedModel):
         text_states = self.encode_text_below_fusion(text_embeds, text_mask)
         return self.fuse(text_states, text_mask, self.encode_patches_below_fusion(patch_embeds.to(text_states.dtype)))
 
+    def joint_layer_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, patch_features: torch.Tensor
+                           ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """`encode`'s joint pass (no MPM mask) with every encoder layer's output kept -> ([(B, T+P, H) per layer],
+        sequence_output, pooled). Below the fusion layer a layer's output is its text and patch states side by side.
+        What a distilled student's layers are matched against, layer for layer."""
+        text = self.embed_text(input_ids)
+        patches = self.embed_patches(patch_features).to(text.dtype)
+        fusion = int(self.config.fusion_layer)
+        states = []
+        for layer in self.bert.encoder.layer[:fusion]:
+            text = self.run_layers(text, attention_mask, [layer])
+            patches = self.run_layers(patches, None, [layer])
+            states.append(torch.cat([text, patches], dim=1))
+        hidden = torch.cat([text, patches], dim=1)
+        mask = torch.cat([attention_mask.to(torch.long), attention_mask.new_ones(patches.shape[:2], dtype=torch.long)],
+                         dim=1)
+        for layer in self.bert.encoder.layer[fusion:]:
+            hidden = self.run_layers(hidden, mask, [layer])
+            states.append(hidden)
+        return states, hidden, self.bert.pooler(hidden)
+
     def encode(
         self,
         input_ids: torch.Tensor,
@@ -373,8 +408,9 @@ class FashionBertModel(PreTrainedModel):
         return self.encode_joint(text, attention_mask, self.embed_patches(patch_features, patch_mask))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Text-only pass: the text tokens alone through the shared encoder -> (B, T, H)."""
-        return self.encode_embeddings(self.embed_text(input_ids), attention_mask)
+        """Text-only pass: the text tokens alone through the encoder (the recall encoder where the model has one)
+        -> (B, T, H)."""
+        return self.encode_unimodal(self.embed_text(input_ids), attention_mask)
 
     def encode_image(self, patch_features: torch.Tensor, with_cls: bool = False) -> torch.Tensor:
         """Image-only pass: the patch embeddings alone (segment 1, own position table) -> (B, P, H), or (B, 1+P, H)
@@ -386,7 +422,7 @@ class FashionBertModel(PreTrainedModel):
                                  device=patches.device)
             cls = self.embed_text(cls_ids)
             patches = torch.cat([cls, patches.to(cls.dtype)], dim=1)
-        return self.encode_embeddings(patches)
+        return self.encode_unimodal(patches)
 
     def alignment_logits(self, sequence_output: torch.Tensor, text_mask: torch.Tensor,
                          pooled: torch.Tensor) -> torch.Tensor:

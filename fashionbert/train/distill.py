@@ -12,10 +12,21 @@ The student is the teacher with N encoder layers: the teacher's config with num_
 teacher (fusion_layer k) gives a student whose fusion_layer counts the chosen layers below k: each copied layer keeps
 the inputs it was trained on (unimodal or joint), and the top layer always fuses.
 
+--keep-recall (the default) distils the joint pass only. The text-only and image-only passes (the recall embeddings,
+and the cosine half of the ranking score) run once per item, not once per pair, so making them cheaper buys little
+and costs the recall stage as much quality as the cross-encoder loses (measured: the itc cosine's Rank@1 fell with the
+student's layers, README). So the student keeps all of the teacher's layers for them as its `recall_encoder`
+(config.recall_layers), and those layers, the embeddings and the itc head stay frozen: the student's recall vectors
+are the teacher's, bit for bit, and only its N joint layers, pooler and TIA head train (kd_tia alone). With
+--no-keep-recall the N layers serve all three passes and kd_itc / kd_emb train the recall vectors too.
+
 Each step the teacher (eval mode, no gradient, bf16 where the runtime is) runs `fashionbert train`'s own batches (clean,
 unmasked pairs: the positives, random and same-sub-category negatives, and negatives mined from ITS itc similarity,
 the confusable pairs a re-ranker is for), and the student is trained to match it on the same rows:
 - kd_tia: T^2 KL(softmax(teacher TIA logits / T) || softmax(student's / T)) over every row of the joint pass;
+- kd_hidden: the joint pass layer for layer (TinyBERT's hidden-state loss): mean squared difference of the student's
+  layer k output and its teacher layer's (`chosen_layers`), over the text tokens and the patches. A dense target for
+  every state the TIA logit is read from, where kd_tia gives two numbers per row;
 - kd_itc: KL between the teacher's and the student's in-batch similarity distributions of the aligned rows' itc
   vectors (each text over the images, each image over the texts, at each model's own logit scale): the recall
   stage's ranking;
@@ -52,17 +63,22 @@ from fashionbert.train.config import TrainConfig
 from fashionbert.train.state import Objective, TrainState, TrainingData
 from fashionbert.train.step import step_seed
 
-TASKS = ("kd_tia", "kd_itc", "kd_emb")
+TASKS = ("kd_tia", "kd_hidden", "kd_itc", "kd_emb")
 # Options a --resume must keep besides train's (state.RESUME_MUST_MATCH).
-RESUME_KEYS = ("teacher", "layers", "temperature", "tia_weight", "itc_weight", "emb_weight")
+RESUME_KEYS = ("teacher", "layers", "keep_recall", "temperature", "tia_weight", "hidden_weight", "itc_weight",
+               "emb_weight")
+# What --keep-recall freezes: everything the text-only and image-only passes read.
+RECALL_PREFIXES = ("bert.embeddings.", "patch_embeddings.", "recall_encoder.", "itc_head.")
 
 
 @dataclasses.dataclass
 class DistillConfig(TrainConfig):
     teacher: str = ""  # model folder (OUT/model of `fashionbert train`)
     layers: int = 0  # the student's encoder layers
+    keep_recall: bool = True  # the teacher's layers, frozen, for the text-only and image-only passes
     temperature: float = 4.0
     tia_weight: float = 1.0
+    hidden_weight: float = 1.0  # 0: no kd_hidden (and no per-layer states kept)
     itc_weight: float = 1.0
     emb_weight: float = 1.0
     # None: the teacher's (from its training run), so that the held-out products stay held out
@@ -82,12 +98,17 @@ def chosen_layers(teacher_layers: int, layers: int) -> list[int]:
     return [(k + 1) * teacher_layers // layers - 1 for k in range(layers)]
 
 
-def build_student(teacher: FashionBertModel, layers: int, from_layers: list[int] | None = None) -> FashionBertModel:
+def build_student(teacher: FashionBertModel, layers: int, from_layers: list[int] | None = None,
+                  keep_recall: bool = False) -> FashionBertModel:
     """The teacher with `layers` encoder layers (copies of `chosen_layers`, or of `from_layers` to compare rules),
-    every other weight copied."""
+    every other weight copied; with `keep_recall`, a recall encoder that is a copy of the teacher's (its
+    recall encoder where it has one, else all its encoder layers)."""
     config = copy.deepcopy(teacher.config)
-    chosen = from_layers or chosen_layers(int(config.bert["num_hidden_layers"]), layers)
+    teacher_layers = int(config.bert["num_hidden_layers"])
+    chosen = from_layers or chosen_layers(teacher_layers, layers)
     config.bert = {**config.bert, "num_hidden_layers": layers}
+    teacher_recall = getattr(teacher, "recall_encoder", None)
+    config.recall_layers = (len(teacher_recall.layer) if teacher_recall is not None else teacher_layers) if keep_recall else 0
     config.fusion_layer = sum(1 for i in chosen if i < int(teacher.config.fusion_layer))
     head = getattr(teacher, "itc_head", None)
     if head is not None:  # a head attached to a config that predates itc_dim: the student's config names it
@@ -96,7 +117,13 @@ def build_student(teacher: FashionBertModel, layers: int, from_layers: list[int]
     source = {f"bert.encoder.layer.{i}.": f"bert.encoder.layer.{k}." for k, i in enumerate(chosen)}
     state = {}
     for name, tensor in teacher.state_dict().items():
+        if name.startswith("recall_encoder."):
+            if keep_recall:
+                state[name] = tensor.detach().clone()
+            continue
         if name.startswith("bert.encoder.layer."):
+            if keep_recall and teacher_recall is None:
+                state["recall_encoder." + name[len("bert.encoder."):]] = tensor.detach().clone()
             prefix = ".".join(name.split(".")[:4]) + "."
             if prefix not in source:
                 continue
@@ -104,6 +131,13 @@ def build_student(teacher: FashionBertModel, layers: int, from_layers: list[int]
         state[name] = tensor.detach().clone()
     student.load_state_dict(state, strict=True)
     return student
+
+
+def freeze_recall(model: FashionBertModel) -> None:
+    """--keep-recall: the parameters the text-only and image-only passes read stay the teacher's."""
+    for name, p in model.named_parameters():
+        if name.startswith(RECALL_PREFIXES):
+            p.requires_grad_(False)
 
 
 def load_teacher(folder: str) -> FashionBertModel:
@@ -155,6 +189,17 @@ def student_logits(model: FashionBertModel, input_ids: torch.Tensor, attention_m
     return model.alignment_logits(sequence_output, attention_mask, pooled)
 
 
+def hidden_distance(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor], chosen: list[int],
+                    text_mask: torch.Tensor) -> torch.Tensor:
+    """kd_hidden: mean over the student's layers k of the mean squared difference to teacher layer chosen[k]'s
+    output, over the text tokens (padding left out) and every patch, float32."""
+    patches = student_states[0].shape[1] - text_mask.shape[1]
+    mask = torch.cat([text_mask, text_mask.new_ones(text_mask.shape[0], patches)], dim=1).to(torch.float32)
+    per_layer = [((s.float() - teacher_states[i].float()) ** 2).mean(-1).mul(mask).sum() / mask.sum()
+                 for s, i in zip(student_states, chosen)]
+    return torch.stack(per_layer).mean()
+
+
 def held_out_divergence(teacher: FashionBertModel, student: FashionBertModel, s100, rt: Runtime,
                         temperature: float) -> float:
     """kd_tia on held-out pairs: every (query text, candidate image) pair of a sample-100 draw (`s100`, from
@@ -172,9 +217,13 @@ class Distillation:
     def __init__(self, teacher: FashionBertModel, config: DistillConfig):
         self.teacher = teacher
         self.temperature = float(config.temperature)
+        self.chosen = chosen_layers(int(teacher.config.bert["num_hidden_layers"]), config.layers)
         has_itc = getattr(teacher, "itc_head", None) is not None
-        self.tasks = TASKS if has_itc else TASKS[:1]
-        weights = {"kd_tia": config.tia_weight, "kd_itc": config.itc_weight, "kd_emb": config.emb_weight}
+        # With --keep-recall the student's itc vectors are the teacher's: kd_itc and kd_emb would be zero.
+        self.tasks = tuple(t for t in TASKS if (t != "kd_hidden" or config.hidden_weight > 0)
+                           and (t not in ("kd_itc", "kd_emb") or (has_itc and not config.keep_recall)))
+        weights = {"kd_tia": config.tia_weight, "kd_hidden": config.hidden_weight, "kd_itc": config.itc_weight,
+                   "kd_emb": config.emb_weight}
         self.weights = torch.tensor([float(weights[t]) for t in self.tasks])
 
     def losses(self, model: FashionBertModel, batch: Batch, rt: Runtime) -> tuple[dict[str, torch.Tensor], int]:
@@ -182,9 +231,17 @@ class Distillation:
         teacher = self.teacher.to(rt.device)
         with torch.no_grad(), rt.autocast():
             taught = teacher(**batch.model_inputs())
+            # the teacher's joint pass again, its layers' outputs kept (its forward keeps none): ~1/4 more per step
+            teacher_states = teacher.joint_layer_states(*taught.joint_inputs)[0] if "kd_hidden" in self.tasks else None
         with rt.autocast():
-            losses = {"kd_tia": tia_divergence(student_logits(model, *taught.joint_inputs), taught.tia_logits,
-                                               self.temperature)}
+            if teacher_states is None:
+                losses = {"kd_tia": tia_divergence(student_logits(model, *taught.joint_inputs), taught.tia_logits,
+                                                   self.temperature)}
+            else:
+                states, sequence_output, pooled = model.joint_layer_states(*taught.joint_inputs)
+                logits = model.alignment_logits(sequence_output, taught.joint_inputs[1], pooled)
+                losses = {"kd_tia": tia_divergence(logits, taught.tia_logits, self.temperature),
+                          "kd_hidden": hidden_distance(states, teacher_states, self.chosen, taught.joint_inputs[1])}
             if "kd_itc" in self.tasks:
                 ids, mask, feats = itc_inputs(batch.input_ids, batch.attention_mask, batch.patch_features,
                                               batch.tia_labels)
@@ -240,16 +297,19 @@ def objective(teacher: FashionBertModel, config: DistillConfig) -> Objective:
     chosen = chosen_layers(int(teacher.config.bert["num_hidden_layers"]), config.layers)
 
     def new_model(_config: TrainConfig, _data: TrainingData):
-        student = build_student(teacher, config.layers)
+        student = build_student(teacher, config.layers, keep_recall=config.keep_recall)
         return student, student.config, load_tokenizer(config.teacher)
 
     def describe(state: TrainState) -> str:
-        return (f"student of {config.layers} layers from teacher layers {chosen} of {config.teacher}; losses "
+        recall = ("the teacher's recall layers kept, frozen" if config.keep_recall else
+                  "its layers also for the recall passes")
+        return (f"student of {config.layers} layers from teacher layers {chosen} of {config.teacher} ({recall}); losses "
                 f"{'/'.join(distillation.tasks)} weights {'/'.join(f'{float(w):g}' for w in distillation.weights)}, "
                 f"T {config.temperature:g}")
 
     return Objective(name="distill", new_model=new_model, micro_step=distillation.micro_step,
-                     tasks=distillation.tasks, resume_keys=RESUME_KEYS, matching_only=True, describe=describe)
+                     tasks=distillation.tasks, resume_keys=RESUME_KEYS, matching_only=True, describe=describe,
+                     freeze=freeze_recall if config.keep_recall else None)
 
 
 def run(config: DistillConfig, on_step=None) -> dict[str, Any]:
@@ -283,11 +343,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--out", required=True, metavar="DIR",
                    help="output folder, as `fashionbert train`'s: checkpoints/, model/ (the student, an ordinary model "
                         "folder with its refitted score_fusion.json), metrics.jsonl, training_curves.png, summary.json")
+    g.add_argument("--keep-recall", action=argparse.BooleanOptionalAction, default=D.keep_recall,
+                   help="keep the teacher's layers, frozen, for the text-only and image-only passes (the recall "
+                        "embeddings and the ranking score's cosine: once per item, not per pair) and distil only the "
+                        "joint pass; --no-keep-recall: the N layers serve every pass (default --keep-recall)")
     g.add_argument("--features", action="append", metavar="DIR",
                    help="featurize output folder(s) to distil on (default: the ones the teacher trained on)")
     g.add_argument("--temperature", type=float, default=D.temperature,
                    help="temperature T of the TIA distributions kd_tia matches (default %(default)s)")
     g.add_argument("--tia-weight", type=float, default=D.tia_weight, help="weight of kd_tia (default %(default)s)")
+    g.add_argument("--hidden-weight", type=float, default=D.hidden_weight,
+                   help="weight of kd_hidden, the joint pass's layer outputs against the teacher's; 0 = off "
+                        "(default %(default)s)")
     g.add_argument("--itc-weight", type=float, default=D.itc_weight,
                    help="weight of kd_itc, the in-batch similarity distributions (default %(default)s)")
     g.add_argument("--emb-weight", type=float, default=D.emb_weight,

@@ -35,7 +35,7 @@ RESUME_MUST_MATCH = ("batch_size", "itc_dim", "itc_pooling", "dropout", "tia_war
 
 # What a checkpoint written before an option existed ran with.
 BEFORE_OPTION = {"hard_neg_fraction": 0.0, "hard_neg_temperature": 0.0, "itc_queue": 0, "fusion_layer": 0,
-                 "tia_pooling": "cls"}
+                 "tia_pooling": "cls", "keep_recall": False, "hidden_weight": 0.0}
 
 
 @dataclasses.dataclass
@@ -70,6 +70,9 @@ class Objective:
     resume_keys: tuple[str, ...] = ()
     describe: Callable[["TrainState"], str] | None = None
     matching_only: bool = False  # every batch clean, as pretraining's warm-up batches (no MLM/MPM masks)
+    # Marks the parameters the run leaves as they are (requires_grad False), on a fresh and a resumed model alike,
+    # before the optimizer is built; None = every parameter trains.
+    freeze: Callable[[FashionBertModel], None] | None = None
 
 
 @dataclasses.dataclass
@@ -121,6 +124,8 @@ def build_state(config: TrainConfig, rt: Runtime, objective: Objective = Objecti
     else:
         model, model_config, tokenizer = (objective.new_model or _new_model)(config, data)
     _check_features_fit(model_config, data)
+    if objective.freeze is not None:
+        objective.freeze(model)
     model.to(rt.device).train()
 
     warmup_steps = _steps_of(config.warmup, total_steps)
