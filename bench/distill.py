@@ -1,6 +1,6 @@
 """Distillation benchmark: README's "A faster cross-encoder" table in one command. Prints figures; asserts nothing.
 
-    python bench/distill.py --teacher /work/q/train-halves/model --work DIR [--layers 2,3,1] [--steps 60]
+    python bench/distill.py --teacher /work/q/train-halves/model --work DIR [--layers 2,3,1] [--steps 150]
 
 For each student size in --layers order, the same budget: `fashionbert distill --teacher T --layers N` (train's
 batches and schedule, --steps x --batch-size positives; --keep-recall as distill's default, or --no-keep-recall) into
@@ -118,7 +118,7 @@ def table(record: dict) -> str:
         lines.append(f"| {name}: {m['layers']} layer{'s' if m['layers'] != 1 else ''}{' ' + str(m['teacher_layers']) if m.get('teacher_layers') else ''}{recall} "
                      f"| {speed} | {' / '.join(f'{v:.1f}' for v in fig['score']['t2i'])} | "
                      f"{' / '.join(f'{v:.1f}' for v in fig['score']['i2t'])} | {ratio[0]:.0f}% / {ratio[1]:.0f}% | "
-                     f"{heads[0]} | {heads[1]} | {m.get('distill_minutes', 0):.1f} |")
+                     f"{heads[0]} | {heads[1]} | {format(m['distill_minutes'], '.1f') if 'distill_minutes' in m else ''} |")
     return "\n".join(lines)
 
 
@@ -167,9 +167,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--work", required=True, metavar="DIR", help=f"folder for the students, evaluations and {RESULT}")
     ap.add_argument("--layers", default="2,3,1", help="student sizes, in the order they run (default 2,3,1: the goal's first)")
     g = ap.add_argument_group("the budget (the same for every student)")
-    g.add_argument("--steps", type=int, default=60, help="distillation steps (default %(default)s)")
+    g.add_argument("--steps", type=int, default=150, help="distillation steps (default %(default)s)")
     g.add_argument("--batch-size", type=int, default=32, help="positives per step (default %(default)s)")
-    g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default %(default)s)")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default %(default)s)")
     g.add_argument("--temperature", type=float, default=DistillConfig.temperature, help="kd_tia's T (default %(default)s)")
     g.add_argument("--keep-recall", action=argparse.BooleanOptionalAction, default=DistillConfig.keep_recall,
                    help="distill's --keep-recall: the teacher's frozen layers for the recall passes (default %(default)s)")
@@ -177,7 +177,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="distill's --hidden-weight, kd_hidden's (default %(default)s)")
     g.add_argument("--val-queries", type=int, default=50,
                    help="held-out queries the student's score fusion is refitted on (default %(default)s)")
-    g.add_argument("--checkpoint-every", type=int, default=20, help="checkpoints, to resume a cut run (default %(default)s)")
+    g.add_argument("--checkpoint-every", type=int, default=50, help="checkpoints, to resume a cut run (default %(default)s)")
     g = ap.add_argument_group("measurements")
     g.add_argument("--queries", type=int, default=100, help="sample-100 queries, one draw (default %(default)s)")
     g.add_argument("--pairs", type=int, default=512, help="pairs per throughput measurement (default %(default)s)")
