@@ -17,7 +17,7 @@ and the cosine half of the ranking score) run once per item, not once per pair, 
 and costs the recall stage as much quality as the cross-encoder loses (measured: the itc cosine's Rank@1 fell with the
 student's layers, README). So the student keeps all of the teacher's layers for them as its `recall_encoder`
 (config.recall_layers), and those layers, the embeddings and the itc head stay frozen: the student's recall vectors
-are the teacher's, bit for bit, and only its N joint layers, pooler and TIA head train (kd_tia alone). With
+are the teacher's, bit for bit, and only its N joint layers, pooler and TIA head train (kd_tia, kd_hidden). With
 --no-keep-recall the N layers serve all three passes and kd_itc / kd_emb train the recall vectors too.
 
 Each step the teacher (eval mode, no gradient, bf16 where the runtime is) runs `fashionbert train`'s own batches (clean,
