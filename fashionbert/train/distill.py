@@ -182,13 +182,6 @@ def embedding_distance(student: tuple[torch.Tensor, torch.Tensor], teacher: tupl
     return 1.0 - 0.5 * ((student[0] * teacher[0]).sum(-1).mean() + (student[1] * teacher[1]).sum(-1).mean())
 
 
-def student_logits(model: FashionBertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   patch_features: torch.Tensor) -> torch.Tensor:
-    """TIA logits of a joint pass (the pass scoring runs)."""
-    sequence_output, pooled = model.encode(input_ids, attention_mask, patch_features)
-    return model.alignment_logits(sequence_output, attention_mask, pooled)
-
-
 def hidden_distance(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor], chosen: list[int],
                     text_mask: torch.Tensor) -> torch.Tensor:
     """kd_hidden: mean over the student's layers k of the mean squared difference to teacher layer chosen[k]'s
@@ -234,14 +227,12 @@ class Distillation:
             # the teacher's joint pass again, its layers' outputs kept (its forward keeps none): ~1/4 more per step
             teacher_states = teacher.joint_layer_states(*taught.joint_inputs)[0] if "kd_hidden" in self.tasks else None
         with rt.autocast():
-            if teacher_states is None:
-                losses = {"kd_tia": tia_divergence(student_logits(model, *taught.joint_inputs), taught.tia_logits,
-                                                   self.temperature)}
-            else:
-                states, sequence_output, pooled = model.joint_layer_states(*taught.joint_inputs)
-                logits = model.alignment_logits(sequence_output, taught.joint_inputs[1], pooled)
-                losses = {"kd_tia": tia_divergence(logits, taught.tia_logits, self.temperature),
-                          "kd_hidden": hidden_distance(states, teacher_states, self.chosen, taught.joint_inputs[1])}
+            # one joint pass gives the TIA logits and, for kd_hidden, every layer's output
+            states, sequence_output, pooled = model.joint_layer_states(*taught.joint_inputs)
+            logits = model.alignment_logits(sequence_output, taught.joint_inputs[1], pooled)
+            losses = {"kd_tia": tia_divergence(logits, taught.tia_logits, self.temperature)}
+            if teacher_states is not None:
+                losses["kd_hidden"] = hidden_distance(states, teacher_states, self.chosen, taught.joint_inputs[1])
             if "kd_itc" in self.tasks:
                 ids, mask, feats = itc_inputs(batch.input_ids, batch.attention_mask, batch.patch_features,
                                               batch.tia_labels)
