@@ -1,6 +1,7 @@
 """Training benchmark. Prints figures; asserts nothing (speed targets live here, not in tests).
 
-    python bench/train.py [--backbone minilm] [--batch-size 16] [--steps 12] [--text-words 40] [--threads 0]
+    python bench/train.py [--backbone minilm] [--batch-size 16] [--steps 12] [--text-words 40] [--fusion-layer K]
+                          [--threads 0]
 
 Figures, each measured in this one run on this machine:
 - this CPU's matmul GFLOP/s in fp32 and bf16, on the model's own FFN shape and on a square 2048^3 GEMM;
@@ -31,7 +32,7 @@ from bench.flops import matmul_gflops  # noqa: E402
 from fashionbert.data.batching import (BatchSettings, ImageStream, MaskingVocab, PairBuilder, StreamPosition,
                                        iter_batches)
 from fashionbert.data.features import FeatureReader, index_images, load_texts, open_feature_folders  # noqa: E402
-from fashionbert.model.backbone import load_tokenizer  # noqa: E402
+from fashionbert.model.backbone import backbone_layers, load_tokenizer  # noqa: E402
 from fashionbert.model.config import FashionBertConfig  # noqa: E402
 from fashionbert.model.modeling import FashionBertModel  # noqa: E402
 from fashionbert.model.patch_cnn import FEATURE_DIM  # noqa: E402
@@ -47,11 +48,14 @@ def analytic_flops_per_pair(cfg: FashionBertConfig, text_len: float, mlm_tokens:
     h, i = cfg.hidden_size, int(cfg.bert["intermediate_size"])
     layers, v, d = int(cfg.bert["num_hidden_layers"]), cfg.vocab_size, cfg.feature_dim
 
-    def encoder(seq: float) -> float:
-        return layers * (2 * seq * (4 * h * h + 2 * h * i) + 2 * 2 * seq * seq * h)
+    def encoder(seq: float, n: int = layers) -> float:
+        return n * (2 * seq * (4 * h * h + 2 * h * i) + 2 * 2 * seq * seq * h)
 
     patch_projection = 2 * cfg.num_patches * d * h
-    fwd = encoder(text_len + cfg.num_patches) + patch_projection + 2 * h * h  # + pooler
+    below = int(cfg.fusion_layer)  # late fusion: below it text and patches attend apart
+    joint = (encoder(text_len, below) + encoder(cfg.num_patches, below)
+             + encoder(text_len + cfg.num_patches, layers - below))
+    fwd = joint + patch_projection + 2 * h * h  # + pooler
     fwd += mlm_tokens * 2 * (h * h + h * v) + mpm_patches * 2 * (h * h + h * d)
     if cfg.itc_dim:
         fwd += aligned_share * (encoder(text_len) + encoder(cfg.num_patches) + patch_projection + 4 * h * cfg.itc_dim)
@@ -91,6 +95,8 @@ def main() -> None:
     ap.add_argument("--text-words", type=int, default=40, help="filler words per synthetic text (40 -> ~45 tokens)")
     ap.add_argument("--feature-dim", type=int, default=FEATURE_DIM)
     ap.add_argument("--itc-dim", type=int, default=256, help="the itc task's projection, 0 = off (train's default 256)")
+    ap.add_argument("--fusion-layer", type=int, default=None,
+                    help="late fusion's first joint layer (default train's: half the backbone's layers; 0 = single stream)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads, 0 = torch's default (all cores)")
     ap.add_argument("--compare-steps", type=int, default=3, help="steps per precision in the bf16/fp32 comparison")
     a = ap.parse_args()
@@ -106,7 +112,8 @@ def main() -> None:
                                        n_image_shards=2, row_group_size=64, extra_words=a.text_words,
                                        tokenizer=tokenizer)
         torch.manual_seed(0)
-        cfg = FashionBertConfig(backbone=a.backbone, feature_dim=a.feature_dim, itc_dim=a.itc_dim)
+        fusion = a.fusion_layer if a.fusion_layer is not None else backbone_layers(a.backbone) // 2
+        cfg = FashionBertConfig(backbone=a.backbone, feature_dim=a.feature_dim, itc_dim=a.itc_dim, fusion_layer=fusion)
         model = FashionBertModel.from_pretrained_backbone(cfg).train()
         it = batches_for(features, cfg, tokenizer, a.batch_size)
         sample = [next(it) for _ in range(4)]
@@ -144,7 +151,7 @@ def main() -> None:
         counted = counter.get_total_flops() / rows
         analytic = analytic_flops_per_pair(cfg, padded_len, mlm_tok, mpm_p, aligned)
         print(f"batch: {rows} rows, text {text_len:.1f} tokens (padded {padded_len:.1f}) + {cfg.num_patches} patches; "
-              f"tasks {'/'.join(model.tasks)}; FLOPs per training pair: counted {counted / 1e9:.2f} G, analytic {analytic / 1e9:.2f} G")
+              f"tasks {'/'.join(model.tasks)}; fusion layer {fusion}; FLOPs per training pair: counted {counted / 1e9:.2f} G, analytic {analytic / 1e9:.2f} G")
 
         # ---- bf16 vs fp32 on the same batches
         state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -173,7 +180,7 @@ def main() -> None:
         # ---- end to end: fashionbert.train
         config = TrainConfig(features=[str(features)], out=str(tmp / "out"), backbone=a.backbone, steps=a.steps + 2,
                              batch_size=a.batch_size, val_fraction=0.0, checkpoint_every=0, progress=False,
-                             precision="bf16", itc_dim=a.itc_dim, tia_warmup=0.0)
+                             precision="bf16", itc_dim=a.itc_dim, tia_warmup=0.0, fusion_layer=fusion)
         t0 = time.perf_counter()
         run(config)
         wall = time.perf_counter() - t0

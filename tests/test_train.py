@@ -349,8 +349,8 @@ def test_kill_and_resume_reach_the_uninterrupted_state(tmp_path, uninterrupted, 
     assert not list((out / "checkpoints").glob(".staging-*"))
 
 
-def test_negative_mining_and_tia_pooling_options_round_trip_and_resume_refuses_a_mismatch(tmp_path, uninterrupted, features,
-                                                                          tiny_backbone):
+def test_mining_pooling_and_fusion_options_round_trip_and_resume_refuses_a_mismatch(tmp_path, uninterrupted, features,
+                                                                                    tiny_backbone):
     import shutil
 
     ref_out, _, _ = uninterrupted
@@ -358,19 +358,23 @@ def test_negative_mining_and_tia_pooling_options_round_trip_and_resume_refuses_a
     options = json.loads((newest / ckpt.STATE_JSON).read_text())["options"]
     assert options["hard_neg_fraction"] == 1.0 and options["hard_neg_temperature"] == 0.0  # the defaults, resolved
     assert options["tia_pooling"] == "halves"
-    assert json.loads((ref_out / "model" / "config.json").read_text())["tia_pooling"] == "halves"
+    assert options["fusion_layer"] == 1  # the default, resolved: half the tiny backbone's 2 layers
+    model_config = json.loads((ref_out / "model" / "config.json").read_text())
+    assert model_config["tia_pooling"] == "halves" and model_config["fusion_layer"] == 1
     out = tmp_path / "copy"
     shutil.copytree(ref_out, out)
-    for option, value in (("--hard-neg-fraction", 0.5), ("--hard-neg-temperature", 0.1), ("--tia-pooling", "cls")):
+    for option, value in (("--hard-neg-fraction", 0.5), ("--hard-neg-temperature", 0.1), ("--tia-pooling", "cls"),
+                          ("--fusion-layer", 0)):
         with pytest.raises(UserError, match=option):
             run(make_args(features, out, tiny_backbone, "--steps", 8, "--resume", option, value))
     # a checkpoint from before mining existed ran without it: resuming it with mining on would change the run
     state_json = ckpt.latest_checkpoint(out) / ckpt.STATE_JSON
     info = json.loads(state_json.read_text())
     del info["options"]["hard_neg_fraction"], info["options"]["hard_neg_temperature"], info["options"]["tia_pooling"]
+    del info["options"]["fusion_layer"]  # before late fusion: the single stream
     state_json.write_text(json.dumps(info))
-    with pytest.raises(UserError, match=r"--hard-neg-fraction 1.0 \(checkpoint: 0.0\).*--tia-pooling 'halves' "
-                                        r"\(checkpoint: 'cls'\)"):
+    with pytest.raises(UserError, match=r"--hard-neg-fraction 1.0 \(checkpoint: 0.0\).*--fusion-layer 1 "
+                                        r"\(checkpoint: 0\).*--tia-pooling 'halves' \(checkpoint: 'cls'\)"):
         run(make_args(features, out, tiny_backbone, "--steps", 8, "--resume"))
     with pytest.raises(UserError, match="--itc-dim 0"):
         run(make_args(features, tmp_path / "no-itc", tiny_backbone, "--steps", 1, "--itc-dim", 0,
@@ -466,7 +470,7 @@ def test_synthetic_quality_rank1(tmp_path):
                               "--steps", os.environ.get(QUALITY_ENV + "_STEPS", "300"), "--batch-size", "32",
                               "--lr", "3e-4", "--tia-warmup", "0.2", "--val-fraction", "0.25", "--val-queries", "100",
                               "--val-every", "0", "--checkpoint-every", "0", "--num-threads", "1"])
-    summary = run(args)
+    summary = run(config_from_args(args))
     print("synthetic sample-100:", json.dumps(summary["validation"]))
     assert summary["validation"]["rank1_t2i"] >= 0.9
 
@@ -491,7 +495,7 @@ def test_rendered_synthetic_catalog_quality_rank1(tmp_path):
                               "--batch-size", "32", "--lr", "3e-4", "--tia-warmup", "0.2", "--val-fraction", "0.25",
                               "--val-queries", "200", "--val-every", "0", "--checkpoint-every", "0",
                               "--num-threads", "2"])
-    summary = run(args)
+    summary = run(config_from_args(args))
     print("rendered synthetic sample-100:", json.dumps(summary["validation"]))
     assert (tmp_path / "out" / "model" / FUSION_NAME).is_file()
     assert summary["validation"]["rank1_t2i"] >= 0.9

@@ -33,6 +33,18 @@ def resolve_backbone(backbone: str | os.PathLike | None = None) -> Path:
     return path.resolve()
 
 
+def backbone_layers(backbone: str | os.PathLike | None = None) -> int:
+    """The backbone's encoder depth (`num_hidden_layers` of its config.json)."""
+    import json
+
+    path = resolve_backbone(backbone) / "config.json"
+    try:
+        return int(json.loads(path.read_text())["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"backbone {path}: cannot read num_hidden_layers ({exc}); the folder needs a BERT "
+                        f"config.json") from None
+
+
 def load_tokenizer(backbone: str | os.PathLike | None = None):
     """The backbone's fast WordPiece tokenizer (tokenizers' Rust implementation, not the slow Python one)."""
     from transformers import BertTokenizerFast

@@ -278,7 +278,7 @@ def resolve(config: DistillConfig, teacher: FashionBertModel) -> DistillConfig:
         split_seed=config.split_seed if config.split_seed is not None else int(options.get("split_seed", 0)),
         backbone=str(tc.backbone), max_text_len=int(tc.max_text_len), dropout=-1.0 if tc.dropout is None else float(tc.dropout),
         itc_dim=head.dim if head is not None else 0, itc_pooling=head.pooling if head is not None else tc.itc_pooling,
-        tia_pooling=str(tc.tia_pooling), itc_queue=0, mlm_probability=tc.mlm_probability,
+        tia_pooling=str(tc.tia_pooling), fusion_layer=int(tc.fusion_layer), itc_queue=0, mlm_probability=tc.mlm_probability,
         mpm_probability=tc.mpm_probability, whole_word_mask=bool(tc.whole_word_mask),
         tia_warmup=0.0, task_weights="fixed")
 

@@ -17,7 +17,7 @@ from fashionbert.data.features import (FeatureReader, ImageIndex, TextTable, ind
                                        open_feature_folders, validation_mask)
 from fashionbert.errors import UserError
 from fashionbert.evaluation.sample_hundred import SampleHundred, build_sample_hundred
-from fashionbert.model.backbone import load_tokenizer
+from fashionbert.model.backbone import backbone_layers, load_tokenizer
 from fashionbert.model.config import FashionBertConfig
 from fashionbert.model.contrastive import EmbeddingQueue
 from fashionbert.model.modeling import FashionBertModel
@@ -226,6 +226,7 @@ def run_options(config: TrainConfig, world: int) -> dict[str, Any]:
     options["world_size"] = world
     options["hard_neg_fraction"] = hard_neg_fraction(config)
     options["tia_pooling"] = tia_pooling(config)
+    options["fusion_layer"] = fusion_layer(config)
     return options
 
 
@@ -241,6 +242,13 @@ def tia_pooling(config: TrainConfig) -> str:
     if config.tia_pooling is not None:
         return config.tia_pooling
     return "halves" if config.itc_dim > 0 else "cls"
+
+
+def fusion_layer(config: TrainConfig) -> int:
+    """--fusion-layer, or its default: half the backbone's layers (ALBEF's split of 6 unimodal + 6 fusion layers)."""
+    if config.fusion_layer is not None:
+        return int(config.fusion_layer)
+    return backbone_layers(config.backbone) // 2
 
 
 def _check_resume_options(saved: dict, current: dict, where: Path, more_keys: tuple[str, ...] = ()) -> None:
@@ -268,7 +276,7 @@ def _new_model(config: TrainConfig, data: TrainingData) -> tuple[FashionBertMode
         patch_mode=str(options.get("patch_mode") or ""), mlm_probability=config.mlm_probability,
         mpm_probability=config.mpm_probability, whole_word_mask=config.whole_word_mask,
         dropout=None if config.dropout < 0 else config.dropout, itc_dim=config.itc_dim,
-        itc_pooling=config.itc_pooling, fusion_layer=config.fusion_layer,
+        itc_pooling=config.itc_pooling, fusion_layer=fusion_layer(config),
         tia_pooling=tia_pooling(config),
     )
     torch.manual_seed(config.seed)
