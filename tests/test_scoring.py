@@ -161,16 +161,16 @@ def test_scorer_factored_pass_equals_encode_exactly(loaded, catalog):
 def test_late_fusion_scorer_runs_the_lower_layers_once_per_item_and_matches_the_model(loaded, catalog):
     import copy
 
-    late = copy.deepcopy(loaded.model)
-    late.config.fusion_layer = 1
+    late, single_stream = copy.deepcopy(loaded.model), copy.deepcopy(loaded.model)
+    late.config.fusion_layer, single_stream.config.fusion_layer = 1, 0  # whatever the fixture trained with
     feats = IndexedImages(catalog.index, catalog.reader).read(np.arange(len(catalog.index)))
     rng = np.random.default_rng(1)
     pairs = np.stack([rng.integers(0, len(catalog.text_ids), 60), rng.integers(0, len(feats), 60)], axis=1)
     got = CrossEncoderScorer(late, resolve_runtime("cpu", "fp32"), token_budget=700, block_images=4).score(
         catalog.text_ids, ArrayImages(feats), pairs)
     np.testing.assert_allclose(got, _reference_margins(late, catalog.text_ids, feats, pairs), atol=2e-5)
-    single = _reference_margins(loaded.model, catalog.text_ids, feats, pairs)
-    assert np.abs(got - single).max() > 1e-3  # the fusion layer matters: not the single-stream numbers
+    single = _reference_margins(single_stream, catalog.text_ids, feats, pairs)
+    assert np.abs(got - single).max() > 1e-4  # the fusion layer matters (5x the match tolerance above)
 
 
 def test_halves_tia_scorer_matches_the_model(backbone, catalog):

@@ -150,8 +150,9 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="late fusion: the first K encoder layers see the text and the patches apart (as the itc passes "
                         "do), the layers above attend across them, as ALBEF's fusion encoder sits on its unimodal "
                         "encoders; 0 = the paper's single stream from the first layer. Default: half the backbone's "
-                        "layers (3 of MiniLM's 6), which ranked best on hm-dev (README, 'What was tried') at no more "
-                        "compute per step: below the fusion layer attention spans one side, not both")
+                        "layers (3 of MiniLM's 6), whose TIA head ranked ~4 points better on hm-dev (README, 'What was "
+                        "tried') at no more compute per step: below the fusion layer attention spans one side, not "
+                        "both")
     g.add_argument("--tia-pooling", choices=TIA_POOLINGS, default=D.tia_pooling,
                    help="what the TIA classifier reads of the joint pass: cls = BERT's pooled [CLS] (the paper); "
                         "halves = that plus the agreement of the pass's text and patch halves (their mean states "
