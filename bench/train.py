@@ -32,11 +32,12 @@ from bench.flops import matmul_gflops  # noqa: E402
 from fashionbert.data.batching import (BatchSettings, ImageStream, MaskingVocab, PairBuilder, StreamPosition,
                                        iter_batches)
 from fashionbert.data.features import FeatureReader, index_images, load_texts, open_feature_folders  # noqa: E402
-from fashionbert.model.backbone import backbone_layers, load_tokenizer  # noqa: E402
+from fashionbert.model.backbone import load_tokenizer  # noqa: E402
 from fashionbert.model.config import FashionBertConfig  # noqa: E402
 from fashionbert.model.modeling import FashionBertModel  # noqa: E402
 from fashionbert.model.patch_cnn import FEATURE_DIM  # noqa: E402
 from fashionbert.train.adaptive_loss import TaskWeighter  # noqa: E402
+from fashionbert.train.state import fusion_layer  # noqa: E402
 from fashionbert.train.trainer import TrainConfig, run  # noqa: E402
 from tests.fake_features import write_fake_features  # noqa: E402
 
@@ -112,7 +113,7 @@ def main() -> None:
                                        n_image_shards=2, row_group_size=64, extra_words=a.text_words,
                                        tokenizer=tokenizer)
         torch.manual_seed(0)
-        fusion = a.fusion_layer if a.fusion_layer is not None else backbone_layers(a.backbone) // 2
+        fusion = fusion_layer(TrainConfig(backbone=a.backbone, fusion_layer=a.fusion_layer))  # train's default
         cfg = FashionBertConfig(backbone=a.backbone, feature_dim=a.feature_dim, itc_dim=a.itc_dim, fusion_layer=fusion)
         model = FashionBertModel.from_pretrained_backbone(cfg).train()
         it = batches_for(features, cfg, tokenizer, a.batch_size)
