@@ -34,14 +34,14 @@ def resolve_backbone(backbone: str | os.PathLike | None = None) -> Path:
 
 
 def backbone_layers(backbone: str | os.PathLike | None = None) -> int:
-    """The backbone's encoder depth (`num_hidden_layers` of its config.json)."""
-    import json
+    """The backbone's encoder depth (`num_hidden_layers` of its config.json, read by transformers)."""
+    from transformers import BertConfig
 
-    path = resolve_backbone(backbone) / "config.json"
+    path = resolve_backbone(backbone)
     try:
-        return int(json.loads(path.read_text())["num_hidden_layers"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"backbone {path}: cannot read num_hidden_layers ({exc}); the folder needs a BERT "
+        return int(BertConfig.from_pretrained(str(path), local_files_only=True).num_hidden_layers)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"backbone {path}: cannot read its config.json ({exc}); the folder needs a BERT "
                         f"config.json") from None
 
 
