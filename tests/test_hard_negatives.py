@@ -128,7 +128,7 @@ def test_mined_rows_keep_one_side_and_take_the_other_from_the_partner(tiny_backb
     request = _request([0, 1, 2, 3], [True, False, True, False], seed=3)
     groups = torch.tensor([0, 1, 2, 3])
     _, state = model._contrastive(ids, attn, feats, labels, mlm, groups)
-    rows = model._mined_rows(request, state, ids, attn, feats, pmask, mlm, labels)
+    rows, (text_src, image_src) = model._mined_rows(request, state, ids, attn, feats, pmask, mlm, labels)
     anchors, swap, partner = mine(request, state.text_vec, state.image_vec, state.all_text_vec, state.all_image_vec,
                                   _excluded([0, 1, 2, 3]), state.scale)
     new_ids, new_attn, new_feats, new_pmask, new_mlm, new_labels = rows
@@ -138,8 +138,42 @@ def test_mined_rows_keep_one_side_and_take_the_other_from_the_partner(tiny_backb
         assert p != a
         assert torch.equal(new_ids[4 + m], ids[text_from]) and torch.equal(new_attn[4 + m], attn[text_from])
         assert torch.equal(new_feats[4 + m], feats[image_from]) and torch.equal(new_pmask[4 + m], pmask[image_from])
+        assert (text_src[m], image_src[m]) == (text_from, image_from)
     out = model(ids, attn, feats, pmask, mlm, labels, groups=groups, mining=request)
     assert out.mined == 4 and out.tia_logits.shape == (8, 2) and set(out.losses) == {"mlm", "mpm", "tia", "itc"}
+
+
+def test_a_clean_late_fusion_batch_reuses_the_itc_passes_below_the_fusion_with_the_same_logits_and_gradient(
+        tiny_backbone):
+    """The joint pass of a clean batch takes its below-fusion states from the itc passes: its TIA logits and every
+    parameter's gradient equal those of a separate full joint pass over the same rows."""
+    torch.manual_seed(0)
+    cfg = FashionBertConfig(backbone=str(tiny_backbone), feature_dim=FEATURE_DIM, itc_dim=8, dropout=0.0,
+                            max_text_len=12, fusion_layer=1, tia_pooling="halves")
+    model = FashionBertModel.from_pretrained_backbone(cfg).float()
+    ids, attn, feats, pmask = _batch(4, seed=1)
+    labels, groups = torch.ones(4, dtype=torch.long), torch.tensor([0, 1, 2, 3])
+    request = _request([0, 1, 2, 3], [True, False, True, False], seed=5)
+    assert model._shares_below_fusion(labels, None, None)
+    assert not model._shares_below_fusion(labels, pmask, torch.full_like(ids, -100))  # masked: MLM/MPM rows differ
+    assert not model._shares_below_fusion(torch.tensor([1, 1, 0, 1]), None, None)  # a loader negative of its own
+
+    out = model(ids, attn, feats, tia_labels=labels, groups=groups, mining=request)
+    assert out.mined == 4
+    (out.losses["tia"] + out.losses["itc"]).backward()
+    shared = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    joint_ids, joint_attn, joint_feats = out.joint_inputs
+    itc, _ = model._contrastive(ids, attn, feats, labels, None, groups)
+    sequence_output, pooled = model.encode(joint_ids, joint_attn, joint_feats)
+    logits = model.alignment_logits(sequence_output, joint_attn, pooled)
+    torch.testing.assert_close(out.tia_logits, logits, rtol=1e-5, atol=1e-5)
+    (F.cross_entropy(logits.float(), torch.tensor([1] * 4 + [0] * 4)) + itc).backward()
+    separate = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert shared.keys() == separate.keys()
+    for name in shared:
+        torch.testing.assert_close(shared[name], separate[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_mining_needs_the_itc_head(tiny_backbone):
@@ -164,7 +198,7 @@ def _ddp_worker(rank: int, world: int, port: int, backbone: str, out: str) -> No
         # every local row in one group: the only candidates are the other process's rows
         loss, state = model._contrastive(ids, attn, feats, labels, None, torch.tensor([rank] * 4))
         request = _request([0, 1, 2, 3], [True, False, True, False], seed=rank)
-        rows = model._mined_rows(request, state, ids, attn, feats, pmask, None, labels)
+        rows, _ = model._mined_rows(request, state, ids, attn, feats, pmask, None, labels)
         anchors, swap, partner = mine(request, state.text_vec, state.image_vec, state.all_text_vec, state.all_image_vec,
                                       torch.tensor([rank] * 4).unsqueeze(1) == torch.tensor([0] * 4 + [1] * 4), state.scale)
         loss.backward()

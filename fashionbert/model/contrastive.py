@@ -87,13 +87,19 @@ class ContrastiveHead(nn.Module):
     def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_proj(pooled.to(self.image_proj.weight.dtype)).float(), dim=-1)
 
-    def embed_text(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        states = model.encode_text(input_ids, attention_mask)
+    def pool_text(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """A text-only pass's states (B, T, H) -> its vectors (B, dim)."""
         return self.project_text(states[:, 0].float() if self.pooling == "cls" else masked_mean(states, attention_mask))
 
-    def embed_image(self, model, patch_features: torch.Tensor) -> torch.Tensor:
-        states = model.encode_image(patch_features, with_cls=self.pooling == "cls")
+    def pool_image(self, states: torch.Tensor) -> torch.Tensor:
+        """An image-only pass's states -> its vectors (B, dim)."""
         return self.project_image(states[:, 0].float() if self.pooling == "cls" else masked_mean(states, None))
+
+    def embed_text(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.pool_text(model.encode_text(input_ids, attention_mask), attention_mask)
+
+    def embed_image(self, model, patch_features: torch.Tensor) -> torch.Tensor:
+        return self.pool_image(model.encode_image(patch_features, with_cls=self.pooling == "cls"))
 
     def agreement(self, text_states: torch.Tensor, text_mask: torch.Tensor, patch_states: torch.Tensor) -> torch.Tensor:
         """Cosine (B,) float32 between the two halves of a joint pass, each mean-pooled (the patches have no [CLS] of

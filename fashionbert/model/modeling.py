@@ -174,6 +174,9 @@ class ContrastiveState:
     groups: torch.Tensor
     all_groups: torch.Tensor
     scale: float
+    # The itc passes' states entering the fusion layer (text (B, T, H), patches (B, P, H)) when the joint pass takes
+    # its below-fusion states from them (`FashionBertModel._shares_below_fusion`); else None.
+    below_fusion: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class FashionBertModel(PreTrainedModel):
@@ -467,19 +470,23 @@ class FashionBertModel(PreTrainedModel):
         """
         itc_loss, state = None, None
         if itc and getattr(self, "itc_head", None) is not None:
+            share = self._shares_below_fusion(tia_labels, patch_mask, mlm_labels)
             itc_loss, state = self._contrastive(input_ids, attention_mask, patch_features, tia_labels, mlm_labels,
-                                                groups, itc_queue)
+                                                groups, itc_queue, keep_below_fusion=share)
         elif itc_queue is not None:
             raise ValueError("an itc queue needs the itc head (itc_dim > 0) and itc=True")
-        mined = 0
+        mined, mined_sources = 0, None
         if mining is not None:
             if state is None:
                 raise ValueError("mining TIA negatives needs the itc head (itc_dim > 0) and itc=True")
-            rows = self._mined_rows(mining, state, input_ids, attention_mask, patch_features, patch_mask, mlm_labels,
-                                    tia_labels)
+            rows, mined_sources = self._mined_rows(mining, state, input_ids, attention_mask, patch_features,
+                                                   patch_mask, mlm_labels, tia_labels)
             mined = int(rows[0].shape[0]) - int(input_ids.shape[0])
             input_ids, attention_mask, patch_features, patch_mask, mlm_labels, tia_labels = rows
-        sequence_output, pooled = self.encode(input_ids, attention_mask, patch_features, patch_mask)
+        if state is not None and state.below_fusion is not None:
+            sequence_output, pooled = self._fuse_shared(state.below_fusion, attention_mask, mined_sources)
+        else:
+            sequence_output, pooled = self.encode(input_ids, attention_mask, patch_features, patch_mask)
         text_len = input_ids.shape[1]
         aligned = tia_labels.bool() if tia_labels is not None else None
         losses: dict[str, torch.Tensor] = {}
@@ -509,11 +516,46 @@ class FashionBertModel(PreTrainedModel):
                                  joint_inputs=(input_ids, attention_mask, patch_features),
                                  itc_vectors=(state.text_vec, state.image_vec) if state is not None else None)
 
+    def _shares_below_fusion(self, tia_labels, patch_mask, mlm_labels) -> bool:
+        """Whether the joint pass can take its states below the fusion layer from the itc passes instead of computing
+        them again: with late fusion those layers see the text alone and the patches alone, exactly as the itc
+        passes do, so on a clean batch (no MLM/MPM masks) whose rows are all aligned pairs -- the mined negatives
+        recombine their texts and images -- the joint pass needs only the layers from the fusion up (about half of
+        it). The gradient is the same: both losses reach the shared states. Not with a recall encoder or [CLS]
+        pooling (the itc passes then differ from the joint pass's halves), nor under DDP (a mined partner's states
+        live on another process)."""
+        return (int(self.config.fusion_layer) > 0 and getattr(self, "recall_encoder", None) is None
+                and self.itc_head.pooling == "mean" and patch_mask is None and mlm_labels is None
+                and world_size() == 1 and tia_labels is not None and bool(tia_labels.bool().all()))
+
+    def _fuse_shared(self, below_fusion: tuple[torch.Tensor, torch.Tensor], attention_mask: torch.Tensor,
+                     mined_sources: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The joint pass from the itc passes' below-fusion states: the batch's aligned rows in order, then each mined
+        row's text and image (`_mined_rows`' sources) -> `fuse`'s outputs."""
+        text_below, patch_below = below_fusion
+        text_rows = image_rows = torch.arange(text_below.shape[0], device=text_below.device)
+        if mined_sources is not None:
+            text_rows, image_rows = torch.cat([text_rows, mined_sources[0]]), torch.cat([image_rows, mined_sources[1]])
+        # The itc passes ran on texts trimmed to their longest; the joint rows may be padded wider (padding is masked).
+        text_below = F.pad(text_below, (0, 0, 0, attention_mask.shape[1] - text_below.shape[1]))
+        return self.fuse(text_below[text_rows], attention_mask, patch_below[image_rows])
+
+    def _itc_vectors(self, head: ContrastiveHead, ids, mask, feats, keep_below_fusion: bool):
+        """-> (text vectors, image vectors, the passes' states entering the fusion layer or None)."""
+        if not keep_below_fusion:
+            return *head(self, ids, mask, feats), None
+        text_below = self.encode_text_below_fusion(self.embed_text(ids), mask)
+        patch_below = self.encode_patches_below_fusion(self.embed_patches(feats))
+        top = self.bert.encoder.layer[int(self.config.fusion_layer):]
+        return (head.pool_text(self.run_layers(text_below, mask, top), mask),
+                head.pool_image(self.run_layers(patch_below, None, top)), (text_below, patch_below))
+
     def _contrastive(self, input_ids, attention_mask, patch_features, tia_labels, mlm_labels, groups=None,
-                     queue: EmbeddingQueue | None = None) -> tuple[torch.Tensor, ContrastiveState | None]:
-        """The itc loss on the aligned rows, and their vectors for mining. Under DDP every process's vectors are
-        gathered (with their gradient), so each text meets world x batch images as negatives; a queue adds its own
-        and then takes the (gathered) batch's."""
+                     queue: EmbeddingQueue | None = None, keep_below_fusion: bool = False
+                     ) -> tuple[torch.Tensor, ContrastiveState | None]:
+        """The itc loss on the aligned rows, and their vectors for mining (and with `keep_below_fusion` the states
+        the joint pass reuses). Under DDP every process's vectors are gathered (with their gradient), so each text
+        meets world x batch images as negatives; a queue adds its own and then takes the (gathered) batch's."""
         head: ContrastiveHead = self.itc_head
         ids, mask, feats = itc_inputs(input_ids, attention_mask, patch_features, tia_labels, mlm_labels)
         if ids.shape[0] == 0:
@@ -522,12 +564,12 @@ class FashionBertModel(PreTrainedModel):
             groups = torch.arange(ids.shape[0], device=ids.device) + rank_offset(ids.shape[0])
         if len(groups) != ids.shape[0]:
             raise ValueError(f"{len(groups)} group codes for {ids.shape[0]} aligned rows")
-        text_vec, image_vec = head(self, ids, mask, feats)
+        text_vec, image_vec, below_fusion = self._itc_vectors(head, ids, mask, feats, keep_below_fusion)
         scale = head.scale()
         if world_size() == 1:
             codes = text_groups(ids, mask)
             state = ContrastiveState(text_vec, image_vec, text_vec, image_vec, codes, codes, groups, groups,
-                                     float(scale.detach()))
+                                     float(scale.detach()), below_fusion)
             loss = contrastive_loss(text_vec, image_vec, scale, codes, queue=queue, product_groups=groups)
         else:
             all_text_vec, all_image_vec = gather_with_grad(text_vec), gather_with_grad(image_vec)
@@ -552,8 +594,9 @@ class FashionBertModel(PreTrainedModel):
 
     def _mined_rows(self, request: MiningRequest, state: ContrastiveState, input_ids, attention_mask, patch_features,
                     patch_mask, mlm_labels, tia_labels) -> tuple:
-        """The batch's tensors with the mined negative rows appended (label 0, no MLM target). A mined row keeps its
-        anchor's masked text or masked patches and takes the other side from the partner the draw chose."""
+        """The batch's tensors with the mined negative rows appended (label 0, no MLM target), and each mined row's
+        text and image as rows of the (gathered) aligned rows. A mined row keeps its anchor's masked text or masked
+        patches and takes the other side from the partner the draw chose."""
         # Row copying only: autocast's dtype promotion refuses float16 features in torch.cat on CPU.
         with torch.autocast(device_type=patch_features.device.type, enabled=False):
             return self._append_mined_rows(request, state, input_ids, attention_mask, patch_features, patch_mask,
@@ -592,7 +635,9 @@ class FashionBertModel(PreTrainedModel):
             mlm_labels = torch.cat([F.pad(mlm_labels, (0, width - mlm_labels.shape[1]), value=IGNORE_INDEX),
                                     torch.full_like(new_ids[:, :width], IGNORE_INDEX)])
         tia_labels = torch.cat([tia_labels, torch.zeros_like(anchors).to(tia_labels.dtype)])
-        return input_ids, attention_mask, patch_features, patch_mask, mlm_labels, tia_labels
+        local = anchors + rank_offset(len(positives))
+        sources = torch.where(swap_image, local, partner), torch.where(swap_image, partner, local)
+        return (input_ids, attention_mask, patch_features, patch_mask, mlm_labels, tia_labels), sources
 
     @staticmethod
     def _gathered_loss(states, select, head, loss_fn) -> torch.Tensor:
