@@ -1,16 +1,23 @@
 """Training benchmark. Prints figures; asserts nothing (speed targets live here, not in tests).
 
     python bench/train.py [--backbone minilm] [--batch-size 16] [--steps 12] [--text-words 40] [--fusion-layer K]
-                          [--threads 0]
+                          [--clean] [--precision auto] [--threads 0]
 
 Figures, each measured in this one run on this machine:
 - this CPU's matmul GFLOP/s in fp32 and bf16, on the model's own FFN shape and on a square 2048^3 GEMM;
 - the model's FLOPs per training pair, counted by torch's FlopCounterMode over one full training step
   (forward, the adaptive-grad probe, backward), with an analytic count beside it;
-- end-to-end training pairs/s of `fashionbert.train` (Parquet stream, pairs, masking, bf16 autocast,
-  adaptive-grad, AdamW) on a synthetic featurize folder with real shapes (8x8 x 1286 features (CNN + colour), texts of
-  ~45 tokens), and its ratio to the FLOP bound (peak matmul GFLOP/s / FLOPs per pair); target >= 40%;
-- bf16 autocast vs fp32 on the same batches: per-task loss difference and train-step time.
+- end-to-end training pairs/s of `fashionbert.train` (Parquet stream, pairs, masking, autocast at train's precision
+  -- bf16 where the CPU runs it natively, else fp32 --, adaptive-grad, AdamW) on a synthetic featurize folder with
+  real shapes (8x8 x 1286 features (CNN + colour), texts of ~45 tokens), and its ratio to the FLOP bound (peak matmul
+  GFLOP/s at that precision / FLOPs per pair); target >= 40%;
+- bf16 autocast vs fp32 on the same batches: per-task loss difference and train-step time (skipped on a CPU without
+  native bf16, where autocast emulates it many times slower than fp32).
+
+Steps are MLM/MPM-masked pretraining steps; `--clean` measures the matching-only steps instead (the TIA warm-up's, or
+every step with `--tia-warmup` = all steps): no masks, TIA + itc at equal weights, and with late fusion the joint pass
+takes its states below the fusion layer from the itc passes (`FashionBertModel._shares_below_fusion`); the run also
+times the same steps with the joint pass computed in full and prints the ratio.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ from fashionbert.model.backbone import load_tokenizer  # noqa: E402
 from fashionbert.model.config import FashionBertConfig  # noqa: E402
 from fashionbert.model.modeling import FashionBertModel  # noqa: E402
 from fashionbert.model.patch_cnn import FEATURE_DIM  # noqa: E402
+from fashionbert.runtime import PRECISIONS, cpu_has_native_bf16, resolve_precision  # noqa: E402
 from fashionbert.train.adaptive_loss import TaskWeighter  # noqa: E402
 from fashionbert.train.state import fusion_layer  # noqa: E402
 from fashionbert.train.trainer import TrainConfig, run  # noqa: E402
@@ -43,9 +51,10 @@ from tests.fake_features import write_fake_features  # noqa: E402
 
 
 def analytic_flops_per_pair(cfg: FashionBertConfig, text_len: float, mlm_tokens: float, mpm_patches: float,
-                            aligned_share: float) -> float:
+                            aligned_share: float, shared_below_fusion: bool = False) -> float:
     """Matmul FLOPs of one training pair: 3x forward (forward + backward), encoder + heads, plus the itc task's
-    text-only and image-only passes on the aligned rows when the model has an itc head."""
+    text-only and image-only passes on the aligned rows when the model has an itc head. `shared_below_fusion`: the
+    joint pass runs only the layers from the fusion up (a clean late-fusion batch)."""
     h, i = cfg.hidden_size, int(cfg.bert["intermediate_size"])
     layers, v, d = int(cfg.bert["num_hidden_layers"]), cfg.vocab_size, cfg.feature_dim
 
@@ -54,16 +63,17 @@ def analytic_flops_per_pair(cfg: FashionBertConfig, text_len: float, mlm_tokens:
 
     patch_projection = 2 * cfg.num_patches * d * h
     below = int(cfg.fusion_layer)  # late fusion: below it text and patches attend apart
-    joint = (encoder(text_len, below) + encoder(cfg.num_patches, below)
-             + encoder(text_len + cfg.num_patches, layers - below))
-    fwd = joint + patch_projection + 2 * h * h  # + pooler
+    joint = encoder(text_len + cfg.num_patches, layers - below)
+    if not shared_below_fusion:
+        joint += encoder(text_len, below) + encoder(cfg.num_patches, below) + patch_projection
+    fwd = joint + 2 * h * h  # + pooler
     fwd += mlm_tokens * 2 * (h * h + h * v) + mpm_patches * 2 * (h * h + h * d)
     if cfg.itc_dim:
         fwd += aligned_share * (encoder(text_len) + encoder(cfg.num_patches) + patch_projection + 4 * h * cfg.itc_dim)
     return 3.0 * fwd
 
 
-def batches_for(features: Path, cfg: FashionBertConfig, tokenizer, batch_size: int, seed: int = 0):
+def batches_for(features: Path, cfg: FashionBertConfig, tokenizer, batch_size: int, seed: int = 0, clean: bool = False):
     folders = open_feature_folders([features])
     texts = load_texts(folders)
     index = index_images(folders, texts)
@@ -72,20 +82,46 @@ def batches_for(features: Path, cfg: FashionBertConfig, tokenizer, batch_size: i
     # as training's defaults: every negative mined from the itc similarity when the model has the itc head
     pairs = PairBuilder(texts, np.unique(index.product), hard_fraction=1.0 if cfg.itc_dim else 0.0)
     settings = BatchSettings(batch_size, cfg.max_text_len, cfg.pad_token_id, cfg.sep_token_id,
-                             cfg.mlm_probability, cfg.mpm_probability)
+                             cfg.mlm_probability, cfg.mpm_probability, unmasked_batches=1 << 30 if clean else 0)
     return iter_batches(stream, pairs, settings, MaskingVocab.from_tokenizer(tokenizer, cfg.vocab_size), seed,
                         StreamPosition())
 
 
-def train_step(model, weighter, optimizer, batch, precision: str):
+def step_loss(weighter, losses: dict, clean: bool) -> torch.Tensor:
+    """The loss a training step backpropagates: adaptive-grad's weighted sum, or on a clean batch the matching tasks at
+    equal weights (train's warm-up loss)."""
+    if clean:
+        matching = [losses[t] for t in ("tia", "itc") if t in losses]
+        return sum(matching) / len(matching)
+    return weighter(losses)[0]
+
+
+def train_step(model, weighter, optimizer, batch, precision: str, clean: bool):
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
     with ctx:
         out = model(**batch.model_inputs())
-    total, _, _ = weighter(out.losses)
-    total.backward()
+    step_loss(weighter, out.losses, clean).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {k: float(v.detach()) for k, v in out.losses.items()}
+
+
+def timed_steps(model, weighter, batches, precision: str, clean: bool) -> tuple[list[dict], list[float]]:
+    """Train steps on `batches` from the model's current weights (restored afterwards) -> (losses, seconds) per step."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    torch.manual_seed(0)
+    losses, times = [], []
+    for b in batches:
+        t0 = time.perf_counter()
+        losses.append(train_step(model, weighter, optimizer, b, precision, clean))
+        times.append(time.perf_counter() - t0)
+    model.load_state_dict(state)
+    return losses, times
+
+
+def median_after_first(times: list[float]) -> float:
+    return statistics.median(times[1:] or times)
 
 
 def main() -> None:
@@ -98,13 +134,18 @@ def main() -> None:
     ap.add_argument("--itc-dim", type=int, default=256, help="the itc task's projection, 0 = off (train's default 256)")
     ap.add_argument("--fusion-layer", type=int, default=None,
                     help="late fusion's first joint layer (default train's: half the backbone's layers; 0 = single stream)")
+    ap.add_argument("--clean", action="store_true",
+                    help="measure matching-only steps (no MLM/MPM masks; the TIA warm-up's) instead of masked ones")
+    ap.add_argument("--precision", choices=PRECISIONS, default="auto",
+                    help="of the timed training; auto = train's rule: bf16 where the CPU runs it natively, else fp32")
     ap.add_argument("--threads", type=int, default=0, help="torch threads, 0 = torch's default (all cores)")
     ap.add_argument("--compare-steps", type=int, default=3, help="steps per precision in the bf16/fp32 comparison")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU bf16 native: "
-          f"{bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())}")
+    precision = resolve_precision(a.precision, torch.device("cpu"))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU bf16 native: {cpu_has_native_bf16()}; "
+          f"training in {precision}")
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         tmp = Path(tmp)
@@ -116,7 +157,7 @@ def main() -> None:
         fusion = fusion_layer(TrainConfig(backbone=a.backbone, fusion_layer=a.fusion_layer))  # train's default
         cfg = FashionBertConfig(backbone=a.backbone, feature_dim=a.feature_dim, itc_dim=a.itc_dim, fusion_layer=fusion)
         model = FashionBertModel.from_pretrained_backbone(cfg).train()
-        it = batches_for(features, cfg, tokenizer, a.batch_size)
+        it = batches_for(features, cfg, tokenizer, a.batch_size, clean=a.clean)
         sample = [next(it) for _ in range(4)]
 
         def rows_of(b):  # the joint pass's rows: the batch's and the negatives the step mines
@@ -128,6 +169,7 @@ def main() -> None:
         mlm_tok = float(np.mean([((b.mlm_labels != -100) & b.tia_labels.bool()[:, None]).sum() / rows_of(b) for b in sample]))
         mpm_p = float(np.mean([(b.patch_mask & b.tia_labels.bool()[:, None]).sum() / rows_of(b) for b in sample]))
         aligned = float(np.mean([b.tia_labels.float().sum() / rows_of(b) for b in sample]))
+        shared = a.clean and bool(fusion) and a.itc_dim > 0  # batches_for mines every negative: all rows aligned
         h = cfg.hidden_size
 
         # ---- the CPU's matmul rate
@@ -144,44 +186,53 @@ def main() -> None:
         weighter = TaskWeighter("adaptive-grad", model, model.tasks)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
         with FlopCounterMode(display=False) as counter:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 out = model(**sample[0].model_inputs())
-            total, _, _ = weighter(out.losses)
-            total.backward()
+            step_loss(weighter, out.losses, a.clean).backward()
         optimizer.zero_grad(set_to_none=True)
         counted = counter.get_total_flops() / rows
-        analytic = analytic_flops_per_pair(cfg, padded_len, mlm_tok, mpm_p, aligned)
+        analytic = analytic_flops_per_pair(cfg, padded_len, mlm_tok, mpm_p, aligned, shared)
         print(f"batch: {rows} rows, text {text_len:.1f} tokens (padded {padded_len:.1f}) + {cfg.num_patches} patches; "
-              f"tasks {'/'.join(model.tasks)}; fusion layer {fusion}; FLOPs per training pair: counted {counted / 1e9:.2f} G, analytic {analytic / 1e9:.2f} G")
+              f"tasks {'/'.join(sorted(out.losses, key=model.tasks.index))}; fusion layer {fusion}"
+              f"{' (joint pass from the itc passes below it)' if shared else ''}; FLOPs per training pair: counted {counted / 1e9:.2f} G, analytic {analytic / 1e9:.2f} G")
+
+        # ---- what the shared below-fusion states save: the same clean steps with the joint pass in full
+        if shared:
+            _, with_sharing = timed_steps(model, weighter, sample, precision, clean=True)
+            model._shares_below_fusion = lambda *args: False  # this instance only: the joint pass from the embeddings
+            with FlopCounterMode(display=False) as counter:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    out = model(**sample[0].model_inputs())
+                step_loss(weighter, out.losses, True).backward()
+            model.zero_grad(set_to_none=True)
+            _, in_full = timed_steps(model, weighter, sample, precision, clean=True)
+            del model._shares_below_fusion
+            ts, tf = median_after_first(with_sharing), median_after_first(in_full)
+            print(f"clean step, joint pass from the itc passes below the fusion vs in full: {counted / 1e9:.2f} vs "
+                  f"{counter.get_total_flops() / rows / 1e9:.2f} GFLOP per pair, median step {ts:.2f} vs {tf:.2f} s "
+                  f"({tf / ts:.2f}x)")
 
         # ---- bf16 vs fp32 on the same batches
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        compare = {}
-        for precision in ("fp32", "bf16"):
-            model.load_state_dict(state)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-            torch.manual_seed(0)
-            losses, times = [], []
-            for b in sample[: a.compare_steps]:
-                t0 = time.perf_counter()
-                losses.append(train_step(model, weighter, optimizer, b, precision))
-                times.append(time.perf_counter() - t0)
-            compare[precision] = (losses, times)
-        model.load_state_dict(state)
-        tasks = model.tasks
-        diffs = {t: max(abs(x[t] - y[t]) for x, y in zip(compare["fp32"][0], compare["bf16"][0])) for t in tasks}
-        rel = {t: max(abs(x[t] - y[t]) / max(abs(x[t]), 1e-9) for x, y in zip(compare["fp32"][0], compare["bf16"][0]))
-               for t in tasks}
-        t32, t16 = statistics.median(compare["fp32"][1][1:] or compare["fp32"][1]), statistics.median(compare["bf16"][1][1:] or compare["bf16"][1])
-        print("bf16 vs fp32 (same weights, batches, masks; dropout on): max |loss diff| "
-              + ", ".join(f"{t} {diffs[t]:.4f} ({100 * rel[t]:.2f}%)" for t in diffs)
-              + f"; train step {t32:.2f} s fp32 vs {t16:.2f} s bf16 ({t32 / t16:.2f}x)")
-        del model, optimizer, weighter
+        if cpu_has_native_bf16():
+            compare = {p: timed_steps(model, weighter, sample[: a.compare_steps], p, a.clean) for p in ("fp32", "bf16")}
+            tasks = list(compare["fp32"][0][0])
+            same = list(zip(compare["fp32"][0], compare["bf16"][0]))
+            diffs = {t: max(abs(x[t] - y[t]) for x, y in same) for t in tasks}
+            rel = {t: max(abs(x[t] - y[t]) / max(abs(x[t]), 1e-9) for x, y in same) for t in tasks}
+            t32, t16 = median_after_first(compare["fp32"][1]), median_after_first(compare["bf16"][1])
+            print("bf16 vs fp32 (same weights, batches, masks; dropout on): max |loss diff| "
+                  + ", ".join(f"{t} {diffs[t]:.4f} ({100 * rel[t]:.2f}%)" for t in diffs)
+                  + f"; train step {t32:.2f} s fp32 vs {t16:.2f} s bf16 ({t32 / t16:.2f}x)")
+        else:
+            print("bf16 vs fp32: skipped, this CPU has no native bf16 (autocast would emulate it, many times slower "
+                  "than fp32; train's --precision auto picks fp32 here)")
+        del model, weighter
 
         # ---- end to end: fashionbert.train
         config = TrainConfig(features=[str(features)], out=str(tmp / "out"), backbone=a.backbone, steps=a.steps + 2,
                              batch_size=a.batch_size, val_fraction=0.0, checkpoint_every=0, progress=False,
-                             precision="bf16", itc_dim=a.itc_dim, tia_warmup=0.0, fusion_layer=fusion)
+                             precision=precision, itc_dim=a.itc_dim, tia_warmup=a.steps + 2 if a.clean else 0.0,
+                             fusion_layer=fusion)
         t0 = time.perf_counter()
         run(config)
         wall = time.perf_counter() - t0
@@ -190,14 +241,15 @@ def main() -> None:
         step_s = sum(r["step_seconds"] for r in timed)
         pairs = sum(r["pairs"] for r in timed)
         rate = pairs / step_s
-        peak = max(rates["bf16"].values())
+        peak = max(rates[precision].values())
         bound = peak * 1e9 / counted
-        print(f"train end to end (bf16, adaptive-grad, batch {rows} rows): {rate:.1f} pairs/s over {len(timed)} steps "
+        print(f"train end to end ({precision}, {'matching tasks only' if a.clean else 'adaptive-grad'}, batch {rows} rows): {rate:.1f} pairs/s over {len(timed)} steps "
               f"(median step {statistics.median(r['step_seconds'] for r in timed):.2f} s; whole run incl. model load "
               f"and export {wall:.1f} s)")
-        print(f"FLOP bound: {peak:.1f} GFLOP/s bf16 / {counted / 1e9:.2f} GFLOP per pair = {bound:.1f} pairs/s; "
+        print(f"FLOP bound: {peak:.1f} GFLOP/s {precision} / {counted / 1e9:.2f} GFLOP per pair = {bound:.1f} pairs/s; "
               f"achieved {rate * counted / 1e9:.1f} GFLOP/s = {100 * rate / bound:.1f}% of the bound (target >= 40%)")
-        print(f"for reference, fp32 bound {max(rates['fp32'].values()) * 1e9 / counted:.1f} pairs/s")
+        other = "fp32" if precision == "bf16" else "bf16"
+        print(f"for reference, {other} bound {max(rates[other].values()) * 1e9 / counted:.1f} pairs/s")
 
 
 if __name__ == "__main__":

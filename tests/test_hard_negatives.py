@@ -246,6 +246,61 @@ def test_two_process_gloo_mines_over_the_gathered_batch(tmp_path, tiny_backbone)
     assert torch.allclose(torch.tensor(results[0]["grad_mean"]), model.itc_head.text_proj.weight.grad, atol=1e-5)
 
 
+def _ddp_shared_worker(rank: int, world: int, port: int, backbone: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        cfg = FashionBertConfig(backbone=backbone, feature_dim=FEATURE_DIM, itc_dim=8, dropout=0.0, max_text_len=12,
+                                fusion_layer=1, tia_pooling="halves")
+        model = FashionBertModel.from_pretrained_backbone(cfg).float()
+        ids, attn, feats, _ = _batch(8, seed=2)
+        rows = slice(4 * rank, 4 * rank + 4)
+        ids, attn, feats = ids[rows], attn[rows], feats[rows]
+        ids, attn = ids[:, : int(attn.sum(dim=1).max())], attn[:, : int(attn.sum(dim=1).max())]  # ranks differ
+        labels, groups = torch.ones(4, dtype=torch.long), torch.arange(4) + 4 * rank
+        # one process with a loader negative of its own: neither shares (a lone sharer would hang in its gather)
+        mixed = model._shares_below_fusion(torch.tensor([1, 1, 1, 1 - rank]), None, None)
+        shares = model._shares_below_fusion(labels, None, None)
+        request = _request([0, 1, 2, 3], [True, False, True, False], seed=rank)
+        output = model(ids, attn, feats, tia_labels=labels, groups=groups, mining=request)
+        (output.losses["tia"] + output.losses["itc"]).backward()
+        names = [n for n, p in model.named_parameters() if p.grad is not None]
+        shared = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        itc, _ = model._contrastive(ids, attn, feats, labels, None, groups)
+        joint_ids, joint_attn, joint_feats = output.joint_inputs
+        sequence_output, pooled = model.encode(joint_ids, joint_attn, joint_feats)
+        logits = model.alignment_logits(sequence_output, joint_attn, pooled)
+        (F.cross_entropy(logits.float(), torch.tensor([1] * 4 + [0] * output.mined)) + itc).backward()
+        outside = []
+        for n in names:  # what DDP averages: the processes' sum
+            a, b = shared[n], dict(model.named_parameters())[n].grad.clone()
+            dist.all_reduce(a)
+            dist.all_reduce(b)
+            if not torch.allclose(a, b, rtol=1e-4, atol=1e-6):
+                outside.append([n, float((a - b).abs().max()), float(b.abs().max())])
+        result = {"mixed": mixed, "shares": shares, "mined": output.mined,
+                  "logit_diff": float((output.tia_logits - logits).detach().abs().max()), "grads_outside": outside}
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_shares_the_below_fusion_states_over_the_gathered_batch(tmp_path, tiny_backbone):
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.start_processes(_ddp_shared_worker, args=(2, _free_port(), str(tiny_backbone), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    for rank in range(2):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert res["mixed"] is False and res["shares"] is True and res["mined"] == 4
+        assert res["logit_diff"] < 1e-5 and res["grads_outside"] == [], res
+
+
 # ------------------------------------------------------------------------------------------ the itc queue
 def test_queue_keeps_the_newest_and_round_trips():
     q = EmbeddingQueue(size=5, dim=2)

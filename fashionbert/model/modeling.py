@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers import BertModel, PreTrainedModel
@@ -174,8 +175,9 @@ class ContrastiveState:
     groups: torch.Tensor
     all_groups: torch.Tensor
     scale: float
-    # The itc passes' states entering the fusion layer (text (B, T, H), patches (B, P, H)) when the joint pass takes
-    # its below-fusion states from them (`FashionBertModel._shares_below_fusion`); else None.
+    # The itc passes' states entering the fusion layer (text (B, T, H), patches (B, P, H); under DDP every process's,
+    # texts padded to max_text_len) when the joint pass takes its below-fusion states from them
+    # (`FashionBertModel._shares_below_fusion`); else None.
     below_fusion: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
@@ -522,22 +524,32 @@ class FashionBertModel(PreTrainedModel):
         passes do, so on a clean batch (no MLM/MPM masks) whose rows are all aligned pairs -- the mined negatives
         recombine their texts and images -- the joint pass needs only the layers from the fusion up (about half of
         it). The gradient is the same: both losses reach the shared states. Not with a recall encoder or [CLS]
-        pooling (the itc passes then differ from the joint pass's halves), nor under DDP (a mined partner's states
-        live on another process)."""
-        return (int(self.config.fusion_layer) > 0 and getattr(self, "recall_encoder", None) is None
-                and self.itc_head.pooling == "mean" and patch_mask is None and mlm_labels is None
-                and world_size() == 1 and tia_labels is not None and bool(tia_labels.bool().all()))
+        pooling (the itc passes then differ from the joint pass's halves). Under DDP a mined partner's states live on
+        another process: they are gathered with their gradient, and the processes decide together (one that shared
+        alone would wait in that gather forever)."""
+        share = (int(self.config.fusion_layer) > 0 and getattr(self, "recall_encoder", None) is None
+                 and self.itc_head.pooling == "mean" and patch_mask is None and mlm_labels is None
+                 and tia_labels is not None and bool(tia_labels.bool().all()))
+        if world_size() == 1:
+            return share
+        flag = torch.tensor([int(share)], device=tia_labels.device if tia_labels is not None else None)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def _fuse_shared(self, below_fusion: tuple[torch.Tensor, torch.Tensor], attention_mask: torch.Tensor,
                      mined_sources: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The joint pass from the itc passes' below-fusion states: the batch's aligned rows in order, then each mined
-        row's text and image (`_mined_rows`' sources) -> `fuse`'s outputs."""
+        row's text and image (`_mined_rows`' sources, rows of the gathered batch under DDP) -> `fuse`'s outputs."""
         text_below, patch_below = below_fusion
-        text_rows = image_rows = torch.arange(text_below.shape[0], device=text_below.device)
+        rows = attention_mask.shape[0] - (len(mined_sources[0]) if mined_sources is not None else 0)
+        text_rows = image_rows = torch.arange(rows, device=text_below.device) + rank_offset(rows)
         if mined_sources is not None:
             text_rows, image_rows = torch.cat([text_rows, mined_sources[0]]), torch.cat([image_rows, mined_sources[1]])
-        # The itc passes ran on texts trimmed to their longest; the joint rows may be padded wider (padding is masked).
-        text_below = F.pad(text_below, (0, 0, 0, attention_mask.shape[1] - text_below.shape[1]))
+        # The itc passes ran on texts trimmed to their longest (padded to max_text_len under DDP); the joint rows have
+        # their own width. Either way the positions added or cut are padding, which attention masks.
+        width = attention_mask.shape[1]
+        text_below = F.pad(text_below, (0, 0, 0, width - text_below.shape[1])) if width >= text_below.shape[1] \
+            else text_below[:, :width]
         return self.fuse(text_below[text_rows], attention_mask, patch_below[image_rows])
 
     def _itc_vectors(self, head: ContrastiveHead, ids, mask, feats, keep_below_fusion: bool):
@@ -573,12 +585,16 @@ class FashionBertModel(PreTrainedModel):
             loss = contrastive_loss(text_vec, image_vec, scale, codes, queue=queue, product_groups=groups)
         else:
             all_text_vec, all_image_vec = gather_with_grad(text_vec), gather_with_grad(image_vec)
+            if below_fusion is not None:
+                text_below, patch_below = below_fusion
+                text_below = F.pad(text_below, (0, 0, 0, int(self.config.max_text_len) - text_below.shape[1]))
+                below_fusion = gather_with_grad(text_below), gather_with_grad(patch_below)
             all_ids = gather(self._pad_to_max_len(ids * mask))
             all_codes = text_groups(all_ids, torch.ones_like(all_ids))
             offset = rank_offset(ids.shape[0])
             codes = all_codes[offset:offset + ids.shape[0]]
             state = ContrastiveState(text_vec, image_vec, all_text_vec, all_image_vec, codes, all_codes, groups,
-                                     gather(groups), float(scale.detach()))
+                                     gather(groups), float(scale.detach()), below_fusion)
             loss = contrastive_loss(text_vec, image_vec, scale, codes, all_text_vec, all_image_vec, all_codes, offset,
                                     queue=queue, product_groups=groups)
         if queue is not None:
