@@ -155,7 +155,8 @@ def main() -> None:
                                        tokenizer=tokenizer)
         torch.manual_seed(0)
         fusion = fusion_layer(TrainConfig(backbone=a.backbone, fusion_layer=a.fusion_layer))  # train's default
-        cfg = FashionBertConfig(backbone=a.backbone, feature_dim=a.feature_dim, itc_dim=a.itc_dim, fusion_layer=fusion)
+        cfg = FashionBertConfig(backbone=a.backbone, feature_dim=a.feature_dim, itc_dim=a.itc_dim, fusion_layer=fusion,
+                                dropout=TrainConfig().dropout)  # as train builds it
         model = FashionBertModel.from_pretrained_backbone(cfg).train()
         it = batches_for(features, cfg, tokenizer, a.batch_size, clean=a.clean)
         sample = [next(it) for _ in range(4)]
@@ -198,14 +199,14 @@ def main() -> None:
 
         # ---- what the shared below-fusion states save: the same clean steps with the joint pass in full
         if shared:
-            _, with_sharing = timed_steps(model, weighter, sample, precision, clean=True)
+            _, with_sharing = timed_steps(model, weighter, sample * 2, precision, clean=True)
             model._shares_below_fusion = lambda *args: False  # this instance only: the joint pass from the embeddings
             with FlopCounterMode(display=False) as counter:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                     out = model(**sample[0].model_inputs())
                 step_loss(weighter, out.losses, True).backward()
             model.zero_grad(set_to_none=True)
-            _, in_full = timed_steps(model, weighter, sample, precision, clean=True)
+            _, in_full = timed_steps(model, weighter, sample * 2, precision, clean=True)
             del model._shares_below_fusion
             ts, tf = median_after_first(with_sharing), median_after_first(in_full)
             print(f"clean step, joint pass from the itc passes below the fusion vs in full: {counted / 1e9:.2f} vs "
@@ -220,7 +221,7 @@ def main() -> None:
             diffs = {t: max(abs(x[t] - y[t]) for x, y in same) for t in tasks}
             rel = {t: max(abs(x[t] - y[t]) / max(abs(x[t]), 1e-9) for x, y in same) for t in tasks}
             t32, t16 = median_after_first(compare["fp32"][1]), median_after_first(compare["bf16"][1])
-            print("bf16 vs fp32 (same weights, batches, masks; dropout on): max |loss diff| "
+            print("bf16 vs fp32 (same weights, batches, masks): max |loss diff| "
                   + ", ".join(f"{t} {diffs[t]:.4f} ({100 * rel[t]:.2f}%)" for t in diffs)
                   + f"; train step {t32:.2f} s fp32 vs {t16:.2f} s bf16 ({t32 / t16:.2f}x)")
         else:
