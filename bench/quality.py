@@ -23,6 +23,7 @@ import dataclasses
 import datetime
 import json
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -88,8 +89,10 @@ def format_table(record: dict) -> str:
     for key, what in ROWS:
         row = fig.get(key, {})
         lines.append(f"| {what} | {_cell(row.get('t2i'))} | {_cell(row.get('i2t'))} |")
-    lines += ["", f"Training: {record['steps']} steps in {record['train_minutes']:.1f} min on {record['device']}; "
-                  f"evaluation {record['eval_minutes']:.1f} min."]
+    machine = f", {record['precision']}" if record.get("precision") else ""
+    machine += f" ({record['cpu']})" if record.get("cpu") else ""
+    lines += ["", f"Training: {record['steps']} steps in {record['train_minutes']:.1f} min on {record['device']}"
+                  f"{machine}; evaluation {record['eval_minutes']:.1f} min."]
     return "\n".join(lines)
 
 
@@ -242,7 +245,8 @@ def run(a: argparse.Namespace) -> dict:
     record = {
         "label": a.label, "train_args": shlex.split(a.train_args), "steps": summary["final_step"],
         "train_minutes": round(summary["seconds"] / 60, 2), "eval_minutes": round(metrics["seconds"] / 60, 2),
-        "device": summary["device"], "model_version": metrics["model"]["version"],
+        "device": summary["device"], "precision": summary.get("precision"), "cpu": cpu_description(),
+        "model_version": metrics["model"]["version"],
         "sizes": {"sample100_queries": metrics["sample100"]["queries"], "draws": metrics["sample100"]["draws"],
                   "gallery_texts": gallery.get("texts"), "gallery_images": gallery.get("images"),
                   "recall_k": gallery.get("recall_k")},
@@ -252,6 +256,22 @@ def run(a: argparse.Namespace) -> dict:
     with open(work / QUALITY_LOG, "a") as fh:
         fh.write(json.dumps(record, sort_keys=True) + "\n")
     return record
+
+
+def cpu_description() -> str:
+    """The CPU's model name and whether it multiplies bf16 natively: minutes, the budget's unit, depend on both (a CPU
+    without AVX512-BF16/AMX trains in fp32, ~1.3x slower per recipe step than one with it), so each run records them."""
+    from fashionbert.runtime import cpu_has_native_bf16
+
+    name = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, {'native' if cpu_has_native_bf16() else 'no native'} bf16"
 
 
 def read_log(work: Path) -> list[dict]:

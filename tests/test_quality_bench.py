@@ -42,7 +42,10 @@ def test_table_has_one_row_per_ranking_in_percent():
     assert any(line.startswith("| the TIA head alone") and "15.0 / 33.5" in line for line in lines)
     assert any(line.startswith("| full gallery, two-stage") and "| 12.0 / 26.8" in line for line in lines)
     assert any(line.startswith("| full gallery, recall only") and "| 10.0 / 22.4" in line for line in lines)
-    assert "Training: 600 steps in 45.0 min on cpu" in table and "500 texts x 1000 images, recall-k 10" in table
+    assert "Training: 600 steps in 45.0 min on cpu;" in table and "500 texts x 1000 images, recall-k 10" in table
+    # a run records its precision and CPU: minutes, the budget's unit, depend on both
+    timed = {**_record("default", _metrics(0.297)), "precision": "fp32", "cpu": "AMD EPYC, 2 cores, no native bf16"}
+    assert "600 steps in 45.0 min on cpu, fp32 (AMD EPYC, 2 cores, no native bf16);" in quality.format_table(timed)
     # a model without an itc head has no itc row figures
     assert "| the itc cosine alone (`by_head.itc`) | n/a | n/a |" in quality.format_table(
         _record("no-itc", _metrics(0.1, with_itc=False), ["--itc-dim", "0"]))
@@ -126,6 +129,7 @@ def test_end_to_end_on_a_tiny_synthetic_catalog(tmp_path, capsys, tiny_backbone)
     records = [json.loads(line) for line in (work / "quality.jsonl").read_text().splitlines()]
     assert [r["label"] for r in records] == ["default", "neg2"]
     assert records[1]["train_args"][-2:] == ["--neg-ratio", "2"] and records[1]["steps"] == 3
+    assert records[0]["precision"] in ("bf16", "fp32") and records[0]["cpu"].endswith(" bf16")
     assert set(records[0]["figures"]) == {"score", "tia", "itc", "gallery_two_stage", "gallery_recall_only"}
 
     assert quality.main(["--work", str(work), "--summary"]) == 0
