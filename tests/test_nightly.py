@@ -257,6 +257,8 @@ def _error(capsys, *argv) -> str:
     (["--train", "--train-args=--stepz 4"],
      "--train-args: unrecognized arguments: --stepz 4; `fashionbert train --help`"),
     (["--train", "--train-args=--steps"], "--train-args: argument --steps: expected one argument"),
+    # a lone option as the value (`--train-args --stepz`) reaches train's parser, not nightly's
+    (["--train", "--train-args", "--stepz"], "--train-args: unrecognized arguments: --stepz;"),
     (["--train", "--train-args=--out elsewhere"], "--train-args: --out is set by the nightly run itself"),
     (["--train-args=--steps 4", "--model", "m"], "--train-args given without --train"),
     (["--train", "--retrieve-args=--top-k 5"],

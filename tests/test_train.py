@@ -236,6 +236,24 @@ def test_a_few_steps_lower_every_task_loss(tmp_path, tiny_backbone):
         assert last < first * 0.85, (task, first, last)
 
 
+def test_matching_only_is_the_warm_up_on_every_step(tmp_path, features, tiny_backbone):
+    """--matching-only trains exactly what a --tia-warmup as long as the run trains (no MLM/MPM, unmasked batches,
+    TIA and itc at equal weights), bit for bit, and says so in the checkpoint's options."""
+    from safetensors.torch import load_file
+
+    common = ("--steps", 4, "--checkpoint-every", 0, "--val-every", 0)
+    run(make_args(features, tmp_path / "flag", tiny_backbone, *common, "--matching-only"))
+    run(make_args(features, tmp_path / "warmup", tiny_backbone, *common, "--tia-warmup", 4))
+    recs = _train_records(tmp_path / "flag")
+    assert len(recs) == 4
+    assert all(r["loss_mlm"] is None and r["loss_mpm"] is None and r["w_tia"] == r["w_itc"] == 0.5 for r in recs)
+    a, b = load_file(tmp_path / "flag" / "model" / "model.safetensors"), load_file(tmp_path / "warmup" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in recs] == [r["loss"] for r in _train_records(tmp_path / "warmup")]
+    options = json.loads((ckpt.latest_checkpoint(tmp_path / "flag") / ckpt.STATE_JSON).read_text())["options"]
+    assert options["matching_only"] is True
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, features, tiny_backbone):
     out = tmp_path_factory.mktemp("run") / "out"
@@ -376,6 +394,8 @@ def test_mining_pooling_and_fusion_options_round_trip_and_resume_refuses_a_misma
     with pytest.raises(UserError, match=r"--hard-neg-fraction 1.0 \(checkpoint: 0.0\).*--fusion-layer 1 "
                                         r"\(checkpoint: 0\).*--tia-pooling 'halves' \(checkpoint: 'cls'\)"):
         run(make_args(features, out, tiny_backbone, "--steps", 8, "--resume"))
+    with pytest.raises(UserError, match=r"--matching-only True \(checkpoint: False\)"):
+        run(make_args(features, out, tiny_backbone, "--steps", 8, "--resume", "--matching-only"))
     with pytest.raises(UserError, match="--itc-dim 0"):
         run(make_args(features, tmp_path / "no-itc", tiny_backbone, "--steps", 1, "--itc-dim", 0,
                       "--hard-neg-fraction", 0.5))

@@ -103,6 +103,23 @@ PASS_THROUGH = {
                             ("--features", "--model", "--out", "--score-cache", "--save-scores"),
                             ("--features", "--model", "--out")),
 }
+
+
+def attach_pass_through(argv: list[str], options: tuple[str, ...] = tuple(p.option for p in PASS_THROUGH.values())
+                        ) -> list[str]:
+    """`--train-args X` -> `--train-args=X`. Why: argparse takes a lone value that starts with '-' (`--train-args
+    --no-matching-only`) for an option of its own and stops with 'expected one argument'."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in options and i + 1 < len(argv):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 # Each run keeps what its cross-encoder and dual encoder computed, one file per stage (a stage saves only what it
 # used), and the next nightly run reads latest's files: it scores only pairs and embeds only items new to the model.
 SCORE_CACHE_DIR = "score_cache"
@@ -658,7 +675,7 @@ def main(argv: list[str] | None = None, from_scratch: bool = False) -> int:
     name = "backfill" if from_scratch else "nightly"
     parser = argparse.ArgumentParser(prog=f"fashionbert {name}", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    args, beam_args = parser.parse_known_args(argv)
+    args, beam_args = parser.parse_known_args(attach_pass_through(list(sys.argv[1:] if argv is None else argv)))
     try:
         summary = run(config_from_args(args, beam_args, from_scratch))
     except StageFailed as err:

@@ -29,13 +29,14 @@ from fashionbert.train.optim import build_optimizer, restore_optimizer
 
 # Options that fix the data order or the optimisation: a resumed run must use the checkpoint's values,
 # or it would not continue the same run.
-RESUME_MUST_MATCH = ("batch_size", "itc_dim", "itc_pooling", "dropout", "tia_warmup", "grad_accum", "neg_ratio",
+RESUME_MUST_MATCH = ("batch_size", "itc_dim", "itc_pooling", "dropout", "tia_warmup", "matching_only", "grad_accum", "neg_ratio",
                      "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "itc_queue", "fusion_layer", "tia_pooling", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
                      "weight_decay", "shuffle_window", "world_size")
 
 # What a checkpoint written before an option existed ran with.
 BEFORE_OPTION = {"hard_neg_fraction": 0.0, "hard_neg_temperature": 0.0, "itc_queue": 0, "fusion_layer": 0,
-                 "tia_pooling": "cls", "keep_recall": False, "hidden_weight": 0.0}
+                 "tia_pooling": "cls", "keep_recall": False, "hidden_weight": 0.0,
+                 "matching_only": False}
 
 
 @dataclasses.dataclass
@@ -129,7 +130,8 @@ def build_state(config: TrainConfig, rt: Runtime, objective: Objective = Objecti
     model.to(rt.device).train()
 
     warmup_steps = _steps_of(config.warmup, total_steps)
-    tia_steps = total_steps if objective.matching_only else _steps_of(config.tia_warmup, total_steps)
+    matching_only = objective.matching_only or config.matching_only
+    tia_steps = total_steps if matching_only else _steps_of(config.tia_warmup, total_steps)
     optimizer, scheduler = build_optimizer(model, config.lr, config.weight_decay, rt.device, warmup_steps, total_steps)
     step, position = 0, StreamPosition()
     if resumed_from is not None:

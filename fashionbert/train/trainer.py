@@ -112,6 +112,7 @@ def _log_start(state: TrainState, rt: Runtime) -> None:
     matching = [t for t in tasks if t in MATCHING_TASKS]
     positives_per_step = config.batch_size * config.grad_accum * rt.world
     plan = (state.objective.describe(state) if state.objective.describe is not None else
+            f"{'+'.join(matching)} alone on every step (--matching-only)" if state.tia_steps >= state.total_steps else
             f"{'+'.join(matching)} alone for {state.tia_steps} steps, then {'/'.join(tasks)} with task weights "
             f"{config.task_weights}")
     _log(f"{name}: {len(data.train_rows)} images / {len(data.train_products)} products for training, "
