@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -474,6 +475,12 @@ def test_help_explains_the_options():
 QUALITY_ENV = "FASHIONBERT_QUALITY"
 
 
+def _quality_args() -> list[str]:
+    """FASHIONBERT_QUALITY_ARGS: train options added after the recipe's (e.g. "--matching-only"), so an A/B of a
+    recipe change is these tests with two settings, not a copy of them."""
+    return shlex.split(os.environ.get(QUALITY_ENV + "_ARGS", ""))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get(QUALITY_ENV), reason=f"a ~25 CPU-minute measurement: set {QUALITY_ENV}=1")
 def test_synthetic_quality_rank1(tmp_path):
@@ -482,14 +489,14 @@ def test_synthetic_quality_rank1(tmp_path):
     query against its image and up to 100 others, same sub-category first). Opt-in: one thread of the 2-core
     dev CPU runs 300 steps of 64 rows in ~24 min (measured there, 92 queries, TIA+itc warm-up for 60 steps:
     Rank@1 0.16 at step 50, 0.33 at 100, 0.49 at 150, 0.71 at 200, 0.90 at 250, 0.92 at 300; TIA AUC 0.999;
-    FASHIONBERT_QUALITY_STEPS sets the length)."""
+    FASHIONBERT_QUALITY_STEPS sets the length, FASHIONBERT_QUALITY_ARGS adds train options)."""
     feats = write_fake_features(tmp_path / "f", n_products=400, feature_dim=32, n_image_shards=3, row_group_size=64)
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--features", str(feats), "--out", str(tmp_path / "out"), "--no-progress",
                               "--steps", os.environ.get(QUALITY_ENV + "_STEPS", "300"), "--batch-size", "32",
                               "--lr", "3e-4", "--tia-warmup", "0.2", "--val-fraction", "0.25", "--val-queries", "100",
-                              "--val-every", "0", "--checkpoint-every", "0", "--num-threads", "1"])
+                              "--val-every", "0", "--checkpoint-every", "0", "--num-threads", "1", *_quality_args()])
     summary = run(config_from_args(args))
     print("synthetic sample-100:", json.dumps(summary["validation"]))
     assert summary["validation"]["rank1_t2i"] >= 0.9
@@ -502,7 +509,9 @@ def test_rendered_synthetic_catalog_quality_rank1(tmp_path):
     featurize pipeline on the rendered images (EfficientNet-Lite0 grid + colour statistics), the default recipe
     for 300 steps, and the fused ranking score: held-out sample-100 text->image Rank@1 >= 0.9 (cross-fitted, ~150
     queries). Opt-in: ~3 min featurize + ~22 min training on the 2-core dev CPU. Measured there on this recipe's
-    model: Rank@1 by the TIA head alone 0.69, by the itc cosine 0.94, fused 0.93."""
+    model: Rank@1 by the TIA head alone 0.69, by the itc cosine 0.94, fused 0.93. With FASHIONBERT_QUALITY_ARGS=
+    --matching-only and FASHIONBERT_QUALITY_STEPS=461 (the same FLOPs, README "The budget"), fp32 on a 2-core AMD
+    EPYC: 0.96 by TIA alone, by the itc cosine and fused alike, TIA AUC 0.999 (154 queries)."""
     from fashionbert.data import synth
     from tests.featurize_helpers import featurize
 
@@ -514,7 +523,7 @@ def test_rendered_synthetic_catalog_quality_rank1(tmp_path):
                               "--no-progress", "--steps", os.environ.get(QUALITY_ENV + "_STEPS", "300"),
                               "--batch-size", "32", "--lr", "3e-4", "--tia-warmup", "0.2", "--val-fraction", "0.25",
                               "--val-queries", "200", "--val-every", "0", "--checkpoint-every", "0",
-                              "--num-threads", "2"])
+                              "--num-threads", "2", *_quality_args()])
     summary = run(config_from_args(args))
     print("rendered synthetic sample-100:", json.dumps(summary["validation"]))
     assert (tmp_path / "out" / "model" / FUSION_NAME).is_file()
