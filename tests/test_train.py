@@ -160,6 +160,46 @@ def test_batches_resume_exactly_across_windows_and_epochs(features, tokenizer):
                 assert torch.equal(getattr(got, f), getattr(expected, f)), (k, f)
 
 
+def test_group_negatives_batch_a_group_together_and_hand_the_model_product_codes(features, tokenizer):
+    """--group-negatives: each window is shuffled group by group (the same rows, a group's together, deterministic),
+    so a product's colour variants share batches; the codes a batch hands the model are products, not groups, so the
+    miner and the itc queue may take a colour variant as a negative. Off, nothing changes."""
+    texts, index, plain = _stream_parts(features, window=10)
+    products = np.unique(index.product)
+    pairs = PairBuilder(texts, products, neg_ratio=1, hard_fraction=1.0, group_negatives=True)
+    assert np.array_equal(PairBuilder(texts, products).negative_code, PairBuilder(texts, products).group_code)
+    assert np.array_equal(pairs.negative_code, np.arange(len(texts)))
+    group_of_row = pairs.group_code[index.product]
+    grouped = ImageStream(index, np.arange(len(index)), plain.reader, seed=0, window_rows=10, groups=group_of_row)
+    for epoch in (0, 1):
+        for a, b in zip(plain.epoch_windows(epoch), grouped.epoch_windows(epoch), strict=True):
+            assert a.start == b.start and sorted(a.rows) == sorted(b.rows)
+            g = group_of_row[b.rows]
+            runs = 1 + int(np.count_nonzero(np.diff(g)))
+            assert runs == len(np.unique(g)), g  # each group's rows side by side
+        assert [w.rows.tolist() for w in grouped.epoch_windows(epoch)] == \
+            [w.rows.tolist() for w in ImageStream(index, np.arange(len(index)), plain.reader, seed=0, window_rows=10,
+                                                  groups=group_of_row).epoch_windows(epoch)]
+
+    def batches_of(stream):  # a batch takes the epoch's next 6 rows (iter_batches carries them across windows)
+        rows = np.concatenate([w.rows for w in stream.epoch_windows(0)])
+        return [rows[i:i + 6] for i in range(0, len(rows) - 5, 6)]
+
+    def sibling_share(stream):  # positives whose batch holds another product of their group
+        shared = [len(set(index.product[rows][group_of_row[rows] == group_of_row[r]])) > 1
+                  for rows in batches_of(stream) for r in rows]
+        return float(np.mean(shared))
+
+    assert sibling_share(grouped) > max(0.7, sibling_share(plain) + 0.2)  # 0.79 vs 0.50 here
+    settings = BatchSettings(batch_size=6, max_text_len=64, pad_token_id=0, sep_token_id=102, mlm_probability=0.0,
+                             mpm_probability=0.0)
+    vocab = MaskingVocab.from_tokenizer(tokenizer, 30522)
+    for stream, builder in ((grouped, pairs), (plain, PairBuilder(texts, products))):
+        batch = next(iter_batches(stream, builder, settings, vocab, 0, StreamPosition()))
+        expected = builder.negative_code[index.product[batches_of(stream)[0]]]
+        assert np.array_equal(batch.groups.numpy(), expected)
+
+
 def test_pairs_negatives_and_ratio(features):
     texts, index, stream = _stream_parts(features)
     products = np.unique(index.product)
@@ -253,6 +293,18 @@ def test_matching_only_is_the_warm_up_on_every_step(tmp_path, features, tiny_bac
     assert [r["loss"] for r in recs] == [r["loss"] for r in _train_records(tmp_path / "warmup")]
     options = json.loads((ckpt.latest_checkpoint(tmp_path / "flag") / ckpt.STATE_JSON).read_text())["options"]
     assert options["matching_only"] is True
+
+
+def test_group_negatives_trains_and_is_recorded(tmp_path, features, tiny_backbone):
+    """A --group-negatives run trains (its mined negatives may now be a product's colour variant) and records the
+    option for --resume to check."""
+    out = tmp_path / "out"
+    run(make_args(features, out, tiny_backbone, "--steps", 3, "--checkpoint-every", 0, "--val-every", 0,
+                  "--matching-only", "--group-negatives"))
+    recs = _train_records(out)
+    assert len(recs) == 3 and all(math.isfinite(r["loss"]) for r in recs)
+    options = json.loads((ckpt.latest_checkpoint(out) / ckpt.STATE_JSON).read_text())["options"]
+    assert options["group_negatives"] is True
 
 
 @pytest.fixture(scope="module")
@@ -397,6 +449,8 @@ def test_mining_pooling_and_fusion_options_round_trip_and_resume_refuses_a_misma
         run(make_args(features, out, tiny_backbone, "--steps", 8, "--resume"))
     with pytest.raises(UserError, match=r"--matching-only True \(checkpoint: False\)"):
         run(make_args(features, out, tiny_backbone, "--steps", 8, "--resume", "--matching-only"))
+    with pytest.raises(UserError, match=r"--group-negatives True \(checkpoint: False\)"):
+        run(make_args(features, out, tiny_backbone, "--steps", 8, "--resume", "--group-negatives"))
     with pytest.raises(UserError, match="--itc-dim 0"):
         run(make_args(features, tmp_path / "no-itc", tiny_backbone, "--steps", 1, "--itc-dim", 0,
                       "--hard-neg-fraction", 0.5))

@@ -114,12 +114,18 @@ class ImageStream:
     with fewer units than ranks, every unit with rows striped across ranks); consecutive units are gathered
     into windows of at least `window_rows` rows, and each window is shuffled. Reads stay sequential within a
     row group, and only one window's features are in memory.
+
+    With `groups` (a group code per ImageIndex entry) a window is shuffled group by group: its groups in a random
+    order, each group's rows together in a random order, so that a product's colour variants share a batch (a
+    group split across two windows is not put back together: featurize writes shards in id order, in which a
+    catalog's variants usually sit side by side).
     """
 
     def __init__(self, index: ImageIndex, rows: np.ndarray, reader: FeatureReader, seed: int, rank: int = 0,
-                 world: int = 1, window_rows: int = 512):
+                 world: int = 1, window_rows: int = 512, groups: np.ndarray | None = None):
         self.index = index
         self.reader = reader
+        self.groups = None if groups is None else np.asarray(groups, dtype=np.int64)
         self.seed, self.rank, self.world = seed, rank, world
         self.window_rows = max(1, window_rows)
         rows = np.sort(np.asarray(rows, dtype=np.int64))
@@ -156,7 +162,11 @@ class ImageStream:
     def _window(self, epoch: int, w: int, units: list[np.ndarray], start: int) -> Window:
         rows = np.concatenate(units)
         rng = np.random.default_rng([self.seed, epoch, self.rank, self.world, w, 0x3A7])
-        return Window(rows=rows[rng.permutation(len(rows))], start=start)
+        rows = rows[rng.permutation(len(rows))]
+        if self.groups is not None:
+            _, group = np.unique(self.groups[rows], return_inverse=True)
+            rows = rows[np.argsort(rng.permutation(int(group.max()) + 1)[group], kind="stable")]
+        return Window(rows=rows, start=start)
 
     def iter_windows(self, position: StreamPosition) -> Iterator[tuple[int, Window, np.ndarray, int]]:
         """(epoch, window, the window's features, rows of it already consumed) forever from `position`.
@@ -204,18 +214,22 @@ class PairBuilder:
     (the batch only records which slots). Of the others, a `random_neg_fraction` take a random other product and
     the rest one of the same sub-category (random when the sub-category has no other product). Same-sub-category
     negatives alone left TIA at chance in calibration: the mix gives it an easy signal to start from.
+
+    `negative_code` is what each batch hands the model as its rows' groups (rows sharing a code are not each
+    other's itc-queue or mined negatives): the product's group, or with `group_negatives` the product itself, so
+    that its colour variants become negatives too.
     """
 
     def __init__(self, texts: TextTable, products: np.ndarray, neg_ratio: int = 1, random_neg_fraction: float = 0.5,
-                 hard_fraction: float = 0.0):
+                 hard_fraction: float = 0.0, group_negatives: bool = False):
         self.texts = texts
         self.products = np.asarray(products, dtype=np.int64)  # products negatives' texts may come from
         self.neg_ratio = int(neg_ratio)
         self.random_neg_fraction = float(random_neg_fraction)
         self.hard_fraction = float(hard_fraction)
-        # Products of one group (a product's colours) are never each other's mined negatives.
         groups = [g or f"\0product {p}" for p, g in enumerate(texts.group_id)]  # no group: the product alone
         self.group_code = np.unique(np.asarray(groups, dtype=str), return_inverse=True)[1].astype(np.int64)
+        self.negative_code = np.arange(len(texts), dtype=np.int64) if group_negatives else self.group_code
         self.subcat_of = np.asarray([texts.subcategory[p] for p in range(len(texts))], dtype=object)
         by_sub: dict[str, list[int]] = {}
         for p in self.products:
@@ -419,7 +433,7 @@ def iter_batches(stream: ImageStream, pairs: PairBuilder, settings: BatchSetting
             products = stream.index.product[rows]
             built = pairs.build(products, pool_products, rng)
             yield collate(built, batch_feats, feats, settings, vocab, rng, StreamPosition(epoch, win.start + i), index,
-                          groups=pairs.group_code[products], mining_seed=mining_seed(seed, stream.rank, index))
+                          groups=pairs.negative_code[products], mining_seed=mining_seed(seed, stream.rank, index))
             index += 1
 
 

@@ -9,7 +9,8 @@ similarity is near uniform, so the draws start as random negatives and harden as
 
 A mined row keeps one side of a positive pair (its text with masked tokens, or its image with masked patches) and
 takes the other side from another positive of the batch, never of the same group (a product's other colours
-share its group) nor with the same text. Under DDP the candidates are the positives of every process: their
+share its group; with `train --group-negatives` the batch's codes are products, and those colours may be drawn) nor
+with the same text. Under DDP the candidates are the positives of every process: their
 inputs are gathered (no gradient; the joint pass embeds them again here) and the draw sees the gathered
 similarity. The draw uses its own generator, seeded per batch, so a resumed run draws the same negatives.
 """

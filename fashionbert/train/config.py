@@ -25,6 +25,7 @@ class TrainConfig:
     random_neg_fraction: float = 0.5
     hard_neg_fraction: float | None = None  # None: 1.0 with the itc head, 0 without
     hard_neg_temperature: float = 0.0
+    group_negatives: bool = False
     max_text_len: int | None = None
     shuffle_window: int = 512
     # model
@@ -119,6 +120,12 @@ def add_pair_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--hard-neg-temperature", type=float, default=D.hard_neg_temperature,
                    help="temperature of the mined negatives' softmax; 0 = the itc head's learned temperature "
                         "(default 0)")
+    g.add_argument("--group-negatives", action=argparse.BooleanOptionalAction, default=D.group_negatives,
+                   help="a product's group (its colour variants: featurize's --group-column) shares its batches, and "
+                        "its members are each other's negatives, in the itc loss and as mined TIA negatives, unless "
+                        "their texts are the same. Why: ranking must tell a product from its other colours, and a "
+                        "negative from another group seldom asks that (default off: shuffled batches, mining never "
+                        "draws the positive's group)")
     g.add_argument("--shuffle-window", type=int, default=D.shuffle_window,
                    help="images per shuffle window: the stream reads this many images at a time, shuffles "
                         "them, and draws image negatives from them; memory ~ window x 160 KB (default 512)")

@@ -30,13 +30,13 @@ from fashionbert.train.optim import build_optimizer, restore_optimizer
 # Options that fix the data order or the optimisation: a resumed run must use the checkpoint's values,
 # or it would not continue the same run.
 RESUME_MUST_MATCH = ("batch_size", "itc_dim", "itc_pooling", "dropout", "tia_warmup", "matching_only", "grad_accum", "neg_ratio",
-                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "itc_queue", "fusion_layer", "tia_pooling", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
+                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "group_negatives", "itc_queue", "fusion_layer", "tia_pooling", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
                      "weight_decay", "shuffle_window", "world_size")
 
 # What a checkpoint written before an option existed ran with.
 BEFORE_OPTION = {"hard_neg_fraction": 0.0, "hard_neg_temperature": 0.0, "itc_queue": 0, "fusion_layer": 0,
                  "tia_pooling": "cls", "keep_recall": False, "hidden_weight": 0.0,
-                 "matching_only": False}
+                 "matching_only": False, "group_negatives": False}
 
 
 @dataclasses.dataclass
@@ -313,10 +313,11 @@ def _batches(config: TrainConfig, data: TrainingData, reader: FeatureReader, mod
         mpm_probability=model_config.mpm_probability, whole_word_mask=model_config.whole_word_mask,
         unmasked_batches=tia_steps * config.grad_accum, mining_temperature=config.hard_neg_temperature)
     vocab = MaskingVocab.from_tokenizer(tokenizer, model_config.vocab_size)
-    stream = ImageStream(data.index, data.train_rows, reader, seed=config.seed, rank=rt.rank, world=rt.world,
-                         window_rows=config.shuffle_window)
     pairs = PairBuilder(data.texts, data.train_products, config.neg_ratio, config.random_neg_fraction,
-                        hard_neg_fraction(config))
+                        hard_neg_fraction(config), config.group_negatives)
+    stream = ImageStream(data.index, data.train_rows, reader, seed=config.seed, rank=rt.rank, world=rt.world,
+                         window_rows=config.shuffle_window,
+                         groups=pairs.group_code[data.index.product] if config.group_negatives else None)
     batches = iter_batches(stream, pairs, settings, vocab, config.seed, position,
                            first_index=step * config.grad_accum)
     return Prefetcher(batches, config.prefetch) if config.prefetch > 0 else batches
