@@ -12,8 +12,8 @@ Stages, each skipped when its output is already complete:
    products, recall-k 10 on CPU; 1000 and 100 on a GPU).
 
 Prints a markdown table: sample-100 Rank@1/5/10 (%) both ways by the ranking score, the itc cosine alone and the TIA
-head alone, then the full gallery ranked two-stage (re-ranked by the score) and by the recall embedding alone, plus
-training steps and wall minutes. Appends the run's figures to DIR/quality.jsonl, so an ablation is a series of runs
+head alone, then the full gallery ranked two-stage (re-ranked by the score) and by the recall embedding alone; how
+many sample-100 queries each ranking misses to their own colour variant; training steps and wall minutes. Appends the run's figures to DIR/quality.jsonl, so an ablation is a series of runs
 with different --label/--train-args; --summary prints one row per label (its latest run) from that file.
 """
 from __future__ import annotations
@@ -65,6 +65,11 @@ def figures(metrics: dict) -> dict:
     sources = {"score": s100, **s100.get("by_head", {})}
     out = {name: {d: [_pct(sources[name][d][f"rank{k}"]["mean"]) for k in RANK_KS] for d in ("t2i", "i2t")}
            for name in ("score", "itc", "tia") if name in sources}
+    variants = s100.get("variants")
+    if variants:  # evaluate before it reported them has none
+        out["variants"] = {"with_variant": _pct(variants["queries_with_variant"]["mean"]),
+                           **{name: {d: _pct(variants[name][d]["mean"]) for d in ("t2i", "i2t")}
+                              for name in ("score", "itc", "tia") if name in variants}}
     gallery = metrics.get("full_gallery")
     if gallery:
         for name, key in (("gallery_two_stage", "two_stage"), ("gallery_recall_only", "recall_only")):
@@ -91,6 +96,13 @@ def format_table(record: dict) -> str:
     for key, what in ROWS:
         row = fig.get(key, {})
         lines.append(f"| {what} | {_cell(row.get('t2i'))} | {_cell(row.get('i2t'))} |")
+    variants = fig.get("variants")
+    if variants:
+        tops = ", ".join(f"{label} {variants[name]['t2i']:.1f} / {variants[name]['i2t']:.1f}"
+                         for name, label in (("score", "score"), ("itc", "itc"), ("tia", "TIA")) if name in variants)
+        lines += ["", f"Sample-100 queries whose top candidate is their own colour variant (same group), % text -> "
+                      f"image / image -> text: {tops}; {variants['with_variant']:.1f}% of the queries have a variant "
+                      f"among their candidates."]
     machine = f", {record['precision']}" if record.get("precision") else ""
     machine += f" ({record['cpu']})" if record.get("cpu") else ""
     lines += ["", f"Training: {record['steps']} steps in {record['train_minutes']:.1f} min on {record['device']}"

@@ -257,3 +257,16 @@ def test_help_explains_the_options():
     text = parser.format_help()
     for opt in ("--features", "--model", "--out", "--split", "--val-fraction", "--queries", "--candidates", "--draws", "--seed", "--gallery-max", "--exhaustive", "--recall-k", "--index"):
         assert opt in text
+
+
+def test_sample_hundred_says_how_often_the_top_candidate_is_the_querys_colour_variant():
+    """groups (products (1,2), (3,4), ..., (19,20) share one; 0 is alone): text 19's own image scores .0205, image
+    20 -- its variant -- .021, so that query's miss is a variant's; every other text's top image is 20 too, but
+    that is no variant of theirs, and every image ranks its own text first."""
+    draws = draw_candidates(["shirts"] * 21, n_queries=21, n_candidates=20, draws=1, seed=0)
+    m = sample_hundred(draws, _known_scorer([]), groups=(np.arange(21) + 1) // 2)
+    v = m["variants"]
+    assert v["queries_with_variant"]["mean"] == pytest.approx(20 / 21)
+    assert v["score"]["t2i"]["mean"] == v["tia"]["t2i"]["mean"] == pytest.approx(1 / 21)
+    assert v["score"]["i2t"]["mean"] == 0.0
+    assert "variants" not in sample_hundred(draws, _known_scorer([]))

@@ -19,7 +19,10 @@ def _metrics(score_t2i: float, with_itc: bool = True) -> dict:
     by_head = {"tia": ranks(0.15), **({"itc": ranks(0.3)} if with_itc else {})}
     gallery = {key: {d: {f"rank{k}": r1 * k ** 0.5 for k in (1, 5, 10)} for d in ("t2i", "i2t")}
                for key, r1 in (("two_stage", 0.12), ("recall_only", 0.1))}
-    return {"sample100": {**ranks(score_t2i), "by_head": by_head, "queries": 300, "draws": 1},
+    variants = {"queries_with_variant": {"mean": 0.4}, "score": {"t2i": {"mean": 0.1}, "i2t": {"mean": 0.12}},
+                "tia": {"t2i": {"mean": 0.2}, "i2t": {"mean": 0.22}}, **({"itc": {"t2i": {"mean": 0.05},
+                                                                             "i2t": {"mean": 0.06}}} if with_itc else {})}
+    return {"sample100": {**ranks(score_t2i), "by_head": by_head, "variants": variants, "queries": 300, "draws": 1},
             "full_gallery": {**gallery, "texts": 500, "images": 1000, "recall_k": 10}}
 
 
@@ -42,6 +45,8 @@ def test_table_has_one_row_per_ranking_in_percent():
     assert any(line.startswith("| the TIA head alone") and "15.0 / 33.5" in line for line in lines)
     assert any(line.startswith("| full gallery, two-stage") and "| 12.0 / 26.8" in line for line in lines)
     assert any(line.startswith("| full gallery, recall only") and "| 10.0 / 22.4" in line for line in lines)
+    assert ("own colour variant (same group), % text -> image / image -> text: score 10.0 / 12.0, itc 5.0 / 6.0, "
+            "TIA 20.0 / 22.0; 40.0% of the queries") in table
     assert "Training: 600 steps in 45.0 min on cpu;" in table and "500 texts x 1000 images, recall-k 10" in table
     # a run records its precision and CPU: minutes, the budget's unit, depend on both
     timed = {**_record("default", _metrics(0.297)), "precision": "fp32", "cpu": "AMD EPYC, 2 cores, no native bf16"}
@@ -133,7 +138,7 @@ def test_end_to_end_on_a_tiny_synthetic_catalog(tmp_path, capsys, tiny_backbone)
     assert [r["label"] for r in records] == ["default", "neg2"]
     assert records[1]["train_args"][-2:] == ["--neg-ratio", "2"] and records[1]["steps"] == 3
     assert records[0]["precision"] in ("bf16", "fp32") and records[0]["cpu"].endswith(" bf16")
-    assert set(records[0]["figures"]) == {"score", "tia", "itc", "gallery_two_stage", "gallery_recall_only"}
+    assert set(records[0]["figures"]) == {"score", "tia", "itc", "gallery_two_stage", "gallery_recall_only", "variants"}
 
     assert quality.main(["--work", str(work), "--summary"]) == 0
     rows = capsys.readouterr().out.splitlines()

@@ -227,8 +227,7 @@ class PairBuilder:
         self.neg_ratio = int(neg_ratio)
         self.random_neg_fraction = float(random_neg_fraction)
         self.hard_fraction = float(hard_fraction)
-        groups = [g or f"\0product {p}" for p, g in enumerate(texts.group_id)]  # no group: the product alone
-        self.group_code = np.unique(np.asarray(groups, dtype=str), return_inverse=True)[1].astype(np.int64)
+        self.group_code = texts.group_codes()
         self.negative_code = np.arange(len(texts), dtype=np.int64) if group_negatives else self.group_code
         self.subcat_of = np.asarray([texts.subcategory[p] for p in range(len(texts))], dtype=object)
         by_sub: dict[str, list[int]] = {}

@@ -161,6 +161,12 @@ class TextTable:
     def max_token_id(self) -> int:
         return max((int(a.max()) for ids in self.input_ids for a in ids if a.size), default=0)
 
+    def group_codes(self) -> np.ndarray:
+        """(products,) int64, equal for the products of one group (a product's colour variants); a product without a
+        group_id is a group of its own."""
+        groups = [g or f"\0product {p}" for p, g in enumerate(self.group_id)]
+        return np.unique(np.asarray(groups, dtype=str), return_inverse=True)[1].astype(np.int64)
+
 
 def truncate_ids(ids: np.ndarray, max_len: int, sep_id: int) -> np.ndarray:
     """Keep [CLS] ... and end with [SEP] within max_len tokens."""

@@ -11,6 +11,8 @@ Three protocols, all on held-out products (the training split: a hash of group_i
    score (fashionbert/model/score_fusion.py: what retrieve and score-pairs rank by) and, under `by_head`, by the TIA margin
    and the itc cosine alone. The score's three fusion weights were fitted on held-out pairs too (training's
    validation draw or `fashionbert fuse`), so its figure carries that small optimism; the per-head ones do not.
+   `variants`: the share of queries with one of their own colour variants (a product of the same group) among
+   the candidates, and per ranking and direction the share whose top candidate is such a variant.
 2. TIA: accuracy of P(aligned) > 0.5 on balanced pairs (each true pair and one same-sub-category negative)
    and ROC AUC over every scored pair of the protocol.
 3. full gallery: every held-out text against every held-out image through the two-stage retrieval of
@@ -73,13 +75,18 @@ def rank_of_true(scores: np.ndarray) -> int:
     return 1 + int((scores[1:] >= scores[0]).sum())
 
 
-def sample_hundred(draws: Sequence[Draw], score: Callable[[np.ndarray], PairScores | np.ndarray]) -> dict:
+def sample_hundred(draws: Sequence[Draw], score: Callable[[np.ndarray], PairScores | np.ndarray],
+                   groups: np.ndarray | None = None) -> dict:
     """Rank@K both ways and TIA accuracy/AUC per draw, then mean and spread.
 
     `score(pairs)`: (n, 2) (text pool position, image pool position) -> `scoring.PairScores` (ranks by its
     `logit`, the model's ranking score; TIA accuracy/AUC from its `margin`; Rank@K by each head under
     "by_head"), or a plain (n,) array of TIA margins that is both. Every distinct pair of every draw and
-    direction is scored once (draws and directions share many pairs)."""
+    direction is scored once (draws and directions share many pairs).
+
+    With `groups` (a group code per pool position; a product's colour variants share one) "variants" says how
+    much of the miss is the query's own variants: the share of queries with a variant among their candidates, and
+    per ranking and direction the share of queries whose top candidate is a variant instead of the true one."""
     t2i_pairs = [np.stack([np.full(len(c), q), c], axis=1) for d in draws for q, c in zip(d.queries, d.candidates)]
     i2t_pairs = [np.stack([c, np.full(len(c), q)], axis=1) for d in draws for q, c in zip(d.queries, d.candidates)]
     allpairs = np.concatenate(t2i_pairs + i2t_pairs).astype(np.int64)
@@ -100,10 +107,16 @@ def sample_hundred(draws: Sequence[Draw], score: Callable[[np.ndarray], PairScor
     for d in draws:
         ranks = {(name, direction): [] for name in by for direction in ("t2i", "i2t")}
         pos, neg, correct = [], [], []
+        variant_tops = {key: [] for key in ranks}
+        with_variant = []
         for c in d.candidates:
+            variant = groups[c] == groups[c[0]] if groups is not None else np.zeros(len(c), dtype=bool)
+            variant[0] = False
+            with_variant.append(bool(variant.any()))
             for name, (t2i_s, i2t_s) in by.items():
-                ranks[name, "t2i"].append(rank_of_true(t2i_s[at:at + len(c)]))
-                ranks[name, "i2t"].append(rank_of_true(i2t_s[at:at + len(c)]))
+                for direction, s in (("t2i", t2i_s[at:at + len(c)]), ("i2t", i2t_s[at:at + len(c)])):
+                    ranks[name, direction].append(rank_of_true(s))
+                    variant_tops[name, direction].append(bool(variant[int(np.argmax(s))]) and rank_of_true(s) > 1)
             s_t, s_i = by["tia"][0][at:at + len(c)], by["tia"][1][at:at + len(c)]
             at += len(c)
             pos.append(s_t[0])  # the true pair (same in both directions)
@@ -117,6 +130,8 @@ def sample_hundred(draws: Sequence[Draw], score: Callable[[np.ndarray], PairScor
             for k in RANK_KS:
                 per_draw.setdefault(f"{name}/{direction}_rank{k}", []).append(float((r <= k).mean()))
             per_draw.setdefault(f"{name}/{direction}_mean_rank", []).append(float(r.mean()))
+            per_draw.setdefault(f"{name}/{direction}_variant_top", []).append(float(np.mean(variant_tops[name, direction])))
+        per_draw.setdefault("with_variant", []).append(float(np.mean(with_variant)))
         per_draw.setdefault("tia_accuracy", []).append(float(np.mean(correct)))
         per_draw.setdefault("tia_auc", []).append(roc_auc(np.asarray(pos), np.asarray(neg)))
 
@@ -131,6 +146,9 @@ def sample_hundred(draws: Sequence[Draw], score: Callable[[np.ndarray], PairScor
     result["by_head"] = {name: ranks_of(name) for name in by if name != "score"}
     result["tia"] = {"accuracy": _spread(per_draw["tia_accuracy"]), "auc": _spread(per_draw["tia_auc"])}
     result["pairs_scored"] = int(len(unique))
+    if groups is not None:
+        result["variants"] = {"queries_with_variant": _spread(per_draw["with_variant"]), **{
+            name: {d: _spread(per_draw[f"{name}/{d}_variant_top"]) for d in ("t2i", "i2t")} for name in by}}
     return result
 
 
@@ -312,12 +330,14 @@ def run(args: EvaluateConfig) -> dict:
     pool_texts = [text_ids[p] for p in pool_products]
     pool_images = IndexedImages(index, catalog.reader, pool_rows)
     pool_keys = ItemKeys(catalog.text_hashes[pool_products], catalog.image_hashes[pool_rows])
-    s100 = sample_hundred(draws, lambda pairs: pair_scorer.score(pool_texts, pool_images, pairs, pool_keys))
+    s100 = sample_hundred(draws, lambda pairs: pair_scorer.score(pool_texts, pool_images, pairs, pool_keys),
+                          texts.group_codes()[pool_products])
     metrics["sample100"] = {
         "pool_products": int(len(pool_products)), "queries": int(len(draws[0].queries)), "draws": args.draws,
         "candidates_mean": float(np.mean([len(c) - 1 for d in draws for c in d.candidates])),
         "seed": args.seed, "draw_by": args.draw_by, "chance": {f"rank{k}": min(1.0, k / (args.candidates + 1)) for k in RANK_KS},
-        "t2i": s100["t2i"], "i2t": s100["i2t"], "by_head": s100["by_head"], "pairs_scored": s100["pairs_scored"],
+        "t2i": s100["t2i"], "i2t": s100["i2t"], "by_head": s100["by_head"], "variants": s100["variants"],
+        "pairs_scored": s100["pairs_scored"],
         "seconds": round(time.perf_counter() - t0, 3),
     }
     metrics["tia"] = s100["tia"]
