@@ -115,8 +115,9 @@ def sample_hundred(draws: Sequence[Draw], score: Callable[[np.ndarray], PairScor
             with_variant.append(bool(variant.any()))
             for name, (t2i_s, i2t_s) in by.items():
                 for direction, s in (("t2i", t2i_s[at:at + len(c)]), ("i2t", i2t_s[at:at + len(c)])):
-                    ranks[name, direction].append(rank_of_true(s))
-                    variant_tops[name, direction].append(bool(variant[int(np.argmax(s))]) and rank_of_true(s) > 1)
+                    rank = rank_of_true(s)
+                    ranks[name, direction].append(rank)
+                    variant_tops[name, direction].append(rank > 1 and bool(variant[int(np.argmax(s))]))
             s_t, s_i = by["tia"][0][at:at + len(c)], by["tia"][1][at:at + len(c)]
             at += len(c)
             pos.append(s_t[0])  # the true pair (same in both directions)
