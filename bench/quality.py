@@ -5,7 +5,9 @@ asserts nothing.
     python bench/quality.py --work DIR --summary
 
 Stages, each skipped when its output is already complete:
-1. featurize the catalog into DIR/features with the README's hm-dev column mapping (or --features FOLDER);
+1. featurize the catalog into DIR/features with the README's hm-dev column mapping (or --features FOLDER); --cnn and
+   --image-size choose other image features, featurized into DIR/features-<cnn>-<size> (training's FLOPs do not
+   change: the patches stay 8x8 of 1286 values);
 2. train with the README recipe (880 matching-only steps, batch 32, lr 3e-4, ...) into DIR/train-<label>; --train-args adds
    `fashionbert train` options on top of the recipe (an ablation), --retrain trains again;
 3. evaluate into DIR/eval-<label>.json: sample-100 (300 queries, 1 draw) and the full gallery (500 held-out
@@ -40,6 +42,7 @@ from fashionbert.data import publish  # noqa: E402
 from fashionbert.errors import UserError  # noqa: E402
 from fashionbert.evaluation.evaluate import RANK_KS  # noqa: E402
 from fashionbert.train.config import TrainConfig  # noqa: E402
+from pipelines.config import CNN_NAMES, FeaturizeConfig  # noqa: E402
 
 # README's training command for the table (the options beyond --features/--out). 880 matching-only steps cost what
 # the earlier recipe's 600 (120 warm-up + 480 masked MLM/MPM steps) did, in FLOPs (README); its tia_warmup stays so
@@ -56,6 +59,8 @@ ROWS = (("score", "the ranking score (TIA + itc fused; what the tables use)"),
         ("gallery_two_stage", "full gallery, two-stage (recall, then re-rank by the score)"),
         ("gallery_recall_only", "full gallery, recall only (the embedding cosine)"))
 QUALITY_LOG = "quality.jsonl"
+# featurize's image features: the table's runs use its defaults unless --cnn/--image-size say otherwise
+DEFAULT_CNN, DEFAULT_IMAGE_SIZE = FeaturizeConfig.cnn, FeaturizeConfig.image_size
 
 
 # ============================================================================================ figures and tables
@@ -89,7 +94,7 @@ def _cell(values: list[float] | None) -> str:
 def format_table(record: dict) -> str:
     """A run's markdown table (the README's, with the full-gallery rows) and its training line."""
     fig, sizes = record["figures"], record["sizes"]
-    lines = [f"Label `{record['label']}`, train args `{' '.join(record['train_args']) or '(recipe)'}`. Rank@1/5/10 "
+    lines = [f"Label `{record['label']}`, {_options(record)}. Rank@1/5/10 "
              f"(%): sample-100 over {sizes['sample100_queries']} queries x {sizes['draws']} draw; full gallery "
              f"{sizes.get('gallery_texts', 'n/a')} texts x {sizes.get('gallery_images', 'n/a')} images, "
              f"recall-k {sizes['recall_k']}.", "",
@@ -111,6 +116,15 @@ def format_table(record: dict) -> str:
     return "\n".join(lines)
 
 
+def _options(record: dict) -> str:
+    """What the run changed over the recipe: its train args, and its image features where not featurize's defaults."""
+    out = f"train args `{' '.join(record['train_args']) or '(recipe)'}`"
+    features = record.get("features") or {}
+    if features and (features["cnn"], features["image_size"]) != (DEFAULT_CNN, DEFAULT_IMAGE_SIZE):
+        out = f"features `--cnn {features['cnn']} --image-size {features['image_size']}`, " + out
+    return out
+
+
 def format_summary(records: list[dict]) -> str:
     """One markdown row per label (its latest run): Rank@1 (%) by score / itc / TIA both ways, and the full gallery's
     two-stage / recall-only Rank@1 both ways."""
@@ -119,13 +133,14 @@ def format_summary(records: list[dict]) -> str:
     def rank1(fig: dict, keys: tuple[str, ...], d: str) -> str:
         return " / ".join(f"{fig[k][d][0]:.1f}" if k in fig else "n/a" for k in keys)
 
-    lines = ["| label | train args | steps | text->image R@1 score / itc / TIA | image->text R@1 score / itc / TIA | "
+    lines = ["| label | options | steps | text->image R@1 score / itc / TIA | image->text R@1 score / itc / TIA | "
              "gallery text->image R@1 two-stage / recall-only | gallery image->text R@1 two-stage / recall-only | "
              "train min |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in latest.values():
         fig = r["figures"]
         heads, gallery = ("score", "itc", "tia"), ("gallery_two_stage", "gallery_recall_only")
-        lines.append(f"| {r['label']} | {' '.join(r['train_args']) or '(recipe)'} | {r['steps']} | "
+        options = _options(r).replace("`", "").replace("train args ", "")
+        lines.append(f"| {r['label']} | {options} | {r['steps']} | "
                      f"{rank1(fig, heads, 't2i')} | {rank1(fig, heads, 'i2t')} | {rank1(fig, gallery, 't2i')} | "
                      f"{rank1(fig, gallery, 'i2t')} | {r['train_minutes']:.1f} |")
     return "\n".join(lines)
@@ -142,8 +157,18 @@ def train_config(a: argparse.Namespace, features: Path, out: Path) -> TrainConfi
                                epochs=None if a.steps else config.epochs)
 
 
+def features_folder(a: argparse.Namespace) -> Path:
+    """--features as given; else WORK/features for the default image features, WORK/features-<cnn>-<size> for others
+    (so one WORK holds an ablation over image features as well as over training options)."""
+    if a.features:
+        return Path(a.features)
+    if (a.cnn, a.image_size) == (DEFAULT_CNN, DEFAULT_IMAGE_SIZE):
+        return Path(a.work) / "features"
+    return Path(a.work) / f"features-{a.cnn}-{a.image_size}"
+
+
 def featurize_stage(a: argparse.Namespace, out: Path) -> None:
-    """--features as given, else WORK/features (`out`), featurized from --catalog unless already complete."""
+    """--features as given, else `out` (features_folder), featurized from --catalog unless already complete."""
     if a.features:
         if not publish.is_complete(out):
             raise UserError(f"--features {out}: not a complete featurize output (no _SUCCESS)")
@@ -153,11 +178,14 @@ def featurize_stage(a: argparse.Namespace, out: Path) -> None:
         if a.catalog and not _same_catalog(made_from, a.catalog):
             raise UserError(f"{out} was featurized from {made_from}, not --catalog {a.catalog}; use another --work "
                             f"or remove {out}")
+        made_with = features_options(out)
+        if (made_with["cnn"], made_with["image_size"]) != (a.cnn, a.image_size):
+            raise UserError(f"{out} holds --cnn {made_with['cnn']} --image-size {made_with['image_size']} features, "
+                            f"not --cnn {a.cnn} --image-size {a.image_size}; remove {out} to featurize it again")
         _log(f"featurize: reusing {out} (from {made_from})")
         return
     if not a.catalog:
         raise UserError(f"give --catalog (to featurize into {out}) or --features FOLDER")
-    from pipelines.config import FeaturizeConfig
     from pipelines.featurize import run as featurize
 
     # an absolute path in _run.json, so that a later run from another folder recognises the catalog
@@ -165,11 +193,18 @@ def featurize_stage(a: argparse.Namespace, out: Path) -> None:
     cfg = FeaturizeConfig(catalog=catalog, out=str(out), overwrite=True, id_column=a.id_column,
                           text_columns=tuple(c.strip() for c in a.text_columns.split(",") if c.strip()),
                           category_column=a.category_column or None, subcategory_column=a.subcategory_column or None,
-                          group_column=a.group_column or None, backbone=a.backbone, progress=sys.stderr.isatty())
+                          group_column=a.group_column or None, backbone=a.backbone, cnn=a.cnn,
+                          image_size=a.image_size, progress=sys.stderr.isatty())
     t0 = time.time()
     summary = featurize(cfg)
     _log(f"featurize: {summary['counts']['accepted_images']} images, {summary['counts']['rejected_rows']} rejects "
          f"in {(time.time() - t0) / 60:.1f} min -> {out}")
+
+
+def features_options(folder: Path) -> dict:
+    """The image-feature options a featurize output was made with (its _run.json)."""
+    options = json.loads((folder / "_run.json").read_text())["options"]
+    return {"cnn": options.get("cnn", DEFAULT_CNN), "image_size": options.get("image_size", DEFAULT_IMAGE_SIZE)}
 
 
 def _same_catalog(a: str, b: str) -> bool:
@@ -232,6 +267,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--subcategory-column", default="product_type_name")
     g.add_argument("--group-column", default="product_code")
     g.add_argument("--backbone", default="minilm", help="text backbone of featurize and train (default minilm)")
+    g.add_argument("--cnn", choices=CNN_NAMES, default=DEFAULT_CNN,
+                   help="featurize's patch CNN (default %(default)s; another goes to WORK/features-<cnn>-<size>)")
+    g.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE,
+                   help="featurize's square input size (default %(default)s; hm-dev's photos are 360x540, so 512 keeps "
+                        "nearly all their pixels)")
     g = ap.add_argument_group("training")
     g.add_argument("--label", default="default", help="names the run: WORK/train-<label>, WORK/eval-<label>.json")
     g.add_argument("--train-args", default="", metavar="'OPTS'",
@@ -251,7 +291,9 @@ def run(a: argparse.Namespace) -> dict:
     if not re.fullmatch(r"[A-Za-z0-9._-]+", a.label):
         raise UserError(f"--label {a.label!r}: use letters, digits, '.', '_' and '-' (it names folders)")
     work.mkdir(parents=True, exist_ok=True)
-    features = Path(a.features) if a.features else work / "features"
+    if a.features and (a.cnn, a.image_size) != (DEFAULT_CNN, DEFAULT_IMAGE_SIZE):
+        raise UserError("--cnn/--image-size choose how --catalog is featurized; --features is featurized already")
+    features = features_folder(a)
     config = train_config(a, features, work / f"train-{a.label}")  # first: a bad --train-args costs nothing
     featurize_stage(a, features)
     summary = train_stage(config, a.retrain)
@@ -261,7 +303,7 @@ def run(a: argparse.Namespace) -> dict:
         "label": a.label, "train_args": shlex.split(a.train_args), "steps": summary["final_step"],
         "train_minutes": round(summary["seconds"] / 60, 2), "eval_minutes": round(metrics["seconds"] / 60, 2),
         "device": summary["device"], "precision": summary.get("precision"), "cpu": cpu_description(),
-        "model_version": metrics["model"]["version"],
+        "model_version": metrics["model"]["version"], "features": features_options(features),
         "sizes": {"sample100_queries": metrics["sample100"]["queries"], "draws": metrics["sample100"]["draws"],
                   "gallery_texts": gallery.get("texts"), "gallery_images": gallery.get("images"),
                   "recall_k": gallery.get("recall_k")},

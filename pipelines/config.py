@@ -12,6 +12,7 @@ import json
 
 from fashionbert.errors import UserError
 
+CNN_NAMES = ("efficientnet-lite0", "efficientnet-lite2")  # fashionbert/model/patch_cnn.py's CNNS, without importing torch
 FEATURIZE_VERSION = "1"  # bump when a change alters feature values: invalidates --previous carry-over
 
 
@@ -119,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser, with_outputs: bool = True) ->
     f.add_argument("--fit", choices=("pad", "crop"), default=d.fit,
                    help="how a non-square photo becomes square: pad keeps the whole product (default), crop "
                         "centre-crops")
-    f.add_argument("--cnn", choices=("efficientnet-lite0", "efficientnet-lite2"), default=d.cnn,
+    f.add_argument("--cnn", choices=CNN_NAMES, default=d.cnn,
                    help="patch network (packaged ImageNet weights; default %(default)s)")
     f.add_argument("--patch-mode", choices=("grid", "patch"), default=d.patch_mode,
                    help="grid: one CNN pass per image pooled to the grid (fast); patch: every patch through the "

@@ -131,3 +131,11 @@ def test_nightly_runs_its_stages_on_configs_without_argv(tmp_path, monkeypatch):
     assert summary["options"]["train_args"] == ["--steps", "4"]
     assert summary["stages"]["evaluate"]["argv"] == ["--queries", "100", "--draws", "1", "--gallery-max", "100",
                                                      "--recall-k", "20", "--draw-by", "product-id"]
+
+
+def test_featurize_names_the_patch_cnns_there_are():
+    # pipelines.config lists them without importing torch; the list must not drift from the weights' table
+    from fashionbert.model.patch_cnn import CNNS
+    from pipelines.config import CNN_NAMES
+
+    assert CNN_NAMES == tuple(CNNS)

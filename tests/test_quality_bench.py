@@ -111,6 +111,41 @@ def test_user_errors_exit_2(tmp_path, capsys):
     assert "give --catalog" in capsys.readouterr().err
 
 
+# ============================================================================================ image features
+def test_other_image_features_get_their_own_folder_and_are_named_in_the_table(tmp_path):
+    def folder(*argv):
+        return quality.features_folder(quality.parse_args(["--work", str(tmp_path), *argv]))
+
+    assert folder() == tmp_path / "features"
+    assert folder("--cnn", "efficientnet-lite2", "--image-size", "512") == tmp_path / "features-efficientnet-lite2-512"
+    assert folder("--image-size", "384") == tmp_path / "features-efficientnet-lite0-384"
+    assert folder("--features", "elsewhere") == Path("elsewhere")
+
+    record = _record("lite2", _metrics(0.3), ["--neg-ratio", "2"])
+    assert "train args `--neg-ratio 2`" in quality.format_table(record)  # no features key: an older record
+    record["features"] = {"cnn": "efficientnet-lite2", "image_size": 512}
+    assert ("features `--cnn efficientnet-lite2 --image-size 512`, train args `--neg-ratio 2`"
+            in quality.format_table(record))
+    row = quality.format_summary([record]).splitlines()[2]
+    assert row.startswith("| lite2 | features --cnn efficientnet-lite2 --image-size 512, --neg-ratio 2 | 600 |")
+
+
+def test_features_made_with_other_image_options_are_refused_not_reused(tmp_path, capsys):
+    made = tmp_path / "features-efficientnet-lite2-512"
+    made.mkdir()
+    (made / "_run.json").write_text(json.dumps({"catalog": {"source": "synthetic:4"},
+                                                "options": {"cnn": "efficientnet-lite0", "image_size": 256}}))
+    (made / "_SUCCESS").write_text("")
+    a = quality.parse_args(["--work", str(tmp_path), "--catalog", "synthetic:4", "--cnn", "efficientnet-lite2",
+                            "--image-size", "512"])
+    with pytest.raises(UserError, match="holds --cnn efficientnet-lite0 --image-size 256 features, not --cnn "
+                                        "efficientnet-lite2 --image-size 512; remove"):
+        quality.featurize_stage(a, made)
+    # --features is featurized already: the options that say how to featurize do not go with it
+    assert quality.main(["--work", str(tmp_path), "--features", str(made), "--cnn", "efficientnet-lite2"]) == 2
+    assert "--features is featurized already" in capsys.readouterr().err
+
+
 # ============================================================================================ end to end
 def test_end_to_end_on_a_tiny_synthetic_catalog(tmp_path, capsys, tiny_backbone):
     work = tmp_path / "work"
