@@ -15,7 +15,8 @@ Stages, each skipped when its output is already complete:
 
 Prints a markdown table: sample-100 Rank@1/5/10 (%) both ways by the ranking score, the itc cosine alone and the TIA
 head alone, then the full gallery ranked two-stage (re-ranked by the score) and by the recall embedding alone; how
-many sample-100 queries each ranking misses to their own colour variant; training steps and wall minutes. Appends
+many sample-100 queries each ranking misses to their own colour variant; how alike TIA and the cosine rank (their
+per-query correlation, and the Rank@1 of an oracle taking whichever head is right); training steps and wall minutes. Appends
 the run's figures to DIR/quality.jsonl, so an ablation is a series of runs with different --label/--train-args;
 --summary prints one row per label (its latest run) from that file.
 """
@@ -76,6 +77,10 @@ def figures(metrics: dict) -> dict:
         out["variants"] = {"with_variant": _pct(variants["queries_with_variant"]["mean"]),
                            **{name: {d: _pct(variants[name][d]["mean"]) for d in ("t2i", "i2t")}
                               for name in ("score", "itc", "tia") if name in variants}}
+    heads = s100.get("heads", {})
+    if heads:  # evaluate before it reported them has none
+        out["heads"] = {key: {d: round(heads[key][d]["mean"], 3) if key == "heads_correlation"
+                              else _pct(heads[key][d]["mean"]) for d in ("t2i", "i2t")} for key in heads}
     gallery = metrics.get("full_gallery")
     if gallery:
         for name, key in (("gallery_two_stage", "two_stage"), ("gallery_recall_only", "recall_only")):
@@ -109,6 +114,12 @@ def format_table(record: dict) -> str:
         lines += ["", f"Sample-100 queries whose top candidate is their own colour variant (same group), % text -> "
                       f"image / image -> text: {tops}; {variants['with_variant']:.1f}% of the queries have a variant "
                       f"among their candidates."]
+    heads = fig.get("heads", {})
+    if "heads_correlation" in heads:
+        corr, either = heads["heads_correlation"], heads["either_head_rank1"]
+        lines += ["", f"TIA and the itc cosine, per query: correlation of their scores over its candidates "
+                      f"{corr['t2i']:.2f} / {corr['i2t']:.2f}; Rank@1 of whichever head is right (an oracle, about "
+                      f"the most a fusion could reach) {either['t2i']:.1f} / {either['i2t']:.1f}."]
     machine = f", {record['precision']}" if record.get("precision") else ""
     machine += f" ({record['cpu']})" if record.get("cpu") else ""
     lines += ["", f"Training: {record['steps']} steps in {record['train_minutes']:.1f} min on {record['device']}"

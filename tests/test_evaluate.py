@@ -78,6 +78,34 @@ def test_sample_hundred_ranks_by_the_ranking_score_and_reports_each_head():
     assert tia_only["by_head"] == {"tia": {"t2i": tia_only["t2i"], "i2t": tia_only["i2t"]}}
 
 
+def test_sample_hundred_says_how_alike_the_heads_rank_and_how_often_either_is_right():
+    """TIA is the known ranking (every image's own text first; text t's image at rank 101 - t); "itc" is that ranking
+    plus a perfect term for text->image. Both rank each image's text first; for text->image only itc is right, so
+    the heads agree less there, and the oracle ("either head") is right everywhere."""
+    draws = draw_candidates(["shirts"] * 21, n_queries=21, n_candidates=20, draws=1, seed=0)
+    known = _known_scorer([])
+
+    def scores(pairs, weight):
+        tia = known(pairs)
+        itc = tia + weight * (pairs[:, 0] == pairs[:, 1])
+        return PairScores(tia, itc.astype(np.float32), itc)
+    m = sample_hundred(draws, lambda pairs: scores(pairs, 1.0))
+    corr, either = m["heads"]["heads_correlation"], m["heads"]["either_head_rank1"]
+    assert either["t2i"]["mean"] == either["i2t"]["mean"] == 1.0
+    assert m["by_head"]["tia"]["t2i"]["rank1"]["mean"] == pytest.approx(1 / 21)
+    assert corr["i2t"]["mean"] > 0.99 and corr["t2i"]["mean"] < 0.5
+    # the same ranking twice: correlation 1, and the oracle no better than either head
+    same = sample_hundred(draws, lambda pairs: scores(pairs, 0.0))["heads"]
+    assert same["heads_correlation"]["t2i"]["mean"] == pytest.approx(1.0)
+    assert same["either_head_rank1"]["t2i"]["mean"] == pytest.approx(1 / 21)
+    # one head alone: nothing to compare
+    assert "heads" not in sample_hundred(draws, known)
+    # a constant head has no order: no correlation is reported, the oracle still is
+    flat = sample_hundred(draws, lambda pairs: PairScores(known(pairs), np.zeros(len(pairs), np.float32),
+                                                          np.zeros(len(pairs))))["heads"]
+    assert "heads_correlation" not in flat and "either_head_rank1" in flat
+
+
 def test_ties_count_against_the_true_candidate():
     draws = draw_candidates(["a"] * 11, n_queries=11, n_candidates=10, draws=1, seed=0)
     m = sample_hundred(draws, lambda pairs: np.zeros(len(pairs)))  # a constant model

@@ -22,7 +22,10 @@ def _metrics(score_t2i: float, with_itc: bool = True) -> dict:
     variants = {"queries_with_variant": {"mean": 0.4}, "score": {"t2i": {"mean": 0.1}, "i2t": {"mean": 0.12}},
                 "tia": {"t2i": {"mean": 0.2}, "i2t": {"mean": 0.22}}, **({"itc": {"t2i": {"mean": 0.05},
                                                                              "i2t": {"mean": 0.06}}} if with_itc else {})}
-    return {"sample100": {**ranks(score_t2i), "by_head": by_head, "variants": variants, "queries": 300, "draws": 1},
+    heads = {"heads_correlation": {"t2i": {"mean": 0.991}, "i2t": {"mean": 0.987}},
+             "either_head_rank1": {"t2i": {"mean": 0.427}, "i2t": {"mean": 0.453}}} if with_itc else {}
+    return {"sample100": {**ranks(score_t2i), "by_head": by_head, "variants": variants, "queries": 300, "draws": 1,
+                          **({"heads": heads} if heads else {})},
             "full_gallery": {**gallery, "texts": 500, "images": 1000, "recall_k": 10}}
 
 
@@ -47,13 +50,17 @@ def test_table_has_one_row_per_ranking_in_percent():
     assert any(line.startswith("| full gallery, recall only") and "| 10.0 / 22.4" in line for line in lines)
     assert ("own colour variant (same group), % text -> image / image -> text: score 10.0 / 12.0, itc 5.0 / 6.0, "
             "TIA 20.0 / 22.0; 40.0% of the queries") in table
+    assert ("TIA and the itc cosine, per query: correlation of their scores over its candidates 0.99 / 0.99; Rank@1 "
+            "of whichever head is right (an oracle, about the most a fusion could reach) 42.7 / 45.3.") in table
+    assert fig["heads"] == {"heads_correlation": {"t2i": 0.991, "i2t": 0.987},
+                            "either_head_rank1": {"t2i": 42.7, "i2t": 45.3}}
     assert "Training: 600 steps in 45.0 min on cpu;" in table and "500 texts x 1000 images, recall-k 10" in table
     # a run records its precision and CPU: minutes, the budget's unit, depend on both
     timed = {**_record("default", _metrics(0.297)), "precision": "fp32", "cpu": "AMD EPYC, 2 cores, no native bf16"}
     assert "600 steps in 45.0 min on cpu, fp32 (AMD EPYC, 2 cores, no native bf16);" in quality.format_table(timed)
     # a model without an itc head has no itc row figures
-    assert "| the itc cosine alone (`by_head.itc`) | n/a | n/a |" in quality.format_table(
-        _record("no-itc", _metrics(0.1, with_itc=False), ["--itc-dim", "0"]))
+    no_itc = quality.format_table(_record("no-itc", _metrics(0.1, with_itc=False), ["--itc-dim", "0"]))
+    assert "| the itc cosine alone (`by_head.itc`) | n/a | n/a |" in no_itc and "per query: correlation" not in no_itc
 
 
 def test_summary_has_the_latest_run_of_each_label():
@@ -173,7 +180,8 @@ def test_end_to_end_on_a_tiny_synthetic_catalog(tmp_path, capsys, tiny_backbone)
     assert [r["label"] for r in records] == ["default", "neg2"]
     assert records[1]["train_args"][-2:] == ["--neg-ratio", "2"] and records[1]["steps"] == 3
     assert records[0]["precision"] in ("bf16", "fp32") and records[0]["cpu"].endswith(" bf16")
-    assert set(records[0]["figures"]) == {"score", "tia", "itc", "gallery_two_stage", "gallery_recall_only", "variants"}
+    assert set(records[0]["figures"]) == {"score", "tia", "itc", "gallery_two_stage", "gallery_recall_only", "variants",
+                                          "heads"}
 
     assert quality.main(["--work", str(work), "--summary"]) == 0
     rows = capsys.readouterr().out.splitlines()

@@ -70,6 +70,14 @@ def _spread(values: Sequence[float]) -> dict:
             "min": float(v.min()), "max": float(v.max()), "per_draw": [float(x) for x in v]}
 
 
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two heads' scores over one query's candidates; nan where either is constant (there is
+    no order to compare)."""
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
 def rank_of_true(scores: np.ndarray) -> int:
     """`scores[0]` is the true candidate's; ties count against it."""
     return 1 + int((scores[1:] >= scores[0]).sum())
@@ -86,7 +94,13 @@ def sample_hundred(draws: Sequence[Draw], score: Callable[[np.ndarray], PairScor
 
     With `groups` (a group code per pool position; a product's colour variants share one) "variants" says how
     much of the miss is the query's own variants: the share of queries with a variant among their candidates, and
-    per ranking and direction the share of queries whose top candidate is a variant instead of the true one."""
+    per ranking and direction the share of queries whose top candidate is a variant instead of the true one.
+
+    With both heads, "heads" says whether re-ranking by TIA can add to the itc cosine at all: per direction the mean
+    over queries of the Pearson correlation of the two heads' scores over the query's candidates (near 1: TIA
+    orders the candidates as the cosine does, and no fusion of the two ranks better than either), and the share of
+    queries that at least one head ranks first (Rank@1 of an oracle choosing the better head per query: what a
+    fusion could reach at most, roughly)."""
     t2i_pairs = [np.stack([np.full(len(c), q), c], axis=1) for d in draws for q, c in zip(d.queries, d.candidates)]
     i2t_pairs = [np.stack([c, np.full(len(c), q)], axis=1) for d in draws for q, c in zip(d.queries, d.candidates)]
     allpairs = np.concatenate(t2i_pairs + i2t_pairs).astype(np.int64)
@@ -109,6 +123,7 @@ def sample_hundred(draws: Sequence[Draw], score: Callable[[np.ndarray], PairScor
         pos, neg, correct = [], [], []
         variant_tops = {key: [] for key in ranks}
         with_variant = []
+        correlations = {direction: [] for direction in ("t2i", "i2t")}
         for c in d.candidates:
             variant = groups[c] == groups[c[0]] if groups is not None else np.zeros(len(c), dtype=bool)
             variant[0] = False
@@ -118,6 +133,10 @@ def sample_hundred(draws: Sequence[Draw], score: Callable[[np.ndarray], PairScor
                     rank = rank_of_true(s)
                     ranks[name, direction].append(rank)
                     variant_tops[name, direction].append(rank > 1 and bool(variant[int(np.argmax(s))]))
+            if "itc" in by:
+                for direction, side in (("t2i", 0), ("i2t", 1)):
+                    correlations[direction].append(_correlation(by["tia"][side][at:at + len(c)],
+                                                                by["itc"][side][at:at + len(c)]))
             s_t, s_i = by["tia"][0][at:at + len(c)], by["tia"][1][at:at + len(c)]
             at += len(c)
             pos.append(s_t[0])  # the true pair (same in both directions)
@@ -133,6 +152,13 @@ def sample_hundred(draws: Sequence[Draw], score: Callable[[np.ndarray], PairScor
             per_draw.setdefault(f"{name}/{direction}_mean_rank", []).append(float(r.mean()))
             per_draw.setdefault(f"{name}/{direction}_variant_top", []).append(float(np.mean(variant_tops[name, direction])))
         per_draw.setdefault("with_variant", []).append(float(np.mean(with_variant)))
+        if "itc" in by:
+            for direction in ("t2i", "i2t"):
+                either = (np.asarray(ranks["tia", direction]) == 1) | (np.asarray(ranks["itc", direction]) == 1)
+                per_draw.setdefault(f"either_head_rank1/{direction}", []).append(float(either.mean()))
+                defined = [r for r in correlations[direction] if np.isfinite(r)]
+                if defined:
+                    per_draw.setdefault(f"heads_correlation/{direction}", []).append(float(np.mean(defined)))
         per_draw.setdefault("tia_accuracy", []).append(float(np.mean(correct)))
         per_draw.setdefault("tia_auc", []).append(roc_auc(np.asarray(pos), np.asarray(neg)))
 
@@ -147,6 +173,11 @@ def sample_hundred(draws: Sequence[Draw], score: Callable[[np.ndarray], PairScor
     result["by_head"] = {name: ranks_of(name) for name in by if name != "score"}
     result["tia"] = {"accuracy": _spread(per_draw["tia_accuracy"]), "auc": _spread(per_draw["tia_auc"])}
     result["pairs_scored"] = int(len(unique))
+    if "itc" in by:
+        # a draw whose every query had a constant head has no correlation to report (nor does the key, then)
+        result["heads"] = {key: {d: _spread(per_draw[f"{key}/{d}"]) for d in ("t2i", "i2t")}
+                           for key in ("heads_correlation", "either_head_rank1")
+                           if all(len(per_draw.get(f"{key}/{d}", [])) == len(draws) for d in ("t2i", "i2t"))}
     if groups is not None:
         result["variants"] = {"queries_with_variant": _spread(per_draw["with_variant"]), **{
             name: {d: _spread(per_draw[f"{name}/{d}_variant_top"]) for d in ("t2i", "i2t")} for name in by}}
@@ -338,6 +369,7 @@ def run(args: EvaluateConfig) -> dict:
         "candidates_mean": float(np.mean([len(c) - 1 for d in draws for c in d.candidates])),
         "seed": args.seed, "draw_by": args.draw_by, "chance": {f"rank{k}": min(1.0, k / (args.candidates + 1)) for k in RANK_KS},
         "t2i": s100["t2i"], "i2t": s100["i2t"], "by_head": s100["by_head"], "variants": s100["variants"],
+        **({"heads": s100["heads"]} if "heads" in s100 else {}),
         "pairs_scored": s100["pairs_scored"],
         "seconds": round(time.perf_counter() - t0, 3),
     }
