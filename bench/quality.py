@@ -16,8 +16,9 @@ Stages, each skipped when its output is already complete:
 Prints a markdown table: sample-100 Rank@1/5/10 (%) both ways by the ranking score, the itc cosine alone and the TIA
 head alone, then the full gallery ranked two-stage (re-ranked by the score) and by the recall embedding alone; how
 many sample-100 queries each ranking misses to their own colour variant; how alike TIA and the cosine rank (their
-per-query correlation, and the Rank@1 of an oracle taking whichever head is right); training steps and wall minutes. Appends
-the run's figures to DIR/quality.jsonl, so an ablation is a series of runs with different --label/--train-args;
+per-query correlation, and the Rank@1 of an oracle taking whichever head is right); training steps and wall
+minutes. Appends the run's figures to DIR/quality.jsonl, so an ablation is a series of runs with different
+--label/--train-args;
 --summary prints one row per label (its latest run) from that file.
 """
 from __future__ import annotations
