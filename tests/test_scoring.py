@@ -144,7 +144,9 @@ def test_scorer_matches_the_model_and_keeps_order(loaded, catalog):
 
 def test_scorer_factored_pass_equals_encode_exactly(loaded, catalog):
     """Texts of one length, so no batch pads differently from the reference: the scorer's reuse of text and patch
-    embeddings across pairs gives bit for bit the margins of the model's own encode()."""
+    embeddings across pairs gives the margins of the model's own encode() to fp32 rounding. Not bit for bit: on
+    AVX-512/AMX CPUs the fp32 matmul kernels block by batch shape, and the scorer's blocks differ from one
+    reference batch (2e-8 apart on an Intel Xeon; equal on the AMD EPYC)."""
     model = loaded.model
     feats = IndexedImages(catalog.index, catalog.reader).read(np.arange(len(catalog.index)))
     texts = [np.asarray([101, 2000 + i, 2100 + i, 102]) for i in range(6)]
@@ -155,7 +157,7 @@ def test_scorer_factored_pass_equals_encode_exactly(loaded, catalog):
     with torch.no_grad():
         seq, pooled = model.encode(ids, torch.ones_like(ids), torch.from_numpy(feats[pairs[:, 1]]).float())
         ref = model.tia_margin(seq, torch.ones_like(ids), pooled).numpy()
-    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
 
 
 def test_late_fusion_scorer_runs_the_lower_layers_once_per_item_and_matches_the_model(loaded, catalog):
