@@ -128,13 +128,18 @@ def format_table(record: dict) -> str:
     return "\n".join(lines)
 
 
-def _options(record: dict) -> str:
-    """What the run changed over the recipe: its train args, and its image features where not featurize's defaults."""
-    out = f"train args `{' '.join(record['train_args']) or '(recipe)'}`"
-    features = record.get("features") or {}
+def _changes(record: dict) -> tuple[str | None, str]:
+    """What the run changed over the recipe: its image features where not featurize's defaults (else None), and its
+    train args."""
+    features, made = record.get("features") or {}, None
     if features and (features["cnn"], features["image_size"]) != (DEFAULT_CNN, DEFAULT_IMAGE_SIZE):
-        out = f"features `--cnn {features['cnn']} --image-size {features['image_size']}`, " + out
-    return out
+        made = f"--cnn {features['cnn']} --image-size {features['image_size']}"
+    return made, " ".join(record["train_args"]) or "(recipe)"
+
+
+def _options(record: dict) -> str:
+    features, train_args = _changes(record)
+    return (f"features `{features}`, " if features else "") + f"train args `{train_args}`"
 
 
 def format_summary(records: list[dict]) -> str:
@@ -151,7 +156,8 @@ def format_summary(records: list[dict]) -> str:
     for r in latest.values():
         fig = r["figures"]
         heads, gallery = ("score", "itc", "tia"), ("gallery_two_stage", "gallery_recall_only")
-        options = _options(r).replace("`", "").replace("train args ", "")
+        features, train_args = _changes(r)
+        options = f"features {features}, {train_args}" if features else train_args
         lines.append(f"| {r['label']} | {options} | {r['steps']} | "
                      f"{rank1(fig, heads, 't2i')} | {rank1(fig, heads, 'i2t')} | {rank1(fig, gallery, 't2i')} | "
                      f"{rank1(fig, gallery, 'i2t')} | {r['train_minutes']:.1f} |")
