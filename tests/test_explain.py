@@ -32,7 +32,8 @@ def _inputs(seed: int = 0):
     return ids, (ids != 0).long(), feats
 
 
-VARIANTS = {"single-stream": {}, "late-fusion": {"fusion_layer": 1}, "halves": {"itc_dim": 8, "tia_pooling": "halves"}}
+VARIANTS = {"single-stream": {}, "late-fusion": {"fusion_layer": 1}, "halves": {"itc_dim": 8, "tia_pooling": "halves"},
+            "tokens": {"tia_pooling": "tokens", "tia_token_dim": 8}}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -471,3 +471,51 @@ def test_halves_tia_head_needs_the_itc_head_and_round_trips(tiny_backbone, tmp_p
     with pytest.raises(Exception, match="tia_pooling 'halves'.*itc head"):
         FashionBertModel(FashionBertConfig(backbone=str(tiny_backbone), feature_dim=FEATURE_DIM, itc_dim=0,
                                            tia_pooling="halves", bert=model.config.bert))
+
+
+# ------------------------------------------------------------------------------------------ the "tokens" TIA head
+def test_tokens_tia_head_adds_the_scaled_token_wise_agreement(tiny_backbone):
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = FashionBertModel.from_pretrained_backbone(FashionBertConfig(
+        backbone=str(tiny_backbone), feature_dim=FEATURE_DIM, itc_dim=0, tia_pooling="tokens", tia_token_dim=6,
+        dropout=0.0)).eval()
+    ids, attn, feats = _inputs(batch=3, text_len=8)
+    attn[2, 5:] = 0
+    with torch.no_grad():
+        seq, pooled = model.encode(ids, attn, feats)
+        head = model.tia_head.token_agreement
+        expected = []
+        for b in range(3):
+            n = int(attn[b].sum())  # by hand, one pair at a time: the padding is simply not there
+            words = F.normalize(head.text_proj(seq[b, :n]), dim=-1)
+            patches = F.normalize(head.patch_proj(seq[b, 8:]), dim=-1)
+            sim = words @ patches.T
+            agreement = 0.5 * (sim.max(dim=1).values.mean() + sim.max(dim=0).values.mean())
+            cls = model.tia_head.classifier(pooled[b])
+            expected.append(cls[1] - cls[0] + agreement / 0.07)
+        assert torch.allclose(model.tia_margin(seq, attn, pooled), torch.stack(expected), atol=1e-4)
+        # padding is ignored: the padded row's margin does not change when its padding tokens change
+        ids2 = ids.clone()
+        ids2[2, 5:] = 1999
+        seq2, pooled2 = model.encode(ids2, attn, feats)
+        assert torch.allclose(model.tia_margin(seq2, attn, pooled2)[2], expected[2], atol=1e-4)
+    # TIA's gradient reaches the head's own projections and its scale; the model needs no itc head for it
+    model.train()
+    model(ids, attn, feats, tia_labels=torch.tensor([1, 0, 1]), itc=False).losses["tia"].backward()
+    assert head.text_proj.weight.grad.abs().sum() > 0 and head.patch_proj.weight.grad.abs().sum() > 0
+    assert model.tia_head.agreement_scale.grad is not None and getattr(model, "itc_head", None) is None
+
+
+def test_tokens_tia_head_round_trips_and_checks_its_size(tiny_backbone, tmp_path):
+    torch.manual_seed(0)
+    model = FashionBertModel.from_pretrained_backbone(FashionBertConfig(
+        backbone=str(tiny_backbone), feature_dim=FEATURE_DIM, itc_dim=8, tia_pooling="tokens", tia_token_dim=6))
+    model.save(tmp_path / "tokens")
+    again = FashionBertModel.from_checkpoint(tmp_path / "tokens")
+    assert again.config.tia_pooling == "tokens" and again.config.tia_token_dim == 6
+    assert torch.equal(again.tia_head.token_agreement.text_proj.weight, model.tia_head.token_agreement.text_proj.weight)
+    with pytest.raises(Exception, match="tia_token_dim 0"):
+        FashionBertModel(FashionBertConfig(backbone=str(tiny_backbone), feature_dim=FEATURE_DIM, tia_pooling="tokens",
+                                           tia_token_dim=0, bert=model.config.bert))

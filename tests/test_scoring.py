@@ -175,15 +175,17 @@ def test_late_fusion_scorer_runs_the_lower_layers_once_per_item_and_matches_the_
     assert np.abs(got - single).max() > 1e-4  # the fusion layer matters (5x the match tolerance above)
 
 
-def test_halves_tia_scorer_matches_the_model(backbone, catalog):
-    """A "halves" TIA head reads the joint pass's text and patch halves: the factored scorer (texts padded per batch,
-    images in blocks) gives the model's own margins, and those are not the [CLS] classifier's alone."""
+@pytest.mark.parametrize("pooling", ["halves", "tokens"])
+def test_agreement_tia_scorer_matches_the_model(backbone, catalog, pooling):
+    """The "halves" and "tokens" TIA heads read the joint pass's text and patch states: the factored scorer (texts
+    padded per batch, images in blocks) gives the model's own margins, and those are not the [CLS] classifier's
+    alone."""
     from fashionbert.model.config import FashionBertConfig
     from fashionbert.model.modeling import FashionBertModel
 
     torch.manual_seed(0)
     model = FashionBertModel.from_pretrained_backbone(FashionBertConfig(
-        backbone=str(backbone), feature_dim=FEATURE_DIM, itc_dim=8, tia_pooling="halves", dropout=0.0)).eval()
+        backbone=str(backbone), feature_dim=FEATURE_DIM, itc_dim=8, tia_pooling=pooling, dropout=0.0)).eval()
     feats = IndexedImages(catalog.index, catalog.reader).read(np.arange(len(catalog.index)))
     rng = np.random.default_rng(2)
     pairs = np.stack([rng.integers(0, len(catalog.text_ids), 40), rng.integers(0, len(feats), 40)], axis=1)

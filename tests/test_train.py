@@ -307,6 +307,25 @@ def test_group_negatives_trains_and_is_recorded(tmp_path, features, tiny_backbon
     assert options["group_negatives"] is True
 
 
+def test_tokens_tia_pooling_trains_and_is_recorded(tmp_path, features, tiny_backbone):
+    """--tia-pooling tokens trains with mined negatives and its head reaches the model folder; the option is
+    recorded for --resume to check."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    run(make_args(features, out, tiny_backbone, "--steps", 3, "--checkpoint-every", 0, "--val-every", 0,
+                  "--matching-only", "--tia-pooling", "tokens"))
+    recs = _train_records(out)
+    assert len(recs) == 3 and all(math.isfinite(r["loss_tia"]) for r in recs)
+    options = json.loads((ckpt.latest_checkpoint(out) / ckpt.STATE_JSON).read_text())["options"]
+    assert options["tia_pooling"] == "tokens"
+    assert json.loads((out / "model" / "config.json").read_text())["tia_pooling"] == "tokens"
+    trained = load_file(out / "model" / "model.safetensors")
+    assert {"tia_head.token_agreement.text_proj.weight", "tia_head.token_agreement.patch_proj.weight",
+            "tia_head.agreement_scale"} <= set(trained)
+    assert float(trained["tia_head.agreement_scale"]) != pytest.approx(math.log(1 / 0.07), abs=1e-7)  # it trained
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, features, tiny_backbone):
     out = tmp_path_factory.mktemp("run") / "out"

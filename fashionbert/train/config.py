@@ -165,8 +165,10 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="what the TIA classifier reads of the joint pass: cls = BERT's pooled [CLS] (the paper); "
                         "halves = that plus the agreement of the pass's text and patch halves (their mean states "
                         "through the itc projections, a scaled cosine), which gives the cross-encoder a start it "
-                        "learns from instead of a chance plateau. Needs the itc head (default halves; cls with "
-                        "--itc-dim 0)")
+                        "learns from instead of a chance plateau, but ranks as the itc cosine does; tokens = [CLS] "
+                        "plus the token-wise agreement of the pass's words and patches (each word's best patch, each "
+                        "patch's best word, through projections of the TIA head's own: FILIP's late interaction). "
+                        "halves needs the itc head (default halves; cls with --itc-dim 0)")
     g.add_argument("--no-whole-word-mask", dest="whole_word_mask", action="store_false",
                    help="mask WordPiece tokens independently instead of whole words")
 
