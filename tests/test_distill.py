@@ -238,3 +238,10 @@ def test_bad_options_are_refused_with_one_clear_message(tmp_path, teacher_dir):
     from fashionbert.commands.cli import main
 
     assert main(["distill", "--teacher", str(tmp_path / "missing"), "--layers", "1", "--out", str(tmp_path / "e")]) == 2
+
+
+def test_a_teacher_with_own_fusion_layers_is_refused_by_name(teacher_dir):
+    cfg = copy.deepcopy(FashionBertModel.from_checkpoint(teacher_dir).config)
+    cfg.own_fusion_layers = True
+    with pytest.raises(UserError, match="--own-fusion-layers.*distil a teacher trained without it"):
+        build_student(FashionBertModel(cfg), 2)

@@ -33,7 +33,8 @@ def _inputs(seed: int = 0):
 
 
 VARIANTS = {"single-stream": {}, "late-fusion": {"fusion_layer": 1}, "halves": {"itc_dim": 8, "tia_pooling": "halves"},
-            "tokens": {"tia_pooling": "tokens", "tia_token_dim": 8}}
+            "tokens": {"tia_pooling": "tokens", "tia_token_dim": 8},
+            "own-fusion-layers": {"fusion_layer": 1, "own_fusion_layers": True}}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

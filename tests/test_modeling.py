@@ -416,6 +416,37 @@ def test_late_fusion_keeps_text_and_patches_apart_below_the_fusion_layer(tiny_ba
                                            bert=late.config.bert))
 
 
+def test_own_fusion_layers_start_as_the_backbones_and_only_the_joint_pass_runs_them(tiny_backbone, tmp_path):
+    torch.manual_seed(0)
+    config = FashionBertConfig(backbone=str(tiny_backbone), feature_dim=FEATURE_DIM, fusion_layer=1, itc_dim=8,
+                               own_fusion_layers=True, dropout=0.0)
+    own = FashionBertModel.from_pretrained_backbone(config).eval()
+    assert len(own.fusion_layers) == 1  # the tiny backbone's 2 layers, fusing from layer 1
+    shared = own.bert.encoder.layer[1].state_dict()
+    assert all(torch.equal(v, shared[k]) for k, v in own.fusion_layers[0].state_dict().items())
+    ids, attn, feats = _inputs(batch=2)
+    with torch.no_grad():
+        joint, text_vec = own.encode(ids, attn, feats)[0], own.itc_head.embed_text(own, ids, attn)
+        image_vec = own.itc_head.embed_image(own, feats)
+        # the joint pass reads the own copy, the text-only and image-only passes the backbone's layer
+        for p in own.fusion_layers[0].parameters():
+            p.add_(0.05)
+        assert not torch.allclose(own.encode(ids, attn, feats)[0], joint, atol=1e-4)
+        assert torch.equal(own.itc_head.embed_text(own, ids, attn), text_vec)
+        assert torch.equal(own.itc_head.embed_image(own, feats), image_vec)
+        for p in own.bert.encoder.layer[1].parameters():
+            p.add_(0.05)
+        moved = own.encode(ids, attn, feats)[0]
+        assert not torch.allclose(own.itc_head.embed_text(own, ids, attn), text_vec, atol=1e-4)
+        assert torch.equal(own.encode(ids, attn, feats)[0], moved)
+    own.save(tmp_path / "own")
+    again = FashionBertModel.from_checkpoint(tmp_path / "own")
+    assert again.config.own_fusion_layers and torch.equal(again.encode(ids, attn, feats)[0], moved)
+    with pytest.raises(Exception, match="own_fusion_layers needs late fusion"):
+        FashionBertModel(FashionBertConfig(backbone=str(tiny_backbone), feature_dim=FEATURE_DIM, fusion_layer=0,
+                                           own_fusion_layers=True, bert=own.config.bert))
+
+
 # ------------------------------------------------------------------------------------------ the "halves" TIA head
 def _halves_model(tiny_backbone, **kw):
     torch.manual_seed(0)

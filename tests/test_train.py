@@ -326,6 +326,31 @@ def test_tokens_tia_pooling_trains_and_is_recorded(tmp_path, features, tiny_back
     assert float(trained["tia_head.agreement_scale"]) != pytest.approx(math.log(1 / 0.07), abs=1e-7)  # it trained
 
 
+def test_own_fusion_layers_train_are_recorded_and_resume_checks_them(tmp_path, features, tiny_backbone):
+    """--own-fusion-layers trains the joint pass's copy of the layers above --fusion-layer apart from the backbone's
+    (each moves under its own losses), records the option for --resume, and needs late fusion."""
+    from safetensors.torch import load_file
+
+    from fashionbert.train.adaptive_loss import shared_linear
+
+    out = tmp_path / "out"
+    run(make_args(features, out, tiny_backbone, "--steps", 3, "--checkpoint-every", 3, "--val-every", 0,
+                  "--matching-only", "--own-fusion-layers"))
+    assert all(math.isfinite(r["loss_tia"]) and math.isfinite(r["loss_itc"]) for r in _train_records(out))
+    trained = load_file(out / "model" / "model.safetensors")
+    own, shared = "fusion_layers.0.output.dense.weight", "bert.encoder.layer.1.output.dense.weight"
+    assert own in trained and not torch.equal(trained[own], trained[shared])  # equal at the start, apart after
+    options = json.loads((ckpt.latest_checkpoint(out) / ckpt.STATE_JSON).read_text())["options"]
+    assert options["own_fusion_layers"] is True
+    model = FashionBertModel.from_checkpoint(out / "model")
+    assert shared_linear(model) is model.bert.encoder.layer[0].output.dense  # the last layer every task reaches
+    with pytest.raises(UserError, match=r"--own-fusion-layers False \(checkpoint: True\)"):
+        run(make_args(features, out, tiny_backbone, "--steps", 4, "--resume", "--matching-only"))
+    with pytest.raises(UserError, match="--own-fusion-layers .*--fusion-layer 0"):
+        run(make_args(features, tmp_path / "single", tiny_backbone, "--steps", 1, "--fusion-layer", 0,
+                      "--own-fusion-layers"))
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, features, tiny_backbone):
     out = tmp_path_factory.mktemp("run") / "out"

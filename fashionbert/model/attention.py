@@ -70,7 +70,8 @@ class _AttentionRecorder:
 
     def __init__(self, model: FashionBertModel):
         self.calls: list[torch.Tensor] = []
-        self.handles = [layer.attention.self.register_forward_hook(self._hook) for layer in model.bert.encoder.layer]
+        layers = list(model.bert.encoder.layer) + list(getattr(model, "fusion_layers", None) or [])
+        self.handles = [layer.attention.self.register_forward_hook(self._hook) for layer in layers]
 
     def _hook(self, module, args, output) -> None:
         weights = output[1]

@@ -61,6 +61,12 @@ class FashionBertConfig(PreTrainedConfig):
     # apart, as the itc passes do, and only the layers above attend across them. 0 = the paper's single stream from
     # the first layer.
     fusion_layer: int = 0
+    # The joint pass's layers from `fusion_layer` up as weights of their own (`FashionBertModel.fusion_layers`, copies
+    # of the backbone's at the start), while the text-only and image-only passes keep the backbone's: ALBEF's
+    # layout, whose fusion encoder is not its unimodal encoders. Same compute; needs fusion_layer > 0 (the layers
+    # below it stay shared). Why: with one set of weights the TIA and itc losses pull the same upper layers, and
+    # every TIA head that did not read the itc projections cost the itc cosine ranking points on hm-dev.
+    own_fusion_layers: bool = False
     # The text-only and image-only passes (the itc / recall vectors) through an encoder of their own with this many
     # layers (`FashionBertModel.recall_encoder`), sharing the embeddings; 0 = through the joint encoder, as `train`
     # builds it. Why: a distilled student (`fashionbert distill`) keeps its teacher's layers here -- they run once
@@ -121,6 +127,9 @@ class FashionBertConfig(PreTrainedConfig):
         if self.fusion_layer < 0 or (layers is not None and self.fusion_layer >= layers):
             raise UserError(f"model config: fusion_layer {self.fusion_layer} must be in [0, {layers}) (the backbone's "
                             f"layers; at least one must fuse)")
+        if self.own_fusion_layers and self.fusion_layer < 1:
+            raise UserError("model config: own_fusion_layers needs late fusion (fusion_layer >= 1): the layers below "
+                            "the fusion layer are the ones the joint pass shares with the text-only and image-only passes")
         if self.recall_layers < 0:
             raise UserError(f"model config: recall_layers {self.recall_layers} must be >= 0 (0: the joint encoder's)")
         if not 0.0 <= self.mlm_probability < 1.0 or not 0.0 <= self.mpm_probability < 1.0:

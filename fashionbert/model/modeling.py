@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertModel, PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
-from transformers.models.bert.modeling_bert import BertEncoder, BertPredictionHeadTransform
+from transformers.models.bert.modeling_bert import BertEncoder, BertLayer, BertPredictionHeadTransform
 
 from fashionbert.errors import UserError
 from fashionbert.model.config import IGNORE_INDEX, FashionBertConfig
@@ -233,6 +233,13 @@ class FashionBertModel(PreTrainedModel):
             recall_config = copy.deepcopy(self.bert.config)
             recall_config.num_hidden_layers = int(config.recall_layers)
             self.recall_encoder = BertEncoder(recall_config)
+        if config.own_fusion_layers:
+            # Built on the backbone's own config object, so switching its attention implementation (eager for the
+            # attention maps) switches these layers too. Declared last: the modules above draw their initial weights
+            # as they always have.
+            self.fusion_layers = nn.ModuleList(
+                BertLayer(self.bert.config, layer_idx=i)
+                for i in range(int(config.fusion_layer), int(bert_config.num_hidden_layers)))
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -282,6 +289,9 @@ class FashionBertModel(PreTrainedModel):
         config.mask_token_id = int(tokenizer.mask_token_id)
         model = cls(config)
         model.bert.load_state_dict(bert.state_dict())
+        if config.own_fusion_layers:
+            for own, pretrained in zip(model.fusion_layers, model.bert.encoder.layer[int(config.fusion_layer):]):
+                own.load_state_dict(pretrained.state_dict())
         model._load_pretrained_mlm_head(path)
         return model
 
@@ -391,6 +401,12 @@ class FashionBertModel(PreTrainedModel):
         fusion = int(self.config.fusion_layer)
         return self.run_layers(patch_embeds, None, self.bert.encoder.layer[:fusion]) if fusion else patch_embeds
 
+    def joint_top_layers(self):
+        """The layers the joint pass runs from `config.fusion_layer` up: its own (`config.own_fusion_layers`) or the
+        backbone's, which the text-only and image-only passes also run."""
+        own = getattr(self, "fusion_layers", None)
+        return own if own is not None else self.bert.encoder.layer[int(self.config.fusion_layer):]
+
     def fuse(self, text_states: torch.Tensor, text_mask: torch.Tensor,
              patch_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layers from `config.fusion_layer` up on `[text | patches]` -> (sequence_output, pooled)."""
@@ -399,7 +415,7 @@ class FashionBertModel(PreTrainedModel):
                          dim=1)
         fusion = int(self.config.fusion_layer)
         if fusion:
-            sequence_output = self.run_layers(hidden, mask, self.bert.encoder.layer[fusion:])
+            sequence_output = self.run_layers(hidden, mask, self.joint_top_layers())
         else:
             sequence_output = self.encode_embeddings(hidden, mask)
         return sequence_output, self.bert.pooler(sequence_output)
@@ -428,7 +444,7 @@ class FashionBertModel(PreTrainedModel):
         hidden = torch.cat([text, patches], dim=1)
         mask = torch.cat([attention_mask.to(torch.long), attention_mask.new_ones(patches.shape[:2], dtype=torch.long)],
                          dim=1)
-        for layer in self.bert.encoder.layer[fusion:]:
+        for layer in self.joint_top_layers():
             hidden = self.run_layers(hidden, mask, [layer])
             states.append(hidden)
         return states, hidden, self.bert.pooler(hidden)

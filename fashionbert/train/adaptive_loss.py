@@ -102,8 +102,11 @@ class SharedLayerProbe:
 
 
 def shared_linear(model: torch.nn.Module) -> torch.nn.Linear:
-    """The parameter set adaptive-grad measures on: the last encoder layer's FFN output projection."""
+    """The parameter set adaptive-grad measures on: the last encoder layer's FFN output projection, or with the joint
+    pass's own fusion layers the last layer below them (the last one every task's gradient reaches)."""
     inner = getattr(model, "module", model)
+    if getattr(inner, "fusion_layers", None) is not None:
+        return inner.bert.encoder.layer[int(inner.config.fusion_layer) - 1].output.dense
     return inner.bert.encoder.layer[-1].output.dense
 
 

@@ -37,6 +37,7 @@ class TrainConfig:
     itc_pooling: str = "mean"
     itc_queue: int = 0
     fusion_layer: int | None = None  # None: half the backbone's layers
+    own_fusion_layers: bool = False
     tia_pooling: str | None = None  # None: "halves" with the itc head, "cls" without
     whole_word_mask: bool = True
     # optimisation
@@ -161,6 +162,12 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                         "layers (3 of MiniLM's 6), whose TIA head ranked ~4 points better on hm-dev (README, 'What was "
                         "tried') at no more compute per step: below the fusion layer attention spans one side, not "
                         "both")
+    g.add_argument("--own-fusion-layers", action=argparse.BooleanOptionalAction, default=D.own_fusion_layers,
+                   help="the joint pass's layers above --fusion-layer get weights of their own (copies of the "
+                        "backbone's at the start), as ALBEF's fusion encoder; the text-only and image-only passes keep "
+                        "the backbone's, so the TIA loss no longer pulls the layers the itc vectors come from. Same "
+                        "compute per step, ~1/4 more parameters (MiniLM: 3 layers, 5.3M); needs --fusion-layer >= 1 "
+                        "(default off)")
     g.add_argument("--tia-pooling", choices=TIA_POOLINGS, default=D.tia_pooling,
                    help="what the TIA classifier reads of the joint pass: cls = BERT's pooled [CLS] (the paper); "
                         "halves = that plus the agreement of the pass's text and patch halves (their mean states "

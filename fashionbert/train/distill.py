@@ -103,6 +103,9 @@ def build_student(teacher: FashionBertModel, layers: int, from_layers: list[int]
     """The teacher with `layers` encoder layers (copies of `chosen_layers`, or of `from_layers` to compare rules),
     every other weight copied; with `keep_recall`, a recall encoder that is a copy of the teacher's (its
     recall encoder where it has one, else all its encoder layers)."""
+    if getattr(teacher, "fusion_layers", None) is not None:
+        raise UserError("the teacher has fusion layers of its own (trained with --own-fusion-layers): distill picks a "
+                        "student's layers from one stack and cannot split two yet; distil a teacher trained without it")
     config = copy.deepcopy(teacher.config)
     teacher_layers = int(config.bert["num_hidden_layers"])
     chosen = from_layers or chosen_layers(teacher_layers, layers)
