@@ -32,6 +32,9 @@ setup(
     install_requires=INSTALL_REQUIRES,
     # The driver of a job with gs:// or s3:// paths needs Beam's filesystem for them (Beam's SDK worker images
     # already carry both): pip install '.[gcp]' or '.[aws]'.
-    extras_require={"test": ["pytest==9.2.0"], "gcp": ["apache-beam[gcp]==2.77.0"], "aws": ["apache-beam[aws]==2.77.0"]},
+    # The test extra's two plugins turn a hung test into a failure with every thread's stack, and one more try
+    # (pytest.ini says why).
+    extras_require={"test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "pytest-rerunfailures==16.7"],
+                    "gcp": ["apache-beam[gcp]==2.77.0"], "aws": ["apache-beam[aws]==2.77.0"]},
     entry_points={"console_scripts": ["fashionbert=fashionbert.commands.cli:main"]},
 )

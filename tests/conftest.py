@@ -1,4 +1,10 @@
-"""Fixtures shared by the model, training, scoring and portable-runner tests."""
+"""Fixtures shared by the model, training, scoring and portable-runner tests, and what the run does when a test
+hangs (pytest.ini's timeout)."""
+import faulthandler
+import os
+import sys
+import threading
+
 import pytest
 
 from tests.fake_features import make_tiny_backbone
@@ -26,3 +32,33 @@ def portable_pipeline_args(tmp_path_factory):
         yield list(pool.args)
     finally:
         pool.stop()
+
+
+_TIMED_OUT: list[str] = []
+_EXIT_STATUS: dict[str, int] = {}
+
+
+def pytest_runtest_logreport(report):
+    """A test that timed out (pytest-timeout fails it, pytest-rerunfailures tries it once more): every thread's
+    stack, written past pytest's capture, because the hung test's failure is not shown when its retry passes."""
+    if report.outcome in ("rerun", "failed") and "Timeout" in report.longreprtext:
+        _TIMED_OUT.append(report.nodeid)
+        sys.stderr.write(f"\n{report.nodeid} timed out; the stacks of every thread follow\n")
+        sys.stderr.flush()
+        faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _EXIT_STATUS["code"] = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+    """Threads a hung test left blocked would keep the interpreter from exiting (it joins every non-daemon thread),
+    so CI would wait out its limit after the summary: after a timeout, exit without joining them."""
+    stuck = [t.name for t in threading.enumerate()
+             if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if _TIMED_OUT and stuck:
+        sys.stderr.write(f"a test timed out ({', '.join(_TIMED_OUT)}); exiting past {len(stuck)} blocked threads\n")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS.get("code", 1))
