@@ -245,3 +245,12 @@ def test_a_teacher_with_own_fusion_layers_is_refused_by_name(teacher_dir):
     cfg.own_fusion_layers = True
     with pytest.raises(UserError, match="--own-fusion-layers.*distil a teacher trained without it"):
         build_student(FashionBertModel(cfg), 2)
+
+
+def test_a_student_learns_below_its_fusion_layer_whatever_its_teacher_did(teacher_dir):
+    """A teacher trained with --detach-fusion-input: the student's joint pass trains every layer it keeps."""
+    cfg = copy.deepcopy(FashionBertModel.from_checkpoint(teacher_dir).config)
+    if cfg.fusion_layer < 1:
+        cfg.fusion_layer = 1
+    cfg.detach_fusion_input = True
+    assert not build_student(FashionBertModel(cfg), 2).config.detach_fusion_input

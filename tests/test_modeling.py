@@ -447,6 +447,44 @@ def test_own_fusion_layers_start_as_the_backbones_and_only_the_joint_pass_runs_t
                                            own_fusion_layers=True, bert=own.config.bert))
 
 
+def test_detach_fusion_input_keeps_the_tia_gradient_above_the_fusion_layer(tiny_backbone, tmp_path):
+    """With detach_fusion_input the TIA loss trains the layers from the fusion layer up and its head only; below
+    (and the embeddings) only the itc loss reaches, on the path that reuses the itc passes' states and on the one
+    that computes them again (masked rows). The values do not change."""
+    ids, attn, feats = _inputs(batch=3)
+    models = {}
+    for detach in (False, True):
+        torch.manual_seed(0)
+        models[detach] = FashionBertModel.from_pretrained_backbone(FashionBertConfig(
+            backbone=str(tiny_backbone), feature_dim=FEATURE_DIM, fusion_layer=1, itc_dim=8, own_fusion_layers=True,
+            detach_fusion_input=detach, tia_pooling="cls", dropout=0.0))
+    below = lambda m: [*m.bert.encoder.layer[0].parameters(), *m.patch_embeddings.parameters(),  # noqa: E731
+                       m.bert.embeddings.word_embeddings.weight]
+    aligned = torch.ones(3, dtype=torch.long)
+    runs = {"shared": {"tia_labels": aligned},
+            "masked": {"tia_labels": aligned, "patch_mask": torch.rand(3, 64) < 0.2}}
+    for name, kwargs in runs.items():
+        out = {}
+        for detach, model in models.items():
+            model.zero_grad()
+            out[detach] = model(ids, attn, feats, **kwargs).losses
+            out[detach]["tia"].backward(retain_graph=True)
+            reached = [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in below(model)]
+            assert (not any(reached)) if detach else all(reached), (name, detach)
+            assert all(p.grad is not None for p in model.fusion_layers.parameters()), name
+            assert model.tia_head.classifier.weight.grad is not None, name
+            model.zero_grad()
+            out[detach]["itc"].backward()  # the itc loss still trains the layers below
+            assert all(p.grad is not None for p in model.bert.encoder.layer[0].parameters()), name
+        for task in out[False]:
+            torch.testing.assert_close(out[True][task], out[False][task])
+    models[True].save(tmp_path / "detached")
+    assert FashionBertModel.from_checkpoint(tmp_path / "detached").config.detach_fusion_input
+    with pytest.raises(Exception, match="detach_fusion_input needs late fusion"):
+        FashionBertModel(FashionBertConfig(backbone=str(tiny_backbone), feature_dim=FEATURE_DIM, fusion_layer=0,
+                                           detach_fusion_input=True, bert=models[True].config.bert))
+
+
 # ------------------------------------------------------------------------------------------ the "halves" TIA head
 def _halves_model(tiny_backbone, **kw):
     torch.manual_seed(0)

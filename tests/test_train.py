@@ -351,6 +351,28 @@ def test_own_fusion_layers_train_are_recorded_and_resume_checks_them(tmp_path, f
                       "--own-fusion-layers"))
 
 
+def test_detach_fusion_input_trains_is_recorded_and_needs_late_fusion(tmp_path, features, tiny_backbone):
+    """--detach-fusion-input: the model folder and the checkpoint record it (a resumed run must match), and the
+    layers below the fusion layer still train (from the itc loss)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    run(make_args(features, out, tiny_backbone, "--steps", 2, "--checkpoint-every", 2, "--val-every", 0,
+                  "--matching-only", "--own-fusion-layers", "--detach-fusion-input", "--tia-pooling", "cls"))
+    assert all(math.isfinite(r["loss_tia"]) and math.isfinite(r["loss_itc"]) for r in _train_records(out))
+    assert json.loads((out / "model" / "config.json").read_text())["detach_fusion_input"] is True
+    assert json.loads((ckpt.latest_checkpoint(out) / ckpt.STATE_JSON).read_text())["options"]["detach_fusion_input"]
+    start = FashionBertModel.from_pretrained_backbone(FashionBertModel.from_checkpoint(out / "model").config)
+    below = "bert.encoder.layer.0.output.dense.weight"
+    assert not torch.equal(load_file(out / "model" / "model.safetensors")[below], start.state_dict()[below])
+    with pytest.raises(UserError, match=r"--detach-fusion-input False \(checkpoint: True\)"):
+        run(make_args(features, out, tiny_backbone, "--steps", 3, "--resume", "--matching-only",
+                      "--own-fusion-layers", "--tia-pooling", "cls"))
+    with pytest.raises(UserError, match="--detach-fusion-input .*--fusion-layer 0"):
+        run(make_args(features, tmp_path / "single", tiny_backbone, "--steps", 1, "--fusion-layer", 0,
+                      "--detach-fusion-input"))
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, features, tiny_backbone):
     out = tmp_path_factory.mktemp("run") / "out"

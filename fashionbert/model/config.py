@@ -67,6 +67,14 @@ class FashionBertConfig(PreTrainedConfig):
     # below it stay shared). Why: with one set of weights the TIA and itc losses pull the same upper layers, and
     # every TIA head that did not read the itc projections cost the itc cosine ranking points on hm-dev.
     own_fusion_layers: bool = False
+    # The joint pass takes the states entering `fusion_layer` without their gradient: the losses computed on it (TIA,
+    # and MLM/MPM where trained) train only the layers from the fusion layer up and the heads, and the layers below
+    # it (and the embeddings) learn from the itc loss alone. With `own_fusion_layers` and a TIA head that does not
+    # read the itc projections (`tia_pooling` "cls" or "tokens") the text-only and image-only passes get no gradient
+    # from the TIA loss at all: the recall cosine trains as if alone. Needs fusion_layer >= 1. Why: every TIA head
+    # unlike the cosine cost the cosine ranking points through the weights the two passes share (README, "Why the
+    # re-rank adds nothing yet"); the re-rank only pays when it adds to an intact cosine.
+    detach_fusion_input: bool = False
     # The text-only and image-only passes (the itc / recall vectors) through an encoder of their own with this many
     # layers (`FashionBertModel.recall_encoder`), sharing the embeddings; 0 = through the joint encoder, as `train`
     # builds it. Why: a distilled student (`fashionbert distill`) keeps its teacher's layers here -- they run once
@@ -131,6 +139,9 @@ class FashionBertConfig(PreTrainedConfig):
         if self.own_fusion_layers and self.fusion_layer < 1:
             raise UserError("model config: own_fusion_layers needs late fusion (fusion_layer >= 1): the layers below "
                             "the fusion layer are the ones the joint pass shares with the text-only and image-only passes")
+        if self.detach_fusion_input and self.fusion_layer < 1:
+            raise UserError("model config: detach_fusion_input needs late fusion (fusion_layer >= 1): with 0 the "
+                            "joint pass's input is the embeddings and every layer above is the itc passes' too")
         if self.recall_layers < 0:
             raise UserError(f"model config: recall_layers {self.recall_layers} must be >= 0 (0: the joint encoder's)")
         if not 0.0 <= self.mlm_probability < 1.0 or not 0.0 <= self.mpm_probability < 1.0:

@@ -410,6 +410,8 @@ class FashionBertModel(PreTrainedModel):
     def fuse(self, text_states: torch.Tensor, text_mask: torch.Tensor,
              patch_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layers from `config.fusion_layer` up on `[text | patches]` -> (sequence_output, pooled)."""
+        if self.config.detach_fusion_input:
+            text_states, patch_states = text_states.detach(), patch_states.detach()
         hidden = torch.cat([text_states, patch_states.to(text_states.dtype)], dim=1)
         mask = torch.cat([text_mask.to(torch.long), text_mask.new_ones(patch_states.shape[:2], dtype=torch.long)],
                          dim=1)

@@ -38,6 +38,7 @@ class TrainConfig:
     itc_queue: int = 0
     fusion_layer: int | None = None  # None: half the backbone's layers
     own_fusion_layers: bool = False
+    detach_fusion_input: bool = False
     tia_pooling: str | None = None  # None: "halves" with the itc head, "cls" without
     whole_word_mask: bool = True
     # optimisation
@@ -168,6 +169,12 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                         "the backbone's, so the TIA loss no longer pulls the layers the itc vectors come from. Same "
                         "compute per step, ~1/4 more parameters (MiniLM: 3 layers, 5.3M); needs --fusion-layer >= 1 "
                         "(default off)")
+    g.add_argument("--detach-fusion-input", action=argparse.BooleanOptionalAction, default=D.detach_fusion_input,
+                   help="the joint pass reads the states entering --fusion-layer without their gradient, so the TIA "
+                        "(and MLM/MPM) losses train only the layers above it and the heads, and the layers below learn "
+                        "from the itc loss alone; with --own-fusion-layers and --tia-pooling cls or tokens the itc "
+                        "vectors get no gradient from the TIA loss. Same compute; needs --fusion-layer >= 1 (default "
+                        "off)")
     g.add_argument("--tia-pooling", choices=TIA_POOLINGS, default=D.tia_pooling,
                    help="what the TIA classifier reads of the joint pass: cls = BERT's pooled [CLS] (the paper); "
                         "halves = that plus the agreement of the pass's text and patch halves (their mean states "

@@ -113,6 +113,8 @@ def build_student(teacher: FashionBertModel, layers: int, from_layers: list[int]
     teacher_recall = getattr(teacher, "recall_encoder", None)
     config.recall_layers = (len(teacher_recall.layer) if teacher_recall is not None else teacher_layers) if keep_recall else 0
     config.fusion_layer = sum(1 for i in chosen if i < int(teacher.config.fusion_layer))
+    # The student's layers below its fusion layer learn from the teacher through the joint pass (and may be none).
+    config.detach_fusion_input = False
     head = getattr(teacher, "itc_head", None)
     if head is not None:  # a head attached to a config that predates itc_dim: the student's config names it
         config.itc_dim, config.itc_pooling = head.dim, head.pooling

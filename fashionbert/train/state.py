@@ -30,13 +30,14 @@ from fashionbert.train.optim import build_optimizer, restore_optimizer
 # Options that fix the data order or the optimisation: a resumed run must use the checkpoint's values,
 # or it would not continue the same run.
 RESUME_MUST_MATCH = ("batch_size", "itc_dim", "itc_pooling", "dropout", "tia_warmup", "matching_only", "grad_accum", "neg_ratio",
-                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "group_negatives", "itc_queue", "fusion_layer", "own_fusion_layers", "tia_pooling", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
+                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "group_negatives", "itc_queue", "fusion_layer", "own_fusion_layers", "detach_fusion_input", "tia_pooling", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
                      "weight_decay", "shuffle_window", "world_size")
 
 # What a checkpoint written before an option existed ran with.
 BEFORE_OPTION = {"hard_neg_fraction": 0.0, "hard_neg_temperature": 0.0, "itc_queue": 0, "fusion_layer": 0,
                  "tia_pooling": "cls", "keep_recall": False, "hidden_weight": 0.0,
-                 "matching_only": False, "group_negatives": False, "own_fusion_layers": False}
+                 "matching_only": False, "group_negatives": False, "own_fusion_layers": False,
+                 "detach_fusion_input": False}
 
 
 @dataclasses.dataclass
@@ -177,6 +178,10 @@ def _prepare_out(config: TrainConfig, rt: Runtime) -> Path:
         raise UserError(f"--own-fusion-layers gives the layers above --fusion-layer weights of their own; with "
                         f"--fusion-layer {fusion_layer(config)} there are none below it to share: pass --fusion-layer "
                         f">= 1 (the default is half the backbone's layers)")
+    if config.detach_fusion_input and fusion_layer(config) < 1:
+        raise UserError(f"--detach-fusion-input stops the joint pass's gradient at the --fusion-layer's input; with "
+                        f"--fusion-layer {fusion_layer(config)} that input is the embeddings: pass --fusion-layer >= 1 "
+                        f"(the default is half the backbone's layers)")
     if config.itc_queue < 0 or (config.itc_queue > 0 and config.itc_dim <= 0):
         raise UserError(f"--itc-queue {config.itc_queue}: must be >= 0, and needs the itc head (--itc-dim > 0)")
     if hard_neg_fraction(config) > 0 and config.neg_ratio > 0 and config.itc_dim <= 0:
@@ -283,7 +288,8 @@ def _new_model(config: TrainConfig, data: TrainingData) -> tuple[FashionBertMode
         mpm_probability=config.mpm_probability, whole_word_mask=config.whole_word_mask,
         dropout=None if config.dropout < 0 else config.dropout, itc_dim=config.itc_dim,
         itc_pooling=config.itc_pooling, fusion_layer=fusion_layer(config),
-        own_fusion_layers=bool(config.own_fusion_layers), tia_pooling=tia_pooling(config),
+        own_fusion_layers=bool(config.own_fusion_layers), detach_fusion_input=bool(config.detach_fusion_input),
+        tia_pooling=tia_pooling(config),
     )
     torch.manual_seed(config.seed)
     model = FashionBertModel.from_pretrained_backbone(model_config)
