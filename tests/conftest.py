@@ -41,7 +41,7 @@ _EXIT_STATUS: dict[str, int] = {}
 def pytest_runtest_logreport(report):
     """A test that timed out (pytest-timeout fails it, pytest-rerunfailures tries it once more): every thread's
     stack, written past pytest's capture, because the hung test's failure is not shown when its retry passes."""
-    if report.outcome in ("rerun", "failed") and "Timeout" in report.longreprtext:
+    if report.outcome in ("rerun", "failed") and "from pytest-timeout" in report.longreprtext:
         _TIMED_OUT.append(report.nodeid)
         sys.stderr.write(f"\n{report.nodeid} timed out; the stacks of every thread follow\n")
         sys.stderr.flush()
