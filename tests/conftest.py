@@ -34,6 +34,40 @@ def portable_pipeline_args(tmp_path_factory):
         pool.stop()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """The run's last guard: a test (setup, body, its retry, teardown) that outlasts twice pytest.ini's timeout
+    plus five minutes ends the run with every thread's stack, where a hung fixture would wait out CI's limit.
+    Off with the timeout (-o timeout=0)."""
+    timeout = float(item.config.getini("timeout") or 0)
+    if timeout <= 0:
+        return (yield)
+    limit = 2 * timeout + 300
+    timer = threading.Timer(limit, _end_the_run, (item.config, item.nodeid, limit))
+    timer.daemon = True
+    timer.start()
+    # A hung thread that holds the GIL keeps the timer from running: faulthandler's own thread ends the run a
+    # minute later (its stacks then go where pytest captured stderr).
+    faulthandler.dump_traceback_later(limit + 60, exit=True)
+    try:
+        return (yield)
+    finally:
+        timer.cancel()
+        faulthandler.cancel_dump_traceback_later()
+
+
+def _end_the_run(config, nodeid: str, limit: float) -> None:
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:  # pytest holds stderr while a test runs: give it back to the terminal
+        capture.suspend_global_capture(in_=True)
+    sys.stderr.write(f"\n{nodeid} has run {limit:.0f} s (setup, body, retry, teardown): ending the run; the stacks of "
+                     f"every thread follow\n")
+    sys.stderr.flush()
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    sys.stderr.flush()
+    os._exit(1)
+
+
 _TIMED_OUT: list[str] = []
 _EXIT_STATUS: dict[str, int] = {}
 
