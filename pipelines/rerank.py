@@ -255,9 +255,10 @@ class CrossEncoderHandler(CatalogModelHandler):
         fusion = model.loaded.fusion
         if batch[0].cosines is None:
             logits = PairScorer(model.scorer, fusion).score(model.text_ids, model.images, pairs).logit
-        else:
-            margins = model.scorer.score(model.text_ids, model.images, pairs)
-            logits = fusion.logit(np.repeat(margins[:, None], 2, axis=1), np.concatenate([b.cosines for b in batch]))
+        else:  # a fusion without TIA weight ranks by the recall cosine: no cross-encoder pass
+            margins = model.scorer.score(model.text_ids, model.images, pairs) if fusion.uses_tia else None
+            logits = fusion.logit(None if margins is None else np.repeat(margins[:, None], 2, axis=1),
+                                  np.concatenate([b.cosines for b in batch]))
         start = 0
         for b in batch:
             yield PredictionResult(b, logits[start:start + len(b.texts)], model.version)

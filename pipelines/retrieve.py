@@ -132,10 +132,12 @@ class WriteTables(ContextDoFn):
         ctx, cfg = self.ctx, self.config
         product_ids, image_ids = ctx.catalog.texts.product_ids, ctx.catalog.index.image_ids
         run_id = self.spec.run_id
+        stage = single.rows_stage(ctx.loaded.fusion)
         t2i = single.retrieval_table(rank_all(t2i_parts), product_ids, image_ids, "text", cfg.top_k, ctx.version,
-                                     run_id)
+                                     run_id, stage)
         i2t = single.retrieval_table(rank_all(i2t_parts), image_ids, product_ids, "image", cfg.top_k, ctx.version,
-                                     run_id)
+                                     run_id, stage)
+        pairs = pairs if ctx.loaded.fusion.uses_tia else 0  # candidate pairs; none went through the cross-encoder
         for table, name in ((t2i, single.TEXT_TO_IMAGE), (i2t, single.IMAGE_TO_TEXT)):
             single.write_table(table, storage.join(self.staging, name))
         index_used = choose_kind(len(image_ids), cfg.index, cfg.exact_max)

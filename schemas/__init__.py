@@ -100,7 +100,7 @@ RETRIEVAL = _with_meta(
         pa.field("candidate_id", pa.string(), nullable=False),  # image_id for text queries, product_id for image ones
         pa.field("score", pa.float32(), nullable=False),  # P(aligned): the model's ranking score (fashionbert/model/score_fusion.py)
         pa.field("recall_score", pa.float32(), nullable=False),  # dual-encoder cosine from the recall stage
-        pa.field("stage", pa.string(), nullable=False),  # "rerank" (scored by the cross-encoder) or "recall"
+        pa.field("stage", pa.string(), nullable=False),  # "rerank" (scored by the cross-encoder) or "recall" (the model's fusion gives TIA no weight: ranked by the calibrated recall cosine alone)
         pa.field("model_version", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
     ],

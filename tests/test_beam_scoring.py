@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +19,7 @@ from fashionbert.commands import cli
 from fashionbert.errors import UserError
 from fashionbert.model.score_fusion import ScoreFusion
 from fashionbert.rank import retrieve, score_pairs
+from fashionbert.rank.cross_encoder import CrossEncoderScorer
 from pipelines import rerank
 from pipelines import retrieve as beam_retrieve
 from pipelines import score_pairs as beam_score_pairs
@@ -200,3 +202,23 @@ def test_local_paths_are_refused_where_workers_run_on_other_machines(tmp_path, f
     with pytest.raises(UserError, match=f"--pairs {tmp_path / 'p.csv'}"):
         beam_score_pairs.run(pairs_config, dataflow)
     assert rerank.unknown_beam_args(["--shared-filesystem", *dataflow]) is None  # the CLI lets it through
+
+
+def test_beam_retrieve_without_tia_weight_runs_no_cross_encoder_pass(tmp_path, features, model_dir, monkeypatch):
+    """A fusion the fit left without TIA weight: the Beam tables equal the single-process ones (ranked by the
+    calibrated recall cosine, stage "recall", no cross-encoder pair counted) and no worker runs the cross-encoder."""
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    ScoreFusion(0.0, 3.0, -0.5, {"source": "test", "dropped": ["tia"]}).save(model)
+
+    def no_cross_encoder(*args, **kwargs):
+        raise AssertionError("the cross-encoder ran for a fusion without TIA weight")
+
+    monkeypatch.setattr(CrossEncoderScorer, "score", no_cross_encoder)  # the in-process runner shares this module
+    want = retrieve.run(_retrieve_config(features, model, tmp_path / "single", "--top-k", 4, "--recall-k", 6))
+    got = beam_retrieve.run(_retrieve_config(features, model, tmp_path / "beam", "--top-k", 4, "--recall-k", 6),
+                            [FN_API], chunk=5)
+    tables = _tables(tmp_path / "beam")
+    _assert_same_tables(tables, _tables(tmp_path / "single"))
+    assert all(set(t["stage"]) == {"recall"} for t in tables.values())
+    assert got["counts"] == want["counts"] and got["counts"]["cross_encoder_pairs"] == 0

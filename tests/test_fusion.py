@@ -1,5 +1,6 @@
 """The ranking score: the fusion of the TIA margin and itc cosine (the ranking direction recovered and calibrated,
-a head that ranks backwards dropped, too little data falls back to TIA), its file (round trip, damaged or negative weights refused), the
+a head that ranks backwards dropped, TIA dropped when it does not raise the cross-fitted Rank@1, too little data
+falls back to TIA), its file (round trip, damaged or negative weights refused), the
 cross-fitted validation Rank@1, and the model version that changes with the fusion."""
 from __future__ import annotations
 
@@ -33,6 +34,21 @@ def _ranking_data(queries: int, tia: float, itc: float, seed: int = 0, candidate
     return margin.ravel(), cosine.ravel(), label.ravel(), group
 
 
+def misleading_tia(queries: int, seed: int, candidates: int = 20):
+    """What hm-dev showed: a TIA head that tells each query's true candidate (the first) from the easy negatives, so
+    the listwise fit gives it weight, but puts the cosine's two hardest negatives above it, so it costs Rank@1."""
+    rng = np.random.default_rng(seed)
+    cosine = rng.normal(0, 1, (queries, candidates))
+    cosine[:, 0] += 1.5
+    label = np.zeros((queries, candidates), dtype=bool)
+    label[:, 0] = True
+    hardest = np.argsort(-np.where(label, -np.inf, cosine), axis=1)[:, :2]
+    hard = np.zeros_like(label)
+    hard[np.arange(queries)[:, None], hardest] = True
+    margin = 2.0 * label + 2.5 * hard + rng.normal(0, 0.5, label.shape)
+    return margin.ravel(), cosine.ravel(), label.ravel(), np.repeat(np.arange(queries), candidates)
+
+
 def test_fit_recovers_the_ranking_direction_and_calibrates_on_a_balanced_prior():
     margin, cosine, label, group = _ranking_data(20_000, tia=1.5, itc=6.0)
     f = fusion.fit(margin, cosine, label, group, {"source": "test"})
@@ -41,7 +57,9 @@ def test_fit_recovers_the_ranking_direction_and_calibrates_on_a_balanced_prior()
     z = margin + (f.itc / f.tia) * cosine
     (scale,), bias = fusion._logistic(z[:, None], label)
     assert f.tia == pytest.approx(scale, rel=1e-6) and f.bias == pytest.approx(bias, rel=1e-6)
+    check = f.fitted.pop("tia_check")
     assert f.fitted == {"source": "test", "positives": 20_000, "negatives": 380_000}
+    assert check["folds"] == 2 and check["rank1_fused"] > check["rank1_itc"]  # TIA earns its weight here
     assert f.uses_itc and "itc cosine" in f.describe()
     np.testing.assert_allclose(f.logit(margin[:3], cosine[:3]), f.tia * margin[:3] + f.itc * cosine[:3] + f.bias)
     # balanced prior: the mean P(aligned) over positives and over negatives straddle 0.5
@@ -57,6 +75,31 @@ def test_a_head_that_ranks_backwards_is_dropped_and_too_few_pairs_keep_tia():
     assert (few.tia, few.itc, few.bias) == (1.0, 0.0, 0.0) and "too few" in few.fitted["note"]
     # No cosine at all (a model without an itc head): a TIA-only fit.
     assert fusion.fit(margin, None, label, group).itc == 0.0
+
+
+def test_tia_keeps_a_weight_only_if_it_raises_the_cross_fitted_rank1_over_the_cosine():
+    margin, cosine, label, group = misleading_tia(400, seed=3)
+    both = fusion.fit(margin, cosine, label, group, tia_check=False)
+    assert both.tia > 0 and both.itc > 0
+    assert fusion.group_rank1(both.logit(margin, cosine), label, group) < fusion.group_rank1(cosine, label, group)
+    f = fusion.fit(margin, cosine, label, group, {"source": "test"})
+    assert f.tia == 0.0 and f.itc > 0 and f.fitted["dropped"] == ["tia"] and "itc alone" in f.fitted["note"]
+    check = f.fitted["tia_check"]
+    assert check["rank1_fused"] <= check["rank1_itc"]
+    assert check["rank1_itc"] == fusion.group_rank1(cosine, label, group)
+    # The cosine alone, calibrated: it ranks exactly as the cosine does, P(aligned) on a balanced prior.
+    np.testing.assert_allclose(f.logit(margin, cosine), f.itc * cosine + f.bias)
+    p = 1 / (1 + np.exp(-f.logit(margin, cosine)))
+    assert p[label].mean() > 0.5 > p[~label].mean()
+
+
+def test_group_rank1_counts_ties_as_misses_and_skips_groups_without_one_true_pair():
+    score = np.array([3.0, 1.0, 2.0, 5.0, 5.0, 1.0, 0.0, 9.0, 1.0, 2.0])
+    label = np.array([1, 0, 0, 1, 0, 0, 0, 0, 0, 1], dtype=bool)
+    group = np.array([0, 0, 0, 1, 1, 1, 2, 2, 3, 4])  # group 2: no true pair; group 4: nothing to rank against
+    assert fusion.group_rank1(score, label, group) == pytest.approx(0.5)  # group 0 wins, group 1 ties
+    perm = np.random.default_rng(0).permutation(len(score))  # order does not matter
+    assert fusion.group_rank1(score[perm], label[perm], group[perm]) == pytest.approx(0.5)
 
 
 def test_fusion_file_round_trip_and_refusals(tmp_path):
@@ -98,3 +141,15 @@ def test_model_version_changes_with_the_fusion_and_a_fusion_needs_an_itc_head(tm
     fusion.ScoreFusion(1.0, 3.0, 0.0).save(model)
     with pytest.raises(UserError, match=r"itc cosine, but the model has no itc head"):
         load_model(model, rt)
+
+
+def test_a_fusion_without_tia_weight_needs_no_margin():
+    cosine = np.array([[0.1, 0.3], [0.5, -0.2]])
+    alone = fusion.ScoreFusion(0.0, 4.0, -1.0)
+    assert not alone.uses_tia and alone.uses_itc
+    np.testing.assert_allclose(alone.logit(None, cosine), 4.0 * cosine - 1.0)  # any shape, as the Beam blocks pass
+    np.testing.assert_allclose(alone.logit(np.ones(2), cosine[0]), 4.0 * cosine[0] - 1.0)  # a margin is ignored
+    with pytest.raises(ValueError, match="TIA margin"):
+        fusion.ScoreFusion(0.5, 4.0, -1.0).logit(None, cosine)
+    with pytest.raises(ValueError, match="itc cosine"):
+        alone.logit(None, None)

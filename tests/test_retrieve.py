@@ -8,6 +8,7 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow.csv as pcsv
 import pyarrow.dataset as ds
 import pytest
 import torch
@@ -17,7 +18,7 @@ from fashionbert.errors import UserError
 from fashionbert.model.loading import load_model
 from fashionbert.model.score_fusion import ScoreFusion
 from fashionbert.rank import neighbours as recall
-from fashionbert.rank import retrieve
+from fashionbert.rank import retrieve, score_pairs
 from fashionbert.rank.cross_encoder import CrossEncoderScorer
 from fashionbert.runtime import resolve_runtime
 from schemas import RETRIEVAL, read_table
@@ -236,3 +237,40 @@ def test_help_explains_the_options():
     text = parser.format_help()
     for opt in ("--features", "--model", "--out", "--overwrite", "--top-k", "--recall-k", "--index", "--exact-max", "--device", "--precision"):
         assert opt in text
+
+
+def test_a_fusion_without_tia_weight_ranks_by_the_cosine_with_no_cross_encoder_pass(tmp_path, features,
+                                                                                     itc_model_dir, monkeypatch):
+    """The fit gave TIA no weight (fashionbert/model/score_fusion.py's check): the score is the calibrated cosine,
+    retrieve and score-pairs never run the cross-encoder, and the rows say they were ranked by recall."""
+    model = tmp_path / "model"
+    shutil.copytree(itc_model_dir, model)
+    ScoreFusion(0.0, 5.0, -1.0, {"source": "test", "dropped": ["tia"]}).save(model)
+
+    def no_cross_encoder(*args, **kwargs):
+        raise AssertionError("the cross-encoder ran for a fusion without TIA weight")
+
+    monkeypatch.setattr(CrossEncoderScorer, "score", no_cross_encoder)
+    summary = retrieve.run(_args(features, model, tmp_path / "out", "--top-k", 6, "--recall-k", 8, "--index", "flat"))
+    assert summary["counts"]["cross_encoder_pairs"] == 0 and "0 x TIA margin" in summary["ranking_score"]
+    for name in (retrieve.TEXT_TO_IMAGE, retrieve.IMAGE_TO_TEXT):
+        table = read_table(str(tmp_path / "out" / name), "retrieval").to_pydict()
+        assert set(table["stage"]) == {"recall"}
+        cos = np.asarray(table["recall_score"], dtype=np.float64)
+        np.testing.assert_allclose(table["score"], 1 / (1 + np.exp(-(5.0 * cos - 1.0))), atol=2e-6)
+        for q in set(table["query_id"]):  # each query's rows in recall order
+            mine = [i for i, x in enumerate(table["query_id"]) if x == q]
+            assert [table["rank"][i] for i in mine] == list(range(1, len(mine) + 1))
+            assert np.all(np.diff(cos[mine]) <= 0)
+
+    t2i = read_table(str(tmp_path / "out" / retrieve.TEXT_TO_IMAGE), "retrieval").to_pydict()
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("product_id,image_id\n" + "".join(f"{p},{i}\n" for p, i in zip(t2i["query_id"][:10],
+                                                                                   t2i["candidate_id"][:10])))
+    parser = argparse.ArgumentParser()
+    score_pairs.add_arguments(parser)
+    score_pairs.run(score_pairs.config_from_args(parser.parse_args([
+        "--features", str(features), "--model", str(model), "--pairs", str(pairs), "--out", str(tmp_path / "s.csv"),
+        "--device", "cpu", "--precision", "fp32", "--no-progress"])))
+    scored = pcsv.read_csv(tmp_path / "s.csv").column("score").to_numpy()
+    np.testing.assert_allclose(scored, t2i["score"][:10], atol=2e-5)

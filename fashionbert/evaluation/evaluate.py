@@ -339,7 +339,7 @@ def run(args: EvaluateConfig) -> dict:
     cache = open_cache(args, loaded.version, rt.precision)
     scorer = CrossEncoderScorer(loaded.model, rt, args.batch_tokens, args.block_images, cache=cache,
                                 progress=args.progress)
-    pair_scorer = PairScorer(scorer, loaded.fusion, cosines=loaded.has_itc_head)
+    pair_scorer = PairScorer(scorer, loaded.fusion, cosines=loaded.has_itc_head, margins=True)
     text_ids = catalog.text_ids
     metrics: dict = {
         "model": {"path": loaded.location, "version": loaded.version, "step": loaded.step},

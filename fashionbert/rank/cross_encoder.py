@@ -175,7 +175,7 @@ class CrossEncoderScorer:
 # ============================================================================================ ranking score
 @dataclasses.dataclass
 class PairScores:
-    margin: np.ndarray  # float32 TIA logit margins
+    margin: np.ndarray | None  # float32 TIA logit margins (None when not asked for and the fusion does not use them)
     cosine: np.ndarray | None  # float32 itc cosines (None when not asked for and the fusion does not use them)
     logit: np.ndarray  # float64 logit of the ranking score: P(aligned) = sigmoid(logit)
 
@@ -184,18 +184,21 @@ class PairScorer:
     """The model's ranking score for arbitrary (text, image) pairs: the cross-encoder's TIA margin fused with the
     cosine of the itc embeddings, per `fusion`. Each distinct text and image of a call is embedded once.
 
-    `cosines=True` computes the cosine even when the fusion does not use it (evaluate's per-head figures)."""
+    `cosines=True` computes the cosine even when the fusion does not use it, `margins=True` the TIA margin
+    (evaluate's per-head figures); otherwise a fusion without TIA weight runs no cross-encoder pass at all."""
 
-    def __init__(self, cross: CrossEncoderScorer, fusion: score_fusion.ScoreFusion, cosines: bool = False):
+    def __init__(self, cross: CrossEncoderScorer, fusion: score_fusion.ScoreFusion, cosines: bool = False,
+                 margins: bool = False):
         self.cross = cross
         self.fusion = fusion
+        self.margins = fusion.uses_tia or margins
         self.dual = DualEncoder(cross.model, cross.runtime.device, progress=cross.progress) if (fusion.uses_itc or cosines) else None
 
     def score(self, texts: Sequence[np.ndarray], images: ImageSource, pairs: np.ndarray,
               keys: ItemKeys | None = None) -> PairScores:
         """`keys`: the texts' and images' content hashes, for the cross-encoder's cache."""
         pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-        margin = self.cross.score(texts, images, pairs, keys)
+        margin = self.cross.score(texts, images, pairs, keys) if self.margins else None
         cosine = self.cosines(texts, images, pairs, keys) if self.dual is not None else None
         return PairScores(margin, cosine, self.fusion.logit(margin, cosine))
 

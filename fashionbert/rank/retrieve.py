@@ -135,7 +135,9 @@ def two_stage(scorer: CrossEncoderScorer, dual: DualEncoder, texts: Sequence[np.
               keys: ItemKeys | None = None) -> TwoStage:
     """Recall top-`recall_k` by dual-embedding cosine in both directions, then re-rank by the ranking score
     (`fusion` of the cross-encoder's margin and the recall cosine). `keys`: the texts' and images' content
-    hashes, with which the scorer's cache serves the embeddings and margins it holds."""
+    hashes, with which the scorer's cache serves the embeddings and margins it holds. A fusion without TIA weight
+    (`fusion.uses_tia` false) ranks by the calibrated cosine, the recall order: no pair goes through the
+    cross-encoder (`pairs_scored` 0)."""
     seconds = {}
     t0 = time.perf_counter()
     text_vec, image_vec = vectors if vectors is not None else embed_all(dual, texts, images, scorer.token_budget,
@@ -151,14 +153,19 @@ def two_stage(scorer: CrossEncoderScorer, dual: DualEncoder, texts: Sequence[np.
     n_images = max(1, len(images))
     flat = np.concatenate([t2i.query * n_images + t2i.candidate, i2t.candidate * n_images + i2t.query])
     unique, inverse = np.unique(flat, return_inverse=True)
-    margins = scorer.score(texts, images, np.stack([unique // n_images, unique % n_images], axis=1), keys)[inverse]
-    seconds["rerank"] = time.perf_counter() - t0
     n = len(t2i)
+    if fusion.uses_tia:
+        margins = scorer.score(texts, images, np.stack([unique // n_images, unique % n_images], axis=1), keys)[inverse]
+        t2i_margins, i2t_margins, pairs_scored = margins[:n], margins[n:], len(unique)
+    else:
+        t2i_margins = i2t_margins = None
+        pairs_scored = 0
+    seconds["rerank"] = time.perf_counter() - t0
     return TwoStage(
-        t2i=rank_rows(t2i.query, t2i.candidate, t2i.score, fusion.logit(margins[:n], t2i.score)),
-        i2t=rank_rows(i2t.query, i2t.candidate, i2t.score, fusion.logit(margins[n:], i2t.score)),
+        t2i=rank_rows(t2i.query, t2i.candidate, t2i.score, fusion.logit(t2i_margins, t2i.score)),
+        i2t=rank_rows(i2t.query, i2t.candidate, i2t.score, fusion.logit(i2t_margins, i2t.score)),
         recall_t2i=t2i, recall_i2t=i2t, text_vectors=text_vec, image_vectors=image_vec, index_kind=t2i.kind,
-        pairs_scored=len(unique), seconds=seconds)
+        pairs_scored=pairs_scored, seconds=seconds)
 
 
 def exhaustive(scorer: CrossEncoderScorer, texts: Sequence[np.ndarray], images: ImageSource,
@@ -177,8 +184,9 @@ def exhaustive(scorer: CrossEncoderScorer, texts: Sequence[np.ndarray], images: 
 
 # ============================================================================================ tables
 def retrieval_table(ranked: Ranked, query_ids: Sequence[str], candidate_ids: Sequence[str], query_kind: str,
-                    top_k: int, model_version: str, run_id: str):
-    """The top-`top_k` rows per query as a `schemas.RETRIEVAL` table sorted by (query_id, rank)."""
+                    top_k: int, model_version: str, run_id: str, stage: str = "rerank"):
+    """The top-`top_k` rows per query as a `schemas.RETRIEVAL` table sorted by (query_id, rank); `stage` names what
+    ranked them (`rows_stage`)."""
     import pyarrow as pa
 
     from schemas import RETRIEVAL
@@ -198,7 +206,7 @@ def retrieval_table(ranked: Ranked, query_ids: Sequence[str], candidate_ids: Seq
         pa.array(np.asarray(candidate_ids, dtype=object)[c].tolist() if n else [], pa.string()),
         pa.array(probability(ranked.logit[order]), pa.float32()),
         pa.array(ranked.recall_score[order].astype(np.float32), pa.float32()),
-        pa.array(np.full(n, "rerank", dtype=object).tolist(), pa.string()),
+        pa.array(np.full(n, stage, dtype=object).tolist(), pa.string()),
         pa.array(np.full(n, model_version, dtype=object).tolist(), pa.string()),
         pa.array(np.full(n, run_id, dtype=object).tolist(), pa.string()),
     ]
@@ -296,6 +304,12 @@ def check_config(config: RetrieveConfig) -> str:
     return _run_id(config.run_id)
 
 
+def rows_stage(fusion: ScoreFusion) -> str:
+    """The tables' `stage`: "rerank" when the cross-encoder scored the rows, "recall" when the model's fusion gives it
+    no weight and the rows are ranked by the calibrated recall cosine alone."""
+    return "rerank" if fusion.uses_tia else "recall"
+
+
 def run_facts(loaded, catalog, runtime, dual: DualEncoder, index_used: str, t2i_rows: int, i2t_rows: int,
               pairs: int) -> dict:
     """What `_run.json` says about the model, the features and the counts of a run (either way it ran)."""
@@ -356,8 +370,9 @@ def run(config: RetrieveConfig) -> dict:
     storage.make_folder(staging)
     t0 = time.perf_counter()
     product_ids, image_ids = catalog.texts.product_ids, catalog.index.image_ids
-    t2i = retrieval_table(result.t2i, product_ids, image_ids, "text", config.top_k, loaded.version, run_id)
-    i2t = retrieval_table(result.i2t, image_ids, product_ids, "image", config.top_k, loaded.version, run_id)
+    stage = rows_stage(loaded.fusion)
+    t2i = retrieval_table(result.t2i, product_ids, image_ids, "text", config.top_k, loaded.version, run_id, stage)
+    i2t = retrieval_table(result.i2t, image_ids, product_ids, "image", config.top_k, loaded.version, run_id, stage)
     write_table(t2i, storage.join(staging, TEXT_TO_IMAGE))
     write_table(i2t, storage.join(staging, IMAGE_TO_TEXT))
     result.seconds["write"] = time.perf_counter() - t0
