@@ -96,7 +96,8 @@ def compare(margin: np.ndarray, cosine: np.ndarray, sizes: np.ndarray, fit_queri
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--features", action="append", required=True, metavar="DIR", help="featurize output the model trained on")
+    ap.add_argument("--features", action="append", required=True, metavar="DIR",
+                    help="featurize output the model trained on")
     ap.add_argument("--model", required=True, metavar="DIR", help="model folder (train's OUT/model)")
     ap.add_argument("--queries", type=int, default=1000, help="held-out queries scored (default 1000)")
     ap.add_argument("--fit-queries", type=int, default=200, help="of them, fitted on in each repeat (default 200)")

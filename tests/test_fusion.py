@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fashionbert.errors import UserError
-from fashionbert.evaluation.quick_validation import cross_fitted_logits, rank1
+from fashionbert.evaluation.quick_validation import rank1
 from fashionbert.model import score_fusion as fusion
 from fashionbert.model.loading import load_model
 from fashionbert.runtime import resolve_runtime
@@ -121,7 +121,7 @@ def test_rank1_and_cross_fitting_use_no_query_s_own_pairs():
     assert rank1(np.array([3.0, 1.0, 2.0, 5.0, 5.0, 1.0]), np.array([3, 3])) == 0.5
     margin, cosine, label, group = _ranking_data(200, tia=1.0, itc=4.0, seed=2)
     fold = group % 2
-    out = cross_fitted_logits(margin, cosine, label, group, fold)
+    out = fusion.cross_fitted_logits(margin, cosine, label, group, fold)
     for f in (0, 1):
         other = fusion.fit(margin[fold != f], cosine[fold != f], label[fold != f], group[fold != f])
         np.testing.assert_allclose(out[fold == f], other.logit(margin[fold == f], cosine[fold == f]))

@@ -89,7 +89,8 @@ def validate(model, s100: SampleHundred, config: FashionBertConfig, rt) -> tuple
     label[starts] = True
     fitted = {"source": "training validation", "queries": len(s100), "pool_products": len(s100.pool_products)}
     fusion = score_fusion.fit(margins, cosines, label, query, fitted) if cosines is not None else None
-    fused = cross_fitted_logits(margins, cosines, label, query, query % 2) if cosines is not None else margins
+    fused = (score_fusion.cross_fitted_logits(margins, cosines, label, query, query % 2) if cosines is not None
+             else margins)
 
     pos, neg = margins[label], margins[~label]
     first_negative = starts[sizes > 1] + 1
@@ -116,16 +117,3 @@ def rank1(scores: np.ndarray, sizes: np.ndarray) -> float:
         hits.append(bool((s[1:] < s[0]).all()))
         at += n
     return float(np.mean(hits)) if hits else float("nan")
-
-
-def cross_fitted_logits(margins: np.ndarray, cosines: np.ndarray, label: np.ndarray, query: np.ndarray,
-                        fold: np.ndarray) -> np.ndarray:
-    """Fused logits where each fold is scored by the fusion fitted on the other folds (all pairs of one query share
-    a fold, so no query is ranked by a fit that saw its own pairs)."""
-    out = np.empty(len(margins), dtype=np.float64)
-    for f in np.unique(fold):
-        mine = fold == f
-        other = ~mine if (~mine).any() else mine
-        fit = score_fusion.fit(margins[other], cosines[other], label[other], query[other])
-        out[mine] = fit.logit(margins[mine], cosines[mine])
-    return out

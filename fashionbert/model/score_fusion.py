@@ -152,12 +152,9 @@ def fit(margin: np.ndarray, cosine: np.ndarray | None, label: np.ndarray, group:
     # the other 800): the listwise fit gave TIA weight in all three models tried and fell 0.5 and 1.3 points under
     # the cosine in two of them (+1.2 in the third); with this check -0.5, -0.2 and +1.0 (bench/fusion.py).
     fold = np.unique(group, return_inverse=True)[1] % 2
-    fused = np.empty(len(margin))
-    for f in (0, 1):
-        mine = fold == f
-        other = _fit_heads(margin[~mine], cosine[~mine], label[~mine], group[~mine], {})
-        fused[mine] = other.logit(margin[mine], cosine[mine])
-    check = {"folds": 2, "rank1_fused": group_rank1(fused, label, group), "rank1_itc": group_rank1(cosine, label, group)}
+    fused = cross_fitted_logits(margin, cosine, label, group, fold, lambda *pairs: _fit_heads(*pairs, {}))
+    check = {"folds": 2, "rank1_fused": group_rank1(fused, label, group),
+             "rank1_itc": group_rank1(cosine, label, group)}
     if check["rank1_fused"] > check["rank1_itc"]:
         return dataclasses.replace(both, fitted=both.fitted | {"tia_check": check})
     alone = _fit_heads(margin, cosine, label, group, info | {"tia_check": check}, heads=("itc",))
@@ -184,6 +181,20 @@ def _fit_heads(margin: np.ndarray, cosine: np.ndarray | None, label: np.ndarray,
         return dataclasses.replace(TIA_ONLY, fitted=info | {"note": "the fused score does not separate: TIA alone"})
     weights = dict(zip(columns, scale * direction))
     return ScoreFusion(float(weights.get("tia", 0.0)), float(weights.get("itc", 0.0)), float(bias), info)
+
+
+def cross_fitted_logits(margin: np.ndarray, cosine: np.ndarray | None, label: np.ndarray, group: np.ndarray,
+                        fold: np.ndarray, fitter=None) -> np.ndarray:
+    """Fused logits where each fold is scored by the fusion `fitter` (default `fit`) fitted on the other folds (all
+    pairs of one query share a fold, so no query is ranked by a fit that saw its own pairs)."""
+    fitter = fitter or fit
+    out = np.empty(len(margin), dtype=np.float64)
+    for f in np.unique(fold):
+        mine = fold == f
+        other = ~mine if (~mine).any() else mine
+        fused = fitter(margin[other], None if cosine is None else cosine[other], label[other], group[other])
+        out[mine] = fused.logit(margin[mine], None if cosine is None else cosine[mine])
+    return out
 
 
 def group_rank1(score: np.ndarray, label: np.ndarray, group: np.ndarray) -> float:
