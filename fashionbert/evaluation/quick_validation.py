@@ -51,26 +51,30 @@ def head_scores(model, s100: SampleHundred, config: FashionBertConfig, rt,
     model.eval()
     try:
         pairs = [(q, c) for q in range(len(s100)) for c in s100.candidates[q]]
+        cosines = None
+        if getattr(model, "itc_head", None) is not None:
+            dual = DualEncoder(model, rt.device, rt.autocast, config.max_text_len)
+            text_vec = dual.embed_texts(s100.texts)
+            image_vec = dual.embed_images(s100.pool_features[i:i + 256]
+                                          for i in range(0, len(s100.pool_features), 256))
+            q = np.asarray([p[0] for p in pairs], dtype=np.int64)
+            c = np.asarray([p[1] for p in pairs], dtype=np.int64)
+            cosines = np.einsum("nd,nd->n", text_vec[q], image_vec[c]).astype(np.float64)
         margins = np.empty(len(pairs), dtype=np.float64)
         for start in range(0, len(pairs), batch_rows):
             chunk = pairs[start:start + batch_rows]
             ids, attn = pad_texts([s100.texts[q] for q, _ in chunk], config.max_text_len, config.pad_token_id,
                                   config.sep_token_id)
             feats = s100.pool_features[[c for _, c in chunk]]
+            residual = (torch.from_numpy(cosines[start:start + len(chunk)]).float().to(rt.device)
+                        if config.tia_residual else None)
             with rt.autocast():
                 mask = torch.from_numpy(attn).to(rt.device)
                 sequence_output, pooled = model.encode(torch.from_numpy(ids).to(rt.device), mask,
                                                        torch.from_numpy(feats).to(rt.device).float())
-                margin = model.tia_margin(sequence_output, mask, pooled)
+                margin = model.tia_margin(sequence_output, mask, pooled, residual)
             margins[start:start + len(chunk)] = margin.cpu().double().numpy()
-        if getattr(model, "itc_head", None) is None:
-            return margins, None
-        dual = DualEncoder(model, rt.device, rt.autocast, config.max_text_len)
-        text_vec = dual.embed_texts(s100.texts)
-        image_vec = dual.embed_images(s100.pool_features[i:i + 256] for i in range(0, len(s100.pool_features), 256))
-        q = np.asarray([p[0] for p in pairs], dtype=np.int64)
-        c = np.asarray([p[1] for p in pairs], dtype=np.int64)
-        return margins, np.einsum("nd,nd->n", text_vec[q], image_vec[c]).astype(np.float64)
+        return margins, cosines
     finally:
         if was_training:
             model.train()

@@ -128,7 +128,8 @@ def token_patch_attention(model: FashionBertModel, input_ids: torch.Tensor, atte
             joint_layers = recorder.take()
         finally:
             recorder.close()
-    margin = m.tia_margin(sequence_output, attention_mask, pooled)
+    residual = m.row_cosines(input_ids, attention_mask, patch_features) if cfg.tia_residual else None
+    margin = m.tia_margin(sequence_output, attention_mask, pooled, residual)
     if method == "last":
         attention = joint_layers[-1]
     else:

@@ -93,6 +93,14 @@ class FashionBertConfig(PreTrainedConfig):
     # through the shared upper layers cost the cosine 7-9 Rank@1 points (README, "Why the re-rank adds nothing yet").
     tia_pooling: str = "cls"
     tia_token_dim: int = 128
+    # The TIA logit as a residual on the recall stage: the aligned logit gets a learned scale times the row's itc
+    # cosine (the text-only and image-only vectors' cosine, without its gradient, less its running mean over
+    # training rows), so the joint pass's head learns only what the cosine gets wrong -- on the mined negatives,
+    # the cosine's own hardest -- instead of the cosine again. Needs the itc head. Why: every TIA head trained on its
+    # own either learned the cosine again ("halves": per-query correlation 0.99) or ranked 10-15 points below it,
+    # and fusing them with the cosine gained at most +1.7 Rank@1 on hm-dev (README, "Why the re-rank adds nothing
+    # yet"); a head trained on the cosine's errors is what a fusion with the cosine can use (boosting).
+    tia_residual: bool = False
     # The folder layout's version: a reader refuses a newer one rather than misread it.
     format_version: int = FORMAT_VERSION
 
@@ -131,6 +139,9 @@ class FashionBertConfig(PreTrainedConfig):
         if self.tia_pooling not in TIA_POOLINGS or (self.tia_pooling == "halves" and self.itc_dim <= 0):
             raise UserError(f"model config: tia_pooling {self.tia_pooling!r} must be one of {TIA_POOLINGS}, and "
                             f"'halves' needs the itc head (itc_dim > 0; it is {self.itc_dim})")
+        if self.tia_residual and self.itc_dim <= 0:
+            raise UserError("model config: tia_residual adds the itc cosine to the TIA logit and needs the itc head "
+                            f"(itc_dim > 0; it is {self.itc_dim})")
         if self.tia_token_dim < 1:
             raise UserError(f"model config: tia_token_dim {self.tia_token_dim} must be >= 1")
         layers = int(self.bert.get("num_hidden_layers", 0)) if self.bert else None

@@ -160,9 +160,16 @@ class FashionBertTIAHead(nn.Module):
     of the joint pass's text and patch halves (`ContrastiveHead.agreement`, a cosine) joins the aligned logit, with
     "tokens" the token-wise agreement (`FashionBertTokenAgreement`, which this head owns); either times a learned
     scale (CLIP's parameterisation, starting at 1 / 0.07 like the itc temperature: the cosine's spread is small, and
-    at the learning rate of a fine-tune a plain multiplier would barely move)."""
+    at the learning rate of a fine-tune a plain multiplier would barely move).
+
+    With `config.tia_residual` the row's itc cosine joins the aligned logit too, less `residual_center` (a running
+    mean of the training rows' cosines) and times a learned scale of the same kind. Why the centre: the cosines of
+    trained itc vectors sit well above 0 for positives and negatives alike, so scaled they would add several logits
+    to every row, and a bias learns that offset at ~lr per step (hundreds of steps); centred, the head starts at
+    the cosine's ranking with a calibrated 0.5 between its rows."""
 
     MAX_SCALE = 100.0
+    CENTER_MOMENTUM = 0.9
 
     def __init__(self, config: FashionBertConfig, bert_config):
         super().__init__()
@@ -172,12 +179,35 @@ class FashionBertTIAHead(nn.Module):
             self.token_agreement = FashionBertTokenAgreement(bert_config.hidden_size, config.tia_token_dim)
         if config.tia_pooling in ("halves", "tokens"):
             self.agreement_scale = nn.Parameter(torch.tensor(math.log(1.0 / 0.07)))
+        if config.tia_residual:
+            self.residual_scale = nn.Parameter(torch.tensor(math.log(1.0 / 0.07)))
+            # [running mean, training batches seen] (the count only tells the first batch, which sets the mean)
+            self.register_buffer("residual_center", torch.zeros(2))
 
-    def forward(self, pooled: torch.Tensor, agreement: torch.Tensor | None = None) -> torch.Tensor:
+    def residual(self, cosine: torch.Tensor) -> torch.Tensor:
+        """The residual's share of the aligned logit for (B,) itc cosines (no gradient reaches them); in training
+        mode the batch's mean first updates the running centre."""
+        cosine = cosine.detach().float()
+        if self.training and len(cosine):
+            with torch.no_grad():
+                mean, seen = cosine.mean(), self.residual_center[1]
+                momentum = self.CENTER_MOMENTUM if float(seen) > 0 else 0.0
+                self.residual_center.copy_(torch.stack([momentum * self.residual_center[0].float()
+                                                        + (1.0 - momentum) * mean, seen.float() + 1.0]))
+        scale = self.residual_scale.float().exp().clamp(max=self.MAX_SCALE)
+        return scale * (cosine - self.residual_center[0].float())
+
+    def forward(self, pooled: torch.Tensor, agreement: torch.Tensor | None = None,
+                residual_cosine: torch.Tensor | None = None) -> torch.Tensor:
         logits = self.classifier(self.dropout(pooled))
-        if agreement is None:
+        aligned = None
+        if agreement is not None:
+            aligned = self.agreement_scale.exp().clamp(max=self.MAX_SCALE) * agreement
+        if residual_cosine is not None:
+            residual = self.residual(residual_cosine)
+            aligned = residual if aligned is None else aligned + residual
+        if aligned is None:
             return logits
-        aligned = self.agreement_scale.exp().clamp(max=self.MAX_SCALE) * agreement
         return logits.float() + F.pad(aligned.unsqueeze(1), (1, 0))
 
 
@@ -479,22 +509,37 @@ class FashionBertModel(PreTrainedModel):
             patches = torch.cat([cls, patches.to(cls.dtype)], dim=1)
         return self.encode_unimodal(patches)
 
-    def alignment_logits(self, sequence_output: torch.Tensor, text_mask: torch.Tensor,
-                         pooled: torch.Tensor) -> torch.Tensor:
-        """TIA logits (B, 2) of a joint pass (`encode`'s outputs and the text mask it ran with)."""
+    def alignment_logits(self, sequence_output: torch.Tensor, text_mask: torch.Tensor, pooled: torch.Tensor,
+                         residual_cosine: torch.Tensor | None = None) -> torch.Tensor:
+        """TIA logits (B, 2) of a joint pass (`encode`'s outputs and the text mask it ran with). A model with
+        `config.tia_residual` needs each row's itc cosine (`residual_cosine`, (B,); `row_cosines` computes it for
+        rows that have no recall vectors at hand)."""
+        if self.config.tia_residual and residual_cosine is None:
+            raise ValueError("this model's TIA logit adds each row's itc cosine (config.tia_residual): pass "
+                             "residual_cosine (FashionBertModel.row_cosines computes it)")
+        residual = residual_cosine if self.config.tia_residual else None
         if self.config.tia_pooling == "cls":
-            return self.tia_head(pooled)
+            return self.tia_head(pooled, residual_cosine=residual)
         text_len = text_mask.shape[1]
         text, patches = sequence_output[:, :text_len], sequence_output[:, text_len:]
         if self.config.tia_pooling == "tokens":
-            return self.tia_head(pooled, self.tia_head.token_agreement(text, text_mask, patches))
-        return self.tia_head(pooled, self.itc_head.agreement(text, text_mask, patches))
+            return self.tia_head(pooled, self.tia_head.token_agreement(text, text_mask, patches), residual)
+        return self.tia_head(pooled, self.itc_head.agreement(text, text_mask, patches), residual)
 
-    def tia_margin(self, sequence_output: torch.Tensor, text_mask: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    def tia_margin(self, sequence_output: torch.Tensor, text_mask: torch.Tensor, pooled: torch.Tensor,
+                   residual_cosine: torch.Tensor | None = None) -> torch.Tensor:
         """The TIA logit margin l1 - l0 (float32): it ranks like P(aligned) = sigmoid(margin) but does not
-        saturate into ties at P ~ 1."""
-        logits = self.alignment_logits(sequence_output, text_mask, pooled).float()
+        saturate into ties at P ~ 1. `residual_cosine` as `alignment_logits`."""
+        logits = self.alignment_logits(sequence_output, text_mask, pooled, residual_cosine).float()
         return logits[:, 1] - logits[:, 0]
+
+    @torch.no_grad()
+    def row_cosines(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    patch_features: torch.Tensor) -> torch.Tensor:
+        """(B,) float32 itc cosine of each row's text and image: two single-modality passes per row, so callers that
+        score many pairs of few items embed each item once instead (`rank.cross_encoder`)."""
+        text_vec, image_vec = self.itc_head(self, input_ids, attention_mask, patch_features)
+        return (text_vec * image_vec).sum(dim=-1)
 
     def forward(
         self,
@@ -530,11 +575,17 @@ class FashionBertModel(PreTrainedModel):
         elif itc_queue is not None:
             raise ValueError("an itc queue needs the itc head (itc_dim > 0) and itc=True")
         mined, mined_sources = 0, None
+        residual_cosine = (self._batch_row_cosines(state, input_ids, attention_mask, patch_features, mlm_labels,
+                                                   tia_labels) if self.config.tia_residual else None)
         if mining is not None:
             if state is None:
                 raise ValueError("mining TIA negatives needs the itc head (itc_dim > 0) and itc=True")
             rows, mined_sources = self._mined_rows(mining, state, input_ids, attention_mask, patch_features,
                                                    patch_mask, mlm_labels, tia_labels)
+            if residual_cosine is not None:
+                text_rows, image_rows = mined_sources
+                residual_cosine = torch.cat([residual_cosine, (state.all_text_vec[text_rows].detach()
+                                                               * state.all_image_vec[image_rows].detach()).sum(-1)])
             mined = int(rows[0].shape[0]) - int(input_ids.shape[0])
             input_ids, attention_mask, patch_features, patch_mask, mlm_labels, tia_labels = rows
         if state is not None and state.below_fusion is not None:
@@ -561,7 +612,7 @@ class FashionBertModel(PreTrainedModel):
                 sequence_output[:, text_len:], select, self.mpm_head,
                 lambda out, sel: masked_patch_kl_loss(out, patch_features[sel]),
             )
-        tia_logits = self.alignment_logits(sequence_output, attention_mask, pooled)
+        tia_logits = self.alignment_logits(sequence_output, attention_mask, pooled, residual_cosine)
         if tia_labels is not None:
             losses["tia"] = alignment_loss(tia_logits, tia_labels.long())
         if itc_loss is not None:
@@ -569,6 +620,25 @@ class FashionBertModel(PreTrainedModel):
         return FashionBertOutput(losses=losses, tia_logits=tia_logits, sequence_output=sequence_output, mined=mined,
                                  joint_inputs=(input_ids, attention_mask, patch_features),
                                  itc_vectors=(state.text_vec, state.image_vec) if state is not None else None)
+
+    def _batch_row_cosines(self, state: ContrastiveState | None, input_ids, attention_mask, patch_features,
+                           mlm_labels, tia_labels) -> torch.Tensor:
+        """(B,) itc cosine of each row of a training batch, for the residual TIA logit: the aligned rows' from the
+        itc task's vectors (`state`), the others' (the loader's negatives) from single-modality passes on their
+        clean texts, as the recall stage computes them."""
+        ids, mask, feats = itc_inputs(input_ids, attention_mask, patch_features, None, mlm_labels)
+        if state is None:  # no itc pass this time: every row from its own passes
+            aligned = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+        else:  # the rows the itc task embedded (itc_inputs' choice: every row when no labels are given)
+            aligned = tia_labels.bool() if tia_labels is not None else torch.ones(len(ids), dtype=torch.bool,
+                                                                                   device=ids.device)
+        out = torch.empty(len(ids), dtype=torch.float32, device=ids.device)
+        if bool(aligned.any()):
+            out[aligned] = (state.text_vec.detach() * state.image_vec.detach()).sum(-1)
+        if not bool(aligned.all()):
+            others = ~aligned
+            out[others] = self.row_cosines(ids[others], mask[others], feats[others]).float()
+        return out
 
     def _shares_below_fusion(self, tia_labels, patch_mask, mlm_labels) -> bool:
         """Whether the joint pass can take its states below the fusion layer from the itc passes instead of computing
@@ -721,7 +791,9 @@ class FashionBertModel(PreTrainedModel):
         model in eval mode); wrap in autocast for bf16. The product ranks by this fused with the itc cosine
         (`rank.cross_encoder.PairScorer`, fashionbert/model/score_fusion.py) when the model folder has a score_fusion.json."""
         sequence_output, pooled = self.encode(input_ids, attention_mask, patch_features)
-        return torch.softmax(self.alignment_logits(sequence_output, attention_mask, pooled).float(), dim=-1)[:, 1]
+        residual = self.row_cosines(input_ids, attention_mask, patch_features) if self.config.tia_residual else None
+        return torch.softmax(self.alignment_logits(sequence_output, attention_mask, pooled, residual).float(),
+                             dim=-1)[:, 1]
 
 
 def _read_backbone_state(path: Path, prefix: str) -> dict[str, torch.Tensor]:

@@ -105,6 +105,9 @@ class CrossEncoderScorer:
         self.cache = cache
         self.progress = progress
         self.pairs_scored = 0
+        # A residual TIA head (config.tia_residual) adds each pair's itc cosine: from vectors of each text and image
+        # of a call, computed once per item, not per pair.
+        self.dual = DualEncoder(self.model, runtime.device) if self.config.tia_residual else None
 
     @property
     def config(self) -> FashionBertConfig:
@@ -140,6 +143,11 @@ class CrossEncoderScorer:
         order = np.lexsort((lengths[pairs[:, 0]], pairs[:, 1]))  # by image, then text length
         images_sorted = pairs[order, 1]
         starts = np.flatnonzero(np.r_[True, images_sorted[1:] != images_sorted[:-1]])
+        text_vec = None
+        if self.dual is not None:
+            unique_texts = np.unique(pairs[:, 0])
+            text_vec = self.dual.embed_texts([texts[t] for t in unique_texts], self.token_budget)
+            text_vec = torch.from_numpy(text_vec[np.searchsorted(unique_texts, pairs[:, 0])])  # one per pair
         with progress(len(pairs), "score pairs", "pairs", bar=bool(self.progress),
                       enabled=self.progress is not None) as shown:
             for b in range(0, len(starts), self.block_images):
@@ -147,7 +155,10 @@ class CrossEncoderScorer:
                 hi = starts[b + self.block_images] if b + self.block_images < len(starts) else len(order)
                 block = order[lo:hi]
                 block_images = images_sorted[starts[b:b + self.block_images]]
-                patches = self.patch_embeddings(images.read(block_images))
+                features = images.read(block_images)
+                patches = self.patch_embeddings(features)
+                image_vec = None if self.dual is None else torch.from_numpy(
+                    self.dual.embed_images(features[i:i + 256] for i in range(0, len(features), 256)))
                 local_image = np.searchsorted(block_images, pairs[block, 1])
                 # Within the block: by text length, so that batches pad little.
                 by_len = np.argsort(lengths[pairs[block, 0]], kind="stable")
@@ -156,12 +167,15 @@ class CrossEncoderScorer:
                 for batch in length_batches(np.arange(len(block)), block_lengths, self.token_budget, self.max_rows,
                                             extra_tokens=cfg.num_patches):
                     rows = block[batch]
-                    out[rows] = self._score_batch(texts, pairs[rows, 0], patches, local_image[batch])
+                    cosine = None if image_vec is None else \
+                        (text_vec[rows] * image_vec[local_image[batch]]).sum(-1).to(self.runtime.device)
+                    out[rows] = self._score_batch(texts, pairs[rows, 0], patches, local_image[batch], cosine)
                     shown.update(len(rows))
         self.pairs_scored += len(pairs)
         return out
 
-    def _score_batch(self, texts, text_index: np.ndarray, patches: torch.Tensor, image_local: np.ndarray) -> np.ndarray:
+    def _score_batch(self, texts, text_index: np.ndarray, patches: torch.Tensor, image_local: np.ndarray,
+                     cosine: torch.Tensor | None = None) -> np.ndarray:
         m, cfg, dev = self.model, self.config, self.runtime.device
         unique_text, text_of_row = np.unique(text_index, return_inverse=True)
         ids, mask = pad_texts([texts[t] for t in unique_text], cfg.max_text_len, cfg.pad_token_id, cfg.sep_token_id)
@@ -169,7 +183,7 @@ class CrossEncoderScorer:
         text_states = m.encode_text_below_fusion(m.embed_text(torch.from_numpy(ids).to(dev)), mask)
         rows = torch.from_numpy(text_of_row).to(dev)
         sequence_output, pooled = m.fuse(text_states[rows], mask[rows], patches[torch.from_numpy(image_local).to(dev)])
-        return m.tia_margin(sequence_output, mask[rows], pooled).cpu().numpy()
+        return m.tia_margin(sequence_output, mask[rows], pooled, cosine).cpu().numpy()
 
 
 # ============================================================================================ ranking score

@@ -40,6 +40,7 @@ class TrainConfig:
     own_fusion_layers: bool = False
     detach_fusion_input: bool = False
     tia_pooling: str | None = None  # None: "halves" with the itc head, "cls" without
+    tia_residual: bool = False
     whole_word_mask: bool = True
     # optimisation
     steps: int | None = None
@@ -183,6 +184,11 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                         "plus the token-wise agreement of the pass's words and patches (each word's best patch, each "
                         "patch's best word, through projections of the TIA head's own: FILIP's late interaction). "
                         "halves needs the itc head (default halves; cls with --itc-dim 0)")
+    g.add_argument("--tia-residual", action=argparse.BooleanOptionalAction, default=D.tia_residual,
+                   help="the TIA logit as a residual on the recall stage: each row's itc cosine (no gradient, centred "
+                        "on its running mean) times a learned scale joins the aligned logit, so the head learns what "
+                        "the cosine gets wrong on the mined negatives instead of the cosine again; scoring then "
+                        "embeds each text and image of a call once more. Needs the itc head (default off)")
     g.add_argument("--no-whole-word-mask", dest="whole_word_mask", action="store_false",
                    help="mask WordPiece tokens independently instead of whole words")
 

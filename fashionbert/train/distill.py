@@ -106,6 +106,10 @@ def build_student(teacher: FashionBertModel, layers: int, from_layers: list[int]
     if getattr(teacher, "fusion_layers", None) is not None:
         raise UserError("the teacher has fusion layers of its own (trained with --own-fusion-layers): distill picks a "
                         "student's layers from one stack and cannot split two yet; distil a teacher trained without it")
+    if teacher.config.tia_residual:
+        raise UserError("the teacher's TIA logit adds the itc cosine (trained with --tia-residual): distill matches a "
+                        "student's joint pass to the teacher's logits and does not give the student that term yet; "
+                        "distil a teacher trained without it")
     config = copy.deepcopy(teacher.config)
     teacher_layers = int(config.bert["num_hidden_layers"])
     chosen = from_layers or chosen_layers(teacher_layers, layers)
