@@ -5,7 +5,9 @@ teacher."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ from fashionbert.runtime import resolve_runtime
 from fashionbert.train import checkpoint as ckpt
 from fashionbert.train.distill import build_student
 from fashionbert.train.trainer import run
-from tests.test_hard_negatives import FEATURE_DIM, _batch, _request
+from tests.test_hard_negatives import FEATURE_DIM, _batch, _free_port, _request
 from tests.test_train import _train_records, features, make_args  # noqa: F401 (features: the module fixture)
 
 torch.set_num_threads(1)
@@ -147,3 +149,42 @@ def test_training_records_the_residual_resumes_bitwise_and_refuses_a_mismatch(tm
 def test_distill_refuses_a_residual_teacher(tiny_backbone):
     with pytest.raises(UserError, match="--tia-residual"):
         build_student(_residual_model(tiny_backbone), layers=1)
+
+
+def _ddp_worker(rank: int, world: int, port: int, backbone: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = _residual_model(backbone, pooling="halves").train()
+        ids, attn, feats, _ = _batch(8, seed=2)
+        rows = slice(4 * rank, 4 * rank + 4)
+        ids, attn, feats = ids[rows], attn[rows], feats[rows]
+        output = model(ids, attn, feats, tia_labels=torch.ones(4, dtype=torch.long), groups=torch.arange(4) + 4 * rank,
+                       mining=_request([0, 1, 2, 3], [True, False, True, False], seed=rank))
+        model.eval()
+        joint_ids, joint_attn, joint_feats = output.joint_inputs
+        with torch.no_grad():
+            cosine = model.row_cosines(joint_ids, joint_attn, joint_feats.float())
+            sequence_output, pooled = model.encode(joint_ids, joint_attn, joint_feats)
+            reference = model.alignment_logits(sequence_output, joint_attn, pooled, cosine)
+        Path(out, f"rank{rank}.json").write_text(json.dumps({
+            "mined": output.mined, "center": model.tia_head.residual_center.tolist(), "cosine_sum": float(cosine.sum()),
+            "logit_diff": float((output.tia_logits.detach() - reference).abs().max())}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_adds_the_mined_rows_cosines_and_keeps_one_centre(tmp_path, tiny_backbone):
+    """Under DDP a mined row's partner may live on the other process: its cosine comes from the gathered vectors,
+    and the running centre is the mean over both processes' rows, the same on each."""
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tiny_backbone), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert all(r["mined"] == 4 and r["logit_diff"] < 1e-5 for r in results)
+    assert results[0]["center"] == results[1]["center"]
+    assert results[0]["center"][0] == pytest.approx(sum(r["cosine_sum"] for r in results) / 16, abs=1e-5)

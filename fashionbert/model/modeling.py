@@ -190,7 +190,10 @@ class FashionBertTIAHead(nn.Module):
         cosine = cosine.detach().float()
         if self.training and len(cosine):
             with torch.no_grad():
-                mean, seen = cosine.mean(), self.residual_center[1]
+                total = torch.stack([cosine.sum(), torch.tensor(float(len(cosine)), device=cosine.device)])
+                if world_size() > 1:  # every process's rows: the processes keep one centre
+                    dist.all_reduce(total)
+                mean, seen = total[0] / total[1], self.residual_center[1]
                 momentum = self.CENTER_MOMENTUM if float(seen) > 0 else 0.0
                 self.residual_center.copy_(torch.stack([momentum * self.residual_center[0].float()
                                                         + (1.0 - momentum) * mean, seen.float() + 1.0]))
