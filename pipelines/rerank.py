@@ -256,9 +256,11 @@ class CrossEncoderHandler(CatalogModelHandler):
         if batch[0].cosines is None:
             logits = PairScorer(model.scorer, fusion).score(model.text_ids, model.images, pairs).logit
         else:  # a fusion without TIA weight ranks by the recall cosine: no cross-encoder pass
-            margins = model.scorer.score(model.text_ids, model.images, pairs) if fusion.uses_tia else None
-            logits = fusion.logit(None if margins is None else np.repeat(margins[:, None], 2, axis=1),
-                                  np.concatenate([b.cosines for b in batch]))
+            cosines = np.concatenate([b.cosines for b in batch])
+            # a pair recalled in one direction only has NaN in the other; where both, they are one dot product
+            margins = model.scorer.score(model.text_ids, model.images, pairs, cosines=np.fmax(
+                cosines[:, T2I], cosines[:, I2T])) if fusion.uses_tia else None
+            logits = fusion.logit(None if margins is None else np.repeat(margins[:, None], 2, axis=1), cosines)
         start = 0
         for b in batch:
             yield PredictionResult(b, logits[start:start + len(b.texts)], model.version)

@@ -143,9 +143,9 @@ def spy(monkeypatch):
     seen = {"pairs": [], "texts": 0, "images": 0}
     score, embed_texts, embed_images = CrossEncoderScorer._score, DualEncoder.embed_texts, DualEncoder.embed_images
 
-    def _score(self, texts, images, pairs):
+    def _score(self, texts, images, pairs, cosines=None):
         seen["pairs"].append(np.array(pairs).reshape(-1, 2))
-        return score(self, texts, images, pairs)
+        return score(self, texts, images, pairs, cosines)
 
     def _embed_texts(self, texts, **kw):
         seen["texts"] += len(texts)

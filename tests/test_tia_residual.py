@@ -17,7 +17,8 @@ from fashionbert.data.feature_catalog import ArrayImages
 from fashionbert.errors import UserError
 from fashionbert.model.config import FashionBertConfig
 from fashionbert.model.modeling import FashionBertModel
-from fashionbert.rank.cross_encoder import CrossEncoderScorer
+from fashionbert.rank.cross_encoder import CrossEncoderScorer, _pair_lookup
+from fashionbert.rank.score_cache import ItemKeys, ScoreCache
 from fashionbert.runtime import resolve_runtime
 from fashionbert.train import checkpoint as ckpt
 from fashionbert.train.distill import build_student
@@ -108,6 +109,17 @@ def test_the_scorer_and_score_add_the_same_residual_as_the_model(tiny_backbone, 
         probability = model.score(pair_ids, mask, x).numpy()
     np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(probability, 1 / (1 + np.exp(-reference)), atol=1e-6)
+    # the recall stage's cosines, handed over instead of embedding again; through the cache's subset too
+    given = CrossEncoderScorer(model, resolve_runtime("cpu", "fp32")).score(texts, ArrayImages(images), pairs,
+                                                                            cosines=cosine.numpy())
+    np.testing.assert_allclose(given, got, rtol=1e-5, atol=1e-5)
+    keys = ItemKeys(np.array([f"t{i}" for i in range(6)], dtype=object), np.array([f"i{i}" for i in range(5)],
+                                                                                  dtype=object))
+    cached = CrossEncoderScorer(model, resolve_runtime("cpu", "fp32"), cache=ScoreCache("v", "fp32")).score(
+        texts, ArrayImages(images), pairs, keys, cosine.numpy())
+    np.testing.assert_allclose(cached, got, rtol=1e-5, atol=1e-5)
+    some = pairs[[17, 3, 29, 0]]
+    np.testing.assert_array_equal(_pair_lookup(pairs, np.arange(30.0))(some), [17, 3, 29, 0])
     assert np.abs(reference - (without[:, 1] - without[:, 0]).numpy()).max() > 1e-3  # the residual is there
 
 

@@ -123,17 +123,26 @@ class CrossEncoderScorer:
         return torch.cat(out) if out else x.new_zeros((0, self.config.num_patches, self.config.hidden_size))
 
     def score(self, texts: Sequence[np.ndarray], images: ImageSource, pairs: np.ndarray,
-              keys: ItemKeys | None = None) -> np.ndarray:
+              keys: ItemKeys | None = None, cosines: np.ndarray | None = None) -> np.ndarray:
         """`texts`: token ids per text index ([CLS] ... [SEP]); `pairs` (n, 2) int (text index, image index)
         -> (n,) float32 margins, in the order of `pairs`. `keys`: the texts' and images' content hashes, for the
-        cache."""
+        cache. `cosines`: the pairs' itc cosines where the caller has them (the recall stage), which a residual TIA
+        head (`config.tia_residual`) adds; without them it embeds the call's texts and images itself."""
+        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        if self.dual is None:
+            cosines = None
+        elif cosines is None:
+            cosines = pair_cosines(self.dual, texts, images, pairs, self.token_budget, self.cache, keys)
+        elif len(cosines) != len(pairs):
+            raise ValueError(f"{len(cosines)} cosines for {len(pairs)} pairs")
         if self.cache is not None and keys is not None:
-            return self.cache.margins(keys, pairs, lambda todo: self._score(texts, images, todo))
-        return self._score(texts, images, pairs)
+            of_pairs = _pair_lookup(pairs, cosines) if cosines is not None else lambda todo: None
+            return self.cache.margins(keys, pairs, lambda todo: self._score(texts, images, todo, of_pairs(todo)))
+        return self._score(texts, images, pairs, cosines)
 
     @torch.inference_mode()
-    def _score(self, texts: Sequence[np.ndarray], images: ImageSource, pairs: np.ndarray) -> np.ndarray:
-        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    def _score(self, texts: Sequence[np.ndarray], images: ImageSource, pairs: np.ndarray,
+               cosines: np.ndarray | None = None) -> np.ndarray:
         out = np.empty(len(pairs), dtype=np.float32)
         if not len(pairs):
             return out
@@ -143,11 +152,6 @@ class CrossEncoderScorer:
         order = np.lexsort((lengths[pairs[:, 0]], pairs[:, 1]))  # by image, then text length
         images_sorted = pairs[order, 1]
         starts = np.flatnonzero(np.r_[True, images_sorted[1:] != images_sorted[:-1]])
-        text_vec = None
-        if self.dual is not None:
-            unique_texts = np.unique(pairs[:, 0])
-            text_vec = self.dual.embed_texts([texts[t] for t in unique_texts], self.token_budget)
-            text_vec = torch.from_numpy(text_vec[np.searchsorted(unique_texts, pairs[:, 0])])  # one per pair
         with progress(len(pairs), "score pairs", "pairs", bar=bool(self.progress),
                       enabled=self.progress is not None) as shown:
             for b in range(0, len(starts), self.block_images):
@@ -155,10 +159,7 @@ class CrossEncoderScorer:
                 hi = starts[b + self.block_images] if b + self.block_images < len(starts) else len(order)
                 block = order[lo:hi]
                 block_images = images_sorted[starts[b:b + self.block_images]]
-                features = images.read(block_images)
-                patches = self.patch_embeddings(features)
-                image_vec = None if self.dual is None else torch.from_numpy(
-                    self.dual.embed_images(features[i:i + 256] for i in range(0, len(features), 256)))
+                patches = self.patch_embeddings(images.read(block_images))
                 local_image = np.searchsorted(block_images, pairs[block, 1])
                 # Within the block: by text length, so that batches pad little.
                 by_len = np.argsort(lengths[pairs[block, 0]], kind="stable")
@@ -167,8 +168,7 @@ class CrossEncoderScorer:
                 for batch in length_batches(np.arange(len(block)), block_lengths, self.token_budget, self.max_rows,
                                             extra_tokens=cfg.num_patches):
                     rows = block[batch]
-                    cosine = None if image_vec is None else \
-                        (text_vec[rows] * image_vec[local_image[batch]]).sum(-1).to(self.runtime.device)
+                    cosine = None if cosines is None else torch.from_numpy(cosines[rows]).to(self.runtime.device)
                     out[rows] = self._score_batch(texts, pairs[rows, 0], patches, local_image[batch], cosine)
                     shown.update(len(rows))
         self.pairs_scored += len(pairs)
@@ -184,6 +184,26 @@ class CrossEncoderScorer:
         rows = torch.from_numpy(text_of_row).to(dev)
         sequence_output, pooled = m.fuse(text_states[rows], mask[rows], patches[torch.from_numpy(image_local).to(dev)])
         return m.tia_margin(sequence_output, mask[rows], pooled, cosine).cpu().numpy()
+
+
+def pair_cosines(dual: DualEncoder, texts: Sequence[np.ndarray], images: ImageSource, pairs: np.ndarray,
+                 token_budget: int, cache: ScoreCache | None = None, keys: ItemKeys | None = None) -> np.ndarray:
+    """(n,) float32 itc cosines of (text index, image index) `pairs`, each distinct text and image embedded once
+    (taken from the cache where it holds them)."""
+    if not len(pairs):
+        return np.zeros(0, dtype=np.float32)
+    text_ids, text_of = np.unique(pairs[:, 0], return_inverse=True)
+    image_ids, image_of = np.unique(pairs[:, 1], return_inverse=True)
+    text_vec, image_vec = embed_items(dual, texts, images, text_ids, image_ids, token_budget, cache, keys)
+    return np.einsum("nd,nd->n", text_vec[text_of], image_vec[image_of]).astype(np.float32)
+
+
+def _pair_lookup(pairs: np.ndarray, values: np.ndarray):
+    """-> a function from some of `pairs` (m, 2) to their `values`, for the cache, which computes a subset."""
+    width = int(pairs[:, 1].max()) + 1 if len(pairs) else 1
+    codes = pairs[:, 0] * width + pairs[:, 1]
+    order = np.argsort(codes, kind="stable")
+    return lambda todo: values[order[np.searchsorted(codes[order], todo[:, 0] * width + todo[:, 1])]]
 
 
 # ============================================================================================ ranking score
@@ -206,22 +226,18 @@ class PairScorer:
         self.cross = cross
         self.fusion = fusion
         self.margins = fusion.uses_tia or margins
-        self.dual = DualEncoder(cross.model, cross.runtime.device, progress=cross.progress) if (fusion.uses_itc or cosines) else None
+        wanted = fusion.uses_itc or cosines or (self.margins and cross.dual is not None)
+        self.dual = DualEncoder(cross.model, cross.runtime.device, progress=cross.progress) if wanted else None
 
     def score(self, texts: Sequence[np.ndarray], images: ImageSource, pairs: np.ndarray,
               keys: ItemKeys | None = None) -> PairScores:
         """`keys`: the texts' and images' content hashes, for the cross-encoder's cache."""
         pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-        margin = self.cross.score(texts, images, pairs, keys) if self.margins else None
         cosine = self.cosines(texts, images, pairs, keys) if self.dual is not None else None
+        margin = self.cross.score(texts, images, pairs, keys, cosine) if self.margins else None
         return PairScores(margin, cosine, self.fusion.logit(margin, cosine))
 
     def cosines(self, texts: Sequence[np.ndarray], images: ImageSource, pairs: np.ndarray,
                 keys: ItemKeys | None = None) -> np.ndarray:
-        if not len(pairs):
-            return np.zeros(0, dtype=np.float32)
-        text_ids, text_of = np.unique(pairs[:, 0], return_inverse=True)
-        image_ids, image_of = np.unique(pairs[:, 1], return_inverse=True)
-        text_vec, image_vec = embed_items(self.dual, texts, images, text_ids, image_ids, self.cross.token_budget,
-                                          self.cross.cache, keys)
-        return np.einsum("nd,nd->n", text_vec[text_of], image_vec[image_of]).astype(np.float32)
+        return pair_cosines(self.dual, texts, images, np.asarray(pairs, dtype=np.int64).reshape(-1, 2),
+                            self.cross.token_budget, self.cross.cache, keys)

@@ -155,7 +155,9 @@ def two_stage(scorer: CrossEncoderScorer, dual: DualEncoder, texts: Sequence[np.
     unique, inverse = np.unique(flat, return_inverse=True)
     n = len(t2i)
     if fusion.uses_tia:
-        margins = scorer.score(texts, images, np.stack([unique // n_images, unique % n_images], axis=1), keys)[inverse]
+        pairs = np.stack([unique // n_images, unique % n_images], axis=1)
+        cosines = np.einsum("nd,nd->n", text_vec[pairs[:, 0]], image_vec[pairs[:, 1]]).astype(np.float32)
+        margins = scorer.score(texts, images, pairs, keys, cosines)[inverse]
         t2i_margins, i2t_margins, pairs_scored = margins[:n], margins[n:], len(unique)
     else:
         t2i_margins = i2t_margins = None
@@ -176,8 +178,8 @@ def exhaustive(scorer: CrossEncoderScorer, texts: Sequence[np.ndarray], images: 
     n_t, n_i = len(texts), len(images)
     t = np.repeat(np.arange(n_t, dtype=np.int64), n_i)
     i = np.tile(np.arange(n_i, dtype=np.int64), n_t)
-    margins = scorer.score(texts, images, np.stack([t, i], axis=1), keys)
     cos = (text_vec @ image_vec.T).astype(np.float32).reshape(-1)
+    margins = scorer.score(texts, images, np.stack([t, i], axis=1), keys, cos)
     logits = fusion.logit(margins, cos)
     return rank_rows(t, i, cos, logits), rank_rows(i, t, cos, logits)
 
