@@ -123,6 +123,27 @@ def test_the_scorer_and_score_add_the_same_residual_as_the_model(tiny_backbone, 
     assert np.abs(reference - (without[:, 1] - without[:, 0]).numpy()).max() > 1e-3  # the residual is there
 
 
+def test_two_stage_hands_the_recall_cosines_to_a_residual_scorer(tiny_backbone, monkeypatch):
+    """Retrieval re-ranks with the recall stage's cosines (the scorer embeds nothing again): its logits equal the
+    scorer's when it embeds alone."""
+    from fashionbert.rank import cross_encoder
+    from fashionbert.rank.embeddings import DualEncoder
+    from fashionbert.rank.retrieve import two_stage
+
+    model = _residual_model(tiny_backbone).eval()
+    rng = np.random.default_rng(1)
+    images = ArrayImages(rng.random((6, 64, FEATURE_DIM)).astype(np.float16))
+    texts = [np.asarray([101, 2000 + i, 2200 + 5 * i, 102]) for i in range(5)]
+    scorer = CrossEncoderScorer(model, resolve_runtime("cpu", "fp32"))
+    embed_again = cross_encoder.pair_cosines
+    with monkeypatch.context() as patched:
+        patched.setattr(cross_encoder, "pair_cosines", lambda *a, **k: pytest.fail("the scorer embedded again"))
+        result = two_stage(scorer, DualEncoder(model, torch.device("cpu")), texts, images, recall_k=3, index="flat")
+    assert cross_encoder.pair_cosines is embed_again
+    alone = scorer.score(texts, images, np.stack([result.t2i.query, result.t2i.candidate], axis=1))
+    np.testing.assert_allclose(np.sort(result.t2i.logit), np.sort(alone), rtol=1e-5, atol=1e-5)
+
+
 def test_the_residual_needs_the_itc_head(tiny_backbone):
     with pytest.raises(UserError, match="tia_residual .*itc head"):
         FashionBertModel(FashionBertConfig(backbone=str(tiny_backbone), feature_dim=FEATURE_DIM, itc_dim=0,

@@ -156,7 +156,9 @@ def two_stage(scorer: CrossEncoderScorer, dual: DualEncoder, texts: Sequence[np.
     n = len(t2i)
     if fusion.uses_tia:
         pairs = np.stack([unique // n_images, unique % n_images], axis=1)
-        cosines = np.einsum("nd,nd->n", text_vec[pairs[:, 0]], image_vec[pairs[:, 1]]).astype(np.float32)
+        # a residual TIA head adds the recall cosine (CrossEncoderScorer.dual): hand over the one recall computed
+        cosines = (np.einsum("nd,nd->n", text_vec[pairs[:, 0]], image_vec[pairs[:, 1]]).astype(np.float32)
+                   if scorer.dual is not None else None)
         margins = scorer.score(texts, images, pairs, keys, cosines)[inverse]
         t2i_margins, i2t_margins, pairs_scored = margins[:n], margins[n:], len(unique)
     else:
