@@ -629,18 +629,19 @@ class FashionBertModel(PreTrainedModel):
         """(B,) itc cosine of each row of a training batch, for the residual TIA logit: the aligned rows' from the
         itc task's vectors (`state`), the others' (the loader's negatives) from single-modality passes on their
         clean texts, as the recall stage computes them."""
-        ids, mask, feats = itc_inputs(input_ids, attention_mask, patch_features, None, mlm_labels)
+        rows, device = input_ids.shape[0], input_ids.device
         if state is None:  # no itc pass this time: every row from its own passes
-            aligned = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+            aligned = torch.zeros(rows, dtype=torch.bool, device=device)
         else:  # the rows the itc task embedded (itc_inputs' choice: every row when no labels are given)
-            aligned = tia_labels.bool() if tia_labels is not None else torch.ones(len(ids), dtype=torch.bool,
-                                                                                   device=ids.device)
-        out = torch.empty(len(ids), dtype=torch.float32, device=ids.device)
+            aligned = tia_labels.bool() if tia_labels is not None else torch.ones(rows, dtype=torch.bool, device=device)
+        out = torch.empty(rows, dtype=torch.float32, device=device)
         if bool(aligned.any()):
             out[aligned] = (state.text_vec.detach() * state.image_vec.detach()).sum(-1)
         if not bool(aligned.all()):
             others = ~aligned
-            out[others] = self.row_cosines(ids[others], mask[others], feats[others]).float()
+            ids, mask, feats = itc_inputs(input_ids[others], attention_mask[others], patch_features[others], None,
+                                          None if mlm_labels is None else mlm_labels[others])
+            out[others] = self.row_cosines(ids, mask, feats).float()
         return out
 
     def _shares_below_fusion(self, tia_labels, patch_mask, mlm_labels) -> bool:
