@@ -17,7 +17,8 @@ Figures, each measured in this one run on this machine:
 Steps are MLM/MPM-masked pretraining steps; `--clean` measures the matching-only steps instead (the TIA warm-up's, or
 every step with `--tia-warmup` = all steps): no masks, TIA + itc at equal weights, and with late fusion the joint pass
 takes its states below the fusion layer from the itc passes (`FashionBertModel._shares_below_fusion`); the run also
-times the same steps with the joint pass computed in full and prints the ratio.
+times the same steps with the joint pass computed in full and prints the ratio, and counts and times `--itc-warmup`'s
+steps (the itc task alone, no joint pass) against them.
 """
 from __future__ import annotations
 
@@ -96,17 +97,26 @@ def step_loss(weighter, losses: dict, clean: bool) -> torch.Tensor:
     return weighter(losses)[0]
 
 
-def train_step(model, weighter, optimizer, batch, precision: str, clean: bool):
+def step_inputs(batch, joint: bool = True) -> dict:
+    """The forward's arguments; joint=False is an --itc-warmup step (the itc task alone: nothing to mine for)."""
+    inputs = batch.model_inputs()
+    if not joint:
+        inputs.pop("mining", None)
+    return dict(inputs, joint=joint)
+
+
+def train_step(model, weighter, optimizer, batch, precision: str, clean: bool, joint: bool = True):
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
     with ctx:
-        out = model(**batch.model_inputs())
+        out = model(**step_inputs(batch, joint))
     step_loss(weighter, out.losses, clean).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {k: float(v.detach()) for k, v in out.losses.items()}
 
 
-def timed_steps(model, weighter, batches, precision: str, clean: bool) -> tuple[list[dict], list[float]]:
+def timed_steps(model, weighter, batches, precision: str, clean: bool, joint: bool = True
+                ) -> tuple[list[dict], list[float]]:
     """Train steps on `batches` from the model's current weights (restored afterwards) -> (losses, seconds) per step."""
     state = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -114,7 +124,7 @@ def timed_steps(model, weighter, batches, precision: str, clean: bool) -> tuple[
     losses, times = [], []
     for b in batches:
         t0 = time.perf_counter()
-        losses.append(train_step(model, weighter, optimizer, b, precision, clean))
+        losses.append(train_step(model, weighter, optimizer, b, precision, clean, joint))
         times.append(time.perf_counter() - t0)
     model.load_state_dict(state)
     return losses, times
@@ -212,6 +222,18 @@ def main() -> None:
             print(f"clean step, joint pass from the itc passes below the fusion vs in full: {counted / 1e9:.2f} vs "
                   f"{counter.get_total_flops() / rows / 1e9:.2f} GFLOP per pair, median step {ts:.2f} vs {tf:.2f} s "
                   f"({tf / ts:.2f}x)")
+
+            # An --itc-warmup step on the same batches: the itc passes alone, no joint pass. Per step, not per pair:
+            # the budget counts steps of --batch-size positives, and this step has no mined rows.
+            with FlopCounterMode(display=False) as counter:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    out = model(**step_inputs(sample[0], joint=False))
+                step_loss(weighter, out.losses, True).backward()
+            model.zero_grad(set_to_none=True)
+            _, itc_alone = timed_steps(model, weighter, sample * 2, precision, clean=True, joint=False)
+            fi, fj, ti = counter.get_total_flops() / 1e9, counted * rows / 1e9, median_after_first(itc_alone)
+            print(f"--itc-warmup step (itc alone) vs clean joint step: {fi:.1f} vs {fj:.1f} GFLOP per step "
+                  f"({fi / fj:.2f}), median step {ti:.2f} vs {ts:.2f} s ({ti / ts:.2f})")
 
         # ---- bf16 vs fp32 on the same batches
         if cpu_has_native_bf16():

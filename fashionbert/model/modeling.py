@@ -217,8 +217,8 @@ class FashionBertTIAHead(nn.Module):
 @dataclasses.dataclass
 class FashionBertOutput:
     losses: dict[str, torch.Tensor]
-    tia_logits: torch.Tensor
-    sequence_output: torch.Tensor
+    tia_logits: torch.Tensor | None  # None: a step without the joint pass (forward's joint=False)
+    sequence_output: torch.Tensor | None
     mined: int = 0  # TIA negatives mined from the itc similarity and added to the batch
     # The joint pass's rows (input_ids, attention_mask, patch_features) with the mined negatives appended, and the
     # itc vectors (text, image) of the aligned rows: what a distilled student is fed and matched against.
@@ -556,6 +556,7 @@ class FashionBertModel(PreTrainedModel):
         groups: torch.Tensor | None = None,
         mining: MiningRequest | None = None,
         itc_queue: EmbeddingQueue | None = None,
+        joint: bool = True,
     ) -> FashionBertOutput:
         """Per-task losses for the tasks whose labels are given.
 
@@ -568,8 +569,12 @@ class FashionBertModel(PreTrainedModel):
         passes, text-only and image-only, on those rows; under DDP over every process's rows). `groups` (one per
         aligned row) are the products' group codes: rows of one group are not each other's negatives. `mining` adds
         TIA negatives drawn from the itc similarity (model/hard_negatives.py) to the rows of the joint pass;
-        `itc_queue` adds its vectors as contrastive negatives and then takes this batch's.
+        `itc_queue` adds its vectors as contrastive negatives and then takes this batch's. `joint=False` runs the itc
+        task alone (training's --itc-warmup steps): no joint pass, so no TIA, MLM or MPM loss and no mined rows.
         """
+        if not joint:
+            return self._contrastive_only(input_ids, attention_mask, patch_features, tia_labels, mlm_labels, itc,
+                                          groups, mining, itc_queue)
         itc_loss, state = None, None
         if itc and getattr(self, "itc_head", None) is not None:
             share = self._shares_below_fusion(tia_labels, patch_mask, mlm_labels)
@@ -622,6 +627,18 @@ class FashionBertModel(PreTrainedModel):
             losses["itc"] = itc_loss
         return FashionBertOutput(losses=losses, tia_logits=tia_logits, sequence_output=sequence_output, mined=mined,
                                  joint_inputs=(input_ids, attention_mask, patch_features),
+                                 itc_vectors=(state.text_vec, state.image_vec) if state is not None else None)
+
+    def _contrastive_only(self, input_ids, attention_mask, patch_features, tia_labels, mlm_labels, itc, groups,
+                          mining, itc_queue) -> FashionBertOutput:
+        if not itc or getattr(self, "itc_head", None) is None:
+            raise ValueError("a step without the joint pass trains the itc task alone: it needs the itc head "
+                             "(itc_dim > 0) and itc=True")
+        if mining is not None:
+            raise ValueError("mined TIA negatives are rows of the joint pass, which joint=False skips")
+        itc_loss, state = self._contrastive(input_ids, attention_mask, patch_features, tia_labels, mlm_labels, groups,
+                                            itc_queue)
+        return FashionBertOutput(losses={"itc": itc_loss}, tia_logits=None, sequence_output=None,
                                  itc_vectors=(state.text_vec, state.image_vec) if state is not None else None)
 
     def _batch_row_cosines(self, state: ContrastiveState | None, input_ids, attention_mask, patch_features,

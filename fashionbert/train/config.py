@@ -52,6 +52,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     clip_grad: float = 1.0
     tia_warmup: float = 0.1
+    itc_warmup: float = 0.0
     matching_only: bool = False
     task_weights: str = "adaptive-grad"
     seed: int = 0
@@ -223,6 +224,12 @@ def _optimisation_arguments(parser: argparse.ArgumentParser) -> None:
                         "(TIA, and itc when on, equal weights) on unmasked pairs before MLM and MPM join. Why: text-image matching starts on a plateau where TIA's gradient "
                         "is tiny; with MLM's much larger gradient in Adam's normaliser it stayed at chance for "
                         "hundreds of steps in our tests, alone it leaves the plateau in tens (default 0.1)")
+    g.add_argument("--itc-warmup", type=float, default=D.itc_warmup,
+                   help="first steps (>= 1) or fraction of all steps (< 1) that train the contrastive itc task alone: "
+                        "no joint pass, so no TIA (nor MLM/MPM) and no mined negatives; TIA joins after them, mining "
+                        "from the embeddings trained so far. Such a step costs a fraction of a joint one (README, "
+                        "'What quality to expect'), so a fixed budget buys more steps; needs the itc head "
+                        "(default 0: TIA from the first step)")
     g.add_argument("--matching-only", action=argparse.BooleanOptionalAction, default=D.matching_only,
                    help="train the matching tasks alone on every step, as the --tia-warmup steps do: MLM and MPM never "
                         "join, and every batch is unmasked. Why: ranking is what TIA and itc are for, and an unmasked "

@@ -29,7 +29,7 @@ from fashionbert.train.optim import build_optimizer, restore_optimizer
 
 # Options that fix the data order or the optimisation: a resumed run must use the checkpoint's values,
 # or it would not continue the same run.
-RESUME_MUST_MATCH = ("batch_size", "itc_dim", "itc_pooling", "dropout", "tia_warmup", "matching_only", "grad_accum", "neg_ratio",
+RESUME_MUST_MATCH = ("batch_size", "itc_dim", "itc_pooling", "dropout", "tia_warmup", "itc_warmup", "matching_only", "grad_accum", "neg_ratio",
                      "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "group_negatives", "itc_queue", "fusion_layer", "own_fusion_layers", "detach_fusion_input", "tia_pooling", "tia_residual", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
                      "weight_decay", "shuffle_window", "world_size")
 
@@ -37,7 +37,7 @@ RESUME_MUST_MATCH = ("batch_size", "itc_dim", "itc_pooling", "dropout", "tia_war
 BEFORE_OPTION = {"hard_neg_fraction": 0.0, "hard_neg_temperature": 0.0, "itc_queue": 0, "fusion_layer": 0,
                  "tia_pooling": "cls", "keep_recall": False, "hidden_weight": 0.0,
                  "matching_only": False, "group_negatives": False, "own_fusion_layers": False,
-                 "detach_fusion_input": False, "tia_residual": False}
+                 "detach_fusion_input": False, "tia_residual": False, "itc_warmup": 0.0}
 
 
 @dataclasses.dataclass
@@ -97,6 +97,7 @@ class TrainState:
     options: dict[str, Any]  # the run's options, as every checkpoint records them
     total_steps: int
     tia_steps: int  # the first steps train the matching tasks alone
+    itc_steps: int  # the first steps train the itc task alone (no joint pass); within or beyond tia_steps
     step: int
     position: StreamPosition
     resumed_from: Path | None
@@ -133,6 +134,7 @@ def build_state(config: TrainConfig, rt: Runtime, objective: Objective = Objecti
     warmup_steps = _steps_of(config.warmup, total_steps)
     matching_only = objective.matching_only or config.matching_only
     tia_steps = total_steps if matching_only else _steps_of(config.tia_warmup, total_steps)
+    itc_steps = _itc_steps(config, total_steps)
     optimizer, scheduler = build_optimizer(model, config.lr, config.weight_decay, rt.device, warmup_steps, total_steps)
     step, position = 0, StreamPosition()
     if resumed_from is not None:
@@ -151,11 +153,11 @@ def build_state(config: TrainConfig, rt: Runtime, objective: Objective = Objecti
     if rt.main and len(data.val_rows):
         validation = build_sample_hundred(data.texts, data.index, data.val_rows, reader, queries=config.val_queries,
                                           max_pool=config.val_max_images, seed=config.split_seed)
-    batches = _batches(config, data, reader, model_config, tokenizer, rt, tia_steps, position, step)
+    batches = _batches(config, data, reader, model_config, tokenizer, rt, max(tia_steps, itc_steps), position, step)
     return TrainState(config=config, out=out, data=data, model=model, model_config=model_config,
                       train_model=train_model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                       weighter=weighter, batches=batches, validation=validation, queue=queue, options=options,
-                      total_steps=total_steps, tia_steps=tia_steps, step=step, position=position,
+                      total_steps=total_steps, tia_steps=tia_steps, itc_steps=itc_steps, step=step, position=position,
                       resumed_from=resumed_from, objective=objective)
 
 
@@ -231,6 +233,20 @@ def _total_steps(config: TrainConfig, train_images: int, world: int) -> int:
 def _steps_of(value: float, total_steps: int) -> int:
     """A step count given as steps (>= 1) or as a fraction of all steps (< 1)."""
     return int(value) if value >= 1 else int(round(value * total_steps))
+
+
+def _itc_steps(config: TrainConfig, total_steps: int) -> int:
+    """--itc-warmup in steps, checked: the itc task alone needs the itc head, and TIA must get some steps."""
+    if config.itc_warmup < 0:
+        raise UserError(f"--itc-warmup {config.itc_warmup}: must be >= 0 (steps if >= 1, else a fraction of all steps)")
+    steps = _steps_of(config.itc_warmup, total_steps)
+    if steps and config.itc_dim <= 0:
+        raise UserError("--itc-warmup trains the contrastive itc task alone, which --itc-dim 0 turns off: drop one of "
+                        "the two")
+    if steps >= total_steps:
+        raise UserError(f"--itc-warmup {config.itc_warmup} is {steps} of the run's {total_steps} steps: TIA would never "
+                        f"train; leave it some steps (e.g. --itc-warmup 0.5)")
+    return steps
 
 
 def run_options(config: TrainConfig, world: int) -> dict[str, Any]:

@@ -65,9 +65,15 @@ def _micro_step(state: TrainState, rt: Runtime, batch: Batch, last: bool):
     with sync:
         torch.manual_seed(step_seed(state.config.seed, rt.rank, batch.index))  # dropout: same draws on resume
         state.weighter.reset()
+        itc_alone = state.step < state.itc_steps
+        inputs = batch.model_inputs()
+        if itc_alone:  # no joint pass: nothing to mine for
+            inputs.pop("mining", None)
         with rt.autocast():
-            output = state.train_model(**batch.model_inputs(), itc_queue=state.queue)
-        if batch.tia_only:
+            output = state.train_model(**inputs, itc_queue=state.queue, joint=not itc_alone)
+        if itc_alone:
+            total, weights, n = _itc_alone(state, output.losses)
+        elif batch.tia_only:
             total, weights, n = _matching_only(state, output.losses)
         else:
             total, weights, n = state.weighter(output.losses)
@@ -87,6 +93,16 @@ def _matching_only(state: TrainState, losses: dict[str, torch.Tensor]):
     idle = [p for head in (state.model.mlm_head, state.model.mpm_head) for p in head.parameters()]
     total = total + 0.0 * sum(p.sum() for p in idle)
     return total, weights, torch.zeros(len(tasks))
+
+
+def _itc_alone(state: TrainState, losses: dict[str, torch.Tensor]):
+    """An --itc-warmup step's loss: the contrastive task alone -> (total, weights, n)."""
+    tasks = state.model.tasks
+    weights = torch.tensor([1.0 if t == "itc" else 0.0 for t in tasks])
+    # Every parameter the itc passes do not reach (the joint pass's, the heads') joins at zero cost, so that DDP sees
+    # each one used, as in the warm-up.
+    idle = sum(p.sum() for p in state.model.parameters() if p.requires_grad)
+    return losses["itc"] + 0.0 * idle, weights, torch.zeros(len(tasks))
 
 
 def step_seed(seed: int, rank: int, index: int) -> int:

@@ -115,6 +115,8 @@ def _log_start(state: TrainState, rt: Runtime) -> None:
             f"{'+'.join(matching)} alone on every step (--matching-only)" if state.tia_steps >= state.total_steps else
             f"{'+'.join(matching)} alone for {state.tia_steps} steps, then {'/'.join(tasks)} with task weights "
             f"{config.task_weights}")
+    if state.itc_steps and state.objective.describe is None:
+        plan = f"itc alone for the first {state.itc_steps} steps (--itc-warmup), then {plan}"
     _log(f"{name}: {len(data.train_rows)} images / {len(data.train_products)} products for training, "
          f"{len(data.val_rows)} images held out; {rt.world} process(es) on {rt.device} ({rt.precision}); steps "
          f"{state.step}->{state.total_steps}, {positives_per_step} positives x (1+{config.neg_ratio}) rows per step; "
