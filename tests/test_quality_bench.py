@@ -86,9 +86,11 @@ def test_train_args_go_over_the_recipe():
     c = _config("--train-args", "--neg-ratio 2 --lr 1e-3 --steps 50", "--backbone", "tiny")
     assert (c.neg_ratio, c.lr, c.steps, c.batch_size, c.backbone) == (2, 1e-3, 50, 32, "tiny")
     assert _config("--train-args", "--steps 50", "--steps", "7").steps == 7  # the script's --steps wins
-    c = _config("--train-args", "--no-matching-only", "--steps", "600")  # the recipe before matching-only; a lone
-    # option as the value, which argparse alone would take for one of its own
-    assert (c.matching_only, c.tia_warmup, c.steps) == (False, 0.2, 600)
+    c = _config("--train-args", "--no-matching-only", "--steps", "600")  # a lone option as the value, which
+    # argparse alone would take for one of its own
+    assert (c.matching_only, c.tia_warmup, c.itc_warmup, c.steps) == (False, 0.2, 760 / 1200, 600)
+    c = _config("--train-args", "--itc-warmup 0", "--steps", "880")  # the 880-step recipe before --itc-warmup
+    assert (c.matching_only, c.itc_warmup, c.steps) == (True, 0.0, 880)
     c = _config("--train-args", "--epochs 2")
     assert (c.steps, c.epochs) == (None, 2.0)
 
