@@ -97,18 +97,10 @@ def step_loss(weighter, losses: dict, clean: bool) -> torch.Tensor:
     return weighter(losses)[0]
 
 
-def step_inputs(batch, joint: bool = True) -> dict:
-    """The forward's arguments; joint=False is an --itc-warmup step (the itc task alone: nothing to mine for)."""
-    inputs = batch.model_inputs()
-    if not joint:
-        inputs.pop("mining", None)
-    return dict(inputs, joint=joint)
-
-
 def train_step(model, weighter, optimizer, batch, precision: str, clean: bool, joint: bool = True):
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
     with ctx:
-        out = model(**step_inputs(batch, joint))
+        out = model(**batch.model_inputs(joint))
     step_loss(weighter, out.losses, clean).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -227,7 +219,7 @@ def main() -> None:
             # the budget counts steps of --batch-size positives, and this step has no mined rows.
             with FlopCounterMode(display=False) as counter:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    out = model(**step_inputs(sample[0], joint=False))
+                    out = model(**sample[0].model_inputs(joint=False))
                 step_loss(weighter, out.losses, True).backward()
             model.zero_grad(set_to_none=True)
             _, itc_alone = timed_steps(model, weighter, sample * 2, precision, clean=True, joint=False)

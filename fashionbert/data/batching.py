@@ -338,16 +338,18 @@ class Batch:
         return dataclasses.replace(self, **moved, groups=self.groups.to(device) if self.groups is not None else None,
                                    mining=self.mining.to(device) if self.mining is not None else None)
 
-    def model_inputs(self) -> dict:
+    def model_inputs(self, joint: bool = True) -> dict:
+        """The model's forward arguments; joint=False for a step without the joint pass (--itc-warmup's): the itc task
+        alone, so no mining request."""
         inputs = dict(input_ids=self.input_ids, attention_mask=self.attention_mask, patch_features=self.patch_features,
                       tia_labels=self.tia_labels)
         if not self.tia_only:
             inputs.update(patch_mask=self.patch_mask, mlm_labels=self.mlm_labels)
         if self.groups is not None:
             inputs["groups"] = self.groups
-        if self.mining is not None:
+        if self.mining is not None and joint:
             inputs["mining"] = self.mining
-        return inputs
+        return dict(inputs, joint=joint)
 
 
 @dataclasses.dataclass

@@ -66,11 +66,8 @@ def _micro_step(state: TrainState, rt: Runtime, batch: Batch, last: bool):
         torch.manual_seed(step_seed(state.config.seed, rt.rank, batch.index))  # dropout: same draws on resume
         state.weighter.reset()
         itc_alone = state.step < state.itc_steps
-        inputs = batch.model_inputs()
-        if itc_alone:  # no joint pass: nothing to mine for
-            inputs.pop("mining", None)
         with rt.autocast():
-            output = state.train_model(**inputs, itc_queue=state.queue, joint=not itc_alone)
+            output = state.train_model(**batch.model_inputs(joint=not itc_alone), itc_queue=state.queue)
         if itc_alone:
             total, weights, n = _itc_alone(state, output.losses)
         elif batch.tia_only:
