@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -293,6 +294,71 @@ def test_matching_only_is_the_warm_up_on_every_step(tmp_path, features, tiny_bac
     assert [r["loss"] for r in recs] == [r["loss"] for r in _train_records(tmp_path / "warmup")]
     options = json.loads((ckpt.latest_checkpoint(tmp_path / "flag") / ckpt.STATE_JSON).read_text())["options"]
     assert options["matching_only"] is True
+
+
+def test_subcategory_batches_serve_a_window_sub_category_by_sub_category(features):
+    """--subcategory-batches: each window holds the same rows as a shuffled one, each sub-category's side by side
+    (and, with --group-negatives too, each group's rows of a sub-category inside it), in an order fixed by the seed; the epoch's batches
+    then span fewer sub-categories than shuffled ones. A product without a sub-category is a block of its own."""
+    texts, index, plain = _stream_parts(features, window=16)
+    sub_of_row = texts.subcategory_codes()[index.product]
+    group_of_row = texts.group_codes()[index.product]
+    assert len(np.unique(sub_of_row)) > 1
+
+    def stream(**blocks):
+        return ImageStream(index, np.arange(len(index)), plain.reader, seed=0, window_rows=16, **blocks)
+
+    def runs(codes):
+        return 1 + int(np.count_nonzero(np.diff(codes)))
+
+    by_sub, both = stream(subcategories=sub_of_row), stream(subcategories=sub_of_row, groups=group_of_row)
+    for epoch in (0, 1):
+        for a, b, c in zip(plain.epoch_windows(epoch), by_sub.epoch_windows(epoch), both.epoch_windows(epoch),
+                           strict=True):
+            assert a.start == b.start == c.start and sorted(a.rows) == sorted(b.rows) == sorted(c.rows)
+            for w in (b, c):
+                assert runs(sub_of_row[w.rows]) == len(np.unique(sub_of_row[w.rows]))
+            for sub in np.unique(sub_of_row[c.rows]):  # (these fake groups span sub-categories; a catalog's seldom do)
+                g = group_of_row[c.rows][sub_of_row[c.rows] == sub]
+                assert runs(g) == len(np.unique(g))
+        assert [w.rows.tolist() for w in by_sub.epoch_windows(epoch)] == \
+            [w.rows.tolist() for w in stream(subcategories=sub_of_row).epoch_windows(epoch)]
+
+    def subcategories_per_batch(s):
+        rows = np.concatenate([w.rows for w in s.epoch_windows(0)])
+        return np.mean([len(np.unique(sub_of_row[rows[i:i + 8]])) for i in range(0, len(rows) - 7, 8)])
+
+    assert subcategories_per_batch(by_sub) < subcategories_per_batch(plain) - 1
+    texts.subcategory[0] = texts.subcategory[1] = ""
+    codes = texts.subcategory_codes()
+    assert codes[0] != codes[1] and len(np.unique(codes)) == len(np.unique(codes[2:])) + 2
+
+
+def test_subcategory_batches_train_resume_bitwise_and_refuse_a_mismatch(tmp_path, features, tiny_backbone):
+    """A --subcategory-batches run trains and records the option; killed and resumed it reaches the uninterrupted
+    weights; resuming without the option is refused; its batches differ from shuffled ones."""
+    from safetensors.torch import load_file
+
+    args = ("--steps", 4, "--checkpoint-every", 2, "--val-every", 0, "--matching-only", "--subcategory-batches",
+            "--shuffle-window", 16)
+    out = tmp_path / "whole"
+    run(make_args(features, out, tiny_backbone, *args))
+    recs = _train_records(out)
+    assert len(recs) == 4 and all(math.isfinite(r["loss"]) for r in recs)
+    options = json.loads((ckpt.latest_checkpoint(out) / ckpt.STATE_JSON).read_text())["options"]
+    assert options["subcategory_batches"] is True
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-0000004")
+    run(make_args(features, resumed, tiny_backbone, *args, "--resume"))
+    a, b = load_file(out / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in recs] == [r["loss"] for r in _train_records(resumed)]
+    with pytest.raises(UserError, match=r"--subcategory-batches False \(checkpoint: True\)"):
+        run(make_args(features, resumed, tiny_backbone, *args[:-3], "--shuffle-window", 16, "--steps", 6, "--resume"))
+    shuffled = tmp_path / "shuffled"
+    run(make_args(features, shuffled, tiny_backbone, *args[:-3], "--shuffle-window", 16))
+    assert [r["loss"] for r in _train_records(shuffled)] != [r["loss"] for r in recs]
 
 
 def test_group_negatives_trains_and_is_recorded(tmp_path, features, tiny_backbone):

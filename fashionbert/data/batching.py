@@ -119,13 +119,20 @@ class ImageStream:
     order, each group's rows together in a random order, so that a product's colour variants share a batch (a
     group split across two windows is not put back together: featurize writes shards in id order, in which a
     catalog's variants usually sit side by side).
+
+    With `subcategories` (a code per ImageIndex entry) the window is then served sub-category by sub-category, in
+    a random order of them (the rows of each keep their order, so groups stay together), so that a batch's other
+    positives -- its in-batch itc negatives and the pool of its mined ones -- are mostly of its own sub-category,
+    as the sample-100 candidates are.
     """
 
     def __init__(self, index: ImageIndex, rows: np.ndarray, reader: FeatureReader, seed: int, rank: int = 0,
-                 world: int = 1, window_rows: int = 512, groups: np.ndarray | None = None):
+                 world: int = 1, window_rows: int = 512, groups: np.ndarray | None = None,
+                 subcategories: np.ndarray | None = None):
         self.index = index
         self.reader = reader
         self.groups = None if groups is None else np.asarray(groups, dtype=np.int64)
+        self.subcategories = None if subcategories is None else np.asarray(subcategories, dtype=np.int64)
         self.seed, self.rank, self.world = seed, rank, world
         self.window_rows = max(1, window_rows)
         rows = np.sort(np.asarray(rows, dtype=np.int64))
@@ -163,9 +170,10 @@ class ImageStream:
         rows = np.concatenate(units)
         rng = np.random.default_rng([self.seed, epoch, self.rank, self.world, w, 0x3A7])
         rows = rows[rng.permutation(len(rows))]
-        if self.groups is not None:
-            _, group = np.unique(self.groups[rows], return_inverse=True)
-            rows = rows[np.argsort(rng.permutation(int(group.max()) + 1)[group], kind="stable")]
+        for codes in (self.groups, self.subcategories):
+            if codes is not None:
+                _, block = np.unique(codes[rows], return_inverse=True)
+                rows = rows[np.argsort(rng.permutation(int(block.max()) + 1)[block], kind="stable")]
         return Window(rows=rows, start=start)
 
     def iter_windows(self, position: StreamPosition) -> Iterator[tuple[int, Window, np.ndarray, int]]:

@@ -167,6 +167,11 @@ class TextTable:
         groups = [g or f"\0product {p}" for p, g in enumerate(self.group_id)]
         return np.unique(np.asarray(groups, dtype=str), return_inverse=True)[1].astype(np.int64)
 
+    def subcategory_codes(self) -> np.ndarray:
+        """(products,) int64, equal for the products of one sub-category; a product with none is one of its own."""
+        subs = [s or f"\0product {p}" for p, s in enumerate(self.subcategory)]
+        return np.unique(np.asarray(subs, dtype=str), return_inverse=True)[1].astype(np.int64)
+
 
 def truncate_ids(ids: np.ndarray, max_len: int, sep_id: int) -> np.ndarray:
     """Keep [CLS] ... and end with [SEP] within max_len tokens."""

@@ -26,6 +26,7 @@ class TrainConfig:
     hard_neg_fraction: float | None = None  # None: 1.0 with the itc head, 0 without
     hard_neg_temperature: float = 0.0
     group_negatives: bool = False
+    subcategory_batches: bool = False
     max_text_len: int | None = None
     shuffle_window: int = 512
     # model
@@ -130,6 +131,12 @@ def add_pair_arguments(g: argparse._ArgumentGroup) -> None:
                         "their texts are the same. Why: ranking must tell a product from its other colours, and a "
                         "negative from another group seldom asks that (default off: shuffled batches, mining never "
                         "draws the positive's group)")
+    g.add_argument("--subcategory-batches", action=argparse.BooleanOptionalAction, default=D.subcategory_batches,
+                   help="serve each shuffle window sub-category by sub-category, so that a batch's other positives (its "
+                        "in-batch itc negatives and the pool its TIA negatives are mined from) are mostly of the "
+                        "positive's own sub-category, as the sample-100 candidates are: on hm-dev a shuffled batch of "
+                        "32 spans ~18 sub-categories, such a batch ~4. Groups still share batches with "
+                        "--group-negatives (default off: shuffled batches)")
     g.add_argument("--shuffle-window", type=int, default=D.shuffle_window,
                    help="images per shuffle window: the stream reads this many images at a time, shuffles "
                         "them, and draws image negatives from them; memory ~ window x 160 KB (default 512)")

@@ -30,14 +30,15 @@ from fashionbert.train.optim import build_optimizer, restore_optimizer
 # Options that fix the data order or the optimisation: a resumed run must use the checkpoint's values,
 # or it would not continue the same run.
 RESUME_MUST_MATCH = ("batch_size", "itc_dim", "itc_pooling", "dropout", "tia_warmup", "itc_warmup", "matching_only", "grad_accum", "neg_ratio",
-                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "group_negatives", "itc_queue", "fusion_layer", "own_fusion_layers", "detach_fusion_input", "tia_pooling", "tia_residual", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
+                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "group_negatives", "subcategory_batches", "itc_queue", "fusion_layer", "own_fusion_layers", "detach_fusion_input", "tia_pooling", "tia_residual", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
                      "weight_decay", "shuffle_window", "world_size")
 
 # What a checkpoint written before an option existed ran with.
 BEFORE_OPTION = {"hard_neg_fraction": 0.0, "hard_neg_temperature": 0.0, "itc_queue": 0, "fusion_layer": 0,
                  "tia_pooling": "cls", "keep_recall": False, "hidden_weight": 0.0,
                  "matching_only": False, "group_negatives": False, "own_fusion_layers": False,
-                 "detach_fusion_input": False, "tia_residual": False, "itc_warmup": 0.0}
+                 "detach_fusion_input": False, "tia_residual": False, "itc_warmup": 0.0,
+                 "subcategory_batches": False}
 
 
 @dataclasses.dataclass
@@ -346,7 +347,9 @@ def _batches(config: TrainConfig, data: TrainingData, reader: FeatureReader, mod
                         hard_neg_fraction(config), config.group_negatives)
     stream = ImageStream(data.index, data.train_rows, reader, seed=config.seed, rank=rt.rank, world=rt.world,
                          window_rows=config.shuffle_window,
-                         groups=pairs.group_code[data.index.product] if config.group_negatives else None)
+                         groups=pairs.group_code[data.index.product] if config.group_negatives else None,
+                         subcategories=(data.texts.subcategory_codes()[data.index.product]
+                                        if config.subcategory_batches else None))
     batches = iter_batches(stream, pairs, settings, vocab, config.seed, position,
                            first_index=step * config.grad_accum)
     return Prefetcher(batches, config.prefetch) if config.prefetch > 0 else batches
