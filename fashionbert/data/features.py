@@ -164,13 +164,17 @@ class TextTable:
     def group_codes(self) -> np.ndarray:
         """(products,) int64, equal for the products of one group (a product's colour variants); a product without a
         group_id is a group of its own."""
-        groups = [g or f"\0product {p}" for p, g in enumerate(self.group_id)]
-        return np.unique(np.asarray(groups, dtype=str), return_inverse=True)[1].astype(np.int64)
+        return _codes(self.group_id)
 
     def subcategory_codes(self) -> np.ndarray:
         """(products,) int64, equal for the products of one sub-category; a product with none is one of its own."""
-        subs = [s or f"\0product {p}" for p, s in enumerate(self.subcategory)]
-        return np.unique(np.asarray(subs, dtype=str), return_inverse=True)[1].astype(np.int64)
+        return _codes(self.subcategory)
+
+
+def _codes(labels: Sequence[str]) -> np.ndarray:
+    """An int64 code per product, equal for equal labels; an empty label makes the product a code of its own."""
+    named = [label or f"\0product {p}" for p, label in enumerate(labels)]
+    return np.unique(np.asarray(named, dtype=str), return_inverse=True)[1].astype(np.int64)
 
 
 def truncate_ids(ids: np.ndarray, max_len: int, sep_id: int) -> np.ndarray:
