@@ -298,8 +298,8 @@ def test_matching_only_is_the_warm_up_on_every_step(tmp_path, features, tiny_bac
 
 def test_subcategory_batches_serve_a_window_sub_category_by_sub_category(features):
     """--subcategory-batches: each window holds the same rows as a shuffled one, each sub-category's side by side
-    (and, with --group-negatives too, each group's rows of a sub-category inside it), in an order fixed by the seed; the epoch's batches
-    then span fewer sub-categories than shuffled ones. A product without a sub-category is a block of its own."""
+    (and, with --group-negatives too, each group's rows of a sub-category inside it), in an order fixed by the seed;
+    the epoch's batches then span fewer sub-categories than shuffled ones. A product without a sub-category is a block of its own."""
     texts, index, plain = _stream_parts(features, window=16)
     sub_of_row = texts.subcategory_codes()[index.product]
     group_of_row = texts.group_codes()[index.product]
@@ -339,8 +339,8 @@ def test_subcategory_batches_train_resume_bitwise_and_refuse_a_mismatch(tmp_path
     weights; resuming without the option is refused; its batches differ from shuffled ones."""
     from safetensors.torch import load_file
 
-    args = ("--steps", 4, "--checkpoint-every", 2, "--val-every", 0, "--matching-only", "--subcategory-batches",
-            "--shuffle-window", 16)
+    base = ("--steps", 4, "--checkpoint-every", 2, "--val-every", 0, "--matching-only", "--shuffle-window", 16)
+    args = (*base, "--subcategory-batches")
     out = tmp_path / "whole"
     run(make_args(features, out, tiny_backbone, *args))
     recs = _train_records(out)
@@ -355,9 +355,9 @@ def test_subcategory_batches_train_resume_bitwise_and_refuse_a_mismatch(tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in recs] == [r["loss"] for r in _train_records(resumed)]
     with pytest.raises(UserError, match=r"--subcategory-batches False \(checkpoint: True\)"):
-        run(make_args(features, resumed, tiny_backbone, *args[:-3], "--shuffle-window", 16, "--steps", 6, "--resume"))
+        run(make_args(features, resumed, tiny_backbone, *base, "--steps", 6, "--resume"))
     shuffled = tmp_path / "shuffled"
-    run(make_args(features, shuffled, tiny_backbone, *args[:-3], "--shuffle-window", 16))
+    run(make_args(features, shuffled, tiny_backbone, *base))
     assert [r["loss"] for r in _train_records(shuffled)] != [r["loss"] for r in recs]
 
 
