@@ -2,6 +2,7 @@
 asserts nothing.
 
     python bench/quality.py --catalog ../shared/data/hm-dev/articles.csv --work DIR [--label L] [--train-args "..."]
+    python bench/quality.py --catalog ../shared/data/hm-dev/articles.csv --work DIR --label L --seeds 0,1 [...]
     python bench/quality.py --work DIR --summary
 
 Stages, each skipped when its output is already complete:
@@ -21,6 +22,11 @@ per-query correlation, and the Rank@1 of an oracle taking whichever head is righ
 minutes. Appends the run's figures to DIR/quality.jsonl, so an ablation is a series of runs with different
 --label/--train-args;
 --summary prints one row per label (its latest run) from that file.
+
+--seeds 0,1 runs the same options once per seed (train's --seed; seed 0 is the plain run, label L, the others
+L-seed<k>, so a finished single run is reused) and prints one row per seed and the table of their mean, which it
+appends as label L-mean. Why: at the recipe's budget a seed moves a 1000-query Rank@1 by up to 4 points, more than
+most options do, so a single run's difference under ~3 points is not a finding.
 """
 from __future__ import annotations
 
@@ -59,12 +65,14 @@ RECIPE = {"steps": 1200, "batch_size": 32, "lr": 3e-4, "matching_only": True, "i
 TRAIN_ARGS = PassThrough("--train-args", "train", "fashionbert.train.config", ("--features", "--out", "--resume"),
                          ("--features", "--out"), owner="bench/quality.py",
                          folder_hint="it trains on --features (or WORK/features) into WORK/train-<label>")
-# The table's rows: key in the figures, what it is ranked by.
+# The table's rows: key in the figures, what it is ranked by (SHORT: the same in a few words).
 ROWS = (("score", "the ranking score (TIA + itc fused; what the tables use)"),
         ("itc", "the itc cosine alone (`by_head.itc`)"),
         ("tia", "the TIA head alone (`by_head.tia`)"),
         ("gallery_two_stage", "full gallery, two-stage (recall, then re-rank by the score)"),
         ("gallery_recall_only", "full gallery, recall only (the embedding cosine)"))
+SHORT = {"score": "score", "itc": "itc", "tia": "TIA", "gallery_two_stage": "gallery two-stage",
+         "gallery_recall_only": "gallery recall-only"}
 QUALITY_LOG = "quality.jsonl"
 # featurize's image features: the table's runs use its defaults unless --cnn/--image-size say otherwise
 DEFAULT_CNN, DEFAULT_IMAGE_SIZE = FeaturizeConfig.cnn, FeaturizeConfig.image_size
@@ -103,9 +111,13 @@ def _cell(values: list[float] | None) -> str:
 
 
 def format_table(record: dict) -> str:
-    """A run's markdown table (the README's, with the full-gallery rows) and its training line."""
+    """A run's markdown table (the README's, with the full-gallery rows) and its training line; for a mean over
+    seeds (mean_record) the mean's, and each seed's Rank@1 under it."""
     fig, sizes = record["figures"], record["sizes"]
-    lines = [f"Label `{record['label']}`, {_options(record)}. Rank@1/5/10 "
+    seeds = record.get("seeds")
+    over = (f", the mean of {len(seeds)} seeds ({', '.join(map(str, seeds))}: runs "
+            f"{', '.join(f'`{label}`' for label in record['seed_labels'])})" if seeds else "")
+    lines = [f"Label `{record['label']}`{over}, {_options(record)}. Rank@1/5/10 "
              f"(%): sample-100 over {sizes['sample100_queries']} queries x {sizes['draws']} draw; full gallery "
              f"{sizes.get('gallery_texts', 'n/a')} texts x {sizes.get('gallery_images', 'n/a')} images, "
              f"recall-k {sizes['recall_k']}.", "",
@@ -113,6 +125,12 @@ def format_table(record: dict) -> str:
     for key, what in ROWS:
         row = fig.get(key, {})
         lines.append(f"| {what} | {_cell(row.get('t2i'))} | {_cell(row.get('i2t'))} |")
+    if seeds:
+        per_seed = "; ".join(
+            f"{SHORT[key]} " + ", ".join(f"{r1[key]['t2i']:.1f} / {r1[key]['i2t']:.1f} (seed {seed})"
+                                         for seed, r1 in zip(seeds, record["per_seed_rank1"]))
+            for key, _ in ROWS if all(key in r1 for r1 in record["per_seed_rank1"]))
+        lines += ["", f"Rank@1 of each seed, text -> image / image -> text: {per_seed}."]
     variants = fig.get("variants")
     if variants:
         tops = ", ".join(f"{label} {variants[name]['t2i']:.1f} / {variants[name]['i2t']:.1f}"
@@ -128,8 +146,9 @@ def format_table(record: dict) -> str:
                       f"the most a fusion could reach) {either['t2i']:.1f} / {either['i2t']:.1f}."]
     machine = f", {record['precision']}" if record.get("precision") else ""
     machine += f" ({record['cpu']})" if record.get("cpu") else ""
-    lines += ["", f"Training: {record['steps']} steps in {record['train_minutes']:.1f} min on {record['device']}"
-                  f"{machine}; evaluation {record['eval_minutes']:.1f} min."]
+    each = " a seed (mean)" if seeds else ""
+    lines += ["", f"Training: {record['steps']} steps in {record['train_minutes']:.1f} min{each} on {record['device']}"
+                  f"{machine}; evaluation {record['eval_minutes']:.1f} min{each}."]
     return "\n".join(lines)
 
 
@@ -163,6 +182,8 @@ def format_summary(records: list[dict]) -> str:
         heads, gallery = ("score", "itc", "tia"), ("gallery_two_stage", "gallery_recall_only")
         features, train_args = _changes(r)
         options = f"features {features}, {train_args}" if features else train_args
+        if r.get("seeds"):
+            options = f"mean of seeds {', '.join(map(str, r['seeds']))}: {options}"
         lines.append(f"| {r['label']} | {options} | {r['steps']} | "
                      f"{rank1(fig, heads, 't2i')} | {rank1(fig, heads, 'i2t')} | {rank1(fig, gallery, 't2i')} | "
                      f"{rank1(fig, gallery, 'i2t')} | {r['train_minutes']:.1f} |")
@@ -301,11 +322,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="`fashionbert train` options over the recipe, one quoted string, e.g. --train-args '--neg-ratio 2'")
     g.add_argument("--steps", type=int, help=f"training steps (default the recipe's {RECIPE['steps']})")
     g.add_argument("--retrain", action="store_true", help="train again even if WORK/train-<label> is complete")
+    g.add_argument("--seeds", type=seed_list, metavar="K,K,...",
+                   help="one run per seed (train's --seed), labels <label> for seed 0 and <label>-seed<k> for the "
+                        "others, and the table of their mean (label <label>-mean); a seed moves a 1000-query Rank@1 "
+                        "by up to 4 points at the recipe's budget, so compare options on two seeds or more")
     g = ap.add_argument_group("evaluation")
     g.add_argument("--queries", type=int, default=300, help="sample-100 queries, one draw (default 300)")
     g.add_argument("--gallery-max", type=int, help="full-gallery products (default 500 on CPU, 1000 on a GPU)")
     g.add_argument("--recall-k", type=int, help="full-gallery recall-k (default 10 on CPU, 100 on a GPU)")
     return ap.parse_args(attach_pass_through(list(sys.argv[1:] if argv is None else argv), (TRAIN_ARGS.option,)))
+
+
+def seed_list(text: str) -> tuple[int, ...]:
+    """--seeds '0,1' -> (0, 1)."""
+    try:
+        seeds = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        seeds = ()
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct seeds >= 0, comma-separated, e.g. 0,1")
+    return seeds
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -338,6 +374,58 @@ def run(a: argparse.Namespace) -> dict:
     return record
 
 
+def seed_label(label: str, seed: int) -> str:
+    """The label of one seed's run: the label itself for train's default seed (a run without --seed is that seed, so
+    a finished single run is reused), else <label>-seed<k>."""
+    return label if seed == TrainConfig.seed else f"{label}-seed{seed}"
+
+
+def run_seeds(a: argparse.Namespace) -> tuple[list[dict], dict]:
+    """run() once per --seeds seed (train's --seed added to --train-args), then their mean (mean_record), appended to
+    WORK/quality.jsonl as label <label>-mean -> (the seeds' records, the mean's)."""
+    given = {token.split("=", 1)[0] for token in split_pass_through(TRAIN_ARGS, a.train_args)}
+    if "--seed" in given:
+        raise UserError("--train-args sets --seed and --seeds asks for several; give the seeds to --seeds alone")
+    records = []
+    for seed in a.seeds:
+        extra = "" if seed == TrainConfig.seed else f" --seed {seed}"
+        records.append(run(argparse.Namespace(**{**vars(a), "label": seed_label(a.label, seed),
+                                                  "train_args": f"{a.train_args}{extra}".strip()})))
+    mean = mean_record(f"{a.label}-mean", a.seeds, shlex.split(a.train_args), records)
+    with open(Path(a.work) / QUALITY_LOG, "a") as fh:
+        fh.write(json.dumps(mean, sort_keys=True) + "\n")
+    return records, mean
+
+
+def mean_record(label: str, seeds: tuple[int, ...], train_args: list[str], records: list[dict]) -> dict:
+    """One record for runs that differ only in their seed: figures and minutes averaged, each seed's Rank@1 kept."""
+    first = records[0]
+    rank1 = [{key: {d: r["figures"][key][d][0] for d in ("t2i", "i2t")} for key, _ in ROWS if key in r["figures"]}
+             for r in records]
+    return {**{k: first.get(k) for k in ("steps", "device", "precision", "cpu", "features", "sizes")},
+            "label": label, "train_args": train_args, "seeds": list(seeds),
+            "seed_labels": [r["label"] for r in records], "model_versions": [r["model_version"] for r in records],
+            "train_minutes": round(_mean([r["train_minutes"] for r in records]), 2),
+            "eval_minutes": round(_mean([r["eval_minutes"] for r in records]), 2),
+            "figures": mean_figures([r["figures"] for r in records]), "per_seed_rank1": rank1,
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def mean_figures(figs: list):
+    """The element-wise mean of several runs' figures (nested dicts and lists of numbers); a key that some run lacks
+    (e.g. an older evaluate's) is left out."""
+    head = figs[0]
+    if isinstance(head, dict):
+        return {k: mean_figures([f[k] for f in figs]) for k in head if all(k in f for f in figs)}
+    if isinstance(head, list):
+        return [mean_figures(list(column)) for column in zip(*figs)]
+    return round(_mean(figs), 3)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def cpu_description() -> str:
     """The CPU's model name and whether it multiplies bf16 natively: minutes, the budget's unit, depend on both (a CPU
     without AVX512-BF16/AMX trains in fp32, ~1.3x slower per recipe step than one with it), so each run records them."""
@@ -364,7 +452,13 @@ def read_log(work: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     try:
-        print(format_summary(read_log(Path(a.work))) if a.summary else format_table(run(a)))
+        if a.summary:
+            print(format_summary(read_log(Path(a.work))))
+        elif a.seeds:
+            records, mean = run_seeds(a)
+            print(format_summary(records) + "\n\n" + format_table(mean))
+        else:
+            print(format_table(run(a)))
     except UserError as exc:
         print(f"bench/quality.py: error: {exc}", file=sys.stderr)
         return 2

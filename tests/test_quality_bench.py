@@ -72,6 +72,46 @@ def test_summary_has_the_latest_run_of_each_label():
     assert lines[3].startswith("| neg2 | --neg-ratio 2 | 600 | 25.0 / 30.0 / 15.0 |") and lines[3].endswith("| 50.0 |")
 
 
+def test_mean_over_seeds_averages_the_figures_and_keeps_each_seeds_rank1():
+    runs = [{**_record("x", _metrics(0.3), minutes=28.0), "model_version": "a-s1-step600"},
+            {**_record("x-seed1", _metrics(0.4), ["--seed", "1"], minutes=30.0), "model_version": "b-s2-step600"}]
+    runs[1]["figures"]["heads"]["heads_correlation"]["t2i"] = 0.981
+    del runs[1]["figures"]["variants"]  # a run evaluated before variants were reported
+    mean = quality.mean_record("x-mean", (0, 1), [], runs)
+    assert mean["figures"]["score"]["t2i"] == [35.0, pytest.approx(78.26, abs=0.01), pytest.approx(110.68, abs=0.01)]
+    assert mean["figures"]["heads"]["heads_correlation"] == {"t2i": 0.986, "i2t": 0.987}
+    assert "variants" not in mean["figures"]
+    assert (mean["seeds"], mean["seed_labels"], mean["train_minutes"]) == ([0, 1], ["x", "x-seed1"], 29.0)
+    assert mean["model_versions"] == ["a-s1-step600", "b-s2-step600"] and mean["steps"] == 600
+    table = quality.format_table(mean)
+    assert table.startswith("Label `x-mean`, the mean of 2 seeds (0, 1: runs `x`, `x-seed1`), train args `(recipe)`.")
+    assert "| the ranking score (TIA + itc fused; what the tables use) | 35.0 / 78.3 / 110.7 |" in table
+    assert ("Rank@1 of each seed, text -> image / image -> text: score 30.0 / 30.0 (seed 0), 40.0 / 40.0 (seed 1); "
+            "itc 30.0 / 30.0 (seed 0), 30.0 / 30.0 (seed 1); TIA 15.0 / 15.0 (seed 0), 15.0 / 15.0 (seed 1); "
+            "gallery two-stage 12.0 / 12.0 (seed 0), 12.0 / 12.0 (seed 1); gallery recall-only") in table
+    assert "Training: 600 steps in 29.0 min a seed (mean) on cpu; evaluation 8.0 min a seed (mean)." in table
+    row = quality.format_summary([*runs, mean]).splitlines()[-1]
+    assert row.startswith("| x-mean | mean of seeds 0, 1: (recipe) | 600 | 35.0 / 30.0 / 15.0 |")
+    assert json.loads(json.dumps(mean)) == mean  # it goes to quality.jsonl
+
+
+@pytest.mark.parametrize("seeds", ["0,0", "a", "-1", ","])
+def test_bad_seeds_are_refused_by_the_parser(seeds, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        quality.parse_args(["--work", "w", "--seeds", seeds])
+    assert exit_.value.code == 2 and "give distinct seeds >= 0, comma-separated" in capsys.readouterr().err
+
+
+def test_seeds_and_a_seed_in_train_args_are_one_clear_error_before_any_work(tmp_path, capsys):
+    work = tmp_path / "w"
+    assert quality.parse_args(["--work", "w", "--seeds", "0, 2"]).seeds == (0, 2)
+    assert [quality.seed_label("r", k) for k in (0, 2)] == ["r", "r-seed2"]
+    assert quality.main(["--work", str(work), "--catalog", "synthetic:4", "--seeds", "0,1",
+                         "--train-args", "--lr 1e-3 --seed=3"]) == 2
+    assert "--train-args sets --seed and --seeds asks for several" in capsys.readouterr().err
+    assert not (work / "features").exists()
+
+
 # ============================================================================================ --train-args
 def _config(*argv):
     a = quality.parse_args(["--work", "w", *argv])
@@ -188,3 +228,18 @@ def test_end_to_end_on_a_tiny_synthetic_catalog(tmp_path, capsys, tiny_backbone)
     assert quality.main(["--work", str(work), "--summary"]) == 0
     rows = capsys.readouterr().out.splitlines()
     assert len(rows) == 4 and rows[2].startswith("| default |") and rows[3].startswith("| neg2 |")
+
+    # two seeds: seed 0 is the finished plain run (reused), seed 1 trains as default-seed1, and their mean is logged
+    assert quality.main(args + ["--seeds", "0,1"]) == 0
+    out, err = capsys.readouterr()
+    assert f"train: reusing {work / 'train-default'}" in err and f"train: reusing {work / 'train-default-seed1'}" not in err
+    assert out.splitlines()[2].startswith("| default | --batch-size 8 ") and "the mean of 2 seeds" in out
+    assert out.splitlines()[3].startswith("| default-seed1 | --batch-size 8 ") and out.splitlines()[3].count("--seed 1") == 1
+    from fashionbert.model.loading import training_options
+    assert training_options(work / "train-default-seed1" / "model")[0]["seed"] == 1
+    records = [json.loads(line) for line in (work / "quality.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in records[2:]] == ["default", "default-seed1", "default-mean"]
+    seeds, mean = records[2:4], records[4]
+    assert "--seed" not in mean["train_args"] and records[3]["train_args"][-2:] == ["--seed", "1"]
+    assert mean["figures"]["score"]["t2i"][0] == pytest.approx(
+        (seeds[0]["figures"]["score"]["t2i"][0] + seeds[1]["figures"]["score"]["t2i"][0]) / 2, abs=1e-3)
