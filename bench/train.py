@@ -11,6 +11,8 @@ Figures, each measured in this one run on this machine:
   -- bf16 where the CPU runs it natively, else fp32 --, adaptive-grad, AdamW) on a synthetic featurize folder with
   real shapes (8x8 x 1286 features (CNN + colour), texts of ~45 tokens), and its ratio to the FLOP bound (peak matmul
   GFLOP/s at that precision / FLOPs per pair); target >= 40%;
+- the attention kernel of a training step, transformers' eager attention vs torch's fused sdpa on the same batches at
+  train's precision: median step times and their ratio (train runs eager on a CPU in bf16: Runtime.training_attention);
 - bf16 autocast vs fp32 on the same batches: per-task loss difference and train-step time (skipped on a CPU without
   native bf16, where autocast emulates it many times slower than fp32).
 
@@ -44,7 +46,7 @@ from fashionbert.model.backbone import load_tokenizer  # noqa: E402
 from fashionbert.model.config import FashionBertConfig  # noqa: E402
 from fashionbert.model.modeling import FashionBertModel  # noqa: E402
 from fashionbert.model.patch_cnn import FEATURE_DIM  # noqa: E402
-from fashionbert.runtime import PRECISIONS, cpu_has_native_bf16, resolve_precision  # noqa: E402
+from fashionbert.runtime import PRECISIONS, Runtime, cpu_has_native_bf16, resolve_precision  # noqa: E402
 from fashionbert.train.adaptive_loss import TaskWeighter  # noqa: E402
 from fashionbert.train.state import fusion_layer  # noqa: E402
 from fashionbert.train.trainer import TrainConfig, run  # noqa: E402
@@ -107,17 +109,22 @@ def train_step(model, weighter, optimizer, batch, precision: str, clean: bool, j
     return {k: float(v.detach()) for k, v in out.losses.items()}
 
 
-def timed_steps(model, weighter, batches, precision: str, clean: bool, joint: bool = True
-                ) -> tuple[list[dict], list[float]]:
-    """Train steps on `batches` from the model's current weights (restored afterwards) -> (losses, seconds) per step."""
+def timed_steps(model, weighter, batches, precision: str, clean: bool, joint: bool = True,
+                attention: str | None = "train") -> tuple[list[dict], list[float]]:
+    """Train steps on `batches` from the model's current weights (restored afterwards) -> (losses, seconds) per step.
+    `attention`: the implementation the steps run (FashionBertModel.attention); "train" = train's rule for this
+    precision on the CPU (Runtime.training_attention)."""
+    if attention == "train":
+        attention = Runtime(torch.device("cpu"), precision).training_attention
     state = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     torch.manual_seed(0)
     losses, times = [], []
-    for b in batches:
-        t0 = time.perf_counter()
-        losses.append(train_step(model, weighter, optimizer, b, precision, clean, joint))
-        times.append(time.perf_counter() - t0)
+    with model.attention(attention):
+        for b in batches:
+            t0 = time.perf_counter()
+            losses.append(train_step(model, weighter, optimizer, b, precision, clean, joint))
+            times.append(time.perf_counter() - t0)
     model.load_state_dict(state)
     return losses, times
 
@@ -226,6 +233,15 @@ def main() -> None:
             fi, fj, ti = counter.get_total_flops() / 1e9, counted * rows / 1e9, median_after_first(itc_alone)
             print(f"--itc-warmup step (itc alone) vs clean joint step: {fi:.1f} vs {fj:.1f} GFLOP per step "
                   f"({fi / fj:.2f}), median step {ti:.2f} vs {ts:.2f} s ({ti / ts:.2f})")
+
+        # ---- the attention kernel of a training step: eager vs sdpa on the same batches, at train's precision
+        runs = {name: timed_steps(model, weighter, sample * 2, precision, a.clean, attention=name)
+                for name in ("sdpa", "eager")}
+        ts, te = median_after_first(runs["sdpa"][1]), median_after_first(runs["eager"][1])
+        loss_diff = max(abs(x[t] - y[t]) for x, y in zip(runs["sdpa"][0], runs["eager"][0]) for t in x)
+        chosen = Runtime(torch.device("cpu"), precision).training_attention or "sdpa"
+        print(f"attention in a {precision} training step: median step {ts:.2f} s sdpa vs {te:.2f} s eager ({ts / te:.2f}x); "
+              f"max |loss diff| {loss_diff:.4f}; train runs {chosen} here")
 
         # ---- bf16 vs fp32 on the same batches
         if cpu_has_native_bf16():

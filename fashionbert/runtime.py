@@ -41,6 +41,15 @@ class Runtime:
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def training_attention(self) -> str | None:
+        """The attention implementation a training step runs (FashionBertModel.attention); None = the model's own,
+        sdpa. Why eager on a CPU in bf16: there torch's fused sdpa kernel (flash attention for CPU) is slow backwards,
+        half of a joint recipe step, and transformers' eager attention (matmul, softmax, matmul) trains the step
+        ~1.7x faster at the same FLOPs (`python bench/train.py --clean --batch-size 32` times both). In fp32, for
+        inference (forward only) and on a GPU sdpa is as fast or faster, so they keep it."""
+        return "eager" if self.device.type == "cpu" and self.precision == "bf16" else None
+
     def autocast(self):
         if self.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)

@@ -588,3 +588,41 @@ def test_tokens_tia_head_round_trips_and_checks_its_size(tiny_backbone, tmp_path
     with pytest.raises(Exception, match="tia_token_dim 0"):
         FashionBertModel(FashionBertConfig(backbone=str(tiny_backbone), feature_dim=FEATURE_DIM, tia_pooling="tokens",
                                            tia_token_dim=0, bert=model.config.bert))
+
+
+# ------------------------------------------------------------------------------------------ attention implementation
+def test_attention_switches_every_layer_for_the_block_and_computes_what_sdpa_does(tiny_backbone):
+    """Training on a CPU in bf16 runs eager attention (Runtime.training_attention): the same model, the same
+    function; only the kernel differs. Checked in fp32, with padded texts, through the joint pass, the late-fusion
+    pieces, the model's own fusion layers, a recall encoder and the itc passes."""
+    torch.manual_seed(0)
+    config = FashionBertConfig(backbone=str(tiny_backbone), feature_dim=FEATURE_DIM, fusion_layer=1, itc_dim=8,
+                               own_fusion_layers=True, recall_layers=1, dropout=0.0)
+    m = FashionBertModel.from_pretrained_backbone(config).train()
+    modules = [m.bert.encoder.layer[0], m.fusion_layers[0], m.recall_encoder.layer[0]]
+    assert {mod.attention.self.config._attn_implementation for mod in modules} == {"sdpa"}
+    ids, attn, feats = _inputs(batch=3, text_len=9)
+    attn[0, 5:] = 0  # padding: each implementation has its own mask format
+    attn[1, 7:] = 0
+
+    def run():
+        m.zero_grad(set_to_none=True)
+        joint, pooled = m.encode(ids, attn, feats)
+        text, image = m.itc_head(m, ids, attn, feats)
+        loss = joint.square().mean() + pooled.sum() + (text @ image.T).sum()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    sdpa_loss, sdpa_grads = run()
+    with m.attention("eager"):
+        assert {mod.attention.self.config._attn_implementation for mod in modules} == {"eager"}
+        eager_loss, eager_grads = run()
+    assert {mod.attention.self.config._attn_implementation for mod in modules} == {"sdpa"}  # restored
+    assert torch.allclose(eager_loss, sdpa_loss, rtol=1e-5, atol=1e-5) and sdpa_grads.keys() == eager_grads.keys()
+    assert all(torch.allclose(eager_grads[n], g, rtol=1e-4, atol=1e-5) for n, g in sdpa_grads.items())
+    with m.attention(None):  # None: as it is
+        assert m.bert.config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError, match="inside"):
+        with m.attention("eager"):
+            raise RuntimeError("inside")
+    assert m.bert.config._attn_implementation == "sdpa" and m.recall_encoder.config._attn_implementation == "sdpa"

@@ -28,7 +28,7 @@ from fashionbert.evaluation.quick_validation import roc_auc
 from fashionbert.model.backbone import load_tokenizer
 from fashionbert.model.modeling import FashionBertModel
 from fashionbert.model.score_fusion import FUSION_NAME
-from fashionbert.runtime import setup_runtime
+from fashionbert.runtime import Runtime, setup_runtime
 from fashionbert.train import checkpoint as ckpt
 from fashionbert.train.state import build_state
 from fashionbert.train.step import train_step
@@ -504,6 +504,26 @@ def test_set_up_and_train_step_alone_give_the_runs_first_steps(tmp_path, uninter
         assert (record["grad_norm"], record["lr"], record["pairs"]) == (result.grad_norm, result.lr, result.pairs)
         losses = [None if math.isnan(x) else x for x in result.losses.tolist()]
         assert [record[f"loss_{t}"] for t in state.model.tasks] == losses
+
+
+def test_a_cpu_bf16_step_runs_eager_attention_and_leaves_the_model_on_sdpa(tmp_path, features, tiny_backbone):
+    # the rule: eager only where sdpa's fused kernel is slow backwards (a CPU in bf16)
+    assert Runtime(torch.device("cpu"), "bf16").training_attention == "eager"
+    assert Runtime(torch.device("cpu"), "fp32").training_attention is None
+    assert Runtime(torch.device("cuda"), "bf16").training_attention is None
+    config = make_args(features, tmp_path / "out", tiny_backbone, "--steps", 2, "--precision", "bf16")
+    rt = setup_runtime(config.device, config.precision, config.num_threads)
+    state = build_state(config, rt)
+    seen = []
+    hook = state.model.bert.encoder.layer[0].register_forward_pre_hook(
+        lambda module, args: seen.append(module.attention.self.config._attn_implementation))
+    try:
+        result = train_step(state, rt)
+    finally:
+        hook.remove()
+        state.close()
+    assert seen and set(seen) == {"eager"} and math.isfinite(result.grad_norm)
+    assert state.model.bert.config._attn_implementation == "sdpa"  # validation and the exported model score on it
 
 
 # A training process that SIGKILLs itself once step argv[1] is done (and its checkpoint, if any, written).

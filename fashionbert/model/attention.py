@@ -30,7 +30,6 @@ each layer's weights. The pass is the model's own pieces (`encode_text_below_fus
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import numpy as np
@@ -50,19 +49,6 @@ class TokenPatchAttention:
     image_mass: list[np.ndarray]  # per pair: (n_b,) float32 in [0, 1]
     patch_map: np.ndarray  # (B, P) float32, each row sums to 1
     margin: np.ndarray  # (B,) float32 TIA logit margin of the same pass
-
-
-@contextlib.contextmanager
-def eager_attention(model: FashionBertModel):
-    """The backbone on transformers' eager attention for the block (its self-attention modules then return their
-    weights), restored afterwards. The attention masks follow the implementation: `run_layers` builds them from the
-    same config."""
-    before = model.bert.config._attn_implementation
-    model.bert.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.bert.set_attn_implementation(before)
 
 
 class _AttentionRecorder:
@@ -117,7 +103,7 @@ def token_patch_attention(model: FashionBertModel, input_ids: torch.Tensor, atte
         raise ValueError(f"method {method!r}: one of {METHODS}")
     m, cfg = model, model.config
     fusion = int(cfg.fusion_layer)
-    with eager_attention(m):
+    with m.attention("eager"):  # sdpa computes the weights without returning them
         recorder = _AttentionRecorder(m)
         try:
             text = m.encode_text_below_fusion(m.embed_text(input_ids), attention_mask)

@@ -287,6 +287,25 @@ class FashionBertModel(PreTrainedModel):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
+    @contextlib.contextmanager
+    def attention(self, implementation: str | None):
+        """Every encoder layer on transformers' attention `implementation` ("sdpa", "eager") for the block, restored
+        afterwards; None leaves it as it is. A runtime choice, like precision: the saved config does not hold it.
+        The fusion layers share the backbone's config object, so they switch with it; a recall encoder has a config
+        of its own. `run_layers` builds each call's masks from the backbone's config, so they follow."""
+        encoder = getattr(self, "recall_encoder", None)
+        before = self.bert.config._attn_implementation
+        if implementation is not None:
+            self.bert.set_attn_implementation(implementation)
+            if encoder is not None:
+                encoder.config._attn_implementation = implementation
+        try:
+            yield
+        finally:
+            self.bert.set_attn_implementation(before)
+            if encoder is not None:
+                encoder.config._attn_implementation = before
+
     @property
     def tasks(self) -> tuple[str, ...]:
         """The training tasks this model has heads for, in the order losses and weights are logged."""

@@ -35,14 +35,15 @@ def train_step(state: TrainState, rt: Runtime) -> StepResult:
     micro_step = state.objective.micro_step or _micro_step
     task_sum, w_sum, n_sum = torch.zeros(len(tasks)), torch.zeros(len(tasks)), torch.zeros(len(tasks))
     rows = 0
-    for micro in range(accum):
-        batch = next(state.batches).to(rt.device)
-        losses, weights, n, mined = micro_step(state, rt, batch, last=micro == accum - 1)
-        task_sum += losses
-        w_sum += weights
-        n_sum += n
-        rows += batch.rows + mined
-        state.position = batch.position
+    with state.model.attention(rt.training_attention):  # the step's own; validation and scoring keep sdpa
+        for micro in range(accum):
+            batch = next(state.batches).to(rt.device)
+            losses, weights, n, mined = micro_step(state, rt, batch, last=micro == accum - 1)
+            task_sum += losses
+            w_sum += weights
+            n_sum += n
+            rows += batch.rows + mined
+            state.position = batch.position
     clip = state.config.clip_grad if state.config.clip_grad > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip)
     lr = state.scheduler.get_last_lr()[0]
