@@ -130,7 +130,8 @@ def test_scorer_matches_the_model_and_keeps_order(loaded, catalog):
     ref = _reference_margins(model, texts, feats, pairs)
     assert got.dtype == np.float32 and got.shape == (200,)
     np.testing.assert_allclose(got, ref, atol=2e-5)
-    assert len(set(got[:20].tolist())) == 1
+    # repeats score alike; not always bit for bit: a row's place in a batch can move the last bit (GEMM blocking)
+    np.testing.assert_allclose(got[:20], np.full(20, got[0]), rtol=0, atol=1e-6)
     # P(aligned) = softmax over the two logits = sigmoid(margin), as FashionBertModel.score gives it
     ids, mask = pad_texts([texts[t] for t in pairs[:8, 0]], 64, 0, 102)
     p = model.score(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(feats[pairs[:8, 1]]).float())
