@@ -294,7 +294,7 @@ class FashionBertModel(PreTrainedModel):
         The fusion layers share the backbone's config object, so they switch with it; a recall encoder has a config
         of its own. `run_layers` builds each call's masks from the backbone's config, so they follow."""
         encoder = getattr(self, "recall_encoder", None)
-        before = self.bert.config._attn_implementation, encoder.config._attn_implementation if encoder else None
+        before = self.bert.config._attn_implementation, encoder.config._attn_implementation if encoder is not None else None
         if implementation is not None:
             self.bert.set_attn_implementation(implementation)
             if encoder is not None:
