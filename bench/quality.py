@@ -9,7 +9,7 @@ Stages, each skipped when its output is already complete:
 1. featurize the catalog into DIR/features with the README's hm-dev column mapping (or --features FOLDER); --cnn and
    --image-size choose other image features, featurized into DIR/features-<cnn>-<size> (training's FLOPs do not
    change: the patches stay 8x8 of 1286 values);
-2. train with the README recipe (1,200 matching-only steps, the first 760 the itc task alone, batch 32, lr 3e-4, ...)
+2. train with the README recipe (2,400 matching-only steps, the first 1,520 the itc task alone, batch 32, lr 3e-4, ...)
    into DIR/train-<label>; --train-args adds
    `fashionbert train` options on top of the recipe (an ablation), --retrain trains again;
 3. evaluate into DIR/eval-<label>.json: sample-100 (300 queries, 1 draw) and the full gallery (500 held-out
@@ -53,13 +53,13 @@ from fashionbert.evaluation.evaluate import RANK_KS  # noqa: E402
 from fashionbert.train.config import TrainConfig  # noqa: E402
 from pipelines.config import CNN_NAMES, FeaturizeConfig  # noqa: E402
 
-# README's training command for the table (the options beyond --features/--out). The budget is the FLOPs of the
-# earlier recipe's 600 steps (120 warm-up + 480 masked MLM/MPM steps), what 880 joint matching-only steps cost
-# (README); 760 itc-alone steps (--itc-warmup, half a joint step's FLOPs each) and 440 joint ones cost 820 of them.
-# itc_warmup is the fraction 760/1200, so that another --steps keeps the split (`--steps 880 --train-args
-# "--itc-warmup 0"` is the 880-step recipe again, `--steps 600 --train-args "--no-matching-only --itc-warmup 0"` the
-# 600-step one: its tia_warmup stays).
-RECIPE = {"steps": 1200, "batch_size": 32, "lr": 3e-4, "matching_only": True, "itc_warmup": 760 / 1200,
+# README's training command for the table (the options beyond --features/--out). The budget is what 2 CPU cores
+# train in 45 minutes (README, "The budget"): on the 2-core Xeon with AMX, where training runs eager attention in
+# bf16, the 2,400 steps take ~26 min alone (1,520 itc-alone steps at ~0.47 s, 880 joint ones at ~0.88 s). The earlier
+# recipes are `--steps 1200` (the FLOPs of the 600-step one, before eager attention made the steps ~2.2x faster),
+# `--steps 880 --train-args "--itc-warmup 0"` and `--steps 600 --train-args "--no-matching-only --itc-warmup 0"` (its
+# tia_warmup stays): itc_warmup is the fraction 760/1200 = 1520/2400, so that another --steps keeps the split.
+RECIPE = {"steps": 2400, "batch_size": 32, "lr": 3e-4, "matching_only": True, "itc_warmup": 760 / 1200,
           "tia_warmup": 0.2, "val_fraction": 0.2, "val_every": 0, "val_queries": 200, "checkpoint_every": 0,
           "num_threads": 2}
 TRAIN_ARGS = PassThrough("--train-args", "train", "fashionbert.train.config", ("--features", "--out", "--resume"),
