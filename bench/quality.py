@@ -39,6 +39,7 @@ import platform
 import re
 import shlex
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -405,8 +406,8 @@ def mean_record(label: str, seeds: tuple[int, ...], train_args: list[str], recor
     return {**{k: first.get(k) for k in ("steps", "device", "precision", "cpu", "features", "sizes")},
             "label": label, "train_args": train_args, "seeds": list(seeds),
             "seed_labels": [r["label"] for r in records], "model_versions": [r["model_version"] for r in records],
-            "train_minutes": round(_mean([r["train_minutes"] for r in records]), 2),
-            "eval_minutes": round(_mean([r["eval_minutes"] for r in records]), 2),
+            "train_minutes": round(statistics.fmean([r["train_minutes"] for r in records]), 2),
+            "eval_minutes": round(statistics.fmean([r["eval_minutes"] for r in records]), 2),
             "figures": mean_figures([r["figures"] for r in records]), "per_seed_rank1": rank1,
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
@@ -419,11 +420,7 @@ def mean_figures(figs: list):
         return {k: mean_figures([f[k] for f in figs]) for k in head if all(k in f for f in figs)}
     if isinstance(head, list):
         return [mean_figures(list(column)) for column in zip(*figs)]
-    return round(_mean(figs), 3)
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
+    return round(statistics.fmean(figs), 3)
 
 
 def cpu_description() -> str:
