@@ -370,8 +370,7 @@ def run(a: argparse.Namespace) -> dict:
         "figures": figures(metrics),
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    with open(work / QUALITY_LOG, "a") as fh:
-        fh.write(json.dumps(record, sort_keys=True) + "\n")
+    append_log(work, record)
     return record
 
 
@@ -393,8 +392,7 @@ def run_seeds(a: argparse.Namespace) -> tuple[list[dict], dict]:
         records.append(run(argparse.Namespace(**{**vars(a), "label": seed_label(a.label, seed),
                                                   "train_args": f"{a.train_args}{extra}".strip()})))
     mean = mean_record(f"{a.label}-mean", a.seeds, shlex.split(a.train_args), records)
-    with open(Path(a.work) / QUALITY_LOG, "a") as fh:
-        fh.write(json.dumps(mean, sort_keys=True) + "\n")
+    append_log(Path(a.work), mean)
     return records, mean
 
 
@@ -437,6 +435,11 @@ def cpu_description() -> str:
     except OSError:
         pass
     return f"{name}, {os.cpu_count()} cores, {'native' if cpu_has_native_bf16() else 'no native'} bf16"
+
+
+def append_log(work: Path, record: dict) -> None:
+    with open(work / QUALITY_LOG, "a") as fh:
+        fh.write(json.dumps(record, sort_keys=True) + "\n")
 
 
 def read_log(work: Path) -> list[dict]:
