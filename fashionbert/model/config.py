@@ -24,6 +24,7 @@ FORMAT_VERSION = 1
 # The MLM label of a token that is not masked (PyTorch cross-entropy's ignore_index).
 IGNORE_INDEX = -100
 TIA_POOLINGS = ("cls", "halves", "tokens")
+TIA_LOSSES = ("binary", "pairwise", "both")
 
 
 class FashionBertConfig(PreTrainedConfig):
@@ -101,6 +102,15 @@ class FashionBertConfig(PreTrainedConfig):
     # and fusing them with the cosine gained at most +1.7 Rank@1 on hm-dev (README, "Why the re-rank adds nothing
     # yet"); a head trained on the cosine's errors is what a fusion with the cosine can use (boosting).
     tia_residual: bool = False
+    # How the TIA loss reads a batch. "binary": 2-way cross-entropy on each row alone (the paper, ALBEF's ITM).
+    # "pairwise": each mined negative against the positive it was mined for (same text with another image, or same
+    # image with another text): -log softmax over the two rows' TIA margins, the listwise loss of re-rankers trained
+    # on their retriever's hard negatives with groups of two (Gao et al. 2021, "Rethink training of BERT rerankers":
+    # LCE). "both": the sum of the two. Why: the binary loss can be lowered by moving whole queries' margins up or
+    # down, which changes no ranking; Rank@1 asks only that a query's own pair outscore the pairs the embeddings
+    # confuse with it, which is what the pairwise loss trains. Rows in no pair (the loader's negatives when
+    # --hard-neg-fraction < 1, a positive whose every candidate was excluded) teach "pairwise" nothing.
+    tia_loss: str = "binary"
     # The folder layout's version: a reader refuses a newer one rather than misread it.
     format_version: int = FORMAT_VERSION
 
@@ -142,6 +152,8 @@ class FashionBertConfig(PreTrainedConfig):
         if self.tia_residual and self.itc_dim <= 0:
             raise UserError("model config: tia_residual adds the itc cosine to the TIA logit and needs the itc head "
                             f"(itc_dim > 0; it is {self.itc_dim})")
+        if self.tia_loss not in TIA_LOSSES:
+            raise UserError(f"model config: tia_loss {self.tia_loss!r} must be one of {TIA_LOSSES}")
         if self.tia_token_dim < 1:
             raise UserError(f"model config: tia_token_dim {self.tia_token_dim} must be >= 1")
         layers = int(self.bert.get("num_hidden_layers", 0)) if self.bert else None

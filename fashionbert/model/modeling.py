@@ -80,6 +80,18 @@ def alignment_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels)
 
 
+def pairwise_alignment_loss(logits: torch.Tensor, positive_rows: torch.Tensor, negative_rows: torch.Tensor
+                            ) -> torch.Tensor:
+    """TIA as ranking: mean over pairs of -log softmax([margin of the positive row, margin of its negative])[0],
+    margin = aligned logit - misaligned logit. Each pair shares a text or an image (a mined negative and the
+    positive it was mined for), so only their order counts, not the margins' level. A batch without pairs gives a
+    zero that still touches the logits (every parameter takes part in the backward; DDP requires it)."""
+    if len(positive_rows) == 0:
+        return logits.float().sum() * 0.0
+    margins = logits.float()[:, 1] - logits.float()[:, 0]
+    return F.softplus(margins[negative_rows] - margins[positive_rows]).mean()
+
+
 # ----------------------------------------------------------------------------------------------- modules
 class FashionBertPatchEmbeddings(nn.Module):
     """Patch features -> hidden: Linear + learned patch position table + segment 1, then LayerNorm."""
@@ -601,14 +613,14 @@ class FashionBertModel(PreTrainedModel):
                                                 groups, itc_queue, keep_below_fusion=share)
         elif itc_queue is not None:
             raise ValueError("an itc queue needs the itc head (itc_dim > 0) and itc=True")
-        mined, mined_sources = 0, None
+        mined, mined_sources, anchor_rows = 0, None, None
         residual_cosine = (self._batch_row_cosines(state, input_ids, attention_mask, patch_features, mlm_labels,
                                                    tia_labels) if self.config.tia_residual else None)
         if mining is not None:
             if state is None:
                 raise ValueError("mining TIA negatives needs the itc head (itc_dim > 0) and itc=True")
-            rows, mined_sources = self._mined_rows(mining, state, input_ids, attention_mask, patch_features,
-                                                   patch_mask, mlm_labels, tia_labels)
+            rows, mined_sources, anchor_rows = self._mined_rows(mining, state, input_ids, attention_mask,
+                                                                patch_features, patch_mask, mlm_labels, tia_labels)
             if residual_cosine is not None:
                 text_rows, image_rows = mined_sources
                 residual_cosine = torch.cat([residual_cosine, (state.all_text_vec[text_rows].detach()
@@ -641,7 +653,7 @@ class FashionBertModel(PreTrainedModel):
             )
         tia_logits = self.alignment_logits(sequence_output, attention_mask, pooled, residual_cosine)
         if tia_labels is not None:
-            losses["tia"] = alignment_loss(tia_logits, tia_labels.long())
+            losses["tia"] = self._tia_loss(tia_logits, tia_labels, anchor_rows)
         if itc_loss is not None:
             losses["itc"] = itc_loss
         return FashionBertOutput(losses=losses, tia_logits=tia_logits, sequence_output=sequence_output, mined=mined,
@@ -659,6 +671,20 @@ class FashionBertModel(PreTrainedModel):
                                             itc_queue)
         return FashionBertOutput(losses={"itc": itc_loss}, tia_logits=None, sequence_output=None,
                                  itc_vectors=(state.text_vec, state.image_vec) if state is not None else None)
+
+    def _tia_loss(self, tia_logits: torch.Tensor, tia_labels: torch.Tensor, anchor_rows: torch.Tensor | None
+                  ) -> torch.Tensor:
+        """`config.tia_loss` over the joint pass's rows; the mined rows are the last len(anchor_rows), each paired
+        with the positive row it was mined for."""
+        if self.config.tia_loss == "binary":
+            return alignment_loss(tia_logits, tia_labels.long())
+        if anchor_rows is None:
+            anchor_rows = torch.zeros(0, dtype=torch.long, device=tia_logits.device)
+        negative_rows = torch.arange(len(anchor_rows), device=tia_logits.device) + (len(tia_logits) - len(anchor_rows))
+        pairwise = pairwise_alignment_loss(tia_logits, anchor_rows, negative_rows)
+        if self.config.tia_loss == "pairwise":
+            return pairwise
+        return alignment_loss(tia_logits, tia_labels.long()) + pairwise
 
     def _batch_row_cosines(self, state: ContrastiveState | None, input_ids, attention_mask, patch_features,
                            mlm_labels, tia_labels) -> torch.Tensor:
@@ -772,8 +798,8 @@ class FashionBertModel(PreTrainedModel):
 
     def _mined_rows(self, request: MiningRequest, state: ContrastiveState, input_ids, attention_mask, patch_features,
                     patch_mask, mlm_labels, tia_labels) -> tuple:
-        """The batch's tensors with the mined negative rows appended (label 0, no MLM target), and each mined row's
-        text and image as rows of the (gathered) aligned rows. A mined row keeps its anchor's masked text or masked
+        """The batch's tensors with the mined negative rows appended (label 0, no MLM target), each mined row's
+        text and image as rows of the (gathered) aligned rows, and the batch row of the positive it was mined for. A mined row keeps its anchor's masked text or masked
         patches and takes the other side from the partner the draw chose."""
         # Row copying only: autocast's dtype promotion refuses float16 features in torch.cat on CPU.
         with torch.autocast(device_type=patch_features.device.type, enabled=False):
@@ -815,7 +841,7 @@ class FashionBertModel(PreTrainedModel):
         tia_labels = torch.cat([tia_labels, torch.zeros_like(anchors).to(tia_labels.dtype)])
         local = anchors + rank_offset(len(positives))
         sources = torch.where(swap_image, local, partner), torch.where(swap_image, partner, local)
-        return (input_ids, attention_mask, patch_features, patch_mask, mlm_labels, tia_labels), sources
+        return (input_ids, attention_mask, patch_features, patch_mask, mlm_labels, tia_labels), sources, positives[anchors]
 
     @staticmethod
     def _gathered_loss(states, select, head, loss_fn) -> torch.Tensor:

@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 
 from fashionbert.model.backbone import DEFAULT_BACKBONE
-from fashionbert.model.config import TIA_POOLINGS
+from fashionbert.model.config import TIA_LOSSES, TIA_POOLINGS
 from fashionbert.runtime import add_runtime_arguments, stage_config
 from fashionbert.train.adaptive_loss import MODES as TASK_WEIGHT_MODES
 
@@ -42,6 +42,7 @@ class TrainConfig:
     detach_fusion_input: bool = False
     tia_pooling: str | None = None  # None: "halves" with the itc head, "cls" without
     tia_residual: bool = False
+    tia_loss: str = "binary"
     whole_word_mask: bool = True
     # optimisation
     steps: int | None = None
@@ -199,6 +200,13 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                         "the cosine gets wrong on the mined negatives instead of the cosine again; scoring adds the same "
                         "term with the recall stage's cosines. Needs the itc head. Measured on hm-dev: the head then "
                         "ranks as the cosine does and adds nothing (README) (default off)")
+    g.add_argument("--tia-loss", choices=TIA_LOSSES, default=D.tia_loss,
+                   help="binary = 2-way cross-entropy on each row (the paper); pairwise = each mined negative ranked "
+                        "against the positive it was mined for (the same text with another image, or the same image "
+                        "with another text): -log softmax of the two rows' TIA margins, the loss re-rankers train on "
+                        "their retriever's hard negatives with; both = their sum. pairwise and both need mined "
+                        "negatives (--hard-neg-fraction > 0); with pairwise the loader's negatives teach nothing "
+                        "(default binary)")
     g.add_argument("--no-whole-word-mask", dest="whole_word_mask", action="store_false",
                    help="mask WordPiece tokens independently instead of whole words")
 

@@ -30,7 +30,7 @@ from fashionbert.train.optim import build_optimizer, restore_optimizer
 # Options that fix the data order or the optimisation: a resumed run must use the checkpoint's values,
 # or it would not continue the same run.
 RESUME_MUST_MATCH = ("batch_size", "itc_dim", "itc_pooling", "dropout", "tia_warmup", "itc_warmup", "matching_only", "grad_accum", "neg_ratio",
-                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "group_negatives", "subcategory_batches", "itc_queue", "fusion_layer", "own_fusion_layers", "detach_fusion_input", "tia_pooling", "tia_residual", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
+                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "group_negatives", "subcategory_batches", "itc_queue", "fusion_layer", "own_fusion_layers", "detach_fusion_input", "tia_pooling", "tia_residual", "tia_loss", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
                      "weight_decay", "shuffle_window", "world_size")
 
 # What a checkpoint written before an option existed ran with.
@@ -38,7 +38,7 @@ BEFORE_OPTION = {"hard_neg_fraction": 0.0, "hard_neg_temperature": 0.0, "itc_que
                  "tia_pooling": "cls", "keep_recall": False, "hidden_weight": 0.0,
                  "matching_only": False, "group_negatives": False, "own_fusion_layers": False,
                  "detach_fusion_input": False, "tia_residual": False, "itc_warmup": 0.0,
-                 "subcategory_batches": False}
+                 "subcategory_batches": False, "tia_loss": "binary"}
 
 
 @dataclasses.dataclass
@@ -180,6 +180,10 @@ def _prepare_out(config: TrainConfig, rt: Runtime) -> Path:
     if config.tia_residual and config.itc_dim <= 0:
         raise UserError("--tia-residual adds the itc cosine to the TIA logit, and --itc-dim 0 turns the itc head off: "
                         "drop one of the two")
+    if config.tia_loss != "binary" and (hard_neg_fraction(config) <= 0 or config.neg_ratio < 1):
+        raise UserError(f"--tia-loss {config.tia_loss} ranks each mined negative against its positive, and this run "
+                        f"mines none (--hard-neg-fraction {hard_neg_fraction(config)}, --neg-ratio {config.neg_ratio}): "
+                        f"pass --hard-neg-fraction > 0 and --neg-ratio >= 1, or --tia-loss binary")
     if config.own_fusion_layers and fusion_layer(config) < 1:
         raise UserError(f"--own-fusion-layers gives the layers above --fusion-layer weights of their own; with "
                         f"--fusion-layer {fusion_layer(config)} there are none below it to share: pass --fusion-layer "
@@ -309,7 +313,7 @@ def _new_model(config: TrainConfig, data: TrainingData) -> tuple[FashionBertMode
         dropout=None if config.dropout < 0 else config.dropout, itc_dim=config.itc_dim,
         itc_pooling=config.itc_pooling, fusion_layer=fusion_layer(config),
         own_fusion_layers=bool(config.own_fusion_layers), detach_fusion_input=bool(config.detach_fusion_input),
-        tia_pooling=tia_pooling(config), tia_residual=bool(config.tia_residual),
+        tia_pooling=tia_pooling(config), tia_residual=bool(config.tia_residual), tia_loss=str(config.tia_loss),
     )
     torch.manual_seed(config.seed)
     model = FashionBertModel.from_pretrained_backbone(model_config)
