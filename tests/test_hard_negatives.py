@@ -128,7 +128,7 @@ def test_mined_rows_keep_one_side_and_take_the_other_from_the_partner(tiny_backb
     request = _request([0, 1, 2, 3], [True, False, True, False], seed=3)
     groups = torch.tensor([0, 1, 2, 3])
     _, state = model._contrastive(ids, attn, feats, labels, mlm, groups)
-    rows, (text_src, image_src), anchor_rows = model._mined_rows(request, state, ids, attn, feats, pmask, mlm, labels)
+    rows, (text_src, image_src), anchor_rows, _ = model._mined_rows(request, state, ids, attn, feats, pmask, mlm, labels)
     anchors, swap, partner = mine(request, state.text_vec, state.image_vec, state.all_text_vec, state.all_image_vec,
                                   _excluded([0, 1, 2, 3]), state.scale)
     new_ids, new_attn, new_feats, new_pmask, new_mlm, new_labels = rows
@@ -199,7 +199,7 @@ def _ddp_worker(rank: int, world: int, port: int, backbone: str, out: str) -> No
         # every local row in one group: the only candidates are the other process's rows
         loss, state = model._contrastive(ids, attn, feats, labels, None, torch.tensor([rank] * 4))
         request = _request([0, 1, 2, 3], [True, False, True, False], seed=rank)
-        rows, _, _ = model._mined_rows(request, state, ids, attn, feats, pmask, None, labels)
+        rows, _, _, _ = model._mined_rows(request, state, ids, attn, feats, pmask, None, labels)
         anchors, swap, partner = mine(request, state.text_vec, state.image_vec, state.all_text_vec, state.all_image_vec,
                                       torch.tensor([rank] * 4).unsqueeze(1) == torch.tensor([0] * 4 + [1] * 4), state.scale)
         loss.backward()

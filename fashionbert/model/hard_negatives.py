@@ -104,3 +104,63 @@ def mine(request: MiningRequest, text_vec: torch.Tensor, image_vec: torch.Tensor
     device = request.anchors.device
     kept = (partner >= 0).to(device)
     return request.anchors[kept], request.swap_image[kept], partner.to(device)[kept]
+
+
+class MiningBank:
+    """The last `size` training positives of the joint steps, newest first: the inputs a mined row takes one side
+    from (texts as the batch held them, padded to max_text_len, with their clean ids; patch features and their MPM
+    mask) and the itc vectors they had then. Mined negatives are drawn from the batch's positives and these.
+
+    Why: by the joint steps the itc loss is near 0.05 -- inside a batch of 32 the cosine already ranks almost every
+    positive first, so in-batch mined negatives are pairs the cosine gets right, and the TIA head learns the cosine
+    again (per-query correlation 0.98-0.99 on hm-dev). Over a pool of a thousand products the cosine's own
+    confusions (the held-out queries' 100 candidates of one sub-category are that) are there to be drawn. The
+    vectors are stale by up to size / batch steps; they only choose rows (MoCo's memory bank, without its momentum
+    encoder). Not a module: training state, saved with each checkpoint, never with the model; under DDP every
+    process pushes the gathered positives, so the processes hold one bank. Memory ~ size x (patches x feature_dim x
+    2 bytes), ~165 KB an entry for 64 patches of 1,286 values."""
+
+    FIELDS = ("ids", "mask", "clean_ids", "feats", "patch_mask", "text_vec", "image_vec", "groups")
+
+    def __init__(self, size: int):
+        self.size = int(size)
+        # A ring: the buffers are allocated by the first push and overwritten in place (copying ~170 MB of patches
+        # each step to keep them in order would cost ~10% of a step); `filled` rows are valid, `next` is written next.
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.filled = self.next = 0
+
+    def __len__(self) -> int:
+        return self.filled
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The valid rows of one field (a view)."""
+        return self.buffers[name][: self.filled]
+
+    def push(self, **rows: torch.Tensor) -> None:
+        """Store rows (every field of FIELDS, one row per positive; on the CPU, detached) over the oldest."""
+        if set(rows) != set(self.FIELDS):
+            raise ValueError(f"MiningBank.push takes {self.FIELDS}, got {sorted(rows)}")
+        n = min(int(rows["ids"].shape[0]), self.size)
+        if not self.buffers:
+            self.buffers = {k: torch.zeros((self.size,) + tuple(v.shape[1:]),
+                                           dtype=torch.float32 if k.endswith("_vec") else v.dtype)
+                            for k, v in rows.items()}
+        slots = (self.next + torch.arange(n)) % self.size
+        for name, value in rows.items():
+            self.buffers[name][slots] = value[-n:].detach().cpu().to(self.buffers[name].dtype)
+        self.next = (self.next + n) % self.size
+        self.filled = min(self.size, self.filled + n)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**{k: self[k].clone() for k in self.buffers}, "next": torch.tensor(self.next)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.buffers, self.filled, self.next = {}, 0, 0
+        if not state or "ids" not in state:
+            return
+        filled = int(state["ids"].shape[0])
+        self.buffers = {k: torch.zeros((self.size,) + tuple(state[k].shape[1:]), dtype=state[k].dtype)
+                        for k in self.FIELDS}
+        for k in self.FIELDS:
+            self.buffers[k][:filled] = state[k]
+        self.filled, self.next = filled, int(state["next"])

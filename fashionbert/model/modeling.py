@@ -35,7 +35,7 @@ from fashionbert.errors import UserError
 from fashionbert.model.config import IGNORE_INDEX, FashionBertConfig
 from fashionbert.model.contrastive import (ITC_PREFIX, ContrastiveHead, EmbeddingQueue, contrastive_loss, itc_inputs,
                                            masked_mean, text_groups, unused_head_zero)
-from fashionbert.model.hard_negatives import MiningRequest, gather, gather_with_grad, mine, rank_offset, world_size
+from fashionbert.model.hard_negatives import MiningBank, MiningRequest, gather, gather_with_grad, mine, rank_offset, world_size
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -588,6 +588,7 @@ class FashionBertModel(PreTrainedModel):
         mining: MiningRequest | None = None,
         itc_queue: EmbeddingQueue | None = None,
         joint: bool = True,
+        mining_bank: MiningBank | None = None,
     ) -> FashionBertOutput:
         """Per-task losses for the tasks whose labels are given.
 
@@ -600,7 +601,8 @@ class FashionBertModel(PreTrainedModel):
         passes, text-only and image-only, on those rows; under DDP over every process's rows). `groups` (one per
         aligned row) are the products' group codes: rows of one group are not each other's negatives. `mining` adds
         TIA negatives drawn from the itc similarity (model/hard_negatives.py) to the rows of the joint pass;
-        `itc_queue` adds its vectors as contrastive negatives and then takes this batch's. `joint=False` runs the itc
+        `itc_queue` adds its vectors as contrastive negatives and then takes this batch's; `mining_bank` adds its
+        rows to the pool `mining` draws from and then takes this batch's positives. `joint=False` runs the itc
         task alone (training's --itc-warmup steps): no joint pass, so no TIA, MLM or MPM loss and no mined rows.
         """
         if not joint:
@@ -613,24 +615,27 @@ class FashionBertModel(PreTrainedModel):
                                                 groups, itc_queue, keep_below_fusion=share)
         elif itc_queue is not None:
             raise ValueError("an itc queue needs the itc head (itc_dim > 0) and itc=True")
-        mined, mined_sources, anchor_rows = 0, None, None
+        mined, mined_sources, anchor_rows, bank_rows = 0, None, None, None
         residual_cosine = (self._batch_row_cosines(state, input_ids, attention_mask, patch_features, mlm_labels,
                                                    tia_labels) if self.config.tia_residual else None)
         if mining is not None:
             if state is None:
                 raise ValueError("mining TIA negatives needs the itc head (itc_dim > 0) and itc=True")
-            rows, mined_sources, anchor_rows = self._mined_rows(mining, state, input_ids, attention_mask,
-                                                                patch_features, patch_mask, mlm_labels, tia_labels)
+            rows, mined_sources, anchor_rows, bank_rows = self._mined_rows(
+                mining, state, input_ids, attention_mask, patch_features, patch_mask, mlm_labels, tia_labels,
+                mining_bank)
             if residual_cosine is not None:
                 text_rows, image_rows = mined_sources
-                residual_cosine = torch.cat([residual_cosine, (state.all_text_vec[text_rows].detach()
-                                                               * state.all_image_vec[image_rows].detach()).sum(-1)])
+                text_pool, image_pool = self._mining_pool(state, mining_bank)
+                residual_cosine = torch.cat([residual_cosine, (text_pool[text_rows] * image_pool[image_rows]).sum(-1)])
             mined = int(rows[0].shape[0]) - int(input_ids.shape[0])
             input_ids, attention_mask, patch_features, patch_mask, mlm_labels, tia_labels = rows
         if state is not None and state.below_fusion is not None:
-            sequence_output, pooled = self._fuse_shared(state.below_fusion, attention_mask, mined_sources)
+            sequence_output, pooled = self._fuse_shared(state.below_fusion, attention_mask, mined_sources, mining_bank)
         else:
             sequence_output, pooled = self.encode(input_ids, attention_mask, patch_features, patch_mask)
+        if bank_rows is not None:  # the mined rows have read the bank: now it takes this batch's positives
+            mining_bank.push(**bank_rows)
         text_len = input_ids.shape[1]
         aligned = tia_labels.bool() if tia_labels is not None else None
         losses: dict[str, torch.Tensor] = {}
@@ -725,9 +730,11 @@ class FashionBertModel(PreTrainedModel):
         return bool(flag.item())
 
     def _fuse_shared(self, below_fusion: tuple[torch.Tensor, torch.Tensor], attention_mask: torch.Tensor,
-                     mined_sources: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+                     mined_sources: tuple[torch.Tensor, torch.Tensor] | None, bank: MiningBank | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The joint pass from the itc passes' below-fusion states: the batch's aligned rows in order, then each mined
-        row's text and image (`_mined_rows`' sources, rows of the gathered batch under DDP) -> `fuse`'s outputs."""
+        row's text and image (`_mined_rows`' sources, rows of the gathered batch under DDP, then of the mining bank,
+        whose sides are encoded up to the fusion layer here) -> `fuse`'s outputs."""
         text_below, patch_below = below_fusion
         rows = attention_mask.shape[0] - (len(mined_sources[0]) if mined_sources is not None else 0)
         text_rows = image_rows = torch.arange(rows, device=text_below.device) + rank_offset(rows)
@@ -738,6 +745,24 @@ class FashionBertModel(PreTrainedModel):
         width = attention_mask.shape[1]
         text_below = F.pad(text_below, (0, 0, 0, width - text_below.shape[1])) if width >= text_below.shape[1] \
             else text_below[:, :width]
+        batch_rows = text_below.shape[0]
+        if bank is not None and bool((text_rows >= batch_rows).any()):
+            banked = text_rows >= batch_rows
+            picked = (text_rows[banked] - batch_rows).cpu()
+            ids = bank["clean_ids"][picked][:, :width].to(text_below.device)
+            mask = bank["mask"][picked][:, :width].to(text_below.device)
+            extra = self.encode_text_below_fusion(self.embed_text(ids), mask)
+            text_rows = text_rows.clone()
+            text_rows[banked] = batch_rows + torch.arange(len(picked), device=text_rows.device)
+            text_below = torch.cat([text_below, extra.to(text_below.dtype)])
+        if bank is not None and bool((image_rows >= batch_rows).any()):
+            banked = image_rows >= batch_rows
+            picked = (image_rows[banked] - batch_rows).cpu()
+            feats = bank["feats"][picked].to(patch_below.device)
+            extra = self.encode_patches_below_fusion(self.embed_patches(feats))
+            image_rows = image_rows.clone()
+            image_rows[banked] = batch_rows + torch.arange(len(picked), device=image_rows.device)
+            patch_below = torch.cat([patch_below, extra.to(patch_below.dtype)])
         return self.fuse(text_below[text_rows], attention_mask, patch_below[image_rows])
 
     def _itc_vectors(self, head: ContrastiveHead, ids, mask, feats, keep_below_fusion: bool):
@@ -796,33 +821,64 @@ class FashionBertModel(PreTrainedModel):
             raise ValueError(f"texts of {ids.shape[1]} tokens exceed the model's max_text_len {width}")
         return F.pad(ids, (0, width - ids.shape[1]), value=value)
 
+    @staticmethod
+    def _mining_pool(state: ContrastiveState, bank: MiningBank | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The itc vectors (text, image; float32, detached) of every candidate a mined row may take a side from: the
+        (gathered) batch's positives, then the bank's rows."""
+        text, image = state.all_text_vec.detach().float(), state.all_image_vec.detach().float()
+        if bank is None or not len(bank):
+            return text, image
+        return (torch.cat([text, bank["text_vec"].to(text.device)]),
+                torch.cat([image, bank["image_vec"].to(image.device)]))
+
     def _mined_rows(self, request: MiningRequest, state: ContrastiveState, input_ids, attention_mask, patch_features,
-                    patch_mask, mlm_labels, tia_labels) -> tuple:
+                    patch_mask, mlm_labels, tia_labels, bank: MiningBank | None = None) -> tuple:
         """The batch's tensors with the mined negative rows appended (label 0, no MLM target), each mined row's
-        text and image as rows of the (gathered) aligned rows, and the batch row of the positive it was mined for. A mined row keeps its anchor's masked text or masked
+        text and image as rows of the pool (the (gathered) aligned rows, then the bank's), the batch row of the
+        positive it was mined for, and the rows the bank is to take (None without a bank). A mined row keeps its anchor's masked text or masked
         patches and takes the other side from the partner the draw chose."""
         # Row copying only: autocast's dtype promotion refuses float16 features in torch.cat on CPU.
         with torch.autocast(device_type=patch_features.device.type, enabled=False):
             return self._append_mined_rows(request, state, input_ids, attention_mask, patch_features, patch_mask,
-                                           mlm_labels, tia_labels)
+                                           mlm_labels, tia_labels, bank)
 
     def _append_mined_rows(self, request, state, input_ids, attention_mask, patch_features, patch_mask, mlm_labels,
-                           tia_labels) -> tuple:
+                           tia_labels, bank: MiningBank | None = None) -> tuple:
         positives = torch.nonzero(tia_labels.bool()).squeeze(1)
         excluded = (state.groups.unsqueeze(1) == state.all_groups.unsqueeze(0)) | \
                    (state.codes.unsqueeze(1) == state.all_codes.unsqueeze(0))
-        scale = 1.0 / request.temperature if request.temperature > 0 else state.scale
-        anchors, swap_image, partner = mine(request, state.text_vec, state.image_vec, state.all_text_vec,
-                                            state.all_image_vec, excluded, scale)
         pmask = patch_mask if patch_mask is not None else torch.zeros(patch_features.shape[:2], dtype=torch.bool,
                                                                       device=patch_features.device)
         ids, mask = input_ids[positives], attention_mask[positives]
+        clean = ids if mlm_labels is None else torch.where(mlm_labels[positives] != IGNORE_INDEX,
+                                                           mlm_labels[positives], ids)
         feats, pm = patch_features[positives], pmask[positives]
-        if world_size() > 1:
+        if world_size() > 1 or bank is not None:  # one width for every process's rows and the bank's
             ids, mask = self._pad_to_max_len(ids, int(self.config.pad_token_id)), self._pad_to_max_len(mask)
+            clean = self._pad_to_max_len(clean) * mask
+        if world_size() > 1:
             all_ids, all_mask, all_feats, all_pm = gather(ids), gather(mask), gather(feats), gather(pm)
+            all_clean = gather(clean) if bank is not None else None
         else:
-            all_ids, all_mask, all_feats, all_pm = ids, mask, feats, pm
+            all_ids, all_mask, all_feats, all_pm, all_clean = ids, mask, feats, pm, clean
+        text_pool, image_pool = self._mining_pool(state, bank)
+        if bank is not None and len(bank):
+            device = ids.device
+            same_text = (clean.unsqueeze(1) == bank["clean_ids"].to(device).unsqueeze(0)).all(dim=2)
+            excluded = torch.cat([excluded, (state.groups.unsqueeze(1) == bank["groups"].to(device).unsqueeze(0))
+                                  | same_text], dim=1)
+            batch = (all_ids, all_mask, all_feats, all_pm)
+            all_ids, all_mask, all_feats, all_pm = (torch.cat([t, bank[k].to(device=device, dtype=t.dtype)])
+                                                    for t, k in zip(batch, ("ids", "mask", "feats", "patch_mask")))
+        else:
+            batch = (all_ids, all_mask, all_feats, all_pm)
+        scale = 1.0 / request.temperature if request.temperature > 0 else state.scale
+        anchors, swap_image, partner = mine(request, state.text_vec, state.image_vec, text_pool, image_pool, excluded,
+                                            scale)
+        # What the bank takes once the joint pass has read it (forward): this batch's positives, never its own pool
+        bank_rows = None if bank is None else dict(
+            ids=batch[0], mask=batch[1], clean_ids=all_clean, feats=batch[2], patch_mask=batch[3],
+            text_vec=state.all_text_vec, image_vec=state.all_image_vec, groups=state.all_groups)
         keep_text = swap_image.unsqueeze(1)
         new_ids = torch.where(keep_text, ids[anchors], all_ids[partner])
         new_mask = torch.where(keep_text, mask[anchors], all_mask[partner])
@@ -841,7 +897,8 @@ class FashionBertModel(PreTrainedModel):
         tia_labels = torch.cat([tia_labels, torch.zeros_like(anchors).to(tia_labels.dtype)])
         local = anchors + rank_offset(len(positives))
         sources = torch.where(swap_image, local, partner), torch.where(swap_image, partner, local)
-        return (input_ids, attention_mask, patch_features, patch_mask, mlm_labels, tia_labels), sources, positives[anchors]
+        return ((input_ids, attention_mask, patch_features, patch_mask, mlm_labels, tia_labels), sources,
+                positives[anchors], bank_rows)
 
     @staticmethod
     def _gathered_loss(states, select, head, loss_fn) -> torch.Tensor:

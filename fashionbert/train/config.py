@@ -37,6 +37,7 @@ class TrainConfig:
     itc_dim: int = 256
     itc_pooling: str = "mean"
     itc_queue: int = 0
+    mining_bank: int = 0
     fusion_layer: int | None = None  # None: half the backbone's layers
     own_fusion_layers: bool = False
     detach_fusion_input: bool = False
@@ -167,6 +168,12 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="contrastive negatives beyond the batch: the itc vectors of the last N training positives "
                         "(detached, as in MoCo/ALBEF's queue but without a momentum encoder), saved with each "
                         "checkpoint; 0 = the batch's only (default 0)")
+    g.add_argument("--mining-bank", type=int, default=D.mining_bank, metavar="N",
+                   help="mined negatives are drawn from the batch's positives and the last N positives of the joint "
+                        "steps (their inputs, and their itc vectors as computed then), not the batch's alone: by the "
+                        "joint steps the cosine ranks nearly every in-batch pair right, so in-batch negatives teach "
+                        "the TIA head only what the cosine knows. Saved with each checkpoint; memory ~ N x 165 KB "
+                        "(64 patches of 1,286 values); 0 = the batch's only (default 0)")
     g.add_argument("--fusion-layer", type=int, default=D.fusion_layer,
                    help="late fusion: the first K encoder layers see the text and the patches apart (as the itc passes "
                         "do), the layers above attend across them, as ALBEF's fusion encoder sits on its unimodal "

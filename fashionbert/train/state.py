@@ -20,6 +20,7 @@ from fashionbert.evaluation.sample_hundred import SampleHundred, build_sample_hu
 from fashionbert.model.backbone import backbone_layers, load_tokenizer
 from fashionbert.model.config import FashionBertConfig
 from fashionbert.model.contrastive import EmbeddingQueue
+from fashionbert.model.hard_negatives import MiningBank
 from fashionbert.model.modeling import FashionBertModel
 from fashionbert.runtime import Runtime
 from fashionbert.train import checkpoint as ckpt
@@ -30,7 +31,7 @@ from fashionbert.train.optim import build_optimizer, restore_optimizer
 # Options that fix the data order or the optimisation: a resumed run must use the checkpoint's values,
 # or it would not continue the same run.
 RESUME_MUST_MATCH = ("batch_size", "itc_dim", "itc_pooling", "dropout", "tia_warmup", "itc_warmup", "matching_only", "grad_accum", "neg_ratio",
-                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "group_negatives", "subcategory_batches", "itc_queue", "fusion_layer", "own_fusion_layers", "detach_fusion_input", "tia_pooling", "tia_residual", "tia_loss", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
+                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "group_negatives", "subcategory_batches", "itc_queue", "mining_bank", "fusion_layer", "own_fusion_layers", "detach_fusion_input", "tia_pooling", "tia_residual", "tia_loss", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
                      "weight_decay", "shuffle_window", "world_size")
 
 # What a checkpoint written before an option existed ran with.
@@ -38,7 +39,7 @@ BEFORE_OPTION = {"hard_neg_fraction": 0.0, "hard_neg_temperature": 0.0, "itc_que
                  "tia_pooling": "cls", "keep_recall": False, "hidden_weight": 0.0,
                  "matching_only": False, "group_negatives": False, "own_fusion_layers": False,
                  "detach_fusion_input": False, "tia_residual": False, "itc_warmup": 0.0,
-                 "subcategory_batches": False, "tia_loss": "binary"}
+                 "subcategory_batches": False, "tia_loss": "binary", "mining_bank": 0}
 
 
 @dataclasses.dataclass
@@ -95,6 +96,7 @@ class TrainState:
     batches: Iterator[Batch]
     validation: SampleHundred | None  # held-out queries; the main process validates, the others hold None
     queue: EmbeddingQueue | None  # --itc-queue's recent contrastive vectors (the same in every process)
+    bank: MiningBank | None  # --mining-bank's recent positives, which mined negatives are drawn from too
     options: dict[str, Any]  # the run's options, as every checkpoint records them
     total_steps: int
     tia_steps: int  # the first steps train the matching tasks alone
@@ -147,6 +149,9 @@ def build_state(config: TrainConfig, rt: Runtime, objective: Objective = Objecti
     queue = EmbeddingQueue(config.itc_queue, config.itc_dim) if config.itc_queue > 0 else None
     if queue is not None and "itc_queue" in saved:
         queue.load_state_dict(saved["itc_queue"])
+    bank = MiningBank(config.mining_bank) if config.mining_bank > 0 else None
+    if bank is not None and "mining_bank" in saved:
+        bank.load_state_dict(saved["mining_bank"])
     train_model = _distributed(model, rt)
     weighter = TaskWeighter(config.task_weights, model, model.tasks, distributed=rt.distributed)
     reader = FeatureReader(data.index.shards, model_config.num_patches, model_config.feature_dim)
@@ -157,7 +162,8 @@ def build_state(config: TrainConfig, rt: Runtime, objective: Objective = Objecti
     batches = _batches(config, data, reader, model_config, tokenizer, rt, max(tia_steps, itc_steps), position, step)
     return TrainState(config=config, out=out, data=data, model=model, model_config=model_config,
                       train_model=train_model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
-                      weighter=weighter, batches=batches, validation=validation, queue=queue, options=options,
+                      weighter=weighter, batches=batches, validation=validation, queue=queue, bank=bank,
+                      options=options,
                       total_steps=total_steps, tia_steps=tia_steps, itc_steps=itc_steps, step=step, position=position,
                       resumed_from=resumed_from, objective=objective)
 
@@ -184,6 +190,10 @@ def _prepare_out(config: TrainConfig, rt: Runtime) -> Path:
         raise UserError(f"--tia-loss {config.tia_loss} ranks each mined negative against its positive, and this run "
                         f"mines none (--hard-neg-fraction {hard_neg_fraction(config)}, --neg-ratio {config.neg_ratio}): "
                         f"pass --hard-neg-fraction > 0 and --neg-ratio >= 1, or --tia-loss binary")
+    if config.mining_bank < 0 or (config.mining_bank > 0 and (hard_neg_fraction(config) <= 0 or config.neg_ratio < 1)):
+        raise UserError(f"--mining-bank {config.mining_bank}: must be >= 0, and is a pool for mined negatives, which "
+                        f"this run draws none of (--hard-neg-fraction {hard_neg_fraction(config)}, --neg-ratio "
+                        f"{config.neg_ratio}): pass --hard-neg-fraction > 0 and --neg-ratio >= 1, or --mining-bank 0")
     if config.own_fusion_layers and fusion_layer(config) < 1:
         raise UserError(f"--own-fusion-layers gives the layers above --fusion-layer weights of their own; with "
                         f"--fusion-layer {fusion_layer(config)} there are none below it to share: pass --fusion-layer "

@@ -68,7 +68,8 @@ def _micro_step(state: TrainState, rt: Runtime, batch: Batch, last: bool):
         state.weighter.reset()
         itc_alone = state.step < state.itc_steps
         with rt.autocast():
-            output = state.train_model(**batch.model_inputs(joint=not itc_alone), itc_queue=state.queue)
+            output = state.train_model(**batch.model_inputs(joint=not itc_alone), itc_queue=state.queue,
+                                       mining_bank=state.bank)
         if itc_alone:
             total, weights, n = _itc_alone(state, output.losses)
         elif batch.tia_only:

@@ -1,0 +1,157 @@
+"""`--mining-bank`: mined TIA negatives drawn from the batch's positives and the last N positives of the joint steps.
+The ring keeps the newest rows and round-trips through its state; a batch whose own candidates are all excluded
+takes every mined side from the bank (never of the anchor's group or text), the bank then holds that batch's
+positives; the late-fusion shortcut gives the logits of a full joint pass; training records the option, saves the
+bank with each checkpoint, resumes bitwise and refuses a mismatch."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from fashionbert.errors import UserError
+from fashionbert.model.config import FashionBertConfig
+from fashionbert.model.hard_negatives import MiningBank
+from fashionbert.model.modeling import FashionBertModel
+from fashionbert.train import checkpoint as ckpt
+from fashionbert.train.trainer import run
+from tests.test_hard_negatives import FEATURE_DIM, _batch, _request
+from tests.test_train import _train_records, features, make_args  # noqa: F401 (features: the module fixture)
+
+torch.set_num_threads(1)
+
+
+def _rows(start: int, n: int) -> dict[str, torch.Tensor]:
+    r = torch.arange(start, start + n)
+    return dict(ids=r.view(-1, 1).repeat(1, 3), mask=torch.ones(n, 3, dtype=torch.long), clean_ids=r.view(-1, 1),
+                feats=r.view(-1, 1, 1).half(), patch_mask=torch.zeros(n, 1, dtype=torch.bool),
+                text_vec=r.view(-1, 1).float(), image_vec=-r.view(-1, 1).float(), groups=r)
+
+
+def test_the_ring_keeps_the_newest_rows_and_round_trips_through_its_state():
+    bank = MiningBank(5)
+    assert len(bank) == 0 and bank.state_dict() == {"next": torch.tensor(0)}
+    bank.push(**_rows(0, 3))
+    assert len(bank) == 3 and bank["groups"].tolist() == [0, 1, 2]
+    bank.push(**_rows(3, 3))  # 5 overwrites the oldest, 0
+    assert len(bank) == 5 and sorted(bank["groups"].tolist()) == [1, 2, 3, 4, 5]
+    assert bank["text_vec"].dtype == torch.float32 and bank["feats"].dtype == torch.float16
+    restored = MiningBank(5)
+    restored.load_state_dict(bank.state_dict())
+    for b in (bank, restored):
+        b.push(**_rows(6, 2))
+    assert sorted(bank["groups"].tolist()) == [3, 4, 5, 6, 7]
+    for k in MiningBank.FIELDS:
+        assert torch.equal(bank[k], restored[k]), k
+    with pytest.raises(ValueError, match="takes"):
+        bank.push(ids=torch.zeros(1, 3))
+
+
+def _model(backbone) -> FashionBertModel:
+    torch.manual_seed(0)
+    cfg = FashionBertConfig(backbone=str(backbone), feature_dim=FEATURE_DIM, itc_dim=8, dropout=0.0, max_text_len=12,
+                            fusion_layer=1, tia_pooling="halves")
+    return FashionBertModel.from_pretrained_backbone(cfg).float()
+
+
+def test_a_batch_with_no_candidate_of_its_own_mines_from_the_bank_and_then_joins_it(tiny_backbone):
+    """Batch A (4 products) fills the bank. Batch B's 4 positives share one group, so none may draw another of B:
+    every mined side comes from the bank, never A's row of B's group (group 9) nor the row with B's first text; the
+    clean batch's shortcut below the fusion layer gives the logits of a full joint pass over the same rows."""
+    model = _model(tiny_backbone)
+    bank = MiningBank(16)
+    a = _batch(4, seed=0)
+    labels = torch.ones(4, dtype=torch.long)
+    model(a[0], a[1], a[2], tia_labels=labels, groups=torch.tensor([0, 1, 9, 3]),
+          mining=_request([0, 1, 2, 3], [True, False, True, False], seed=1), mining_bank=bank)
+    assert len(bank) == 4 and bank["groups"].tolist() == [0, 1, 9, 3]
+    ids, attn, feats, _ = _batch(4, seed=1)
+    ids[0], attn[0] = a[0][3], a[1][3]  # B's first text is A's last
+    out = model(ids, attn, feats, tia_labels=labels, groups=torch.tensor([9, 9, 9, 9]),
+                mining=_request([0, 1, 2, 3], [False, True, False, True], seed=2), mining_bank=bank)
+    assert out.mined == 4
+    joint_ids, joint_attn, joint_feats = out.joint_inputs
+    # allowed partners among A's rows: never A's row 2 (group 9); for anchor 0 not A's row 3 (its own text)
+    allowed = {0: {0, 1}, 1: {0, 1, 3}, 2: {0, 1, 3}, 3: {0, 1, 3}}
+    for m, swap_image in enumerate([False, True, False, True]):
+        row = 4 + m
+        if swap_image:  # B's text with an image of A
+            assert torch.equal(joint_ids[row], ids[m]) and torch.equal(joint_attn[row], attn[m])
+            sources = {i for i in range(4) if torch.equal(joint_feats[row], a[2][i])}
+        else:  # B's image with a text of A
+            assert torch.equal(joint_feats[row], feats[m])
+            sources = {i for i in range(4) if torch.equal(joint_ids[row], a[0][i])
+                       and torch.equal(joint_attn[row], a[1][i])}
+        assert len(sources) == 1 and sources <= allowed[m], (m, sources)
+    assert sorted(bank["groups"].tolist()) == [3, 4, 5, 6, 7]
+    for k in MiningBank.FIELDS:
+        assert torch.equal(bank[k], restored[k]), k
+    with pytest.raises(ValueError, match="takes"):
+        bank.push(ids=torch.zeros(1, 3))
+
+
+def _model(backbone) -> FashionBertModel:
+    torch.manual_seed(0)
+    cfg = FashionBertConfig(backbone=str(backbone), feature_dim=FEATURE_DIM, itc_dim=8, dropout=0.0, max_text_len=12,
+                            fusion_layer=1, tia_pooling="halves")
+    return FashionBertModel.from_pretrained_backbone(cfg).float()
+
+
+def test_a_batch_with_no_candidate_of_its_own_mines_from_the_bank_and_then_joins_it(tiny_backbone):
+    """Batch A (4 products) fills the bank. Batch B's 4 positives share one group, so none may draw another of B:
+    every mined side comes from the bank, never A's row of B's group (group 9) nor the row with B's first text; the
+    clean batch's shortcut below the fusion layer gives the logits of a full joint pass over the same rows."""
+    model = _model(tiny_backbone)
+    bank = MiningBank(16)
+    a = _batch(4, seed=0)
+    labels = torch.ones(4, dtype=torch.long)
+    model(a[0], a[1], a[2], tia_labels=labels, groups=torch.tensor([0, 1, 9, 3]),
+          mining=_request([0, 1, 2, 3], [True, False, True, False], seed=1), mining_bank=bank)
+    assert len(bank) == 4 and bank["groups"].tolist() == [0, 1, 9, 3]
+    ids, attn, feats, _ = _batch(4, seed=1)
+    ids[0], attn[0] = a[0][3], a[1][3]  # B's first text is A's last
+    out = model(ids, attn, feats, tia_labels=labels, groups=torch.tensor([9, 9, 9, 9]),
+                mining=_request([0, 1, 2, 3], [False, True, False, True], seed=2), mining_bank=bank)
+    assert out.mined == 4
+    joint_ids, joint_attn, joint_feats = out.joint_inputs
+    allowed = {0, 1} | ({3} if True else set())  # A's rows outside group 9; row 3's text is B's row 0's
+    for m, swap_image in enumerate([False, True, False, True]):
+        row = 4 + m
+        if swap_image:  # B's text, an image of A
+            sources = [i for i in range(4) if torch.equal(joint_feats[row], a[2][i])]
+            assert torch.equal(joint_ids[row, :6], ids[m]) and sources and set(sources) <= {0, 1, 3}
+        else:  # B's image, a text of A (not row 2's group, not row 3's text for anchor 0)
+            length = int(joint_attn[row].sum())
+            sources = [i for i in range(4) if torch.equal(joint_ids[row, :length], a[0][i][:length])
+                       and int(a[1][i].sum()) == length]
+            assert torch.equal(joint_feats[row], feats[m]) and sources and set(sources) <= allowed - ({3} if m == 0 else set())
+    assert sorted(bank["groups"].tolist()) == [0, 1, 3, 9, 9, 9, 9, 9]
+    sequence_output, pooled = model.encode(joint_ids, joint_attn, joint_feats)
+    torch.testing.assert_close(out.tia_logits, model.alignment_logits(sequence_output, joint_attn, pooled),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_training_saves_the_bank_resumes_bitwise_and_refuses_a_mismatch(tmp_path, features, tiny_backbone):
+    out = tmp_path / "bank"
+    args = ("--steps", 4, "--checkpoint-every", 2, "--val-every", 0, "--matching-only", "--mining-bank", 16,
+            "--tia-loss", "pairwise")
+    run(make_args(features, out, tiny_backbone, *args))
+    assert json.loads((ckpt.latest_checkpoint(out) / ckpt.STATE_JSON).read_text())["options"]["mining_bank"] == 16
+    saved = torch.load(out / "checkpoints" / "step-0000002" / ckpt.STATE_PT, weights_only=True)["mining_bank"]
+    assert saved["ids"].shape[0] > 0 and int(saved["next"]) == saved["ids"].shape[0] % 16
+    records = _train_records(out)
+    assert len(records) == 4 and all(math.isfinite(r["loss_tia"]) for r in records)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-0000004")
+    run(make_args(features, resumed, tiny_backbone, *args, "--resume"))
+    assert [r["loss"] for r in records] == [r["loss"] for r in _train_records(resumed)]
+    with pytest.raises(UserError, match=r"--mining-bank 0 \(checkpoint: 16\)"):
+        run(make_args(features, resumed, tiny_backbone, "--steps", 6, "--checkpoint-every", 2, "--matching-only",
+                      "--tia-loss", "pairwise", "--resume"))
+    with pytest.raises(UserError, match="--mining-bank 8: .*draws none"):
+        run(make_args(features, tmp_path / "unmined", tiny_backbone, "--steps", 1, "--hard-neg-fraction", 0,
+                      "--mining-bank", 8))
