@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +156,49 @@ def test_training_saves_the_bank_resumes_bitwise_and_refuses_a_mismatch(tmp_path
     with pytest.raises(UserError, match="--mining-bank 8: .*draws none"):
         run(make_args(features, tmp_path / "unmined", tiny_backbone, "--steps", 1, "--hard-neg-fraction", 0,
                       "--mining-bank", 8))
+
+
+def _ddp_worker(rank: int, world: int, port: int, backbone: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = _model(backbone)
+        bank = MiningBank(32)
+        labels, rows = torch.ones(4, dtype=torch.long), slice(4 * rank, 4 * rank + 4)
+        ids, attn, feats, _ = _batch(8, seed=0)
+        model(ids[rows], attn[rows], feats[rows], tia_labels=labels, groups=torch.arange(4) + 4 * rank,
+              mining=_request([0, 1, 2, 3], [True, False, True, False], seed=rank), mining_bank=bank)
+        ids, attn, feats, _ = _batch(8, seed=3)  # every row of the gathered batch in group 99: only the bank is left
+        out_ = model(ids[rows], attn[rows], feats[rows], tia_labels=labels, groups=torch.full((4,), 99),
+                     mining=_request([0, 1, 2, 3], [True, False, True, False], seed=10 + rank), mining_bank=bank)
+        joint_ids, joint_attn, joint_feats = out_.joint_inputs
+        sequence_output, pooled = model.encode(joint_ids, joint_attn, joint_feats)
+        logits = model.alignment_logits(sequence_output, joint_attn, pooled)
+        result = {"mined": out_.mined, "logit_diff": float((out_.tia_logits - logits).detach().abs().max()),
+                  "bank_groups": bank["groups"].tolist(), "bank_feats_sum": float(bank["feats"].float().sum()),
+                  "mined_feats": joint_feats[4:].float().tolist()}
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_processes_hold_one_bank_of_the_gathered_positives(tmp_path, tiny_backbone):
+    import os
+
+    import torch.multiprocessing as mp
+
+    from tests.test_hard_negatives import _free_port
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tiny_backbone), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    first_feats = _batch(8, seed=0)[2]
+    for res in results:
+        assert res["mined"] == 4 and res["logit_diff"] < 1e-5, res
+        assert res["bank_groups"] == [0, 1, 2, 3, 4, 5, 6, 7] + [99] * 8  # both steps' gathered positives, in order
+        for m in (0, 2):  # swap_image anchors: an image of the first batch, from either process
+            assert any(torch.equal(torch.tensor(res["mined_feats"][m]), first_feats[i].float()) for i in range(8))
+    assert results[0]["bank_feats_sum"] == results[1]["bank_feats_sum"]
