@@ -92,6 +92,19 @@ def pairwise_alignment_loss(logits: torch.Tensor, positive_rows: torch.Tensor, n
     return F.softplus(margins[negative_rows] - margins[positive_rows]).mean()
 
 
+def _pool_rows(batch_rows: torch.Tensor, bank: MiningBank | None, field: str, index: torch.Tensor) -> torch.Tensor:
+    """Rows `index` of the mining pool's `field`: the (gathered) batch's rows first, then the bank's. Only the rows
+    asked for are copied (the bank's patches are ~170 MB at 1,024 rows)."""
+    n = batch_rows.shape[0]
+    if bank is None or not bool((index >= n).any()):
+        return batch_rows[index]
+    out = batch_rows.new_empty((len(index),) + tuple(batch_rows.shape[1:]))
+    in_batch = index < n
+    out[in_batch] = batch_rows[index[in_batch]]
+    out[~in_batch] = bank[field][(index[~in_batch] - n).cpu()].to(device=out.device, dtype=out.dtype)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- modules
 class FashionBertPatchEmbeddings(nn.Module):
     """Patch features -> hidden: Linear + learned patch position table + segment 1, then LayerNorm."""
@@ -867,23 +880,19 @@ class FashionBertModel(PreTrainedModel):
             same_text = (clean.unsqueeze(1) == bank["clean_ids"].to(device).unsqueeze(0)).all(dim=2)
             excluded = torch.cat([excluded, (state.groups.unsqueeze(1) == bank["groups"].to(device).unsqueeze(0))
                                   | same_text], dim=1)
-            batch = (all_ids, all_mask, all_feats, all_pm)
-            all_ids, all_mask, all_feats, all_pm = (torch.cat([t, bank[k].to(device=device, dtype=t.dtype)])
-                                                    for t, k in zip(batch, ("ids", "mask", "feats", "patch_mask")))
-        else:
-            batch = (all_ids, all_mask, all_feats, all_pm)
         scale = 1.0 / request.temperature if request.temperature > 0 else state.scale
         anchors, swap_image, partner = mine(request, state.text_vec, state.image_vec, text_pool, image_pool, excluded,
                                             scale)
         # What the bank takes once the joint pass has read it (forward): this batch's positives, never its own pool
         bank_rows = None if bank is None else dict(
-            ids=batch[0], mask=batch[1], clean_ids=all_clean, feats=batch[2], patch_mask=batch[3],
+            ids=all_ids, mask=all_mask, clean_ids=all_clean, feats=all_feats, patch_mask=all_pm,
             text_vec=state.all_text_vec, image_vec=state.all_image_vec, groups=state.all_groups)
         keep_text = swap_image.unsqueeze(1)
-        new_ids = torch.where(keep_text, ids[anchors], all_ids[partner])
-        new_mask = torch.where(keep_text, mask[anchors], all_mask[partner])
-        new_feats = torch.where(swap_image.view(-1, 1, 1), all_feats[partner], feats[anchors])
-        new_pm = torch.where(keep_text, all_pm[partner], pm[anchors])
+        new_ids = torch.where(keep_text, ids[anchors], _pool_rows(all_ids, bank, "ids", partner))
+        new_mask = torch.where(keep_text, mask[anchors], _pool_rows(all_mask, bank, "mask", partner))
+        new_feats = torch.where(swap_image.view(-1, 1, 1), _pool_rows(all_feats, bank, "feats", partner),
+                                feats[anchors])
+        new_pm = torch.where(keep_text, _pool_rows(all_pm, bank, "patch_mask", partner), pm[anchors])
         width = max(int(input_ids.shape[1]), int(new_mask.sum(dim=1).max()) if len(new_mask) else 0)
         pad = int(self.config.pad_token_id)
         input_ids = torch.cat([F.pad(input_ids, (0, width - input_ids.shape[1]), value=pad), new_ids[:, :width]])
