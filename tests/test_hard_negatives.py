@@ -349,3 +349,31 @@ def test_forward_reads_the_queue_then_pushes_the_batch(tiny_backbone):
     assert float(second.losses["itc"].detach()) == pytest.approx(float(expected.detach()), abs=1e-5)
     assert float(second.losses["itc"].detach()) > float(first.losses["itc"].detach())  # more negatives
     second.losses["itc"].backward()  # the queue's later push did not touch what this loss saved
+
+
+def test_a_late_fusion_joint_step_has_the_same_gradient_twice_on_two_threads(tiny_backbone):
+    """Mined rows repeat the batch's texts and images, so their below-fusion states are gathered with repeats; the
+    gradient must sum those in one order (index_select's backward), or --resume is not bitwise on a multi-core
+    CPU (two runs of one joint step differed in the last bits with plain indexing)."""
+    torch.manual_seed(0)
+    cfg = FashionBertConfig(backbone=str(tiny_backbone), feature_dim=FEATURE_DIM, itc_dim=8, dropout=0.0,
+                            max_text_len=12, fusion_layer=1, tia_pooling="halves")
+    model = FashionBertModel.from_pretrained_backbone(cfg).float()
+    ids, attn, feats, _ = _batch(64, seed=4)
+    labels = torch.ones(64, dtype=torch.long)
+    request = _request(list(range(64)), [i % 2 == 0 for i in range(64)], seed=6)
+
+    def gradients():
+        model.zero_grad(set_to_none=True)
+        out = model(ids, attn, feats, tia_labels=labels, groups=torch.arange(64), mining=request)
+        (out.losses["tia"] + out.losses["itc"]).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first, others = gradients(), [gradients() for _ in range(3)]  # an unordered sum differs in most tries
+    finally:
+        torch.set_num_threads(threads)
+    for again in others:
+        assert [n for n in first if not torch.equal(first[n], again[n])] == []

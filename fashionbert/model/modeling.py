@@ -776,7 +776,12 @@ class FashionBertModel(PreTrainedModel):
             image_rows = image_rows.clone()
             image_rows[banked] = batch_rows + torch.arange(len(picked), device=image_rows.device)
             patch_below = torch.cat([patch_below, extra.to(patch_below.dtype)])
-        return self.fuse(text_below[text_rows], attention_mask, patch_below[image_rows])
+        # index_select, not indexing: rows repeat (a positive's text is also its mined row's), and the backward of
+        # indexing (index_put_ with accumulate) sums the repeats in a thread-dependent order on a CPU, which made
+        # two runs of one joint step differ in the last bits (so --resume was not bitwise); index_select's backward
+        # (index_add_) sums them in order.
+        return self.fuse(torch.index_select(text_below, 0, text_rows), attention_mask,
+                         torch.index_select(patch_below, 0, image_rows))
 
     def _itc_vectors(self, head: ContrastiveHead, ids, mask, feats, keep_below_fusion: bool):
         """-> (text vectors, image vectors, the passes' states entering the fusion layer or None)."""
