@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -19,7 +18,7 @@ from fashionbert.model.modeling import FashionBertModel
 from fashionbert.train import checkpoint as ckpt
 from fashionbert.train.trainer import run
 from tests.test_hard_negatives import FEATURE_DIM, _batch, _request
-from tests.test_train import REPO, _train_records, cli_args, features, make_args  # noqa: F401 (features: fixture)
+from tests.test_train import REPO, _train_records, cli_args, features, make_args, resumed_copy  # noqa: F401 (features: fixture)
 
 torch.set_num_threads(1)
 
@@ -95,11 +94,8 @@ def test_resume_across_the_switch_is_bitwise_and_refuses_a_mismatch(tmp_path, fe
     args = ("--steps", 5, "--checkpoint-every", 2, "--val-every", 0, "--matching-only", "--itc-warmup", 3)
     out = tmp_path / "whole"
     run(make_args(features, out, tiny_backbone, *args))
-    resumed = tmp_path / "resumed"
-    shutil.copytree(out, resumed)
-    for step in ("step-0000004", "step-0000005"):
-        shutil.rmtree(resumed / "checkpoints" / step)
-    run(make_args(features, resumed, tiny_backbone, *args, "--resume"))
+    resumed = resumed_copy(out, tmp_path / "resumed", features, tiny_backbone, args,
+                           drop=("step-0000004", "step-0000005"))
     a, b = load_file(out / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
     assert [r["loss"] for r in _train_records(out)] == [r["loss"] for r in _train_records(resumed)]

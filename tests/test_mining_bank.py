@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from fashionbert.model.modeling import FashionBertModel
 from fashionbert.train import checkpoint as ckpt
 from fashionbert.train.trainer import run
 from tests.test_hard_negatives import FEATURE_DIM, _batch, _request
-from tests.test_train import _train_records, features, make_args  # noqa: F401 (features: the module fixture)
+from tests.test_train import _train_records, features, make_args, resumed_copy  # noqa: F401 (features: the module fixture)
 
 torch.set_num_threads(1)
 
@@ -103,10 +102,7 @@ def test_training_saves_the_bank_resumes_bitwise_and_refuses_a_mismatch(tmp_path
     assert saved["ids"].shape[0] > 0 and int(saved["next"]) == saved["ids"].shape[0] % 16
     records = _train_records(out)
     assert len(records) == 4 and all(math.isfinite(r["loss_tia"]) for r in records)
-    resumed = tmp_path / "resumed"
-    shutil.copytree(out, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-0000004")
-    run(make_args(features, resumed, tiny_backbone, *args, "--resume"))
+    resumed = resumed_copy(out, tmp_path / "resumed", features, tiny_backbone, args)
     assert [r["loss"] for r in records] == [r["loss"] for r in _train_records(resumed)]
     with pytest.raises(UserError, match=r"--mining-bank 0 \(checkpoint: 16\)"):
         run(make_args(features, resumed, tiny_backbone, "--steps", 6, "--checkpoint-every", 2, "--matching-only",

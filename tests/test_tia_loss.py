@@ -17,7 +17,7 @@ from fashionbert.model.modeling import FashionBertModel, pairwise_alignment_loss
 from fashionbert.train import checkpoint as ckpt
 from fashionbert.train.trainer import run
 from tests.test_hard_negatives import FEATURE_DIM, _batch, _request
-from tests.test_train import _train_records, features, make_args  # noqa: F401 (features: the module fixture)
+from tests.test_train import _train_records, features, make_args, resumed_copy  # noqa: F401 (features: the module fixture)
 
 torch.set_num_threads(1)
 
@@ -71,8 +71,6 @@ def test_an_unknown_tia_loss_is_refused(tiny_backbone):
 def test_training_records_the_tia_loss_resumes_bitwise_and_refuses_a_mismatch(tmp_path, features, tiny_backbone):
     """`train --tia-loss pairwise`: config.json and the checkpoints record it, a resume reaches the uninterrupted run's
     losses, a resume with another loss is refused, and so is a run that mines no negatives to pair."""
-    import shutil
-
     out = tmp_path / "pairwise"
     args = ("--steps", 4, "--checkpoint-every", 2, "--val-every", 0, "--matching-only", "--tia-loss", "pairwise")
     run(make_args(features, out, tiny_backbone, *args))
@@ -80,10 +78,7 @@ def test_training_records_the_tia_loss_resumes_bitwise_and_refuses_a_mismatch(tm
     assert json.loads((ckpt.latest_checkpoint(out) / ckpt.STATE_JSON).read_text())["options"]["tia_loss"] == "pairwise"
     records = _train_records(out)
     assert len(records) == 4 and all(math.isfinite(r["loss_tia"]) for r in records)
-    resumed = tmp_path / "resumed"
-    shutil.copytree(out, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-0000004")
-    run(make_args(features, resumed, tiny_backbone, *args, "--resume"))
+    resumed = resumed_copy(out, tmp_path / "resumed", features, tiny_backbone, args)
     assert [r["loss"] for r in records] == [r["loss"] for r in _train_records(resumed)]
     with pytest.raises(UserError, match=r"--tia-loss 'binary' \(checkpoint: 'pairwise'\)"):
         run(make_args(features, resumed, tiny_backbone, "--steps", 6, "--checkpoint-every", 2, "--matching-only",

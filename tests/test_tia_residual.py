@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from fashionbert.train import checkpoint as ckpt
 from fashionbert.train.distill import build_student
 from fashionbert.train.trainer import run
 from tests.test_hard_negatives import FEATURE_DIM, _batch, _free_port, _request
-from tests.test_train import _train_records, features, make_args  # noqa: F401 (features: the module fixture)
+from tests.test_train import _train_records, features, make_args, resumed_copy  # noqa: F401 (features: the module fixture)
 
 torch.set_num_threads(1)
 
@@ -163,10 +162,7 @@ def test_training_records_the_residual_resumes_bitwise_and_refuses_a_mismatch(tm
     assert json.loads((ckpt.latest_checkpoint(out) / ckpt.STATE_JSON).read_text())["options"]["tia_residual"]
     weights = load_file(out / "model" / "model.safetensors")
     assert weights["tia_head.residual_center"][1] == 4.0  # one update per training step
-    resumed = tmp_path / "resumed"
-    shutil.copytree(out, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-0000004")
-    run(make_args(features, resumed, tiny_backbone, *args, "--resume"))
+    resumed = resumed_copy(out, tmp_path / "resumed", features, tiny_backbone, args)
     again = load_file(resumed / "model" / "model.safetensors")
     assert all(torch.equal(weights[k], again[k]) for k in weights), [k for k in weights
                                                                       if not torch.equal(weights[k], again[k])][:5]

@@ -262,6 +262,18 @@ def _train_records(out):
     return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines() if json.loads(l)["kind"] == "train"]
 
 
+def resumed_copy(out, copy, features, backbone, args, drop=("step-0000004",)) -> Path:
+    """A copy of the finished run `out` without the checkpoints `drop`, resumed with `args` (train's options): what
+    a kill -9 after the newest kept checkpoint and a --resume leave. -> the copy's folder."""
+    import shutil
+
+    shutil.copytree(out, copy)
+    for step in drop:
+        shutil.rmtree(Path(copy) / "checkpoints" / step)
+    run(make_args(features, copy, backbone, *args, "--resume"))
+    return Path(copy)
+
+
 def test_a_few_steps_lower_every_task_loss(tmp_path, tiny_backbone):
     feats = write_fake_features(tmp_path / "f", n_products=8, feature_dim=FEATURE_DIM, noise=0.05, n_image_shards=1)
     # The matching tasks (TIA, itc) alone for the first 80 steps (the default recipe's warm-up), then all four
@@ -347,10 +359,7 @@ def test_subcategory_batches_train_resume_bitwise_and_refuse_a_mismatch(tmp_path
     assert len(recs) == 4 and all(math.isfinite(r["loss"]) for r in recs)
     options = json.loads((ckpt.latest_checkpoint(out) / ckpt.STATE_JSON).read_text())["options"]
     assert options["subcategory_batches"] is True
-    resumed = tmp_path / "resumed"
-    shutil.copytree(out, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-0000004")
-    run(make_args(features, resumed, tiny_backbone, *args, "--resume"))
+    resumed = resumed_copy(out, tmp_path / "resumed", features, tiny_backbone, args)
     a, b = load_file(out / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in recs] == [r["loss"] for r in _train_records(resumed)]
@@ -621,11 +630,8 @@ def test_itc_queue_is_saved_with_the_checkpoint_and_resumes_bitwise(tmp_path, fe
                   "--itc-queue", 6, "--tia-warmup", 1))
     saved = torch.load(out / "checkpoints" / "step-0000002" / ckpt.STATE_PT, weights_only=True)["itc_queue"]
     assert saved["text"].shape == (6, 256) and len(saved["groups"]) == 6  # 2 steps x 4 positives, cut at 6
-    resumed = tmp_path / "resumed"
-    shutil.copytree(out, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-0000004")
-    run(make_args(features, resumed, tiny_backbone, "--steps", 4, "--checkpoint-every", 2, "--val-every", 0,
-                  "--itc-queue", 6, "--tia-warmup", 1, "--resume"))
+    resumed = resumed_copy(out, tmp_path / "resumed", features, tiny_backbone,
+                           ("--steps", 4, "--checkpoint-every", 2, "--val-every", 0, "--itc-queue", 6, "--tia-warmup", 1))
     a, b = load_file(out / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in _train_records(out)] == [r["loss"] for r in _train_records(resumed)]
