@@ -107,7 +107,7 @@ def mine(request: MiningRequest, text_vec: torch.Tensor, image_vec: torch.Tensor
 
 
 class MiningBank:
-    """The last `size` training positives of the joint steps, newest first: the inputs a mined row takes one side
+    """The last `size` training positives of the joint steps (a ring): the inputs a mined row takes one side
     from (texts as the batch held them, padded to max_text_len, with their clean ids; patch features and their MPM
     mask) and the itc vectors they had then. Mined negatives are drawn from the batch's positives and these.
 

@@ -35,7 +35,8 @@ from fashionbert.errors import UserError
 from fashionbert.model.config import IGNORE_INDEX, FashionBertConfig
 from fashionbert.model.contrastive import (ITC_PREFIX, ContrastiveHead, EmbeddingQueue, contrastive_loss, itc_inputs,
                                            masked_mean, text_groups, unused_head_zero)
-from fashionbert.model.hard_negatives import MiningBank, MiningRequest, gather, gather_with_grad, mine, rank_offset, world_size
+from fashionbert.model.hard_negatives import (MiningBank, MiningRequest, gather, gather_with_grad, mine, rank_offset,
+                                              world_size)
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -103,6 +104,19 @@ def _pool_rows(batch_rows: torch.Tensor, bank: MiningBank | None, field: str, in
     out[in_batch] = batch_rows[index[in_batch]]
     out[~in_batch] = bank[field][(index[~in_batch] - n).cpu()].to(device=out.device, dtype=out.dtype)
     return out
+
+
+def _with_bank_rows(below: torch.Tensor, rows: torch.Tensor, encode) -> tuple[torch.Tensor, torch.Tensor]:
+    """The late-fusion shortcut's states with the mining bank's rows among `rows` (indices past the batch's) encoded
+    by `encode(bank indices)` and appended -> (states, rows pointing at them)."""
+    batch_rows = below.shape[0]
+    banked = rows >= batch_rows
+    if not bool(banked.any()):
+        return below, rows
+    picked = (rows[banked] - batch_rows).cpu()
+    rows = rows.clone()
+    rows[banked] = batch_rows + torch.arange(len(picked), device=rows.device)
+    return torch.cat([below, encode(picked).to(below.dtype)]), rows
 
 
 # ----------------------------------------------------------------------------------------------- modules
@@ -758,24 +772,13 @@ class FashionBertModel(PreTrainedModel):
         width = attention_mask.shape[1]
         text_below = F.pad(text_below, (0, 0, 0, width - text_below.shape[1])) if width >= text_below.shape[1] \
             else text_below[:, :width]
-        batch_rows = text_below.shape[0]
-        if bank is not None and bool((text_rows >= batch_rows).any()):
-            banked = text_rows >= batch_rows
-            picked = (text_rows[banked] - batch_rows).cpu()
-            ids = bank["clean_ids"][picked][:, :width].to(text_below.device)
-            mask = bank["mask"][picked][:, :width].to(text_below.device)
-            extra = self.encode_text_below_fusion(self.embed_text(ids), mask)
-            text_rows = text_rows.clone()
-            text_rows[banked] = batch_rows + torch.arange(len(picked), device=text_rows.device)
-            text_below = torch.cat([text_below, extra.to(text_below.dtype)])
-        if bank is not None and bool((image_rows >= batch_rows).any()):
-            banked = image_rows >= batch_rows
-            picked = (image_rows[banked] - batch_rows).cpu()
-            feats = bank["feats"][picked].to(patch_below.device)
-            extra = self.encode_patches_below_fusion(self.embed_patches(feats))
-            image_rows = image_rows.clone()
-            image_rows[banked] = batch_rows + torch.arange(len(picked), device=image_rows.device)
-            patch_below = torch.cat([patch_below, extra.to(patch_below.dtype)])
+        if bank is not None:
+            device = text_below.device
+            text_below, text_rows = _with_bank_rows(text_below, text_rows, lambda picked: self.encode_text_below_fusion(
+                self.embed_text(bank["clean_ids"][picked][:, :width].to(device)),
+                bank["mask"][picked][:, :width].to(device)))
+            patch_below, image_rows = _with_bank_rows(patch_below, image_rows, lambda picked: (
+                self.encode_patches_below_fusion(self.embed_patches(bank["feats"][picked].to(device)))))
         # index_select, not indexing: rows repeat (a positive's text is also its mined row's), and the backward of
         # indexing (index_put_ with accumulate) sums the repeats in a thread-dependent order on a CPU, which made
         # two runs of one joint step differ in the last bits (so --resume was not bitwise); index_select's backward
@@ -853,8 +856,8 @@ class FashionBertModel(PreTrainedModel):
                     patch_mask, mlm_labels, tia_labels, bank: MiningBank | None = None) -> tuple:
         """The batch's tensors with the mined negative rows appended (label 0, no MLM target), each mined row's
         text and image as rows of the pool (the (gathered) aligned rows, then the bank's), the batch row of the
-        positive it was mined for, and the rows the bank is to take (None without a bank). A mined row keeps its anchor's masked text or masked
-        patches and takes the other side from the partner the draw chose."""
+        positive it was mined for, and the rows the bank is to take (None without a bank). A mined row keeps its
+        anchor's masked text or masked patches and takes the other side from the partner the draw chose."""
         # Row copying only: autocast's dtype promotion refuses float16 features in torch.cat on CPU.
         with torch.autocast(device_type=patch_features.device.type, enabled=False):
             return self._append_mined_rows(request, state, input_ids, attention_mask, patch_features, patch_mask,
