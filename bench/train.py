@@ -44,6 +44,7 @@ from fashionbert.data.batching import (BatchSettings, ImageStream, MaskingVocab,
 from fashionbert.data.features import FeatureReader, index_images, load_texts, open_feature_folders  # noqa: E402
 from fashionbert.model.backbone import load_tokenizer  # noqa: E402
 from fashionbert.model.config import FashionBertConfig  # noqa: E402
+from fashionbert.model.hard_negatives import MiningBank  # noqa: E402
 from fashionbert.model.modeling import FashionBertModel  # noqa: E402
 from fashionbert.model.patch_cnn import FEATURE_DIM  # noqa: E402
 from fashionbert.runtime import PRECISIONS, Runtime, cpu_has_native_bf16, resolve_precision  # noqa: E402
@@ -99,10 +100,10 @@ def step_loss(weighter, losses: dict, clean: bool) -> torch.Tensor:
     return weighter(losses)[0]
 
 
-def train_step(model, weighter, optimizer, batch, precision: str, clean: bool, joint: bool = True):
+def train_step(model, weighter, optimizer, batch, precision: str, clean: bool, joint: bool = True, bank=None):
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
     with ctx:
-        out = model(**batch.model_inputs(joint))
+        out = model(**batch.model_inputs(joint), mining_bank=bank)
     step_loss(weighter, out.losses, clean).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -110,10 +111,11 @@ def train_step(model, weighter, optimizer, batch, precision: str, clean: bool, j
 
 
 def timed_steps(model, weighter, batches, precision: str, clean: bool, joint: bool = True,
-                attention: str | None = "train") -> tuple[list[dict], list[float]]:
+                attention: str | None = "train", bank=None) -> tuple[list[dict], list[float]]:
     """Train steps on `batches` from the model's current weights (restored afterwards) -> (losses, seconds) per step.
     `attention`: the implementation the steps run (FashionBertModel.attention); "train" = train's rule for this
-    precision on the CPU (Runtime.training_attention)."""
+    precision on the CPU (Runtime.training_attention). `bank`: train's --mining-bank (a MiningBank) the steps draw
+    their mined negatives from too."""
     if attention == "train":
         attention = Runtime(torch.device("cpu"), precision).training_attention
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -123,7 +125,7 @@ def timed_steps(model, weighter, batches, precision: str, clean: bool, joint: bo
     with model.attention(attention):
         for b in batches:
             t0 = time.perf_counter()
-            losses.append(train_step(model, weighter, optimizer, b, precision, clean, joint))
+            losses.append(train_step(model, weighter, optimizer, b, precision, clean, joint, bank))
             times.append(time.perf_counter() - t0)
     model.load_state_dict(state)
     return losses, times
@@ -233,6 +235,18 @@ def main() -> None:
             fi, fj, ti = counter.get_total_flops() / 1e9, counted * rows / 1e9, median_after_first(itc_alone)
             print(f"--itc-warmup step (itc alone) vs clean joint step: {fi:.1f} vs {fj:.1f} GFLOP per step "
                   f"({fi / fj:.2f}), median step {ti:.2f} vs {ts:.2f} s ({ti / ts:.2f})")
+
+            # --mining-bank: the same clean steps drawing their negatives from a bank of other batches' positives too,
+            # whose sides the late-fusion shortcut encodes up to the fusion layer
+            bank = MiningBank(2048)
+            with torch.no_grad(), model.attention(Runtime(torch.device("cpu"), precision).training_attention):
+                for _ in range(8):
+                    model(**next(it).model_inputs(), mining_bank=bank)
+            _, plain = timed_steps(model, weighter, sample * 2, precision, clean=True)
+            _, banked = timed_steps(model, weighter, sample * 2, precision, clean=True, bank=bank)
+            tp, tb = median_after_first(plain), median_after_first(banked)
+            print(f"clean joint step with --mining-bank ({len(bank)} positives) vs without: median step {tb:.2f} vs "
+                  f"{tp:.2f} s ({tb / tp:.2f}x)")
 
         # ---- the attention kernel of a training step: eager vs sdpa on the same batches, at train's precision
         runs = {name: timed_steps(model, weighter, sample * 2, precision, a.clean, attention=name)
