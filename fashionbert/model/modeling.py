@@ -871,12 +871,13 @@ class FashionBertModel(PreTrainedModel):
         pmask = patch_mask if patch_mask is not None else torch.zeros(patch_features.shape[:2], dtype=torch.bool,
                                                                       device=patch_features.device)
         ids, mask = input_ids[positives], attention_mask[positives]
-        clean = ids if mlm_labels is None else torch.where(mlm_labels[positives] != IGNORE_INDEX,
-                                                           mlm_labels[positives], ids)
         feats, pm = patch_features[positives], pmask[positives]
         if world_size() > 1 or bank is not None:  # one width for every process's rows and the bank's
             ids, mask = self._pad_to_max_len(ids, int(self.config.pad_token_id)), self._pad_to_max_len(mask)
-            clean = self._pad_to_max_len(clean) * mask
+        clean = None  # the texts with MLM's masks put back, padding 0: the bank compares and stores them
+        if bank is not None:
+            labels = None if mlm_labels is None else self._pad_to_max_len(mlm_labels[positives], IGNORE_INDEX)
+            clean = (ids if labels is None else torch.where(labels != IGNORE_INDEX, labels, ids)) * mask
         if world_size() > 1:
             all_ids, all_mask, all_feats, all_pm = gather(ids), gather(mask), gather(feats), gather(pm)
             all_clean = gather(clean) if bank is not None else None

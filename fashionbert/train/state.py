@@ -163,8 +163,7 @@ def build_state(config: TrainConfig, rt: Runtime, objective: Objective = Objecti
     return TrainState(config=config, out=out, data=data, model=model, model_config=model_config,
                       train_model=train_model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                       weighter=weighter, batches=batches, validation=validation, queue=queue, bank=bank,
-                      options=options,
-                      total_steps=total_steps, tia_steps=tia_steps, itc_steps=itc_steps, step=step, position=position,
+                      options=options, total_steps=total_steps, tia_steps=tia_steps, itc_steps=itc_steps, step=step, position=position,
                       resumed_from=resumed_from, objective=objective)
 
 
@@ -186,14 +185,15 @@ def _prepare_out(config: TrainConfig, rt: Runtime) -> Path:
     if config.tia_residual and config.itc_dim <= 0:
         raise UserError("--tia-residual adds the itc cosine to the TIA logit, and --itc-dim 0 turns the itc head off: "
                         "drop one of the two")
-    if config.tia_loss != "binary" and (hard_neg_fraction(config) <= 0 or config.neg_ratio < 1):
+    mining = f"--hard-neg-fraction {hard_neg_fraction(config)}, --neg-ratio {config.neg_ratio}"
+    mines = hard_neg_fraction(config) > 0 and config.neg_ratio >= 1
+    if config.tia_loss != "binary" and not mines:
         raise UserError(f"--tia-loss {config.tia_loss} ranks each mined negative against its positive, and this run "
-                        f"mines none (--hard-neg-fraction {hard_neg_fraction(config)}, --neg-ratio {config.neg_ratio}): "
-                        f"pass --hard-neg-fraction > 0 and --neg-ratio >= 1, or --tia-loss binary")
-    if config.mining_bank < 0 or (config.mining_bank > 0 and (hard_neg_fraction(config) <= 0 or config.neg_ratio < 1)):
+                        f"mines none ({mining}): pass --hard-neg-fraction > 0 and --neg-ratio >= 1, or --tia-loss binary")
+    if config.mining_bank < 0 or (config.mining_bank > 0 and not mines):
         raise UserError(f"--mining-bank {config.mining_bank}: must be >= 0, and is a pool for mined negatives, which "
-                        f"this run draws none of (--hard-neg-fraction {hard_neg_fraction(config)}, --neg-ratio "
-                        f"{config.neg_ratio}): pass --hard-neg-fraction > 0 and --neg-ratio >= 1, or --mining-bank 0")
+                        f"this run draws none of ({mining}): pass --hard-neg-fraction > 0 and --neg-ratio >= 1, or "
+                        f"--mining-bank 0")
     if config.own_fusion_layers and fusion_layer(config) < 1:
         raise UserError(f"--own-fusion-layers gives the layers above --fusion-layer weights of their own; with "
                         f"--fusion-layer {fusion_layer(config)} there are none below it to share: pass --fusion-layer "

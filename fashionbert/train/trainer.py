@@ -99,8 +99,8 @@ def save_checkpoint(state: TrainState, rt: Runtime, log: TrainingLog, fusion: Sc
         info = {"options": state.options, "positions": positions,
                 "batches_per_rank": state.step * state.config.grad_accum,
                 "metrics": {"train": log.last_train, "validation": log.last_val}}
-        extra = {**({"itc_queue": state.queue.state_dict()} if state.queue is not None else {}),
-                 **({"mining_bank": state.bank.state_dict()} if state.bank is not None else {})} or None
+        extra = {name: kept.state_dict() for name, kept in (("itc_queue", state.queue), ("mining_bank", state.bank))
+                 if kept is not None} or None
         ckpt.save_checkpoint(state.out, state.step, state.model, state.tokenizer, state.optimizer, state.scheduler,
                              info, keep=state.config.keep_checkpoints, fusion=fusion, extra=extra)
     rt.barrier()
