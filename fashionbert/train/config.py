@@ -56,6 +56,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     tia_warmup: float = 0.1
     itc_warmup: float = 0.0
+    joint_lr: float = 0.0
     matching_only: bool = False
     task_weights: str = "adaptive-grad"
     seed: int = 0
@@ -254,6 +255,12 @@ def _optimisation_arguments(parser: argparse.ArgumentParser) -> None:
                         "hm-dev 1,200 steps with --itc-warmup 760 (the same budget as 880 joint ones) rank ~4 points "
                         "higher (README, 'More steps for the embeddings'); needs the itc head (default 0: TIA from the "
                         "first step)")
+    g.add_argument("--joint-lr", type=float, default=D.joint_lr, metavar="LR",
+                   help="restart the learning-rate schedule at the first joint step after --itc-warmup: warm up again "
+                        "from where it stands to LR over --warmup's steps, then decay linearly to 0 at the last step. "
+                        "Why: by the end of a long --itc-warmup the one schedule has decayed (the README recipe's "
+                        "joint steps start at 0.39 x --lr and average a fifth of it), and the TIA head starts from "
+                        "nothing there; 0 (default): one schedule for the whole run")
     g.add_argument("--matching-only", action=argparse.BooleanOptionalAction, default=D.matching_only,
                    help="train the matching tasks alone on every step, as the --tia-warmup steps do: MLM and MPM never "
                         "join, and every batch is unmasked. Why: ranking is what TIA and itc are for, and an unmasked "

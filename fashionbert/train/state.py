@@ -26,12 +26,12 @@ from fashionbert.runtime import Runtime
 from fashionbert.train import checkpoint as ckpt
 from fashionbert.train.adaptive_loss import TaskWeighter
 from fashionbert.train.config import TrainConfig
-from fashionbert.train.optim import build_optimizer, restore_optimizer
+from fashionbert.train.optim import build_optimizer, lr_lambda, restore_optimizer
 
 # Options that fix the data order or the optimisation: a resumed run must use the checkpoint's values,
 # or it would not continue the same run.
 RESUME_MUST_MATCH = ("batch_size", "itc_dim", "itc_pooling", "dropout", "tia_warmup", "itc_warmup", "matching_only", "grad_accum", "neg_ratio",
-                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "group_negatives", "subcategory_batches", "itc_queue", "mining_bank", "fusion_layer", "own_fusion_layers", "detach_fusion_input", "tia_pooling", "tia_residual", "tia_loss", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
+                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "group_negatives", "subcategory_batches", "itc_queue", "mining_bank", "fusion_layer", "own_fusion_layers", "detach_fusion_input", "tia_pooling", "tia_residual", "tia_loss", "joint_lr", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
                      "weight_decay", "shuffle_window", "world_size")
 
 # What a checkpoint written before an option existed ran with.
@@ -39,7 +39,8 @@ BEFORE_OPTION = {"hard_neg_fraction": 0.0, "hard_neg_temperature": 0.0, "itc_que
                  "tia_pooling": "cls", "keep_recall": False, "hidden_weight": 0.0,
                  "matching_only": False, "group_negatives": False, "own_fusion_layers": False,
                  "detach_fusion_input": False, "tia_residual": False, "itc_warmup": 0.0,
-                 "subcategory_batches": False, "tia_loss": "binary", "mining_bank": 0}
+                 "subcategory_batches": False, "tia_loss": "binary", "mining_bank": 0,
+                 "joint_lr": 0.0}
 
 
 @dataclasses.dataclass
@@ -138,10 +139,11 @@ def build_state(config: TrainConfig, rt: Runtime, objective: Objective = Objecti
     matching_only = objective.matching_only or config.matching_only
     tia_steps = total_steps if matching_only else _steps_of(config.tia_warmup, total_steps)
     itc_steps = _itc_steps(config, total_steps)
-    optimizer, scheduler = build_optimizer(model, config.lr, config.weight_decay, rt.device, warmup_steps, total_steps)
+    schedule = lr_lambda(warmup_steps, total_steps, itc_steps, _joint_lr_peak(config, itc_steps))
+    optimizer, scheduler = build_optimizer(model, config.lr, config.weight_decay, rt.device, schedule)
     step, position = 0, StreamPosition()
     if resumed_from is not None:
-        restore_optimizer(optimizer, scheduler, saved, warmup_steps, total_steps)
+        restore_optimizer(optimizer, scheduler, saved, schedule)
         step = int(info["step"])
         positions = info.get("positions") or [[0, 0]]
         position = StreamPosition(*positions[rt.rank if rt.rank < len(positions) else 0])
@@ -262,6 +264,17 @@ def _itc_steps(config: TrainConfig, total_steps: int) -> int:
         raise UserError(f"--itc-warmup {config.itc_warmup} is {steps} of the run's {total_steps} steps: TIA would never "
                         f"train; leave it some steps (e.g. --itc-warmup 0.5)")
     return steps
+
+
+def _joint_lr_peak(config: TrainConfig, itc_steps: int) -> float:
+    """--joint-lr as a multiplier of --lr (0: one schedule for the whole run), checked."""
+    if config.joint_lr < 0:
+        raise UserError(f"--joint-lr {config.joint_lr}: must be >= 0 (0 = the --lr schedule runs on through the joint "
+                        f"steps)")
+    if config.joint_lr and not itc_steps:
+        raise UserError("--joint-lr restarts the learning-rate schedule at the first joint step after --itc-warmup, "
+                        "and this run has no --itc-warmup steps: pass --itc-warmup, or set the rate with --lr alone")
+    return config.joint_lr / config.lr
 
 
 def run_options(config: TrainConfig, world: int) -> dict[str, Any]:
