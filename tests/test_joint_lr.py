@@ -97,3 +97,6 @@ def test_misuses_get_one_message_each(tmp_path, features, tiny_backbone):
     with pytest.raises(UserError, match=r"--joint-lr -0\.001: must be >= 0"):
         run(make_args(features, tmp_path / "negative", tiny_backbone, "--steps", 4, "--itc-warmup", 2,
                       "--joint-lr", -1e-3))
+    with pytest.raises(UserError, match=r"--joint-lr needs --lr > 0"):
+        run(make_args(features, tmp_path / "no-lr", tiny_backbone, "--steps", 4, "--itc-warmup", 2, "--lr", 0,
+                      "--joint-lr", 1e-3))

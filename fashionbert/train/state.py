@@ -271,9 +271,14 @@ def _joint_lr_peak(config: TrainConfig, itc_steps: int) -> float:
     if config.joint_lr < 0:
         raise UserError(f"--joint-lr {config.joint_lr}: must be >= 0 (0 = the --lr schedule runs on through the joint "
                         f"steps)")
-    if config.joint_lr and not itc_steps:
+    if not config.joint_lr:
+        return 0.0
+    if not itc_steps:
         raise UserError("--joint-lr restarts the learning-rate schedule at the first joint step after --itc-warmup, "
                         "and this run has no --itc-warmup steps: pass --itc-warmup, or set the rate with --lr alone")
+    if config.lr <= 0:
+        raise UserError(f"--joint-lr {config.joint_lr} with --lr {config.lr}: the schedule is a multiple of --lr, so "
+                        f"--joint-lr needs --lr > 0")
     return config.joint_lr / config.lr
 
 
