@@ -28,6 +28,7 @@ from fashionbert.train.distill import DistillConfig, build_student, chosen_layer
 from fashionbert.train.state import load_data
 from fashionbert.train.trainer import TrainConfig, run as train
 from tests.fake_features import make_tiny_backbone, write_fake_features
+from tests.test_train import assert_same_weights
 
 torch.set_num_threads(1)
 FEATURE_DIM = 16
@@ -219,10 +220,7 @@ def test_resume_continues_exactly(tmp_path, student_run, teacher_dir):
         distill.run(config(teacher_dir, out, steps=4, checkpoint_every=2, keep_recall=False, resume=True))
     summary = distill.run(config(teacher_dir, out, steps=4, checkpoint_every=2, resume=True))
     assert summary["resumed_from"].endswith("step-0000002")
-    from safetensors.torch import load_file
-
-    a, b = load_file(ref_out / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(ref_out / "model", out / "model")
 
 
 def test_bad_options_are_refused_with_one_clear_message(tmp_path, teacher_dir):

@@ -18,7 +18,7 @@ from fashionbert.model.modeling import FashionBertModel
 from fashionbert.train import checkpoint as ckpt
 from fashionbert.train.trainer import run
 from tests.test_hard_negatives import FEATURE_DIM, _batch, _request
-from tests.test_train import REPO, _train_records, cli_args, features, make_args, resumed_copy  # noqa: F401 (features: fixture)
+from tests.test_train import REPO, _train_records, assert_same_weights, cli_args, features, make_args, resumed_copy  # noqa: F401 (features: fixture)
 
 torch.set_num_threads(1)
 
@@ -89,15 +89,13 @@ def test_resume_across_the_switch_is_bitwise_and_refuses_a_mismatch(tmp_path, fe
     """Killed inside the warm-up (newest checkpoint at step 2 of 3 itc-alone steps) and resumed, the run reaches the
     uninterrupted weights and losses; resuming with another --itc-warmup is refused; so are --itc-warmup with
     --itc-dim 0, one that leaves TIA no step, and a negative one."""
-    from safetensors.torch import load_file
 
     args = ("--steps", 5, "--checkpoint-every", 2, "--val-every", 0, "--matching-only", "--itc-warmup", 3)
     out = tmp_path / "whole"
     run(make_args(features, out, tiny_backbone, *args))
     resumed = resumed_copy(out, tmp_path / "resumed", features, tiny_backbone, args,
                            drop=("step-0000004", "step-0000005"))
-    a, b = load_file(out / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    assert_same_weights(out / "model", resumed / "model")
     assert [r["loss"] for r in _train_records(out)] == [r["loss"] for r in _train_records(resumed)]
     with pytest.raises(UserError, match=r"--itc-warmup 1\.0 \(checkpoint: 3\.0\)"):
         run(make_args(features, resumed, tiny_backbone, "--steps", 7, "--checkpoint-every", 2, "--matching-only",

@@ -14,7 +14,7 @@ from fashionbert.errors import UserError
 from fashionbert.train import checkpoint as ckpt
 from fashionbert.train.optim import lr_lambda
 from fashionbert.train.trainer import run
-from tests.test_train import _train_records, features, make_args, resumed_copy  # noqa: F401 (features: fixture)
+from tests.test_train import _train_records, assert_same_weights, features, make_args, resumed_copy  # noqa: F401 (features: fixture)
 
 torch.set_num_threads(1)
 
@@ -47,7 +47,6 @@ ARGS = ("--steps", 6, "--checkpoint-every", 2, "--val-every", 0, "--matching-onl
 
 
 def test_a_run_logs_the_restarted_rate_and_its_itc_alone_steps_are_untouched(tmp_path, features, tiny_backbone):
-    from safetensors.torch import load_file
 
     run(make_args(features, tmp_path / "restart", tiny_backbone, *ARGS, "--joint-lr", 2e-3))
     run(make_args(features, tmp_path / "plain", tiny_backbone, *ARGS))
@@ -57,24 +56,21 @@ def test_a_run_logs_the_restarted_rate_and_its_itc_alone_steps_are_untouched(tmp
     assert [r["lr"] for r in restarted][:2] == [r["lr"] for r in plain][:2]
     assert [r["loss"] for r in restarted][:2] == [r["loss"] for r in plain][:2]
     assert restarted[2]["lr"] == pytest.approx(2e-3) and plain[2]["lr"] == pytest.approx(LR * 4 / 5)
-    a = load_file(tmp_path / "restart" / "checkpoints" / "step-0000002" / "model.safetensors")
-    b = load_file(tmp_path / "plain" / "checkpoints" / "step-0000002" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(tmp_path / "restart" / "checkpoints" / "step-0000002",
+                        tmp_path / "plain" / "checkpoints" / "step-0000002")
     assert _options(tmp_path / "restart")["joint_lr"] == 2e-3 and _options(tmp_path / "plain")["joint_lr"] == 0.0
 
 
 def test_resume_at_the_restart_is_bitwise_and_refuses_a_mismatch(tmp_path, features, tiny_backbone):
     """Killed at the switch (newest checkpoint: step 2, the last itc-alone step; its optimizer holds the old rate for
     the next step) and resumed, the run reaches the uninterrupted weights, losses and rates."""
-    from safetensors.torch import load_file
 
     args = (*ARGS, "--joint-lr", 2e-3)
     out = tmp_path / "whole"
     run(make_args(features, out, tiny_backbone, *args))
     resumed = resumed_copy(out, tmp_path / "resumed", features, tiny_backbone, args,
                            drop=("step-0000004", "step-0000006"))
-    a, b = load_file(out / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    assert_same_weights(out / "model", resumed / "model")
     assert [(r["loss"], r["lr"]) for r in _train_records(out)] == [(r["loss"], r["lr"]) for r in _train_records(resumed)]
     with pytest.raises(UserError, match=r"--joint-lr 0\.0 \(checkpoint: 0\.002\)"):
         run(make_args(features, resumed, tiny_backbone, *ARGS, "--resume"))

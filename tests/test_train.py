@@ -274,6 +274,16 @@ def resumed_copy(out, copy, features, backbone, args, drop=("step-0000004",)) ->
     return Path(copy)
 
 
+def assert_same_weights(a, b) -> None:
+    """Two model or checkpoint folders hold the same weights, bit for bit (the first few names that differ if not)."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(Path(a) / "model.safetensors"), load_file(Path(b) / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not differ, differ[:5]
+
+
 def test_a_few_steps_lower_every_task_loss(tmp_path, tiny_backbone):
     feats = write_fake_features(tmp_path / "f", n_products=8, feature_dim=FEATURE_DIM, noise=0.05, n_image_shards=1)
     # The matching tasks (TIA, itc) alone for the first 80 steps (the default recipe's warm-up), then all four
@@ -293,7 +303,6 @@ def test_a_few_steps_lower_every_task_loss(tmp_path, tiny_backbone):
 def test_matching_only_is_the_warm_up_on_every_step(tmp_path, features, tiny_backbone):
     """--matching-only trains exactly what a --tia-warmup as long as the run trains (no MLM/MPM, unmasked batches,
     TIA and itc at equal weights), bit for bit, and says so in the checkpoint's options."""
-    from safetensors.torch import load_file
 
     common = ("--steps", 4, "--checkpoint-every", 0, "--val-every", 0)
     run(make_args(features, tmp_path / "flag", tiny_backbone, *common, "--matching-only"))
@@ -301,8 +310,7 @@ def test_matching_only_is_the_warm_up_on_every_step(tmp_path, features, tiny_bac
     recs = _train_records(tmp_path / "flag")
     assert len(recs) == 4
     assert all(r["loss_mlm"] is None and r["loss_mpm"] is None and r["w_tia"] == r["w_itc"] == 0.5 for r in recs)
-    a, b = load_file(tmp_path / "flag" / "model" / "model.safetensors"), load_file(tmp_path / "warmup" / "model" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(tmp_path / "flag" / "model", tmp_path / "warmup" / "model")
     assert [r["loss"] for r in recs] == [r["loss"] for r in _train_records(tmp_path / "warmup")]
     options = json.loads((ckpt.latest_checkpoint(tmp_path / "flag") / ckpt.STATE_JSON).read_text())["options"]
     assert options["matching_only"] is True
@@ -349,7 +357,6 @@ def test_subcategory_batches_serve_a_window_sub_category_by_sub_category(feature
 def test_subcategory_batches_train_resume_bitwise_and_refuse_a_mismatch(tmp_path, features, tiny_backbone):
     """A --subcategory-batches run trains and records the option; killed and resumed it reaches the uninterrupted
     weights; resuming without the option is refused; its batches differ from shuffled ones."""
-    from safetensors.torch import load_file
 
     base = ("--steps", 4, "--checkpoint-every", 2, "--val-every", 0, "--matching-only", "--shuffle-window", 16)
     args = (*base, "--subcategory-batches")
@@ -360,8 +367,7 @@ def test_subcategory_batches_train_resume_bitwise_and_refuse_a_mismatch(tmp_path
     options = json.loads((ckpt.latest_checkpoint(out) / ckpt.STATE_JSON).read_text())["options"]
     assert options["subcategory_batches"] is True
     resumed = resumed_copy(out, tmp_path / "resumed", features, tiny_backbone, args)
-    a, b = load_file(out / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(out / "model", resumed / "model")
     assert [r["loss"] for r in recs] == [r["loss"] for r in _train_records(resumed)]
     with pytest.raises(UserError, match=r"--subcategory-batches False \(checkpoint: True\)"):
         run(make_args(features, resumed, tiny_backbone, *base, "--steps", 6, "--resume"))
@@ -565,11 +571,7 @@ def test_kill_and_resume_reach_the_uninterrupted_state(tmp_path, uninterrupted, 
         run(make_args(features, out, tiny_backbone, "--steps", 6, "--checkpoint-every", 2, "--resume", "--batch-size", 5))
     summary = run(make_args(features, out, tiny_backbone, "--steps", 6, "--checkpoint-every", 2, "--val-every", 3, "--resume"))
     assert summary["final_step"] == 6 and summary["resumed_from"].endswith("step-0000002")
-    from safetensors.torch import load_file
-
-    a, b = load_file(ref_out / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    assert_same_weights(ref_out / "model", out / "model")
     sa = torch.load(ref_out / "checkpoints" / "step-0000006" / ckpt.STATE_PT, weights_only=True)
     sb = torch.load(out / "checkpoints" / "step-0000006" / ckpt.STATE_PT, weights_only=True)
     for k, st in sa["optimizer"]["state"].items():
@@ -623,7 +625,6 @@ def test_mining_pooling_and_fusion_options_round_trip_and_resume_refuses_a_misma
 def test_itc_queue_is_saved_with_the_checkpoint_and_resumes_bitwise(tmp_path, features, tiny_backbone):
     import shutil
 
-    from safetensors.torch import load_file
 
     out = tmp_path / "queue"
     run(make_args(features, out, tiny_backbone, "--steps", 4, "--checkpoint-every", 2, "--val-every", 0,
@@ -632,8 +633,7 @@ def test_itc_queue_is_saved_with_the_checkpoint_and_resumes_bitwise(tmp_path, fe
     assert saved["text"].shape == (6, 256) and len(saved["groups"]) == 6  # 2 steps x 4 positives, cut at 6
     resumed = resumed_copy(out, tmp_path / "resumed", features, tiny_backbone,
                            ("--steps", 4, "--checkpoint-every", 2, "--val-every", 0, "--itc-queue", 6, "--tia-warmup", 1))
-    a, b = load_file(out / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(out / "model", resumed / "model")
     assert [r["loss"] for r in _train_records(out)] == [r["loss"] for r in _train_records(resumed)]
     with pytest.raises(UserError, match="--itc-queue"):
         run(make_args(features, resumed, tiny_backbone, "--steps", 6, "--resume", "--itc-queue", 12,
