@@ -57,4 +57,3 @@ def restore_optimizer(optimizer, scheduler, saved: dict, schedule: Callable[[int
     scheduler.lr_lambdas = [schedule] * len(optimizer.param_groups)
     for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
         group["lr"] = base_lr * schedule(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

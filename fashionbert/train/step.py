@@ -46,7 +46,7 @@ def train_step(state: TrainState, rt: Runtime) -> StepResult:
             state.position = batch.position
     clip = state.config.clip_grad if state.config.clip_grad > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip)
-    lr = state.scheduler.get_last_lr()[0]
+    lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses (a resumed run sets it from its schedule)
     state.optimizer.step()
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
