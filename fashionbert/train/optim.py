@@ -1,5 +1,5 @@
-"""AdamW with weight decay on matrices only, and the schedule: linear warm-up, then linear decay to 0 (train's --joint-lr
-starts it again at the first joint step)."""
+"""AdamW with weight decay on matrices only, and the schedule: linear warm-up, then linear decay to 0 (train's
+--joint-lr starts it again at the first joint step)."""
 from __future__ import annotations
 
 from typing import Callable

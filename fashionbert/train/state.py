@@ -165,8 +165,8 @@ def build_state(config: TrainConfig, rt: Runtime, objective: Objective = Objecti
     return TrainState(config=config, out=out, data=data, model=model, model_config=model_config,
                       train_model=train_model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                       weighter=weighter, batches=batches, validation=validation, queue=queue, bank=bank,
-                      options=options, total_steps=total_steps, tia_steps=tia_steps, itc_steps=itc_steps, step=step, position=position,
-                      resumed_from=resumed_from, objective=objective)
+                      options=options, total_steps=total_steps, tia_steps=tia_steps, itc_steps=itc_steps, step=step,
+                      position=position, resumed_from=resumed_from, objective=objective)
 
 
 def _prepare_out(config: TrainConfig, rt: Runtime) -> Path:
