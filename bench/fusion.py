@@ -2,7 +2,7 @@
 figures; asserts nothing.
 
     python bench/fusion.py --features DIR --model DIR [--queries 1000] [--fit-queries 200] [--repeats 10]
-                           [--scores FILE]
+                           [--scores FILE] [--training-products]
 
 Scores --queries held-out text queries (the training run's split) against their image and 100 same-sub-category
 others with both heads (training's validation protocol, `quick_validation.head_scores`). Then, --repeats times, it
@@ -14,6 +14,10 @@ and ranks the others by each of:
   Rank@1 over the cosine);
 and prints text -> image Rank@1 (%) of each, mean over the repeats, with the mean and spread of its difference to the
 cosine on the same queries, and how often the check kept TIA.
+
+`--training-products` scores products the model trained on instead (each query against 100 same-sub-category
+training products): beside a held-out run it shows how much each head memorised, i.e. how differently it ranks the
+pairs its training saw from the unseen ones it must rank in production.
 
 Scoring is the slow part (~9 min for 1,000 queries on 2 cores): --scores FILE keeps the scores (an .npz), and a rerun
 with the same file, model and --queries reads them instead.
@@ -41,33 +45,39 @@ from fashionbert.runtime import resolve_runtime  # noqa: E402
 RANKINGS = ("itc", "tia", "listwise", "fit")
 
 
-def score_queries(features: list[str], model: str, queries: int, seed: int) -> dict:
-    """Both heads' scores of every (query, candidate) pair, queries in order, each query's true candidate first."""
+def score_queries(features: list[str], model: str, queries: int, seed: int, training_products: bool = False) -> dict:
+    """Both heads' scores of every (query, candidate) pair, queries in order, each query's true candidate first; the
+    queries and candidates are held-out products, or with `training_products` the products the model trained on."""
     rt = resolve_runtime("auto", "auto", 0)
     loaded = load_model(model, rt)
     if not loaded.has_itc_head:
         raise UserError(f"--model {loaded.folder}: no itc head (trained with --itc-dim 0), nothing to fuse")
     catalog = open_catalog(features, loaded)
     held_out, _ = held_out_products(SplitOptions(), loaded, catalog.texts.group_id)
-    rows = np.flatnonzero(held_out[catalog.index.product])
+    side = ~held_out if training_products else held_out
+    rows = np.flatnonzero(side[catalog.index.product])
     s100 = build_sample_hundred(catalog.texts, catalog.index, rows, catalog.reader, queries=queries,
                                 candidates=100, max_pool=len(rows), seed=seed)
     if s100 is None:
-        raise UserError(f"--features {features}: fewer than 2 held-out products with an image")
+        raise UserError(f"--features {features}: fewer than 2 {'training' if training_products else 'held-out'} "
+                        f"products with an image")
     margin, cosine = head_scores(loaded.model, s100, loaded.config, rt)
     return {"margin": margin, "cosine": cosine, "sizes": np.asarray([len(c) for c in s100.candidates]),
-            "version": np.asarray(loaded.version), "queries": np.asarray(queries), "seed": np.asarray(seed)}
+            "version": np.asarray(loaded.version), "queries": np.asarray(queries), "seed": np.asarray(seed),
+            "training_products": np.asarray(training_products)}
 
 
 def load_or_score(a: argparse.Namespace) -> dict:
     if a.scores and Path(a.scores).is_file():
         saved = dict(np.load(a.scores))
         version = load_model(a.model, resolve_runtime("cpu", "fp32", 0)).version
-        if (str(saved["version"]), int(saved["queries"]), int(saved["seed"])) == (version, a.queries, a.seed):
+        key = (str(saved["version"]), int(saved["queries"]), int(saved["seed"]),
+               bool(saved.get("training_products", False)))
+        if key == (version, a.queries, a.seed, a.training_products):
             print(f"scores: read from {a.scores}")
             return saved
-        print(f"scores: {a.scores} holds another model, --queries or --seed; scoring again")
-    scores = score_queries(a.features, a.model, a.queries, a.seed)
+        print(f"scores: {a.scores} holds another model, --queries, --seed or --training-products; scoring again")
+    scores = score_queries(a.features, a.model, a.queries, a.seed, a.training_products)
     if a.scores:
         np.savez(a.scores, **scores)
     return scores
@@ -104,6 +114,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10, help="random fit / rank splits (default 10)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the query draw and the splits (default 0)")
     ap.add_argument("--scores", metavar="FILE", help="an .npz keeping the scores between runs")
+    ap.add_argument("--training-products", action="store_true",
+                    help="score products the model trained on instead of held-out ones (what each head memorised)")
     a = ap.parse_args()
     try:
         s = load_or_score(a)
@@ -113,7 +125,8 @@ def main() -> None:
     except UserError as exc:
         sys.exit(f"bench/fusion.py: {exc}")
     r = compare(s["margin"], s["cosine"], s["sizes"], a.fit_queries, a.repeats, a.seed)
-    print(f"model {a.model} ({s['version']}): {n} held-out queries, fit on {a.fit_queries}, ranked on the other "
+    side = "training-product" if a.training_products else "held-out"
+    print(f"model {a.model} ({s['version']}): {n} {side} queries, fit on {a.fit_queries}, ranked on the other "
           f"{n - a.fit_queries}, {a.repeats} repeats. Text -> image Rank@1 (%):")
     print("| ranked by | Rank@1 | minus the cosine's (mean +- sd) |\n| --- | --- | --- |")
     for name, what in (("itc", "the itc cosine alone"), ("tia", "the TIA margin alone"),
