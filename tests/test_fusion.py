@@ -67,6 +67,37 @@ def test_fit_recovers_the_ranking_direction_and_calibrates_on_a_balanced_prior()
     assert p[label].mean() > 0.5 > p[~label].mean()
 
 
+def saturated_tia(queries: int, seed: int, candidates: int = 101):
+    """What a confident [CLS] head gave on hm-dev: most negatives pinned near the margin's floor (-9), a few hard ones
+    spread around 0, the true candidates (the first) spread widely. The full Newton step from 0 overshoots here."""
+    rng = np.random.default_rng(seed)
+    margin = -9 + 0.2 * rng.standard_normal((queries, candidates))
+    hard = rng.random(margin.shape) < 0.05
+    margin[hard] = rng.normal(0, 3, hard.sum())
+    margin[:, 0] = rng.normal(0, 4, queries)
+    label = np.zeros(margin.shape, dtype=bool)
+    label[:, 0] = True
+    return margin.ravel(), label.ravel(), np.repeat(np.arange(queries), candidates)
+
+
+def test_the_fit_converges_where_full_newton_steps_run_off():
+    margin, label, group = saturated_tia(200, seed=0)
+    (w,) = fusion._listwise(margin[:, None], label, group)
+    assert w > 0  # before the damping: -7,382, and the fit dropped a head that ranks 25% of the queries first
+
+    def loss(v: float) -> float:  # the penalised listwise loss on the raw margin (the ridge is on standardised ones)
+        s = (v * margin).reshape(200, -1)
+        top = s.max(axis=1)
+        return float(np.mean(top + np.log(np.exp(s - top[:, None]).sum(axis=1)) - s[:, 0])
+                     + 0.5 * fusion.RIDGE * (v * margin.std()) ** 2)
+
+    grid = np.linspace(0.01, 2.0, 400)
+    assert w == pytest.approx(grid[np.argmin([loss(v) for v in grid])], abs=0.01)  # the minimum, not a stray iterate
+    cosine = np.random.default_rng(10).normal(0, 0.1, len(margin)) + 0.3 * label
+    f = fusion.fit(margin, cosine, label, group, tia_check=False)
+    assert f.tia > 0 and f.itc > 0 and "dropped" not in f.fitted
+
+
 def test_a_head_that_ranks_backwards_is_dropped_and_too_few_pairs_keep_tia():
     margin, cosine, label, group = _ranking_data(2000, tia=1.0, itc=-4.0, seed=1)  # the "itc head" prefers wrong pairs
     f = fusion.fit(margin, cosine, label, group)
