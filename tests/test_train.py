@@ -725,7 +725,8 @@ def test_rendered_synthetic_catalog_quality_rank1(tmp_path):
     --matching-only and FASHIONBERT_QUALITY_STEPS=461 (the same FLOPs, README "The budget"), fp32 on a 2-core AMD
     EPYC: 0.96 by TIA alone, by the itc cosine and fused alike, TIA AUC 0.999 (154 queries). In bf16 on a 2-core Xeon
     with AMX it sits at the threshold: 0.896 fused (TIA 0.909, itc 0.903) training with eager attention (8.2 min),
-    0.903 (TIA 0.896, itc 0.922) with sdpa (11.7 min); one query is 0.0065."""
+    0.903 (TIA 0.896, itc 0.922) with sdpa (11.7 min); one query is 0.0065. Run again with eager attention after
+    the fusion fit's damped Newton steps: 0.916 (the check dropped TIA: TIA 0.903, itc 0.916; 9.8 min)."""
     from fashionbert.data import synth
     from tests.featurize_helpers import featurize
 
