@@ -2,7 +2,8 @@
 The ring keeps the newest rows and round-trips through its state; a batch whose own candidates are all excluded
 takes every mined side from the bank (never of the anchor's group or text), the bank then holds that batch's
 positives; the late-fusion shortcut gives the logits of a full joint pass; training records the option, saves the
-bank with each checkpoint, resumes bitwise and refuses a mismatch."""
+bank with each checkpoint, resumes bitwise and refuses a mismatch; `--mining-bank-after` keeps the bank empty and
+unread through its joint steps, then fills it, and resumes bitwise across the switch."""
 from __future__ import annotations
 
 import json
@@ -110,6 +111,32 @@ def test_training_saves_the_bank_resumes_bitwise_and_refuses_a_mismatch(tmp_path
     with pytest.raises(UserError, match="--mining-bank 8: .*draws none"):
         run(make_args(features, tmp_path / "unmined", tiny_backbone, "--steps", 1, "--hard-neg-fraction", 0,
                       "--mining-bank", 8))
+
+
+def test_the_bank_joins_after_the_joint_steps_mining_bank_after_names(tmp_path, features, tiny_backbone):
+    out = tmp_path / "late"
+    # 2 itc-alone steps, then 2 joint steps on the batch's candidates alone, then 2 with the bank.
+    args = ("--steps", 6, "--checkpoint-every", 1, "--keep-checkpoints", 0, "--val-every", 0, "--matching-only",
+            "--itc-warmup", 2, "--mining-bank", 64, "--mining-bank-after", 2)
+    run(make_args(features, out, tiny_backbone, *args))
+    assert json.loads((ckpt.latest_checkpoint(out) / ckpt.STATE_JSON).read_text())["options"]["mining_bank_after"] == 2
+
+    def banked(step: int) -> int:
+        saved = torch.load(out / "checkpoints" / f"step-{step:07d}" / ckpt.STATE_PT, weights_only=True)
+        return int(saved["mining_bank"]["ids"].shape[0]) if "ids" in saved.get("mining_bank", {}) else 0
+
+    # Each step pushes its 4 positives (batch size 4): none through step 4, then two batches' worth.
+    assert [banked(s) for s in range(1, 7)] == [0, 0, 0, 0, 4, 8]
+    records = _train_records(out)
+    assert len(records) == 6 and all(math.isfinite(r["loss_tia"]) for r in records[2:])
+    # Killed after the step before the switch: the resumed run switches at the same step, bit for bit.
+    resumed = resumed_copy(out, tmp_path / "resumed", features, tiny_backbone, args,
+                           drop=("step-0000004", "step-0000005", "step-0000006"))
+    assert [r["loss"] for r in records] == [r["loss"] for r in _train_records(resumed)]
+    with pytest.raises(UserError, match=r"--mining-bank-after 0 \(checkpoint: 2\)"):
+        run(make_args(features, resumed, tiny_backbone, *args[:-2], "--steps", 8, "--resume"))
+    with pytest.raises(UserError, match="--mining-bank-after 5: .*--mining-bank N"):
+        run(make_args(features, tmp_path / "no-bank", tiny_backbone, "--steps", 1, "--mining-bank-after", 5))
 
 
 def _ddp_worker(rank: int, world: int, port: int, backbone: str, out: str) -> None:

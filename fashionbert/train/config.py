@@ -38,6 +38,7 @@ class TrainConfig:
     itc_pooling: str = "mean"
     itc_queue: int = 0
     mining_bank: int = 0
+    mining_bank_after: int = 0
     fusion_layer: int | None = None  # None: half the backbone's layers
     own_fusion_layers: bool = False
     detach_fusion_input: bool = False
@@ -175,6 +176,12 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                         "joint steps the cosine ranks nearly every in-batch pair right, so in-batch negatives teach "
                         "the TIA head only what the cosine knows. Saved with each checkpoint; memory ~ N x 165 KB "
                         "(64 patches of 1,286 values); 0 = the batch's only (default 0)")
+    g.add_argument("--mining-bank-after", type=int, default=D.mining_bank_after, metavar="STEPS",
+                   help="joint steps that mine from the batch's positives alone before --mining-bank joins; the bank "
+                        "then fills from empty, so the pool grows to N over the next N / --batch-size steps. Why: a "
+                        "head that shares nothing with the itc head (--tia-pooling cls) starts at chance, and the "
+                        "bank's negatives from its first joint step kept it there on hm-dev; the batch's easier ones "
+                        "take it off the plateau first (default 0: the bank from the first joint step)")
     g.add_argument("--fusion-layer", type=int, default=D.fusion_layer,
                    help="late fusion: the first K encoder layers see the text and the patches apart (as the itc passes "
                         "do), the layers above attend across them, as ALBEF's fusion encoder sits on its unimodal "

@@ -31,7 +31,7 @@ from fashionbert.train.optim import build_optimizer, lr_lambda, restore_optimize
 # Options that fix the data order or the optimisation: a resumed run must use the checkpoint's values,
 # or it would not continue the same run.
 RESUME_MUST_MATCH = ("batch_size", "itc_dim", "itc_pooling", "dropout", "tia_warmup", "itc_warmup", "matching_only", "grad_accum", "neg_ratio",
-                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "group_negatives", "subcategory_batches", "itc_queue", "mining_bank", "fusion_layer", "own_fusion_layers", "detach_fusion_input", "tia_pooling", "tia_residual", "tia_loss", "joint_lr", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
+                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "group_negatives", "subcategory_batches", "itc_queue", "mining_bank", "mining_bank_after", "fusion_layer", "own_fusion_layers", "detach_fusion_input", "tia_pooling", "tia_residual", "tia_loss", "joint_lr", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
                      "weight_decay", "shuffle_window", "world_size")
 
 # What a checkpoint written before an option existed ran with.
@@ -39,7 +39,7 @@ BEFORE_OPTION = {"hard_neg_fraction": 0.0, "hard_neg_temperature": 0.0, "itc_que
                  "tia_pooling": "cls", "keep_recall": False, "hidden_weight": 0.0,
                  "matching_only": False, "group_negatives": False, "own_fusion_layers": False,
                  "detach_fusion_input": False, "tia_residual": False, "itc_warmup": 0.0,
-                 "subcategory_batches": False, "tia_loss": "binary", "mining_bank": 0,
+                 "subcategory_batches": False, "tia_loss": "binary", "mining_bank": 0, "mining_bank_after": 0,
                  "joint_lr": 0.0}
 
 
@@ -111,6 +111,11 @@ class TrainState:
     def tasks(self) -> tuple[str, ...]:
         """The tasks the steps report losses for, in the order they are logged."""
         return self.objective.tasks or self.model.tasks
+
+    @property
+    def bank_in_use(self) -> MiningBank | None:
+        """The mining bank this step draws from and fills: none before --mining-bank-after's joint steps are over."""
+        return self.bank if self.step >= self.itc_steps + self.config.mining_bank_after else None
 
     def close(self) -> None:
         if isinstance(self.batches, Prefetcher):
@@ -196,6 +201,9 @@ def _prepare_out(config: TrainConfig, rt: Runtime) -> Path:
         raise UserError(f"--mining-bank {config.mining_bank}: must be >= 0, and is a pool for mined negatives, which "
                         f"this run draws none of ({mining}): pass --hard-neg-fraction > 0 and --neg-ratio >= 1, or "
                         f"--mining-bank 0")
+    if config.mining_bank_after < 0 or (config.mining_bank_after > 0 and config.mining_bank <= 0):
+        raise UserError(f"--mining-bank-after {config.mining_bank_after}: must be >= 0, and delays --mining-bank, which "
+                        f"is {config.mining_bank}: pass --mining-bank N (e.g. 2048), or --mining-bank-after 0")
     if config.own_fusion_layers and fusion_layer(config) < 1:
         raise UserError(f"--own-fusion-layers gives the layers above --fusion-layer weights of their own; with "
                         f"--fusion-layer {fusion_layer(config)} there are none below it to share: pass --fusion-layer "

@@ -69,7 +69,7 @@ def _micro_step(state: TrainState, rt: Runtime, batch: Batch, last: bool):
         itc_alone = state.step < state.itc_steps
         with rt.autocast():
             output = state.train_model(**batch.model_inputs(joint=not itc_alone), itc_queue=state.queue,
-                                       mining_bank=state.bank)
+                                       mining_bank=state.bank_in_use)
         if itc_alone:
             total, weights, n = _itc_alone(state, output.losses)
         elif batch.tia_only:
