@@ -506,12 +506,24 @@ class FashionBertModel(PreTrainedModel):
         hidden = torch.cat([text_states, patch_states.to(text_states.dtype)], dim=1)
         mask = torch.cat([text_mask.to(torch.long), text_mask.new_ones(patch_states.shape[:2], dtype=torch.long)],
                          dim=1)
+        mask = self.fusion_keys(mask)
         fusion = int(self.config.fusion_layer)
         if fusion:
             sequence_output = self.run_layers(hidden, mask, self.joint_top_layers())
         else:
             sequence_output = self.encode_embeddings(hidden, mask)
         return sequence_output, self.bert.pooler(sequence_output)
+
+    def fusion_keys(self, mask: torch.Tensor) -> torch.Tensor:
+        """The joint pass's attention mask (B, T+P), 1 = attend, with `config.fusion_token_drop`'s share of each
+        row's positions hidden while training; [CLS] (position 0) is always kept: the pooled head reads it. The draw
+        uses the global generator, which training seeds per step, so a resumed run hides the same tokens."""
+        p = float(self.config.fusion_token_drop)
+        if not self.training or p <= 0.0:
+            return mask
+        keep = torch.rand(mask.shape, device=mask.device) >= p
+        keep[:, 0] = True
+        return mask * keep
 
     def encode_joint(self, text_embeds: torch.Tensor, text_mask: torch.Tensor,
                      patch_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

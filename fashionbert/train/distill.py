@@ -119,6 +119,8 @@ def build_student(teacher: FashionBertModel, layers: int, from_layers: list[int]
     config.fusion_layer = sum(1 for i in chosen if i < int(teacher.config.fusion_layer))
     # The student's layers below its fusion layer learn from the teacher through the joint pass (and may be none).
     config.detach_fusion_input = False
+    # The student's joint pass is matched to the teacher's, which sees every token.
+    config.fusion_token_drop = 0.0
     head = getattr(teacher, "itc_head", None)
     if head is not None:  # a head attached to a config that predates itc_dim: the student's config names it
         config.itc_dim, config.itc_pooling = head.dim, head.pooling

@@ -31,7 +31,7 @@ from fashionbert.train.optim import build_optimizer, lr_lambda, restore_optimize
 # Options that fix the data order or the optimisation: a resumed run must use the checkpoint's values,
 # or it would not continue the same run.
 RESUME_MUST_MATCH = ("batch_size", "itc_dim", "itc_pooling", "dropout", "tia_warmup", "itc_warmup", "matching_only", "grad_accum", "neg_ratio",
-                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "group_negatives", "subcategory_batches", "itc_queue", "mining_bank", "mining_bank_after", "fusion_layer", "own_fusion_layers", "detach_fusion_input", "tia_pooling", "tia_residual", "tia_loss", "joint_lr", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
+                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "group_negatives", "subcategory_batches", "itc_queue", "mining_bank", "mining_bank_after", "fusion_layer", "fusion_token_drop", "own_fusion_layers", "detach_fusion_input", "tia_pooling", "tia_residual", "tia_loss", "joint_lr", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
                      "weight_decay", "shuffle_window", "world_size")
 
 # What a checkpoint written before an option existed ran with.
@@ -39,7 +39,7 @@ BEFORE_OPTION = {"hard_neg_fraction": 0.0, "hard_neg_temperature": 0.0, "itc_que
                  "tia_pooling": "cls", "keep_recall": False, "hidden_weight": 0.0,
                  "matching_only": False, "group_negatives": False, "own_fusion_layers": False,
                  "detach_fusion_input": False, "tia_residual": False, "itc_warmup": 0.0,
-                 "subcategory_batches": False, "tia_loss": "binary", "mining_bank": 0, "mining_bank_after": 0,
+                 "subcategory_batches": False, "tia_loss": "binary", "mining_bank": 0, "mining_bank_after": 0, "fusion_token_drop": 0.0,
                  "joint_lr": 0.0}
 
 
@@ -204,6 +204,9 @@ def _prepare_out(config: TrainConfig, rt: Runtime) -> Path:
     if config.mining_bank_after < 0 or (config.mining_bank_after > 0 and config.mining_bank <= 0):
         raise UserError(f"--mining-bank-after {config.mining_bank_after}: must be >= 0, and delays --mining-bank, which "
                         f"is {config.mining_bank}: pass --mining-bank N (e.g. 2048), or --mining-bank-after 0")
+    if not 0.0 <= config.fusion_token_drop < 1.0:
+        raise UserError(f"--fusion-token-drop {config.fusion_token_drop}: the share of each joint-pass row hidden "
+                        f"from the fusion layers must be in [0, 1) (e.g. 0.2; 0 = off)")
     if config.own_fusion_layers and fusion_layer(config) < 1:
         raise UserError(f"--own-fusion-layers gives the layers above --fusion-layer weights of their own; with "
                         f"--fusion-layer {fusion_layer(config)} there are none below it to share: pass --fusion-layer "
@@ -350,6 +353,7 @@ def _new_model(config: TrainConfig, data: TrainingData) -> tuple[FashionBertMode
         itc_pooling=config.itc_pooling, fusion_layer=fusion_layer(config),
         own_fusion_layers=bool(config.own_fusion_layers), detach_fusion_input=bool(config.detach_fusion_input),
         tia_pooling=tia_pooling(config), tia_residual=bool(config.tia_residual), tia_loss=str(config.tia_loss),
+        fusion_token_drop=float(config.fusion_token_drop),
     )
     torch.manual_seed(config.seed)
     model = FashionBertModel.from_pretrained_backbone(model_config)
