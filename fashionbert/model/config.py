@@ -116,8 +116,8 @@ class FashionBertConfig(PreTrainedConfig):
     # verdict on a few memorised cues of a training pair. Costs no compute: the joint pass already runs with an
     # attention mask. Scoring (eval mode) sees every token. Why: with the bank's hard negatives the [CLS] head fitted
     # its training products 41 points better than held-out ones (README, "What quality to expect"). Measured at 0.25 on
-    # hm-dev: both heads ranked lower, since without `own_fusion_layers` these layers are the itc passes' too (README,
-    # "Regularising the joint steps").
+    # hm-dev: both heads ranked lower (without `own_fusion_layers` these layers are the itc passes' too; with it the
+    # cosine held and TIA still ranked lower: README, "Regularising the joint steps").
     fusion_token_drop: float = 0.0
     # The folder layout's version: a reader refuses a newer one rather than misread it.
     format_version: int = FORMAT_VERSION

@@ -197,8 +197,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                         "joint pass already runs with a mask); scoring sees every token, and the itc passes run "
                         "without it. Why: with the mining bank's negatives the [CLS] head ranked its training products "
                         "41 points better than held-out ones. Measured with 0.25 on hm-dev: both heads ranked lower "
-                        "(TIA alone ~6 points, the cosine 2-4), since the fusion layers are the itc passes' too "
-                        "unless --own-fusion-layers (README) (default 0)")
+                        "(TIA alone ~6 points, the cosine 2-4: the fusion layers are the itc passes' too); with "
+                        "--own-fusion-layers the cosine held and TIA still ranked 5-6 points lower (README) (default 0)")
     g.add_argument("--own-fusion-layers", action=argparse.BooleanOptionalAction, default=D.own_fusion_layers,
                    help="the joint pass's layers above --fusion-layer get weights of their own (copies of the "
                         "backbone's at the start), as ALBEF's fusion encoder; the text-only and image-only passes keep "
