@@ -39,6 +39,7 @@ class CatalogRow:
     text: str
     category: str | None = None
     subcategory: str | None = None
+    variant_texts: tuple[str, ...] = ()  # --text-variants' texts: distinct, non-empty, none equal to `text`
     image_uri: str | None = None  # read through Beam's FileSystems
     h5_ref: tuple[str, int] | None = None  # (path, row) for Fashion-Gen pixels
     synth_ref: tuple[int, int] | None = None  # (seed, index): re-rendered, never shuffled as bytes
@@ -67,6 +68,7 @@ def inspect_catalog(cfg: FeaturizeConfig) -> CatalogInfo:
     """Validate the source and its columns; plan the chunks the pipeline reads."""
     m = _SYNTH.match(cfg.catalog)
     if m:
+        _no_variants(cfg, "the synthetic catalog")
         n, seed = int(m.group(1)), int(m.group(2) or 0)
         chunks = tuple((seed, s, min(s + SYNTH_CHUNK, n)) for s in range(0, n, SYNTH_CHUNK))
         return CatalogInfo("synthetic", cfg.catalog, chunks)
@@ -76,9 +78,11 @@ def inspect_catalog(cfg: FeaturizeConfig) -> CatalogInfo:
     if not FileSystems.exists(cfg.catalog):
         raise UserError(f"--catalog {cfg.catalog}: no such file; check the path")
     if kind == "hdf5":
+        _no_variants(cfg, "a Fashion-Gen file")
         return _inspect_hdf5(cfg)
     columns = _manifest_columns(cfg.catalog, kind)
-    required = [cfg.id_column, cfg.image_column, *cfg.text_columns]
+    variant_columns = [c for cols in cfg.text_variants for c in cols if c not in cfg.text_columns]
+    required = [cfg.id_column, cfg.image_column, *cfg.text_columns, *dict.fromkeys(variant_columns)]
     optional = {"--category-column": cfg.category_column, "--subcategory-column": cfg.subcategory_column,
                 "--group-column": cfg.group_column}
     missing = [c for c in required if c not in columns]
@@ -86,7 +90,7 @@ def inspect_catalog(cfg: FeaturizeConfig) -> CatalogInfo:
     if missing:
         raise UserError(
             f"--catalog {cfg.catalog}: column(s) {missing} not found; the manifest has {columns}. Map them with "
-            f"--id-column, --image-column, --text-columns, --group-column"
+            f"--id-column, --image-column, --text-columns, --text-variants, --group-column"
         )
     if kind == "parquet":
         import pyarrow.parquet as pq
@@ -95,6 +99,12 @@ def inspect_catalog(cfg: FeaturizeConfig) -> CatalogInfo:
             groups = pq.ParquetFile(fh).metadata.num_row_groups
         return CatalogInfo(kind, cfg.catalog, tuple(range(groups)))
     return CatalogInfo(kind, cfg.catalog, (0,))  # text manifests: one reader (quoted newlines defeat splitting)
+
+
+def _no_variants(cfg: FeaturizeConfig, what: str) -> None:
+    if cfg.text_variants:
+        raise UserError(f"--text-variants: --catalog {cfg.catalog} is {what}, whose texts are fixed; text variants "
+                        f"need a manifest (.csv, .jsonl, .parquet) with the columns they name: drop --text-variants")
 
 
 def _manifest_columns(path: str, kind: str) -> list[str]:
@@ -162,16 +172,18 @@ def row_from_record(cfg: FeaturizeConfig, base_dir: str, index: int, rec: dict) 
     image_id = _clean(rec.get(cfg.image_id_column)) if cfg.image_id_column in rec else image_ref
     group = _clean(rec.get(cfg.group_column)) if cfg.group_column else product_id
     text = join_text([rec.get(c) for c in cfg.text_columns])
+    variants = [join_text([rec.get(c) for c in cols]) for cols in cfg.text_variants]
     row = CatalogRow(
         row=index, source=image_ref or f"{cfg.catalog}#row={index}", image_id=image_id, product_id=product_id,
         group_id=group or product_id, text=text,
         category=_clean(rec.get(cfg.category_column)) or None if cfg.category_column else None,
         subcategory=_clean(rec.get(cfg.subcategory_column)) or None if cfg.subcategory_column else None,
+        variant_texts=tuple(dict.fromkeys(v for v in variants if v and v != text)),
     )
-    fields = [product_id, image_id, text, row.category or "", row.subcategory or "", group]
+    fields = [product_id, image_id, text, row.category or "", row.subcategory or "", group, *variants]
     if any(_SURROGATE.search(v) for v in fields):
         row.problem = ("bad-text-encoding", "the row has bytes that are not valid UTF-8; re-export the manifest as UTF-8")
-        row.text = _SURROGATE.sub("\ufffd", row.text)
+        row.text, row.variant_texts = _SURROGATE.sub("\ufffd", row.text), ()
         row.product_id, row.image_id = (_SURROGATE.sub("\ufffd", v) for v in (row.product_id, row.image_id))
         return row
     if not product_id:

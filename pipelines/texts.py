@@ -1,4 +1,7 @@
-"""Text stages: one row per distinct (product_id, text), tokenized with the backbone's fast WordPiece."""
+"""Text stages: one row per distinct (product_id, text), tokenized with the backbone's fast WordPiece.
+
+The same stages make the texts table (each catalog row's --text-columns text) and the text_variants table (its
+--text-variants texts, `variant_rows`); `kind` names the table and its counters."""
 from __future__ import annotations
 
 import dataclasses
@@ -36,28 +39,37 @@ def text_key(row: CatalogRow, fingerprint: str) -> tuple[str, str]:
     return row.product_id, text_hash(row.text, fingerprint)
 
 
+def variant_rows(row: CatalogRow):
+    """A catalog row -> one copy per --text-variants text, with that text as its `text`."""
+    for text in row.variant_texts:
+        yield dataclasses.replace(row, text=text, variant_texts=())
+
+
 class ReconcileTexts(beam.DoFn):
     """((product_id, hash), {'current': rows, 'previous': [text rows]}) -> PlannedText.
 
     Several images of one product share its text: the first catalog row supplies the category fields.
     """
 
+    def __init__(self, kind: str = "texts"):
+        self.kind = kind
+
     def process(self, kv):
         (product_id, chash), groups = kv
         current = sorted(groups["current"], key=lambda r: r.row)
         previous = list(groups["previous"])
         if not current:
-            Metrics.counter(NS, "texts_deleted").inc()
+            Metrics.counter(NS, f"{self.kind}_deleted").inc()
             return
         first = current[0]
         plan = PlannedText(product_id, first.text, first.category, first.subcategory, first.group_id, chash)
         if previous:
-            Metrics.counter(NS, "texts_carried").inc()
+            Metrics.counter(NS, f"{self.kind}_carried").inc()
             # Category fields are not part of the hash: take today's values, keep the tokens.
             plan.previous_row = {**previous[0], "category": first.category, "subcategory": first.subcategory,
                                  "group_id": first.group_id}
         else:
-            Metrics.counter(NS, "texts_computed").inc()
+            Metrics.counter(NS, f"{self.kind}_computed").inc()
         yield plan
 
 
@@ -92,14 +104,15 @@ class TokenizeTexts(beam.DoFn):
             yield e._replace(item=row)
 
 
-def ReadPreviousTexts(previous_dir: str) -> beam.PTransform:  # noqa: N802 - a PTransform, named like one
-    """An earlier output's text files -> ((product_id, content_hash), row), read by the workers."""
-    return ReadShardFiles(previous_dir, "texts", beam.FlatMap(previous_text_rows))
+def ReadPreviousTexts(previous_dir: str, kind: str = "texts") -> beam.PTransform:  # noqa: N802 - a PTransform
+    """An earlier output's `kind` files (texts or text_variants) -> ((product_id, content_hash), row), read by the
+    workers."""
+    return ReadShardFiles(previous_dir, kind, beam.FlatMap(previous_text_rows, kind))
 
 
-def previous_text_rows(path: str):
-    """((product_id, content_hash), row) for every row of one of an earlier output's text files."""
+def previous_text_rows(path: str, kind: str = "texts"):
+    """((product_id, content_hash), row) for every row of one of an earlier output's texts (text_variants) files."""
     with storage.open_read(path) as fh:
-        rows = schemas.read_table(fh, "texts", where=path).to_pylist()
+        rows = schemas.read_table(fh, kind, where=path).to_pylist()
     for row in rows:
         yield (row["product_id"], row["content_hash"]), row

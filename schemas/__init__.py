@@ -66,6 +66,11 @@ TEXTS = _with_meta(
     ],
 )
 
+# Training-only alternative texts of products (featurize --text-variants): the columns of `texts`, one row per distinct
+# (product_id, text) that is not also one of the product's `texts` rows. Training draws one of a product's texts per
+# pass from both tables; scoring, validation and every ranked table use `texts` alone.
+TEXT_VARIANTS = _with_meta("text_variants", list(TEXTS))
+
 REJECTS = _with_meta(
     "rejects",
     [
@@ -163,6 +168,8 @@ def expected_for(schema: pa.Schema) -> pa.Schema:
     name = schema_name(schema)
     if name == "texts":
         return TEXTS
+    if name == "text_variants":
+        return TEXT_VARIANTS
     if name == "rejects":
         return REJECTS
     if name == "retrieval":

@@ -81,7 +81,8 @@ def _print_result(command: str, config, result: dict) -> None:
         print(f"synthetic catalog: {result['products']} products -> {result['manifest']}")
     elif command == "featurize":
         c = result["counts"]
-        print(f"featurize: {c['input_rows']} catalog rows -> {c['accepted_images']} images, {c['texts']} texts, "
+        print(f"featurize: {c['input_rows']} catalog rows -> {c['accepted_images']} images, {c['texts']} texts"
+              f"{f' (+{v} training variants)' if (v := c.get('text_variants')) else ''}, "
               f"{c['rejected_rows']} rejects; images computed {c['images']['computed']}, carried "
               f"{c['images']['carried']}, deleted {c['images']['deleted']} ({result['elapsed_s']} s) -> {config.out}")
     else:

@@ -45,6 +45,7 @@ class FeatureFolder:
     feature_dim: int
     options: dict
     dead_rows: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # image file name -> dead rows
+    variant_shards: list[str] = dataclasses.field(default_factory=list)  # text_variants-*.parquet (training only)
 
     @property
     def num_patches(self) -> int:
@@ -94,6 +95,7 @@ def open_feature_folder(path: str | os.PathLike) -> FeatureFolder:
         raise UserError(f"--features {path}: no {SUCCESS} marker, so featurize did not finish writing it; {_fix(path)}")
     images = storage.glob(path, "images-*.parquet")
     texts = storage.glob(path, "texts-*.parquet")
+    variants = storage.glob(path, "text_variants-*.parquet")
     if not images or not texts:
         missing = "images-*.parquet" if not images else "texts-*.parquet"
         raise UserError(f"--features {path}: has {SUCCESS} but no {missing} shards; {_fix(path)}")
@@ -111,9 +113,10 @@ def open_feature_folder(path: str | os.PathLike) -> FeatureFolder:
             with storage.arrow_input(shard) as source:
                 meta = read_schema(source, "images", where=shard).metadata
             shapes.add((int(meta[META_GRID]), int(meta[META_FEATURE_DIM])))
-        for shard in texts:
-            with storage.arrow_input(shard) as source:
-                read_schema(source, "texts", where=shard)
+        for kind, shards in (("texts", texts), ("text_variants", variants)):
+            for shard in shards:
+                with storage.arrow_input(shard) as source:
+                    read_schema(source, kind, where=shard)
         dead_rows = {}
         if storage.exists(dead_file):
             with storage.arrow_input(dead_file) as source:
@@ -128,7 +131,7 @@ def open_feature_folder(path: str | os.PathLike) -> FeatureFolder:
         raise UserError(f"--features {path}: image shards disagree on (grid, feature_dim): {sorted(shapes)}; {_fix(path)}")
     grid, feature_dim = shapes.pop()
     return FeatureFolder(path=path, image_shards=images, text_shards=texts, grid=grid, feature_dim=feature_dim,
-                         options=options, dead_rows=dead_rows)
+                         options=options, dead_rows=dead_rows, variant_shards=variants)
 
 
 def open_feature_folders(paths: Sequence[str | os.PathLike]) -> list[FeatureFolder]:
@@ -154,6 +157,7 @@ class TextTable:
     subcategory: list[str]  # subcategory, else category, else "" (unknown: treated as a too-small group)
     group_id: list[str]
     content_hash: list[list[str]]  # per product, the content_hash of each of its texts, parallel to input_ids
+    variant_texts: int = 0  # how many of those texts came from text_variants files (always after the product's texts)
 
     def __len__(self) -> int:
         return len(self.product_ids)
@@ -186,7 +190,11 @@ def truncate_ids(ids: np.ndarray, max_len: int, sep_id: int) -> np.ndarray:
     return out
 
 
-def load_texts(folders: Iterable[FeatureFolder]) -> TextTable:
+def load_texts(folders: Iterable[FeatureFolder], variants: bool = False) -> TextTable:
+    """Every product's texts from the folders' texts files. With `variants`, each product's training-only texts
+    from text_variants files follow its own (so `input_ids[p][0]` is always a texts row, the one scoring and
+    validation use); a variant of a product without a texts row is dropped, as it has no images to pair with."""
+    folders = list(folders)
     product_ids: list[str] = []
     index: dict[str, int] = {}
     input_ids: list[list[np.ndarray]] = []
@@ -194,34 +202,48 @@ def load_texts(folders: Iterable[FeatureFolder]) -> TextTable:
     group_id: list[str] = []
     content_hash: list[list[str]] = []
     seen_hashes: set[tuple[str, str]] = set()
-    cols = ["product_id", "input_ids", "category", "subcategory", "group_id", "content_hash"]
-    for folder in folders:
-        for shard in folder.text_shards:
-            try:
-                with storage.arrow_input(shard) as source:
-                    table = read_table(source, "texts", columns=cols, where=shard)
-            except SchemaError as exc:
-                raise UserError(f"--features {folder.path}: {exc}") from exc
-            d = table.to_pydict()
-            for pid, ids, cat, sub, grp, chash in zip(d["product_id"], d["input_ids"], d["category"], d["subcategory"],
-                                                       d["group_id"], d["content_hash"]):
-                if (pid, chash) in seen_hashes:
-                    continue  # the same text listed twice (e.g. two folders of one catalog)
-                seen_hashes.add((pid, chash))
-                arr = np.asarray(ids, dtype=np.int64)
-                if pid in index:
-                    input_ids[index[pid]].append(arr)
-                    content_hash[index[pid]].append(chash)
-                    continue
-                index[pid] = len(product_ids)
-                product_ids.append(pid)
-                input_ids.append([arr])
-                content_hash.append([chash])
-                subcategory.append(sub or cat or "")
-                group_id.append(grp)
+    for d in _text_rows(folders, "texts"):
+        for pid, ids, cat, sub, grp, chash in zip(d["product_id"], d["input_ids"], d["category"], d["subcategory"],
+                                                   d["group_id"], d["content_hash"]):
+            if (pid, chash) in seen_hashes:
+                continue  # the same text listed twice (e.g. two folders of one catalog)
+            seen_hashes.add((pid, chash))
+            arr = np.asarray(ids, dtype=np.int64)
+            if pid in index:
+                input_ids[index[pid]].append(arr)
+                content_hash[index[pid]].append(chash)
+                continue
+            index[pid] = len(product_ids)
+            product_ids.append(pid)
+            input_ids.append([arr])
+            content_hash.append([chash])
+            subcategory.append(sub or cat or "")
+            group_id.append(grp)
     if not product_ids:
         raise UserError("--features: the texts shards hold no rows; featurize accepted no product texts")
-    return TextTable(product_ids, index, input_ids, subcategory, group_id, content_hash)
+    added = 0
+    for d in (_text_rows(folders, "text_variants") if variants else ()):
+        for pid, ids, chash in zip(d["product_id"], d["input_ids"], d["content_hash"]):
+            if pid not in index or (pid, chash) in seen_hashes:
+                continue
+            seen_hashes.add((pid, chash))
+            input_ids[index[pid]].append(np.asarray(ids, dtype=np.int64))
+            content_hash[index[pid]].append(chash)
+            added += 1
+    return TextTable(product_ids, index, input_ids, subcategory, group_id, content_hash, added)
+
+
+def _text_rows(folders: list[FeatureFolder], kind: str):
+    """The columns (as lists) of each texts (or text_variants) file of the folders, in order."""
+    cols = ["product_id", "input_ids", "category", "subcategory", "group_id", "content_hash"]
+    for folder in folders:
+        for shard in folder.text_shards if kind == "texts" else folder.variant_shards:
+            try:
+                with storage.arrow_input(shard) as source:
+                    table = read_table(source, kind, columns=cols, where=shard)
+            except SchemaError as exc:
+                raise UserError(f"--features {folder.path}: {exc}") from exc
+            yield table.to_pydict()
 
 
 # ------------------------------------------------------------------------------------------- split

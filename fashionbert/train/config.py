@@ -28,6 +28,7 @@ class TrainConfig:
     group_negatives: bool = False
     subcategory_batches: bool = False
     max_text_len: int | None = None
+    text_variants: bool = True
     shuffle_window: int = 512
     # model
     backbone: str = DEFAULT_BACKBONE
@@ -111,6 +112,11 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
                    help="salt of the train/validation hash; keep it fixed to compare runs (default 0)")
     g.add_argument("--max-text-len", type=int, default=D.max_text_len,
                    help="max text tokens incl. [CLS]/[SEP] (default: featurize's max_text_len, else 64)")
+    g.add_argument("--text-variants", action=argparse.BooleanOptionalAction, default=D.text_variants,
+                   help="where --features holds text variants (featurize --text-variants), each pair draws its "
+                        "product's text from the product's texts and its variants alike, anew per pass; validation "
+                        "and scoring use the product's texts alone (default on; a folder without variants trains "
+                        "the same either way)")
     add_pair_arguments(g)
 
 

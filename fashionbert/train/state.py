@@ -31,7 +31,7 @@ from fashionbert.train.optim import build_optimizer, lr_lambda, restore_optimize
 # Options that fix the data order or the optimisation: a resumed run must use the checkpoint's values,
 # or it would not continue the same run.
 RESUME_MUST_MATCH = ("batch_size", "itc_dim", "itc_pooling", "dropout", "tia_warmup", "itc_warmup", "matching_only", "grad_accum", "neg_ratio",
-                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "group_negatives", "subcategory_batches", "itc_queue", "mining_bank", "mining_bank_after", "fusion_layer", "fusion_token_drop", "own_fusion_layers", "detach_fusion_input", "tia_pooling", "tia_residual", "tia_loss", "joint_lr", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
+                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "group_negatives", "subcategory_batches", "itc_queue", "mining_bank", "mining_bank_after", "fusion_layer", "fusion_token_drop", "own_fusion_layers", "detach_fusion_input", "tia_pooling", "tia_residual", "tia_loss", "joint_lr", "text_variants", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
                      "weight_decay", "shuffle_window", "world_size")
 
 # What a checkpoint written before an option existed ran with.
@@ -40,7 +40,9 @@ BEFORE_OPTION = {"hard_neg_fraction": 0.0, "hard_neg_temperature": 0.0, "itc_que
                  "matching_only": False, "group_negatives": False, "own_fusion_layers": False,
                  "detach_fusion_input": False, "tia_residual": False, "itc_warmup": 0.0,
                  "subcategory_batches": False, "tia_loss": "binary", "mining_bank": 0, "mining_bank_after": 0, "fusion_token_drop": 0.0,
-                 "joint_lr": 0.0}
+                 "joint_lr": 0.0,
+                 # a folder from before text variants has none: such a run trained as --text-variants does there
+                 "text_variants": True}
 
 
 @dataclasses.dataclass
@@ -232,7 +234,7 @@ def _prepare_out(config: TrainConfig, rt: Runtime) -> Path:
 
 def load_data(config: TrainConfig, world: int) -> TrainingData:
     folders = open_feature_folders(config.features)
-    texts = load_texts(folders)
+    texts = load_texts(folders, variants=config.text_variants)
     index = index_images(folders, texts)
     if not len(index):
         raise UserError(f"--features {', '.join(map(str, config.features))}: no image row has a product text; "

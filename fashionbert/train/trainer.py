@@ -122,6 +122,9 @@ def _log_start(state: TrainState, rt: Runtime) -> None:
          f"{len(data.val_rows)} images held out; {rt.world} process(es) on {rt.device} ({rt.precision}); steps "
          f"{state.step}->{state.total_steps}, {positives_per_step} positives x (1+{config.neg_ratio}) rows per step; "
          f"{plan}")
+    if data.texts.variant_texts:
+        _log(f"{name}: {data.texts.variant_texts} text variants (--text-variants) beside {len(data.texts)} products' "
+             f"texts: a pair draws one of its product's texts per pass")
     if data.index.skipped_no_text:
         _log(f"{name}: {data.index.skipped_no_text} image rows skipped (their product has no text)")
 
