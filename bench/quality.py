@@ -8,7 +8,8 @@ asserts nothing.
 Stages, each skipped when its output is already complete:
 1. featurize the catalog into DIR/features with the README's hm-dev column mapping (or --features FOLDER); --cnn and
    --image-size choose other image features, featurized into DIR/features-<cnn>-<size> (training's FLOPs do not
-   change: the patches stay 8x8 of 1286 values);
+   change: the patches stay 8x8 of 1286 values); --text-variants adds featurize's training-only texts, into
+   DIR/features-tv-<hash of the variants> (its images linked from DIR/features when that is complete);
 2. train with the README recipe (2,400 matching-only steps, the first 1,520 the itc task alone, batch 32, lr 3e-4, ...)
    into DIR/train-<label>; --train-args adds
    `fashionbert train` options on top of the recipe (an ablation), --retrain trains again;
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -52,7 +54,7 @@ from fashionbert.data import publish  # noqa: E402
 from fashionbert.errors import UserError  # noqa: E402
 from fashionbert.evaluation.evaluate import RANK_KS  # noqa: E402
 from fashionbert.train.config import TrainConfig  # noqa: E402
-from pipelines.config import CNN_NAMES, FeaturizeConfig  # noqa: E402
+from pipelines.config import CNN_NAMES, FeaturizeConfig, format_variants, parse_variants  # noqa: E402
 
 # README's training command for the table (the options beyond --features/--out). The budget is what 2 CPU cores
 # train in 45 minutes (README, "The budget"): on the 2-core Xeon with AMX, where training runs eager attention in
@@ -156,10 +158,12 @@ def format_table(record: dict) -> str:
 def _changes(record: dict) -> tuple[str | None, str]:
     """What the run changed over the recipe: its image features where not featurize's defaults (else None), and its
     train args."""
-    features, made = record.get("features") or {}, None
+    features, made = record.get("features") or {}, []
     if features and (features["cnn"], features["image_size"]) != (DEFAULT_CNN, DEFAULT_IMAGE_SIZE):
-        made = f"--cnn {features['cnn']} --image-size {features['image_size']}"
-    return made, " ".join(record["train_args"]) or "(recipe)"
+        made.append(f"--cnn {features['cnn']} --image-size {features['image_size']}")
+    if features.get("text_variants"):
+        made.append(f"--text-variants '{features['text_variants']}'")
+    return " ".join(made) or None, " ".join(record["train_args"]) or "(recipe)"
 
 
 def _options(record: dict) -> str:
@@ -202,14 +206,21 @@ def train_config(a: argparse.Namespace, features: Path, out: Path) -> TrainConfi
                                epochs=None if a.steps else config.epochs)
 
 
-def features_folder(a: argparse.Namespace) -> Path:
+def features_folder(a: argparse.Namespace, variants: bool = True) -> Path:
     """--features as given; else WORK/features for the default image features, WORK/features-<cnn>-<size> for others
-    (so one WORK holds an ablation over image features as well as over training options)."""
+    (so one WORK holds an ablation over image features as well as over training options), and -tv-<hash> after
+    either with --text-variants (`variants=False`: the folder without them)."""
     if a.features:
         return Path(a.features)
-    if (a.cnn, a.image_size) == (DEFAULT_CNN, DEFAULT_IMAGE_SIZE):
-        return Path(a.work) / "features"
-    return Path(a.work) / f"features-{a.cnn}-{a.image_size}"
+    name = "features" if (a.cnn, a.image_size) == (DEFAULT_CNN, DEFAULT_IMAGE_SIZE) else \
+        f"features-{a.cnn}-{a.image_size}"
+    if variants and text_variants(a):
+        name += "-tv-" + hashlib.sha256(format_variants(text_variants(a)).encode()).hexdigest()[:8]
+    return Path(a.work) / name
+
+
+def text_variants(a: argparse.Namespace) -> tuple[tuple[str, ...], ...]:
+    return parse_variants(a.text_variants or "")
 
 
 def featurize_stage(a: argparse.Namespace, out: Path) -> None:
@@ -227,6 +238,9 @@ def featurize_stage(a: argparse.Namespace, out: Path) -> None:
         if (made_with["cnn"], made_with["image_size"]) != (a.cnn, a.image_size):
             raise UserError(f"{out} holds --cnn {made_with['cnn']} --image-size {made_with['image_size']} features, "
                             f"not --cnn {a.cnn} --image-size {a.image_size}; remove {out} to featurize it again")
+        if made_with["text_variants"] != format_variants(text_variants(a)):
+            raise UserError(f"{out} holds --text-variants {made_with['text_variants']!r}, not "
+                            f"{format_variants(text_variants(a))!r}; remove {out} to featurize it again")
         _log(f"featurize: reusing {out} (from {made_from})")
         return
     if not a.catalog:
@@ -235,7 +249,11 @@ def featurize_stage(a: argparse.Namespace, out: Path) -> None:
 
     # an absolute path in _run.json, so that a later run from another folder recognises the catalog
     catalog = a.catalog if "://" in a.catalog or a.catalog.startswith("synthetic:") else os.path.abspath(a.catalog)
-    cfg = FeaturizeConfig(catalog=catalog, out=str(out), overwrite=True, id_column=a.id_column,
+    plain = features_folder(a, variants=False)  # the same images without variants: link them, do not recompute them
+    previous = str(plain) if text_variants(a) and publish.is_complete(plain) and _same_catalog(
+        json.loads((plain / "_run.json").read_text())["catalog"]["source"], catalog) else None
+    cfg = FeaturizeConfig(catalog=catalog, out=str(out), overwrite=True, id_column=a.id_column, previous=previous,
+                          text_variants=text_variants(a),
                           text_columns=tuple(c.strip() for c in a.text_columns.split(",") if c.strip()),
                           category_column=a.category_column or None, subcategory_column=a.subcategory_column or None,
                           group_column=a.group_column or None, backbone=a.backbone, cnn=a.cnn,
@@ -247,9 +265,10 @@ def featurize_stage(a: argparse.Namespace, out: Path) -> None:
 
 
 def features_options(folder: Path) -> dict:
-    """The image-feature options a featurize output was made with (its _run.json)."""
+    """The image-feature options and text variants a featurize output was made with (its _run.json)."""
     options = json.loads((folder / "_run.json").read_text())["options"]
-    return {"cnn": options.get("cnn", DEFAULT_CNN), "image_size": options.get("image_size", DEFAULT_IMAGE_SIZE)}
+    return {"cnn": options.get("cnn", DEFAULT_CNN), "image_size": options.get("image_size", DEFAULT_IMAGE_SIZE),
+            "text_variants": format_variants(options.get("text_variants") or ())}
 
 
 def _same_catalog(a: str, b: str) -> bool:
@@ -311,6 +330,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--category-column", default="product_group_name")
     g.add_argument("--subcategory-column", default="product_type_name")
     g.add_argument("--group-column", default="product_code")
+    g.add_argument("--text-variants", default="", metavar="COLS;COLS...",
+                   help="featurize's training-only texts (e.g. 'product_type_name,colour_group_name,"
+                        "graphical_appearance_name,detail_desc;colour_group_name,prod_name,garment_group_name,"
+                        "index_group_name'), into WORK/features-tv-<hash>; scoring keeps --text-columns' text")
     g.add_argument("--backbone", default="minilm", help="text backbone of featurize and train (default minilm)")
     g.add_argument("--cnn", choices=CNN_NAMES, default=DEFAULT_CNN,
                    help="featurize's patch CNN (default %(default)s; another goes to WORK/features-<cnn>-<size>)")
@@ -351,8 +374,9 @@ def run(a: argparse.Namespace) -> dict:
     if not re.fullmatch(r"[A-Za-z0-9._-]+", a.label):
         raise UserError(f"--label {a.label!r}: use letters, digits, '.', '_' and '-' (it names folders)")
     work.mkdir(parents=True, exist_ok=True)
-    if a.features and (a.cnn, a.image_size) != (DEFAULT_CNN, DEFAULT_IMAGE_SIZE):
-        raise UserError("--cnn/--image-size choose how --catalog is featurized; --features is featurized already")
+    if a.features and ((a.cnn, a.image_size) != (DEFAULT_CNN, DEFAULT_IMAGE_SIZE) or text_variants(a)):
+        raise UserError("--cnn/--image-size/--text-variants choose how --catalog is featurized; --features is "
+                        "featurized already")
     features = features_folder(a)
     config = train_config(a, features, work / f"train-{a.label}")  # first: a bad --train-args costs nothing
     featurize_stage(a, features)

@@ -3,6 +3,7 @@ and one end-to-end run (featurize a tiny synthetic catalog, train a tiny model, 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,45 @@ def test_features_made_with_other_image_options_are_refused_not_reused(tmp_path,
     # --features is featurized already: the options that say how to featurize do not go with it
     assert quality.main(["--work", str(tmp_path), "--features", str(made), "--cnn", "efficientnet-lite2"]) == 2
     assert "--features is featurized already" in capsys.readouterr().err
+
+
+def test_text_variants_get_their_own_folder_are_checked_and_named_in_the_table(tmp_path, capsys):
+    tv = ["--text-variants", "subcategory,title;category,description"]
+    a = quality.parse_args(["--work", str(tmp_path), "--catalog", "synthetic:4", *tv])
+    folder = quality.features_folder(a)
+    assert folder.parent == tmp_path and re.fullmatch(r"features-tv-[0-9a-f]{8}", folder.name)
+    assert quality.features_folder(a, variants=False) == tmp_path / "features"
+    lite2 = quality.parse_args(["--work", str(tmp_path), "--cnn", "efficientnet-lite2", *tv])
+    assert quality.features_folder(lite2).name == f"features-efficientnet-lite2-256-{folder.name[9:]}"
+    folder.mkdir()
+    (folder / "_run.json").write_text(json.dumps({"catalog": {"source": "synthetic:4"}, "options": {
+        "cnn": "efficientnet-lite0", "image_size": 256, "text_variants": [["title"]]}}))
+    (folder / "_SUCCESS").write_text("")
+    with pytest.raises(UserError, match="holds --text-variants 'title', not 'subcategory,title;category,description'"):
+        quality.featurize_stage(a, folder)
+    assert quality.features_options(folder)["text_variants"] == "title"
+    record = _record("tv", _metrics(0.3), [])
+    record["features"] = {"cnn": "efficientnet-lite0", "image_size": 256, "text_variants": "title;category"}
+    assert "features `--text-variants 'title;category'`, train args `(recipe)`" in quality.format_table(record)
+    assert quality.main(["--work", str(tmp_path), "--features", str(folder), *tv]) == 2
+    assert "--features is featurized already" in capsys.readouterr().err
+
+
+def test_a_variants_folder_links_the_plain_folders_images(tmp_path):
+    from fashionbert.data import synth
+
+    manifest = synth.write_catalog(tmp_path / "cat", 4, seed=2)
+    columns = ["--work", str(tmp_path / "w"), "--catalog", manifest, "--id-column", "product_id", "--text-columns",
+               "title,description", "--category-column", "category", "--subcategory-column", "subcategory",
+               "--group-column", ""]
+    plain = quality.parse_args(columns)
+    quality.featurize_stage(plain, quality.features_folder(plain))
+    a = quality.parse_args([*columns, "--text-variants", "subcategory,title"])
+    quality.featurize_stage(a, quality.features_folder(a))
+    made = json.loads((quality.features_folder(a) / "_run.json").read_text())
+    assert made["options"]["previous"] == str(tmp_path / "w" / "features")
+    assert made["counts"]["images"]["linked"] == 4 and made["counts"]["images"]["computed"] == 0
+    assert made["counts"]["text_variants"] == 4
 
 
 # ============================================================================================ end to end
