@@ -61,6 +61,12 @@ def test_options_parse_and_refuse_an_empty_variant():
     assert cfg.text_variants == (("type", "colour"), ("colour", "title"))
     with pytest.raises(UserError, match="--text-variants 'a;' has an empty variant"):
         _cfg(text_variants=fcfg.parse_variants("a;")).check()
+    from fashionbert.train import distill  # distill draws its pairs as train does, with the same switch
+
+    parser = argparse.ArgumentParser()
+    distill.add_arguments(parser)
+    args = parser.parse_args(["--teacher", "t", "--layers", "1", "--out", "o", "--no-text-variants"])
+    assert distill.config_from_args(args).text_variants is False
 
 
 def test_a_missing_variant_column_or_a_catalog_without_columns_is_one_clear_error(tmp_path):

@@ -112,16 +112,16 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
                    help="salt of the train/validation hash; keep it fixed to compare runs (default 0)")
     g.add_argument("--max-text-len", type=int, default=D.max_text_len,
                    help="max text tokens incl. [CLS]/[SEP] (default: featurize's max_text_len, else 64)")
-    g.add_argument("--text-variants", action=argparse.BooleanOptionalAction, default=D.text_variants,
-                   help="where --features holds text variants (featurize --text-variants), each pair draws its "
-                        "product's text from the product's texts and its variants alike, anew per pass; validation "
-                        "and scoring use the product's texts alone (default on; a folder without variants trains "
-                        "the same either way)")
     add_pair_arguments(g)
 
 
 def add_pair_arguments(g: argparse._ArgumentGroup) -> None:
     """The options of the pairs a batch holds (train's and distill's)."""
+    g.add_argument("--text-variants", action=argparse.BooleanOptionalAction, default=D.text_variants,
+                   help="where --features holds text variants (featurize --text-variants), each pair draws its "
+                        "product's text from the product's texts and its variants alike, anew per pass; validation "
+                        "and scoring use the product's texts alone (default on; a folder without variants trains "
+                        "the same either way)")
     g.add_argument("--neg-ratio", type=int, default=D.neg_ratio,
                    help="negative pairs per positive pair, each the positive's image with another product's "
                         "text or its text with another product's image (default 1)")
