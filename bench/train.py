@@ -1,7 +1,7 @@
 """Training benchmark. Prints figures; asserts nothing (speed targets live here, not in tests).
 
     python bench/train.py [--backbone minilm] [--batch-size 16] [--steps 12] [--text-words 40] [--fusion-layer K]
-                          [--clean] [--precision auto] [--threads 0]
+                          [--clean] [--precision auto] [--threads 0] [--profile]
 
 Figures, each measured in this one run on this machine:
 - this CPU's matmul GFLOP/s in fp32 and bf16, on the model's own FFN shape and on a square 2048^3 GEMM;
@@ -131,6 +131,37 @@ def timed_steps(model, weighter, batches, precision: str, clean: bool, joint: bo
     return losses, times
 
 
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+COPIES = ("aten::copy_", "aten::_to_copy", "aten::to")
+
+
+def profile_steps(model, weighter, batches, precision: str, clean: bool, flops_per_step: float, peak: float) -> None:
+    """Profile train steps on `batches` (the first a warm-up, not profiled; weights restored afterwards) and print the
+    shares of self CPU time: matmuls, dtype casts and copies (autocast's), the optimizer step, the rest."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    with model.attention(Runtime(torch.device("cpu"), precision).training_attention):
+        train_step(model, weighter, optimizer, batches[0], precision, clean)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for b in batches[1:]:
+                train_step(model, weighter, optimizer, b, precision, clean)
+    model.load_state_dict(state)
+    steps = len(batches) - 1
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMULS)
+    copies = sum(e.self_cpu_time_total for e in events if e.key in COPIES)
+    optim = max((e.cpu_time_total for e in events if e.key.startswith("Optimizer.step")), default=0)
+    share = {"matmuls": matmul, "dtype casts and copies": copies, "the optimizer step": optim,
+             "the rest": total - matmul - copies - optim}
+    print(f"profile of {steps} steps ({total / 1e3 / steps:.0f} ms of CPU time each): "
+          + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in share.items())
+          + f"; the matmuls run at {flops_per_step * steps / (matmul / 1e6) / 1e9:.0f} GFLOP/s "
+            f"({100 * flops_per_step * steps / (matmul / 1e6) / 1e9 / peak:.0f}% of the peak)")
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]
+    print("top ops by self CPU time: " + ", ".join(f"{e.key} {100 * e.self_cpu_time_total / total:.1f}%" for e in top))
+
+
 def median_after_first(times: list[float]) -> float:
     return statistics.median(times[1:] or times)
 
@@ -151,6 +182,10 @@ def main() -> None:
                     help="of the timed training; auto = train's rule: bf16 where the CPU runs it natively, else fp32")
     ap.add_argument("--threads", type=int, default=0, help="torch threads, 0 = torch's default (all cores)")
     ap.add_argument("--compare-steps", type=int, default=3, help="steps per precision in the bf16/fp32 comparison")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile 3 training steps (torch.profiler) and print where their CPU time goes: matmuls "
+                         "(and the rate they run at against the peak), dtype casts and copies, the optimizer, the "
+                         "rest, and the top ops")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -271,6 +306,8 @@ def main() -> None:
         else:
             print("bf16 vs fp32: skipped, this CPU has no native bf16 (autocast would emulate it, many times slower "
                   "than fp32; train's --precision auto picks fp32 here)")
+        if a.profile:
+            profile_steps(model, weighter, sample, precision, a.clean, counted * rows, max(rates[precision].values()))
         del model, weighter
 
         # ---- end to end: fashionbert.train
