@@ -138,7 +138,8 @@ COPIES = ("aten::copy_", "aten::_to_copy", "aten::to")
 
 def profile_steps(model, weighter, batches, precision: str, clean: bool, flops_per_step: float, peak: float) -> None:
     """Profile train steps on `batches` (the first a warm-up, not profiled; weights restored afterwards) and print the
-    shares of self CPU time: matmuls, dtype casts and copies (autocast's), the optimizer step, the rest."""
+    shares of self CPU time: matmuls, dtype casts and copies (aten::copy_: autocast's casts among them), the optimizer
+    step, the rest."""
     state = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer, _ = build_optimizer(model, 1e-5, 0.01, torch.device("cpu"), lambda step: 1.0)  # train's AdamW
     with model.attention(Runtime(torch.device("cpu"), precision).training_attention):
