@@ -4,6 +4,7 @@ asserts nothing.
     python bench/quality.py --catalog ../shared/data/hm-dev/articles.csv --work DIR [--label L] [--train-args "..."]
     python bench/quality.py --catalog ../shared/data/hm-dev/articles.csv --work DIR --label L --seeds 0,1 [...]
     python bench/quality.py --work DIR --summary
+    python bench/quality.py --catalog ../shared/data/hm-dev/articles.csv --work DIR --plan [--steps S] [...]
 
 Stages, each skipped when its output is already complete:
 1. featurize the catalog into DIR/features with the README's hm-dev column mapping (or --features FOLDER); --cnn and
@@ -24,6 +25,12 @@ minutes. Appends the run's figures to DIR/quality.jsonl, so an ablation is a ser
 --label/--train-args;
 --summary prints one row per label (its latest run) from that file.
 
+--plan trains nothing to keep: it times --plan-steps itc-alone steps and as many joint ones of the run's options on
+this host (a short run into DIR/plan-<label>, removed after), then prints how many minutes the run would train and how
+many steps at its split the budget (--budget-minutes, 45) holds here. Why: the budget is minutes on 2 cores, and the
+same steps take ~26 min on a Xeon with native bf16 and ~3x that in fp32 on a CPU without it, so a longer recipe (or a
+slower option) is checked against the day's host before a 45-minute run, not after. Writes DIR/plan-<label>.json.
+
 --seeds 0,1 runs the same options once per seed (train's --seed; seed 0 is the plain run, label L, the others
 L-seed<k>, so a finished single run is reused) and prints one row per seed and the table of their mean, which it
 appends as label L-mean. Why: at the recipe's budget a seed moves a 1000-query Rank@1 by up to 4 points, more than
@@ -36,6 +43,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -65,6 +73,7 @@ from pipelines.config import CNN_NAMES, FeaturizeConfig, format_variants, parse_
 RECIPE = {"steps": 2400, "batch_size": 32, "lr": 3e-4, "matching_only": True, "itc_warmup": 760 / 1200,
           "tia_warmup": 0.2, "val_fraction": 0.2, "val_every": 0, "val_queries": 200, "checkpoint_every": 0,
           "num_threads": 2}
+BUDGET_MINUTES = 45.0  # README "The budget": what 2 CPU cores train in 45 minutes with nothing else running
 TRAIN_ARGS = PassThrough("--train-args", "train", "fashionbert.train.config", ("--features", "--out", "--resume"),
                          ("--features", "--out"), owner="bench/quality.py",
                          folder_hint="it trains on --features (or WORK/features) into WORK/train-<label>")
@@ -150,8 +159,10 @@ def format_table(record: dict) -> str:
     machine = f", {record['precision']}" if record.get("precision") else ""
     machine += f" ({record['cpu']})" if record.get("cpu") else ""
     each = " a seed (mean)" if seeds else ""
+    budget = "inside" if record["train_minutes"] <= BUDGET_MINUTES else "over"
     lines += ["", f"Training: {record['steps']} steps in {record['train_minutes']:.1f} min{each} on {record['device']}"
-                  f"{machine}; evaluation {record['eval_minutes']:.1f} min{each}."]
+                  f"{machine} ({budget} the {BUDGET_MINUTES:.0f}-minute budget, as wall minutes: a shared host "
+                  f"inflates them); evaluation {record['eval_minutes']:.1f} min{each}."]
     return "\n".join(lines)
 
 
@@ -316,6 +327,93 @@ def evaluate_stage(a: argparse.Namespace, features: Path, train: TrainConfig, ou
     return evaluate(config)
 
 
+def plan_stage(a: argparse.Namespace, features: Path, config: TrainConfig) -> dict:
+    """Times the run's two kinds of steps on this host -> the plan: the run's predicted minutes and the steps the
+    budget holds at its split (also written to WORK/plan-<label>.json).
+
+    A short run of the same options into WORK/plan-<label> (removed after): --plan-steps itc-alone steps, when the
+    run has any, then as many joint ones, with the mining bank (--mining-bank) from its first joint step, then the
+    final validation and model export the run does too. A step's time is the wall time from the metrics record
+    before it to its own (data, forward, backward, optimizer, logging); each kind's median leaves out its first step
+    (lazy allocations), and what the short run spent outside its steps (start-up, validation, export) is counted
+    once, as the run spends it once."""
+    from fashionbert.train.state import itc_alone_steps
+    from fashionbert.train.trainer import run as train
+
+    if not config.steps:
+        raise UserError("--plan times a run of a given length: give --steps (not --epochs in --train-args)")
+    if a.plan_steps < 3:
+        raise UserError(f"--plan-steps {a.plan_steps}: give 3 or more (each kind's first step is left out)")
+    n_itc = itc_alone_steps(config, config.steps)  # checked: a bad --itc-warmup fails here
+    sample_itc = a.plan_steps if n_itc else 0
+    out = Path(a.work) / f"plan-{a.label}"
+    shutil.rmtree(out, ignore_errors=True)
+    sample = dataclasses.replace(config, out=str(out), steps=sample_itc + a.plan_steps, itc_warmup=sample_itc,
+                                 mining_bank_after=0, val_every=0, checkpoint_every=0, keep_checkpoints=1)
+    _log(f"plan: timing {sample_itc} itc-alone and {a.plan_steps} joint steps of this run's options in {out}")
+    try:
+        summary = train(sample)
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    ends = [r["time"] for r in records if r.get("kind") == "train"]
+    walls = [later - earlier for earlier, later in zip(ends, ends[1:])]  # steps 2.. of the short run
+    itc_s = statistics.median(walls[:sample_itc - 1]) if sample_itc else 0.0
+    joint_s = statistics.median(walls[sample_itc:])  # the joint steps after the first
+    fixed_s = max(0.0, summary["seconds"] - sample_itc * itc_s - a.plan_steps * joint_s)
+    as_count = config.itc_warmup >= 1  # --itc-warmup in steps, not a fraction of the run
+    plan = {"label": a.label, "train_args": shlex.split(a.train_args), "steps": config.steps, "itc_steps": n_itc,
+            "step_seconds": {"itc_alone": round(itc_s, 3), "joint": round(joint_s, 3)},
+            "fixed_seconds": round(fixed_s, 1), "budget_minutes": a.budget_minutes, "itc_as_count": as_count,
+            **budget_fit(fixed_s, itc_s, joint_s, config.steps, n_itc, as_count, a.budget_minutes),
+            "sample_steps": {"itc_alone": sample_itc, "joint": a.plan_steps}, "mining_bank": config.mining_bank,
+            "device": summary["device"], "precision": summary.get("precision"), "cpu": cpu_description(),
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    (Path(a.work) / f"plan-{a.label}.json").write_text(json.dumps(plan, indent=2, sort_keys=True) + "\n")
+    return plan
+
+
+def budget_fit(fixed_s: float, itc_s: float, joint_s: float, steps: int, n_itc: int, itc_as_count: bool,
+               budget_minutes: float) -> dict:
+    """A run's minutes from its step times, and the most steps `budget_minutes` hold: at the run's split when
+    --itc-warmup is a fraction, else its itc-alone steps kept and the rest of the budget in joint steps."""
+    run_minutes = (fixed_s + n_itc * itc_s + (steps - n_itc) * joint_s) / 60
+    budget_s = budget_minutes * 60 - fixed_s
+    if itc_as_count:
+        joint = math.floor((budget_s - n_itc * itc_s) / joint_s)
+        budget_steps = n_itc + joint if joint >= 1 else 0  # no joint step left: no run of this shape fits
+        budget_itc = n_itc if budget_steps else 0
+    else:
+        share = n_itc / steps
+        budget_steps = max(0, math.floor(budget_s / (share * itc_s + (1 - share) * joint_s)))
+        budget_itc = round(share * budget_steps)
+    return {"run_minutes": round(run_minutes, 1), "budget_steps": budget_steps, "budget_itc_steps": budget_itc}
+
+
+def format_plan(plan: dict) -> str:
+    """The plan in words: step times, the run's minutes against the budget, and what the budget holds here."""
+    steps, itc, seconds = plan["steps"], plan["itc_steps"], plan["step_seconds"]
+    machine = f"{plan['device']}, {plan['precision']} ({plan['cpu']})"
+    timed = (f"{plan['sample_steps']['itc_alone']} itc-alone steps at a median {seconds['itc_alone']:.2f} s and "
+             if itc else "") + f"{plan['sample_steps']['joint']} joint steps at {seconds['joint']:.2f} s"
+    bank = (" (the mining bank from their first one: --mining-bank-after's steps without it take a little less)"
+            if plan["mining_bank"] else "")
+    inside = "inside" if plan["run_minutes"] <= plan["budget_minutes"] else "over"
+    split = f" ({itc} itc-alone, {steps - itc} joint)" if itc else ""
+    holds, holds_itc = plan["budget_steps"], plan["budget_itc_steps"]
+    kept = "its itc-alone steps kept" if plan.get("itc_as_count") else "at this split"
+    fits = (f"~{holds} steps {kept} on this host" + (f" ({holds_itc} itc-alone, {holds - holds_itc} joint)"
+                                                     if itc else "") + f": --steps {holds}" if holds else
+            "no run of this shape on this host")
+    return "\n".join([
+        f"Plan for `{plan['label']}`, train args `{' '.join(plan['train_args']) or '(recipe)'}`, on {machine}:",
+        f"- timed {timed}{bank}; start-up, final validation and export {plan['fixed_seconds'] / 60:.1f} min;",
+        f"- this run, {steps} steps{split}: ~{plan['run_minutes']:.1f} min, {inside} the "
+        f"{plan['budget_minutes']:.0f}-minute budget;",
+        f"- the budget holds {fits}.",
+        "Minutes are this host's with nothing else running; a run sharing the cores takes longer."])
+
+
 # ============================================================================================ command
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -350,6 +448,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="one run per seed (train's --seed), labels <label> for seed 0 and <label>-seed<k> for the "
                         "others, and the table of their mean (label <label>-mean); a seed moves a 1000-query Rank@1 "
                         "by up to 4 points at the recipe's budget, so compare options on two seeds or more")
+    g.add_argument("--plan", action="store_true",
+                   help="time this run's steps on this host and print its minutes against the budget and how many "
+                        "steps the budget holds; trains nothing to keep, evaluates nothing")
+    g.add_argument("--plan-steps", type=int, default=20, metavar="N",
+                   help="--plan times N itc-alone and N joint steps (default %(default)s)")
+    g.add_argument("--budget-minutes", type=float, default=BUDGET_MINUTES,
+                   help="--plan's budget in minutes (default %(default)s: the README's)")
     g = ap.add_argument_group("evaluation")
     g.add_argument("--queries", type=int, default=300, help="sample-100 queries, one draw (default 300)")
     g.add_argument("--gallery-max", type=int, help="full-gallery products (default 500 on CPU, 1000 on a GPU)")
@@ -368,8 +473,9 @@ def seed_list(text: str) -> tuple[int, ...]:
     return seeds
 
 
-def run(a: argparse.Namespace) -> dict:
-    """Featurize, train, evaluate -> the run's record (also appended to WORK/quality.jsonl)."""
+def prepare(a: argparse.Namespace) -> tuple[Path, TrainConfig]:
+    """The checks of the options, then the features (featurized unless complete) -> their folder and the run's
+    train config, made first so that a bad --train-args costs nothing."""
     work = Path(a.work)
     if not re.fullmatch(r"[A-Za-z0-9._-]+", a.label):
         raise UserError(f"--label {a.label!r}: use letters, digits, '.', '_' and '-' (it names folders)")
@@ -378,8 +484,15 @@ def run(a: argparse.Namespace) -> dict:
         raise UserError("--cnn/--image-size/--text-variants choose how --catalog is featurized; --features is "
                         "featurized already")
     features = features_folder(a)
-    config = train_config(a, features, work / f"train-{a.label}")  # first: a bad --train-args costs nothing
+    config = train_config(a, features, work / f"train-{a.label}")
     featurize_stage(a, features)
+    return features, config
+
+
+def run(a: argparse.Namespace) -> dict:
+    """Featurize, train, evaluate -> the run's record (also appended to WORK/quality.jsonl)."""
+    work = Path(a.work)
+    features, config = prepare(a)
     summary = train_stage(config, a.retrain)
     metrics = evaluate_stage(a, features, config, work / f"eval-{a.label}.json")
     gallery = metrics.get("full_gallery", {})
@@ -473,11 +586,21 @@ def read_log(work: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def plan(a: argparse.Namespace) -> dict:
+    """Featurize if needed, then time the run's steps (plan_stage) -> the plan."""
+    if a.seeds:
+        raise UserError("--plan times one run, and a seed does not change its minutes: drop --seeds")
+    features, config = prepare(a)
+    return plan_stage(a, features, config)
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     try:
         if a.summary:
             print(format_summary(read_log(Path(a.work))))
+        elif a.plan:
+            print(format_plan(plan(a)))
         elif a.seeds:
             records, mean = run_seeds(a)
             print(format_summary(records) + "\n\n" + format_table(mean))

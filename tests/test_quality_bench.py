@@ -55,10 +55,13 @@ def test_table_has_one_row_per_ranking_in_percent():
             "of whichever head is right (an oracle, about the most a fusion could reach) 42.7 / 45.3.") in table
     assert fig["heads"] == {"heads_correlation": {"t2i": 0.991, "i2t": 0.987},
                             "either_head_rank1": {"t2i": 42.7, "i2t": 45.3}}
-    assert "Training: 600 steps in 45.0 min on cpu;" in table and "500 texts x 1000 images, recall-k 10" in table
+    assert "Training: 600 steps in 45.0 min on cpu (inside the 45-minute budget" in table
+    assert "500 texts x 1000 images, recall-k 10" in table
     # a run records its precision and CPU: minutes, the budget's unit, depend on both
-    timed = {**_record("default", _metrics(0.297)), "precision": "fp32", "cpu": "AMD EPYC, 2 cores, no native bf16"}
-    assert "600 steps in 45.0 min on cpu, fp32 (AMD EPYC, 2 cores, no native bf16);" in quality.format_table(timed)
+    timed = {**_record("default", _metrics(0.297), minutes=45.1), "precision": "fp32",
+             "cpu": "AMD EPYC, 2 cores, no native bf16"}
+    assert ("600 steps in 45.1 min on cpu, fp32 (AMD EPYC, 2 cores, no native bf16) (over the 45-minute budget"
+            in quality.format_table(timed))
     # a model without an itc head has no itc row figures
     no_itc = quality.format_table(_record("no-itc", _metrics(0.1, with_itc=False), ["--itc-dim", "0"]))
     assert "| the itc cosine alone (`by_head.itc`) | n/a | n/a |" in no_itc and "per query: correlation" not in no_itc
@@ -90,7 +93,8 @@ def test_mean_over_seeds_averages_the_figures_and_keeps_each_seeds_rank1():
     assert ("Rank@1 of each seed, text -> image / image -> text: score 30.0 / 30.0 (seed 0), 40.0 / 40.0 (seed 1); "
             "itc 30.0 / 30.0 (seed 0), 30.0 / 30.0 (seed 1); TIA 15.0 / 15.0 (seed 0), 15.0 / 15.0 (seed 1); "
             "gallery two-stage 12.0 / 12.0 (seed 0), 12.0 / 12.0 (seed 1); gallery recall-only") in table
-    assert "Training: 600 steps in 29.0 min a seed (mean) on cpu; evaluation 8.0 min a seed (mean)." in table
+    assert "Training: 600 steps in 29.0 min a seed (mean) on cpu (inside the 45-minute budget" in table
+    assert "; evaluation 8.0 min a seed (mean)." in table
     row = quality.format_summary([*runs, mean]).splitlines()[-1]
     assert row.startswith("| x-mean | mean of seeds 0, 1: (recipe) | 600 | 35.0 / 30.0 / 15.0 |")
     assert json.loads(json.dumps(mean)) == mean  # it goes to quality.jsonl
@@ -283,3 +287,51 @@ def test_end_to_end_on_a_tiny_synthetic_catalog(tmp_path, capsys, tiny_backbone)
     assert "--seed" not in mean["train_args"] and records[3]["train_args"][-2:] == ["--seed", "1"]
     assert mean["figures"]["score"]["t2i"][0] == pytest.approx(
         (seeds[0]["figures"]["score"]["t2i"][0] + seeds[1]["figures"]["score"]["t2i"][0]) / 2, abs=1e-3)
+
+
+# ============================================================================================ --plan
+def test_budget_fit_keeps_the_split_or_the_itc_steps_given_as_a_count():
+    # the recipe's split (a fraction): 2,400 steps, 1,520 itc-alone at 0.5 s, 880 joint at 1.0 s, 60 s outside them
+    fit = quality.budget_fit(60.0, 0.5, 1.0, 2400, 1520, False, 45.0)
+    assert fit["run_minutes"] == pytest.approx((60 + 760 + 880) / 60, abs=0.05)
+    per_step = (1520 * 0.5 + 880 * 1.0) / 2400
+    assert fit["budget_steps"] == int((45 * 60 - 60) // per_step) == 3863
+    assert fit["budget_itc_steps"] == round(3863 * 1520 / 2400)
+    # --itc-warmup 1520 as a count: those stay, the rest of the budget buys joint steps
+    fit = quality.budget_fit(60.0, 0.5, 1.0, 2400, 1520, True, 45.0)
+    assert fit["budget_itc_steps"] == 1520 and fit["budget_steps"] == 1520 + (45 * 60 - 60 - 760)
+    # no itc-alone steps; and a budget too small for any joint step
+    assert quality.budget_fit(0.0, 0.0, 2.0, 100, 0, False, 1.0)["budget_steps"] == 30
+    assert quality.budget_fit(60.0, 0.5, 1.0, 2400, 1520, True, 10.0) == {"run_minutes": 28.3, "budget_steps": 0,
+                                                                           "budget_itc_steps": 0}
+
+
+def test_plan_times_the_runs_steps_and_keeps_nothing_but_its_json(tmp_path, capsys, tiny_backbone):
+    from tests.fake_features import write_fake_features
+
+    work, features = tmp_path / "work", write_fake_features(tmp_path / "features", n_products=40, feature_dim=16)
+    args = ["--work", str(work), "--backbone", str(tiny_backbone), "--features", str(features), "--steps", "100",
+            "--plan", "--plan-steps", "4",
+            "--train-args", "--batch-size 8 --val-queries 8 --num-threads 1 --prefetch 0 --no-progress"]
+    assert quality.main(args) == 0
+    out = capsys.readouterr().out
+    plan = json.loads((work / "plan-default.json").read_text())
+    assert plan["steps"] == 100 and plan["itc_steps"] == round(100 * 760 / 1200)  # the recipe's split
+    assert plan["sample_steps"] == {"itc_alone": 4, "joint": 4}
+    assert plan["step_seconds"]["itc_alone"] > 0 and plan["step_seconds"]["joint"] > 0 and plan["fixed_seconds"] >= 0
+    refit = quality.budget_fit(plan["fixed_seconds"], plan["step_seconds"]["itc_alone"], plan["step_seconds"]["joint"],
+                               100, plan["itc_steps"], False, 45.0)  # from the json's rounded times: nearly the same
+    assert plan["budget_steps"] == pytest.approx(refit["budget_steps"], rel=0.02) and plan["budget_steps"] > 100
+    assert f"the budget holds ~{plan['budget_steps']} steps" in out and f"--steps {plan['budget_steps']}" in out
+    assert "this run, 100 steps (63 itc-alone, 37 joint)" in out and "inside the 45-minute budget" in out
+    assert sorted(p.name for p in work.iterdir()) == ["plan-default.json"]  # no run left behind
+
+    # no itc-alone steps: only joint ones are timed; an itc count beyond the run and --seeds are one clear error each
+    assert quality.main(args[:-1] + [args[-1] + " --itc-warmup 0", "--label", "joint"]) == 0
+    plan = json.loads((work / "plan-joint.json").read_text())
+    assert plan["sample_steps"] == {"itc_alone": 0, "joint": 4} and plan["step_seconds"]["itc_alone"] == 0
+    assert "itc-alone" not in capsys.readouterr().out
+    assert quality.main(args[:-1] + [args[-1] + " --itc-warmup 100"]) == 2
+    assert "--itc-warmup 100.0 is 100 of the run's 100 steps" in capsys.readouterr().err
+    assert quality.main(args + ["--seeds", "0,1"]) == 2
+    assert "--plan times one run" in capsys.readouterr().err

@@ -145,7 +145,7 @@ def build_state(config: TrainConfig, rt: Runtime, objective: Objective = Objecti
     warmup_steps = _steps_of(config.warmup, total_steps)
     matching_only = objective.matching_only or config.matching_only
     tia_steps = total_steps if matching_only else _steps_of(config.tia_warmup, total_steps)
-    itc_steps = _itc_steps(config, total_steps)
+    itc_steps = itc_alone_steps(config, total_steps)
     schedule = lr_lambda(warmup_steps, total_steps, itc_steps, _joint_lr_peak(config, itc_steps))
     optimizer, scheduler = build_optimizer(model, config.lr, config.weight_decay, rt.device, schedule)
     step, position = 0, StreamPosition()
@@ -265,7 +265,7 @@ def _steps_of(value: float, total_steps: int) -> int:
     return int(value) if value >= 1 else int(round(value * total_steps))
 
 
-def _itc_steps(config: TrainConfig, total_steps: int) -> int:
+def itc_alone_steps(config: TrainConfig, total_steps: int) -> int:
     """--itc-warmup in steps, checked: the itc task alone needs the itc head, and TIA must get some steps."""
     if config.itc_warmup < 0:
         raise UserError(f"--itc-warmup {config.itc_warmup}: must be >= 0 (steps if >= 1, else a fraction of all steps)")
