@@ -52,14 +52,14 @@ def test_a_forward_without_the_joint_pass_is_the_itc_loss_alone(tiny_backbone):
 
 
 def test_itc_warmup_steps_train_the_itc_task_alone_then_tia_joins(tmp_path, features, tiny_backbone):
-    """The first --itc-warmup steps log the itc loss alone at weight 1 with no mined rows, and leave the TIA head
-    where weight decay alone takes it; from the next step on TIA trains on mined negatives as without the option.
-    config and checkpoints record the option; the start line says so."""
+    """The first --itc-warmup steps log the itc loss alone at weight 1 with no mined rows, and leave the TIA head as
+    it was (no gradient, so AdamW does not decay it either); from the next step on TIA trains on mined negatives as
+    without the option. config and checkpoints record the option; the start line says so."""
     from safetensors.torch import load_file
 
     out = tmp_path / "itcw"
     run(make_args(features, out, tiny_backbone, "--steps", 4, "--checkpoint-every", 2, "--val-every", 0,
-                  "--matching-only", "--itc-warmup", 2, "--weight-decay", 0))
+                  "--matching-only", "--itc-warmup", 2, "--weight-decay", 0.1))
     recs = _train_records(out)
     assert [r["loss_tia"] is None for r in recs] == [True, True, False, False]
     assert all(r["w_itc"] == 1.0 and r["w_tia"] == 0.0 and r["pairs"] == 4 for r in recs[:2])
@@ -70,9 +70,39 @@ def test_itc_warmup_steps_train_the_itc_task_alone_then_tia_joins(tmp_path, feat
     at_two = load_file(out / "checkpoints" / "step-0000002" / "model.safetensors")
     at_four = load_file(out / "model" / "model.safetensors")
     tia = [k for k in at_two if k.startswith("tia_head.")]
-    assert tia and all(torch.equal(at_two[k], fresh[k]) for k in tia)  # no TIA gradient, no decay
+    assert tia and all(torch.equal(at_two[k], fresh[k]) for k in tia)  # no TIA gradient, so no decay either
     assert any(not torch.equal(at_four[k], fresh[k]) for k in tia)
     assert not torch.equal(at_two["itc_head.text_proj.weight"], fresh["itc_head.text_proj.weight"])
+
+
+def adam_steps(checkpoint) -> dict[str, int | None]:
+    """AdamW's step count per parameter name in a checkpoint (None: the optimizer holds no state for it yet)."""
+    from fashionbert.train.optim import param_groups
+
+    model = FashionBertModel.from_checkpoint(checkpoint)
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in param_groups(model, 0.01) for p in group["params"]]
+    _, tensors = ckpt.load_training_state(checkpoint)
+    state = tensors["optimizer"]["state"]
+    return {name: int(state[i]["step"]) if i in state else None for i, name in enumerate(order)}
+
+
+def test_parameters_the_itc_alone_steps_do_not_reach_start_adamw_at_their_first_gradient(tmp_path, features,
+                                                                                         tiny_backbone):
+    """A parameter that no step has trained yet has no AdamW state: the TIA head (and the pooler [CLS] reads)
+    through the itc-alone steps, the MLM and MPM heads through matching-only steps. So the TIA head's first joint
+    step is AdamW's step 1 for it, with the bias corrections of a first step, not of step itc-warmup + 1 (whose
+    nearly-unit corrections over moments grown from zero made its first updates several times the rate)."""
+    out = tmp_path / "adam"
+    run(make_args(features, out, tiny_backbone, "--steps", 5, "--checkpoint-every", 3, "--val-every", 0,
+                  "--matching-only", "--itc-warmup", 3, "--tia-pooling", "cls"))
+    at_three, at_five = (adam_steps(out / "checkpoints" / f"step-000000{k}") for k in (3, 5))
+    heads = [name for name in at_three if name.startswith(("tia_head.", "bert.pooler."))]
+    unused = [name for name in at_three if name.startswith(("mlm_head.", "mpm_head."))]
+    assert heads and unused and all(at_three[name] is None for name in heads + unused)
+    assert at_three["itc_head.text_proj.weight"] == 3 and at_three["bert.embeddings.word_embeddings.weight"] == 3
+    assert all(at_five[name] == 2 for name in heads)  # the two joint steps
+    assert all(at_five[name] is None for name in unused) and at_five["itc_head.text_proj.weight"] == 5
 
 
 def _model_of_step_zero(tmp_path, features, tiny_backbone) -> dict[str, torch.Tensor]:
@@ -124,3 +154,7 @@ def test_ddp_two_processes_run_the_itc_warmup(tmp_path, features, tiny_backbone)
     recs = _train_records(out)
     assert [r["loss_tia"] is None for r in recs] == [True, True, False]
     assert [r["pairs"] for r in recs] == [8, 8, 16]  # 2 ranks x 4 positives, then + as many mined
+    # the joint pass's parameters joined DDP's reduction at zero, then were dropped: AdamW did not count those steps
+    steps = adam_steps(ckpt.latest_checkpoint(out))
+    assert steps["tia_head.agreement_scale"] == 1 and steps["itc_head.text_proj.weight"] == 3
+    assert all(v is None for name, v in steps.items() if name.startswith(("mlm_head.", "mpm_head.")))

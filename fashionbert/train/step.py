@@ -76,7 +76,11 @@ def _micro_step(state: TrainState, rt: Runtime, batch: Batch, last: bool):
             total, weights, n = _matching_only(state, output.losses)
         else:
             total, weights, n = state.weighter(output.losses)
-        (total / state.config.grad_accum).backward()
+        idle = _join_idle_parameters(state, total) if rt.distributed and (itc_alone or batch.tia_only) else []
+        ((total + 0.0 * sum(p.sum() for p in idle)) / state.config.grad_accum).backward()
+    if last:
+        for p in idle:  # after DDP's reduction: the optimizer skips them, as a single process does
+            p.grad = None
     nan = torch.tensor(float("nan"))
     losses = torch.stack([output.losses[t].detach().float().cpu() if t in output.losses else nan for t in tasks])
     return losses, weights, n, output.mined
@@ -88,9 +92,6 @@ def _matching_only(state: TrainState, losses: dict[str, torch.Tensor]):
     matching = [t for t in tasks if t in MATCHING_TASKS]
     weights = torch.tensor([1.0 / len(matching) if t in matching else 0.0 for t in tasks])
     total = sum(w.item() * losses[t] for w, t in zip(weights, tasks) if w > 0)
-    # The idle heads join the graph at zero cost so that DDP sees every parameter used.
-    idle = [p for head in (state.model.mlm_head, state.model.mpm_head) for p in head.parameters()]
-    total = total + 0.0 * sum(p.sum() for p in idle)
     return total, weights, torch.zeros(len(tasks))
 
 
@@ -98,10 +99,27 @@ def _itc_alone(state: TrainState, losses: dict[str, torch.Tensor]):
     """An --itc-warmup step's loss: the contrastive task alone -> (total, weights, n)."""
     tasks = state.model.tasks
     weights = torch.tensor([1.0 if t == "itc" else 0.0 for t in tasks])
-    # Every parameter the itc passes do not reach (the joint pass's, the heads') joins at zero cost, so that DDP sees
-    # each one used, as in the warm-up.
-    idle = sum(p.sum() for p in state.model.parameters() if p.requires_grad)
-    return losses["itc"] + 0.0 * idle, weights, torch.zeros(len(tasks))
+    return losses["itc"], weights, torch.zeros(len(tasks))
+
+
+def _join_idle_parameters(state: TrainState, loss: torch.Tensor) -> list[torch.nn.Parameter]:
+    """The trained parameters `loss` does not reach (the MLM and MPM heads in a matching step; the joint pass's and
+    the heads' in an itc-alone step). Under DDP they join the graph at zero cost, since every process must reduce
+    every parameter, and their gradients are dropped after the reduction: AdamW then skips them as it does on one
+    process. Zero gradients would not be the same: AdamW would count the step for them and decay them, so a head that
+    first trains after the itc-alone steps would start with bias corrections for ~1,500 steps it never took (its
+    first updates up to ~6x the rate)."""
+    reached, seen, stack = set(), set(), [loss.grad_fn]
+    while stack:  # the autograd graph back from the loss: a parameter is reached where its AccumulateGrad node is
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            reached.add(id(variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return [p for p in state.model.parameters() if p.requires_grad and id(p) not in reached]
 
 
 def step_seed(seed: int, rank: int, index: int) -> int:
