@@ -76,7 +76,7 @@ def _micro_step(state: TrainState, rt: Runtime, batch: Batch, last: bool):
             total, weights, n = _matching_only(state, output.losses)
         else:
             total, weights, n = state.weighter(output.losses)
-        idle = _join_idle_parameters(state, total) if rt.distributed and (itc_alone or batch.tia_only) else []
+        idle = _unreached_parameters(state, total) if rt.distributed and (itc_alone or batch.tia_only) else []
         ((total + 0.0 * sum(p.sum() for p in idle)) / state.config.grad_accum).backward()
     if last:
         for p in idle:  # after DDP's reduction: the optimizer skips them, as a single process does
@@ -102,11 +102,11 @@ def _itc_alone(state: TrainState, losses: dict[str, torch.Tensor]):
     return losses["itc"], weights, torch.zeros(len(tasks))
 
 
-def _join_idle_parameters(state: TrainState, loss: torch.Tensor) -> list[torch.nn.Parameter]:
+def _unreached_parameters(state: TrainState, loss: torch.Tensor) -> list[torch.nn.Parameter]:
     """The trained parameters `loss` does not reach (the MLM and MPM heads in a matching step; the joint pass's and
-    the heads' in an itc-alone step). Under DDP they join the graph at zero cost, since every process must reduce
-    every parameter, and their gradients are dropped after the reduction: AdamW then skips them as it does on one
-    process. Zero gradients would not be the same: AdamW would count the step for them and decay them, so a head that
+    the heads' in an itc-alone step). Under DDP the step joins them to the graph at zero cost, since every process
+    must reduce every parameter, and drops their gradients after the reduction: AdamW then skips them as it does on
+    one process. Zero gradients would not be the same: AdamW would count the step for them and decay them, so a head that
     first trains after the itc-alone steps would start with bias corrections for ~1,500 steps it never took (its
     first updates up to ~6x the rate)."""
     reached, seen, stack = set(), set(), [loss.grad_fn]
