@@ -327,7 +327,7 @@ def evaluate_stage(a: argparse.Namespace, features: Path, train: TrainConfig, ou
     return evaluate(config)
 
 
-def plan_stage(a: argparse.Namespace, features: Path, config: TrainConfig) -> dict:
+def plan_stage(a: argparse.Namespace, config: TrainConfig) -> dict:
     """Times the run's two kinds of steps on this host -> the plan: the run's predicted minutes and the steps the
     budget holds at its split (also written to WORK/plan-<label>.json).
 
@@ -590,8 +590,8 @@ def plan(a: argparse.Namespace) -> dict:
     """Featurize if needed, then time the run's steps (plan_stage) -> the plan."""
     if a.seeds:
         raise UserError("--plan times one run, and a seed does not change its minutes: drop --seeds")
-    features, config = prepare(a)
-    return plan_stage(a, features, config)
+    _, config = prepare(a)
+    return plan_stage(a, config)
 
 
 def main(argv: list[str] | None = None) -> int:
