@@ -106,9 +106,9 @@ def _unreached_parameters(state: TrainState, loss: torch.Tensor) -> list[torch.n
     """The trained parameters `loss` does not reach (the MLM and MPM heads in a matching step; the joint pass's and
     the heads' in an itc-alone step). Under DDP the step joins them to the graph at zero cost, since every process
     must reduce every parameter, and drops their gradients after the reduction: AdamW then skips them as it does on
-    one process. Zero gradients would not be the same: AdamW would count the step for them and decay them, so a head that
-    first trains after the itc-alone steps would start with bias corrections for ~1,500 steps it never took (its
-    first updates up to ~6x the rate)."""
+    one process. Zero gradients would not be the same: AdamW would count the step for them and decay them, so a
+    head that first trains after the itc-alone steps would start with bias corrections for ~1,500 steps it never
+    took (its first updates up to ~6x the rate)."""
     reached, seen, stack = set(), set(), [loss.grad_fn]
     while stack:  # the autograd graph back from the loss: a parameter is reached where its AccumulateGrad node is
         node = stack.pop()
