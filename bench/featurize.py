@@ -5,8 +5,9 @@
 Figures, each measured in this one run on this machine:
 - bare CNN: images/s of the batched patch CNN alone on pre-decoded squares, bf16 and fp32, and the
   largest |bf16 - fp32| feature difference (+ mean cosine);
-- pipeline: end-to-end images/s of `fashionbert featurize` (Beam FnApiRunner, decode + CNN + Parquet),
-  grid and patch modes, and its ratio to the bare CNN in the same mode (target >= 0.8 in grid mode);
+- pipeline: end-to-end images/s of `fashionbert featurize` (Beam FnApiRunner, decode + CNN + Parquet) at its
+  default `--precision auto` (bf16 on a CPU with native bf16, else fp32), grid and patch modes, and its ratio
+  to the bare CNN in the same mode and precision (target >= 0.8 in grid mode);
 - peak RSS of a featurize process at each --rss-sizes catalog size (target: flat within 20%).
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from fashionbert.model.patch_cnn import PatchCNN, run_batched  # noqa: E402
+from fashionbert.runtime import cpu_has_native_bf16  # noqa: E402
 from pipelines.decode import decode_image, fit_square  # noqa: E402
 from tests.featurize_helpers import hm_subset  # noqa: E402
 
@@ -53,7 +55,7 @@ def bare_cnn(mode: str, images: np.ndarray, precision: str, batch: int = 32) -> 
     return len(images) / (time.perf_counter() - t0), np.concatenate(out)
 
 
-def bare_cnn_workers(images: np.ndarray, workers: int, batch: int = 32) -> float:
+def bare_cnn_workers(images: np.ndarray, workers: int, precision: str, batch: int = 32) -> float:
     """The pipeline's own arrangement: `workers` threads, each running whole batches with one torch thread."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -61,10 +63,10 @@ def bare_cnn_workers(images: np.ndarray, workers: int, batch: int = 32) -> float
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_batched(model, images[:batch], "bf16")
+        run_batched(model, images[:batch], precision)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(lambda i: run_batched(model, images[i:i + batch], "bf16"), range(0, len(images), batch)))
+            list(pool.map(lambda i: run_batched(model, images[i:i + batch], precision), range(0, len(images), batch)))
         return len(images) / (time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads)
@@ -98,7 +100,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     tmp = tempfile.mkdtemp(prefix="bench-featurize-")
-    print(f"cores={os.cpu_count()} torch={torch.__version__} images={args.images} workers={args.workers}")
+    # what featurize's --precision auto picks on this machine (pipelines.featurize.resolve_precision)
+    auto = "bf16" if cpu_has_native_bf16() else "fp32"
+    print(f"cores={os.cpu_count()} torch={torch.__version__} images={args.images} workers={args.workers} "
+          f"native bf16={cpu_has_native_bf16()} (featurize --precision auto: {auto})")
 
     manifest = subset_manifest(tmp, max(args.images, args.bare_images))
     imgs = squares(manifest, args.bare_images)
@@ -109,13 +114,13 @@ def main() -> None:
         r32, f32 = bare_cnn(mode, imgs, "fp32")
         a, b = f16.reshape(len(imgs), -1), f32.reshape(len(imgs), -1)
         cos = float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
-        bare[mode] = r16
+        bare[mode] = {"bf16": r16, "fp32": r32}[auto]
         print(f"bare CNN {mode:5s}: bf16 {r16:6.1f} img/s, fp32 {r32:6.1f} img/s, speed-up {r16 / r32:.2f}x; "
               f"max |bf16-fp32| {np.abs(a - b).max():.4f} (feature scale max {np.abs(b).max():.2f}), "
               f"mean cosine {cos:.4f}")
 
-    like = bare_cnn_workers(imgs, args.workers)
-    print(f"bare CNN grid : bf16 {like:6.1f} img/s as {args.workers} worker threads x 1 torch thread "
+    like = bare_cnn_workers(imgs, args.workers, auto)
+    print(f"bare CNN grid : {auto} {like:6.1f} img/s as {args.workers} worker threads x 1 torch thread "
           f"(the pipeline's arrangement)")
     bare["grid"] = max(bare["grid"], like)  # compare the pipeline with the faster of the two bare set-ups
 
@@ -124,7 +129,7 @@ def main() -> None:
         m = subset_manifest(tmp, n)
         rate, _ = pipeline(m, os.path.join(tmp, f"out-{mode}"), mode, args.workers)
         print(f"pipeline {mode:5s}: {rate:6.1f} img/s end-to-end over {n} images "
-              f"(incl. start-up, decode, Parquet); ratio to the best bare bf16 CNN {rate / bare[mode]:.2f}")
+              f"(incl. start-up, decode, Parquet, {auto}); ratio to the best bare {auto} CNN {rate / bare[mode]:.2f}")
 
     sizes = [int(s) for s in args.rss_sizes.split(",") if s]
     rss = []

@@ -13,6 +13,7 @@ import json
 from fashionbert.errors import UserError
 
 CNN_NAMES = ("efficientnet-lite0", "efficientnet-lite2")  # fashionbert/model/patch_cnn.py's CNNS, without importing torch
+PRECISIONS = ("auto", "bf16", "fp32")  # auto is made concrete by `featurize.resolve_precision` before any row is hashed
 FEATURIZE_VERSION = "1"  # bump when a change alters feature values: invalidates --previous carry-over
 
 
@@ -41,7 +42,7 @@ class FeaturizeConfig:
     cnn: str = "efficientnet-lite0"
     patch_mode: str = "grid"
     patch_size: int = 64
-    precision: str = "bf16"
+    precision: str = "auto"
     batch_size: int = 32
     max_pixels: int = 40_000_000
     # text
@@ -69,6 +70,8 @@ class FeaturizeConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(self, name)}")
         if self.image_size % self.grid:
             raise UserError(f"--image-size {self.image_size} must be divisible by --grid {self.grid} (e.g. 256 and 8)")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.max_text_len < 3:
             raise UserError("--max-text-len must be at least 3 ([CLS], one token, [SEP])")
 
@@ -76,6 +79,8 @@ class FeaturizeConfig:
         """Everything that changes an image's features; part of each image row's content hash."""
         from fashionbert.model.patch_cnn import FEATURE_LAYOUT
 
+        if self.precision == "auto":  # two machines would hash the same rows alike yet compute them differently
+            raise ValueError("image_fingerprint of an unresolved --precision auto; featurize.resolve_precision first")
         keys = ("image_size", "grid", "fit", "cnn", "patch_mode", "patch_size", "precision")
         return _fingerprint({"v": FEATURIZE_VERSION, "layout": FEATURE_LAYOUT, **{k: getattr(self, k) for k in keys}})
 
@@ -150,8 +155,12 @@ def add_arguments(parser: argparse.ArgumentParser, with_outputs: bool = True) ->
                         "CNN on its own, as in the paper (default %(default)s)")
     f.add_argument("--patch-size", type=int, default=d.patch_size,
                    help="px each patch is resized to in patch mode (default %(default)s)")
-    f.add_argument("--precision", choices=("bf16", "fp32"), default=d.precision,
-                   help="CNN arithmetic: bf16 autocast is ~2.6x faster on AVX-512 CPUs (default %(default)s)")
+    f.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="CNN arithmetic. bf16 autocast is ~2.6x faster than fp32 on CPUs with native bf16 (AVX512-BF16 "
+                        "or AMX) and ~7x slower on CPUs without it, which emulate it. auto: with --previous, the "
+                        "previous run's precision (its rows carry over; another precision recomputes every image); "
+                        "else bf16 where this machine runs it natively, fp32 where it does not; on workers elsewhere "
+                        "(Dataflow, Flink) bf16, so name fp32 for workers without native bf16 (default %(default)s)")
     f.add_argument("--batch-size", type=int, default=d.batch_size, help="images per CNN batch (default %(default)s)")
     f.add_argument("--max-pixels", type=int, default=d.max_pixels,
                    help="images declaring more pixels are rejected before decoding (default %(default)s)")

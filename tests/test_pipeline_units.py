@@ -19,7 +19,7 @@ from pipelines import catalog, images, shards, texts
 from pipelines.config import FeaturizeConfig
 from tests.bad_corpus import BAD_TEXT_BYTES, png_declaring
 
-CFG = FeaturizeConfig(catalog="/data/cat/manifest.csv", out="/tmp/unused", progress=False)
+CFG = FeaturizeConfig(catalog="/data/cat/manifest.csv", out="/tmp/unused", progress=False, precision="fp32")
 
 
 def _split(outputs):
