@@ -78,3 +78,24 @@ def test_incremental_auto_keeps_the_previous_precision_and_carries_every_row(tmp
     assert fresh["options"]["image_fingerprint"] != first["options"]["image_fingerprint"]
     recorded = json.loads((tmp_path / "fp32" / "_run.json").read_text())["options"]["precision"]
     assert recorded == "fp32"
+
+
+def test_fp32_features_do_not_depend_on_the_batch():
+    """Carried rows must equal recomputed ones bit for bit, and an incremental run batches its few new images
+    differently from a full run: in fp32 an image's features are the same alone, in any place of a larger batch,
+    and in a batch of other images."""
+    import numpy as np
+
+    from fashionbert.data import synth
+    from fashionbert.model.patch_cnn import FP32_CHUNK, PatchCNN, run_batched
+    from pipelines.decode import decode_image, fit_square
+
+    images = np.stack([fit_square(decode_image(synth.render_product(5, i).image_bytes), 256) for i in range(7)])
+    model = PatchCNN(mode="grid")
+    whole = run_batched(model, images, "fp32")
+    assert whole.shape[0] == 7 and 7 % FP32_CHUNK  # the last call is padded
+    alone = np.concatenate([run_batched(model, images[i:i + 1], "fp32") for i in range(7)])
+    shifted = np.roll(run_batched(model, np.roll(images, 3, axis=0), "fp32"), -3, axis=0)
+    assert np.array_equal(alone, whole) and np.array_equal(shifted, whole)
+    with pytest.raises(ValueError, match="neither bf16 nor fp32"):
+        run_batched(model, images, "auto")

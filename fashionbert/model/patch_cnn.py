@@ -139,13 +139,26 @@ def colour_statistics(rgb: torch.Tensor, grid: int) -> torch.Tensor:
     return stats.flatten(2).transpose(1, 2)
 
 
-def run_batched(model: PatchCNN, images: np.ndarray, precision: str = "bf16") -> np.ndarray:
-    """Features for a stacked uint8 batch, under bf16 autocast when asked (2.65x faster on AVX-512 CPUs,
-    cosine 0.997 to fp32 in calibration)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(images))
+# Images per CNN call in fp32. A fixed shape makes an image's features independent of the batch it came in: fp32
+# convolutions pick their kernels, and so their summation order, by batch size (EfficientNet-Lite0 on a 2-core AMD
+# EPYC: an image's features moved by up to 3e-5 between batches of 8 and 32), and featurize promises carried rows
+# equal recomputed ones bit for bit. Small calls are also the fast ones on such a CPU, whose caches hold a few
+# images' activations: 23-29 images/s at 4 a call on one thread against 12-13 at 32 (34-44 and ~19 on two).
+FP32_CHUNK = 4
+
+
+def run_batched(model: PatchCNN, images: np.ndarray, precision: str) -> np.ndarray:
+    """Features for a stacked uint8 batch, under bf16 autocast when asked (2.65x faster on CPUs with native bf16,
+    ~7x slower on CPUs that emulate it; cosine 0.997 to fp32 in calibration). No default: featurize resolves
+    `--precision auto` per machine (`pipelines.featurize.resolve_precision`) and must say which it chose. fp32 runs
+    in calls of exactly FP32_CHUNK images, the last one padded with blank images."""
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"run_batched: precision {precision!r} is neither bf16 nor fp32")
+    images = np.ascontiguousarray(images)
     if precision == "bf16":
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(tensor)
-    else:
-        out = model(tensor)
-    return out.numpy()
+            return model(torch.from_numpy(images)).numpy()
+    n = len(images)
+    padded = np.concatenate([images, np.zeros((-n % FP32_CHUNK, *images.shape[1:]), images.dtype)])
+    return np.concatenate([model(torch.from_numpy(padded[i:i + FP32_CHUNK])).numpy()
+                           for i in range(0, len(padded), FP32_CHUNK)])[:n]
