@@ -327,6 +327,17 @@ def evaluate_stage(a: argparse.Namespace, features: Path, train: TrainConfig, ou
     return evaluate(config)
 
 
+def check_plan(a: argparse.Namespace, config: TrainConfig) -> int:
+    """--plan's own option checks, before anything is featurized -> the run's itc-alone steps."""
+    from fashionbert.train.state import itc_alone_steps
+
+    if not config.steps:
+        raise UserError("--plan times a run of a given length: give --steps (not --epochs in --train-args)")
+    if a.plan_steps < 3:
+        raise UserError(f"--plan-steps {a.plan_steps}: give 3 or more (each kind's first step is left out)")
+    return itc_alone_steps(config, config.steps)  # checked: a bad --itc-warmup fails here
+
+
 def plan_stage(a: argparse.Namespace, config: TrainConfig) -> dict:
     """Times the run's two kinds of steps on this host -> the plan: the run's predicted minutes and the steps the
     budget holds at its split (also written to WORK/plan-<label>.json).
@@ -337,14 +348,9 @@ def plan_stage(a: argparse.Namespace, config: TrainConfig) -> dict:
     before it to its own (data, forward, backward, optimizer, logging); each kind's median leaves out its first step
     (lazy allocations), and what the short run spent outside its steps (start-up, validation, export) is counted
     once, as the run spends it once."""
-    from fashionbert.train.state import itc_alone_steps
     from fashionbert.train.trainer import run as train
 
-    if not config.steps:
-        raise UserError("--plan times a run of a given length: give --steps (not --epochs in --train-args)")
-    if a.plan_steps < 3:
-        raise UserError(f"--plan-steps {a.plan_steps}: give 3 or more (each kind's first step is left out)")
-    n_itc = itc_alone_steps(config, config.steps)  # checked: a bad --itc-warmup fails here
+    n_itc = check_plan(a, config)
     sample_itc = a.plan_steps if n_itc else 0
     out = Path(a.work) / f"plan-{a.label}"
     shutil.rmtree(out, ignore_errors=True)
@@ -473,9 +479,9 @@ def seed_list(text: str) -> tuple[int, ...]:
     return seeds
 
 
-def prepare(a: argparse.Namespace) -> tuple[Path, TrainConfig]:
-    """The checks of the options, then the features (featurized unless complete) -> their folder and the run's
-    train config, made first so that a bad --train-args costs nothing."""
+def prepare(a: argparse.Namespace, check=None) -> tuple[Path, TrainConfig]:
+    """The checks of the options (and `check(config)`, a mode's own), then the features (featurized unless
+    complete) -> their folder and the run's train config, made first so that a bad option costs nothing."""
     work = Path(a.work)
     if not re.fullmatch(r"[A-Za-z0-9._-]+", a.label):
         raise UserError(f"--label {a.label!r}: use letters, digits, '.', '_' and '-' (it names folders)")
@@ -485,6 +491,8 @@ def prepare(a: argparse.Namespace) -> tuple[Path, TrainConfig]:
                         "featurized already")
     features = features_folder(a)
     config = train_config(a, features, work / f"train-{a.label}")
+    if check:
+        check(config)
     featurize_stage(a, features)
     return features, config
 
@@ -590,7 +598,7 @@ def plan(a: argparse.Namespace) -> dict:
     """Featurize if needed, then time the run's steps (plan_stage) -> the plan."""
     if a.seeds:
         raise UserError("--plan times one run, and a seed does not change its minutes: drop --seeds")
-    _, config = prepare(a)
+    _, config = prepare(a, check=lambda config: check_plan(a, config))
     return plan_stage(a, config)
 
 

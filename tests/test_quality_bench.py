@@ -335,3 +335,8 @@ def test_plan_times_the_runs_steps_and_keeps_nothing_but_its_json(tmp_path, caps
     assert "--itc-warmup 100.0 is 100 of the run's 100 steps" in capsys.readouterr().err
     assert quality.main(args + ["--seeds", "0,1"]) == 2
     assert "--plan times one run" in capsys.readouterr().err
+    # a bad --plan-steps fails before a catalog is featurized, not minutes after
+    fresh = tmp_path / "fresh"
+    assert quality.main(["--work", str(fresh), "--catalog", "synthetic:4", "--plan", "--plan-steps", "2"]) == 2
+    assert "--plan-steps 2: give 3 or more" in capsys.readouterr().err
+    assert not (fresh / "features").exists()
