@@ -157,7 +157,7 @@ def add_arguments(parser: argparse.ArgumentParser, with_outputs: bool = True) ->
                    help="px each patch is resized to in patch mode (default %(default)s)")
     f.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="CNN arithmetic. bf16 autocast is ~2.6x faster than fp32 on CPUs with native bf16 (AVX512-BF16 "
-                        "or AMX) and ~7x slower on CPUs without it, which emulate it. auto: with --previous, the "
+                        "or AMX) and over 10x slower on CPUs without it, which emulate it. auto: with --previous, the "
                         "previous run's precision (its rows carry over; another precision recomputes every image); "
                         "else bf16 where this machine runs it natively, fp32 where it does not; on workers elsewhere "
                         "(Dataflow, Flink) bf16, so name fp32 for workers without native bf16 (default %(default)s)")

@@ -173,8 +173,8 @@ def resolve_precision(cfg: FeaturizeConfig, where: Execution) -> FeaturizeConfig
 
     With --previous the previous run's precision is kept, so that a nightly run on another kind of host carries
     its rows over instead of recomputing the catalog. Otherwise: bf16 where this machine runs it natively, else
-    fp32 -- a CPU without AVX512-BF16/AMX emulates bf16 autocast ~7x slower than fp32 (EfficientNet-Lite0 on a
-    2-core AMD EPYC: 2.9 against 22 images/s), while one with it runs bf16 ~2.6x faster. The driver cannot see
+    fp32 -- a CPU without AVX512-BF16/AMX emulates bf16 autocast over 10x slower than fp32 (EfficientNet-Lite0 on a
+    2-core AMD EPYC: 2.6-3.2 against 48 images/s), while one with it runs bf16 ~2.6x faster. The driver cannot see
     the CPUs of workers on other machines; there auto keeps bf16, featurize's precision before auto existed."""
     if cfg.precision != "auto":
         return cfg
@@ -186,7 +186,7 @@ def resolve_precision(cfg: FeaturizeConfig, where: Execution) -> FeaturizeConfig
     elif where.same_machine:
         native = cpu_has_native_bf16()
         chosen, why = ("bf16", "this CPU runs bf16 natively") if native else (
-            "fp32", "this CPU has no native bf16, which autocast would emulate ~7x slower")
+            "fp32", "this CPU has no native bf16, which autocast would emulate over 10x slower")
     else:
         chosen, why = "bf16", "the workers run elsewhere; name --precision fp32 for workers without native bf16"
     log.info("--precision auto: %s (%s)", chosen, why)

@@ -372,7 +372,7 @@ def close_progress(key: str) -> None:
 class EmbedPatches(beam.DoFn):
     """Batches of decoded squares -> Sharded image rows with float16 patch features.
 
-    The CNN is loaded once per worker (setup) and run on whole batches under bf16 autocast; torch gets
+    The CNN is loaded once per worker (setup) and run on whole batches at the run's --precision; torch gets
     the cores divided by the worker threads so workers do not oversubscribe the CPU.
     """
 

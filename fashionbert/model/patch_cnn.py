@@ -149,7 +149,7 @@ FP32_CHUNK = 4
 
 def run_batched(model: PatchCNN, images: np.ndarray, precision: str) -> np.ndarray:
     """Features for a stacked uint8 batch, under bf16 autocast when asked (2.65x faster on CPUs with native bf16,
-    ~7x slower on CPUs that emulate it; cosine 0.997 to fp32 in calibration). No default: featurize resolves
+    over 10x slower on CPUs that emulate it; cosine 0.997 to fp32 in calibration). No default: featurize resolves
     `--precision auto` per machine (`pipelines.featurize.resolve_precision`) and must say which it chose. fp32 runs
     in calls of exactly FP32_CHUNK images, the last one padded with blank images."""
     if precision not in ("bf16", "fp32"):
