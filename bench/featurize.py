@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from fashionbert.model.patch_cnn import PatchCNN, run_batched  # noqa: E402
-from fashionbert.runtime import cpu_has_native_bf16  # noqa: E402
+from fashionbert.runtime import cpu_has_native_bf16, resolve_precision  # noqa: E402
 from pipelines.decode import decode_image, fit_square  # noqa: E402
 from tests.featurize_helpers import hm_subset  # noqa: E402
 
@@ -100,8 +100,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     tmp = tempfile.mkdtemp(prefix="bench-featurize-")
-    # what featurize's --precision auto picks on this machine (pipelines.featurize.resolve_precision)
-    auto = "bf16" if cpu_has_native_bf16() else "fp32"
+    auto = resolve_precision("auto", torch.device("cpu"))  # what featurize's --precision auto picks on this machine
     print(f"cores={os.cpu_count()} torch={torch.__version__} images={args.images} workers={args.workers} "
           f"native bf16={cpu_has_native_bf16()} (featurize --precision auto: {auto})")
 

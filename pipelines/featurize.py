@@ -178,15 +178,17 @@ def resolve_precision(cfg: FeaturizeConfig, where: Execution) -> FeaturizeConfig
     the CPUs of workers on other machines; there auto keeps bf16, featurize's precision before auto existed."""
     if cfg.precision != "auto":
         return cfg
-    from fashionbert.runtime import cpu_has_native_bf16
+    import torch
+
+    from fashionbert.runtime import resolve_precision as resolve_for_device
 
     previous = _previous_precision(cfg.previous) if cfg.previous else None
     if previous:
         chosen, why = previous, f"the --previous run's ({cfg.previous}), so its rows carry over"
     elif where.same_machine:
-        native = cpu_has_native_bf16()
-        chosen, why = ("bf16", "this CPU runs bf16 natively") if native else (
-            "fp32", "this CPU has no native bf16, which autocast would emulate over 10x slower")
+        chosen = resolve_for_device("auto", torch.device("cpu"))  # training's and scoring's rule
+        why = "this CPU runs bf16 natively" if chosen == "bf16" else (
+            "this CPU has no native bf16, which autocast would emulate over 10x slower")
     else:
         chosen, why = "bf16", "the workers run elsewhere; name --precision fp32 for workers without native bf16"
     log.info("--precision auto: %s (%s)", chosen, why)
