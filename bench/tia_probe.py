@@ -13,6 +13,7 @@ from fashionbert.evaluation.sample_hundred import build_sample_hundred
 from fashionbert.evaluation.quick_validation import rank1, head_scores
 from fashionbert.model.modeling import FashionBertModel
 from fashionbert.model.contrastive import masked_mean
+from fashionbert.runtime import resolve_runtime
 from fashionbert.data.batching import pad_texts
 torch.set_num_threads(2)
 if len(sys.argv) != 3:
@@ -34,7 +35,7 @@ with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         ids, attn = torch.from_numpy(ids), torch.from_numpy(attn)
         feats = torch.from_numpy(s.pool_features[[c for _, c in ch]]).float()
         seq, pooled = model.encode(ids, attn, feats)
-        M.append(model.tia_margin(pooled).float())
+        M.append(model.tia_margin(seq, attn, pooled).float())
         T = ids.shape[1]
         t = masked_mean(seq[:, :T], attn); v = masked_mean(seq[:, T:], None)
         tv = F.normalize(head.text_proj(t.to(head.text_proj.weight.dtype)).float(), dim=-1)
@@ -44,7 +45,7 @@ with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
 M = torch.cat(M).double().numpy(); J = torch.cat(J).double().numpy()
 print("pairs", len(pairs), "queries", len(s))
 print("rank1 TIA", rank1(M, sizes), "joint-halves cosine", rank1(J, sizes))
-_, cos = head_scores(model, s, cfg, type("R", (), {"device": "cpu", "autocast": staticmethod(lambda: torch.autocast("cpu", dtype=torch.bfloat16))})())
+_, cos = head_scores(model, s, cfg, resolve_runtime("cpu", "bf16", 2))
 print("rank1 itc", rank1(cos, sizes))
 # linear probes, fit on even queries, test on odd
 X = torch.cat(TV).float(); q = np.repeat(np.arange(len(s)), sizes)

@@ -202,6 +202,36 @@ def test_agreement_tia_scorer_matches_the_model(backbone, catalog, pooling):
     assert np.abs(got - (cls[:, 1] - cls[:, 0]).numpy()).max() > 1e-2
 
 
+def test_training_validation_scores_pairs_as_the_scorer_and_the_model_do(backbone, catalog):
+    """Training's validation (`quick_validation.head_scores`) runs the factored scorer retrieve and evaluate use:
+    its margins are the model's own per pair, for a late-fusion model with an itc head, in each query's candidate
+    order; its cosines are the dual encoder's; and a model in training mode is put back in training mode."""
+    from fashionbert.evaluation.quick_validation import head_scores
+    from fashionbert.evaluation.sample_hundred import SampleHundred
+    from fashionbert.model.config import FashionBertConfig
+    from fashionbert.model.modeling import FashionBertModel
+
+    torch.manual_seed(0)
+    model = FashionBertModel.from_pretrained_backbone(FashionBertConfig(
+        backbone=str(backbone), feature_dim=FEATURE_DIM, itc_dim=8, fusion_layer=1, dropout=0.1))
+    feats = IndexedImages(catalog.index, catalog.reader).read(np.arange(len(catalog.index)))
+    rng = np.random.default_rng(3)
+    candidates = [rng.permutation(len(feats))[:n] for n in (5, 1, 7)]
+    s100 = SampleHundred(query_products=np.arange(3), candidates=candidates, pool_products=np.arange(len(feats)),
+                         pool_features=feats, texts=[catalog.text_ids[i] for i in (0, 3, 1)])
+    rt = resolve_runtime("cpu", "fp32")
+    model.train()
+    margins, cosines = head_scores(model, s100, model.config, rt)
+    assert model.training
+    model.eval()
+    pairs = np.asarray([(q, c) for q, cs in enumerate(candidates) for c in cs])
+    np.testing.assert_allclose(margins, _reference_margins(model, s100.texts, feats, pairs), atol=2e-5)
+    dual = DualEncoder(model, torch.device("cpu"))
+    expected = np.einsum("nd,nd->n", dual.embed_texts(s100.texts)[pairs[:, 0]], dual.embed_images([feats])[pairs[:, 1]])
+    np.testing.assert_allclose(cosines, expected, atol=1e-6)
+    assert margins.dtype == cosines.dtype == np.float64 and len(margins) == 13
+
+
 def _cli_and_auto_margins(folder: Path, catalog) -> tuple[np.ndarray, np.ndarray]:
     import fashionbert  # noqa: F401  (registers the model type with transformers)
     from transformers import AutoModel

@@ -15,11 +15,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fashionbert.data.batching import pad_texts
+from fashionbert.data.feature_catalog import ArrayImages
 from fashionbert.evaluation.sample_hundred import SampleHundred
 from fashionbert.model import score_fusion as score_fusion
 from fashionbert.model.config import FashionBertConfig
 from fashionbert.model.score_fusion import ScoreFusion
+from fashionbert.rank.cross_encoder import CrossEncoderScorer
 from fashionbert.rank.embeddings import DualEncoder
 
 
@@ -42,39 +43,32 @@ def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float(u / (len(positive) * len(negative)))
 
 
-@torch.no_grad()
-def head_scores(model, s100: SampleHundred, config: FashionBertConfig, rt,
-                batch_rows: int = 256) -> tuple[np.ndarray, np.ndarray | None]:
+def head_scores(model, s100: SampleHundred, config: FashionBertConfig, rt) -> tuple[np.ndarray, np.ndarray | None]:
     """Every (query, candidate) pair of `s100`, queries in order, candidates in their order (the true one first):
-    (TIA logit margins, itc cosines or None when the model has no itc head), float64."""
+    (TIA logit margins, itc cosines or None when the model has no itc head), float64.
+
+    The margins come from `CrossEncoderScorer`, the pass retrieve, score-pairs and evaluate rank with, so the fusion
+    fitted here weighs the margins those stages will produce. It is also the cheap pass: each query's text and
+    each pool image run the layers below the fusion layer once, not once per pair, and texts pad to their batch's
+    longest row, not to max_text_len (a third of the seconds per pair of a per-pair `model.encode`; measured in
+    the commit that made this change)."""
     was_training = model.training
     model.eval()
     try:
-        pairs = [(q, c) for q in range(len(s100)) for c in s100.candidates[q]]
+        pairs = np.asarray([(q, c) for q in range(len(s100)) for c in s100.candidates[q]], dtype=np.int64)
+        pairs = pairs.reshape(-1, 2)
         cosines = None
         if getattr(model, "itc_head", None) is not None:
             dual = DualEncoder(model, rt.device, rt.autocast, config.max_text_len)
-            text_vec = dual.embed_texts(s100.texts)
-            image_vec = dual.embed_images(s100.pool_features[i:i + 256]
-                                          for i in range(0, len(s100.pool_features), 256))
-            q = np.asarray([p[0] for p in pairs], dtype=np.int64)
-            c = np.asarray([p[1] for p in pairs], dtype=np.int64)
-            cosines = np.einsum("nd,nd->n", text_vec[q], image_vec[c]).astype(np.float64)
-        margins = np.empty(len(pairs), dtype=np.float64)
-        for start in range(0, len(pairs), batch_rows):
-            chunk = pairs[start:start + batch_rows]
-            ids, attn = pad_texts([s100.texts[q] for q, _ in chunk], config.max_text_len, config.pad_token_id,
-                                  config.sep_token_id)
-            feats = s100.pool_features[[c for _, c in chunk]]
-            residual = (torch.from_numpy(cosines[start:start + len(chunk)]).float().to(rt.device)
-                        if config.tia_residual else None)
-            with rt.autocast():
-                mask = torch.from_numpy(attn).to(rt.device)
-                sequence_output, pooled = model.encode(torch.from_numpy(ids).to(rt.device), mask,
-                                                       torch.from_numpy(feats).to(rt.device).float())
-                margin = model.tia_margin(sequence_output, mask, pooled, residual)
-            margins[start:start + len(chunk)] = margin.cpu().double().numpy()
-        return margins, cosines
+            with torch.no_grad():
+                text_vec = dual.embed_texts(s100.texts)
+                image_vec = dual.embed_images(s100.pool_features[i:i + 256]
+                                              for i in range(0, len(s100.pool_features), 256))
+            cosines = np.einsum("nd,nd->n", text_vec[pairs[:, 0]], image_vec[pairs[:, 1]]).astype(np.float64)
+        scorer = CrossEncoderScorer(model, rt, progress=None)
+        residual = cosines.astype(np.float32) if (cosines is not None and config.tia_residual) else None
+        margins = scorer.score(s100.texts, ArrayImages(s100.pool_features), pairs, cosines=residual)
+        return margins.astype(np.float64), cosines
     finally:
         if was_training:
             model.train()
