@@ -1,14 +1,15 @@
 """Training's quick validation on held-out products, and the score fusion fitted on it.
 
 Every validation scores each held-out query text against its image and up to 100 same-sub-category images
-(`sample_hundred.SampleHundred`) with both matching heads: the TIA margin of the joint pass, and, when the model has an
-itc head, the cosine of the text-only and image-only embeddings. On those pairs it fits the ranking score
-(`fusion.fit`: the heads' weights that rank each query's true image first, calibrated to P(aligned)) and reports text->image Rank@1 by each head and by the fused
-score. The fused Rank@1 is cross-fitted (the fusion that scores half of the queries is fitted on the other
-half), so the figure is not measured on the pairs its three numbers were fitted on; the fusion returned, and
-saved with the checkpoint, is the fit on all pairs.
+(`sample_hundred.SampleHundred`) with both matching heads: the TIA margin of the joint pass
+(`rank.cross_encoder.CrossEncoderScorer`, as retrieve and evaluate score), and, when the model has an itc head, the
+cosine of the text-only and image-only embeddings. On those pairs it fits the ranking score (`fusion.fit`: the
+heads' weights that rank each query's true image first, calibrated to P(aligned)) and reports text->image Rank@1 by
+each head and by the fused score. The fused Rank@1 is cross-fitted (the fusion that scores half of the queries is
+fitted on the other half), so the figure is not measured on the pairs its three numbers were fitted on; the fusion
+returned, and saved with the checkpoint, is the fit on all pairs.
 
-Imports torch and numpy only (no Beam, no faiss).
+Imports torch, numpy and, through the cross-encoder scorer, pyarrow (no Beam, no faiss).
 """
 from __future__ import annotations
 
@@ -61,10 +62,8 @@ def head_scores(model, s100: SampleHundred, config: FashionBertConfig, rt) -> tu
         cosines = None
         if getattr(model, "itc_head", None) is not None:
             dual = DualEncoder(model, rt.device, rt.autocast, config.max_text_len)
-            with torch.no_grad():
-                text_vec = dual.embed_texts(s100.texts)
-                image_vec = dual.embed_images(s100.pool_features[i:i + 256]
-                                              for i in range(0, len(s100.pool_features), 256))
+            text_vec = dual.embed_texts(s100.texts)
+            image_vec = dual.embed_images(s100.pool_features[i:i + 256] for i in range(0, len(s100.pool_features), 256))
             cosines = np.einsum("nd,nd->n", text_vec[pairs[:, 0]], image_vec[pairs[:, 1]]).astype(np.float64)
         scorer = CrossEncoderScorer(model, rt, progress=None)
         residual = cosines.astype(np.float32) if (cosines is not None and config.tia_residual) else None
