@@ -65,9 +65,10 @@ def head_scores(model, s100: SampleHundred, config: FashionBertConfig, rt) -> tu
             text_vec = dual.embed_texts(s100.texts)
             image_vec = dual.embed_images(s100.pool_features[i:i + 256] for i in range(0, len(s100.pool_features), 256))
             cosines = np.einsum("nd,nd->n", text_vec[pairs[:, 0]], image_vec[pairs[:, 1]]).astype(np.float64)
-        scorer = CrossEncoderScorer(model, rt, progress=None)
-        residual = cosines.astype(np.float32) if (cosines is not None and config.tia_residual) else None
-        margins = scorer.score(s100.texts, ArrayImages(s100.pool_features), pairs, cosines=residual)
+        # The scorer reads the cosines only for a residual TIA head (config.tia_residual), and then needs them.
+        margins = CrossEncoderScorer(model, rt, progress=None).score(
+            s100.texts, ArrayImages(s100.pool_features), pairs,
+            cosines=None if cosines is None else cosines.astype(np.float32))
         return margins.astype(np.float64), cosines
     finally:
         if was_training:
