@@ -9,19 +9,18 @@ each head and by the fused score. The fused Rank@1 is cross-fitted (the fusion t
 fitted on the other half), so the figure is not measured on the pairs its three numbers were fitted on; the fusion
 returned, and saved with the checkpoint, is the fit on all pairs.
 
-Imports torch, numpy and, through the cross-encoder scorer, pyarrow (no Beam, no faiss).
+Imports numpy, and torch and pyarrow through the scorers (no Beam, no faiss).
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from fashionbert.data.feature_catalog import ArrayImages
 from fashionbert.evaluation.sample_hundred import SampleHundred
 from fashionbert.model import score_fusion as score_fusion
 from fashionbert.model.config import FashionBertConfig
 from fashionbert.model.score_fusion import ScoreFusion
-from fashionbert.rank.cross_encoder import CrossEncoderScorer
+from fashionbert.rank.cross_encoder import DEFAULT_TOKEN_BUDGET, CrossEncoderScorer, pair_cosines
 from fashionbert.rank.embeddings import DualEncoder
 
 
@@ -57,18 +56,15 @@ def head_scores(model, s100: SampleHundred, config: FashionBertConfig, rt) -> tu
     was_training = model.training
     model.eval()
     try:
-        pairs = np.asarray([(q, c) for q in range(len(s100)) for c in s100.candidates[q]], dtype=np.int64)
-        pairs = pairs.reshape(-1, 2)
+        pairs = np.asarray([(q, c) for q in range(len(s100)) for c in s100.candidates[q]], dtype=np.int64).reshape(-1, 2)
+        images = ArrayImages(s100.pool_features)
         cosines = None
         if getattr(model, "itc_head", None) is not None:
             dual = DualEncoder(model, rt.device, rt.autocast, config.max_text_len)
-            text_vec = dual.embed_texts(s100.texts)
-            image_vec = dual.embed_images(s100.pool_features[i:i + 256] for i in range(0, len(s100.pool_features), 256))
-            cosines = np.einsum("nd,nd->n", text_vec[pairs[:, 0]], image_vec[pairs[:, 1]]).astype(np.float64)
+            cosines = pair_cosines(dual, s100.texts, images, pairs, DEFAULT_TOKEN_BUDGET).astype(np.float64)
         # The scorer reads the cosines only for a residual TIA head (config.tia_residual), and then needs them.
         margins = CrossEncoderScorer(model, rt, progress=None).score(
-            s100.texts, ArrayImages(s100.pool_features), pairs,
-            cosines=None if cosines is None else cosines.astype(np.float32))
+            s100.texts, images, pairs, cosines=None if cosines is None else cosines.astype(np.float32))
         return margins.astype(np.float64), cosines
     finally:
         if was_training:
