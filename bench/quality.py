@@ -80,11 +80,15 @@ TRAIN_ARGS = PassThrough("--train-args", "train", "fashionbert.train.config", ("
 # The table's rows: key in the figures, what it is ranked by (SHORT: the same in a few words).
 ROWS = (("score", "the ranking score (TIA + itc fused; what the tables use)"),
         ("itc", "the itc cosine alone (`by_head.itc`)"),
+        ("itc_hub", "the itc cosine, hubness-corrected (`by_head.itc_hub`)"),
         ("tia", "the TIA head alone (`by_head.tia`)"),
         ("gallery_two_stage", "full gallery, two-stage (recall, then re-rank by the score)"),
-        ("gallery_recall_only", "full gallery, recall only (the embedding cosine)"))
-SHORT = {"score": "score", "itc": "itc", "tia": "TIA", "gallery_two_stage": "gallery two-stage",
-         "gallery_recall_only": "gallery recall-only"}
+        ("gallery_recall_only", "full gallery, recall only (the embedding cosine)"),
+        ("gallery_recall_hub", "full gallery, recall only, hubness-corrected cosine"))
+SHORT = {"score": "score", "itc": "itc", "itc_hub": "itc hubness-corrected", "tia": "TIA",
+         "gallery_two_stage": "gallery two-stage", "gallery_recall_only": "gallery recall-only",
+         "gallery_recall_hub": "gallery recall-only hubness-corrected"}
+OPTIONAL_ROWS = ("itc_hub", "gallery_recall_hub")  # evaluate with --hubness-temperature 0 (or older) has none
 QUALITY_LOG = "quality.jsonl"
 # featurize's image features: the table's runs use its defaults unless --cnn/--image-size say otherwise
 DEFAULT_CNN, DEFAULT_IMAGE_SIZE = FeaturizeConfig.cnn, FeaturizeConfig.image_size
@@ -97,7 +101,7 @@ def figures(metrics: dict) -> dict:
     s100 = metrics["sample100"]
     sources = {"score": s100, **s100.get("by_head", {})}
     out = {name: {d: [_pct(sources[name][d][f"rank{k}"]["mean"]) for k in RANK_KS] for d in ("t2i", "i2t")}
-           for name in ("score", "itc", "tia") if name in sources}
+           for name in ("score", "itc", "itc_hub", "tia") if name in sources}
     variants = s100.get("variants")
     if variants:  # evaluate before it reported them has none
         out["variants"] = {"with_variant": _pct(variants["queries_with_variant"]["mean"]),
@@ -109,8 +113,10 @@ def figures(metrics: dict) -> dict:
                               else _pct(heads[key][d]["mean"]) for d in ("t2i", "i2t")} for key in heads}
     gallery = metrics.get("full_gallery")
     if gallery:
-        for name, key in (("gallery_two_stage", "two_stage"), ("gallery_recall_only", "recall_only")):
-            out[name] = {d: [_pct(gallery[key][d][f"rank{k}"]) for k in RANK_KS] for d in ("t2i", "i2t")}
+        for name, key in (("gallery_two_stage", "two_stage"), ("gallery_recall_only", "recall_only"),
+                          ("gallery_recall_hub", "recall_hub")):
+            if key in gallery:  # recall_hub: evaluate before the hubness correction has none
+                out[name] = {d: [_pct(gallery[key][d][f"rank{k}"]) for k in RANK_KS] for d in ("t2i", "i2t")}
     return out
 
 
@@ -135,6 +141,8 @@ def format_table(record: dict) -> str:
              f"recall-k {sizes['recall_k']}.", "",
              "| ranked by | text -> image | image -> text |", "| --- | --- | --- |"]
     for key, what in ROWS:
+        if key in OPTIONAL_ROWS and key not in fig:
+            continue
         row = fig.get(key, {})
         lines.append(f"| {what} | {_cell(row.get('t2i'))} | {_cell(row.get('i2t'))} |")
     if seeds:

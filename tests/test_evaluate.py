@@ -211,6 +211,7 @@ def test_evaluate_writes_all_three_protocols(tmp_path, trained):
         assert g["recall"][d]["recall@50"] == 1.0
     assert g["cost"]["cross_encoder_pairs"] == g["cost"]["exhaustive_pairs"] == g["texts"] * g["images"]
     _check_recall_only(metrics)
+    _check_hubness(metrics)
     assert "itc_head" in metrics["recall_embedding"]
     assert metrics["model"]["version"] == load_model(itc, resolve_runtime("cpu", "fp32")).version
 
@@ -231,16 +232,32 @@ def _check_recall_only(metrics: dict) -> None:
         assert flat[f"gallery_{d}_rank1"] == g["two_stage"][d]["rank1"]
 
 
+def _check_hubness(metrics: dict) -> None:
+    """The hubness-corrected cosine (on by default) ranks sample-100 beside the raw one and the full gallery's recall
+    stage beside recall_only, over the same queries."""
+    s, g = metrics["sample100"], metrics["full_gallery"]
+    assert s["hubness"] == {"temperature": 0.03, "k": 10} and g["hubness"]["temperature"] == 0.03
+    assert set(s["by_head"]["itc_hub"]) == {"t2i", "i2t"}
+    for d in ("t2i", "i2t"):
+        hub, alone = g["recall_hub"][d], g["recall_only"][d]
+        assert set(hub) == set(alone) and hub["queries"] == alone["queries"]
+        assert hub["rank1"] <= hub["rank5"] <= hub["rank10"] <= 1
+        assert g["hubness"]["gain"][d] == pytest.approx(hub["rank1"] - alone["rank1"])
+
+
 def test_evaluate_split_all_and_errors(tmp_path, trained):
     features, model, _ = trained
     m = evaluate.run(_args(features, model, tmp_path / "m.json", "--split", "all", "--queries", 10, "--draws", 1,
-                           "--candidates", 5, "--recall-k", 5, "--gallery-max", 12))
+                           "--candidates", 5, "--recall-k", 5, "--gallery-max", 12, "--hubness-temperature", 0))
     assert m["sample100"]["pool_products"] == 40 and m["sample100"]["candidates_mean"] == 5
     assert m["full_gallery"]["texts"] == 12 and m["full_gallery"]["images"] == 24
     assert "fallback" in m["recall_embedding"]
+    assert "hubness" not in m["sample100"] and "recall_hub" not in m["full_gallery"]  # turned off
     _check_recall_only(m)  # recall-k 5 < 10: Rank@10 counts a true match recall missed as not found, both ways
     with pytest.raises(UserError, match="--val-fraction 0.0"):
         evaluate.run(_args(features, model, tmp_path / "m.json", "--val-fraction", 0))
+    with pytest.raises(UserError, match="--hubness-temperature -0.5"):
+        evaluate.run(_args(features, model, tmp_path / "m.json", "--hubness-temperature", -0.5))
     with pytest.raises(UserError, match="--draws 0"):
         evaluate.run(_args(features, model, tmp_path / "m.json", "--draws", 0))
     with pytest.raises(UserError, match="does not exist"):
@@ -265,7 +282,7 @@ def test_fuse_fits_the_ranking_score_and_evaluate_ranks_by_it(tmp_path, trained)
                            "--no-gallery"))
     s = m["sample100"]
     assert m["score_fusion"]["itc"] == 1.0 and "itc cosine" in m["ranking_score"]
-    assert set(s["by_head"]) == {"tia", "itc"}
+    assert set(s["by_head"]) == {"tia", "itc", "itc_hub"}
     for d in ("t2i", "i2t"):
         assert s[d] == s["by_head"]["itc"][d]
     with pytest.raises(UserError, match="no itc head"):

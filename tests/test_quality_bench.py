@@ -266,8 +266,8 @@ def test_end_to_end_on_a_tiny_synthetic_catalog(tmp_path, capsys, tiny_backbone)
     assert [r["label"] for r in records] == ["default", "neg2"]
     assert records[1]["train_args"][-2:] == ["--neg-ratio", "2"] and records[1]["steps"] == 3
     assert records[0]["precision"] in ("bf16", "fp32") and records[0]["cpu"].endswith(" bf16")
-    assert set(records[0]["figures"]) == {"score", "tia", "itc", "gallery_two_stage", "gallery_recall_only", "variants",
-                                          "heads"}
+    assert set(records[0]["figures"]) == {"score", "tia", "itc", "itc_hub", "gallery_two_stage", "gallery_recall_only",
+                                          "gallery_recall_hub", "variants", "heads"}
 
     assert quality.main(["--work", str(work), "--summary"]) == 0
     rows = capsys.readouterr().out.splitlines()

@@ -52,9 +52,10 @@ from fashionbert.evaluation.sample_hundred import Draw, draw_candidates, first_i
 from fashionbert.model.loading import training_options
 from fashionbert.rank.cross_encoder import (BatchingOptions, CrossEncoderScorer, PairScorer, PairScores,
                                             add_batching_arguments)
+from fashionbert.rank.hubness import HubnessOptions, add_hubness_arguments, corrected_search, hubness_biases
 from fashionbert.rank.neighbours import Neighbours
-from fashionbert.rank.retrieve import (Ranked, RecallOptions, add_retrieval_arguments, dual_encoder_for, exhaustive,
-                                       two_stage)
+from fashionbert.rank.retrieve import (Ranked, RecallOptions, add_retrieval_arguments, dual_encoder_for, embed_all,
+                                       exhaustive, two_stage)
 from fashionbert.rank.score_cache import CacheOptions, ItemKeys, add_cache_arguments, open_cache, save_path
 from fashionbert.runtime import RuntimeOptions, add_runtime_arguments, resolve_runtime, stage_config
 
@@ -84,7 +85,7 @@ def rank_of_true(scores: np.ndarray) -> int:
 
 
 def sample_hundred(draws: Sequence[Draw], score: Callable[[np.ndarray], PairScores | np.ndarray],
-                   groups: np.ndarray | None = None) -> dict:
+                   groups: np.ndarray | None = None, hub: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Rank@K both ways and TIA accuracy/AUC per draw, then mean and spread.
 
     `score(pairs)`: (n, 2) (text pool position, image pool position) -> `scoring.PairScores` (ranks by its
@@ -100,7 +101,10 @@ def sample_hundred(draws: Sequence[Draw], score: Callable[[np.ndarray], PairScor
     over queries of the Pearson correlation of the two heads' scores over the query's candidates (near 1: TIA
     orders the candidates as the cosine does, and no fusion of the two ranks better than either), and the share of
     queries that at least one head ranks first (Rank@1 of an oracle choosing the better head per query: what a
-    fusion could reach at most, roughly)."""
+    fusion could reach at most, roughly).
+
+    With `hub` (the pool's hubness biases, per image and per text position: `rank.hubness`) and the cosine,
+    "by_head" also ranks by the hubness-corrected cosine, `itc_hub`: the cosine minus the candidate's bias."""
     t2i_pairs = [np.stack([np.full(len(c), q), c], axis=1) for d in draws for q, c in zip(d.queries, d.candidates)]
     i2t_pairs = [np.stack([c, np.full(len(c), q)], axis=1) for d in draws for q, c in zip(d.queries, d.candidates)]
     allpairs = np.concatenate(t2i_pairs + i2t_pairs).astype(np.int64)
@@ -116,6 +120,9 @@ def sample_hundred(draws: Sequence[Draw], score: Callable[[np.ndarray], PairScor
     split = len(np.concatenate(t2i_pairs)) if t2i_pairs else 0
     by = {name: (v[:split], v[split:]) for name, v in
           ((name, np.asarray(col, dtype=np.float64)[inverse]) for name, col in columns.items())}
+    if hub is not None and "itc" in by:
+        image_bias, text_bias = hub
+        by["itc_hub"] = (by["itc"][0] - image_bias[allpairs[:split, 1]], by["itc"][1] - text_bias[allpairs[split:, 0]])
     per_draw: dict[str, list[float]] = {}
     at = 0
     for d in draws:
@@ -223,7 +230,7 @@ class SplitOptions:
 
 
 @dataclasses.dataclass(frozen=True)
-class EvaluateConfig(CacheOptions, SplitOptions, RecallOptions, BatchingOptions, RuntimeOptions):
+class EvaluateConfig(CacheOptions, SplitOptions, HubnessOptions, RecallOptions, BatchingOptions, RuntimeOptions):
     features: list[str] = dataclasses.field(default_factory=list)  # featurize output folders
     model: str = ""
     out: str = ""
@@ -279,6 +286,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="also score every gallery text against every gallery image with the cross-encoder and report "
                         "its Rank@K beside two-stage's (texts x images pairs: small galleries only)")
     add_retrieval_arguments(parser, top_k=False)
+    add_hubness_arguments(parser)
     add_cache_arguments(parser)
     add_batching_arguments(add_runtime_arguments(parser))
 
@@ -325,6 +333,7 @@ def run(args: EvaluateConfig) -> dict:
     for name in ("queries", "candidates", "draws", "recall_k"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    hubness = args.hubness  # checked before any work
     out = storage.check_out_file(args.out, "--out")
     save_to = save_path(args.save_scores, out)
     rt = resolve_runtime(args.device, args.precision, args.num_threads)
@@ -362,8 +371,14 @@ def run(args: EvaluateConfig) -> dict:
     pool_texts = [text_ids[p] for p in pool_products]
     pool_images = IndexedImages(index, catalog.reader, pool_rows)
     pool_keys = ItemKeys(catalog.text_hashes[pool_products], catalog.image_hashes[pool_rows])
+    hub = None
+    if hubness.enabled and loaded.has_itc_head:
+        # the pool is the catalog the queries rank in: each candidate's bias is over the pool's queries
+        pool_vec = embed_all(dual_encoder_for(scorer), pool_texts, pool_images, scorer.token_budget, cache, pool_keys)
+        biases = hubness_biases(*pool_vec, hubness, args.index, args.exact_max, rt.device.type)
+        hub = (biases.image, biases.text)
     s100 = sample_hundred(draws, lambda pairs: pair_scorer.score(pool_texts, pool_images, pairs, pool_keys),
-                          texts.group_codes()[pool_products])
+                          texts.group_codes()[pool_products], hub)
     metrics["sample100"] = {
         "pool_products": int(len(pool_products)), "queries": int(len(draws[0].queries)), "draws": args.draws,
         "candidates_mean": float(np.mean([len(c) - 1 for d in draws for c in d.candidates])),
@@ -371,6 +386,7 @@ def run(args: EvaluateConfig) -> dict:
         "t2i": s100["t2i"], "i2t": s100["i2t"], "by_head": s100["by_head"], "variants": s100["variants"],
         **({"heads": s100["heads"]} if "heads" in s100 else {}),
         "pairs_scored": s100["pairs_scored"],
+        **({"hubness": hubness.describe()} if hub is not None else {}),
         "seconds": round(time.perf_counter() - t0, 3),
     }
     metrics["tia"] = s100["tia"]
@@ -423,12 +439,29 @@ def _full_gallery(args: EvaluateConfig, catalog, scorer, held_out, rows, fusion)
     # The same queries ranked by the embedding cosine alone: what the re-rank has to beat to earn its cost.
     alone = {"t2i": gallery_ranks(recall_order(result.recall_t2i), t2i_true, t2i_queries, len(products)),
              "i2t": gallery_ranks(recall_order(result.recall_i2t), i2t_true, i2t_queries, len(rows))}
+    if args.hubness.enabled and result.text_vectors.size:
+        # The recall stage ranked by the corrected cosine instead: what the correction adds at no re-rank cost.
+        device = scorer.runtime.device.type
+        biases = hubness_biases(result.text_vectors, result.image_vectors, args.hubness, args.index, args.exact_max,
+                                device)
+        corrected = {
+            "t2i": corrected_search(result.text_vectors, result.image_vectors, biases.image, args.recall_k, args.index,
+                                    args.exact_max, device),
+            "i2t": corrected_search(result.image_vectors, result.text_vectors, biases.text, args.recall_k, args.index,
+                                    args.exact_max, device)}
+        hub = {"t2i": gallery_ranks(recall_order(corrected["t2i"]), t2i_true, t2i_queries, len(products)),
+               "i2t": gallery_ranks(recall_order(corrected["i2t"]), i2t_true, i2t_queries, len(rows))}
+        hubness = {"recall_hub": hub, "hubness": {**args.hubness.describe(), "gain": {
+            d: hub[d]["rank1"] - alone[d]["rank1"] for d in ("t2i", "i2t")}}}
+    else:
+        hubness = {}
     out = {
         "texts": int(len(products)), "images": int(len(rows)), "recall_k": args.recall_k,
         "index": result.index_kind,
         "two_stage": two,
         "recall_only": alone,
         "rerank_gain": {d: two[d]["rank1"] - alone[d]["rank1"] for d in ("t2i", "i2t")},
+        **hubness,
         "recall": {"t2i": recall_at(result.recall_t2i, t2i_true, t2i_queries, len(products), ks),
                    "i2t": recall_at(result.recall_i2t, i2t_true, i2t_queries, len(rows), ks)},
         "cost": {"cross_encoder_pairs": result.pairs_scored, "exhaustive_pairs": int(len(products) * len(rows)),

@@ -1,0 +1,124 @@
+"""Hubness correction of the recall cosine: the inverted softmax over the catalog being ranked.
+
+Some images sit close to many texts of a catalog (hubs: a plain black top is near every "black ... top" text) and
+take first place for texts that are not theirs; the same holds for texts among images. The correction subtracts,
+per candidate, how close that candidate already is to the catalog's queries in general:
+
+    corrected(text t, image i) = cos(t, i) - bias_image[i],   bias_image[i] = T log mean_k exp(cos(t', i) / T)
+
+over the k texts t' of the catalog nearest to image i (and bias_text alike over images, for image -> text). It is
+the inverted softmax of Smith et al. (ICLR 2017) and the dual softmax / query-bank normalisation of retrieval since
+(Cheng et al. 2021, Bogolin et al. CVPR 2022), with the bank being the catalog itself, which a batch run has
+whole. The bias is a per-item scalar, so it needs no training and no labels; with the top-k (not every text) it
+costs one more recall search per direction. At T near the cosine's spread the top few terms carry the sum:
+on hm-dev k = 10 ranks as the exact sum over the whole catalog does.
+
+Ranking by the corrected cosine is an inner product too: the image vectors get one more component, -bias_image,
+and the text vectors a 1 (`augmented`), so any recall index searches it directly.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from fashionbert.errors import UserError
+from fashionbert.rank.neighbours import DEFAULT_EXACT_MAX, Neighbours, search
+
+DEFAULT_TEMPERATURE = 0.03
+DEFAULT_K = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Hubness:
+    """How the correction is computed: `temperature` T of the softmax (0: off), over each item's top `k`."""
+    temperature: float = DEFAULT_TEMPERATURE
+    k: int = DEFAULT_K
+
+    def __post_init__(self):
+        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
+            raise UserError(f"--hubness-temperature {self.temperature}: must be >= 0 (0 turns the correction off; "
+                            f"{DEFAULT_TEMPERATURE} is the default)")
+        if self.k < 1:
+            raise UserError(f"--hubness-k {self.k}: must be >= 1 (the catalog neighbours each item's bias is "
+                            f"taken over; {DEFAULT_K} is the default)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.temperature > 0
+
+    def describe(self) -> dict:
+        return {"temperature": self.temperature, "k": self.k} if self.enabled else {"temperature": 0.0}
+
+
+@dataclasses.dataclass
+class HubnessBiases:
+    """Per item, what its cosines lose when ranked: `image` (n_images,) in text -> image ranking, `text`
+    (n_texts,) in image -> text ranking."""
+    image: np.ndarray
+    text: np.ndarray
+
+
+def neighbour_bias(found: Neighbours, n_items: int, temperature: float) -> np.ndarray:
+    """T log mean exp(cos / T) over each item's neighbours (`found`'s queries are the items); 0 for an item with
+    none (an empty catalog side)."""
+    bias = np.zeros(n_items, dtype=np.float64)
+    if not len(found):
+        return bias
+    scaled = found.score.astype(np.float64) / temperature
+    top = np.full(n_items, -np.inf)
+    np.maximum.at(top, found.query, scaled)  # per item: the largest term, so that exp never overflows
+    total = np.zeros(n_items)
+    np.add.at(total, found.query, np.exp(scaled - top[found.query]))
+    count = np.bincount(found.query, minlength=n_items)
+    have = count > 0
+    bias[have] = temperature * (top[have] + np.log(total[have] / count[have]))
+    return bias
+
+
+def hubness_biases(text_vec: np.ndarray, image_vec: np.ndarray, hubness: Hubness, index: str = "auto",
+                   exact_max: int = DEFAULT_EXACT_MAX, device: str = "cpu") -> HubnessBiases:
+    """The biases of every image (over the texts) and every text (over the images) of one catalog."""
+    if not hubness.enabled:
+        return HubnessBiases(np.zeros(len(image_vec)), np.zeros(len(text_vec)))
+    near_texts = search(text_vec, image_vec, hubness.k, index, exact_max, device=device)  # per image
+    near_images = search(image_vec, text_vec, hubness.k, index, exact_max, device=device)  # per text
+    return HubnessBiases(image=neighbour_bias(near_texts, len(image_vec), hubness.temperature),
+                         text=neighbour_bias(near_images, len(text_vec), hubness.temperature))
+
+
+def augmented(queries: np.ndarray, database: np.ndarray, database_bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(queries, database) with one more component each, so that their inner product is the corrected cosine
+    q . d - bias[d]."""
+    q = np.concatenate([queries, np.ones((len(queries), 1), dtype=queries.dtype)], axis=1)
+    d = np.concatenate([database, -np.asarray(database_bias, dtype=database.dtype)[:, None]], axis=1)
+    return np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(d, dtype=np.float32)
+
+
+def corrected_search(queries: np.ndarray, database: np.ndarray, database_bias: np.ndarray, k: int,
+                     index: str = "auto", exact_max: int = DEFAULT_EXACT_MAX, device: str = "cpu") -> Neighbours:
+    """Each query's top-`k` database rows by corrected cosine; `score` is the corrected cosine."""
+    q, d = augmented(queries, database, database_bias)
+    return search(d, q, k, index, exact_max, device=device)
+
+
+@dataclasses.dataclass(frozen=True)
+class HubnessOptions:
+    """The fields of `add_hubness_arguments`' options."""
+    hubness_temperature: float = DEFAULT_TEMPERATURE
+    hubness_k: int = DEFAULT_K
+
+    @property
+    def hubness(self) -> Hubness:
+        return Hubness(self.hubness_temperature, self.hubness_k)
+
+
+def add_hubness_arguments(parser) -> None:
+    d = HubnessOptions()
+    g = parser.add_argument_group("hubness correction of the cosine")
+    g.add_argument("--hubness-temperature", type=float, default=d.hubness_temperature, metavar="T",
+                   help="also rank by the itc cosine minus each candidate's closeness to the catalog's other queries "
+                        "(T log mean exp(cos / T) over its --hubness-k nearest; fashionbert/rank/hubness.py); "
+                        f"0 = off (default {DEFAULT_TEMPERATURE})")
+    g.add_argument("--hubness-k", type=int, default=d.hubness_k, metavar="K",
+                   help=f"nearest queries each candidate's bias is taken over (default {DEFAULT_K})")

@@ -1,0 +1,91 @@
+"""The hubness correction of the recall cosine: each item's bias is T log mean exp(cos / T) over its nearest items of
+the other side, a hub that takes first place for texts not its own loses it, the corrected search ranks by cos - bias,
+and sample-100 reports the corrected cosine beside the raw one."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fashionbert.errors import UserError
+from fashionbert.evaluation.evaluate import sample_hundred
+from fashionbert.evaluation.sample_hundred import draw_candidates
+from fashionbert.rank.cross_encoder import PairScores
+from fashionbert.rank.hubness import Hubness, augmented, corrected_search, hubness_biases, neighbour_bias
+from fashionbert.rank.neighbours import search
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _catalog(n: int = 6):
+    """Text j leans towards a shared direction h; image j (j >= 1) is its own direction e_j, image 0 (the hub) mostly
+    h. The raw cosine ranks the hub first for every text (0.71 against a text's own 0.55); only text 0 is its own."""
+    eye = np.eye(n + 1, dtype=np.float32)
+    h = eye[n]
+    texts = _unit(eye[:n] + 1.5 * h)
+    images = eye[:n].copy()
+    images[0] = 0.6 * eye[0] + h
+    return texts, _unit(images)
+
+
+def test_the_bias_is_the_temperature_log_mean_exp_over_the_nearest_items():
+    texts, images = _catalog()
+    T = 0.05
+    exact = hubness_biases(texts, images, Hubness(T, k=len(texts)), index="torch")
+    cos = texts @ images.T
+    assert exact.image == pytest.approx(T * np.log(np.mean(np.exp(cos / T), axis=0)), rel=1e-5)
+    assert exact.text == pytest.approx(T * np.log(np.mean(np.exp(cos / T), axis=1)), rel=1e-5)
+    # over the top 2 only: the mean of the two largest terms
+    top2 = hubness_biases(texts, images, Hubness(T, k=2), index="torch").image
+    two = -np.sort(-cos, axis=0)[:2]
+    assert top2 == pytest.approx(T * np.log(np.mean(np.exp(two / T), axis=0)), rel=1e-5)
+    # large cosines over a small temperature do not overflow
+    found = search(texts, images, 3, "torch")
+    assert np.isfinite(neighbour_bias(found, len(images), 1e-4)).all()
+
+
+def test_a_hub_loses_the_first_place_it_held_for_texts_not_its_own():
+    texts, images = _catalog()
+    cos = texts @ images.T
+    assert (cos.argmax(1) == 0).all()  # the hub wins every text
+    biases = hubness_biases(texts, images, Hubness(0.05, k=len(texts)), index="torch")
+    assert biases.image.argmax() == 0
+    corrected = corrected_search(texts, images, biases.image, k=len(images), index="torch")
+    top = corrected.candidate[corrected.query != np.r_[-1, corrected.query[:-1]]]  # each query's first row
+    assert (top == np.arange(len(texts))).all()
+    # the search's scores are the corrected cosines, each query's best first
+    assert corrected.score == pytest.approx(cos[corrected.query, corrected.candidate] - biases.image[corrected.candidate],
+                                            abs=1e-5)
+    q, d = augmented(texts, images, biases.image)
+    assert q.shape[1] == d.shape[1] == texts.shape[1] + 1
+
+
+def test_temperature_zero_turns_it_off_and_bad_options_say_so():
+    texts, images = _catalog()
+    off = hubness_biases(texts, images, Hubness(0.0))
+    assert not Hubness(0.0).enabled and (off.image == 0).all() and (off.text == 0).all()
+    assert Hubness(0.0).describe() == {"temperature": 0.0}
+    with pytest.raises(UserError, match="--hubness-temperature -1"):
+        Hubness(-1.0)
+    with pytest.raises(UserError, match="--hubness-k 0"):
+        Hubness(0.03, k=0)
+
+
+def test_sample_hundred_ranks_by_the_corrected_cosine_beside_the_raw_one():
+    """itc = a perfect term + a large bonus for image 0 (a hub): the raw cosine ranks image 0 first for every
+    text; a bias that takes the bonus back off image 0 makes itc_hub perfect text -> image. Image -> text is
+    corrected by the texts' biases, here zero, so it stays the raw cosine's."""
+    n = 21
+    draws = draw_candidates(["shirts"] * n, n_queries=n, n_candidates=n - 1, draws=1, seed=0)
+
+    def scores(pairs):
+        itc = (pairs[:, 0] == pairs[:, 1]) + 2.0 * (pairs[:, 1] == 0)
+        return PairScores(np.zeros(len(pairs), np.float32), itc.astype(np.float32), itc.astype(np.float64))
+    image_bias = np.zeros(n)
+    image_bias[0] = 2.0
+    m = sample_hundred(draws, scores, hub=(image_bias, np.zeros(n)))
+    assert m["by_head"]["itc"]["t2i"]["rank1"]["mean"] == pytest.approx(1 / n)
+    assert m["by_head"]["itc_hub"]["t2i"]["rank1"]["mean"] == 1.0
+    assert m["by_head"]["itc_hub"]["i2t"] == m["by_head"]["itc"]["i2t"]
+    assert "itc_hub" not in sample_hundred(draws, scores)["by_head"]
