@@ -177,6 +177,9 @@ def run(config: single.RetrieveConfig, beam_args: list[str], chunk: int = CHUNK)
     if config.score_cache or config.save_scores:
         raise UserError("--score-cache and --save-scores work in the single-process retrieve only (run it without "
                         "Beam options); with a Beam runner every pair is scored")
+    if config.hubness.enabled:
+        raise UserError(f"--hubness-temperature {config.hubness_temperature}: the hubness correction works in the "
+                        f"single-process retrieve only (run it without Beam options, or pass --hubness-temperature 0)")
     check_model(config.model)
     out = storage.resolve(config.out, "--out")
     storage.check_target(out, config.overwrite)

@@ -174,10 +174,13 @@ def test_cli_passes_beam_options_and_refuses_a_bad_one(tmp_path, features, model
     assert not (tmp_path / "r2").exists()
 
 
-def test_beam_runs_refuse_the_score_cache(tmp_path, features, model_dir):
+def test_beam_runs_refuse_the_score_cache_and_the_hubness_correction(tmp_path, features, model_dir):
     config = _retrieve_config(features, model_dir, tmp_path / "r", "--save-scores", tmp_path / "s.parquet")
     with pytest.raises(UserError, match="--score-cache and --save-scores work in the single-process retrieve only"):
         beam_retrieve.run(config, [FN_API])
+    hub = _retrieve_config(features, model_dir, tmp_path / "r", "--hubness-temperature", 0.03)
+    with pytest.raises(UserError, match="--hubness-temperature 0.03: the hubness correction works in the single-"):
+        beam_retrieve.run(hub, [FN_API])
     with pytest.raises(UserError, match=r"unrecognized arguments: --runer=FnApiRunner .*neither a `fashionbert retrieve`"):
         beam_retrieve.run(_retrieve_config(features, model_dir, tmp_path / "r"), ["--runer=FnApiRunner"])
 

@@ -55,8 +55,8 @@ def test_a_hub_loses_the_first_place_it_held_for_texts_not_its_own():
     top = corrected.candidate[corrected.query != np.r_[-1, corrected.query[:-1]]]  # each query's first row
     assert (top == np.arange(len(texts))).all()
     # the search's scores are the corrected cosines, each query's best first
-    assert corrected.score == pytest.approx(cos[corrected.query, corrected.candidate] - biases.image[corrected.candidate],
-                                            abs=1e-5)
+    expected = cos[corrected.query, corrected.candidate] - biases.image[corrected.candidate]
+    assert corrected.score == pytest.approx(expected, abs=1e-5)
     q, d = augmented(texts, images, biases.image)
     assert q.shape[1] == d.shape[1] == texts.shape[1] + 1
 

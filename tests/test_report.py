@@ -95,6 +95,7 @@ def test_report_sections_marks_and_embedded_images(built):
     for heading in ("Metrics", "Sample-100", "Full gallery", "Training curves", "Text → image", "Image → text"):
         assert heading in page
     assert "two-stage, text → image" in page and "recall only (embedding cosine), image → text" in page
+    assert "recall only, hubness-corrected cosine, text → image" in page  # evaluate reports it by default
     assert "red plain" in page or "striped" in page or "floral" in page  # query texts are shown
     assert page.count("✓ true match") >= 1 and "class='true'" in page
     imgs = re.findall(r"<img src='([^']+)'", page)

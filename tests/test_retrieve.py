@@ -20,6 +20,7 @@ from fashionbert.model.score_fusion import ScoreFusion
 from fashionbert.rank import neighbours as recall
 from fashionbert.rank import retrieve, score_pairs
 from fashionbert.rank.cross_encoder import CrossEncoderScorer
+from fashionbert.rank.hubness import Hubness, hubness_biases
 from fashionbert.runtime import resolve_runtime
 from schemas import RETRIEVAL, read_table
 from tests.fake_features import make_tiny_backbone, write_fake_features
@@ -161,6 +162,41 @@ def test_tables_rank_by_the_fused_score_of_the_model_folder(tmp_path, features, 
     assert tia_order_differs  # the cosine changed the order somewhere: the test would notice TIA-only ranking
 
 
+def test_hubness_option_recalls_and_ranks_by_the_corrected_cosine(tmp_path, features, itc_model_dir):
+    """--hubness-temperature: the fusion reads cos - bias + the catalog's mean bias in the cosine's place (biases as
+    rank.hubness computes them over the catalog), rows ranked by that score, recall_score the cosine itself, and
+    _run.json says what ran."""
+    model = tmp_path / "model"
+    shutil.copytree(itc_model_dir, model)
+    ScoreFusion(0.5, 4.0, -1.0, {"source": "test"}).save(model)
+    n_images = N_PRODUCTS * IMAGES_PER_PRODUCT
+    out = tmp_path / "retrieval"
+    summary = retrieve.run(_args(features, model, out, "--top-k", n_images, "--recall-k", n_images, "--index", "flat",
+                                 "--hubness-temperature", 0.05, "--hubness-k", 5))
+    loaded, catalog, margin = _every_margin(model, features)
+    scorer = CrossEncoderScorer(loaded.model, resolve_runtime("cpu", "fp32"))
+    text_vec, image_vec = retrieve.embed_all(retrieve.dual_encoder_for(scorer), catalog.text_ids,
+                                             IndexedImages(catalog.index, catalog.reader), scorer.token_budget)
+    biases = hubness_biases(text_vec, image_vec, Hubness(0.05, 5), "flat")
+    assert summary["hubness"] == {"temperature": 0.05, "k": 5, "mean_bias": {
+        "image": pytest.approx(biases.image.mean(), abs=1e-5), "text": pytest.approx(biases.text.mean(), abs=1e-5)}}
+    assert summary["options"]["hubness_temperature"] == 0.05 and summary["options"]["hubness_k"] == 5
+    t2i = read_table(str(out / "text_to_image.parquet"), "retrieval").to_pydict()
+    for t, pid in enumerate(catalog.texts.product_ids[:6]):
+        rows = [i for i, q in enumerate(t2i["query_id"]) if q == pid]
+        images = np.asarray([catalog.index.image_ids.index(t2i["candidate_id"][i]) for i in rows])
+        cos = text_vec[t] @ image_vec[images].T
+        np.testing.assert_allclose([t2i["recall_score"][i] for i in rows], cos, atol=2e-5)
+        corrected = cos - biases.image[images] + biases.image.mean()
+        expected = 1 / (1 + np.exp(-(0.5 * margin[t, images] + 4.0 * corrected - 1.0)))
+        np.testing.assert_allclose([t2i["score"][i] for i in rows], expected, atol=2e-5)
+        assert np.all(np.diff(expected) <= 1e-6)
+    # the option is checked before any work
+    with pytest.raises(UserError, match="--hubness-k 0"):
+        retrieve.run(_args(features, model, tmp_path / "x", "--hubness-temperature", 0.05, "--hubness-k", 0))
+    assert not (tmp_path / "x").exists()
+
+
 def test_retrieve_user_errors(tmp_path, features, model_dir):
     with pytest.raises(UserError, match="--recall-k 5 is below --top-k 10"):
         retrieve.run(_args(features, model_dir, tmp_path / "a", "--top-k", 10, "--recall-k", 5))
@@ -235,7 +271,8 @@ def test_help_explains_the_options():
     parser = argparse.ArgumentParser()
     retrieve.add_arguments(parser)
     text = parser.format_help()
-    for opt in ("--features", "--model", "--out", "--overwrite", "--top-k", "--recall-k", "--index", "--exact-max", "--device", "--precision"):
+    for opt in ("--features", "--model", "--out", "--overwrite", "--top-k", "--recall-k", "--index", "--exact-max",
+                "--device", "--precision", "--hubness-temperature", "--hubness-k"):
         assert opt in text
 
 

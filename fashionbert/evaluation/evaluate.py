@@ -52,7 +52,7 @@ from fashionbert.evaluation.sample_hundred import Draw, draw_candidates, first_i
 from fashionbert.model.loading import training_options
 from fashionbert.rank.cross_encoder import (BatchingOptions, CrossEncoderScorer, PairScorer, PairScores,
                                             add_batching_arguments)
-from fashionbert.rank.hubness import HubnessOptions, add_hubness_arguments, corrected_search, hubness_biases
+from fashionbert.rank.hubness import HubnessOptions, add_hubness_arguments, corrected_recall, hubness_biases
 from fashionbert.rank.neighbours import Neighbours
 from fashionbert.rank.retrieve import (Ranked, RecallOptions, add_retrieval_arguments, dual_encoder_for, embed_all,
                                        exhaustive, two_stage)
@@ -441,16 +441,10 @@ def _full_gallery(args: EvaluateConfig, catalog, scorer, held_out, rows, fusion)
              "i2t": gallery_ranks(recall_order(result.recall_i2t), i2t_true, i2t_queries, len(rows))}
     if args.hubness.enabled and result.text_vectors.size:
         # The recall stage ranked by the corrected cosine instead: what the correction adds at no re-rank cost.
-        device = scorer.runtime.device.type
-        biases = hubness_biases(result.text_vectors, result.image_vectors, args.hubness, args.index, args.exact_max,
-                                device)
-        corrected = {
-            "t2i": corrected_search(result.text_vectors, result.image_vectors, biases.image, args.recall_k, args.index,
-                                    args.exact_max, device),
-            "i2t": corrected_search(result.image_vectors, result.text_vectors, biases.text, args.recall_k, args.index,
-                                    args.exact_max, device)}
-        hub = {"t2i": gallery_ranks(recall_order(corrected["t2i"]), t2i_true, t2i_queries, len(products)),
-               "i2t": gallery_ranks(recall_order(corrected["i2t"]), i2t_true, i2t_queries, len(rows))}
+        hub_t2i, hub_i2t, _ = corrected_recall(result.text_vectors, result.image_vectors, args.hubness, args.recall_k,
+                                               args.index, args.exact_max, scorer.runtime.device.type)
+        hub = {"t2i": gallery_ranks(recall_order(hub_t2i), t2i_true, t2i_queries, len(products)),
+               "i2t": gallery_ranks(recall_order(hub_i2t), i2t_true, i2t_queries, len(rows))}
         hubness = {"recall_hub": hub, "hubness": {**args.hubness.describe(), "gain": {
             d: hub[d]["rank1"] - alone[d]["rank1"] for d in ("t2i", "i2t")}}}
     else:

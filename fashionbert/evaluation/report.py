@@ -261,6 +261,7 @@ def metrics_html(m: dict) -> str:
                      f"index {_e(g.get('index'))}) (%)</h3>")
         rows = ""
         for label, key in (("two-stage", "two_stage"), ("recall only (embedding cosine)", "recall_only"),
+                           ("recall only, hubness-corrected cosine", "recall_hub"),
                            ("exhaustive cross-encoder", "exhaustive")):
             if key in g:
                 for d, name in (("t2i", "text → image"), ("i2t", "image → text")):

@@ -113,12 +113,27 @@ class HubnessOptions:
         return Hubness(self.hubness_temperature, self.hubness_k)
 
 
-def add_hubness_arguments(parser) -> None:
+def add_hubness_arguments(parser, temperature: float = DEFAULT_TEMPERATURE, ranks: bool = False) -> None:
+    """`ranks`: the stage ranks its output by the corrected cosine (retrieve); else it reports that ranking beside
+    the others (evaluate)."""
     d = HubnessOptions()
-    g = parser.add_argument_group("hubness correction of the cosine")
-    g.add_argument("--hubness-temperature", type=float, default=d.hubness_temperature, metavar="T",
-                   help="also rank by the itc cosine minus each candidate's closeness to the catalog's other queries "
-                        "(T log mean exp(cos / T) over its --hubness-k nearest; fashionbert/rank/hubness.py); "
-                        f"0 = off (default {DEFAULT_TEMPERATURE})")
+    g = parser.add_argument_group("hubness correction of the cosine (fashionbert/rank/hubness.py)")
+    default = f"{temperature}" + (f"; evaluate's {DEFAULT_TEMPERATURE}" if temperature != DEFAULT_TEMPERATURE else "")
+    what = ("recall and rank by the itc cosine minus each candidate's closeness to the catalog's other queries, the "
+            "ranking score reading it in the cosine's place" if ranks else
+            "also rank by the itc cosine minus each candidate's closeness to the catalog's other queries")
+    g.add_argument("--hubness-temperature", type=float, default=temperature, metavar="T",
+                   help=f"{what} (T log mean exp(cos / T) over its --hubness-k nearest); 0 = off (default "
+                        f"{default})")
     g.add_argument("--hubness-k", type=int, default=d.hubness_k, metavar="K",
                    help=f"nearest queries each candidate's bias is taken over (default {DEFAULT_K})")
+
+
+def corrected_recall(text_vec: np.ndarray, image_vec: np.ndarray, hubness: Hubness, k: int, index: str = "auto",
+                     exact_max: int = DEFAULT_EXACT_MAX, device: str = "cpu"
+                     ) -> tuple[Neighbours, Neighbours, HubnessBiases]:
+    """One catalog's recall both ways by the corrected cosine: (text -> image, image -> text, the biases); the
+    neighbours' scores are the corrected cosines."""
+    biases = hubness_biases(text_vec, image_vec, hubness, index, exact_max, device)
+    return (corrected_search(text_vec, image_vec, biases.image, k, index, exact_max, device),
+            corrected_search(image_vec, text_vec, biases.text, k, index, exact_max, device), biases)

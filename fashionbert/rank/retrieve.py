@@ -11,7 +11,9 @@ A cross-encoder cannot score every text against every image of a real catalog (1
    score_fusion.json (fashionbert/model/score_fusion.py; the TIA margin alone for a model folder without one). The table's
    `score` is that P(aligned), `recall_score` the cosine.
 The two directions' candidate pairs overlap (mutual neighbours), so each distinct (text, image) pair is
-scored once.
+scored once. `--hubness-temperature T` (off by default) recalls and ranks by the cosine less each candidate's
+closeness to the catalog's other queries (fashionbert/rank/hubness.py): the fusion reads that corrected cosine,
+recentred on the catalog's mean bias, in the cosine's place; `recall_score` stays the cosine.
 
 Nightly runs cost what changed: `--score-cache FILE` (an earlier run's `--save-scores FILE`, same model_version
 and precision) serves every pair margin and every embedding whose (text content hash, image content hash) it holds,
@@ -50,6 +52,7 @@ from fashionbert.errors import UserError
 from fashionbert.model.score_fusion import TIA_ONLY, ScoreFusion
 from fashionbert.rank.cross_encoder import BatchingOptions, CrossEncoderScorer, add_batching_arguments, probability
 from fashionbert.rank.embeddings import DualEncoder, embed_items
+from fashionbert.rank.hubness import Hubness, HubnessOptions, add_hubness_arguments, corrected_recall
 from fashionbert.rank.neighbours import DEFAULT_EXACT_MAX, KINDS, Neighbours, search
 from fashionbert.rank.score_cache import (CacheOptions, ItemKeys, ScoreCache, add_cache_arguments, open_cache,
                                           save_path)
@@ -115,6 +118,7 @@ class TwoStage:
     index_kind: str
     pairs_scored: int
     seconds: dict
+    hubness: dict | None = None  # with a hubness correction: its settings and the catalog's mean biases
 
 
 def dual_encoder_for(scorer: CrossEncoderScorer) -> DualEncoder:
@@ -132,12 +136,16 @@ def embed_all(dual: DualEncoder, texts: Sequence[np.ndarray], images: ImageSourc
 def two_stage(scorer: CrossEncoderScorer, dual: DualEncoder, texts: Sequence[np.ndarray], images: ImageSource,
               recall_k: int, index: str = "auto", exact_max: int = DEFAULT_EXACT_MAX,
               vectors: tuple[np.ndarray, np.ndarray] | None = None, fusion: ScoreFusion = TIA_ONLY,
-              keys: ItemKeys | None = None) -> TwoStage:
+              keys: ItemKeys | None = None, hubness: Hubness | None = None) -> TwoStage:
     """Recall top-`recall_k` by dual-embedding cosine in both directions, then re-rank by the ranking score
     (`fusion` of the cross-encoder's margin and the recall cosine). `keys`: the texts' and images' content
     hashes, with which the scorer's cache serves the embeddings and margins it holds. A fusion without TIA weight
     (`fusion.uses_tia` false) ranks by the calibrated cosine, the recall order: no pair goes through the
-    cross-encoder (`pairs_scored` 0)."""
+    cross-encoder (`pairs_scored` 0).
+
+    With an enabled `hubness` (fashionbert/rank/hubness.py) recall ranks by the corrected cosine, and the fusion
+    reads it in the cosine's place, shifted by the catalog's mean bias of that direction so that the score keeps
+    its calibration on average. The rows' recall_score stays the cosine itself."""
     seconds = {}
     t0 = time.perf_counter()
     text_vec, image_vec = vectors if vectors is not None else embed_all(dual, texts, images, scorer.token_budget,
@@ -145,8 +153,17 @@ def two_stage(scorer: CrossEncoderScorer, dual: DualEncoder, texts: Sequence[np.
     seconds["embed"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     device = scorer.runtime.device.type
-    t2i = search(image_vec, text_vec, recall_k, index, exact_max, device=device)
-    i2t = search(text_vec, image_vec, recall_k, index, exact_max, device=device)
+    if hubness is not None and hubness.enabled:
+        t2i, i2t, biases = corrected_recall(text_vec, image_vec, hubness, recall_k, index, exact_max, device)
+        shift = tuple(float(b.mean()) if len(b) else 0.0 for b in (biases.image, biases.text))
+        t2i_fused, i2t_fused = t2i.score + shift[0], i2t.score + shift[1]
+        t2i.score = (t2i.score + biases.image[t2i.candidate]).astype(np.float32)  # the cosine again
+        i2t.score = (i2t.score + biases.text[i2t.candidate]).astype(np.float32)
+        hub = {**hubness.describe(), "mean_bias": {"image": round(shift[0], 6), "text": round(shift[1], 6)}}
+    else:
+        t2i = search(image_vec, text_vec, recall_k, index, exact_max, device=device)
+        i2t = search(text_vec, image_vec, recall_k, index, exact_max, device=device)
+        t2i_fused, i2t_fused, hub = t2i.score, i2t.score, None
     seconds["recall"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     # Both directions as (text, image) pairs; each distinct pair is scored once.
@@ -166,10 +183,10 @@ def two_stage(scorer: CrossEncoderScorer, dual: DualEncoder, texts: Sequence[np.
         pairs_scored = 0
     seconds["rerank"] = time.perf_counter() - t0
     return TwoStage(
-        t2i=rank_rows(t2i.query, t2i.candidate, t2i.score, fusion.logit(t2i_margins, t2i.score)),
-        i2t=rank_rows(i2t.query, i2t.candidate, i2t.score, fusion.logit(i2t_margins, i2t.score)),
+        t2i=rank_rows(t2i.query, t2i.candidate, t2i.score, fusion.logit(t2i_margins, t2i_fused)),
+        i2t=rank_rows(i2t.query, i2t.candidate, i2t.score, fusion.logit(i2t_margins, i2t_fused)),
         recall_t2i=t2i, recall_i2t=i2t, text_vectors=text_vec, image_vectors=image_vec, index_kind=t2i.kind,
-        pairs_scored=pairs_scored, seconds=seconds)
+        pairs_scored=pairs_scored, seconds=seconds, hubness=hub)
 
 
 def exhaustive(scorer: CrossEncoderScorer, texts: Sequence[np.ndarray], images: ImageSource,
@@ -235,13 +252,15 @@ class RecallOptions:
 
 
 @dataclasses.dataclass(frozen=True)
-class RetrieveConfig(CacheOptions, RecallOptions, BatchingOptions, RuntimeOptions):
+class RetrieveConfig(CacheOptions, HubnessOptions, RecallOptions, BatchingOptions, RuntimeOptions):
     features: list[str] = dataclasses.field(default_factory=list)  # featurize output folders
     model: str = ""
     out: str = ""
     overwrite: bool = False
     run_id: str | None = None
     top_k: int = 50
+    # The tables rank by the cosine unless asked: the correction changes what downstream systems read.
+    hubness_temperature: float = 0.0
 
 
 def config_from_args(args: argparse.Namespace) -> RetrieveConfig:
@@ -264,6 +283,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "a new id. An orchestrator (`fashionbert nightly`) passes its own run's id so that the tables "
                         "join to its run")
     add_retrieval_arguments(parser)
+    add_hubness_arguments(parser, d.hubness_temperature, ranks=True)
     add_cache_arguments(parser)
     add_batching_arguments(add_runtime_arguments(parser))
 
@@ -305,6 +325,7 @@ def check_config(config: RetrieveConfig) -> str:
     if config.recall_k < config.top_k:
         raise UserError(f"--recall-k {config.recall_k} is below --top-k {config.top_k}: the re-rank stage can only "
                         f"order the candidates recall found; raise --recall-k to at least --top-k")
+    _ = config.hubness  # raises on a bad --hubness-temperature or --hubness-k, before any work
     return _run_id(config.run_id)
 
 
@@ -338,7 +359,8 @@ def run_summary(run_id: str, config: RetrieveConfig, out: str, facts: dict, seco
         "run_id": run_id,
         **{k: facts[k] for k in ("model", "features")},
         "options": {"top_k": config.top_k, "recall_k": config.recall_k, "index": config.index,
-                    "exact_max": config.exact_max},
+                    "exact_max": config.exact_max, "hubness_temperature": config.hubness_temperature,
+                    "hubness_k": config.hubness_k},
         **{k: v for k, v in facts.items() if k not in ("model", "features")},
         **extra,
         "seconds": {k: round(v, 3) for k, v in seconds.items()} | {"total": round(time.time() - t_start, 3)},
@@ -363,7 +385,7 @@ def run(config: RetrieveConfig) -> dict:
     texts = catalog.text_ids
     result = two_stage(scorer, dual, texts, IndexedImages(catalog.index, catalog.reader), config.recall_k,
                        config.index, config.exact_max, fusion=loaded.fusion,
-                       keys=ItemKeys(catalog.text_hashes, catalog.image_hashes))
+                       keys=ItemKeys(catalog.text_hashes, catalog.image_hashes), hubness=config.hubness)
     if save_to is not None:
         t0 = time.perf_counter()
         cache.save(save_to)
@@ -382,6 +404,8 @@ def run(config: RetrieveConfig) -> dict:
     result.seconds["write"] = time.perf_counter() - t0
     facts = run_facts(loaded, catalog, rt, dual, result.index_kind, t2i.num_rows, i2t.num_rows, result.pairs_scored)
     facts["counts"].update(cache.counts)  # pairs_scored + pairs_reused = cross_encoder_pairs
+    if result.hubness is not None:
+        facts["hubness"] = result.hubness
     summary = run_summary(run_id, config, out, facts, result.seconds, t_start,
                           score_cache={"inputs": cache.inputs, "saved": save_to})
     storage.write_text(storage.join(staging, RUN_JSON), json.dumps(summary, indent=2))
