@@ -89,3 +89,35 @@ def test_sample_hundred_ranks_by_the_corrected_cosine_beside_the_raw_one():
     assert m["by_head"]["itc_hub"]["t2i"]["rank1"]["mean"] == 1.0
     assert m["by_head"]["itc_hub"]["i2t"] == m["by_head"]["itc"]["i2t"]
     assert "itc_hub" not in sample_hundred(draws, scores)["by_head"]
+
+
+def test_bench_embeds_both_sides_ranks_and_keeps_the_vectors(tmp_path, monkeypatch, capsys):
+    """bench/hubness.py end to end on a tiny model: held-out and training products embedded apart (together every
+    product), the sweep printed, and the kept vectors read back on a rerun."""
+    import sys
+
+    from bench import hubness as bench
+    from fashionbert.data.feature_catalog import open_catalog
+    from fashionbert.evaluation.evaluate import SplitOptions, held_out_products
+    from fashionbert.model.loading import load_model
+    from fashionbert.runtime import resolve_runtime
+    from tests.fake_features import make_tiny_backbone, write_fake_features
+    from tests.test_scoring import fit_itc_head, train_tiny_model
+
+    features = write_fake_features(tmp_path / "features", n_products=40, images_per_product=2, feature_dim=16)
+    model = fit_itc_head(train_tiny_model(tmp_path, features, make_tiny_backbone(tmp_path / "bert")), features,
+                         tmp_path / "model-itc", steps=4)
+    loaded = load_model(model, resolve_runtime("cpu", "fp32"))
+    held_out, _ = held_out_products(SplitOptions(), loaded, open_catalog([str(features)], loaded).texts.group_id)
+    kept = tmp_path / "v.npz"
+    argv = ["hubness.py", "--features", str(features), "--model", str(model), "--vectors", str(kept),
+            "--bank", "training", "--temperatures", "0.05", "--ks", "3,0"]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    out = capsys.readouterr()
+    vectors = np.load(kept)
+    assert len(vectors["held_text"]) == len(vectors["held_image"]) == int(held_out.sum())
+    assert len(vectors["train_text"]) == 40 - int(held_out.sum())
+    assert "| the cosine |" in out.out and "| corrected, T 0.05, K 3 |" in out.out and "K all" in out.out
+    bench.main()
+    assert "read from" in capsys.readouterr().err
