@@ -4,6 +4,7 @@ its candidate draws, full-gallery Rank@K (two-stage and recall-only) and Recall@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 
@@ -256,8 +257,11 @@ def test_evaluate_split_all_and_errors(tmp_path, trained):
     _check_recall_only(m)  # recall-k 5 < 10: Rank@10 counts a true match recall missed as not found, both ways
     with pytest.raises(UserError, match="--val-fraction 0.0"):
         evaluate.run(_args(features, model, tmp_path / "m.json", "--val-fraction", 0))
+    # the parser refuses a bad value; a config made in code (bench/quality.py) is checked before any work
+    with pytest.raises(SystemExit):
+        _args(features, model, tmp_path / "m.json", "--hubness-temperature", -0.5)
     with pytest.raises(UserError, match="--hubness-temperature -0.5"):
-        evaluate.run(_args(features, model, tmp_path / "m.json", "--hubness-temperature", -0.5))
+        evaluate.run(dataclasses.replace(_args(features, model, tmp_path / "m.json"), hubness_temperature=-0.5))
     with pytest.raises(UserError, match="--draws 0"):
         evaluate.run(_args(features, model, tmp_path / "m.json", "--draws", 0))
     with pytest.raises(UserError, match="does not exist"):

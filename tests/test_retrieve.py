@@ -4,6 +4,7 @@ index choice and faiss's -1 padding."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 
@@ -191,9 +192,12 @@ def test_hubness_option_recalls_and_ranks_by_the_corrected_cosine(tmp_path, feat
         expected = 1 / (1 + np.exp(-(0.5 * margin[t, images] + 4.0 * corrected - 1.0)))
         np.testing.assert_allclose([t2i["score"][i] for i in rows], expected, atol=2e-5)
         assert np.all(np.diff(expected) <= 1e-6)
-    # the option is checked before any work
+    # the parser refuses a bad value; a config made in code is checked before any work
+    with pytest.raises(SystemExit):
+        _args(features, model, tmp_path / "x", "--hubness-k", 0)
     with pytest.raises(UserError, match="--hubness-k 0"):
-        retrieve.run(_args(features, model, tmp_path / "x", "--hubness-temperature", 0.05, "--hubness-k", 0))
+        retrieve.run(dataclasses.replace(_args(features, model, tmp_path / "x", "--hubness-temperature", 0.05),
+                                         hubness_k=0))
     assert not (tmp_path / "x").exists()
 
 

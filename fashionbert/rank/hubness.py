@@ -18,6 +18,7 @@ and the text vectors a 1 (`augmented`), so any recall index searches it directly
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import numpy as np
@@ -113,7 +114,30 @@ class HubnessOptions:
         return Hubness(self.hubness_temperature, self.hubness_k)
 
 
-def add_hubness_arguments(parser, temperature: float = DEFAULT_TEMPERATURE, ranks: bool = False) -> None:
+def _temperature(text: str) -> float:
+    """argparse type: a temperature >= 0, so that a stage run later (nightly's retrieve) fails at parse time."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 and np.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a number >= 0 (0 turns the correction off)")
+    return value
+
+
+def _neighbours(text: str) -> int:
+    """argparse type: a neighbour count >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number >= 1")
+    return value
+
+
+def add_hubness_arguments(parser: argparse.ArgumentParser, temperature: float = DEFAULT_TEMPERATURE,
+                          ranks: bool = False) -> None:
     """`ranks`: the stage ranks its output by the corrected cosine (retrieve); else it reports that ranking beside
     the others (evaluate)."""
     d = HubnessOptions()
@@ -122,10 +146,10 @@ def add_hubness_arguments(parser, temperature: float = DEFAULT_TEMPERATURE, rank
     what = ("recall and rank by the itc cosine minus each candidate's closeness to the catalog's other queries, the "
             "ranking score reading it in the cosine's place" if ranks else
             "also rank by the itc cosine minus each candidate's closeness to the catalog's other queries")
-    g.add_argument("--hubness-temperature", type=float, default=temperature, metavar="T",
+    g.add_argument("--hubness-temperature", type=_temperature, default=temperature, metavar="T",
                    help=f"{what} (T log mean exp(cos / T) over its --hubness-k nearest); 0 = off (default "
                         f"{default})")
-    g.add_argument("--hubness-k", type=int, default=d.hubness_k, metavar="K",
+    g.add_argument("--hubness-k", type=_neighbours, default=d.hubness_k, metavar="K",
                    help=f"nearest queries each candidate's bias is taken over (default {DEFAULT_K})")
 
 

@@ -144,8 +144,8 @@ def two_stage(scorer: CrossEncoderScorer, dual: DualEncoder, texts: Sequence[np.
     cross-encoder (`pairs_scored` 0).
 
     With an enabled `hubness` (fashionbert/rank/hubness.py) recall ranks by the corrected cosine, and the fusion
-    reads it in the cosine's place, shifted by the catalog's mean bias of that direction so that the score keeps
-    its calibration on average. The rows' recall_score stays the cosine itself."""
+    reads it in the cosine's place, shifted by the catalog's mean bias of that direction so that it stays on the
+    scale the fusion was fitted on. The rows' recall_score stays the cosine itself."""
     seconds = {}
     t0 = time.perf_counter()
     text_vec, image_vec = vectors if vectors is not None else embed_all(dual, texts, images, scorer.token_budget,
