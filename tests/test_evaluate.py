@@ -244,6 +244,9 @@ def _check_hubness(metrics: dict) -> None:
         assert set(hub) == set(alone) and hub["queries"] == alone["queries"]
         assert hub["rank1"] <= hub["rank5"] <= hub["rank10"] <= 1
         assert g["hubness"]["gain"][d] == pytest.approx(hub["rank1"] - alone["rank1"])
+        flat = evaluate.headline(metrics)
+        assert flat[f"gallery_{d}_recall_hub_rank1"] == hub["rank1"]
+        assert flat[f"sample100_{d}_rank1_itc_hub"] == s["by_head"]["itc_hub"][d]["rank1"]["mean"]
 
 
 def test_evaluate_split_all_and_errors(tmp_path, trained):

@@ -474,17 +474,24 @@ def _full_gallery(args: EvaluateConfig, catalog, scorer, held_out, rows, fusion)
 
 def headline(metrics: dict) -> dict:
     """The figures a dashboard tracks, flat: sample-100 Rank@1/5/10 means both ways, TIA accuracy and AUC, and the
-    full-gallery Rank@1, two-stage and recall-only, when that protocol ran."""
+    full-gallery Rank@1, two-stage and recall-only, when that protocol ran; where the hubness correction ran, the
+    Rank@1s by the corrected cosine (sample-100 and the gallery's recall stage)."""
     s100 = metrics.get("sample100", {})
     out = {f"sample100_{d}_rank{k}": s100.get(d, {}).get(f"rank{k}", {}).get("mean")
            for d in ("t2i", "i2t") for k in RANK_KS}
     out["sample100_queries"] = s100.get("queries")
     out["tia_accuracy"] = metrics.get("tia", {}).get("accuracy", {}).get("mean")
     out["tia_auc"] = metrics.get("tia", {}).get("auc", {}).get("mean")
+    hub = s100.get("by_head", {}).get("itc_hub")
+    if hub:
+        for d in ("t2i", "i2t"):
+            out[f"sample100_{d}_rank1_itc_hub"] = hub[d]["rank1"]["mean"]
     gallery = metrics.get("full_gallery")
     if gallery:
         for d in ("t2i", "i2t"):
             out[f"gallery_{d}_rank1"] = gallery["two_stage"][d]["rank1"]
             # .get: metrics files written before recall_only existed have no such entry
             out[f"gallery_{d}_recall_only_rank1"] = gallery.get("recall_only", {}).get(d, {}).get("rank1")
+            if "recall_hub" in gallery:
+                out[f"gallery_{d}_recall_hub_rank1"] = gallery["recall_hub"][d]["rank1"]
     return out
