@@ -111,18 +111,8 @@ def sample_hundred(draws: Sequence[Draw], score: Callable[[np.ndarray], PairScor
     width = int(allpairs.max()) + 1
     unique, inverse = np.unique(allpairs[:, 0] * width + allpairs[:, 1], return_inverse=True)
     scored = score(np.stack([unique // width, unique % width], axis=1))
-    if isinstance(scored, np.ndarray):
-        columns = {"score": scored, "tia": scored}
-    else:
-        columns = {"score": scored.logit, "tia": scored.margin}
-        if scored.cosine is not None:
-            columns["itc"] = scored.cosine
     split = len(np.concatenate(t2i_pairs)) if t2i_pairs else 0
-    by = {name: (v[:split], v[split:]) for name, v in
-          ((name, np.asarray(col, dtype=np.float64)[inverse]) for name, col in columns.items())}
-    if hub is not None and "itc" in by:
-        image_bias, text_bias = hub
-        by["itc_hub"] = (by["itc"][0] - image_bias[allpairs[:split, 1]], by["itc"][1] - text_bias[allpairs[split:, 0]])
+    by = _rankings(scored, inverse, allpairs, split, hub)
     per_draw: dict[str, list[float]] = {}
     at = 0
     for d in draws:
@@ -189,6 +179,24 @@ def sample_hundred(draws: Sequence[Draw], score: Callable[[np.ndarray], PairScor
         result["variants"] = {"queries_with_variant": _spread(per_draw["with_variant"]), **{
             name: {d: _spread(per_draw[f"{name}/{d}_variant_top"]) for d in ("t2i", "i2t")} for name in by}}
     return result
+
+
+def _rankings(scored: PairScores | np.ndarray, inverse: np.ndarray, allpairs: np.ndarray, split: int,
+              hub: tuple[np.ndarray, np.ndarray] | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each ranking's scores of `allpairs` (its first `split` rows text -> image, the rest image -> text), as
+    (text -> image, image -> text) arrays, from the scores of the distinct pairs (`inverse` maps back)."""
+    if isinstance(scored, np.ndarray):
+        columns = {"score": scored, "tia": scored}
+    else:
+        columns = {"score": scored.logit, "tia": scored.margin}
+        if scored.cosine is not None:
+            columns["itc"] = scored.cosine
+    by = {name: (v[:split], v[split:]) for name, v in
+          ((name, np.asarray(col, dtype=np.float64)[inverse]) for name, col in columns.items())}
+    if hub is not None and "itc" in by:  # each candidate's bias: its image's text -> image, its text's image -> text
+        image_bias, text_bias = hub
+        by["itc_hub"] = (by["itc"][0] - image_bias[allpairs[:split, 1]], by["itc"][1] - text_bias[allpairs[split:, 0]])
+    return by
 
 
 # ============================================================================================ full gallery
