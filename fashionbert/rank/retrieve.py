@@ -157,8 +157,9 @@ def two_stage(scorer: CrossEncoderScorer, dual: DualEncoder, texts: Sequence[np.
         t2i, i2t, biases = corrected_recall(text_vec, image_vec, hubness, recall_k, index, exact_max, device)
         shift = tuple(float(b.mean()) if len(b) else 0.0 for b in (biases.image, biases.text))
         t2i_fused, i2t_fused = t2i.score + shift[0], i2t.score + shift[1]
-        t2i.score = (t2i.score + biases.image[t2i.candidate]).astype(np.float32)  # the cosine again
-        i2t.score = (i2t.score + biases.text[i2t.candidate]).astype(np.float32)
+        # the rows' recall_score: the cosine again
+        t2i = dataclasses.replace(t2i, score=(t2i.score + biases.image[t2i.candidate]).astype(np.float32))
+        i2t = dataclasses.replace(i2t, score=(i2t.score + biases.text[i2t.candidate]).astype(np.float32))
         hub = {**hubness.describe(), "mean_bias": {"image": round(shift[0], 6), "text": round(shift[1], 6)}}
     else:
         t2i = search(image_vec, text_vec, recall_k, index, exact_max, device=device)
