@@ -162,8 +162,8 @@ def add_arguments(parser: argparse.ArgumentParser, with_outputs: bool = True) ->
                         "else bf16 where this machine runs it natively, fp32 where it does not; on workers elsewhere "
                         "(Dataflow, Flink) bf16, so name fp32 for workers without native bf16 (default %(default)s)")
     f.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="images per batch handed to the CNN; fp32 runs a batch 4 images a call (`patch_cnn.FP32_CHUNK`) "
-                        "(default %(default)s)")
+                   help="images per batch handed to the CNN; fp32 runs a batch 4 images a call "
+                        "(`patch_cnn.FP32_CHUNK`) (default %(default)s)")
     f.add_argument("--max-pixels", type=int, default=d.max_pixels,
                    help="images declaring more pixels are rejected before decoding (default %(default)s)")
     t = parser.add_argument_group("text")

@@ -56,7 +56,8 @@ def head_scores(model, s100: SampleHundred, config: FashionBertConfig, rt) -> tu
     was_training = model.training
     model.eval()
     try:
-        pairs = np.asarray([(q, c) for q in range(len(s100)) for c in s100.candidates[q]], dtype=np.int64).reshape(-1, 2)
+        pairs = np.asarray([(q, c) for q in range(len(s100)) for c in s100.candidates[q]], dtype=np.int64)
+        pairs = pairs.reshape(-1, 2)
         images = ArrayImages(s100.pool_features)
         cosines = None
         if getattr(model, "itc_head", None) is not None:
