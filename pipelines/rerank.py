@@ -30,8 +30,10 @@ from fashionbert.data.feature_catalog import Catalog, IndexedImages, open_catalo
 from fashionbert.data.model_store import load_model
 from fashionbert.errors import UserError
 from fashionbert.model.loading import LoadedModel
-from fashionbert.rank.cross_encoder import CrossEncoderScorer, PairScorer
+from fashionbert.rank.cross_encoder import CrossEncoderScorer, PairScorer, fusion_cosine
 from fashionbert.rank.embeddings import DualEncoder, embed_items
+from fashionbert.rank.hubness import HubnessBiases, hubness_biases
+from fashionbert.rank.neighbours import DEFAULT_EXACT_MAX
 from fashionbert.runtime import Runtime, resolve_runtime
 
 from .execution import take_shared_filesystem
@@ -171,6 +173,23 @@ class Chunk:
     stop: int
 
 
+class Plan(ContextDoFn):
+    """The seed -> chunks of the catalog's texts and images (the worker counts them; the driver does not).
+    `when_corrected`: none unless the model's fusion reads the hubness-corrected cosine, whose biases need every
+    vector (score-pairs needs them for nothing else)."""
+
+    def __init__(self, spec: ScoringSpec, chunk: int, when_corrected: bool = False):
+        super().__init__(spec)
+        self.chunk, self.when_corrected = chunk, when_corrected
+
+    def process(self, _):
+        if self.when_corrected and not self.ctx.loaded.fusion.correction.enabled:
+            return
+        for kind, n in (("text", len(self.ctx.text_ids)), ("image", len(self.ctx.images))):
+            for start in range(0, n, self.chunk):
+                yield Chunk(kind, start, min(n, start + self.chunk))
+
+
 class EmbedHandler(CatalogModelHandler):
     """Chunks -> their items' L2-normalised recall vectors, (stop - start, d) float32."""
 
@@ -225,16 +244,36 @@ class Embed(beam.PTransform):
         )
 
 
+class CatalogBiases:
+    """The hubness biases of the model's fusion over every vector of the catalog (`Embed`'s side input), computed
+    once per worker on first use, the same in every worker; None when the fusion reads the raw cosine."""
+
+    def __init__(self, index: str = "auto", exact_max: int = DEFAULT_EXACT_MAX):
+        self.index, self.exact_max = index, exact_max
+        self.biases: HubnessBiases | None = None
+
+    def get(self, ctx: ScoringContext, vectors: dict) -> HubnessBiases | None:
+        hubness = ctx.loaded.fusion.correction
+        if not hubness.enabled:
+            return None
+        if self.biases is None:
+            self.biases = hubness_biases(vectors["text"], vectors["image"], hubness, self.index, self.exact_max,
+                                         ctx.runtime.device.type)
+        return self.biases
+
+
 # ============================================================================================ cross-encoder
 @dataclasses.dataclass
 class PairBlock:
     """One image and the distinct texts paired with it. `cosines`: (n, 2) recall cosines of a retrieval block,
     column T2I where the pair is the text's candidate, I2T where it is the image's, NaN where it is not; None for
-    given pairs (score-pairs), whose itc cosine the handler computes when the ranking score uses it."""
+    given pairs (score-pairs), whose itc cosine the handler computes when the ranking score uses it. `offsets`:
+    (n,) what the fusion's hubness correction subtracts from each pair's cosine (None when it has none)."""
 
     image: int
     texts: np.ndarray  # int64
     cosines: np.ndarray | None = None
+    offsets: np.ndarray | None = None
 
 
 class CrossEncoderHandler(CatalogModelHandler):
@@ -253,14 +292,16 @@ class CrossEncoderHandler(CatalogModelHandler):
         pairs = np.concatenate([np.stack([b.texts, np.full(len(b.texts), b.image, dtype=np.int64)], axis=1)
                                 for b in batch])
         fusion = model.loaded.fusion
+        offsets = np.concatenate([b.offsets for b in batch]) if batch[0].offsets is not None else None
         if batch[0].cosines is None:
-            logits = PairScorer(model.scorer, fusion).score(model.text_ids, model.images, pairs).logit
+            logits = PairScorer(model.scorer, fusion).score(model.text_ids, model.images, pairs, offsets=offsets).logit
         else:  # a fusion without TIA weight ranks by the recall cosine: no cross-encoder pass
             cosines = np.concatenate([b.cosines for b in batch])
             # a pair recalled in one direction only has NaN in the other; where both, they are one dot product
             margins = model.scorer.score(model.text_ids, model.images, pairs, cosines=np.fmax(
                 cosines[:, T2I], cosines[:, I2T])) if fusion.uses_tia else None
-            logits = fusion.logit(None if margins is None else np.repeat(margins[:, None], 2, axis=1), cosines)
+            logits = fusion.logit(None if margins is None else np.repeat(margins[:, None], 2, axis=1),
+                                  fusion_cosine(fusion, cosines, None if offsets is None else offsets[:, None]))
         start = 0
         for b in batch:
             yield PredictionResult(b, logits[start:start + len(b.texts)], model.version)

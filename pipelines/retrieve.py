@@ -24,53 +24,51 @@ import numpy as np
 from fashionbert.data import storage
 from fashionbert.errors import UserError
 from fashionbert.rank import retrieve as single
+from fashionbert.rank.hubness import augmented_database, augmented_queries
 from fashionbert.rank.neighbours import NeighbourIndex, choose_kind
 
 from .execution import check_paths_reach_workers, execution, take_shared_filesystem
-from .rerank import (I2T, T2I, Chunk, ContextDoFn, Embed, PairBlock, ScoreBlocks, ScoringSpec, check_beam_args,
-                     check_model, spec_for, worker_paths)
+from .rerank import (I2T, T2I, CatalogBiases, Chunk, ContextDoFn, Embed, PairBlock, Plan, ScoreBlocks, ScoringSpec,
+                     check_beam_args, check_model, spec_for, worker_paths)
 
 CHUNK = 2048  # texts or images per embedding / search / top-K task
 HANDOFF = "_beam_run.json"  # the writer's facts for the driver's _run.json; removed before publishing
 
 
-class Plan(ContextDoFn):
-    """The seed -> chunks of the catalog's texts and images (the worker counts them; the driver does not)."""
-
-    def __init__(self, spec: ScoringSpec, chunk: int):
-        super().__init__(spec)
-        self.chunk = chunk
-
-    def process(self, _):
-        for kind, n in (("text", len(self.ctx.text_ids)), ("image", len(self.ctx.images))):
-            for start in range(0, n, self.chunk):
-                yield Chunk(kind, start, min(n, start + self.chunk))
-
-
 class Recall(ContextDoFn):
-    """A query chunk -> its top-`recall_k` candidates by cosine, as fragments keyed by image: (image, (direction,
-    texts, cosines)). Each worker builds the index of the other side's vectors once."""
+    """A query chunk -> its top-`recall_k` candidates, as fragments keyed by image: (image, (direction, texts,
+    cosines, offsets)). Each worker builds the index of the other side's vectors once. When the model's fusion
+    reads the hubness-corrected cosine, recall ranks by it (the index holds the augmented vectors of
+    fashionbert/rank/hubness.py), the fragments' cosines stay the cosines and `offsets` carry each pair's correction;
+    else `offsets` is None."""
 
     def __init__(self, spec: ScoringSpec, recall_k: int, index: str, exact_max: int):
         super().__init__(spec)
         self.recall_k, self.index, self.exact_max = recall_k, index, exact_max
         self.indexes: dict[str, NeighbourIndex] = {}
+        self.biases = CatalogBiases(index, exact_max)
 
     def process(self, chunk: Chunk, vectors: dict):
         database = "image" if chunk.kind == "text" else "text"
+        hub = self.biases.get(self.ctx, vectors)
+        bias = None if hub is None else (hub.image if database == "image" else hub.text)
         if database not in self.indexes:
-            self.indexes[database] = NeighbourIndex(vectors[database], self.recall_k, self.index, self.exact_max,
+            held = vectors[database] if bias is None else augmented_database(vectors[database], bias)
+            self.indexes[database] = NeighbourIndex(held, self.recall_k, self.index, self.exact_max,
                                                     device=self.ctx.runtime.device.type)
-        found = self.indexes[database].search(vectors[chunk.kind][chunk.start:chunk.stop], chunk.start)
+        queries = vectors[chunk.kind][chunk.start:chunk.stop]
+        found = self.indexes[database].search(queries if bias is None else augmented_queries(queries), chunk.start)
+        score = found.score if bias is None else (found.score + bias[found.candidate]).astype(np.float32)
         if chunk.kind == "text":
             direction, image, text = T2I, found.candidate, found.query
         else:
             direction, image, text = I2T, found.query, found.candidate
         order = np.argsort(image, kind="stable")
-        image, text, cosine = image[order], text[order], found.score[order]
+        image, text, cosine = image[order], text[order], score[order]
+        offsets = None if hub is None else hub.offsets(text, image)
         starts = np.flatnonzero(np.r_[True, image[1:] != image[:-1]]) if len(image) else np.zeros(0, np.int64)
         for lo, hi in zip(starts, np.r_[starts[1:], len(image)].astype(np.int64)):
-            yield int(image[lo]), (direction, text[lo:hi], cosine[lo:hi])
+            yield int(image[lo]), (direction, text[lo:hi], cosine[lo:hi], None if offsets is None else offsets[lo:hi])
 
 
 def merge_block(element) -> tuple[int, PairBlock]:
@@ -79,11 +77,14 @@ def merge_block(element) -> tuple[int, PairBlock]:
     fragments = list(fragments)
     texts, inverse = np.unique(np.concatenate([f[1] for f in fragments]), return_inverse=True)
     cosines = np.full((len(texts), 2), np.nan, dtype=np.float32)
+    offsets = None if fragments[0][3] is None else np.zeros(len(texts), dtype=np.float32)
     start = 0
-    for direction, text, cosine in fragments:
+    for direction, text, cosine, offset in fragments:
         cosines[inverse[start:start + len(text)], direction] = cosine
+        if offsets is not None:  # a pair's correction is the same in both directions
+            offsets[inverse[start:start + len(text)]] = offset
         start += len(text)
-    return image, PairBlock(image, texts, cosines)
+    return image, PairBlock(image, texts, cosines, offsets)
 
 
 class TopK(beam.DoFn):
@@ -177,9 +178,6 @@ def run(config: single.RetrieveConfig, beam_args: list[str], chunk: int = CHUNK)
     if config.score_cache or config.save_scores:
         raise UserError("--score-cache and --save-scores work in the single-process retrieve only (run it without "
                         "Beam options); with a Beam runner every pair is scored")
-    if config.hubness.enabled:
-        raise UserError(f"--hubness-temperature {config.hubness_temperature}: the hubness correction works in the "
-                        f"single-process retrieve only (run it without Beam options, or pass --hubness-temperature 0)")
     check_model(config.model)
     out = storage.resolve(config.out, "--out")
     storage.check_target(out, config.overwrite)

@@ -3,8 +3,12 @@
     fashionbert score-pairs --features DIR --model DIR --pairs FILE --out FILE --runner X [Beam options]
 
     seed --ReadPairs (a worker reads --pairs and matches its ids)--> blocks of one image's distinct texts, keyed by
-      their input rows; unknown ids on the side --Reshuffle--> RunInference(KeyedModelHandler(CrossEncoderHandler))
-      --> scores by input row --Write (one worker: input order, every input column + score; the rejects)
+      their input rows; unknown ids on the side --Reshuffle--> Offsets --> RunInference(KeyedModelHandler(
+      CrossEncoderHandler)) --> scores by input row --Write (one worker: input order, every input column + score;
+      the rejects)
+    seed --Plan--> chunks of the catalog --RunInference(EmbedHandler)--> every vector (side input of Offsets): only
+      when the model's fusion reads the hubness-corrected cosine, whose biases are over the whole catalog (as in
+      the single-process stage); else Plan yields nothing and Offsets passes the blocks on.
 
 The writing worker writes the output and the rejects file atomically (a temporary name renamed into place; on an
 object store, one object write each), as the single-process stage does. Same rows, order, columns and rejects as the
@@ -24,8 +28,10 @@ from fashionbert.rank import score_pairs as single
 from fashionbert.rank.cross_encoder import probability
 
 from .execution import check_paths_reach_workers, execution, take_shared_filesystem
-from .rerank import (ContextDoFn, PairBlock, ScoreBlocks, ScoringSpec, check_beam_args, check_model, spec_for,
-                     worker_paths)
+from .rerank import (CatalogBiases, ContextDoFn, Embed, PairBlock, Plan, ScoreBlocks, ScoringSpec, check_beam_args,
+                     check_model, spec_for, worker_paths)
+
+CHUNK = 2048  # texts or images per embedding task (when the hubness biases need every vector)
 
 
 class ReadPairs(ContextDoFn):
@@ -46,6 +52,23 @@ class ReadPairs(ContextDoFn):
             # A pair listed twice is scored once: the block holds each distinct text of the image once.
             texts, text_of_row = np.unique(pairs[lo:hi, 0], return_inverse=True)
             yield (rows[lo:hi], text_of_row), PairBlock(int(pairs[lo, 1]), texts)
+
+
+class Offsets(ContextDoFn):
+    """A block -> the same block with each pair's hubness correction over the whole catalog (`offsets`), when the
+    model's fusion reads the corrected cosine."""
+
+    def __init__(self, spec: ScoringSpec):
+        super().__init__(spec)
+        self.biases = CatalogBiases()
+
+    def process(self, element, vectors: dict):
+        key, block = element
+        hub = self.biases.get(self.ctx, vectors)
+        if hub is not None:
+            block = PairBlock(block.image, block.texts, block.cosines,
+                              hub.offsets(block.texts, np.full(len(block.texts), block.image, dtype=np.int64)))
+        yield key, block
 
 
 def scores_by_row(element) -> tuple[np.ndarray, np.ndarray, int]:
@@ -81,9 +104,12 @@ def handoff(out: str, run_id: str) -> str:
 def build_pipeline(p: beam.Pipeline, spec: ScoringSpec, pairs: str, outputs: single.Outputs, t_start: float) -> None:
     seed = p | "Seed" >> beam.Create([None])
     read = seed | "ReadPairs" >> beam.ParDo(ReadPairs(spec, pairs)).with_outputs("rejects", main="blocks")
+    chunks = seed | "Plan" >> beam.ParDo(Plan(spec, CHUNK, when_corrected=True)) | "SpreadChunks" >> beam.Reshuffle()
+    vectors = chunks | "Embed" >> Embed(spec)
     scored = (
         read.blocks
         | "Spread" >> beam.Reshuffle()
+        | "Offsets" >> beam.ParDo(Offsets(spec), beam.pvalue.AsSingleton(vectors))
         | "Score" >> ScoreBlocks(spec)
         | "ByRow" >> beam.Map(scores_by_row)
     )

@@ -174,13 +174,36 @@ def test_cli_passes_beam_options_and_refuses_a_bad_one(tmp_path, features, model
     assert not (tmp_path / "r2").exists()
 
 
-def test_beam_runs_refuse_the_score_cache_and_the_hubness_correction(tmp_path, features, model_dir):
+def test_beam_stages_with_a_hubness_corrected_fusion_equal_the_single_process_ones(tmp_path, features, model_dir):
+    """The biases need every vector: Beam's retrieve takes them from the Embed side input in each worker, its
+    score-pairs embeds the catalog for them (and only then); the outputs are the single-process ones."""
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    ScoreFusion(0.7, 3.0, -0.5, {"source": "test"}, {"temperature": 0.05, "k": 5}).save(model)
+    want = retrieve.run(_retrieve_config(features, model, tmp_path / "single", "--top-k", 4, "--recall-k", 6))
+    got = beam_retrieve.run(_retrieve_config(features, model, tmp_path / "beam", "--top-k", 4, "--recall-k", 6),
+                            [FN_API, "--direct_num_workers=2"], chunk=5)
+    _assert_same_tables(_tables(tmp_path / "beam"), _tables(tmp_path / "single"))
+    assert got["hubness"] == {"temperature": 0.05, "k": 5} and want["hubness"]["k"] == 5
+    pq.write_table(pa.table({"product_id": ["p00003", "p00005", "p00011"], "image_id": ["p00003-1", "p00000-0",
+                                                                                        "p00009-1"]}),
+                   tmp_path / "p.parquet")
+    common = ("--features", features, "--model", model, "--pairs", tmp_path / "p.parquet")
+    score_pairs.run(_score_config(*common, "--out", tmp_path / "single.parquet"))
+    beam_score_pairs.run(_score_config(*common, "--out", tmp_path / "beam.parquet"), [FN_API])
+    scores = pq.read_table(tmp_path / "single.parquet").column("score").to_numpy()
+    np.testing.assert_allclose(pq.read_table(tmp_path / "beam.parquet").column("score").to_numpy(), scores, atol=1e-5)
+    plain = tmp_path / "plain"  # the same weights without the correction score otherwise: the correction ran
+    shutil.copytree(model_dir, plain)
+    score_pairs.run(_score_config("--features", features, "--model", plain, "--pairs", tmp_path / "p.parquet",
+                                  "--out", tmp_path / "plain.parquet"))
+    assert np.abs(pq.read_table(tmp_path / "plain.parquet").column("score").to_numpy() - scores).max() > 1e-4
+
+
+def test_beam_runs_refuse_the_score_cache(tmp_path, features, model_dir):
     config = _retrieve_config(features, model_dir, tmp_path / "r", "--save-scores", tmp_path / "s.parquet")
     with pytest.raises(UserError, match="--score-cache and --save-scores work in the single-process retrieve only"):
         beam_retrieve.run(config, [FN_API])
-    hub = _retrieve_config(features, model_dir, tmp_path / "r", "--hubness-temperature", 0.03)
-    with pytest.raises(UserError, match="--hubness-temperature 0.03: the hubness correction works in the single-"):
-        beam_retrieve.run(hub, [FN_API])
     with pytest.raises(UserError, match=r"unrecognized arguments: --runer=FnApiRunner .*neither a `fashionbert retrieve`"):
         beam_retrieve.run(_retrieve_config(features, model_dir, tmp_path / "r"), ["--runer=FnApiRunner"])
 

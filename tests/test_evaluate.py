@@ -281,7 +281,24 @@ def test_fuse_fits_the_ranking_score_and_evaluate_ranks_by_it(tmp_path, trained)
     assert summary["version"] == load_model(itc, resolve_runtime("cpu", "fp32")).version
     assert summary["fusion"]["fitted"]["source"] == "fashionbert fuse" and summary["fusion"]["fitted"]["positives"] == 30
     assert summary["fusion"]["fitted"]["split"]["kind"] == "all"
-    assert {"rank1_t2i", "rank1_t2i_tia", "rank1_t2i_itc"} <= set(summary["validation"])
+    assert {"rank1_t2i", "rank1_t2i_tia", "rank1_t2i_itc", "rank1_t2i_itc_hub"} <= set(summary["validation"])
+    # The correction is on by default: fitted on the corrected cosine when that ranks at least as well.
+    check = summary["fusion"]["fitted"]["hubness_check"]
+    assert check["rank1_itc"] == summary["validation"]["rank1_t2i_itc"]
+    assert check["rank1_itc_hub"] == summary["validation"]["rank1_t2i_itc_hub"]
+    keeps = check["rank1_itc_hub"] >= check["rank1_itc"] and summary["fusion"]["itc"] > 0
+    assert summary["fusion"]["hubness"] == ({"temperature": 0.03, "k": 10} if keeps else None)
+    off = fuse.run(_fuse_args(features, itc, "--split", "all", "--queries", 30, "--candidates", 20,
+                              "--hubness-temperature", 0))
+    assert off["fusion"]["hubness"] is None and "hubness_check" not in off["fusion"]["fitted"]
+    assert "rank1_t2i_itc_hub" not in off["validation"]
+
+    # The cosine alone, hubness-corrected: evaluate's score ranks as its itc_hub row (the same biases over the pool).
+    ScoreFusion(0.0, 1.0, 0.0, {"source": "test"}, {"temperature": 0.03, "k": 10}).save(itc)
+    m = evaluate.run(_args(features, itc, tmp_path / "m.json", "--split", "all", "--queries", 20, "--draws", 1,
+                           "--no-gallery"))
+    for d in ("t2i", "i2t"):
+        assert m["sample100"][d] == m["sample100"]["by_head"]["itc_hub"][d]
 
     # A fusion that is the itc cosine alone: evaluate's ranks are then exactly the itc head's.
     ScoreFusion(0.0, 1.0, 0.0, {"source": "test"}).save(itc)

@@ -9,7 +9,8 @@ import pytest
 from fashionbert.errors import UserError
 from fashionbert.evaluation.evaluate import sample_hundred
 from fashionbert.evaluation.sample_hundred import draw_candidates
-from fashionbert.rank.cross_encoder import PairScores
+from fashionbert.model.score_fusion import ScoreFusion
+from fashionbert.rank.cross_encoder import PairScores, fusion_cosine
 from fashionbert.rank.hubness import Hubness, augmented, corrected_search, hubness_biases, neighbour_bias
 from fashionbert.rank.neighbours import search
 
@@ -59,6 +60,29 @@ def test_a_hub_loses_the_first_place_it_held_for_texts_not_its_own():
     assert corrected.score == pytest.approx(expected, abs=1e-5)
     q, d = augmented(texts, images, biases.image)
     assert q.shape[1] == d.shape[1] == texts.shape[1] + 1
+
+
+def test_a_pair_has_one_corrected_cosine_that_ranks_as_each_direction_s_correction():
+    """offsets(t, i) = (bias_image[i] - mean) + (bias_text[t] - mean): per text query the images rank as by
+    cos - bias_image, per image query the texts as by cos - bias_text; the fusion reads cos - offsets and refuses to
+    read the raw cosine in its place."""
+    texts, images = _catalog()
+    biases = hubness_biases(texts, images, Hubness(0.05, k=3), index="torch")
+    t, i = np.meshgrid(np.arange(len(texts)), np.arange(len(images)), indexing="ij")
+    offsets = biases.offsets(t.ravel(), i.ravel()).reshape(t.shape)
+    assert offsets[2, 4] == pytest.approx(biases.image[4] - biases.image.mean() + biases.text[2] - biases.text.mean())
+    cos = texts @ images.T
+    pair = cos - offsets
+    assert (np.argsort(-pair, axis=1) == np.argsort(-(cos - biases.image[None, :]), axis=1)).all()
+    assert (np.argsort(-pair, axis=0) == np.argsort(-(cos - biases.text[:, None]), axis=0)).all()
+    assert abs(pair.mean() - cos.mean()) < 0.05  # the means keep it on the cosine's scale
+    fusion = ScoreFusion(0.0, 2.0, -1.0, None, {"temperature": 0.05, "k": 3})
+    assert fusion_cosine(fusion, cos.ravel(), offsets.ravel()) == pytest.approx(pair.ravel(), abs=1e-6)
+    with pytest.raises(ValueError, match="hubness-corrected cosine: pass the pairs' offsets"):
+        fusion_cosine(fusion, cos.ravel(), None)
+    raw = cos.ravel()
+    assert fusion_cosine(ScoreFusion(0.0, 2.0, -1.0), raw, offsets.ravel()) is raw  # no correction: the cosine as is
+    assert Hubness.from_dict(Hubness(0.05, 3).describe()) == Hubness(0.05, 3) and not Hubness.from_dict(None).enabled
 
 
 def test_temperature_zero_turns_it_off_and_bad_options_say_so():

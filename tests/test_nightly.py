@@ -266,8 +266,8 @@ def _error(capsys, *argv) -> str:
     (["--train", "--retrieve-args=--top-k 5"],
      "--retrieve-args: --top-k is set by the nightly run itself; pass --top-k to nightly"),
     (["--train", "--retrieve-args=--index nope"], "--retrieve-args: argument --index: invalid choice: 'nope'"),
-    (["--train", "--retrieve-args=--hubness-temperature -1"],
-     "--retrieve-args: argument --hubness-temperature: '-1': must be a number >= 0"),
+    (["--train", "--eval-args=--hubness-temperature -1"],
+     "--eval-args: argument --hubness-temperature: '-1': must be a number >= 0"),
     (["--train", "--eval-args=--score-cache x"], "--eval-args: --score-cache is set by the nightly run itself; each run "
                                                  "reuses latest's scores"),
     (["--train", "--max-regression", "-1"], "--max-regression -1.0: must be >= 0"),

@@ -163,17 +163,16 @@ def test_tables_rank_by_the_fused_score_of_the_model_folder(tmp_path, features, 
     assert tia_order_differs  # the cosine changed the order somewhere: the test would notice TIA-only ranking
 
 
-def test_hubness_option_recalls_and_ranks_by_the_corrected_cosine(tmp_path, features, itc_model_dir):
-    """--hubness-temperature: the fusion reads cos - bias + the catalog's mean bias in the cosine's place (biases as
-    rank.hubness computes them over the catalog), rows ranked by that score, recall_score the cosine itself, and
-    _run.json says what ran."""
+def test_a_fusion_fitted_on_the_corrected_cosine_recalls_and_ranks_by_it(tmp_path, features, itc_model_dir):
+    """A score_fusion.json with a hubness correction: the fusion reads cos - (bias_image - its mean) - (bias_text -
+    its mean) (biases as rank.hubness computes them over the catalog), rows ranked by that score, recall_score the
+    cosine itself, one pair has one score in both tables and in score-pairs, and _run.json says what ran."""
     model = tmp_path / "model"
     shutil.copytree(itc_model_dir, model)
-    ScoreFusion(0.5, 4.0, -1.0, {"source": "test"}).save(model)
+    ScoreFusion(0.5, 4.0, -1.0, {"source": "test"}, {"temperature": 0.05, "k": 5}).save(model)
     n_images = N_PRODUCTS * IMAGES_PER_PRODUCT
     out = tmp_path / "retrieval"
-    summary = retrieve.run(_args(features, model, out, "--top-k", n_images, "--recall-k", n_images, "--index", "flat",
-                                 "--hubness-temperature", 0.05, "--hubness-k", 5))
+    summary = retrieve.run(_args(features, model, out, "--top-k", n_images, "--recall-k", n_images, "--index", "flat"))
     loaded, catalog, margin = _every_margin(model, features)
     scorer = CrossEncoderScorer(loaded.model, resolve_runtime("cpu", "fp32"))
     text_vec, image_vec = retrieve.embed_all(retrieve.dual_encoder_for(scorer), catalog.text_ids,
@@ -181,24 +180,35 @@ def test_hubness_option_recalls_and_ranks_by_the_corrected_cosine(tmp_path, feat
     biases = hubness_biases(text_vec, image_vec, Hubness(0.05, 5), "flat")
     assert summary["hubness"] == {"temperature": 0.05, "k": 5, "mean_bias": {
         "image": pytest.approx(biases.image.mean(), abs=1e-5), "text": pytest.approx(biases.text.mean(), abs=1e-5)}}
-    assert summary["options"]["hubness_temperature"] == 0.05 and summary["options"]["hubness_k"] == 5
+    assert "itc cosine less hubness (T 0.05, k 5" in summary["ranking_score"]
     t2i = read_table(str(out / "text_to_image.parquet"), "retrieval").to_pydict()
+    i2t = read_table(str(out / "image_to_text.parquet"), "retrieval").to_pydict()
+    i2t_score = {(q, c): s for q, c, s in zip(i2t["query_id"], i2t["candidate_id"], i2t["score"])}
+    pairs = []
     for t, pid in enumerate(catalog.texts.product_ids[:6]):
         rows = [i for i, q in enumerate(t2i["query_id"]) if q == pid]
         images = np.asarray([catalog.index.image_ids.index(t2i["candidate_id"][i]) for i in rows])
         cos = text_vec[t] @ image_vec[images].T
         np.testing.assert_allclose([t2i["recall_score"][i] for i in rows], cos, atol=2e-5)
-        corrected = cos - biases.image[images] + biases.image.mean()
+        corrected = cos - (biases.image[images] - biases.image.mean()) - (biases.text[t] - biases.text.mean())
         expected = 1 / (1 + np.exp(-(0.5 * margin[t, images] + 4.0 * corrected - 1.0)))
         np.testing.assert_allclose([t2i["score"][i] for i in rows], expected, atol=2e-5)
         assert np.all(np.diff(expected) <= 1e-6)
-    # the parser refuses a bad value; a config made in code is checked before any work
-    with pytest.raises(SystemExit):
-        _args(features, model, tmp_path / "x", "--hubness-k", 0)
-    with pytest.raises(UserError, match="--hubness-k 0"):
-        retrieve.run(dataclasses.replace(_args(features, model, tmp_path / "x", "--hubness-temperature", 0.05),
-                                         hubness_k=0))
-    assert not (tmp_path / "x").exists()
+        # the same pair, ranked the other way, has the same score
+        np.testing.assert_allclose([i2t_score[(t2i["candidate_id"][i], pid)] for i in rows], expected, atol=2e-5)
+        pairs += [(pid, t2i["candidate_id"][i], t2i["score"][i]) for i in rows[:3]]
+    # score-pairs takes the biases over the same catalog: the same scores
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"product_id": [p for p, _, _ in pairs], "image_id": [i for _, i, _ in pairs]}),
+                   tmp_path / "pairs.parquet")
+    parser = argparse.ArgumentParser()
+    score_pairs.add_arguments(parser)
+    score_pairs.run(score_pairs.config_from_args(parser.parse_args([
+        "--features", str(features), "--model", str(model), "--pairs", str(tmp_path / "pairs.parquet"), "--out",
+        str(tmp_path / "scored.parquet"), "--device", "cpu", "--precision", "fp32"])))
+    np.testing.assert_allclose(pq.read_table(tmp_path / "scored.parquet").column("score").to_numpy(),
+                               [s for _, _, s in pairs], atol=2e-5)
 
 
 def test_retrieve_user_errors(tmp_path, features, model_dir):
@@ -276,7 +286,7 @@ def test_help_explains_the_options():
     retrieve.add_arguments(parser)
     text = parser.format_help()
     for opt in ("--features", "--model", "--out", "--overwrite", "--top-k", "--recall-k", "--index", "--exact-max",
-                "--device", "--precision", "--hubness-temperature", "--hubness-k"):
+                "--device", "--precision"):
         assert opt in text
 
 

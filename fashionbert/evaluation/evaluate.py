@@ -17,10 +17,12 @@ Three protocols, all on held-out products (the training split: a hash of group_i
    and ROC AUC over every scored pair of the protocol.
 3. full gallery: every held-out text against every held-out image through the two-stage retrieval of
    `fashionbert retrieve` (recall by dual embeddings, re-rank by the cross-encoder): Rank@1/5/10 of the final
-   ranking (`two_stage`), of the recall stage's own order, the embedding cosine alone (`recall_only`: what
-   retrieval would return without the cross-encoder, at no extra cost), and `rerank_gain`, two-stage minus
-   recall-only Rank@1, which says whether the re-rank pays for its compute; the recall stage's Recall@K, and
-   the compute against the exhaustive cross-encoder (which `--exhaustive` also runs, for small galleries).
+   ranking (`two_stage`), of the embedding cosine alone (`recall_only`: what retrieval would return without the
+   cross-encoder or the hubness correction, at no extra cost), of the hubness-corrected cosine (`recall_hub`),
+   and `rerank_gain`, two-stage minus the Rank@1 of the recall order the re-rank started from (the corrected
+   cosine's when the model's fusion reads it, `recall_ranked_by`), which says whether the re-rank pays for its
+   compute; the recall stage's Recall@K, and the compute against the exhaustive cross-encoder (which
+   `--exhaustive` also runs, for small galleries).
 
 A rank counts ties against the true candidate (rank = 1 + candidates scoring >= it), so a constant model
 scores the floor, not the ceiling.
@@ -53,7 +55,7 @@ from fashionbert.model.loading import training_options
 from fashionbert.rank.cross_encoder import (BatchingOptions, CrossEncoderScorer, PairScorer, PairScores,
                                             add_batching_arguments)
 from fashionbert.rank.hubness import HubnessOptions, add_hubness_arguments, corrected_recall, hubness_biases
-from fashionbert.rank.neighbours import Neighbours
+from fashionbert.rank.neighbours import Neighbours, search
 from fashionbert.rank.retrieve import (Ranked, RecallOptions, add_retrieval_arguments, dual_encoder_for, embed_all,
                                        exhaustive, two_stage)
 from fashionbert.rank.score_cache import CacheOptions, ItemKeys, add_cache_arguments, open_cache, save_path
@@ -379,14 +381,24 @@ def run(args: EvaluateConfig) -> dict:
     pool_texts = [text_ids[p] for p in pool_products]
     pool_images = IndexedImages(index, catalog.reader, pool_rows)
     pool_keys = ItemKeys(catalog.text_hashes[pool_products], catalog.image_hashes[pool_rows])
-    hub = None
-    if hubness.enabled and loaded.has_itc_head:
-        # the pool is the catalog the queries rank in: each candidate's bias is over the pool's queries
+    hub = pool_vec = offsets_of = None
+    ranking_hubness = loaded.fusion.correction
+    if loaded.has_itc_head and (hubness.enabled or ranking_hubness.enabled):
+        # The pool is the catalog the queries rank in: each candidate's bias is over the pool's queries. Its
+        # vectors give the pairs' cosines too, so nothing is embedded twice.
         pool_vec = embed_all(dual_encoder_for(scorer), pool_texts, pool_images, scorer.token_budget, cache, pool_keys)
-        biases = hubness_biases(*pool_vec, hubness, args.index, args.exact_max, rt.device.type)
-        hub = (biases.image, biases.text)
-    s100 = sample_hundred(draws, lambda pairs: pair_scorer.score(pool_texts, pool_images, pairs, pool_keys),
-                          texts.group_codes()[pool_products], hub)
+        biases = {h: hubness_biases(*pool_vec, h, args.index, args.exact_max, rt.device.type)
+                  for h in {hubness, ranking_hubness} if h.enabled}
+        if hubness.enabled:
+            hub = (biases[hubness].image, biases[hubness].text)
+        if ranking_hubness.enabled:
+            offsets_of = biases[ranking_hubness].offsets
+
+    def score(pairs: np.ndarray) -> PairScores:
+        offsets = offsets_of(pairs[:, 0], pairs[:, 1]) if offsets_of is not None else None
+        return pair_scorer.score(pool_texts, pool_images, pairs, pool_keys, offsets, pool_vec)
+
+    s100 = sample_hundred(draws, score, texts.group_codes()[pool_products], hub)
     metrics["sample100"] = {
         "pool_products": int(len(pool_products)), "queries": int(len(draws[0].queries)), "draws": args.draws,
         "candidates_mean": float(np.mean([len(c) - 1 for d in draws for c in d.candidates])),
@@ -444,15 +456,23 @@ def _full_gallery(args: EvaluateConfig, catalog, scorer, held_out, rows, fusion)
     ks = sorted({k for k in (1, 5, 10, 50, args.recall_k) if k <= args.recall_k})
     two = {"t2i": gallery_ranks(result.t2i, t2i_true, t2i_queries, len(products)),
            "i2t": gallery_ranks(result.i2t, i2t_true, i2t_queries, len(rows))}
-    # The same queries ranked by the embedding cosine alone: what the re-rank has to beat to earn its cost.
-    alone = {"t2i": gallery_ranks(recall_order(result.recall_t2i), t2i_true, t2i_queries, len(products)),
-             "i2t": gallery_ranks(recall_order(result.recall_i2t), i2t_true, i2t_queries, len(rows))}
+
+    def ranks_of(t2i: Neighbours, i2t: Neighbours) -> dict:
+        return {"t2i": gallery_ranks(recall_order(t2i), t2i_true, t2i_queries, len(products)),
+                "i2t": gallery_ranks(recall_order(i2t), i2t_true, i2t_queries, len(rows))}
+
+    device = scorer.runtime.device.type
+    # The recall stage's own order: what the re-rank has to beat to earn its cost (by the corrected cosine when
+    # the model's fusion reads it), and the same queries by the embedding cosine alone.
+    recalled = ranks_of(result.recall_t2i, result.recall_i2t)
+    alone = recalled if result.biases is None else ranks_of(
+        search(result.image_vectors, result.text_vectors, args.recall_k, args.index, args.exact_max, device=device),
+        search(result.text_vectors, result.image_vectors, args.recall_k, args.index, args.exact_max, device=device))
     if args.hubness.enabled and result.text_vectors.size:
-        # The recall stage ranked by the corrected cosine instead: what the correction adds at no re-rank cost.
-        hub_t2i, hub_i2t, _ = corrected_recall(result.text_vectors, result.image_vectors, args.hubness, args.recall_k,
-                                               args.index, args.exact_max, scorer.runtime.device.type)
-        hub = {"t2i": gallery_ranks(recall_order(hub_t2i), t2i_true, t2i_queries, len(products)),
-               "i2t": gallery_ranks(recall_order(hub_i2t), i2t_true, i2t_queries, len(rows))}
+        # Ranked by the corrected cosine instead: what the correction adds at no re-rank cost.
+        hub = recalled if result.biases is not None and args.hubness == fusion.correction else ranks_of(
+            *corrected_recall(result.text_vectors, result.image_vectors, args.hubness, args.recall_k, args.index,
+                              args.exact_max, device)[:2])
         hubness = {"recall_hub": hub, "hubness": {**args.hubness.describe(), "gain": {
             d: hub[d]["rank1"] - alone[d]["rank1"] for d in ("t2i", "i2t")}}}
     else:
@@ -462,7 +482,8 @@ def _full_gallery(args: EvaluateConfig, catalog, scorer, held_out, rows, fusion)
         "index": result.index_kind,
         "two_stage": two,
         "recall_only": alone,
-        "rerank_gain": {d: two[d]["rank1"] - alone[d]["rank1"] for d in ("t2i", "i2t")},
+        "recall_ranked_by": "hubness-corrected cosine" if result.biases is not None else "cosine",
+        "rerank_gain": {d: two[d]["rank1"] - recalled[d]["rank1"] for d in ("t2i", "i2t")},
         **hubness,
         "recall": {"t2i": recall_at(result.recall_t2i, t2i_true, t2i_queries, len(products), ks),
                    "i2t": recall_at(result.recall_i2t, i2t_true, i2t_queries, len(rows), ks)},

@@ -3,7 +3,8 @@
     fashionbert fuse --features DIR --model DIR [--queries 500]
 
 The ranking score of retrieve, score-pairs and evaluate is P(aligned) = sigmoid(a x TIA margin + b x itc cosine
-+ c), three numbers in MODEL/score_fusion.json (fashionbert/model/score_fusion.py says why). Training fits them at every
++ c), three numbers in MODEL/score_fusion.json (with the cosine hubness-corrected unless --hubness-temperature 0 or
+the correction ranks the held-out queries worse) (fashionbert/model/score_fusion.py says why). Training fits them at every
 validation and saves them with the checkpoint; this command fits them for a model folder after the fact: a
 model trained before the file existed (which ranks by TIA alone), a checkpoint saved between validations, or
 a refit on more held-out queries than training's quick validation used. It scores each query text against its
@@ -28,11 +29,12 @@ from fashionbert.evaluation.evaluate import SplitOptions, add_split_arguments, h
 from fashionbert.evaluation.quick_validation import validate
 from fashionbert.evaluation.sample_hundred import build_sample_hundred
 from fashionbert.model.loading import load_model, model_version
+from fashionbert.rank.hubness import HubnessOptions, add_hubness_arguments
 from fashionbert.runtime import RuntimeOptions, add_runtime_arguments, resolve_runtime, stage_config
 
 
 @dataclasses.dataclass(frozen=True)
-class FuseConfig(SplitOptions, RuntimeOptions):
+class FuseConfig(SplitOptions, HubnessOptions, RuntimeOptions):
     features: list[str] = dataclasses.field(default_factory=list)  # featurize output folders
     model: str = ""
     queries: int = 500
@@ -63,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-pool", type=int, default=d.max_pool,
                    help="held-out images kept in memory as candidates (default %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of the query and candidate draw (default 0)")
+    add_hubness_arguments(parser, fits=True)
     add_runtime_arguments(parser)
 
 
@@ -75,6 +78,7 @@ def run(args: FuseConfig) -> dict:
         raise UserError(f"--model {args.model}: fuse writes score_fusion.json into the model folder, so it must be a "
                         f"local folder; copy it here (e.g. `gsutil -m cp -r {args.model} DIR`), fuse DIR, then upload "
                         f"DIR")
+    hubness = args.hubness  # checked before any work
     rt = resolve_runtime(args.device, args.precision, args.num_threads)
     loaded = load_model(args.model, rt)
     if not loaded.has_itc_head:
@@ -89,7 +93,7 @@ def run(args: FuseConfig) -> dict:
         raise UserError("fewer than 2 held-out products with an image in --features: nothing to fit on; use --split "
                         "all, a larger --val-fraction, or featurize more products")
     previous = loaded.fusion
-    metrics, fusion = validate(loaded.model, s100, loaded.config, rt)
+    metrics, fusion = validate(loaded.model, s100, loaded.config, rt, hubness)
     fusion = dataclasses.replace(fusion, fitted=fusion.fitted | {"source": "fashionbert fuse", "split": split_info,
                                                                  "seed": args.seed})
     fusion.save(loaded.folder)

@@ -47,6 +47,7 @@ class SampleHundred:
     pool_products: np.ndarray
     pool_features: np.ndarray  # (n, P, D) float16, one image per held-out product
     texts: list[np.ndarray]  # per query, token ids
+    pool_texts: list[np.ndarray] | None = None  # per pool product, token ids (the catalog a hubness bias is over)
 
     def __len__(self) -> int:
         return len(self.query_products)
@@ -142,5 +143,6 @@ def build_sample_hundred(texts: TextTable, index: ImageIndex, val_rows: np.ndarr
         products, rows = products[keep], rows[keep]
     feats = reader.read(index.shard[rows], index.row_group[rows], index.row[rows])
     d = draw([texts.subcategory[p] for p in products], queries, candidates, rng, shuffle_short=False)
-    qtexts = [texts.input_ids[int(products[q])][0] for q in d.queries]
-    return SampleHundred(products[d.queries], d.candidates, products, feats, qtexts)
+    pool_texts = [texts.input_ids[int(p)][0] for p in products]
+    return SampleHundred(products[d.queries], d.candidates, products, feats, [pool_texts[q] for q in d.queries],
+                         pool_texts)

@@ -19,7 +19,13 @@ the listwise step optimises. (Measured, 200 held-out queries, cross-fitted Rank@
 36.5% pairwise, the itc cosine alone 40%, TIA alone 19%; synthetic catalog 92.9% either way: equal within
 the noise, the listwise fit is kept for optimising the right thing.)
 
-The fit is three numbers saved beside the weights as `score_fusion.json`, written by training at every
+The cosine the fusion reads may be hubness-corrected (`hubness`: fashionbert/rank/hubness.py): each pair's cosine less
+its text's and its image's closeness to the rest of the catalog being ranked. Fitted so by training's validation
+and `fashionbert fuse` (over their held-out pool) where that ranks the validation queries at least as well as the
+raw cosine (`fitted["hubness_check"]`); every stage that scores with the fusion then computes the biases over its
+own catalog and reads the corrected cosine, so one pair has one score in retrieve, score-pairs and evaluate.
+
+The fit is three numbers (and the correction's settings) saved beside the weights as `score_fusion.json`, written by training at every
 validation and by `fashionbert fuse` for any model folder. A model folder without the file ranks by TIA alone
 (`TIA_ONLY`), as before this file existed. A head whose fitted weight would be negative is dropped (weight 0)
 and the fit redone: a negative weight means the head ranks backwards on this data. The TIA head is dropped too
@@ -53,6 +59,7 @@ class ScoreFusion:
     itc: float = 0.0  # weight on the itc cosine
     bias: float = 0.0
     fitted: dict | None = None  # how it was fitted (pairs, products, source); None for TIA_ONLY
+    hubness: dict | None = None  # the cosine's hubness correction ({"temperature", "k"}); None: the raw cosine
 
     @property
     def uses_itc(self) -> bool:
@@ -63,6 +70,12 @@ class ScoreFusion:
         """False when the fit gave the TIA head no weight: the score is then the calibrated cosine, and retrieval and
         score-pairs skip the cross-encoder, whose margins it would multiply by 0."""
         return self.tia != 0.0
+
+    @property
+    def correction(self):
+        """The `rank.hubness.Hubness` the fusion's cosine is corrected with (disabled when it reads the raw cosine)."""
+        from fashionbert.rank.hubness import OFF, Hubness  # numpy only; imported here to keep this module's imports
+        return Hubness.from_dict(self.hubness) if self.uses_itc and self.hubness else OFF
 
     def logit(self, margin: np.ndarray | None, cosine: np.ndarray | None = None) -> np.ndarray:
         """The ranking logit, float64. `margin` may be None when `uses_tia` is false, `cosine` when `uses_itc` is."""
@@ -79,11 +92,14 @@ class ScoreFusion:
     def describe(self) -> str:
         if not self.uses_itc and self.fitted is None:
             return "TIA head alone (the model folder has no score_fusion.json)"
-        formula = f"sigmoid({self.tia:.4g} x TIA margin + {self.itc:.4g} x itc cosine + {self.bias:.4g})"
+        hub = self.correction
+        cosine = (f"itc cosine less hubness (T {hub.temperature:g}, k {hub.k} over the catalog)" if hub.enabled
+                  else "itc cosine")
+        formula = f"sigmoid({self.tia:.4g} x TIA margin + {self.itc:.4g} x {cosine} + {self.bias:.4g})"
         return formula if self.uses_tia else f"{formula}: the itc cosine alone, no cross-encoder pass"
 
     def to_dict(self) -> dict:
-        return {"tia": self.tia, "itc": self.itc, "bias": self.bias, "fitted": self.fitted}
+        return {"tia": self.tia, "itc": self.itc, "bias": self.bias, "fitted": self.fitted, "hubness": self.hubness}
 
     def save(self, folder: str | os.PathLike) -> Path:
         path = Path(folder) / FUSION_NAME
@@ -102,8 +118,9 @@ def load(folder: str | os.PathLike) -> ScoreFusion:
         return TIA_ONLY
     try:
         d = json.loads(path.read_text())
-        fusion = ScoreFusion(float(d["tia"]), float(d["itc"]), float(d["bias"]), d.get("fitted"))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        fusion = ScoreFusion(float(d["tia"]), float(d["itc"]), float(d["bias"]), d.get("fitted"), d.get("hubness"))
+        _ = fusion.correction  # a bad temperature or k raises here
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError) as exc:
         raise UserError(f"{path}: not a readable score fusion ({exc}); refit it with `fashionbert fuse --model "
                         f"{folder} --features DIR`, or delete it to rank by the TIA head alone") from None
     if not all(np.isfinite([fusion.tia, fusion.itc, fusion.bias])) or fusion.tia < 0 or fusion.itc < 0:

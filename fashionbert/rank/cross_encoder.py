@@ -207,6 +207,18 @@ def _pair_lookup(pairs: np.ndarray, values: np.ndarray):
 
 
 # ============================================================================================ ranking score
+def fusion_cosine(fusion: score_fusion.ScoreFusion, cosine: np.ndarray | None,
+                  offsets: np.ndarray | None) -> np.ndarray | None:
+    """The cosine `fusion` reads: `cosine` itself, or less `offsets` when the fusion was fitted on the
+    hubness-corrected cosine."""
+    if cosine is None or not fusion.correction.enabled:
+        return cosine
+    if offsets is None:
+        raise ValueError("this fusion reads the hubness-corrected cosine: pass the pairs' offsets "
+                         "(rank.hubness.HubnessBiases.offsets over the catalog being scored)")
+    return np.asarray(cosine, dtype=np.float64) - np.asarray(offsets, dtype=np.float64)
+
+
 @dataclasses.dataclass
 class PairScores:
     margin: np.ndarray | None  # float32 TIA logit margins (None when not asked for and the fusion does not use them)
@@ -230,12 +242,20 @@ class PairScorer:
         self.dual = DualEncoder(cross.model, cross.runtime.device, progress=cross.progress) if wanted else None
 
     def score(self, texts: Sequence[np.ndarray], images: ImageSource, pairs: np.ndarray,
-              keys: ItemKeys | None = None) -> PairScores:
-        """`keys`: the texts' and images' content hashes, for the cross-encoder's cache."""
+              keys: ItemKeys | None = None, offsets: np.ndarray | None = None,
+              vectors: tuple[np.ndarray, np.ndarray] | None = None) -> PairScores:
+        """`keys`: the texts' and images' content hashes, for the cross-encoder's cache. `offsets`: what the fusion's
+        hubness correction subtracts from each pair's cosine (`rank.hubness.HubnessBiases.offsets` over the catalog
+        being scored); required when the fusion has one. `vectors`: every text's and image's recall vector, when
+        the caller has them (the cosines are then their dot products, nothing is embedded again)."""
         pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-        cosine = self.cosines(texts, images, pairs, keys) if self.dual is not None else None
+        cosine = None
+        if vectors is not None and self.dual is not None:
+            cosine = np.einsum("nd,nd->n", vectors[0][pairs[:, 0]], vectors[1][pairs[:, 1]]).astype(np.float32)
+        elif self.dual is not None:
+            cosine = self.cosines(texts, images, pairs, keys)
         margin = self.cross.score(texts, images, pairs, keys, cosine) if self.margins else None
-        return PairScores(margin, cosine, self.fusion.logit(margin, cosine))
+        return PairScores(margin, cosine, self.fusion.logit(margin, fusion_cosine(self.fusion, cosine, offsets)))
 
     def cosines(self, texts: Sequence[np.ndarray], images: ImageSource, pairs: np.ndarray,
                 keys: ItemKeys | None = None) -> np.ndarray:

@@ -15,6 +15,14 @@ on hm-dev k = 10 ranks as the exact sum over the whole catalog does.
 
 Ranking by the corrected cosine is an inner product too: the image vectors get one more component, -bias_image,
 and the text vectors a 1 (`augmented`), so any recall index searches it directly.
+
+The ranking score reads one corrected cosine per pair, whichever way it is ranked (`HubnessBiases.offsets`):
+
+    cos(t, i) - (bias_image[i] - mean bias_image) - (bias_text[t] - mean bias_text)
+
+For one text query the text's term is a constant, so its images rank as by cos - bias_image; for one image query
+alike. So a pair has one score in both tables and in score-pairs (CSLS, Conneau et al. 2018, has this form), and the
+catalog means keep it on the cosine's scale, which the score fusion's calibration was fitted on.
 """
 from __future__ import annotations
 
@@ -51,6 +59,14 @@ class Hubness:
     def describe(self) -> dict:
         return {"temperature": self.temperature, "k": self.k} if self.enabled else {"temperature": 0.0}
 
+    @staticmethod
+    def from_dict(d: dict | None) -> "Hubness":
+        """The inverse of `describe` (None: off)."""
+        return Hubness(float(d.get("temperature", 0.0)), int(d.get("k", DEFAULT_K))) if d else OFF
+
+
+OFF = Hubness(0.0)
+
 
 @dataclasses.dataclass
 class HubnessBiases:
@@ -58,6 +74,17 @@ class HubnessBiases:
     (n_texts,) in image -> text ranking."""
     image: np.ndarray
     text: np.ndarray
+
+    def means(self) -> tuple[float, float]:
+        """(mean image bias, mean text bias); 0 for an empty side."""
+        return tuple(float(b.mean()) if len(b) else 0.0 for b in (self.image, self.text))
+
+    def offsets(self, text: np.ndarray, image: np.ndarray) -> np.ndarray:
+        """(n,) float32: what the ranking score's corrected cosine subtracts from pairs (text[j], image[j])'s cosine,
+        each bias less its catalog mean (the module's docstring says why both)."""
+        mean_image, mean_text = self.means()
+        return ((self.image[np.asarray(image, dtype=np.int64)] - mean_image)
+                + (self.text[np.asarray(text, dtype=np.int64)] - mean_text)).astype(np.float32)
 
 
 def neighbour_bias(found: Neighbours, n_items: int, temperature: float) -> np.ndarray:
@@ -91,9 +118,17 @@ def hubness_biases(text_vec: np.ndarray, image_vec: np.ndarray, hubness: Hubness
 def augmented(queries: np.ndarray, database: np.ndarray, database_bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(queries, database) with one more component each, so that their inner product is the corrected cosine
     q . d - bias[d]."""
+    return augmented_queries(queries), augmented_database(database, database_bias)
+
+
+def augmented_queries(queries: np.ndarray) -> np.ndarray:
     q = np.concatenate([queries, np.ones((len(queries), 1), dtype=queries.dtype)], axis=1)
+    return np.ascontiguousarray(q, dtype=np.float32)
+
+
+def augmented_database(database: np.ndarray, database_bias: np.ndarray) -> np.ndarray:
     d = np.concatenate([database, -np.asarray(database_bias, dtype=database.dtype)[:, None]], axis=1)
-    return np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(d, dtype=np.float32)
+    return np.ascontiguousarray(d, dtype=np.float32)
 
 
 def corrected_search(queries: np.ndarray, database: np.ndarray, database_bias: np.ndarray, k: int,
@@ -136,19 +171,18 @@ def _neighbours(text: str) -> int:
     return value
 
 
-def add_hubness_arguments(parser: argparse.ArgumentParser, temperature: float = DEFAULT_TEMPERATURE,
-                          ranks: bool = False) -> None:
-    """`ranks`: the stage ranks its output by the corrected cosine (retrieve); else it reports that ranking beside
-    the others (evaluate)."""
+def add_hubness_arguments(parser: argparse.ArgumentParser, fits: bool = False) -> None:
+    """`fits`: the stage fits the ranking score, which then reads the corrected cosine (fuse); else it reports the
+    corrected cosine's ranking beside the others (evaluate)."""
     d = HubnessOptions()
     g = parser.add_argument_group("hubness correction of the cosine (fashionbert/rank/hubness.py)")
-    default = f"{temperature}" + (f"; evaluate's {DEFAULT_TEMPERATURE}" if temperature != DEFAULT_TEMPERATURE else "")
-    what = ("recall and rank by the itc cosine minus each candidate's closeness to the catalog's other queries, the "
-            "ranking score reading it in the cosine's place" if ranks else
+    what = ("fit the ranking score on the itc cosine minus each pair's text's and image's closeness to the rest of "
+            "the catalog (kept where it ranks the held-out queries at least as well as the raw cosine); retrieve, "
+            "score-pairs and evaluate then score that way" if fits else
             "also rank by the itc cosine minus each candidate's closeness to the catalog's other queries")
-    g.add_argument("--hubness-temperature", type=_temperature, default=temperature, metavar="T",
+    g.add_argument("--hubness-temperature", type=_temperature, default=d.hubness_temperature, metavar="T",
                    help=f"{what} (T log mean exp(cos / T) over its --hubness-k nearest); 0 = off (default "
-                        f"{default})")
+                        f"{DEFAULT_TEMPERATURE})")
     g.add_argument("--hubness-k", type=_neighbours, default=d.hubness_k, metavar="K",
                    help=f"nearest queries each candidate's bias is taken over (default {DEFAULT_K})")
 

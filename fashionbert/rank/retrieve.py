@@ -11,9 +11,10 @@ A cross-encoder cannot score every text against every image of a real catalog (1
    score_fusion.json (fashionbert/model/score_fusion.py; the TIA margin alone for a model folder without one). The table's
    `score` is that P(aligned), `recall_score` the cosine.
 The two directions' candidate pairs overlap (mutual neighbours), so each distinct (text, image) pair is
-scored once. `--hubness-temperature T` (off by default) recalls and ranks by the cosine less each candidate's
-closeness to the catalog's other queries (fashionbert/rank/hubness.py): the fusion reads that corrected cosine,
-recentred on the catalog's mean bias, in the cosine's place; `recall_score` stays the cosine.
+scored once. A model whose score_fusion.json was fitted on the hubness-corrected cosine (the default since
+training's validation fits it so: fashionbert/rank/hubness.py) recalls by the cosine less each candidate's
+closeness to the catalog's other queries, and its fusion reads each pair's corrected cosine; `recall_score` stays
+the cosine itself.
 
 Nightly runs cost what changed: `--score-cache FILE` (an earlier run's `--save-scores FILE`, same model_version
 and precision) serves every pair margin and every embedding whose (text content hash, image content hash) it holds,
@@ -50,9 +51,10 @@ from fashionbert.data.feature_catalog import ImageSource, IndexedImages, open_ca
 from fashionbert.data.model_store import load_model
 from fashionbert.errors import UserError
 from fashionbert.model.score_fusion import TIA_ONLY, ScoreFusion
-from fashionbert.rank.cross_encoder import BatchingOptions, CrossEncoderScorer, add_batching_arguments, probability
+from fashionbert.rank.cross_encoder import (BatchingOptions, CrossEncoderScorer, add_batching_arguments, fusion_cosine,
+                                           probability)
 from fashionbert.rank.embeddings import DualEncoder, embed_items
-from fashionbert.rank.hubness import Hubness, HubnessOptions, add_hubness_arguments, corrected_recall
+from fashionbert.rank.hubness import HubnessBiases, corrected_recall, hubness_biases
 from fashionbert.rank.neighbours import DEFAULT_EXACT_MAX, KINDS, Neighbours, search
 from fashionbert.rank.score_cache import (CacheOptions, ItemKeys, ScoreCache, add_cache_arguments, open_cache,
                                           save_path)
@@ -119,6 +121,7 @@ class TwoStage:
     pairs_scored: int
     seconds: dict
     hubness: dict | None = None  # with a hubness correction: its settings and the catalog's mean biases
+    biases: HubnessBiases | None = None  # with a hubness correction: every text's and image's bias
 
 
 def dual_encoder_for(scorer: CrossEncoderScorer) -> DualEncoder:
@@ -136,16 +139,16 @@ def embed_all(dual: DualEncoder, texts: Sequence[np.ndarray], images: ImageSourc
 def two_stage(scorer: CrossEncoderScorer, dual: DualEncoder, texts: Sequence[np.ndarray], images: ImageSource,
               recall_k: int, index: str = "auto", exact_max: int = DEFAULT_EXACT_MAX,
               vectors: tuple[np.ndarray, np.ndarray] | None = None, fusion: ScoreFusion = TIA_ONLY,
-              keys: ItemKeys | None = None, hubness: Hubness | None = None) -> TwoStage:
+              keys: ItemKeys | None = None) -> TwoStage:
     """Recall top-`recall_k` by dual-embedding cosine in both directions, then re-rank by the ranking score
     (`fusion` of the cross-encoder's margin and the recall cosine). `keys`: the texts' and images' content
     hashes, with which the scorer's cache serves the embeddings and margins it holds. A fusion without TIA weight
     (`fusion.uses_tia` false) ranks by the calibrated cosine, the recall order: no pair goes through the
     cross-encoder (`pairs_scored` 0).
 
-    With an enabled `hubness` (fashionbert/rank/hubness.py) recall ranks by the corrected cosine, and the fusion
-    reads it in the cosine's place, shifted by the catalog's mean bias of that direction so that it stays on the
-    scale the fusion was fitted on. The rows' recall_score stays the cosine itself."""
+    When the fusion reads the hubness-corrected cosine (`fusion.correction`, fashionbert/rank/hubness.py), the
+    biases are taken over this catalog, recall ranks by the corrected cosine and the fusion reads each pair's
+    corrected cosine (`HubnessBiases.offsets`); the rows' recall_score stays the cosine itself."""
     seconds = {}
     t0 = time.perf_counter()
     text_vec, image_vec = vectors if vectors is not None else embed_all(dual, texts, images, scorer.token_budget,
@@ -153,18 +156,19 @@ def two_stage(scorer: CrossEncoderScorer, dual: DualEncoder, texts: Sequence[np.
     seconds["embed"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     device = scorer.runtime.device.type
-    if hubness is not None and hubness.enabled:
+    hubness = fusion.correction
+    if hubness.enabled:
         t2i, i2t, biases = corrected_recall(text_vec, image_vec, hubness, recall_k, index, exact_max, device)
-        shift = tuple(float(b.mean()) if len(b) else 0.0 for b in (biases.image, biases.text))
-        t2i_fused, i2t_fused = t2i.score + shift[0], i2t.score + shift[1]
         # the rows' recall_score: the cosine again
         t2i = dataclasses.replace(t2i, score=(t2i.score + biases.image[t2i.candidate]).astype(np.float32))
         i2t = dataclasses.replace(i2t, score=(i2t.score + biases.text[i2t.candidate]).astype(np.float32))
-        hub = {**hubness.describe(), "mean_bias": {"image": round(shift[0], 6), "text": round(shift[1], 6)}}
+        t2i_offsets, i2t_offsets = biases.offsets(t2i.query, t2i.candidate), biases.offsets(i2t.candidate, i2t.query)
+        means = biases.means()
+        hub = {**hubness.describe(), "mean_bias": {"image": round(means[0], 6), "text": round(means[1], 6)}}
     else:
         t2i = search(image_vec, text_vec, recall_k, index, exact_max, device=device)
         i2t = search(text_vec, image_vec, recall_k, index, exact_max, device=device)
-        t2i_fused, i2t_fused, hub = t2i.score, i2t.score, None
+        t2i_offsets = i2t_offsets = hub = biases = None
     seconds["recall"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     # Both directions as (text, image) pairs; each distinct pair is scored once.
@@ -183,11 +187,13 @@ def two_stage(scorer: CrossEncoderScorer, dual: DualEncoder, texts: Sequence[np.
         t2i_margins = i2t_margins = None
         pairs_scored = 0
     seconds["rerank"] = time.perf_counter() - t0
+    t2i_logit = fusion.logit(t2i_margins, fusion_cosine(fusion, t2i.score, t2i_offsets))
+    i2t_logit = fusion.logit(i2t_margins, fusion_cosine(fusion, i2t.score, i2t_offsets))
     return TwoStage(
-        t2i=rank_rows(t2i.query, t2i.candidate, t2i.score, fusion.logit(t2i_margins, t2i_fused)),
-        i2t=rank_rows(i2t.query, i2t.candidate, i2t.score, fusion.logit(i2t_margins, i2t_fused)),
+        t2i=rank_rows(t2i.query, t2i.candidate, t2i.score, t2i_logit),
+        i2t=rank_rows(i2t.query, i2t.candidate, i2t.score, i2t_logit),
         recall_t2i=t2i, recall_i2t=i2t, text_vectors=text_vec, image_vectors=image_vec, index_kind=t2i.kind,
-        pairs_scored=pairs_scored, seconds=seconds, hubness=hub)
+        pairs_scored=pairs_scored, seconds=seconds, hubness=hub, biases=biases)
 
 
 def exhaustive(scorer: CrossEncoderScorer, texts: Sequence[np.ndarray], images: ImageSource,
@@ -200,7 +206,9 @@ def exhaustive(scorer: CrossEncoderScorer, texts: Sequence[np.ndarray], images: 
     i = np.tile(np.arange(n_i, dtype=np.int64), n_t)
     cos = (text_vec @ image_vec.T).astype(np.float32).reshape(-1)
     margins = scorer.score(texts, images, np.stack([t, i], axis=1), keys, cos)
-    logits = fusion.logit(margins, cos)
+    offsets = (hubness_biases(text_vec, image_vec, fusion.correction, device=scorer.runtime.device.type).offsets(t, i)
+               if fusion.correction.enabled else None)
+    logits = fusion.logit(margins, fusion_cosine(fusion, cos, offsets))
     return rank_rows(t, i, cos, logits), rank_rows(i, t, cos, logits)
 
 
@@ -253,15 +261,13 @@ class RecallOptions:
 
 
 @dataclasses.dataclass(frozen=True)
-class RetrieveConfig(CacheOptions, HubnessOptions, RecallOptions, BatchingOptions, RuntimeOptions):
+class RetrieveConfig(CacheOptions, RecallOptions, BatchingOptions, RuntimeOptions):
     features: list[str] = dataclasses.field(default_factory=list)  # featurize output folders
     model: str = ""
     out: str = ""
     overwrite: bool = False
     run_id: str | None = None
     top_k: int = 50
-    # The tables rank by the cosine unless asked: the correction changes what downstream systems read.
-    hubness_temperature: float = 0.0
 
 
 def config_from_args(args: argparse.Namespace) -> RetrieveConfig:
@@ -284,7 +290,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "a new id. An orchestrator (`fashionbert nightly`) passes its own run's id so that the tables "
                         "join to its run")
     add_retrieval_arguments(parser)
-    add_hubness_arguments(parser, d.hubness_temperature, ranks=True)
     add_cache_arguments(parser)
     add_batching_arguments(add_runtime_arguments(parser))
 
@@ -326,7 +331,6 @@ def check_config(config: RetrieveConfig) -> str:
     if config.recall_k < config.top_k:
         raise UserError(f"--recall-k {config.recall_k} is below --top-k {config.top_k}: the re-rank stage can only "
                         f"order the candidates recall found; raise --recall-k to at least --top-k")
-    _ = config.hubness  # raises on a bad --hubness-temperature or --hubness-k, before any work
     return _run_id(config.run_id)
 
 
@@ -345,6 +349,7 @@ def run_facts(loaded, catalog, runtime, dual: DualEncoder, index_used: str, t2i_
         "index_used": index_used,
         "recall_embedding": dual.description,
         "ranking_score": loaded.fusion.describe(),
+        "hubness": loaded.fusion.correction.describe(),
         "device": str(runtime.device), "precision": runtime.precision,
         "counts": {
             "text_queries": len(catalog.texts), "image_queries": len(catalog.index),
@@ -360,8 +365,7 @@ def run_summary(run_id: str, config: RetrieveConfig, out: str, facts: dict, seco
         "run_id": run_id,
         **{k: facts[k] for k in ("model", "features")},
         "options": {"top_k": config.top_k, "recall_k": config.recall_k, "index": config.index,
-                    "exact_max": config.exact_max, "hubness_temperature": config.hubness_temperature,
-                    "hubness_k": config.hubness_k},
+                    "exact_max": config.exact_max},
         **{k: v for k, v in facts.items() if k not in ("model", "features")},
         **extra,
         "seconds": {k: round(v, 3) for k, v in seconds.items()} | {"total": round(time.time() - t_start, 3)},
@@ -386,7 +390,7 @@ def run(config: RetrieveConfig) -> dict:
     texts = catalog.text_ids
     result = two_stage(scorer, dual, texts, IndexedImages(catalog.index, catalog.reader), config.recall_k,
                        config.index, config.exact_max, fusion=loaded.fusion,
-                       keys=ItemKeys(catalog.text_hashes, catalog.image_hashes), hubness=config.hubness)
+                       keys=ItemKeys(catalog.text_hashes, catalog.image_hashes))
     if save_to is not None:
         t0 = time.perf_counter()
         cache.save(save_to)

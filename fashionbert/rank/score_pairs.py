@@ -4,7 +4,9 @@
 
 `--pairs` is Parquet or CSV with columns `product_id` (whose text) and `image_id`, plus any others. The
 output (Parquet or CSV, by --out's extension) keeps the input's columns and row order and adds `score`
-(float32 P(aligned), the same ranking score as the retrieval tables' `score`: see fashionbert/model/score_fusion.py). A
+(float32 P(aligned), the same ranking score as the retrieval tables' `score`: see fashionbert/model/score_fusion.py;
+when the model's fusion reads the hubness-corrected cosine, the biases are over every text and image of --features,
+so every item is embedded once, as retrieve embeds them). A
 row whose id is missing or unknown to --features is not scored: it goes to the rejects file
 (schemas.PAIR_REJECTS: 0-based input row, ids, reason), so input rows = output rows + rejects. Both files are
 written to a temporary name and renamed into place (on an object store, each is one object write). Every path may be
@@ -30,6 +32,8 @@ from fashionbert.errors import UserError
 from fashionbert.model.loading import LoadedModel
 from fashionbert.rank.cross_encoder import (BatchingOptions, CrossEncoderScorer, PairScorer, add_batching_arguments,
                                             probability)
+from fashionbert.rank.hubness import hubness_biases
+from fashionbert.rank.retrieve import dual_encoder_for, embed_all
 from fashionbert.runtime import RuntimeOptions, add_runtime_arguments, resolve_runtime, stage_config
 
 ID_COLUMNS = ("product_id", "image_id")
@@ -184,8 +188,16 @@ def write_rejects(rejects: dict[str, list], path: str) -> None:
 def ranking_scores(scorer: CrossEncoderScorer, loaded: LoadedModel, catalog: Catalog, pairs: np.ndarray) -> np.ndarray:
     """The ranking score P(aligned), float32, of (text index, image index) pairs; a pair listed twice is scored once."""
     unique, inverse = np.unique(pairs, axis=0, return_inverse=True)
-    logits = PairScorer(scorer, loaded.fusion).score(catalog.text_ids, IndexedImages(catalog.index, catalog.reader),
-                                                     unique).logit
+    images = IndexedImages(catalog.index, catalog.reader)
+    offsets = vectors = None
+    hubness = loaded.fusion.correction
+    if hubness.enabled and len(unique):
+        # The biases are over the whole catalog, as retrieve takes them; the pairs' cosines come from those vectors.
+        vectors = embed_all(dual_encoder_for(scorer), catalog.text_ids, images, scorer.token_budget)
+        biases = hubness_biases(*vectors, hubness, device=scorer.runtime.device.type)
+        offsets = biases.offsets(unique[:, 0], unique[:, 1])
+    logits = PairScorer(scorer, loaded.fusion).score(catalog.text_ids, images, unique, offsets=offsets,
+                                                     vectors=vectors).logit
     return probability(logits[inverse.reshape(-1)]) if len(pairs) else np.zeros(0, dtype=np.float32)
 
 

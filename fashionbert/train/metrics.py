@@ -116,6 +116,8 @@ class TrainingLog:
 def validation_line(val: dict) -> str:
     heads = f"TIA alone {val['rank1_t2i_tia']:.3f}" + (f", itc alone {val['rank1_t2i_itc']:.3f}"
                                                        if "rank1_t2i_itc" in val else "")
+    if "rank1_t2i_itc_hub" in val:
+        heads += f", hubness-corrected {val['rank1_t2i_itc_hub']:.3f}"
     return (f"step {val['step']}: validation Rank@1 t2i {val['rank1_t2i']:.3f} ({heads}), TIA acc "
             f"{val['tia_accuracy']:.3f}, AUC {val['tia_auc']:.3f}")
 
