@@ -32,7 +32,7 @@ from fashionbert.errors import UserError
 from fashionbert.model.loading import LoadedModel
 from fashionbert.rank.cross_encoder import CrossEncoderScorer, PairScorer, fusion_cosine
 from fashionbert.rank.embeddings import DualEncoder, embed_items
-from fashionbert.rank.hubness import HubnessBiases, hubness_biases
+from fashionbert.rank.hubness import HubnessBiases, fusion_hubness, hubness_biases
 from fashionbert.rank.neighbours import DEFAULT_EXACT_MAX
 from fashionbert.runtime import Runtime, resolve_runtime
 
@@ -183,7 +183,7 @@ class Plan(ContextDoFn):
         self.chunk, self.when_corrected = chunk, when_corrected
 
     def process(self, _):
-        if self.when_corrected and not self.ctx.loaded.fusion.correction.enabled:
+        if self.when_corrected and not self.ctx.loaded.fusion.reads_corrected_cosine:
             return
         for kind, n in (("text", len(self.ctx.text_ids)), ("image", len(self.ctx.images))):
             for start in range(0, n, self.chunk):
@@ -253,7 +253,7 @@ class CatalogBiases:
         self.biases: HubnessBiases | None = None
 
     def get(self, ctx: ScoringContext, vectors: dict) -> HubnessBiases | None:
-        hubness = ctx.loaded.fusion.correction
+        hubness = fusion_hubness(ctx.loaded.fusion)
         if not hubness.enabled:
             return None
         if self.biases is None:

@@ -11,7 +11,7 @@ import pytest
 
 from fashionbert.errors import UserError
 from fashionbert.evaluation.quick_validation import rank1
-from fashionbert.rank.hubness import Hubness
+from fashionbert.rank.hubness import Hubness, fusion_hubness
 from fashionbert.model import score_fusion as fusion
 from fashionbert.model.loading import load_model
 from fashionbert.runtime import resolve_runtime
@@ -149,12 +149,12 @@ def test_fusion_file_round_trip_and_refusals(tmp_path):
     # the hubness correction's settings round-trip; a file without them reads the raw cosine
     hub = fusion.ScoreFusion(0.5, 7.0, -3.0, {"source": "test"}, {"temperature": 0.05, "k": 4})
     hub.save(tmp_path)
-    assert fusion.load(tmp_path) == hub and fusion.load(tmp_path).correction == Hubness(0.05, 4)
-    assert not f.correction.enabled and "less hubness (T 0.05, k 4" in hub.describe()
-    assert not fusion.ScoreFusion(1.0, 0.0, 0.0, None, {"temperature": 0.05}).correction.enabled  # no cosine read
+    assert fusion.load(tmp_path) == hub and fusion_hubness(fusion.load(tmp_path)) == Hubness(0.05, 4)
+    assert not f.reads_corrected_cosine and "less hubness (T 0.05, k 4" in hub.describe()
+    assert not fusion.ScoreFusion(1.0, 0.0, 0.0, None, {"temperature": 0.05}).reads_corrected_cosine  # no cosine read
     (tmp_path / fusion.FUSION_NAME).write_text(json.dumps({"tia": 1.0, "itc": 2.0, "bias": 0.0,
                                                            "hubness": {"temperature": -1}}))
-    with pytest.raises(UserError, match=r"score_fusion.json: not a readable score fusion.*hubness-temperature -1"):
+    with pytest.raises(UserError, match=r"score_fusion.json: not a readable score fusion.*the temperature must be >= 0"):
         fusion.load(tmp_path)
 
 

@@ -54,7 +54,8 @@ from fashionbert.evaluation.sample_hundred import Draw, draw_candidates, first_i
 from fashionbert.model.loading import training_options
 from fashionbert.rank.cross_encoder import (BatchingOptions, CrossEncoderScorer, PairScorer, PairScores,
                                             add_batching_arguments)
-from fashionbert.rank.hubness import HubnessOptions, add_hubness_arguments, corrected_recall, hubness_biases
+from fashionbert.rank.hubness import (HubnessOptions, add_hubness_arguments, corrected_recall, fusion_hubness,
+                                      hubness_biases)
 from fashionbert.rank.neighbours import Neighbours, search
 from fashionbert.rank.retrieve import (Ranked, RecallOptions, add_retrieval_arguments, dual_encoder_for, embed_all,
                                        exhaustive, two_stage)
@@ -382,7 +383,7 @@ def run(args: EvaluateConfig) -> dict:
     pool_images = IndexedImages(index, catalog.reader, pool_rows)
     pool_keys = ItemKeys(catalog.text_hashes[pool_products], catalog.image_hashes[pool_rows])
     hub = pool_vec = offsets_of = None
-    ranking_hubness = loaded.fusion.correction
+    ranking_hubness = fusion_hubness(loaded.fusion)
     if loaded.has_itc_head and (hubness.enabled or ranking_hubness.enabled):
         # The pool is the catalog the queries rank in: each candidate's bias is over the pool's queries. Its
         # vectors give the pairs' cosines too, so nothing is embedded twice.
@@ -470,7 +471,7 @@ def _full_gallery(args: EvaluateConfig, catalog, scorer, held_out, rows, fusion)
         search(result.text_vectors, result.image_vectors, args.recall_k, args.index, args.exact_max, device=device))
     if args.hubness.enabled and result.text_vectors.size:
         # Ranked by the corrected cosine instead: what the correction adds at no re-rank cost.
-        hub = recalled if result.biases is not None and args.hubness == fusion.correction else ranks_of(
+        hub = recalled if result.biases is not None and args.hubness == fusion_hubness(fusion) else ranks_of(
             *corrected_recall(result.text_vectors, result.image_vectors, args.hubness, args.recall_k, args.index,
                               args.exact_max, device)[:2])
         hubness = {"recall_hub": hub, "hubness": {**args.hubness.describe(), "gain": {

@@ -72,10 +72,10 @@ class ScoreFusion:
         return self.tia != 0.0
 
     @property
-    def correction(self):
-        """The `rank.hubness.Hubness` the fusion's cosine is corrected with (disabled when it reads the raw cosine)."""
-        from fashionbert.rank.hubness import OFF, Hubness  # numpy only; imported here to keep this module's imports
-        return Hubness.from_dict(self.hubness) if self.uses_itc and self.hubness else OFF
+    def reads_corrected_cosine(self) -> bool:
+        """True when the cosine this fusion reads is hubness-corrected (`hubness`; rank.hubness.fusion_hubness gives
+        the settings as rank's `Hubness`)."""
+        return self.uses_itc and bool(self.hubness) and float(self.hubness.get("temperature", 0.0)) > 0
 
     def logit(self, margin: np.ndarray | None, cosine: np.ndarray | None = None) -> np.ndarray:
         """The ranking logit, float64. `margin` may be None when `uses_tia` is false, `cosine` when `uses_itc` is."""
@@ -92,9 +92,8 @@ class ScoreFusion:
     def describe(self) -> str:
         if not self.uses_itc and self.fitted is None:
             return "TIA head alone (the model folder has no score_fusion.json)"
-        hub = self.correction
-        cosine = (f"itc cosine less hubness (T {hub.temperature:g}, k {hub.k} over the catalog)" if hub.enabled
-                  else "itc cosine")
+        cosine = (f"itc cosine less hubness (T {self.hubness['temperature']:g}, k {self.hubness['k']} over the "
+                  f"catalog)" if self.reads_corrected_cosine else "itc cosine")
         formula = f"sigmoid({self.tia:.4g} x TIA margin + {self.itc:.4g} x {cosine} + {self.bias:.4g})"
         return formula if self.uses_tia else f"{formula}: the itc cosine alone, no cross-encoder pass"
 
@@ -119,14 +118,23 @@ def load(folder: str | os.PathLike) -> ScoreFusion:
     try:
         d = json.loads(path.read_text())
         fusion = ScoreFusion(float(d["tia"]), float(d["itc"]), float(d["bias"]), d.get("fitted"), d.get("hubness"))
-        _ = fusion.correction  # a bad temperature or k raises here
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError) as exc:
+        _check_hubness(fusion.hubness)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"{path}: not a readable score fusion ({exc}); refit it with `fashionbert fuse --model "
                         f"{folder} --features DIR`, or delete it to rank by the TIA head alone") from None
     if not all(np.isfinite([fusion.tia, fusion.itc, fusion.bias])) or fusion.tia < 0 or fusion.itc < 0:
         raise UserError(f"{path}: weights must be finite and >= 0 (got tia {fusion.tia}, itc {fusion.itc}, bias "
                         f"{fusion.bias}); refit it with `fashionbert fuse`")
     return fusion
+
+
+def _check_hubness(hubness: dict | None) -> None:
+    """A fusion file's `hubness`: null, or a temperature >= 0 and k >= 1 (ValueError else)."""
+    if hubness is None:
+        return
+    temperature, k = float(hubness["temperature"]), hubness.get("k", 1)
+    if not (np.isfinite(temperature) and temperature >= 0 and isinstance(k, int) and k >= 1):
+        raise ValueError(f"hubness {hubness}: the temperature must be >= 0 and k a whole number >= 1")
 
 
 def file_digest(folder: str | os.PathLike) -> str | None:

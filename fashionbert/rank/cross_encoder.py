@@ -211,7 +211,7 @@ def fusion_cosine(fusion: score_fusion.ScoreFusion, cosine: np.ndarray | None,
                   offsets: np.ndarray | None) -> np.ndarray | None:
     """The cosine `fusion` reads: `cosine` itself, or less `offsets` when the fusion was fitted on the
     hubness-corrected cosine."""
-    if cosine is None or not fusion.correction.enabled:
+    if cosine is None or not fusion.reads_corrected_cosine:
         return cosine
     if offsets is None:
         raise ValueError("this fusion reads the hubness-corrected cosine: pass the pairs' offsets "

@@ -68,6 +68,11 @@ class Hubness:
 OFF = Hubness(0.0)
 
 
+def fusion_hubness(fusion) -> Hubness:
+    """The correction a `model.score_fusion.ScoreFusion`'s cosine is read with (OFF: the raw cosine)."""
+    return Hubness.from_dict(fusion.hubness) if fusion.reads_corrected_cosine else OFF
+
+
 @dataclasses.dataclass
 class HubnessBiases:
     """Per item, what its cosines lose when ranked: `image` (n_images,) in text -> image ranking, `text`

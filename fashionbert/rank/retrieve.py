@@ -54,7 +54,7 @@ from fashionbert.model.score_fusion import TIA_ONLY, ScoreFusion
 from fashionbert.rank.cross_encoder import (BatchingOptions, CrossEncoderScorer, add_batching_arguments, fusion_cosine,
                                            probability)
 from fashionbert.rank.embeddings import DualEncoder, embed_items
-from fashionbert.rank.hubness import HubnessBiases, corrected_recall, hubness_biases
+from fashionbert.rank.hubness import HubnessBiases, corrected_recall, fusion_hubness, hubness_biases
 from fashionbert.rank.neighbours import DEFAULT_EXACT_MAX, KINDS, Neighbours, search
 from fashionbert.rank.score_cache import (CacheOptions, ItemKeys, ScoreCache, add_cache_arguments, open_cache,
                                           save_path)
@@ -146,7 +146,7 @@ def two_stage(scorer: CrossEncoderScorer, dual: DualEncoder, texts: Sequence[np.
     (`fusion.uses_tia` false) ranks by the calibrated cosine, the recall order: no pair goes through the
     cross-encoder (`pairs_scored` 0).
 
-    When the fusion reads the hubness-corrected cosine (`fusion.correction`, fashionbert/rank/hubness.py), the
+    When the fusion reads the hubness-corrected cosine (`fusion_hubness`, fashionbert/rank/hubness.py), the
     biases are taken over this catalog, recall ranks by the corrected cosine and the fusion reads each pair's
     corrected cosine (`HubnessBiases.offsets`); the rows' recall_score stays the cosine itself."""
     seconds = {}
@@ -156,7 +156,7 @@ def two_stage(scorer: CrossEncoderScorer, dual: DualEncoder, texts: Sequence[np.
     seconds["embed"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     device = scorer.runtime.device.type
-    hubness = fusion.correction
+    hubness = fusion_hubness(fusion)
     if hubness.enabled:
         t2i, i2t, biases = corrected_recall(text_vec, image_vec, hubness, recall_k, index, exact_max, device)
         # the rows' recall_score: the cosine again
@@ -206,8 +206,9 @@ def exhaustive(scorer: CrossEncoderScorer, texts: Sequence[np.ndarray], images: 
     i = np.tile(np.arange(n_i, dtype=np.int64), n_t)
     cos = (text_vec @ image_vec.T).astype(np.float32).reshape(-1)
     margins = scorer.score(texts, images, np.stack([t, i], axis=1), keys, cos)
-    offsets = (hubness_biases(text_vec, image_vec, fusion.correction, device=scorer.runtime.device.type).offsets(t, i)
-               if fusion.correction.enabled else None)
+    hubness = fusion_hubness(fusion)
+    offsets = (hubness_biases(text_vec, image_vec, hubness, device=scorer.runtime.device.type).offsets(t, i)
+               if hubness.enabled else None)
     logits = fusion.logit(margins, fusion_cosine(fusion, cos, offsets))
     return rank_rows(t, i, cos, logits), rank_rows(i, t, cos, logits)
 
@@ -349,7 +350,7 @@ def run_facts(loaded, catalog, runtime, dual: DualEncoder, index_used: str, t2i_
         "index_used": index_used,
         "recall_embedding": dual.description,
         "ranking_score": loaded.fusion.describe(),
-        "hubness": loaded.fusion.correction.describe(),
+        "hubness": fusion_hubness(loaded.fusion).describe(),
         "device": str(runtime.device), "precision": runtime.precision,
         "counts": {
             "text_queries": len(catalog.texts), "image_queries": len(catalog.index),

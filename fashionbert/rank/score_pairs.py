@@ -32,7 +32,7 @@ from fashionbert.errors import UserError
 from fashionbert.model.loading import LoadedModel
 from fashionbert.rank.cross_encoder import (BatchingOptions, CrossEncoderScorer, PairScorer, add_batching_arguments,
                                             probability)
-from fashionbert.rank.hubness import hubness_biases
+from fashionbert.rank.hubness import fusion_hubness, hubness_biases
 from fashionbert.rank.retrieve import dual_encoder_for, embed_all
 from fashionbert.runtime import RuntimeOptions, add_runtime_arguments, resolve_runtime, stage_config
 
@@ -190,7 +190,7 @@ def ranking_scores(scorer: CrossEncoderScorer, loaded: LoadedModel, catalog: Cat
     unique, inverse = np.unique(pairs, axis=0, return_inverse=True)
     images = IndexedImages(catalog.index, catalog.reader)
     offsets = vectors = None
-    hubness = loaded.fusion.correction
+    hubness = fusion_hubness(loaded.fusion)
     if hubness.enabled and len(unique):
         # The biases are over the whole catalog, as retrieve takes them; the pairs' cosines come from those vectors.
         vectors = embed_all(dual_encoder_for(scorer), catalog.text_ids, images, scorer.token_budget)
