@@ -495,7 +495,7 @@ def _full_gallery(args: EvaluateConfig, catalog, scorer, held_out, rows, fusion)
     if args.exhaustive:
         t0 = time.perf_counter()
         ex_t2i, ex_i2t = exhaustive(scorer, gallery_texts, gallery_images, result.text_vectors, result.image_vectors,
-                                    fusion, keys)
+                                    fusion, keys, result.biases)
         out["exhaustive"] = {"t2i": gallery_ranks(ex_t2i, t2i_true, t2i_queries, len(products)),
                              "i2t": gallery_ranks(ex_i2t, i2t_true, i2t_queries, len(rows)),
                              "seconds": round(time.perf_counter() - t0, 3)}

@@ -198,17 +198,19 @@ def two_stage(scorer: CrossEncoderScorer, dual: DualEncoder, texts: Sequence[np.
 
 def exhaustive(scorer: CrossEncoderScorer, texts: Sequence[np.ndarray], images: ImageSource,
                text_vec: np.ndarray, image_vec: np.ndarray, fusion: ScoreFusion = TIA_ONLY,
-               keys: ItemKeys | None = None) -> tuple[Ranked, Ranked]:
+               keys: ItemKeys | None = None, biases: HubnessBiases | None = None) -> tuple[Ranked, Ranked]:
     """Every text against every image with the cross-encoder (the reference two-stage retrieval approximates;
-    affordable on small galleries only)."""
+    affordable on small galleries only). `biases`: the catalog's hubness biases where the caller has them
+    (`TwoStage.biases`), else computed when the fusion reads the corrected cosine."""
     n_t, n_i = len(texts), len(images)
     t = np.repeat(np.arange(n_t, dtype=np.int64), n_i)
     i = np.tile(np.arange(n_i, dtype=np.int64), n_t)
     cos = (text_vec @ image_vec.T).astype(np.float32).reshape(-1)
     margins = scorer.score(texts, images, np.stack([t, i], axis=1), keys, cos)
     hubness = fusion_hubness(fusion)
-    offsets = (hubness_biases(text_vec, image_vec, hubness, device=scorer.runtime.device.type).offsets(t, i)
-               if hubness.enabled else None)
+    if hubness.enabled and biases is None:
+        biases = hubness_biases(text_vec, image_vec, hubness, device=scorer.runtime.device.type)
+    offsets = biases.offsets(t, i) if hubness.enabled else None
     logits = fusion.logit(margins, fusion_cosine(fusion, cos, offsets))
     return rank_rows(t, i, cos, logits), rank_rows(i, t, cos, logits)
 
