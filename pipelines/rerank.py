@@ -267,13 +267,15 @@ class CatalogBiases:
 class PairBlock:
     """One image and the distinct texts paired with it. `cosines`: (n, 2) recall cosines of a retrieval block,
     column T2I where the pair is the text's candidate, I2T where it is the image's, NaN where it is not; None for
-    given pairs (score-pairs), whose itc cosine the handler computes when the ranking score uses it. `offsets`:
-    (n,) what the fusion's hubness correction subtracts from each pair's cosine (None when it has none)."""
+    given pairs (score-pairs), whose itc cosine the handler computes when the ranking score uses it, unless
+    `pair_cosines` gives it ((n,) from the catalog's vectors, which the correction's biases needed anyway).
+    `offsets`: (n,) what the fusion's hubness correction subtracts from each pair's cosine (None when it has none)."""
 
     image: int
     texts: np.ndarray  # int64
     cosines: np.ndarray | None = None
     offsets: np.ndarray | None = None
+    pair_cosines: np.ndarray | None = None
 
 
 class CrossEncoderHandler(CatalogModelHandler):
@@ -294,7 +296,9 @@ class CrossEncoderHandler(CatalogModelHandler):
         fusion = model.loaded.fusion
         offsets = np.concatenate([b.offsets for b in batch]) if batch[0].offsets is not None else None
         if batch[0].cosines is None:
-            logits = PairScorer(model.scorer, fusion).score(model.text_ids, model.images, pairs, offsets=offsets).logit
+            given = (np.concatenate([b.pair_cosines for b in batch]) if batch[0].pair_cosines is not None else None)
+            logits = PairScorer(model.scorer, fusion).score(model.text_ids, model.images, pairs, offsets=offsets,
+                                                            cosines=given).logit
         else:  # a fusion without TIA weight ranks by the recall cosine: no cross-encoder pass
             cosines = np.concatenate([b.cosines for b in batch])
             # a pair recalled in one direction only has NaN in the other; where both, they are one dot product

@@ -16,6 +16,7 @@ single-process stage; scores to float rounding.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -55,8 +56,9 @@ class ReadPairs(ContextDoFn):
 
 
 class Offsets(ContextDoFn):
-    """A block -> the same block with each pair's hubness correction over the whole catalog (`offsets`), when the
-    model's fusion reads the corrected cosine."""
+    """A block -> the same block with each pair's hubness correction over the whole catalog (`offsets`) and its
+    cosine from the catalog's vectors (`pair_cosines`: the handler embeds nothing again), when the model's fusion
+    reads the corrected cosine."""
 
     def __init__(self, spec: ScoringSpec):
         super().__init__(spec)
@@ -66,8 +68,9 @@ class Offsets(ContextDoFn):
         key, block = element
         hub = self.biases.get(self.ctx, vectors)
         if hub is not None:
-            block = PairBlock(block.image, block.texts, block.cosines,
-                              hub.offsets(block.texts, np.full(len(block.texts), block.image, dtype=np.int64)))
+            images = np.full(len(block.texts), block.image, dtype=np.int64)
+            cosines = vectors["text"][block.texts] @ vectors["image"][block.image]
+            block = dataclasses.replace(block, offsets=hub.offsets(block.texts, images), pair_cosines=cosines)
         yield key, block
 
 

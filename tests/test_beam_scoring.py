@@ -19,7 +19,7 @@ from fashionbert.commands import cli
 from fashionbert.errors import UserError
 from fashionbert.model.score_fusion import ScoreFusion
 from fashionbert.rank import retrieve, score_pairs
-from fashionbert.rank.cross_encoder import CrossEncoderScorer
+from fashionbert.rank.cross_encoder import CrossEncoderScorer, PairScorer
 from pipelines import rerank
 from pipelines import retrieve as beam_retrieve
 from pipelines import score_pairs as beam_score_pairs
@@ -174,9 +174,11 @@ def test_cli_passes_beam_options_and_refuses_a_bad_one(tmp_path, features, model
     assert not (tmp_path / "r2").exists()
 
 
-def test_beam_stages_with_a_hubness_corrected_fusion_equal_the_single_process_ones(tmp_path, features, model_dir):
+def test_beam_stages_with_a_hubness_corrected_fusion_equal_the_single_process_ones(tmp_path, features, model_dir,
+                                                                                   monkeypatch):
     """The biases need every vector: Beam's retrieve takes them from the Embed side input in each worker, its
-    score-pairs embeds the catalog for them (and only then); the outputs are the single-process ones."""
+    score-pairs embeds the catalog for them (and only then) and takes the pairs' cosines from those vectors too; the
+    outputs are the single-process ones."""
     model = tmp_path / "model"
     shutil.copytree(model_dir, model)
     ScoreFusion(0.7, 3.0, -0.5, {"source": "test"}, {"temperature": 0.05, "k": 5}).save(model)
@@ -190,7 +192,9 @@ def test_beam_stages_with_a_hubness_corrected_fusion_equal_the_single_process_on
                    tmp_path / "p.parquet")
     common = ("--features", features, "--model", model, "--pairs", tmp_path / "p.parquet")
     score_pairs.run(_score_config(*common, "--out", tmp_path / "single.parquet"))
-    beam_score_pairs.run(_score_config(*common, "--out", tmp_path / "beam.parquet"), [FN_API])
+    with monkeypatch.context() as m:  # the in-process runner shares this module: no pair is embedded a second time
+        m.setattr(PairScorer, "cosines", lambda *a, **k: pytest.fail("score-pairs embedded the pairs' items again"))
+        beam_score_pairs.run(_score_config(*common, "--out", tmp_path / "beam.parquet"), [FN_API])
     scores = pq.read_table(tmp_path / "single.parquet").column("score").to_numpy()
     np.testing.assert_allclose(pq.read_table(tmp_path / "beam.parquet").column("score").to_numpy(), scores, atol=1e-5)
     plain = tmp_path / "plain"  # the same weights without the correction score otherwise: the correction ran

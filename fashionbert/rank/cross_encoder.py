@@ -243,14 +243,17 @@ class PairScorer:
 
     def score(self, texts: Sequence[np.ndarray], images: ImageSource, pairs: np.ndarray,
               keys: ItemKeys | None = None, offsets: np.ndarray | None = None,
-              vectors: tuple[np.ndarray, np.ndarray] | None = None) -> PairScores:
+              vectors: tuple[np.ndarray, np.ndarray] | None = None, cosines: np.ndarray | None = None) -> PairScores:
         """`keys`: the texts' and images' content hashes, for the cross-encoder's cache. `offsets`: what the fusion's
         hubness correction subtracts from each pair's cosine (`rank.hubness.HubnessBiases.offsets` over the catalog
         being scored); required when the fusion has one. `vectors`: every text's and image's recall vector, when
-        the caller has them (the cosines are then their dot products, nothing is embedded again)."""
+        the caller has them (the cosines are then their dot products, nothing is embedded again); `cosines`: the
+        pairs' cosines themselves, when the caller has those."""
         pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
         cosine = None
-        if vectors is not None and self.dual is not None:
+        if cosines is not None and self.dual is not None:
+            cosine = np.asarray(cosines, dtype=np.float32).reshape(-1)
+        elif vectors is not None and self.dual is not None:
             cosine = np.einsum("nd,nd->n", vectors[0][pairs[:, 0]], vectors[1][pairs[:, 1]]).astype(np.float32)
         elif self.dual is not None:
             cosine = self.cosines(texts, images, pairs, keys)
