@@ -1,5 +1,6 @@
 """The ranking score: the fusion of the TIA margin and itc cosine (the ranking direction recovered and calibrated,
-a head that ranks backwards dropped, TIA dropped when it does not raise the cross-fitted Rank@1, too little data
+a head that ranks backwards dropped, TIA dropped when it does not raise the cross-fitted Rank@1 by more than chance
+(the sign test), too little data
 falls back to TIA), its file (round trip, damaged or negative weights refused), the
 cross-fitted validation Rank@1, and the model version that changes with the fusion."""
 from __future__ import annotations
@@ -61,6 +62,7 @@ def test_fit_recovers_the_ranking_direction_and_calibrates_on_a_balanced_prior()
     check = f.fitted.pop("tia_check")
     assert f.fitted == {"source": "test", "positives": 20_000, "negatives": 380_000}
     assert check["folds"] == 2 and check["rank1_fused"] > check["rank1_itc"]  # TIA earns its weight here
+    assert check["kept"] and check["p_value"] <= check["alpha"] == fusion.TIA_ALPHA
     assert f.uses_itc and "itc cosine" in f.describe()
     np.testing.assert_allclose(f.logit(margin[:3], cosine[:3]), f.tia * margin[:3] + f.itc * cosine[:3] + f.bias)
     # balanced prior: the mean P(aligned) over positives and over negatives straddle 0.5
@@ -123,6 +125,45 @@ def test_tia_keeps_a_weight_only_if_it_raises_the_cross_fitted_rank1_over_the_co
     np.testing.assert_allclose(f.logit(margin, cosine), f.itc * cosine + f.bias)
     p = 1 / (1 + np.exp(-f.logit(margin, cosine)))
     assert p[label].mean() > 0.5 > p[~label].mean()
+
+
+def test_the_sign_test_counts_the_queries_one_ranking_wins_and_computes_the_exact_tail():
+    # 6 queries of 3 candidates, the true one first: fused wins queries 0-3, the cosine query 4, both query 5.
+    label = np.tile([True, False, False], 6)
+    group = np.repeat(np.arange(6), 3)
+    fused = np.tile([1.0, 0.0, 0.0], 6)
+    cosine = np.tile([0.0, 1.0, 0.0], 6)
+    fused[12:15] = [0.0, 1.0, 0.0]  # query 4: the fused score misses
+    cosine[12:15] = cosine[15:18] = [1.0, 0.0, 0.0]
+    check = fusion.tia_check_result(fused, cosine, label, group, alpha=0.1)
+    assert (check["fused_only"], check["itc_only"], check["queries"]) == (4, 1, 6)
+    assert check["p_value"] == pytest.approx((1 + 5) / 2 ** 5)  # P(Binomial(5, 1/2) >= 4) = 6 / 32
+    assert check["rank1_fused"] == pytest.approx(5 / 6) and check["rank1_itc"] == pytest.approx(2 / 6)
+    assert not check["kept"]  # 0.1875 > 0.1
+    assert fusion.tia_check_result(fused, cosine, label, group, alpha=0.2)["kept"]
+    fused[12:15], cosine[12:15] = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]  # now 5 wins to 0: p = 1/32
+    assert fusion.tia_check_result(fused, cosine, label, group, alpha=0.05)["p_value"] == pytest.approx(1 / 32)
+    assert fusion.tia_check_result(fused, cosine, label, group, alpha=0.05)["kept"]
+    # no query told apart: p = 1, never kept
+    same = fusion.tia_check_result(cosine, cosine, label, group, alpha=1.0)
+    assert (same["fused_only"], same["itc_only"], same["p_value"], same["kept"]) == (0, 0, 1.0, False)
+
+
+def test_a_narrow_cross_fitted_win_does_not_buy_the_cross_encoder_pass():
+    """What hm-dev showed: TIA kept a weight on one query more of 200 than the cosine, and every ranking then paid a
+    cross-encoder pass for nothing. A weak TIA head here wins 7 queries to 5 cross-fitted: chance."""
+    margin, cosine, label, group = _ranking_data(200, tia=0.05, itc=6.0, seed=1)
+    any_win = fusion.fit(margin, cosine, label, group, tia_alpha=1.0)
+    assert any_win.uses_tia  # the check before the sign test kept it
+    f = fusion.fit(margin, cosine, label, group)
+    check = f.fitted["tia_check"]
+    assert check["fused_only"] > check["itc_only"] and check["p_value"] > fusion.TIA_ALPHA and not check["kept"]
+    assert not f.uses_tia and f.uses_itc and f.fitted["dropped"] == ["tia"]
+    assert "no more than chance" in f.fitted["note"] and "no cross-encoder pass" in f.describe()
+    # A TIA head that clearly helps keeps its weight (the 20,000-query fit of the first test passes with p ~ 0).
+    margin, cosine, label, group = _ranking_data(2000, tia=1.5, itc=6.0, seed=2)
+    strong = fusion.fit(margin, cosine, label, group)
+    assert strong.uses_tia and strong.fitted["tia_check"]["kept"] and strong.fitted["tia_check"]["p_value"] < 1e-6
 
 
 def test_group_rank1_counts_ties_as_misses_and_skips_groups_without_one_true_pair():

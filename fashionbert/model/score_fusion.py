@@ -29,16 +29,17 @@ The fit is three numbers (and the correction's settings) saved beside the weight
 validation and by `fashionbert fuse` for any model folder. A model folder without the file ranks by TIA alone
 (`TIA_ONLY`), as before this file existed. A head whose fitted weight would be negative is dropped (weight 0)
 and the fit redone: a negative weight means the head ranks backwards on this data. The TIA head is dropped too
-when the two-head fit, cross-fitted, ranks no more queries first than the cosine alone (`fitted["tia_check"]`):
-then the score is the calibrated cosine, and the re-rank reorders nothing.
+unless the two-head fit, cross-fitted, ranks more queries first than the cosine alone by more than chance (a sign
+test, `fitted["tia_check"]`): then the score is the calibrated cosine, and retrieval runs no cross-encoder pass.
 
-Imports numpy only.
+Imports numpy (and math) only.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -51,6 +52,9 @@ FUSION_NAME = "score_fusion.json"
 # ridge only keeps a perfectly separable validation set (a tiny catalog) from driving the weights to infinity.
 RIDGE = 1e-4
 MIN_PAIRS_PER_CLASS = 10
+# A TIA weight costs every ranking a cross-encoder pass (most of a retrieval run's compute), so the fused score must
+# beat the cosine by more than one validation draw's luck: a one-sided sign test at this level (`tia_check_result`).
+TIA_ALPHA = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +150,7 @@ def file_digest(folder: str | os.PathLike) -> str | None:
 
 # ============================================================================================ fit
 def fit(margin: np.ndarray, cosine: np.ndarray | None, label: np.ndarray, group: np.ndarray,
-        fitted: dict | None = None, tia_check: bool = True) -> ScoreFusion:
+        fitted: dict | None = None, tia_check: bool = True, tia_alpha: float = TIA_ALPHA) -> ScoreFusion:
     """The fusion of the TIA margin and the itc cosine, from pairs grouped by query (`group`: the query of each
     pair; `label`: 1 for a query's true candidate).
 
@@ -155,9 +159,11 @@ def fit(margin: np.ndarray, cosine: np.ndarray | None, label: np.ndarray, group:
        true candidate and at least one other.
     2. Scale and bias: a class-balanced logistic regression of the label on that weighted sum, so that the
        score is P(aligned) on a balanced prior.
-    3. The TIA head keeps a weight beside the cosine only if it earns it: the two-head fit's cross-fitted Rank@1
-       (`fitted["tia_check"]`) must beat the cosine's own Rank@1 on the same queries, else the fusion is the cosine
-       alone. `tia_check=False` skips this step (bench/fusion.py measures what it changes).
+    3. The TIA head keeps a weight beside the cosine only if it earns its pass: the two-head fit, cross-fitted, must
+       rank more queries first than the cosine alone on the same queries, by more than chance (`tia_check_result`:
+       a one-sided sign test over the queries only one of the two ranks first, at level `tia_alpha`), else the
+       fusion is the cosine alone. `tia_alpha=1` keeps TIA on any win; `tia_check=False` skips this step
+       (bench/fusion.py measures what each changes).
     A head whose weight comes out negative is dropped and the direction refitted. Returns TIA_ONLY (with `fitted`
     saying why) when there are too few pairs of either class or nothing ranks."""
     margin = np.asarray(margin, dtype=np.float64)
@@ -178,13 +184,32 @@ def fit(margin: np.ndarray, cosine: np.ndarray | None, label: np.ndarray, group:
     # the cosine in two of them (+1.2 in the third); with this check -0.5, -0.2 and +1.0 (bench/fusion.py).
     fold = np.unique(group, return_inverse=True)[1] % 2
     fused = cross_fitted_logits(margin, cosine, label, group, fold, lambda *pairs: _fit_heads(*pairs, {}))
-    check = {"folds": 2, "rank1_fused": group_rank1(fused, label, group),
-             "rank1_itc": group_rank1(cosine, label, group)}
-    if check["rank1_fused"] > check["rank1_itc"]:
+    check = tia_check_result(fused, cosine, label, group, tia_alpha)
+    if check["kept"]:
         return dataclasses.replace(both, fitted=both.fitted | {"tia_check": check})
     alone = _fit_heads(margin, cosine, label, group, info | {"tia_check": check}, heads=("itc",))
+    why = ("did not raise the cross-fitted Rank@1" if check["fused_only"] <= check["itc_only"] else
+           f"raised the cross-fitted Rank@1 by no more than chance (sign test p {check['p_value']:.3g} > "
+           f"{tia_alpha:g})")
     return dataclasses.replace(alone, fitted=alone.fitted | {
-        "dropped": ["tia"], "note": "TIA beside the cosine did not raise the cross-fitted Rank@1: itc alone"})
+        "dropped": ["tia"], "note": f"TIA beside the cosine {why}: itc alone, no cross-encoder pass"})
+
+
+def tia_check_result(fused: np.ndarray, cosine: np.ndarray, label: np.ndarray, group: np.ndarray,
+                     alpha: float = TIA_ALPHA) -> dict:
+    """Whether the fused score (cross-fitted) ranks more queries first than the cosine by more than chance.
+
+    Only the queries one of the two ranks first and the other does not tell them apart: `fused_only` of them go to
+    the fused score, `itc_only` to the cosine. Were the two equally good, each such query would go either way with
+    probability 1/2, so `p_value` = P(Binomial(fused_only + itc_only, 1/2) >= fused_only), the one-sided sign
+    (McNemar exact) test; TIA is `kept` when fused_only > itc_only and p_value <= alpha."""
+    fused_hit, itc_hit = group_hits(fused, label, group), group_hits(cosine, label, group)
+    b, c = int((fused_hit & ~itc_hit).sum()), int((itc_hit & ~fused_hit).sum())
+    p = sum(math.comb(b + c, i) for i in range(b, b + c + 1)) / 2 ** (b + c)
+    return {"folds": 2, "queries": len(fused_hit),
+            "rank1_fused": float(fused_hit.mean()) if len(fused_hit) else float("nan"),
+            "rank1_itc": float(itc_hit.mean()) if len(itc_hit) else float("nan"),
+            "fused_only": b, "itc_only": c, "p_value": float(p), "alpha": float(alpha), "kept": b > c and p <= alpha}
 
 
 def _fit_heads(margin: np.ndarray, cosine: np.ndarray | None, label: np.ndarray, group: np.ndarray, info: dict,
@@ -225,6 +250,13 @@ def cross_fitted_logits(margin: np.ndarray, cosine: np.ndarray | None, label: np
 def group_rank1(score: np.ndarray, label: np.ndarray, group: np.ndarray) -> float:
     """Share of the groups with one true pair and at least one other whose true pair scores strictly above every
     other (ties count as a miss)."""
+    hits = group_hits(score, label, group)
+    return float(hits.mean()) if len(hits) else float("nan")
+
+
+def group_hits(score: np.ndarray, label: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """Per group with one true pair and at least one other (in the order of the sorted group ids): whether its true
+    pair scores strictly above every other."""
     _, inverse, sizes = np.unique(group, return_inverse=True, return_counts=True)
     positives = np.bincount(inverse, weights=label.astype(np.float64), minlength=len(sizes))
     best_other = np.full(len(sizes), -np.inf)
@@ -232,7 +264,7 @@ def group_rank1(score: np.ndarray, label: np.ndarray, group: np.ndarray) -> floa
     true_score = np.full(len(sizes), -np.inf)
     true_score[inverse[label]] = score[label]
     usable = (positives == 1) & (sizes > 1)
-    return float((true_score > best_other)[usable].mean()) if usable.any() else float("nan")
+    return (true_score > best_other)[usable]
 
 
 def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
