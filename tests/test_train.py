@@ -541,6 +541,28 @@ def test_a_cpu_bf16_step_runs_eager_attention_and_leaves_the_model_on_sdpa(tmp_p
     assert state.model.bert.config._attn_implementation == "sdpa"  # validation and the exported model score on it
 
 
+def test_a_cpu_bf16_run_of_both_step_kinds_validates_and_exports(tmp_path, features, tiny_backbone):
+    # The adaptive-grad probe recorded every training pass and only the full pretraining loss cleared it, so after
+    # an itc-alone or matching-only step the activations outlived the step; validation's bf16 scorer copies the
+    # model (hooks included) and failed on them ("Only Tensors created explicitly by the user ...") at a bf16 run's
+    # end, so no CPU with native bf16 (nor a GPU) finished a recipe run.
+    out = tmp_path / "out"
+    config = make_args(features, out, tiny_backbone, "--steps", 4, "--itc-warmup", 2, "--matching-only",
+                       "--precision", "bf16", "--checkpoint-every", 0)
+    rt = setup_runtime(config.device, config.precision, config.num_threads)
+    state = build_state(config, rt)
+    try:
+        for _ in range(2):  # an itc-alone step, then a matching-only one
+            train_step(state, rt)
+            assert state.weighter.probe.records == []
+    finally:
+        state.close()
+    run(config)
+    assert (out / "model" / FUSION_NAME).exists()
+    validations = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "validation" in l]
+    assert validations and validations[-1]["kind"] == "validation"
+
+
 # A training process that SIGKILLs itself once step argv[1] is done (and its checkpoint, if any, written).
 KILLED_AT_STEP = """
 import argparse, os, signal, sys

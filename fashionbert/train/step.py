@@ -78,6 +78,9 @@ def _micro_step(state: TrainState, rt: Runtime, batch: Batch, last: bool):
             total, weights, n = state.weighter(output.losses)
         idle = _unreached_parameters(state, total) if rt.distributed and (itc_alone or batch.tia_only) else []
         ((total + 0.0 * sum(p.sum() for p in idle)) / state.config.grad_accum).backward()
+        # The itc-alone and matching-only losses never read the probe's records: drop them now, or the last step's
+        # activations outlive it, held through validation (and a bf16 scorer's copy of the model fails on them).
+        state.weighter.reset()
     if last:
         for p in idle:  # after DDP's reduction: the optimizer skips them, as a single process does
             p.grad = None
