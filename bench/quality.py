@@ -5,6 +5,7 @@ asserts nothing.
     python bench/quality.py --catalog ../shared/data/hm-dev/articles.csv --work DIR --label L --seeds 0,1 [...]
     python bench/quality.py --work DIR --summary
     python bench/quality.py --catalog ../shared/data/hm-dev/articles.csv --work DIR --plan [--steps S] [...]
+    python bench/quality.py --catalog ../shared/data/hm-dev/articles.csv --work DIR --fit-budget [--seeds 0,1] [...]
 
 Stages, each skipped when its output is already complete:
 1. featurize the catalog into DIR/features with the README's hm-dev column mapping (or --features FOLDER); --cnn and
@@ -30,6 +31,11 @@ this host (a short run into DIR/plan-<label>, removed after), then prints how ma
 many steps at its split the budget (--budget-minutes, 45) holds here. Why: the budget is minutes on 2 cores, and the
 same steps take ~26 min on a Xeon with native bf16 and ~3x that in fp32 on a CPU without it, so a longer recipe (or a
 slower option) is checked against the day's host before a 45-minute run, not after. Writes DIR/plan-<label>.json.
+
+--fit-budget runs the plan first (or reuses DIR/plan-<label>.json made on this CPU for the same options), then
+trains and evaluates the run cut to the steps the budget holds here at its split, never more than --steps (or the
+recipe's 2,400): the recipe as the budget allows it on the day's host, in one command. The run's record and table
+keep the plan's figures (`budget_plan`).
 
 --seeds 0,1 runs the same options once per seed (train's --seed; seed 0 is the plain run, label L, the others
 L-seed<k>, so a finished single run is reused) and prints one row per seed and the table of their mean, which it
@@ -171,6 +177,14 @@ def format_table(record: dict) -> str:
     lines += ["", f"Training: {record['steps']} steps in {record['train_minutes']:.1f} min{each} on {record['device']}"
                   f"{machine} ({budget} the {BUDGET_MINUTES:.0f}-minute budget, as wall minutes: a shared host "
                   f"inflates them); evaluation {record['eval_minutes']:.1f} min{each}."]
+    fitted = record.get("budget_plan")
+    if fitted:
+        seconds = fitted["step_seconds"]
+        lines += ["", f"--fit-budget: {record['steps']} of the run's {fitted['steps']} steps, what the "
+                      f"{fitted['budget_minutes']:.0f}-minute budget holds on this host by its plan ({fitted['time']}: "
+                      f"itc-alone steps {seconds['itc_alone']:.2f} s, joint {seconds['joint']:.2f} s, start-up, "
+                      f"validation and export {fitted['fixed_seconds'] / 60:.1f} min; all {fitted['steps']} steps "
+                      f"~{fitted['run_minutes']:.1f} min)."]
     return "\n".join(lines)
 
 
@@ -376,7 +390,8 @@ def plan_stage(a: argparse.Namespace, config: TrainConfig) -> dict:
     joint_s = statistics.median(walls[sample_itc:])  # the joint steps after the first
     fixed_s = max(0.0, summary["seconds"] - sample_itc * itc_s - a.plan_steps * joint_s)
     as_count = config.itc_warmup >= 1  # --itc-warmup in steps, not a fraction of the run
-    plan = {"label": a.label, "train_args": shlex.split(a.train_args), "steps": config.steps, "itc_steps": n_itc,
+    plan = {"label": a.label, "train_args": shlex.split(a.train_args), "features": config.features,
+            "steps": config.steps, "itc_steps": n_itc,
             "step_seconds": {"itc_alone": round(itc_s, 3), "joint": round(joint_s, 3)},
             "fixed_seconds": round(fixed_s, 1), "budget_minutes": a.budget_minutes, "itc_as_count": as_count,
             **budget_fit(fixed_s, itc_s, joint_s, config.steps, n_itc, as_count, a.budget_minutes),
@@ -467,8 +482,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "steps the budget holds; trains nothing to keep, evaluates nothing")
     g.add_argument("--plan-steps", type=int, default=20, metavar="N",
                    help="--plan times N itc-alone and N joint steps (default %(default)s)")
+    g.add_argument("--fit-budget", action="store_true",
+                   help="train the run cut to what the budget holds on this host (at its split; never more steps than "
+                        "--steps or the recipe's): times its steps as --plan does, or reuses WORK/plan-<label>.json "
+                        "made on this CPU for the same options, then trains and evaluates")
     g.add_argument("--budget-minutes", type=float, default=BUDGET_MINUTES,
-                   help="--plan's budget in minutes (default %(default)s: the README's)")
+                   help="--plan's and --fit-budget's budget in minutes (default %(default)s: the README's)")
     g = ap.add_argument_group("evaluation")
     g.add_argument("--queries", type=int, default=300, help="sample-100 queries, one draw (default 300)")
     g.add_argument("--gallery-max", type=int, help="full-gallery products (default 500 on CPU, 1000 on a GPU)")
@@ -523,6 +542,8 @@ def run(a: argparse.Namespace) -> dict:
         "figures": figures(metrics),
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if getattr(a, "budget_plan", None):
+        record["budget_plan"] = a.budget_plan
     append_log(work, record)
     return record
 
@@ -554,7 +575,8 @@ def mean_record(label: str, seeds: tuple[int, ...], train_args: list[str], recor
     first = records[0]
     rank1 = [{key: {d: r["figures"][key][d][0] for d in ("t2i", "i2t")} for key, _ in ROWS if key in r["figures"]}
              for r in records]
-    return {**{k: first.get(k) for k in ("steps", "device", "precision", "cpu", "features", "sizes")},
+    fitted = {"budget_plan": first["budget_plan"]} if "budget_plan" in first else {}
+    return {**{k: first.get(k) for k in ("steps", "device", "precision", "cpu", "features", "sizes")}, **fitted,
             "label": label, "train_args": train_args, "seeds": list(seeds),
             "seed_labels": [r["label"] for r in records], "model_versions": [r["model_version"] for r in records],
             "train_minutes": round(statistics.fmean([r["train_minutes"] for r in records]), 2),
@@ -610,18 +632,61 @@ def plan(a: argparse.Namespace) -> dict:
     return plan_stage(a, config)
 
 
+def fit_budget(a: argparse.Namespace) -> argparse.Namespace:
+    """--fit-budget: the run's steps cut to what the budget holds on this host at its split -> the options to run,
+    with the plan's figures in `budget_plan` for the run's record. The plan is WORK/plan-<label>.json where that was
+    made on this CPU for the same options (so a rerun, or the next seed, trains the same steps), else timed now.
+    Why: the recipe's 2,400 steps fit the budget on a Xeon with AMX (~26 min) but not on slower CPUs (~57 min on an
+    AMD EPYC with AVX512-BF16, ~128 in fp32 on one without), and a run over the budget is not the README's recipe."""
+    _, config = prepare(a, check=lambda config: check_plan(a, config))
+    plan = reusable_plan(a, config)
+    if plan:
+        _log(f"fit-budget: reusing {Path(a.work) / f'plan-{a.label}.json'} (remove it to time the steps again)")
+    else:
+        plan = plan_stage(a, config)
+    print(format_plan(plan), file=sys.stderr, flush=True)
+    if not plan["budget_steps"]:
+        raise UserError(f"the {a.budget_minutes:.0f}-minute budget holds no run of this shape on this host (its "
+                        f"itc-alone steps alone fill it): give --itc-warmup as a fraction, or fewer itc-alone steps")
+    steps = min(config.steps, plan["budget_steps"])
+    _log(f"fit-budget: training {steps} of the run's {config.steps} steps")
+    kept = {k: plan[k] for k in ("steps", "budget_steps", "budget_itc_steps", "run_minutes", "step_seconds",
+                                 "fixed_seconds", "budget_minutes", "time")}
+    return argparse.Namespace(**{**vars(a), "steps": steps, "budget_plan": kept})
+
+
+def reusable_plan(a: argparse.Namespace, config: TrainConfig) -> dict | None:
+    """WORK/plan-<label>.json if it timed these options (steps, train args, features, budget, --plan-steps) on this
+    CPU, else None."""
+    path = Path(a.work) / f"plan-{a.label}.json"
+    try:
+        plan = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    want = {"steps": config.steps, "train_args": shlex.split(a.train_args), "features": config.features,
+            "budget_minutes": a.budget_minutes, "cpu": cpu_description(),
+            "sample_steps": {"itc_alone": a.plan_steps if plan.get("itc_steps") else 0, "joint": a.plan_steps}}
+    return plan if all(plan.get(k) == v for k, v in want.items()) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     try:
+        if a.plan and a.fit_budget:
+            raise UserError("--plan times the run and trains nothing; --fit-budget trains it cut to the budget: "
+                            "give one")
         if a.summary:
             print(format_summary(read_log(Path(a.work))))
         elif a.plan:
             print(format_plan(plan(a)))
-        elif a.seeds:
-            records, mean = run_seeds(a)
-            print(format_summary(records) + "\n\n" + format_table(mean))
         else:
-            print(format_table(run(a)))
+            if a.fit_budget:
+                a = fit_budget(a)
+            if a.seeds:
+                records, mean = run_seeds(a)
+                print(format_summary(records) + "\n\n" + format_table(mean))
+            else:
+                print(format_table(run(a)))
     except UserError as exc:
         print(f"bench/quality.py: error: {exc}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -340,3 +341,51 @@ def test_plan_times_the_runs_steps_and_keeps_nothing_but_its_json(tmp_path, caps
     assert quality.main(["--work", str(fresh), "--catalog", "synthetic:4", "--plan", "--plan-steps", "2"]) == 2
     assert "--plan-steps 2: give 3 or more" in capsys.readouterr().err
     assert not (fresh / "features").exists()
+
+
+def test_fit_budget_trains_what_the_plan_holds_and_reuses_the_plan_for_the_same_options(tmp_path, capsys,
+                                                                                      tiny_backbone, monkeypatch):
+    from tests.fake_features import write_fake_features
+
+    work, features = tmp_path / "work", write_fake_features(tmp_path / "features", n_products=40, feature_dim=16)
+    tiny = "--batch-size 8 --val-queries 8 --num-threads 1 --prefetch 0 --no-progress"
+    base = ["--work", str(work), "--backbone", str(tiny_backbone), "--features", str(features), "--steps", "12",
+            "--plan-steps", "3", "--queries", "10", "--gallery-max", "8", "--recall-k", "5"]
+    # the plan as --plan writes it; then as if this host were slower: the budget holds 8 of the 12 steps
+    assert quality.main(base + ["--plan", "--train-args", tiny]) == 0
+    path = work / "plan-default.json"
+    plan = json.loads(path.read_text())
+    assert plan["features"] == [str(features)] and plan["budget_steps"] > 12
+    path.write_text(json.dumps({**plan, "budget_steps": 8, "budget_itc_steps": 5}))
+    monkeypatch.setattr(quality, "plan_stage", lambda a, config: pytest.fail("the plan on file fits these options"))
+    assert quality.main(base + ["--fit-budget", "--train-args", tiny]) == 0
+    captured = capsys.readouterr()
+    assert "reusing" in captured.err and "training 8 of the run's 12 steps" in captured.err
+    assert "--fit-budget: 8 of the run's 12 steps" in captured.out and "Training: 8 steps" in captured.out
+    record = json.loads((work / "quality.jsonl").read_text().splitlines()[-1])
+    assert record["steps"] == 8 and record["budget_plan"]["budget_steps"] == 8
+    from fashionbert.model.loading import training_options
+    options = training_options(work / "train-default" / "model")[0]
+    assert options["steps"] == 8 and options["itc_warmup"] == pytest.approx(760 / 1200)  # the recipe's split kept
+
+    # other options, or another host, are timed again: here the plan holds more than the run, which trains as given
+    timed = []
+
+    def plan_stage(a, config):
+        timed.append(config.steps)
+        return {**plan, "budget_steps": 40, "train_args": shlex.split(a.train_args)}
+
+    monkeypatch.setattr(quality, "plan_stage", plan_stage)
+    assert quality.main(base + ["--fit-budget", "--label", "neg2", "--train-args", tiny + " --neg-ratio 2"]) == 0
+    assert timed == [12] and "Training: 12 steps" in capsys.readouterr().out
+    monkeypatch.setattr(quality, "cpu_description", lambda: "another CPU, 2 cores, no native bf16")
+    assert quality.reusable_plan(quality.parse_args(base + ["--train-args", tiny]),
+                                 quality.train_config(quality.parse_args(base + ["--train-args", tiny]), features,
+                                                      work / "x")) is None
+
+    # a budget that holds no run of the shape, and --plan with --fit-budget, are one clear error each
+    monkeypatch.setattr(quality, "plan_stage", lambda a, config: {**plan, "budget_steps": 0})
+    assert quality.main(base + ["--fit-budget", "--label", "none", "--train-args", tiny]) == 2
+    assert "holds no run of this shape on this host" in capsys.readouterr().err
+    assert quality.main(base + ["--fit-budget", "--plan", "--train-args", tiny]) == 2
+    assert "give one" in capsys.readouterr().err
