@@ -354,7 +354,8 @@ def check_plan(a: argparse.Namespace, config: TrainConfig) -> int:
     from fashionbert.train.state import itc_alone_steps
 
     if not config.steps:
-        raise UserError("--plan and --fit-budget time a run of a given length: give --steps (not --epochs in --train-args)")
+        raise UserError("--plan and --fit-budget time a run of a given length: give --steps (not --epochs in "
+                        "--train-args)")
     if a.plan_steps < 3:
         raise UserError(f"--plan-steps {a.plan_steps}: give 3 or more (each kind's first step is left out)")
     return itc_alone_steps(config, config.steps)  # checked: a bad --itc-warmup fails here
