@@ -360,24 +360,36 @@ def test_fit_budget_trains_what_the_plan_holds_and_reuses_the_plan_for_the_same_
     monkeypatch.setattr(quality, "plan_stage", lambda a, config: pytest.fail("the plan on file fits these options"))
     assert quality.main(base + ["--fit-budget", "--train-args", tiny]) == 0
     captured = capsys.readouterr()
-    assert "reusing" in captured.err and "training 8 of the run's 12 steps" in captured.err
-    assert "--fit-budget: 8 of the run's 12 steps" in captured.out and "Training: 8 steps" in captured.out
+    assert "reusing" in captured.err and "training 8 steps at the run's split (the run as given: 12" in captured.err
+    assert "--fit-budget: 8 steps, what the 45-minute budget holds" in captured.out
+    assert "Training: 8 steps" in captured.out
     record = json.loads((work / "quality.jsonl").read_text().splitlines()[-1])
     assert record["steps"] == 8 and record["budget_plan"]["budget_steps"] == 8
     from fashionbert.model.loading import training_options
     options = training_options(work / "train-default" / "model")[0]
     assert options["steps"] == 8 and options["itc_warmup"] == pytest.approx(760 / 1200)  # the recipe's split kept
 
-    # other options, or another host, are timed again: here the plan holds more than the run, which trains as given
+    # other options, or another host, are timed again: here the plan holds more than the run, whose --steps cap it
     timed = []
 
     def plan_stage(a, config):
         timed.append(config.steps)
-        return {**plan, "budget_steps": 40, "train_args": shlex.split(a.train_args)}
+        return {**plan, "budget_steps": 14, "train_args": shlex.split(a.train_args)}
 
     monkeypatch.setattr(quality, "plan_stage", plan_stage)
     assert quality.main(base + ["--fit-budget", "--label", "neg2", "--train-args", tiny + " --neg-ratio 2"]) == 0
-    assert timed == [12] and "Training: 12 steps" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert timed == [12] and "Training: 12 steps" in out and "--steps' cap on what the 45-minute budget" in out
+    # without --steps the budget decides both ways: the recipe (here 12 steps) trains the 14 the budget holds
+    monkeypatch.setitem(quality.RECIPE, "steps", 12)
+    uncapped = [arg for arg in base if arg not in ("--steps", "12")]
+    assert quality.steps_given(quality.parse_args(uncapped + ["--train-args", tiny])) is None
+    assert quality.steps_given(quality.parse_args(uncapped + ["--train-args", tiny + " --steps 9"])) == 9
+    assert quality.main(uncapped + ["--fit-budget", "--label", "fill", "--train-args", tiny]) == 0
+    captured = capsys.readouterr()
+    assert timed == [12, 12] and "Training: 14 steps" in captured.out
+    assert "training 14 steps at the run's split (the run as given: 12)" in captured.err
+    assert training_options(work / "train-fill" / "model")[0]["steps"] == 14
     monkeypatch.setattr(quality, "cpu_description", lambda: "another CPU, 2 cores, no native bf16")
     assert quality.reusable_plan(quality.parse_args(base + ["--train-args", tiny]),
                                  quality.train_config(quality.parse_args(base + ["--train-args", tiny]), features,
