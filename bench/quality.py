@@ -232,12 +232,18 @@ def format_summary(records: list[dict]) -> str:
 # ============================================================================================ stages
 def train_config(a: argparse.Namespace, features: Path, out: Path) -> TrainConfig:
     """The README recipe, then --train-args over it (train's own parser), then this script's --steps/--backbone."""
-    argv = split_pass_through(TRAIN_ARGS, a.train_args)
-    recipe = {k: v for k, v in RECIPE.items() if k != "steps"}  # steps below: --epochs in --train-args replaces them
-    config = parse_pass_through(TRAIN_ARGS, argv, {**recipe, "backbone": a.backbone})
+    config = _over_recipe(a)
     steps = a.steps or config.steps or (None if config.epochs else RECIPE["steps"])
     return dataclasses.replace(config, features=[str(features)], out=str(out), steps=steps,
                                epochs=None if a.steps else config.epochs)
+
+
+def _over_recipe(a: argparse.Namespace) -> TrainConfig:
+    """--train-args over the recipe, by train's own parser; steps only where the user gave them (--epochs in
+    --train-args replaces the recipe's)."""
+    recipe = {k: v for k, v in RECIPE.items() if k != "steps"}
+    return parse_pass_through(TRAIN_ARGS, split_pass_through(TRAIN_ARGS, a.train_args),
+                              {**recipe, "backbone": a.backbone})
 
 
 def features_folder(a: argparse.Namespace, variants: bool = True) -> Path:
@@ -664,10 +670,7 @@ def fit_budget(a: argparse.Namespace) -> argparse.Namespace:
 
 def steps_given(a: argparse.Namespace) -> int | None:
     """The run's --steps where the user gave them (this script's, or train's in --train-args), else None."""
-    if a.steps:
-        return a.steps
-    recipe = {k: v for k, v in RECIPE.items() if k != "steps"}
-    return parse_pass_through(TRAIN_ARGS, split_pass_through(TRAIN_ARGS, a.train_args), recipe).steps
+    return a.steps or _over_recipe(a).steps
 
 
 def reusable_plan(a: argparse.Namespace, config: TrainConfig) -> dict | None:
