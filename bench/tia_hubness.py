@@ -27,6 +27,7 @@ Scoring is the slow part (~3.3 min for hm-dev's 1,662 held-out products at --rec
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def rankings(s: dict, name: str, recall_k: int, ks: list[int], temperatures: lis
     out = {"the raw cosine": (cosine, None),
            f"the corrected cosine (T {DEFAULT_TEMPERATURE:g}, K {DEFAULT_K})": (corrected, None)}
     fold = query % 2
-    listwise = lambda *pairs: score_fusion.fit(*pairs, tia_check=False)  # noqa: E731
+    listwise = functools.partial(score_fusion.fit, tia_check=False)
     for what, m in tia.items():
         out[what] = (m, None)
         fused = score_fusion.cross_fitted_logits(m, corrected, label, query, fold, listwise)
