@@ -21,8 +21,8 @@ The bias's pairs cost one more cross-encoder pass of about K x (texts + images) 
 recall-k x (texts + images).
 
 Scoring is the slow part (~3.3 min for hm-dev's 1,662 held-out products at --recall-k 32 on the 2-core Xeon, bf16):
---scores FILE keeps the vectors and margins (an .npz), and a rerun with the same file, model, --recall-k and a
---ks no larger than the kept one reads them instead.
+--scores FILE keeps each query's candidate lists with their cosines and margins (an .npz), and a rerun with the same
+file and model whose --recall-k and --ks are no longer than the kept lists reads them instead.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ from fashionbert.rank.neighbours import Neighbours, search  # noqa: E402
 from fashionbert.rank.retrieve import dual_encoder_for, embed_all  # noqa: E402
 from fashionbert.runtime import resolve_runtime  # noqa: E402
 
-DIRECTIONS = (("t2i", "text -> image"), ("i2t", "image -> text"))
+DIRECTIONS = ("t2i", "i2t")  # text -> image, image -> text
 
 
 def score_gallery(features: list[str], model: str, recall_k: int, bank_k: int) -> dict:
@@ -179,9 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         raise SystemExit(f"bench/tia_hubness.py: {exc}")
     n = int(s["n"])
-    found = {name: rankings(s, name, a.recall_k, ks, temperatures) for name, _ in DIRECTIONS}
+    found = {name: rankings(s, name, a.recall_k, ks, temperatures) for name in DIRECTIONS}
     recall = {}
-    for name, _ in DIRECTIONS:
+    for name in DIRECTIONS:
         pairs = top(lists(s, name), a.recall_k)
         recall[name] = 100 * len(np.unique(pairs.query[pairs.query == pairs.candidate])) / n
     print(f"model {a.model} ({s['version']}): the full gallery of {n} held-out products, each query's top "
@@ -191,9 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     print("| ranked by | Rank@1 | minus the corrected cosine's | sign test keeps TIA |\n| --- | --- | --- | --- |")
     base = next(w for w in found["t2i"] if w.startswith("the corrected cosine"))
     for what in found["t2i"]:
-        r = [100 * found[d][what][0].mean() for d, _ in DIRECTIONS]
-        b = [100 * found[d][base][0].mean() for d, _ in DIRECTIONS]
-        kept = [found[d][what][1] for d, _ in DIRECTIONS]
+        r = [100 * found[d][what][0].mean() for d in DIRECTIONS]
+        b = [100 * found[d][base][0].mean() for d in DIRECTIONS]
+        kept = [found[d][what][1] for d in DIRECTIONS]
         keeps = "" if kept[0] is None else " / ".join("yes" if k else "no" for k in kept)
         print(f"| {what} | {r[0]:.1f} / {r[1]:.1f} | {r[0] - b[0]:+.1f} / {r[1] - b[1]:+.1f} | {keeps} |")
 
