@@ -2,6 +2,7 @@
 softmax), its determinism, the rows it adds to the joint pass, and the gathered batch under 2-process gloo DDP."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,16 +16,16 @@ import torch.nn.functional as F
 
 from fashionbert.model.config import FashionBertConfig
 from fashionbert.model.contrastive import EmbeddingQueue, contrastive_loss, text_groups
-from fashionbert.model.hard_negatives import MiningRequest, mine, negative_probabilities
+from fashionbert.model.hard_negatives import MiningRequest, candidate_hubness, mine, negative_probabilities
 from fashionbert.model.modeling import FashionBertModel
 
 torch.set_num_threads(1)
 FEATURE_DIM = 16
 
 
-def _request(anchors, swap, seed=0, temperature=0.0):
+def _request(anchors, swap, seed=0, temperature=0.0, similarity="cosine"):
     return MiningRequest(anchors=torch.tensor(anchors), swap_image=torch.tensor(swap, dtype=torch.bool), seed=seed,
-                         temperature=temperature)
+                         temperature=temperature, similarity=similarity)
 
 
 def _excluded(groups, codes=None):
@@ -77,6 +78,50 @@ def test_image_side_uses_the_image_to_text_similarity():
     request = _request([0] * 200, [True] * 200)
     _, _, partner = mine(request, text, image, text, image, excluded, scale=50.0)
     assert set(partner.tolist()) == {1, 2}  # text 0 = (1, 0) is images 1 and 2
+
+
+def _unit(*rows):
+    return F.normalize(torch.tensor(rows, dtype=torch.float32), dim=-1)
+
+
+def test_corrected_draws_follow_a_hand_computed_dual_softmax():
+    # three products; image 1 is nearer text 0 than image 2 is, but its own text claims it more strongly still,
+    # while no text is much nearer image 2 than text 0 is
+    text = _unit([1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0])
+    image = _unit([1.0, 0.1, 0.0], [0.6, 0.8, 0.0], [0.5, 0.5, 0.5])
+    scale = 5.0
+    cos = (text @ image.t()).double()
+    # by hand: text 0's logit for image j is scale x cos(t0, ij) less log sum_k exp(scale x cos(tk, ij))
+    hub = [math.log(sum(math.exp(scale * float(cos[k, j])) for k in range(3))) for j in range(3)]
+    logit = [scale * float(cos[0, j]) - hub[j] for j in (1, 2)]
+    expected = [math.exp(v) / sum(math.exp(u) for u in logit) for v in logit]
+    assert candidate_hubness(text, image, scale).tolist() == pytest.approx(hub, abs=1e-9)
+    excluded = _excluded([0, 1, 2])
+    p = negative_probabilities(cos[:1], excluded[:1], scale, candidate_hubness(text, image, scale))
+    assert p[0].tolist() == pytest.approx([0.0] + expected, abs=1e-9)
+    counts = np.zeros(3)
+    for seed in range(4):
+        request = _request([0] * 1000, [True] * 1000, seed=seed, similarity="corrected")
+        _, _, partner = mine(request, text, image, text, image, excluded, scale)
+        np.add.at(counts, partner.numpy(), 1)
+    assert counts[0] == 0 and counts[1:] / counts.sum() == pytest.approx(expected, abs=0.03)
+    # the raw cosine draws image 1 most; the corrected draw image 2, which the corrected cosine ranks nearer text 0
+    raw = negative_probabilities(cos[:1], excluded[:1], scale)[0]
+    assert raw[1] > raw[2] and expected[1] > expected[0]
+
+
+def test_corrected_image_side_reads_each_texts_hubness_over_the_images():
+    text = _unit([1.0, 0.0], [0.3, 1.0], [0.7, 0.7])
+    image = _unit([0.0, 1.0], [1.0, 0.2], [1.0, 0.0])
+    scale, excluded = 3.0, _excluded([0, 1, 2])
+    request = _request([0] * 3, [False] * 3, seed=3, similarity="corrected")
+    hubness = candidate_hubness(image, text, scale)  # each text's log-sum-exp over the pool's images
+    want = negative_probabilities((image @ text.t())[:1], excluded[:1], scale, hubness)[0]
+    generator = torch.Generator().manual_seed(3)
+    expected = torch.multinomial(want.expand(3, -1), 1, generator=generator).squeeze(1)
+    assert torch.equal(mine(request, text, image, text, image, excluded, scale)[2], expected)
+    with pytest.raises(ValueError, match="similarity 'dual'"):
+        mine(_request([0], [False], similarity="dual"), text, image, text, image, excluded, scale)
 
 
 def test_the_draw_is_a_function_of_the_seed():
@@ -205,7 +250,13 @@ def _ddp_worker(rank: int, world: int, port: int, backbone: str, out: str) -> No
         loss.backward()
         grad = model.itc_head.text_proj.weight.grad.clone()
         dist.all_reduce(grad)
+        corrected = dataclasses.replace(request, similarity="corrected")
+        corrected_partner = mine(corrected, state.text_vec, state.image_vec, state.all_text_vec, state.all_image_vec,
+                                 torch.tensor([rank] * 4).unsqueeze(1) == torch.tensor([0] * 4 + [1] * 4),
+                                 state.scale)[2]
         result = {"loss": float(loss), "partner": partner.tolist(), "swap": swap.tolist(),
+                  "corrected_partner": corrected_partner.tolist(),
+                  "image_hubness": candidate_hubness(state.all_text_vec, state.all_image_vec, state.scale).tolist(),
                   "mined_features": rows[2][4:].float().tolist(), "mined_ids": rows[0][4:].tolist(),
                   "grad_mean": (grad / world).tolist()}
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
@@ -236,11 +287,16 @@ def test_two_process_gloo_mines_over_the_gathered_batch(tmp_path, tiny_backbone)
             else:  # the text came from the other process (padded to max_text_len for the gather, then trimmed)
                 got = torch.tensor(res["mined_ids"][m])
                 assert torch.equal(got[: int(attn[p].sum())], ids[p][: int(attn[p].sum())])
+        assert all(p in other for p in res["corrected_partner"])
     # the contrastive loss over the gathered batch: the processes' mean is the one-process loss over all 8 rows,
     # and so is the gradient DDP averages
     model = _model(tiny_backbone)
     clean_ids = ids[:, : int(attn.sum(dim=1).max())]
     text_vec, image_vec = model.itc_head(model, clean_ids, attn, feats)
+    # the corrected draw's hubness is over every process's texts, one value per gathered image on both processes
+    whole_hubness = candidate_hubness(text_vec.detach(), image_vec.detach(), float(model.itc_head.scale().detach()))
+    for res in results:
+        assert torch.allclose(torch.tensor(res["image_hubness"]), whole_hubness.float(), atol=1e-4)
     whole = contrastive_loss(text_vec, image_vec, model.itc_head.scale(), text_groups(clean_ids, attn))
     assert np.mean([r["loss"] for r in results]) == pytest.approx(float(whole.detach()), abs=1e-5)
     whole.backward()

@@ -113,6 +113,25 @@ def test_training_saves_the_bank_resumes_bitwise_and_refuses_a_mismatch(tmp_path
                       "--mining-bank", 8))
 
 
+def test_corrected_mining_over_the_bank_resumes_bitwise_and_refuses_a_mismatch(tmp_path, features, tiny_backbone):
+    out = tmp_path / "corrected"
+    args = ("--steps", 4, "--checkpoint-every", 2, "--val-every", 0, "--matching-only", "--mining-bank", 16,
+            "--hard-neg-similarity", "corrected")
+    run(make_args(features, out, tiny_backbone, *args))
+    options = json.loads((ckpt.latest_checkpoint(out) / ckpt.STATE_JSON).read_text())["options"]
+    assert options["hard_neg_similarity"] == "corrected"
+    records = _train_records(out)
+    assert len(records) == 4 and all(math.isfinite(r["loss_tia"]) for r in records)
+    resumed = resumed_copy(out, tmp_path / "resumed", features, tiny_backbone, args)
+    assert [r["loss"] for r in records] == [r["loss"] for r in _train_records(resumed)]
+    with pytest.raises(UserError, match=r"--hard-neg-similarity 'cosine' \(checkpoint: 'corrected'\)"):
+        run(make_args(features, resumed, tiny_backbone, "--steps", 6, "--checkpoint-every", 2, "--matching-only",
+                      "--mining-bank", 16, "--resume"))
+    with pytest.raises(UserError, match="--hard-neg-similarity corrected .*mines none"):
+        run(make_args(features, tmp_path / "unmined", tiny_backbone, "--steps", 1, "--hard-neg-fraction", 0,
+                      "--hard-neg-similarity", "corrected"))
+
+
 def test_the_bank_joins_after_the_joint_steps_mining_bank_after_names(tmp_path, features, tiny_backbone):
     out = tmp_path / "late"
     # 2 itc-alone steps, then 2 joint steps on the batch's candidates alone, then 2 with the bank.

@@ -613,6 +613,7 @@ def test_mining_pooling_and_fusion_options_round_trip_and_resume_refuses_a_misma
     newest = ckpt.latest_checkpoint(ref_out)
     options = json.loads((newest / ckpt.STATE_JSON).read_text())["options"]
     assert options["hard_neg_fraction"] == 1.0 and options["hard_neg_temperature"] == 0.0  # the defaults, resolved
+    assert options["hard_neg_similarity"] == "cosine"
     assert options["tia_pooling"] == "halves"
     assert options["fusion_layer"] == 1  # the default, resolved: half the tiny backbone's 2 layers
     model_config = json.loads((ref_out / "model" / "config.json").read_text())

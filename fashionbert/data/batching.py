@@ -372,6 +372,7 @@ class BatchSettings:
     # Batches numbered below this are for the TIA-only warm-up: no masks (TIA sees clean pairs, as at scoring).
     unmasked_batches: int = 0
     mining_temperature: float = 0.0  # of mined negatives' softmax; 0 = the itc head's
+    mining_similarity: str = "cosine"  # what that softmax reads (MiningRequest.similarity)
 
 
 def collate(pairs: Pairs, positive_features: np.ndarray, pool_features: np.ndarray, settings: BatchSettings,
@@ -397,7 +398,7 @@ def collate(pairs: Pairs, positive_features: np.ndarray, pool_features: np.ndarr
     if len(pairs.mined_anchor):
         mining = MiningRequest(anchors=torch.from_numpy(pairs.mined_anchor),
                                swap_image=torch.from_numpy(pairs.mined_swap_image), seed=mining_seed,
-                               temperature=settings.mining_temperature)
+                               temperature=settings.mining_temperature, similarity=settings.mining_similarity)
     return Batch(
         input_ids=torch.from_numpy(masked_ids),
         attention_mask=torch.from_numpy(attn),

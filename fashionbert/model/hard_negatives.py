@@ -13,6 +13,12 @@ share its group; with `train --group-negatives` the batch's codes are products, 
 with the same text. Under DDP the candidates are the positives of every process: their
 inputs are gathered (no gradient; the joint pass embeds them again here) and the draw sees the gathered
 similarity. The draw uses its own generator, seeded per batch, so a resumed run draws the same negatives.
+
+With `similarity="corrected"` the draw reads the similarity the product ranks by rather than the raw cosine: each
+candidate's log-sum-exp over the pool's queries is taken off its logits (a dual softmax, the in-batch form of the
+catalog-level hubness correction, fashionbert/rank/hubness.py). Why: the raw softmax spends most draws on hubs --
+candidates close to every query -- which the corrected cosine already ranks down, so TIA learns what the correction
+knows; the corrected draw favours the pairs the corrected cosine still confuses.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ class MiningRequest:
     swap_image: torch.Tensor  # (M,) bool
     seed: int
     temperature: float = 0.0  # of the softmax over cosines; 0 = the itc head's learned temperature
+    similarity: str = "cosine"  # what the softmax reads: "cosine", or "corrected" (less each candidate's hubness)
 
     def to(self, device: torch.device) -> "MiningRequest":
         return dataclasses.replace(self, anchors=self.anchors.to(device), swap_image=self.swap_image.to(device))
@@ -67,12 +74,28 @@ def rank_offset(rows: int) -> int:
     return dist.get_rank() * rows if world_size() > 1 else 0
 
 
-def negative_probabilities(similarity: torch.Tensor, excluded: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(scale x similarity) over each row's allowed candidates (float64); a row with none is all zeros."""
-    logits = (similarity.double() * scale).masked_fill(excluded, float("-inf"))
+SIMILARITIES = ("cosine", "corrected")
+
+
+def negative_probabilities(similarity: torch.Tensor, excluded: torch.Tensor, scale: float,
+                           hubness: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(scale x similarity - hubness) over each row's allowed candidates (float64); a row with none is all
+    zeros. `hubness` (per candidate, (N,) or one row per anchor (M, N)) is `candidate_hubness`'s, or None for the raw
+    cosine."""
+    logits = similarity.double() * scale
+    if hubness is not None:
+        logits = logits - hubness.double()
+    logits = logits.masked_fill(excluded, float("-inf"))
     has_any = (~excluded).any(dim=1, keepdim=True)
     probs = torch.softmax(logits.masked_fill(~has_any, 0.0), dim=1)
     return torch.where(has_any, probs, torch.zeros_like(probs))
+
+
+def candidate_hubness(queries: torch.Tensor, candidates: torch.Tensor, scale: float) -> torch.Tensor:
+    """(N,) log-sum-exp of scale x cosine over every query of the pool, for each candidate: how strongly the pool's
+    queries claim it. Every query counts, the candidate's own positive too, as the catalog-level correction counts
+    a candidate's nearest queries whatever they are."""
+    return torch.logsumexp(scale * (queries.double() @ candidates.double().t()), dim=0)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -92,13 +115,23 @@ def mine(request: MiningRequest, text_vec: torch.Tensor, image_vec: torch.Tensor
 
     text_vec / image_vec (B, d) are this process's positives, all_* (W*B, d) the gathered ones; `excluded` (B, W*B)
     marks the candidates no anchor may draw (same group, same text). The similarity is detached: mining chooses
-    rows, the losses on those rows train the model."""
+    rows, the losses on those rows train the model. With `request.similarity == "corrected"` each candidate's
+    hubness over the pool's queries (the gathered texts for an image, the gathered images for a text) is taken off
+    its logits."""
+    if request.similarity not in SIMILARITIES:
+        raise ValueError(f"MiningRequest.similarity {request.similarity!r}: one of {SIMILARITIES}")
     with torch.no_grad():
         t2i = text_vec.detach().float() @ all_image_vec.detach().float().t()
         i2t = image_vec.detach().float() @ all_text_vec.detach().float().t()
         anchors, swap = request.anchors.cpu(), request.swap_image.cpu()
         similarity = torch.where(swap.unsqueeze(1), t2i.cpu()[anchors], i2t.cpu()[anchors])
-        probs = negative_probabilities(similarity, excluded.cpu()[anchors], scale)
+        hubness = None
+        if request.similarity == "corrected":
+            pool_text, pool_image = all_text_vec.detach().cpu(), all_image_vec.detach().cpu()
+            image_hubs = candidate_hubness(pool_text, pool_image, scale)
+            text_hubs = candidate_hubness(pool_image, pool_text, scale)
+            hubness = torch.where(swap.unsqueeze(1), image_hubs.unsqueeze(0), text_hubs.unsqueeze(0))
+        probs = negative_probabilities(similarity, excluded.cpu()[anchors], scale, hubness)
         generator = torch.Generator().manual_seed(int(request.seed))
         partner = draw(probs, generator)
     device = request.anchors.device

@@ -25,6 +25,7 @@ class TrainConfig:
     random_neg_fraction: float = 0.5
     hard_neg_fraction: float | None = None  # None: 1.0 with the itc head, 0 without
     hard_neg_temperature: float = 0.0
+    hard_neg_similarity: str = "cosine"
     group_negatives: bool = False
     subcategory_batches: bool = False
     max_text_len: int | None = None
@@ -136,6 +137,11 @@ def add_pair_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--hard-neg-temperature", type=float, default=D.hard_neg_temperature,
                    help="temperature of the mined negatives' softmax; 0 = the itc head's learned temperature "
                         "(default 0)")
+    g.add_argument("--hard-neg-similarity", choices=("cosine", "corrected"), default=D.hard_neg_similarity,
+                   help="what the mined negatives' softmax reads: the itc cosine, or the cosine corrected for "
+                        "hubness (each candidate's log-sum-exp over the batch's queries taken off, a dual softmax, as "
+                        "the ranking score corrects it over the catalog), so that TIA trains on the pairs the "
+                        "corrected cosine still confuses rather than on hubs (default cosine)")
     g.add_argument("--group-negatives", action=argparse.BooleanOptionalAction, default=D.group_negatives,
                    help="a product's group (its colour variants: featurize's --group-column) shares its batches, and "
                         "its members are each other's negatives, in the itc loss and as mined TIA negatives, unless "

@@ -31,11 +31,11 @@ from fashionbert.train.optim import build_optimizer, lr_lambda, restore_optimize
 # Options that fix the data order or the optimisation: a resumed run must use the checkpoint's values,
 # or it would not continue the same run.
 RESUME_MUST_MATCH = ("batch_size", "itc_dim", "itc_pooling", "dropout", "tia_warmup", "itc_warmup", "matching_only", "grad_accum", "neg_ratio",
-                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "group_negatives", "subcategory_batches", "itc_queue", "mining_bank", "mining_bank_after", "fusion_layer", "fusion_token_drop", "own_fusion_layers", "detach_fusion_input", "tia_pooling", "tia_residual", "tia_loss", "joint_lr", "text_variants", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
+                     "random_neg_fraction", "hard_neg_fraction", "hard_neg_temperature", "hard_neg_similarity", "group_negatives", "subcategory_batches", "itc_queue", "mining_bank", "mining_bank_after", "fusion_layer", "fusion_token_drop", "own_fusion_layers", "detach_fusion_input", "tia_pooling", "tia_residual", "tia_loss", "joint_lr", "text_variants", "seed", "split_seed", "val_fraction", "task_weights", "lr", "warmup",
                      "weight_decay", "shuffle_window", "world_size")
 
 # What a checkpoint written before an option existed ran with.
-BEFORE_OPTION = {"hard_neg_fraction": 0.0, "hard_neg_temperature": 0.0, "itc_queue": 0, "fusion_layer": 0,
+BEFORE_OPTION = {"hard_neg_fraction": 0.0, "hard_neg_temperature": 0.0, "hard_neg_similarity": "cosine", "itc_queue": 0, "fusion_layer": 0,
                  "tia_pooling": "cls", "keep_recall": False, "hidden_weight": 0.0,
                  "matching_only": False, "group_negatives": False, "own_fusion_layers": False,
                  "detach_fusion_input": False, "tia_residual": False, "itc_warmup": 0.0,
@@ -199,6 +199,10 @@ def _prepare_out(config: TrainConfig, rt: Runtime) -> Path:
     if config.tia_loss != "binary" and not mines:
         raise UserError(f"--tia-loss {config.tia_loss} ranks each mined negative against its positive, and this run "
                         f"mines none ({mining}): pass --hard-neg-fraction > 0 and --neg-ratio >= 1, or --tia-loss binary")
+    if config.hard_neg_similarity != "cosine" and not mines:
+        raise UserError(f"--hard-neg-similarity {config.hard_neg_similarity} chooses how mined negatives are drawn, and "
+                        f"this run mines none ({mining}): pass --hard-neg-fraction > 0 and --neg-ratio >= 1, or "
+                        f"--hard-neg-similarity cosine")
     if config.mining_bank < 0 or (config.mining_bank > 0 and not mines):
         raise UserError(f"--mining-bank {config.mining_bank}: must be >= 0, and is a pool for mined negatives, which "
                         f"this run draws none of ({mining}): pass --hard-neg-fraction > 0 and --neg-ratio >= 1, or "
@@ -387,7 +391,8 @@ def _batches(config: TrainConfig, data: TrainingData, reader: FeatureReader, mod
         batch_size=config.batch_size, max_text_len=model_config.max_text_len, pad_token_id=model_config.pad_token_id,
         sep_token_id=model_config.sep_token_id, mlm_probability=model_config.mlm_probability,
         mpm_probability=model_config.mpm_probability, whole_word_mask=model_config.whole_word_mask,
-        unmasked_batches=tia_steps * config.grad_accum, mining_temperature=config.hard_neg_temperature)
+        unmasked_batches=tia_steps * config.grad_accum, mining_temperature=config.hard_neg_temperature,
+        mining_similarity=config.hard_neg_similarity)
     vocab = MaskingVocab.from_tokenizer(tokenizer, model_config.vocab_size)
     pairs = PairBuilder(data.texts, data.train_products, config.neg_ratio, config.random_neg_fraction,
                         hard_neg_fraction(config), config.group_negatives)
