@@ -20,7 +20,7 @@ from fashionbert.model.modeling import FashionBertModel
 from fashionbert.train import checkpoint as ckpt
 from fashionbert.train.trainer import run
 from tests.test_hard_negatives import FEATURE_DIM, _batch, _request
-from tests.test_train import _train_records, features, make_args, resumed_copy  # noqa: F401 (features: the module fixture)
+from tests.test_train import _train_records, features, make_args, resumed_copy, trained_and_resumed  # noqa: F401 (features: the module fixture)
 
 torch.set_num_threads(1)
 
@@ -97,14 +97,10 @@ def test_training_saves_the_bank_resumes_bitwise_and_refuses_a_mismatch(tmp_path
     out = tmp_path / "bank"
     args = ("--steps", 4, "--checkpoint-every", 2, "--val-every", 0, "--matching-only", "--mining-bank", 16,
             "--tia-loss", "pairwise")
-    run(make_args(features, out, tiny_backbone, *args))
-    assert json.loads((ckpt.latest_checkpoint(out) / ckpt.STATE_JSON).read_text())["options"]["mining_bank"] == 16
+    options, resumed = trained_and_resumed(out, features, tiny_backbone, args)
+    assert options["mining_bank"] == 16
     saved = torch.load(out / "checkpoints" / "step-0000002" / ckpt.STATE_PT, weights_only=True)["mining_bank"]
     assert saved["ids"].shape[0] > 0 and int(saved["next"]) == saved["ids"].shape[0] % 16
-    records = _train_records(out)
-    assert len(records) == 4 and all(math.isfinite(r["loss_tia"]) for r in records)
-    resumed = resumed_copy(out, tmp_path / "resumed", features, tiny_backbone, args)
-    assert [r["loss"] for r in records] == [r["loss"] for r in _train_records(resumed)]
     with pytest.raises(UserError, match=r"--mining-bank 0 \(checkpoint: 16\)"):
         run(make_args(features, resumed, tiny_backbone, "--steps", 6, "--checkpoint-every", 2, "--matching-only",
                       "--tia-loss", "pairwise", "--resume"))
@@ -114,16 +110,10 @@ def test_training_saves_the_bank_resumes_bitwise_and_refuses_a_mismatch(tmp_path
 
 
 def test_corrected_mining_over_the_bank_resumes_bitwise_and_refuses_a_mismatch(tmp_path, features, tiny_backbone):
-    out = tmp_path / "corrected"
     args = ("--steps", 4, "--checkpoint-every", 2, "--val-every", 0, "--matching-only", "--mining-bank", 16,
             "--hard-neg-similarity", "corrected")
-    run(make_args(features, out, tiny_backbone, *args))
-    options = json.loads((ckpt.latest_checkpoint(out) / ckpt.STATE_JSON).read_text())["options"]
+    options, resumed = trained_and_resumed(tmp_path / "corrected", features, tiny_backbone, args)
     assert options["hard_neg_similarity"] == "corrected"
-    records = _train_records(out)
-    assert len(records) == 4 and all(math.isfinite(r["loss_tia"]) for r in records)
-    resumed = resumed_copy(out, tmp_path / "resumed", features, tiny_backbone, args)
-    assert [r["loss"] for r in records] == [r["loss"] for r in _train_records(resumed)]
     with pytest.raises(UserError, match=r"--hard-neg-similarity 'cosine' \(checkpoint: 'corrected'\)"):
         run(make_args(features, resumed, tiny_backbone, "--steps", 6, "--checkpoint-every", 2, "--matching-only",
                       "--mining-bank", 16, "--resume"))

@@ -274,6 +274,18 @@ def resumed_copy(out, copy, features, backbone, args, drop=("step-0000004",)) ->
     return Path(copy)
 
 
+def trained_and_resumed(out, features, backbone, args) -> tuple[dict, Path]:
+    """Train `args` (4 steps, checkpoints every 2) into `out`, then resume a copy killed after step 2: the run's
+    TIA losses are finite and the resumed copy's losses are the run's, bit for bit. -> (the newest checkpoint's
+    options, the resumed copy's folder)."""
+    run(make_args(features, out, backbone, *args))
+    records = _train_records(out)
+    assert len(records) == 4 and all(math.isfinite(r["loss_tia"]) for r in records)
+    resumed = resumed_copy(out, Path(out).with_name(Path(out).name + "-resumed"), features, backbone, args)
+    assert [r["loss"] for r in records] == [r["loss"] for r in _train_records(resumed)]
+    return json.loads((ckpt.latest_checkpoint(out) / ckpt.STATE_JSON).read_text())["options"], resumed
+
+
 def assert_same_weights(a, b) -> None:
     """Two model or checkpoint folders hold the same weights, bit for bit (the first few names that differ if not)."""
     from safetensors.torch import load_file
