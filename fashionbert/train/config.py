@@ -10,6 +10,7 @@ import dataclasses
 
 from fashionbert.model.backbone import DEFAULT_BACKBONE
 from fashionbert.model.config import TIA_LOSSES, TIA_POOLINGS
+from fashionbert.model.hard_negatives import SIMILARITIES as MINING_SIMILARITIES
 from fashionbert.runtime import add_runtime_arguments, stage_config
 from fashionbert.train.adaptive_loss import MODES as TASK_WEIGHT_MODES
 
@@ -137,11 +138,12 @@ def add_pair_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--hard-neg-temperature", type=float, default=D.hard_neg_temperature,
                    help="temperature of the mined negatives' softmax; 0 = the itc head's learned temperature "
                         "(default 0)")
-    g.add_argument("--hard-neg-similarity", choices=("cosine", "corrected"), default=D.hard_neg_similarity,
+    g.add_argument("--hard-neg-similarity", choices=MINING_SIMILARITIES, default=D.hard_neg_similarity,
                    help="what the mined negatives' softmax reads: the itc cosine, or the cosine corrected for "
-                        "hubness (each candidate's log-sum-exp over the batch's queries taken off, a dual softmax, as "
-                        "the ranking score corrects it over the catalog), so that TIA trains on the pairs the "
-                        "corrected cosine still confuses rather than on hubs (default cosine)")
+                        "hubness (each candidate's log-sum-exp over the pool's queries, the batch's and "
+                        "--mining-bank's, taken off: a dual softmax, as the ranking score corrects it over the "
+                        "catalog), so that TIA trains on the pairs the corrected cosine still confuses rather than on "
+                        "hubs. Measured on hm-dev at the Xeon's budget: no gain (README) (default cosine)")
     g.add_argument("--group-negatives", action=argparse.BooleanOptionalAction, default=D.group_negatives,
                    help="a product's group (its colour variants: featurize's --group-column) shares its batches, and "
                         "its members are each other's negatives, in the itc loss and as mined TIA negatives, unless "
