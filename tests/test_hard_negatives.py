@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fashionbert.model.config import FashionBertConfig
 from fashionbert.model.contrastive import EmbeddingQueue, contrastive_loss, text_groups
-from fashionbert.model.hard_negatives import MiningRequest, candidate_hubness, mine, negative_probabilities
+from fashionbert.model.hard_negatives import MiningRequest, mine, negative_probabilities, pool_hubness
 from fashionbert.model.modeling import FashionBertModel
 
 torch.set_num_threads(1)
@@ -95,9 +95,9 @@ def test_corrected_draws_follow_a_hand_computed_dual_softmax():
     hub = [math.log(sum(math.exp(scale * float(cos[k, j])) for k in range(3))) for j in range(3)]
     logit = [scale * float(cos[0, j]) - hub[j] for j in (1, 2)]
     expected = [math.exp(v) / sum(math.exp(u) for u in logit) for v in logit]
-    assert candidate_hubness(text, image, scale).tolist() == pytest.approx(hub, abs=1e-9)
+    assert pool_hubness(text, image, scale)[0].tolist() == pytest.approx(hub, abs=1e-9)
     excluded = _excluded([0, 1, 2])
-    p = negative_probabilities(cos[:1], excluded[:1], scale, candidate_hubness(text, image, scale))
+    p = negative_probabilities(cos[:1], excluded[:1], scale, pool_hubness(text, image, scale)[0])
     assert p[0].tolist() == pytest.approx([0.0] + expected, abs=1e-9)
     counts = np.zeros(3)
     for seed in range(4):
@@ -115,7 +115,7 @@ def test_corrected_image_side_reads_each_texts_hubness_over_the_images():
     image = _unit([0.0, 1.0], [1.0, 0.2], [1.0, 0.0])
     scale, excluded = 3.0, _excluded([0, 1, 2])
     request = _request([0] * 3, [False] * 3, seed=3, similarity="corrected")
-    hubness = candidate_hubness(image, text, scale)  # each text's log-sum-exp over the pool's images
+    hubness = pool_hubness(text, image, scale)[1]  # each text's log-sum-exp over the pool's images
     want = negative_probabilities((image @ text.t())[:1], excluded[:1], scale, hubness)[0]
     generator = torch.Generator().manual_seed(3)
     expected = torch.multinomial(want.expand(3, -1), 1, generator=generator).squeeze(1)
@@ -256,7 +256,7 @@ def _ddp_worker(rank: int, world: int, port: int, backbone: str, out: str) -> No
                                  state.scale)[2]
         result = {"loss": float(loss), "partner": partner.tolist(), "swap": swap.tolist(),
                   "corrected_partner": corrected_partner.tolist(),
-                  "image_hubness": candidate_hubness(state.all_text_vec, state.all_image_vec, state.scale).tolist(),
+                  "image_hubness": pool_hubness(state.all_text_vec, state.all_image_vec, state.scale)[0].tolist(),
                   "mined_features": rows[2][4:].float().tolist(), "mined_ids": rows[0][4:].tolist(),
                   "grad_mean": (grad / world).tolist()}
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
@@ -294,7 +294,7 @@ def test_two_process_gloo_mines_over_the_gathered_batch(tmp_path, tiny_backbone)
     clean_ids = ids[:, : int(attn.sum(dim=1).max())]
     text_vec, image_vec = model.itc_head(model, clean_ids, attn, feats)
     # the corrected draw's hubness is over every process's texts, one value per gathered image on both processes
-    whole_hubness = candidate_hubness(text_vec.detach(), image_vec.detach(), float(model.itc_head.scale().detach()))
+    whole_hubness = pool_hubness(text_vec.detach(), image_vec.detach(), float(model.itc_head.scale().detach()))[0]
     for res in results:
         assert torch.allclose(torch.tensor(res["image_hubness"]), whole_hubness.float(), atol=1e-4)
     whole = contrastive_loss(text_vec, image_vec, model.itc_head.scale(), text_groups(clean_ids, attn))

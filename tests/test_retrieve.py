@@ -281,6 +281,27 @@ def test_index_choice_and_exact_backends_agree():
     assert ivf.kind == "ivf" and (ivf.candidate >= 0).all()
 
 
+@pytest.mark.parametrize("kind", ["flat", "torch"])
+def test_tied_neighbours_come_in_candidate_order_as_the_rerank_orders_them(kind):
+    """Catalogs repeat texts (a product's colour variants share one description): their cosines tie exactly. The
+    recall lists put ties in candidate order, the order retrieve.rank_rows gives them, so a ranking by the recall
+    score itself (a fusion without TIA weight) returns the recall order and Rank@1 does not move."""
+    rng = np.random.default_rng(3)
+    base = _unit(rng, 40)
+    db = np.concatenate([base, base[:10]])  # rows 40..49 repeat rows 0..9, so every repeated pair ties
+    db = db[rng.permutation(len(db))]  # and the twins sit at arbitrary indices
+    found = recall.search(db, base[:10], 6, kind=kind)
+    for q in range(10):
+        mine = found.query == q
+        cand, score = found.candidate[mine], found.score[mine]
+        assert np.array_equal(db[cand[0]], db[cand[1]]) and score[0] == score[1]  # the situation exists
+        assert cand[0] < cand[1]
+        order = np.lexsort((cand, -score))
+        assert np.array_equal(order, np.arange(len(cand)))
+    ranked = retrieve.rank_rows(found.query, found.candidate, found.score, found.score.astype(np.float64))
+    assert np.array_equal(ranked.candidate, found.candidate)
+
+
 def test_help_explains_the_options():
     parser = argparse.ArgumentParser()
     retrieve.add_arguments(parser)

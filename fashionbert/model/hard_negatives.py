@@ -82,8 +82,8 @@ SIMILARITIES = ("cosine", "corrected")
 def negative_probabilities(similarity: torch.Tensor, excluded: torch.Tensor, scale: float,
                            hubness: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(scale x similarity - hubness) over each row's allowed candidates (float64); a row with none is all
-    zeros. `hubness` (per candidate, (N,) or one row per anchor (M, N)) is `candidate_hubness`'s, or None for the raw
-    cosine."""
+    zeros. `hubness` (per candidate, (N,) or one row per anchor (M, N)) is one side of `pool_hubness`, or None for
+    the raw cosine."""
     logits = similarity.double() * scale
     if hubness is not None:
         logits = logits - hubness.double()
@@ -93,11 +93,12 @@ def negative_probabilities(similarity: torch.Tensor, excluded: torch.Tensor, sca
     return torch.where(has_any, probs, torch.zeros_like(probs))
 
 
-def candidate_hubness(queries: torch.Tensor, candidates: torch.Tensor, scale: float) -> torch.Tensor:
-    """(N,) log-sum-exp of scale x cosine over every query of the pool, for each candidate: how strongly the pool's
-    queries claim it. Every query counts, the candidate's own positive too, as the catalog-level correction counts
-    a candidate's nearest queries whatever they are."""
-    return torch.logsumexp(scale * (queries.double() @ candidates.double().t()), dim=0)
+def pool_hubness(texts: torch.Tensor, images: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each image's, each text's) log-sum-exp of scale x cosine over the pool's other side: how strongly the pool's
+    queries claim a candidate. Every query counts, the candidate's own positive too, as the catalog-level correction
+    counts a candidate's nearest queries whatever they are. One product serves both sides."""
+    logits = scale * (texts.double() @ images.double().t())
+    return torch.logsumexp(logits, dim=0), torch.logsumexp(logits, dim=1)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -129,9 +130,7 @@ def mine(request: MiningRequest, text_vec: torch.Tensor, image_vec: torch.Tensor
         similarity = torch.where(swap.unsqueeze(1), t2i.cpu()[anchors], i2t.cpu()[anchors])
         hubness = None
         if request.similarity == "corrected":
-            pool_text, pool_image = all_text_vec.detach().cpu(), all_image_vec.detach().cpu()
-            image_hubs = candidate_hubness(pool_text, pool_image, scale)
-            text_hubs = candidate_hubness(pool_image, pool_text, scale)
+            image_hubs, text_hubs = pool_hubness(all_text_vec.detach().cpu(), all_image_vec.detach().cpu(), scale)
             hubness = torch.where(swap.unsqueeze(1), image_hubs.unsqueeze(0), text_hubs.unsqueeze(0))
         probs = negative_probabilities(similarity, excluded.cpu()[anchors], scale, hubness)
         generator = torch.Generator().manual_seed(int(request.seed))

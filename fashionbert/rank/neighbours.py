@@ -30,7 +30,8 @@ HNSW_M = 32
 @dataclasses.dataclass
 class Neighbours:
     """Ragged top-k lists, flattened: row j is (query[j], candidate[j], score[j]); rows of one query are
-    contiguous, queries ascending, scores descending within a query. No -1 padding."""
+    contiguous, queries ascending, scores descending within a query, equal scores by candidate ascending. No -1
+    padding."""
 
     query: np.ndarray  # int64
     candidate: np.ndarray  # int64
@@ -145,6 +146,9 @@ def _flatten(scores: np.ndarray, ids: np.ndarray, kind: str) -> Neighbours:
     valid = ids >= 0
     query = np.broadcast_to(np.arange(ids.shape[0], dtype=np.int64)[:, None], ids.shape)[valid]
     cand, score = ids[valid], np.asarray(scores, dtype=np.float32)[valid]
-    # faiss returns each list best-first; a stable re-sort makes that a guarantee for every backend.
-    order = np.lexsort((-score, query))
+    # faiss returns each list best-first; the re-sort makes that a guarantee for every backend, and puts exact ties
+    # (catalogs repeat a product's text or photo) in candidate order, as retrieve.rank_rows does: otherwise a
+    # re-rank that keeps the recall order (a fusion without TIA weight) would still swap tied items and change
+    # Rank@1 (hm-dev's gallery: 7 of 500 image -> text queries).
+    order = np.lexsort((cand, -score, query))
     return Neighbours(query[order], cand[order], score[order], kind)
