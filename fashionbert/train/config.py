@@ -143,7 +143,8 @@ def add_pair_arguments(g: argparse._ArgumentGroup) -> None:
                         "hubness (each candidate's log-sum-exp over the pool's queries, the batch's and "
                         "--mining-bank's, taken off: a dual softmax, as the ranking score corrects it over the "
                         "catalog), so that TIA trains on the pairs the corrected cosine still confuses rather than on "
-                        "hubs. Measured on hm-dev at the Xeon's budget: no gain (README) (default cosine)")
+                        "hubs. Measured on hm-dev at the Xeon's budget, in-batch and over --mining-bank 1024: no gain "
+                        "(README) (default cosine)")
     g.add_argument("--group-negatives", action=argparse.BooleanOptionalAction, default=D.group_negatives,
                    help="a product's group (its colour variants: featurize's --group-column) shares its batches, and "
                         "its members are each other's negatives, in the itc loss and as mined TIA negatives, unless "
