@@ -1,10 +1,9 @@
 """Retrieval tables: schema, sortedness, K rows per query, atomic publication, read by pyarrow.dataset as a
 downstream system would; two-stage equals exhaustive when recall-k covers the catalog; the recall stage's
-index choice and faiss's -1 padding."""
+index choice, faiss's -1 padding and the order of tied neighbours."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 

@@ -265,7 +265,6 @@ def _train_records(out):
 def resumed_copy(out, copy, features, backbone, args, drop=("step-0000004",)) -> Path:
     """A copy of the finished run `out` without the checkpoints `drop`, resumed with `args` (train's options): what
     a kill -9 after the newest kept checkpoint and a --resume leave. -> the copy's folder."""
-    import shutil
 
     shutil.copytree(out, copy)
     for step in drop:
@@ -619,7 +618,6 @@ def test_kill_and_resume_reach_the_uninterrupted_state(tmp_path, uninterrupted, 
 
 def test_mining_pooling_and_fusion_options_round_trip_and_resume_refuses_a_mismatch(tmp_path, uninterrupted, features,
                                                                                     tiny_backbone):
-    import shutil
 
     ref_out, _, _ = uninterrupted
     newest = ckpt.latest_checkpoint(ref_out)
@@ -658,7 +656,6 @@ def test_mining_pooling_and_fusion_options_round_trip_and_resume_refuses_a_misma
 
 
 def test_itc_queue_is_saved_with_the_checkpoint_and_resumes_bitwise(tmp_path, features, tiny_backbone):
-    import shutil
 
 
     out = tmp_path / "queue"

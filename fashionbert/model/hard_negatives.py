@@ -19,8 +19,8 @@ candidate's log-sum-exp over the pool's queries is taken off its logits (a dual 
 catalog-level hubness correction, fashionbert/rank/hubness.py). Why: the raw softmax spends most draws on hubs --
 candidates close to every query -- which the corrected cosine already ranks down, so TIA learns what the correction
 knows; the corrected draw favours the pairs the corrected cosine still confuses. Measured on hm-dev (README, "Mining
-by the corrected similarity"): no gain over the raw draw from the batch alone, where a candidate's log-sum-exp is
-mostly its own positive's cosine; over a mining bank the pool is catalog-sized.
+by the corrected similarity"): no gain over the raw draw, from the batch alone (where a candidate's log-sum-exp is
+mostly its own positive's cosine) or over a 1,024-positive mining bank (a catalog-sized pool).
 """
 from __future__ import annotations
 
