@@ -2,17 +2,18 @@
 over temperatures, neighbour counts and banks. Prints figures; asserts nothing.
 
     python bench/hubness.py --features DIR --model DIR [--queries 1000] [--temperatures 0.02,0.03,0.05,0.07]
-                            [--ks 10,32,0] [--bank held-out] [--vectors FILE]
+                            [--ks 10,32,0] [--rounds 1,5] [--bank held-out] [--vectors FILE]
 
 Embeds the first image and the text of every held-out product (the training run's split; with `--bank training`
-the training products' too), then ranks, by the cosine and by the corrected cosine at each temperature T and
-neighbour count K (0: the whole bank):
+the training products' too), then ranks, by the cosine and by the corrected cosine at each temperature T,
+neighbour count K (0: the whole bank) and number of rounds (the biases re-estimated over the other side's corrected
+cosines; rank.hubness):
 - sample-100: --queries held-out products, each against its true match and 100 others of its sub-category (the
   draw evaluate makes), text -> image and image -> text;
 - the full gallery: every held-out text against every held-out image, and back (exact).
 `--bank held-out` takes each candidate's bias over the held-out products themselves, the catalog being ranked: what
 evaluate and retrieve do. `--bank training` takes it over the training products instead, a bank that shares no item
-with the queries.
+with the queries (one round only: the bank's own biases would be over a catalog nobody ranks).
 
 Embedding is the slow part (~1 min for hm-dev's 1,662 held-out products on 2 cores, ~4 min with its training
 products): --vectors FILE keeps the vectors (an .npz), and a rerun with the same file and model reads them instead.
@@ -34,7 +35,7 @@ from fashionbert.evaluation.evaluate import SplitOptions, held_out_products, ran
 from fashionbert.evaluation.sample_hundred import draw_candidates, first_image_per_product  # noqa: E402
 from fashionbert.model.loading import load_model  # noqa: E402
 from fashionbert.rank.cross_encoder import CrossEncoderScorer  # noqa: E402
-from fashionbert.rank.hubness import neighbour_bias  # noqa: E402
+from fashionbert.rank.hubness import Hubness, hubness_biases, neighbour_bias  # noqa: E402
 from fashionbert.rank.neighbours import search  # noqa: E402
 from fashionbert.rank.retrieve import dual_encoder_for, embed_all  # noqa: E402
 from fashionbert.runtime import resolve_runtime  # noqa: E402
@@ -109,6 +110,7 @@ def main() -> None:
                    help="comma-separated temperatures T (default 0.02,0.03,0.05,0.07)")
     p.add_argument("--ks", default="10,32,0", help="comma-separated neighbour counts K, 0 = the whole bank "
                                                    "(default 10,32,0)")
+    p.add_argument("--rounds", default="1,5", help="comma-separated numbers of rounds (default 1,5)")
     p.add_argument("--bank", choices=BANKS, default="held-out",
                    help="whose texts and images each candidate's bias is over (default held-out)")
     p.add_argument("--vectors", metavar="FILE", help="an .npz to keep the vectors in and read them back from")
@@ -116,11 +118,15 @@ def main() -> None:
     try:
         temperatures = [float(t) for t in a.temperatures.split(",")]
         ks = [int(k) for k in a.ks.split(",")]
+        rounds = [int(r) for r in a.rounds.split(",")]
     except ValueError as exc:
-        raise SystemExit(f"bench/hubness.py: --temperatures / --ks: comma-separated numbers, e.g. 0.03,0.05 and "
-                         f"10,0 ({exc})")
-    if any(t <= 0 for t in temperatures) or any(k < 0 for k in ks) or a.queries < 1:
-        raise SystemExit("bench/hubness.py: temperatures must be > 0, --ks >= 0 and --queries >= 1")
+        raise SystemExit(f"bench/hubness.py: --temperatures / --ks / --rounds: comma-separated numbers, e.g. 0.03,0.05, "
+                         f"10,0 and 1,5 ({exc})")
+    if any(t <= 0 for t in temperatures) or any(k < 0 for k in ks) or any(r < 1 for r in rounds) or a.queries < 1:
+        raise SystemExit("bench/hubness.py: temperatures must be > 0, --ks >= 0, --rounds >= 1 and --queries >= 1")
+    if a.bank == "training" and rounds != [1]:
+        raise SystemExit("bench/hubness.py: --bank training takes --rounds 1 (later rounds need the bank's own "
+                         "biases over the catalog being ranked)")
     try:
         v = load_or_embed(a)
     except UserError as exc:
@@ -137,13 +143,17 @@ def main() -> None:
     print(f"| the cosine | {base[0][0]:.1f} / {base[0][1]:.1f} | {base[1][0]:.1f} / {base[1][1]:.1f} |")
     for t in temperatures:
         for k in ks:
-            image_bias, text_bias = bias(bank_texts, images, t, k), bias(bank_images, texts, t, k)
-            s = sample_hundred_rank1(sim, draw, image_bias, text_bias)
-            g = gallery_rank1(sim, image_bias, text_bias)
-            print(f"| corrected, T {t:g}, K {k or 'all'} | {s[0]:.1f} / {s[1]:.1f} ({s[0] - base[0][0]:+.1f} / "
-                  f"{s[1] - base[0][1]:+.1f}) | {g[0]:.1f} / {g[1]:.1f} ({g[0] - base[1][0]:+.1f} / "
-                  f"{g[1] - base[1][1]:+.1f}) |")
-
+            for r in rounds:
+                if a.bank == "held-out":  # what retrieve and evaluate compute
+                    b = hubness_biases(texts, images, Hubness(t, k or len(texts), r), "torch")
+                    image_bias, text_bias = b.image, b.text
+                else:
+                    image_bias, text_bias = bias(bank_texts, images, t, k), bias(bank_images, texts, t, k)
+                s = sample_hundred_rank1(sim, draw, image_bias, text_bias)
+                g = gallery_rank1(sim, image_bias, text_bias)
+                print(f"| corrected, T {t:g}, K {k or 'all'}, {r} round{'s' if r > 1 else ''} | {s[0]:.1f} / "
+                      f"{s[1]:.1f} ({s[0] - base[0][0]:+.1f} / {s[1] - base[0][1]:+.1f}) | {g[0]:.1f} / {g[1]:.1f} "
+                      f"({g[0] - base[1][0]:+.1f} / {g[1] - base[1][1]:+.1f}) |")
 
 if __name__ == "__main__":
     main()

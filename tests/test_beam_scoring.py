@@ -181,12 +181,12 @@ def test_beam_stages_with_a_hubness_corrected_fusion_equal_the_single_process_on
     outputs are the single-process ones."""
     model = tmp_path / "model"
     shutil.copytree(model_dir, model)
-    ScoreFusion(0.7, 3.0, -0.5, {"source": "test"}, {"temperature": 0.05, "k": 5}).save(model)
+    ScoreFusion(0.7, 3.0, -0.5, {"source": "test"}, {"temperature": 0.05, "k": 5, "rounds": 3}).save(model)
     want = retrieve.run(_retrieve_config(features, model, tmp_path / "single", "--top-k", 4, "--recall-k", 6))
     got = beam_retrieve.run(_retrieve_config(features, model, tmp_path / "beam", "--top-k", 4, "--recall-k", 6),
                             [FN_API, "--direct_num_workers=2"], chunk=5)
     _assert_same_tables(_tables(tmp_path / "beam"), _tables(tmp_path / "single"))
-    assert got["hubness"] == {"temperature": 0.05, "k": 5} and want["hubness"]["k"] == 5
+    assert got["hubness"] == {"temperature": 0.05, "k": 5, "rounds": 3} and want["hubness"]["k"] == 5
     pq.write_table(pa.table({"product_id": ["p00003", "p00005", "p00011"], "image_id": ["p00003-1", "p00000-0",
                                                                                         "p00009-1"]}),
                    tmp_path / "p.parquet")

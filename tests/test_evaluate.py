@@ -237,7 +237,7 @@ def _check_hubness(metrics: dict) -> None:
     """The hubness-corrected cosine (on by default) ranks sample-100 beside the raw one and the full gallery's recall
     stage beside recall_only, over the same queries."""
     s, g = metrics["sample100"], metrics["full_gallery"]
-    assert s["hubness"] == {"temperature": 0.03, "k": 10} and g["hubness"]["temperature"] == 0.03
+    assert s["hubness"] == {"temperature": 0.03, "k": 10, "rounds": 5} and g["hubness"]["temperature"] == 0.03
     assert set(s["by_head"]["itc_hub"]) == {"t2i", "i2t"}
     for d in ("t2i", "i2t"):
         hub, alone = g["recall_hub"][d], g["recall_only"][d]
@@ -287,14 +287,14 @@ def test_fuse_fits_the_ranking_score_and_evaluate_ranks_by_it(tmp_path, trained)
     assert check["rank1_itc"] == summary["validation"]["rank1_t2i_itc"]
     assert check["rank1_itc_hub"] == summary["validation"]["rank1_t2i_itc_hub"]
     keeps = check["rank1_itc_hub"] >= check["rank1_itc"] and summary["fusion"]["itc"] > 0
-    assert summary["fusion"]["hubness"] == ({"temperature": 0.03, "k": 10} if keeps else None)
+    assert summary["fusion"]["hubness"] == ({"temperature": 0.03, "k": 10, "rounds": 5} if keeps else None)
     off = fuse.run(_fuse_args(features, itc, "--split", "all", "--queries", 30, "--candidates", 20,
                               "--hubness-temperature", 0))
     assert off["fusion"]["hubness"] is None and "hubness_check" not in off["fusion"]["fitted"]
     assert "rank1_t2i_itc_hub" not in off["validation"]
 
     # The cosine alone, hubness-corrected: evaluate's score ranks as its itc_hub row (the same biases over the pool).
-    ScoreFusion(0.0, 1.0, 0.0, {"source": "test"}, {"temperature": 0.03, "k": 10}).save(itc)
+    ScoreFusion(0.0, 1.0, 0.0, {"source": "test"}, {"temperature": 0.03, "k": 10, "rounds": 5}).save(itc)
     m = evaluate.run(_args(features, itc, tmp_path / "m.json", "--split", "all", "--queries", 20, "--draws", 1,
                            "--no-gallery"))
     for d in ("t2i", "i2t"):

@@ -11,7 +11,8 @@ from fashionbert.evaluation.evaluate import sample_hundred
 from fashionbert.evaluation.sample_hundred import draw_candidates
 from fashionbert.model.score_fusion import ScoreFusion
 from fashionbert.rank.cross_encoder import PairScores, fusion_cosine
-from fashionbert.rank.hubness import Hubness, augmented, corrected_search, hubness_biases, neighbour_bias
+from fashionbert.rank.hubness import (Hubness, augmented, corrected_search, hubness_biases, nearest_by_corrected,
+                                      neighbour_bias)
 from fashionbert.rank.neighbours import search
 
 
@@ -33,12 +34,12 @@ def _catalog(n: int = 6):
 def test_the_bias_is_the_temperature_log_mean_exp_over_the_nearest_items():
     texts, images = _catalog()
     T = 0.05
-    exact = hubness_biases(texts, images, Hubness(T, k=len(texts)), index="torch")
+    exact = hubness_biases(texts, images, Hubness(T, k=len(texts), rounds=1), index="torch")
     cos = texts @ images.T
     assert exact.image == pytest.approx(T * np.log(np.mean(np.exp(cos / T), axis=0)), rel=1e-5)
     assert exact.text == pytest.approx(T * np.log(np.mean(np.exp(cos / T), axis=1)), rel=1e-5)
     # over the top 2 only: the mean of the two largest terms
-    top2 = hubness_biases(texts, images, Hubness(T, k=2), index="torch").image
+    top2 = hubness_biases(texts, images, Hubness(T, k=2, rounds=1), index="torch").image
     two = -np.sort(-cos, axis=0)[:2]
     assert top2 == pytest.approx(T * np.log(np.mean(np.exp(two / T), axis=0)), rel=1e-5)
     # large cosines over a small temperature do not overflow
@@ -83,6 +84,69 @@ def test_a_pair_has_one_corrected_cosine_that_ranks_as_each_direction_s_correcti
     raw = cos.ravel()
     assert fusion_cosine(ScoreFusion(0.0, 2.0, -1.0), raw, offsets.ravel()) is raw  # no correction: the cosine as is
     assert Hubness.from_dict(Hubness(0.05, 3).describe()) == Hubness(0.05, 3) and not Hubness.from_dict(None).enabled
+    # a fusion fitted before rounds existed was fitted on one round, and reads one
+    assert Hubness.from_dict({"temperature": 0.05, "k": 3}) == Hubness(0.05, 3, rounds=1)
+
+
+def _log_mean_exp(x: np.ndarray, axis: int, T: float) -> np.ndarray:
+    top = x.max(axis=axis, keepdims=True)
+    return T * np.squeeze(top / T + np.log(np.mean(np.exp((x - top) / T), axis=axis, keepdims=True)), axis=axis)
+
+
+def _random_catalog(n: int = 12, seed: int = 0):
+    """Texts and images of n products with hubs on both sides: a few items lean towards a shared direction."""
+    rng = np.random.default_rng(seed)
+    own = rng.normal(size=(n, 8))
+    shared = rng.normal(size=8)
+    texts = own + 0.3 * rng.normal(size=(n, 8)) + np.where(np.arange(n) < 3, 2.0, 0.0)[:, None] * shared
+    images = own + 0.3 * rng.normal(size=(n, 8)) + np.where(np.arange(n) % 4 == 1, 2.0, 0.0)[:, None] * shared
+    return _unit(texts), _unit(images)
+
+
+def test_each_round_re_estimates_both_sides_from_the_other_side_s_corrected_cosines():
+    """Over every item (k = n), round r's biases are T log mean exp((cos - the other side's round r-1 biases) / T),
+    both sides from round r-1 (Sinkhorn's alternating normalisation in log space, neither direction first); round 1
+    is the raw cosine's inverted softmax. The rounds converge: the biases approach the fixed point where each side's
+    bias is that of the other's, up to one constant (a shift of one side that the other takes back: neither a
+    ranking nor the score's offsets, each bias less its mean, see it)."""
+    texts, images = _random_catalog()
+    T, n = 0.05, len(texts)
+    cos = texts.astype(np.float64) @ images.T.astype(np.float64)
+    image_bias, text_bias = np.zeros(n), np.zeros(n)
+    for rounds in range(1, 4):
+        image_bias, text_bias = (_log_mean_exp(cos - text_bias[:, None], 0, T),
+                                 _log_mean_exp(cos - image_bias[None, :], 1, T))
+        got = hubness_biases(texts, images, Hubness(T, k=n, rounds=rounds), index="torch")
+        assert got.image == pytest.approx(image_bias, abs=1e-5) and got.text == pytest.approx(text_bias, abs=1e-5)
+
+    def residual(b) -> float:  # how far each side's bias is from the other side's corrected log-mean-exp, less a constant
+        gaps = (b.image - _log_mean_exp(cos - b.text[:, None], 0, T), b.text - _log_mean_exp(cos - b.image[None, :], 1, T))
+        return max(np.abs(g - g.mean()).max() for g in gaps)
+    T = 0.2  # a smoother softmax converges in fewer rounds; at the default's 0.03 it takes hundreds
+    cos = texts.astype(np.float64) @ images.T.astype(np.float64)
+    one, five, many = (residual(hubness_biases(texts, images, Hubness(T, k=n, rounds=r), index="torch"))
+                       for r in (1, 5, 60))
+    assert many < 1e-3 < five < 0.5 * one
+
+
+def test_later_rounds_choose_each_item_s_k_nearest_by_the_corrected_cosine():
+    """With k < n the later rounds take each item's k nearest by the corrected cosine of the round before, chosen
+    among its 2k nearest by the raw cosine (no further search): here, equal to re-selecting among all items."""
+    texts, images = _random_catalog(n=16, seed=3)
+    T, k = 0.05, 3
+    cos = texts.astype(np.float64) @ images.T.astype(np.float64)
+
+    def top_k_bias(x: np.ndarray, axis: int) -> np.ndarray:
+        return _log_mean_exp(-np.sort(-x, axis=axis).take(range(k), axis=axis), axis, T)
+    image_bias, text_bias = np.zeros(len(images)), np.zeros(len(texts))
+    for _ in range(2):
+        image_bias, text_bias = top_k_bias(cos - text_bias[:, None], 0), top_k_bias(cos - image_bias[None, :], 1)
+    got = hubness_biases(texts, images, Hubness(T, k=k, rounds=2), index="torch")
+    assert got.image == pytest.approx(image_bias, abs=1e-5) and got.text == pytest.approx(text_bias, abs=1e-5)
+    found = search(texts, images, 2 * k, "torch")
+    again = nearest_by_corrected(found, np.zeros(len(texts)), k)  # no bias: the raw top k, in list order
+    assert (np.bincount(again.query) == k).all()
+    assert (again.candidate == search(texts, images, k, "torch").candidate).all()
 
 
 def test_temperature_zero_turns_it_off_and_bad_options_say_so():
@@ -94,6 +158,8 @@ def test_temperature_zero_turns_it_off_and_bad_options_say_so():
         Hubness(-1.0)
     with pytest.raises(UserError, match="--hubness-k 0"):
         Hubness(0.03, k=0)
+    with pytest.raises(UserError, match="--hubness-rounds 0"):
+        Hubness(0.03, rounds=0)
 
 
 def test_sample_hundred_ranks_by_the_corrected_cosine_beside_the_raw_one():
@@ -135,13 +201,20 @@ def test_bench_embeds_both_sides_ranks_and_keeps_the_vectors(tmp_path, monkeypat
     held_out, _ = held_out_products(SplitOptions(), loaded, open_catalog([str(features)], loaded).texts.group_id)
     kept = tmp_path / "v.npz"
     argv = ["hubness.py", "--features", str(features), "--model", str(model), "--vectors", str(kept),
-            "--bank", "training", "--temperatures", "0.05", "--ks", "3,0"]
+            "--bank", "training", "--temperatures", "0.05", "--ks", "3,0", "--rounds", "1"]
     monkeypatch.setattr(sys, "argv", argv)
     bench.main()
     out = capsys.readouterr()
     vectors = np.load(kept)
     assert len(vectors["held_text"]) == len(vectors["held_image"]) == int(held_out.sum())
     assert len(vectors["train_text"]) == 40 - int(held_out.sum())
-    assert "| the cosine |" in out.out and "| corrected, T 0.05, K 3 |" in out.out and "K all" in out.out
+    assert "| the cosine |" in out.out and "| corrected, T 0.05, K 3, 1 round |" in out.out and "K all" in out.out
     bench.main()
     assert "read from" in capsys.readouterr().err
+    # over the catalog being ranked, later rounds too; a foreign bank takes one round only
+    monkeypatch.setattr(sys, "argv", argv[:-8] + ["--temperatures", "0.05", "--ks", "3", "--rounds", "1,4"])
+    bench.main()
+    assert "| corrected, T 0.05, K 3, 4 rounds |" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", argv[:-2] + ["--rounds", "1,4"])
+    with pytest.raises(SystemExit, match="--bank training takes --rounds 1"):
+        bench.main()

@@ -168,7 +168,7 @@ def test_a_fusion_fitted_on_the_corrected_cosine_recalls_and_ranks_by_it(tmp_pat
     cosine itself, one pair has one score in both tables and in score-pairs, and _run.json says what ran."""
     model = tmp_path / "model"
     shutil.copytree(itc_model_dir, model)
-    ScoreFusion(0.5, 4.0, -1.0, {"source": "test"}, {"temperature": 0.05, "k": 5}).save(model)
+    ScoreFusion(0.5, 4.0, -1.0, {"source": "test"}, {"temperature": 0.05, "k": 5, "rounds": 3}).save(model)
     n_images = N_PRODUCTS * IMAGES_PER_PRODUCT
     out = tmp_path / "retrieval"
     summary = retrieve.run(_args(features, model, out, "--top-k", n_images, "--recall-k", n_images, "--index", "flat"))
@@ -176,10 +176,10 @@ def test_a_fusion_fitted_on_the_corrected_cosine_recalls_and_ranks_by_it(tmp_pat
     scorer = CrossEncoderScorer(loaded.model, resolve_runtime("cpu", "fp32"))
     text_vec, image_vec = retrieve.embed_all(retrieve.dual_encoder_for(scorer), catalog.text_ids,
                                              IndexedImages(catalog.index, catalog.reader), scorer.token_budget)
-    biases = hubness_biases(text_vec, image_vec, Hubness(0.05, 5), "flat")
-    assert summary["hubness"] == {"temperature": 0.05, "k": 5, "mean_bias": {
+    biases = hubness_biases(text_vec, image_vec, Hubness(0.05, 5, rounds=3), "flat")
+    assert summary["hubness"] == {"temperature": 0.05, "k": 5, "rounds": 3, "mean_bias": {
         "image": pytest.approx(biases.image.mean(), abs=1e-5), "text": pytest.approx(biases.text.mean(), abs=1e-5)}}
-    assert "itc cosine less hubness (T 0.05, k 5" in summary["ranking_score"]
+    assert "itc cosine less hubness (T 0.05, k 5, 3 round(s)" in summary["ranking_score"]
     t2i = read_table(str(out / "text_to_image.parquet"), "retrieval").to_pydict()
     i2t = read_table(str(out / "image_to_text.parquet"), "retrieval").to_pydict()
     i2t_score = {(q, c): s for q, c, s in zip(i2t["query_id"], i2t["candidate_id"], i2t["score"])}

@@ -23,6 +23,17 @@ The ranking score reads one corrected cosine per pair, whichever way it is ranke
 For one text query the text's term is a constant, so its images rank as by cos - bias_image; for one image query
 alike. So a pair has one score in both tables and in score-pairs (CSLS, Conneau et al. 2018, has this form), and the
 catalog means keep it on the cosine's scale, which the score fusion's calibration was fitted on.
+
+Rounds: the biases of one side are taken over the other side's raw cosines, yet those items are hubs or not too. Each
+further round re-estimates them over the other side's corrected cosines of the round before,
+
+    bias_image[i] <- T log mean_k exp((cos(t', i) - bias_text[t']) / T)   (and bias_text alike, both from round r-1)
+
+over each item's k nearest by that corrected cosine. It is the alternating normalisation of the catalog's similarity
+matrix in log space (Sinkhorn-Knopp, as in Cuturi 2013), restricted to each item's neighbours; round 1 is the
+inverted softmax above. The later rounds read each item's 2k nearest by the raw cosine, so they cost no further
+search. On hm-dev (six trained models, 1,662 held-out products; `bench/hubness.py --rounds 1,5`) 5 rounds rank
+sample-100 about 1.2 and the full gallery about 1.8 Rank@1 points above one, both directions, every model.
 """
 from __future__ import annotations
 
@@ -36,13 +47,17 @@ from fashionbert.rank.neighbours import DEFAULT_EXACT_MAX, Neighbours, search
 
 DEFAULT_TEMPERATURE = 0.03
 DEFAULT_K = 10
+DEFAULT_ROUNDS = 5
+POOL_PER_K = 2  # the later rounds choose each item's k nearest among its POOL_PER_K x k nearest by the raw cosine
 
 
 @dataclasses.dataclass(frozen=True)
 class Hubness:
-    """How the correction is computed: `temperature` T of the softmax (0: off), over each item's top `k`."""
+    """How the correction is computed: `temperature` T of the softmax (0: off), over each item's top `k`, re-estimated
+    `rounds` times (1: the inverted softmax of the raw cosine)."""
     temperature: float = DEFAULT_TEMPERATURE
     k: int = DEFAULT_K
+    rounds: int = DEFAULT_ROUNDS
 
     def __post_init__(self):
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
@@ -51,18 +66,25 @@ class Hubness:
         if self.k < 1:
             raise UserError(f"--hubness-k {self.k}: must be >= 1 (the catalog neighbours each item's bias is "
                             f"taken over; {DEFAULT_K} is the default)")
+        if self.rounds < 1:
+            raise UserError(f"--hubness-rounds {self.rounds}: must be >= 1 (1 = the inverted softmax of the raw "
+                            f"cosine; {DEFAULT_ROUNDS} is the default)")
 
     @property
     def enabled(self) -> bool:
         return self.temperature > 0
 
     def describe(self) -> dict:
-        return {"temperature": self.temperature, "k": self.k} if self.enabled else {"temperature": 0.0}
+        return ({"temperature": self.temperature, "k": self.k, "rounds": self.rounds} if self.enabled
+                else {"temperature": 0.0})
 
     @staticmethod
     def from_dict(d: dict | None) -> "Hubness":
-        """The inverse of `describe` (None: off)."""
-        return Hubness(float(d.get("temperature", 0.0)), int(d.get("k", DEFAULT_K))) if d else OFF
+        """The inverse of `describe` (None: off). A fusion fitted before rounds existed has none: it was fitted on one
+        round, so it reads one."""
+        if not d:
+            return OFF
+        return Hubness(float(d.get("temperature", 0.0)), int(d.get("k", DEFAULT_K)), int(d.get("rounds", 1)))
 
 
 OFF = Hubness(0.0)
@@ -111,13 +133,33 @@ def neighbour_bias(found: Neighbours, n_items: int, temperature: float) -> np.nd
 
 def hubness_biases(text_vec: np.ndarray, image_vec: np.ndarray, hubness: Hubness, index: str = "auto",
                    exact_max: int = DEFAULT_EXACT_MAX, device: str = "cpu") -> HubnessBiases:
-    """The biases of every image (over the texts) and every text (over the images) of one catalog."""
+    """The biases of every image (over the texts) and every text (over the images) of one catalog, after
+    `hubness.rounds` rounds (the module's docstring)."""
+    image_bias, text_bias = np.zeros(len(image_vec)), np.zeros(len(text_vec))
     if not hubness.enabled:
-        return HubnessBiases(np.zeros(len(image_vec)), np.zeros(len(text_vec)))
-    near_texts = search(text_vec, image_vec, hubness.k, index, exact_max, device=device)  # per image
-    near_images = search(image_vec, text_vec, hubness.k, index, exact_max, device=device)  # per text
-    return HubnessBiases(image=neighbour_bias(near_texts, len(image_vec), hubness.temperature),
-                         text=neighbour_bias(near_images, len(text_vec), hubness.temperature))
+        return HubnessBiases(image_bias, text_bias)
+    pool = hubness.k if hubness.rounds == 1 else POOL_PER_K * hubness.k
+    near_texts = search(text_vec, image_vec, pool, index, exact_max, device=device)  # per image
+    near_images = search(image_vec, text_vec, pool, index, exact_max, device=device)  # per text
+    for _ in range(hubness.rounds):  # both sides from the round before, so neither direction goes first
+        image_bias, text_bias = (
+            neighbour_bias(nearest_by_corrected(near_texts, text_bias, hubness.k), len(image_vec),
+                           hubness.temperature),
+            neighbour_bias(nearest_by_corrected(near_images, image_bias, hubness.k), len(text_vec),
+                           hubness.temperature))
+    return HubnessBiases(image=image_bias, text=text_bias)
+
+
+def nearest_by_corrected(found: Neighbours, candidate_bias: np.ndarray, k: int) -> Neighbours:
+    """`found`'s lists re-scored by cos - candidate_bias[candidate], each query's best `k` kept (ties by candidate,
+    as every list is ordered)."""
+    score = (found.score.astype(np.float64) - candidate_bias[found.candidate]).astype(np.float32)
+    order = np.lexsort((found.candidate, -score, found.query))
+    query, candidate, score = found.query[order], found.candidate[order], score[order]
+    starts = np.flatnonzero(np.r_[True, query[1:] != query[:-1]]) if len(query) else np.zeros(0, dtype=np.int64)
+    rank = np.arange(len(query)) - np.repeat(starts, np.diff(np.r_[starts, len(query)]))
+    keep = rank < k
+    return Neighbours(query[keep], candidate[keep], score[keep], found.kind)
 
 
 def augmented(queries: np.ndarray, database: np.ndarray, database_bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -148,10 +190,11 @@ class HubnessOptions:
     """The fields of `add_hubness_arguments`' options."""
     hubness_temperature: float = DEFAULT_TEMPERATURE
     hubness_k: int = DEFAULT_K
+    hubness_rounds: int = DEFAULT_ROUNDS
 
     @property
     def hubness(self) -> Hubness:
-        return Hubness(self.hubness_temperature, self.hubness_k)
+        return Hubness(self.hubness_temperature, self.hubness_k, self.hubness_rounds)
 
 
 def _temperature(text: str) -> float:
@@ -165,8 +208,8 @@ def _temperature(text: str) -> float:
     return value
 
 
-def _neighbours(text: str) -> int:
-    """argparse type: a neighbour count >= 1."""
+def _at_least_one(text: str) -> int:
+    """argparse type: a whole number >= 1 (a neighbour count, a number of rounds)."""
     try:
         value = int(text)
     except ValueError:
@@ -188,8 +231,12 @@ def add_hubness_arguments(parser: argparse.ArgumentParser, fits: bool = False) -
     g.add_argument("--hubness-temperature", type=_temperature, default=d.hubness_temperature, metavar="T",
                    help=f"{what} (T log mean exp(cos / T) over its --hubness-k nearest); 0 = off (default "
                         f"{DEFAULT_TEMPERATURE})")
-    g.add_argument("--hubness-k", type=_neighbours, default=d.hubness_k, metavar="K",
+    g.add_argument("--hubness-k", type=_at_least_one, default=d.hubness_k, metavar="K",
                    help=f"nearest queries each candidate's bias is taken over (default {DEFAULT_K})")
+    g.add_argument("--hubness-rounds", type=_at_least_one, default=d.hubness_rounds, metavar="N",
+                   help=f"times the biases are re-estimated, each round over the other side's corrected cosines of "
+                        f"the round before (Sinkhorn's alternating normalisation; 1 = the raw cosine's inverted "
+                        f"softmax; default {DEFAULT_ROUNDS}: on hm-dev ~1-2 points of Rank@1 over 1)")
 
 
 def corrected_recall(text_vec: np.ndarray, image_vec: np.ndarray, hubness: Hubness, k: int, index: str = "auto",
