@@ -38,10 +38,14 @@ def portable_pipeline_args(tmp_path_factory):
 def pytest_runtest_protocol(item, nextitem):
     """The run's last guard: a test (setup, body, its retry, teardown) that outlasts twice pytest.ini's timeout
     plus five minutes ends the run with every thread's stack, where a hung fixture would wait out CI's limit.
-    Off with the timeout (-o timeout=0)."""
+    A test's own `pytest.mark.timeout` sets its timeout (the opt-in quality measurements). Off with the timeout
+    (-o timeout=0)."""
     timeout = float(item.config.getini("timeout") or 0)
     if timeout <= 0:
         return (yield)
+    marker = item.get_closest_marker("timeout")
+    if marker is not None and marker.args:
+        timeout = float(marker.args[0])
     limit = 2 * timeout + 300
     timer = threading.Timer(limit, _end_the_run, (item.config, item.nodeid, limit))
     timer.daemon = True
