@@ -33,7 +33,7 @@ over each item's k nearest by that corrected cosine. It is the alternating norma
 matrix in log space (Sinkhorn-Knopp, as in Cuturi 2013), restricted to each item's neighbours; round 1 is the
 inverted softmax above. The later rounds read each item's 2k nearest by the raw cosine, so they cost no further
 search. On hm-dev (six trained models, 1,662 held-out products; `bench/hubness.py --rounds 1,5`) 5 rounds rank
-sample-100 about 1.2 and the full gallery about 1.8 Rank@1 points above one, both directions, every model.
+sample-100 about 1.2 and the full gallery about 1.7 Rank@1 points above one, both directions, every model.
 """
 from __future__ import annotations
 
