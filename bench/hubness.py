@@ -120,8 +120,8 @@ def main() -> None:
         ks = [int(k) for k in a.ks.split(",")]
         rounds = [int(r) for r in a.rounds.split(",")]
     except ValueError as exc:
-        raise SystemExit(f"bench/hubness.py: --temperatures / --ks / --rounds: comma-separated numbers, e.g. 0.03,0.05, "
-                         f"10,0 and 1,5 ({exc})")
+        raise SystemExit(f"bench/hubness.py: --temperatures / --ks / --rounds: comma-separated numbers, e.g. "
+                         f"0.03,0.05, 10,0 and 1,5 ({exc})")
     if any(t <= 0 for t in temperatures) or any(k < 0 for k in ks) or any(r < 1 for r in rounds) or a.queries < 1:
         raise SystemExit("bench/hubness.py: temperatures must be > 0, --ks >= 0, --rounds >= 1 and --queries >= 1")
     if a.bank == "training" and rounds != [1]:
@@ -154,6 +154,7 @@ def main() -> None:
                 print(f"| corrected, T {t:g}, K {k or 'all'}, {r} round{'s' if r > 1 else ''} | {s[0]:.1f} / "
                       f"{s[1]:.1f} ({s[0] - base[0][0]:+.1f} / {s[1] - base[0][1]:+.1f}) | {g[0]:.1f} / {g[1]:.1f} "
                       f"({g[0] - base[1][0]:+.1f} / {g[1] - base[1][1]:+.1f}) |")
+
 
 if __name__ == "__main__":
     main()

@@ -63,7 +63,7 @@ class ScoreFusion:
     itc: float = 0.0  # weight on the itc cosine
     bias: float = 0.0
     fitted: dict | None = None  # how it was fitted (pairs, products, source); None for TIA_ONLY
-    hubness: dict | None = None  # the cosine's hubness correction ({"temperature", "k", "rounds"}); None: the raw cosine
+    hubness: dict | None = None  # the cosine's hubness correction ({"temperature", "k", "rounds"}); None: raw cosine
 
     @property
     def uses_itc(self) -> bool:
