@@ -2,7 +2,7 @@
 figures; asserts nothing.
 
     python bench/fusion.py --features DIR --model DIR [--queries 1000] [--fit-queries 200] [--repeats 10]
-                           [--scores FILE] [--training-products] [--hubness-temperature T]
+                           [--scores FILE] [--training-products] [--hubness-temperature T] [--hubness-rounds N]
 
 Scores --queries held-out text queries (the training run's split) against their image and 100 same-sub-category
 others with both heads (training's validation protocol, `quick_validation.validation_scores`), the cosine
@@ -72,22 +72,28 @@ def score_queries(features: list[str], model: str, queries: int, seed: int, trai
     return {"margin": scores.margins, "cosine": scores.cosines, "offsets": offsets,
             "sizes": np.asarray([len(c) for c in s100.candidates]), "version": np.asarray(loaded.version),
             "queries": np.asarray(queries), "seed": np.asarray(seed), "training_products": np.asarray(training_products),
-            "hubness": np.asarray([hubness.temperature, hubness.k])}
+            "hubness": np.asarray([hubness.temperature, hubness.k, hubness.rounds])}
+
+
+def _hubness(a: argparse.Namespace) -> Hubness:
+    """The correction the options ask for (a file kept before --hubness-rounds holds (T, K) only: scored again)."""
+    return Hubness(a.hubness_temperature, a.hubness_k, a.hubness_rounds)
 
 
 def load_or_score(a: argparse.Namespace) -> dict:
     if a.scores and Path(a.scores).is_file():
         saved = dict(np.load(a.scores))
         version = load_model(a.model, resolve_runtime("cpu", "fp32", 0)).version
+        hubness = _hubness(a)
         key = (str(saved["version"]), int(saved["queries"]), int(saved["seed"]),
                bool(saved.get("training_products", False)), tuple(saved.get("hubness", (0.0, 0))))
-        if key == (version, a.queries, a.seed, a.training_products, (a.hubness_temperature, a.hubness_k)):
+        if key == (version, a.queries, a.seed, a.training_products,
+                   (hubness.temperature, hubness.k, hubness.rounds)):
             print(f"scores: read from {a.scores}")
             return saved
         print(f"scores: {a.scores} holds another model, --queries, --seed, --training-products or hubness "
               f"correction; scoring again")
-    scores = score_queries(a.features, a.model, a.queries, a.seed, a.training_products,
-                           Hubness(a.hubness_temperature, a.hubness_k))
+    scores = score_queries(a.features, a.model, a.queries, a.seed, a.training_products, _hubness(a))
     if a.scores:
         np.savez(a.scores, **scores)
     return scores

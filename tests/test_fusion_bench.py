@@ -42,7 +42,7 @@ def test_a_tia_head_that_adds_to_the_cosine_is_kept():
     assert r["kept_tia"].all() and r["kept_any_win"].all() and (r["fit"] > r["itc"]).all()
 
 
-def test_scores_held_out_or_training_products_and_keeps_them_apart(tmp_path):
+def test_scores_held_out_or_training_products_and_keeps_them_apart(tmp_path, capsys):
     """--training-products scores the products the model trained on: the two sides draw from disjoint product sets
     (together every product with an image), and a kept .npz of one side is not read for the other."""
     features = write_fake_features(tmp_path / "features", n_products=40, images_per_product=2, feature_dim=16)
@@ -64,9 +64,13 @@ def test_scores_held_out_or_training_products_and_keeps_them_apart(tmp_path):
 
     kept = tmp_path / "scores.npz"
     args = argparse.Namespace(features=[str(features)], model=str(itc), queries=1000, seed=0, scores=str(kept),
-                              training_products=False, hubness_temperature=0.03, hubness_k=10)
+                              training_products=False, hubness_temperature=0.03, hubness_k=10, hubness_rounds=5)
     load_or_score(args)
     np.testing.assert_array_equal(load_or_score(args)["offsets"], np.load(kept)["offsets"])  # read back
+    assert "read from" in capsys.readouterr().out
+    args.hubness_rounds = 1
+    load_or_score(args)  # another round count: scored again, not read
+    assert "scoring again" in capsys.readouterr().out
     args.hubness_temperature = 0.0
     assert not load_or_score(args)["offsets"].any()  # another correction: scored again, not read
     args.training_products = True
