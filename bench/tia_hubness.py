@@ -12,7 +12,8 @@ image (the training run's split) are embedded, each text's top --recall-k images
 texts by the raw cosine are the re-rank pairs (the full held-out gallery, both ways), and each candidate's K nearest
 queries by the cosine are scored with the cross-encoder too, for its TIA bias T log mean exp(margin / T). Then each
 query's re-rank pairs are ranked (a miss where the true candidate is outside its top --recall-k) by:
-- the raw cosine, and the corrected cosine (the correction's defaults, T 0.03 over the K 10 nearest);
+- the raw cosine, and the corrected cosine (T 0.03 over the K 10 nearest, one round: the correction as it was when
+  this bench was written; its later rounds, rank.hubness, are measured by bench/hubness.py);
 - the TIA margin alone, and the margin less its candidate's TIA bias at each K and T;
 - each TIA ranking fused with the corrected cosine: `score_fusion.fit` without its TIA check, cross-fitted over two
   halves of the queries (what the fit can get from the pair); and whether the fit with the check (the sign test,
@@ -130,7 +131,7 @@ def rankings(s: dict, name: str, recall_k: int, ks: list[int], temperatures: lis
             bias = candidate_bias(lists(s, other, "margin"), n, k, t)
             tia[f"the TIA margin less its TIA bias (K {k}, T {t:g})"] = margin - bias[candidate]
     out = {"the raw cosine": (cosine, None),
-           f"the corrected cosine (T {DEFAULT_TEMPERATURE:g}, K {DEFAULT_K})": (corrected, None)}
+           f"the corrected cosine (T {DEFAULT_TEMPERATURE:g}, K {DEFAULT_K}, one round)": (corrected, None)}
     fold = query % 2
     listwise = functools.partial(score_fusion.fit, tia_check=False)
     for what, m in tia.items():
