@@ -97,13 +97,6 @@ def load_or_score(a: argparse.Namespace, bank_k: int) -> dict:
     return scores
 
 
-def top(found: Neighbours, k: int) -> Neighbours:
-    """The first `k` rows of each query's list (the lists are contiguous and best first)."""
-    starts = np.r_[0, np.cumsum(np.bincount(found.query))[:-1]]
-    keep = np.arange(len(found.query)) - starts[found.query] < k
-    return Neighbours(found.query[keep], found.candidate[keep], found.score[keep], found.kind)
-
-
 def lists(s: dict, name: str, value: str = "cosine") -> Neighbours:
     """Direction `name`'s lists with `value` (cosine or margin) as their score."""
     return Neighbours(s[f"{name}_query"], s[f"{name}_candidate"], s[f"{name}_{value}"].astype(np.float64), "exact")
@@ -112,7 +105,7 @@ def lists(s: dict, name: str, value: str = "cosine") -> Neighbours:
 def candidate_bias(bank: Neighbours, n: int, k: int, temperature: float) -> np.ndarray:
     """Per candidate of the other direction: T log mean exp(score / T) over the first `k` rows of its list in
     `bank` (the lists of the direction whose queries are those candidates)."""
-    return neighbour_bias(top(bank, k), n, temperature)
+    return neighbour_bias(bank.first(k), n, temperature)
 
 
 def rankings(s: dict, name: str, recall_k: int, ks: list[int], temperatures: list[float]) -> dict:
@@ -120,8 +113,8 @@ def rankings(s: dict, name: str, recall_k: int, ks: list[int], temperatures: lis
     whether the sign test kept TIA or None)}."""
     other = "i2t" if name == "t2i" else "t2i"
     n = int(s["n"])
-    pairs = top(lists(s, name), recall_k)
-    margin = top(lists(s, name, "margin"), recall_k).score
+    pairs = lists(s, name).first(recall_k)
+    margin = lists(s, name, "margin").first(recall_k).score
     query, candidate, cosine = pairs.query, pairs.candidate, pairs.score
     label = query == candidate
     corrected = cosine - candidate_bias(lists(s, other), n, DEFAULT_K, DEFAULT_TEMPERATURE)[candidate]
@@ -183,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     found = {name: rankings(s, name, a.recall_k, ks, temperatures) for name in DIRECTIONS}
     recall = {}
     for name in DIRECTIONS:
-        pairs = top(lists(s, name), a.recall_k)
+        pairs = lists(s, name).first(a.recall_k)
         recall[name] = 100 * len(np.unique(pairs.query[pairs.query == pairs.candidate])) / n
     print(f"model {a.model} ({s['version']}): the full gallery of {n} held-out products, each query's top "
           f"{a.recall_k} by the raw cosine re-ranked (true candidate among them: {recall['t2i']:.1f}% / "

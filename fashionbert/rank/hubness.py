@@ -155,11 +155,7 @@ def nearest_by_corrected(found: Neighbours, candidate_bias: np.ndarray, k: int) 
     as every list is ordered)."""
     score = (found.score.astype(np.float64) - candidate_bias[found.candidate]).astype(np.float32)
     order = np.lexsort((found.candidate, -score, found.query))
-    query, candidate, score = found.query[order], found.candidate[order], score[order]
-    starts = np.flatnonzero(np.r_[True, query[1:] != query[:-1]]) if len(query) else np.zeros(0, dtype=np.int64)
-    rank = np.arange(len(query)) - np.repeat(starts, np.diff(np.r_[starts, len(query)]))
-    keep = rank < k
-    return Neighbours(query[keep], candidate[keep], score[keep], found.kind)
+    return Neighbours(found.query[order], found.candidate[order], score[order], found.kind).first(k)
 
 
 def augmented(queries: np.ndarray, database: np.ndarray, database_bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

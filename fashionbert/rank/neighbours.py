@@ -41,6 +41,13 @@ class Neighbours:
     def __len__(self) -> int:
         return len(self.query)
 
+    def first(self, k: int) -> "Neighbours":
+        """Each query's first `k` rows (its best k, the lists being ordered)."""
+        starts = np.flatnonzero(np.r_[True, self.query[1:] != self.query[:-1]]) if len(self) else np.zeros(0, int)
+        rank = np.arange(len(self)) - np.repeat(starts, np.diff(np.r_[starts, len(self)]))
+        keep = rank < k
+        return Neighbours(self.query[keep], self.candidate[keep], self.score[keep], self.kind)
+
 
 def choose_kind(n_database: int, kind: str = "auto", exact_max: int = DEFAULT_EXACT_MAX) -> str:
     if kind not in KINDS:
