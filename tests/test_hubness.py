@@ -119,12 +119,12 @@ def test_each_round_re_estimates_both_sides_from_the_other_side_s_corrected_cosi
         got = hubness_biases(texts, images, Hubness(T, k=n, rounds=rounds), index="torch")
         assert got.image == pytest.approx(image_bias, abs=1e-5) and got.text == pytest.approx(text_bias, abs=1e-5)
 
+    T = 0.2  # a smoother softmax converges in fewer rounds; at the default's 0.03 it takes hundreds
+
     def residual(b) -> float:  # each side's bias less the other side's corrected log-mean-exp, less a constant
         gaps = (b.image - _log_mean_exp(cos - b.text[:, None], 0, T),
                 b.text - _log_mean_exp(cos - b.image[None, :], 1, T))
         return max(np.abs(g - g.mean()).max() for g in gaps)
-    T = 0.2  # a smoother softmax converges in fewer rounds; at the default's 0.03 it takes hundreds
-    cos = texts.astype(np.float64) @ images.T.astype(np.float64)
     one, five, many = (residual(hubness_biases(texts, images, Hubness(T, k=n, rounds=r), index="torch"))
                        for r in (1, 5, 60))
     assert many < 1e-3 < five < 0.5 * one
