@@ -258,7 +258,7 @@ class CatalogBiases:
             return None
         if self.biases is None:
             self.biases = hubness_biases(vectors["text"], vectors["image"], hubness, self.index, self.exact_max,
-                                         ctx.runtime.device.type)
+                                         ctx.runtime.device.type, ctx.catalog.index.product)
         return self.biases
 
 

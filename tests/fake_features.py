@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +123,7 @@ def write_fake_features(
     n_products: int = 60,
     grid: int = 8,
     feature_dim: int = 32,
-    images_per_product: int = 1,
+    images_per_product: int | Sequence[int] = 1,
     n_image_shards: int = 2,
     row_group_size: int = 16,
     seed: int = 0,
@@ -134,7 +135,8 @@ def write_fake_features(
     attributes: int = 3,
     success: bool = True,
 ) -> Path:
-    """Write DIR/images-*.parquet, texts-*.parquet, rejects-*.parquet, _run.json and _SUCCESS."""
+    """Write DIR/images-*.parquet, texts-*.parquet, rejects-*.parquet, _run.json and _SUCCESS. `images_per_product`:
+    a count for every product, or counts that the products take in turn (a catalog with several photos for some)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer is None:
@@ -160,8 +162,9 @@ def write_fake_features(
 
     schema = images_schema(grid, feature_dim)
     rows = []
-    for p in products:
-        for k in range(images_per_product):
+    counts = [images_per_product] if isinstance(images_per_product, int) else list(images_per_product)
+    for i, p in enumerate(products):
+        for k in range(counts[i % len(counts)]):
             rows.append((p, f"{p['product_id']}-{k}", patterns.image(p, rng, noise)))
     shards = np.array_split(np.arange(len(rows)), n_image_shards)
     for s, idx in enumerate(shards):

@@ -20,11 +20,12 @@ from fashionbert.errors import UserError
 from fashionbert.model.score_fusion import ScoreFusion
 from fashionbert.rank import retrieve, score_pairs
 from fashionbert.rank.cross_encoder import CrossEncoderScorer, PairScorer
+from fashionbert.rank.hubness import Hubness
 from pipelines import rerank
 from pipelines import retrieve as beam_retrieve
 from pipelines import score_pairs as beam_score_pairs
 from schemas import read_table
-from tests.fake_features import make_tiny_backbone
+from tests.fake_features import make_tiny_backbone, write_fake_features
 from tests.test_retrieve import features  # noqa: F401 - the fixture: 24 products, 2 images each
 from tests.test_scoring import fit_itc_head, train_tiny_model
 
@@ -174,19 +175,21 @@ def test_cli_passes_beam_options_and_refuses_a_bad_one(tmp_path, features, model
     assert not (tmp_path / "r2").exists()
 
 
-def test_beam_stages_with_a_hubness_corrected_fusion_equal_the_single_process_ones(tmp_path, features, model_dir,
-                                                                                   monkeypatch):
+def test_beam_stages_with_a_hubness_corrected_fusion_equal_the_single_process_ones(tmp_path, model_dir, monkeypatch):
     """The biases need every vector: Beam's retrieve takes them from the Embed side input in each worker, its
     score-pairs embeds the catalog for them (and only then) and takes the pairs' cosines from those vectors too; the
-    outputs are the single-process ones."""
+    outputs are the single-process ones. The catalog has 1, 2 or 3 photos per product: each worker weighs the texts
+    by their images as the single process does."""
+    features = write_fake_features(tmp_path / "features", n_products=24, images_per_product=(2, 3, 1), feature_dim=16,
+                                   n_image_shards=2, row_group_size=8)
     model = tmp_path / "model"
     shutil.copytree(model_dir, model)
-    ScoreFusion(0.7, 3.0, -0.5, {"source": "test"}, {"temperature": 0.05, "k": 5, "rounds": 3}).save(model)
+    ScoreFusion(0.7, 3.0, -0.5, {"source": "test"}, Hubness(0.05, 5, rounds=3).describe()).save(model)
     want = retrieve.run(_retrieve_config(features, model, tmp_path / "single", "--top-k", 4, "--recall-k", 6))
     got = beam_retrieve.run(_retrieve_config(features, model, tmp_path / "beam", "--top-k", 4, "--recall-k", 6),
                             [FN_API, "--direct_num_workers=2"], chunk=5)
     _assert_same_tables(_tables(tmp_path / "beam"), _tables(tmp_path / "single"))
-    assert got["hubness"] == {"temperature": 0.05, "k": 5, "rounds": 3} and want["hubness"]["k"] == 5
+    assert got["hubness"] == Hubness(0.05, 5, rounds=3).describe() and want["hubness"]["k"] == 5
     pq.write_table(pa.table({"product_id": ["p00003", "p00005", "p00011"], "image_id": ["p00003-1", "p00000-0",
                                                                                         "p00009-1"]}),
                    tmp_path / "p.parquet")

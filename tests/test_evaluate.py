@@ -237,7 +237,8 @@ def _check_hubness(metrics: dict) -> None:
     """The hubness-corrected cosine (on by default) ranks sample-100 beside the raw one and the full gallery's recall
     stage beside recall_only, over the same queries."""
     s, g = metrics["sample100"], metrics["full_gallery"]
-    assert s["hubness"] == {"temperature": 0.03, "k": 10, "rounds": 5} and g["hubness"]["temperature"] == 0.03
+    assert s["hubness"] == {"temperature": 0.03, "k": 10, "rounds": 5, "marginals": "images"}
+    assert g["hubness"]["temperature"] == 0.03 and g["hubness"]["marginals"] == "images"
     assert set(s["by_head"]["itc_hub"]) == {"t2i", "i2t"}
     for d in ("t2i", "i2t"):
         hub, alone = g["recall_hub"][d], g["recall_only"][d]
@@ -287,7 +288,8 @@ def test_fuse_fits_the_ranking_score_and_evaluate_ranks_by_it(tmp_path, trained)
     assert check["rank1_itc"] == summary["validation"]["rank1_t2i_itc"]
     assert check["rank1_itc_hub"] == summary["validation"]["rank1_t2i_itc_hub"]
     keeps = check["rank1_itc_hub"] >= check["rank1_itc"] and summary["fusion"]["itc"] > 0
-    assert summary["fusion"]["hubness"] == ({"temperature": 0.03, "k": 10, "rounds": 5} if keeps else None)
+    assert summary["fusion"]["hubness"] == ({"temperature": 0.03, "k": 10, "rounds": 5, "marginals": "images"}
+                                            if keeps else None)
     off = fuse.run(_fuse_args(features, itc, "--split", "all", "--queries", 30, "--candidates", 20,
                               "--hubness-temperature", 0))
     assert off["fusion"]["hubness"] is None and "hubness_check" not in off["fusion"]["fitted"]

@@ -190,7 +190,8 @@ def test_fusion_file_round_trip_and_refusals(tmp_path):
     # the hubness correction's settings round-trip; a file without them reads the raw cosine
     hub = fusion.ScoreFusion(0.5, 7.0, -3.0, {"source": "test"}, {"temperature": 0.05, "k": 4})
     hub.save(tmp_path)
-    assert fusion.load(tmp_path) == hub and fusion_hubness(fusion.load(tmp_path)) == Hubness(0.05, 4, rounds=1)
+    assert fusion.load(tmp_path) == hub and fusion_hubness(fusion.load(tmp_path)) == Hubness(0.05, 4, rounds=1,
+                                                                                              marginals="uniform")
     assert not f.reads_corrected_cosine and "less hubness (T 0.05, k 4, 1 round(s)" in hub.describe()
     rounds = fusion.ScoreFusion(0.5, 7.0, -3.0, {"source": "test"}, Hubness(0.05, 4, rounds=5).describe())
     rounds.save(tmp_path)

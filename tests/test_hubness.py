@@ -84,8 +84,8 @@ def test_a_pair_has_one_corrected_cosine_that_ranks_as_each_direction_s_correcti
     raw = cos.ravel()
     assert fusion_cosine(ScoreFusion(0.0, 2.0, -1.0), raw, offsets.ravel()) is raw  # no correction: the cosine as is
     assert Hubness.from_dict(Hubness(0.05, 3).describe()) == Hubness(0.05, 3) and not Hubness.from_dict(None).enabled
-    # a fusion fitted before rounds existed was fitted on one round, and reads one
-    assert Hubness.from_dict({"temperature": 0.05, "k": 3}) == Hubness(0.05, 3, rounds=1)
+    # a fusion fitted before rounds and marginals existed was fitted on one round and uniform marginals, and reads those
+    assert Hubness.from_dict({"temperature": 0.05, "k": 3}) == Hubness(0.05, 3, rounds=1, marginals="uniform")
 
 
 def _log_mean_exp(x: np.ndarray, axis: int, T: float) -> np.ndarray:
@@ -150,6 +150,57 @@ def test_later_rounds_choose_each_item_s_k_nearest_by_the_corrected_cosine():
     assert (again.candidate == search(texts, images, k, "torch").candidate).all()
 
 
+def test_each_text_weighs_its_number_of_images():
+    """Sinkhorn with marginals: a text with m images carries m images' mass, so every round takes T log m off its bias
+    (a text without an image in the catalog weighs one); image biases read those text biases in the next round.
+    Uniform marginals, or no image -> text map, is the plain correction; with one image per text the two agree."""
+    texts, images = _random_catalog(n=6, seed=1)
+    rng = np.random.default_rng(0)
+    owner = np.asarray([0, 0, 0, 1, 2, 2, 3, 4, 4])  # text 5 has no image
+    images = _unit(images[owner] + 0.3 * rng.normal(size=(len(owner), images.shape[1])))
+    T, n = 0.05, len(owner)
+    cos = texts.astype(np.float64) @ images.T.astype(np.float64)
+    mass = T * np.log(np.maximum(np.bincount(owner, minlength=len(texts)), 1))
+    image_bias, text_bias = np.zeros(len(images)), np.zeros(len(texts))
+    for rounds in range(1, 4):
+        image_bias, text_bias = (_log_mean_exp(cos - text_bias[:, None], 0, T),
+                                 _log_mean_exp(cos - image_bias[None, :], 1, T) - mass)
+        got = hubness_biases(texts, images, Hubness(T, k=n, rounds=rounds), index="torch", image_text=owner)
+        assert got.image == pytest.approx(image_bias, abs=1e-5) and got.text == pytest.approx(text_bias, abs=1e-5)
+    plain = hubness_biases(texts, images, Hubness(T, k=n, rounds=3), index="torch")
+    uniform = hubness_biases(texts, images, Hubness(T, k=n, rounds=3, marginals="uniform"), index="torch",
+                             image_text=owner)
+    assert plain.text == pytest.approx(uniform.text) and np.abs(plain.text - got.text).max() > 0.01
+    one_each = hubness_biases(texts[:5], images[[0, 3, 4, 6, 7]], Hubness(T, k=5, rounds=3), index="torch",
+                              image_text=np.arange(5))
+    assert one_each.text == pytest.approx(hubness_biases(texts[:5], images[[0, 3, 4, 6, 7]],
+                                                         Hubness(T, k=5, rounds=3), index="torch").text)
+    with pytest.raises(ValueError, match="image_text has 3 entries for 9 images"):
+        hubness_biases(texts, images, Hubness(T, k=n), index="torch", image_text=owner[:3])
+
+
+def test_images_marginals_keep_products_with_several_photos_first_for_their_photos():
+    """A catalog where 40% of the products have 2-6 photos: each such text sits near its own photos, so the uniform
+    correction raises its bias and pushes it down for exactly those photos' image -> text queries, below the raw
+    cosine's Rank@1; weighing each text by its photos ranks above the raw cosine (hm-dev keyed by product_code
+    shows the same, README "Several photos per product")."""
+    rng = np.random.default_rng(1)
+    n, dim = 120, 16
+    own = rng.normal(size=(n, dim))
+    owner = np.repeat(np.arange(n), np.where(rng.random(n) < 0.6, 1, rng.integers(2, 7, size=n)))
+    texts = _unit(own + 0.8 * rng.normal(size=(n, dim)))
+    images = _unit(own[owner] + 0.8 * rng.normal(size=(len(owner), dim)))
+    cos = texts @ images.T
+
+    def image_to_text_rank1(text_bias: np.ndarray) -> float:
+        return float(((cos.T - text_bias[None, :]).argmax(1) == owner).mean())
+    raw = image_to_text_rank1(np.zeros(n))
+    uniform, weighed = (image_to_text_rank1(hubness_biases(texts, images, Hubness(0.05, 5, 3, marginals), "torch",
+                                                           image_text=owner).text)
+                        for marginals in ("uniform", "images"))
+    assert uniform < raw - 0.05 and weighed > raw + 0.05
+
+
 def test_temperature_zero_turns_it_off_and_bad_options_say_so():
     texts, images = _catalog()
     off = hubness_biases(texts, images, Hubness(0.0))
@@ -161,6 +212,9 @@ def test_temperature_zero_turns_it_off_and_bad_options_say_so():
         Hubness(0.03, k=0)
     with pytest.raises(UserError, match="--hubness-rounds 0"):
         Hubness(0.03, rounds=0)
+    with pytest.raises(UserError, match="--hubness-marginals 'photos': must be one of images, uniform"):
+        Hubness(0.03, marginals="photos")
+    assert Hubness.from_dict(Hubness(0.03, marginals="uniform").describe()) == Hubness(0.03, marginals="uniform")
 
 
 def test_sample_hundred_ranks_by_the_corrected_cosine_beside_the_raw_one():
@@ -195,7 +249,8 @@ def test_bench_embeds_both_sides_ranks_and_keeps_the_vectors(tmp_path, monkeypat
     from tests.fake_features import make_tiny_backbone, write_fake_features
     from tests.test_scoring import fit_itc_head, train_tiny_model
 
-    features = write_fake_features(tmp_path / "features", n_products=40, images_per_product=2, feature_dim=16)
+    features = write_fake_features(tmp_path / "features", n_products=40, images_per_product=(2, 1, 3),
+                                   feature_dim=16)
     model = fit_itc_head(train_tiny_model(tmp_path, features, make_tiny_backbone(tmp_path / "bert")), features,
                          tmp_path / "model-itc", steps=4)
     loaded = load_model(model, resolve_runtime("cpu", "fp32"))
@@ -218,4 +273,20 @@ def test_bench_embeds_both_sides_ranks_and_keeps_the_vectors(tmp_path, monkeypat
     assert "| corrected, T 0.05, K 3, 4 rounds |" in capsys.readouterr().out
     monkeypatch.setattr(sys, "argv", argv[:-2] + ["--rounds", "1,4"])
     with pytest.raises(SystemExit, match="--bank training takes --rounds 1"):
+        bench.main()
+    # every photo in the gallery, split by products with several and with one, under both marginals
+    monkeypatch.setattr(sys, "argv", argv[:-8] + ["--temperatures", "0.05", "--ks", "3", "--rounds", "2",
+                                                  "--images", "all", "--marginals", "images,uniform"])
+    bench.main()
+    out = capsys.readouterr().out
+    vectors = np.load(kept)
+    photos = np.bincount(vectors["held_owner"], minlength=len(vectors["held_text"]))
+    assert len(vectors["held_all_image"]) == photos.sum() > len(vectors["held_text"]) and photos.min() >= 1
+    assert "| full gallery: all | several photos | one photo |" in out
+    assert "| corrected, T 0.05, K 3, 2 rounds, images marginals |" in out and "uniform marginals |" in out
+    monkeypatch.setattr(sys, "argv", argv[:-2] + ["--rounds", "1", "--images", "all"])
+    with pytest.raises(SystemExit, match="--bank training takes --rounds 1 and --images first"):
+        bench.main()
+    monkeypatch.setattr(sys, "argv", argv[:-8] + ["--marginals", "photos"])
+    with pytest.raises(SystemExit, match="--marginals 'photos': comma-separated, each one of images, uniform"):
         bench.main()

@@ -162,24 +162,30 @@ def test_tables_rank_by_the_fused_score_of_the_model_folder(tmp_path, features, 
     assert tia_order_differs  # the cosine changed the order somewhere: the test would notice TIA-only ranking
 
 
-def test_a_fusion_fitted_on_the_corrected_cosine_recalls_and_ranks_by_it(tmp_path, features, itc_model_dir):
+def test_a_fusion_fitted_on_the_corrected_cosine_recalls_and_ranks_by_it(tmp_path, itc_model_dir):
     """A score_fusion.json with a hubness correction: the fusion reads cos - (bias_image - its mean) - (bias_text -
-    its mean) (biases as rank.hubness computes them over the catalog), rows ranked by that score, recall_score the
-    cosine itself, one pair has one score in both tables and in score-pairs, and _run.json says what ran."""
+    its mean) (biases as rank.hubness computes them over the catalog, each text weighing its number of images), rows
+    ranked by that score, recall_score the cosine itself, one pair has one score in both tables and in score-pairs,
+    and _run.json says what ran. The catalog has 1, 2 or 3 photos per product, so the marginals change the scores."""
+    features = write_fake_features(tmp_path / "features", n_products=N_PRODUCTS, images_per_product=(2, 3, 1),
+                                   feature_dim=16, n_image_shards=2, row_group_size=8)
     model = tmp_path / "model"
     shutil.copytree(itc_model_dir, model)
-    ScoreFusion(0.5, 4.0, -1.0, {"source": "test"}, {"temperature": 0.05, "k": 5, "rounds": 3}).save(model)
-    n_images = N_PRODUCTS * IMAGES_PER_PRODUCT
+    hubness = Hubness(0.05, 5, rounds=3)
+    ScoreFusion(0.5, 4.0, -1.0, {"source": "test"}, hubness.describe()).save(model)
     out = tmp_path / "retrieval"
-    summary = retrieve.run(_args(features, model, out, "--top-k", n_images, "--recall-k", n_images, "--index", "flat"))
     loaded, catalog, margin = _every_margin(model, features)
+    n_images = len(catalog.index)
+    summary = retrieve.run(_args(features, model, out, "--top-k", n_images, "--recall-k", n_images, "--index", "flat"))
     scorer = CrossEncoderScorer(loaded.model, resolve_runtime("cpu", "fp32"))
     text_vec, image_vec = retrieve.embed_all(retrieve.dual_encoder_for(scorer), catalog.text_ids,
                                              IndexedImages(catalog.index, catalog.reader), scorer.token_budget)
-    biases = hubness_biases(text_vec, image_vec, Hubness(0.05, 5, rounds=3), "flat")
-    assert summary["hubness"] == {"temperature": 0.05, "k": 5, "rounds": 3, "mean_bias": {
+    biases = hubness_biases(text_vec, image_vec, hubness, "flat", image_text=catalog.index.product)
+    uniform = hubness_biases(text_vec, image_vec, Hubness(0.05, 5, rounds=3, marginals="uniform"), "flat")
+    assert np.abs((biases.text - biases.text.mean()) - (uniform.text - uniform.text.mean())).max() > 0.01
+    assert summary["hubness"] == {**hubness.describe(), "mean_bias": {
         "image": pytest.approx(biases.image.mean(), abs=1e-5), "text": pytest.approx(biases.text.mean(), abs=1e-5)}}
-    assert "itc cosine less hubness (T 0.05, k 5, 3 round(s)" in summary["ranking_score"]
+    assert "itc cosine less hubness (T 0.05, k 5, 3 round(s), images marginals" in summary["ranking_score"]
     t2i = read_table(str(out / "text_to_image.parquet"), "retrieval").to_pydict()
     i2t = read_table(str(out / "image_to_text.parquet"), "retrieval").to_pydict()
     i2t_score = {(q, c): s for q, c, s in zip(i2t["query_id"], i2t["candidate_id"], i2t["score"])}

@@ -444,7 +444,7 @@ def _full_gallery(args: EvaluateConfig, catalog, scorer, held_out, rows, fusion)
     keys = ItemKeys(catalog.text_hashes[products], catalog.image_hashes[rows])
     dual = dual_encoder_for(scorer)
     result = two_stage(scorer, dual, gallery_texts, gallery_images, args.recall_k, args.index, args.exact_max,
-                       fusion=fusion, keys=keys)
+                       fusion=fusion, keys=keys, image_text=image_text)
 
     def t2i_true(q, c):
         return image_text[c] == q
@@ -473,7 +473,7 @@ def _full_gallery(args: EvaluateConfig, catalog, scorer, held_out, rows, fusion)
         # Ranked by the corrected cosine instead: what the correction adds at no re-rank cost.
         hub = recalled if result.biases is not None and args.hubness == fusion_hubness(fusion) else ranks_of(
             *corrected_recall(result.text_vectors, result.image_vectors, args.hubness, args.recall_k, args.index,
-                              args.exact_max, device)[:2])
+                              args.exact_max, device, image_text)[:2])
         hubness = {"recall_hub": hub, "hubness": {**args.hubness.describe(), "gain": {
             d: hub[d]["rank1"] - alone[d]["rank1"] for d in ("t2i", "i2t")}}}
     else:

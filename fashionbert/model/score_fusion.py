@@ -63,7 +63,7 @@ class ScoreFusion:
     itc: float = 0.0  # weight on the itc cosine
     bias: float = 0.0
     fitted: dict | None = None  # how it was fitted (pairs, products, source); None for TIA_ONLY
-    hubness: dict | None = None  # the cosine's hubness correction ({"temperature", "k", "rounds"}); None: raw cosine
+    hubness: dict | None = None  # the cosine's hubness correction (rank.hubness.Hubness.describe); None: raw cosine
 
     @property
     def uses_itc(self) -> bool:
@@ -96,8 +96,9 @@ class ScoreFusion:
     def describe(self) -> str:
         if not self.uses_itc and self.fitted is None:
             return "TIA head alone (the model folder has no score_fusion.json)"
-        cosine = (f"itc cosine less hubness (T {self.hubness['temperature']:g}, k {self.hubness['k']}, "
-                  f"{self.hubness.get('rounds', 1)} round(s) over the catalog)" if self.reads_corrected_cosine
+        hub = self.hubness or {}
+        cosine = (f"itc cosine less hubness (T {hub['temperature']:g}, k {hub['k']}, {hub.get('rounds', 1)} round(s), "
+                  f"{hub.get('marginals', 'uniform')} marginals, over the catalog)" if self.reads_corrected_cosine
                   else "itc cosine")
         formula = f"sigmoid({self.tia:.4g} x TIA margin + {self.itc:.4g} x {cosine} + {self.bias:.4g})"
         return formula if self.uses_tia else f"{formula}: the itc cosine alone, no cross-encoder pass"
@@ -134,13 +135,15 @@ def load(folder: str | os.PathLike) -> ScoreFusion:
 
 
 def _check_hubness(hubness: dict | None) -> None:
-    """A fusion file's `hubness`: null, or a temperature >= 0, k >= 1 and rounds >= 1 (none: 1, a fusion fitted before
-    rounds existed) (ValueError else)."""
+    """A fusion file's `hubness`: null, or a temperature >= 0, k >= 1, rounds >= 1 (none: 1, a fusion fitted before
+    rounds existed) and marginals images or uniform (none: uniform, likewise) (ValueError else)."""
     if hubness is None:
         return
     temperature, k, rounds = float(hubness["temperature"]), hubness.get("k", 1), hubness.get("rounds", 1)
-    if not (np.isfinite(temperature) and temperature >= 0 and all(isinstance(n, int) and n >= 1 for n in (k, rounds))):
-        raise ValueError(f"hubness {hubness}: the temperature must be >= 0, k and rounds whole numbers >= 1")
+    if not (np.isfinite(temperature) and temperature >= 0 and all(isinstance(n, int) and n >= 1 for n in (k, rounds))
+            and hubness.get("marginals", "uniform") in ("images", "uniform")):
+        raise ValueError(f"hubness {hubness}: the temperature must be >= 0, k and rounds whole numbers >= 1, "
+                         f"marginals images or uniform")
 
 
 def file_digest(folder: str | os.PathLike) -> str | None:

@@ -54,7 +54,7 @@ from fashionbert.model.score_fusion import TIA_ONLY, ScoreFusion
 from fashionbert.rank.cross_encoder import (BatchingOptions, CrossEncoderScorer, add_batching_arguments, fusion_cosine,
                                            probability)
 from fashionbert.rank.embeddings import DualEncoder, embed_items
-from fashionbert.rank.hubness import HubnessBiases, corrected_recall, fusion_hubness, hubness_biases
+from fashionbert.rank.hubness import HubnessBiases, corrected_recall, fusion_hubness
 from fashionbert.rank.neighbours import DEFAULT_EXACT_MAX, KINDS, Neighbours, search
 from fashionbert.rank.score_cache import (CacheOptions, ItemKeys, ScoreCache, add_cache_arguments, open_cache,
                                           save_path)
@@ -139,7 +139,7 @@ def embed_all(dual: DualEncoder, texts: Sequence[np.ndarray], images: ImageSourc
 def two_stage(scorer: CrossEncoderScorer, dual: DualEncoder, texts: Sequence[np.ndarray], images: ImageSource,
               recall_k: int, index: str = "auto", exact_max: int = DEFAULT_EXACT_MAX,
               vectors: tuple[np.ndarray, np.ndarray] | None = None, fusion: ScoreFusion = TIA_ONLY,
-              keys: ItemKeys | None = None) -> TwoStage:
+              keys: ItemKeys | None = None, image_text: np.ndarray | None = None) -> TwoStage:
     """Recall top-`recall_k` by dual-embedding cosine in both directions, then re-rank by the ranking score
     (`fusion` of the cross-encoder's margin and the recall cosine). `keys`: the texts' and images' content
     hashes, with which the scorer's cache serves the embeddings and margins it holds. A fusion without TIA weight
@@ -148,7 +148,8 @@ def two_stage(scorer: CrossEncoderScorer, dual: DualEncoder, texts: Sequence[np.
 
     When the fusion reads the hubness-corrected cosine (`fusion_hubness`, fashionbert/rank/hubness.py), the
     biases are taken over this catalog, recall ranks by the corrected cosine and the fusion reads each pair's
-    corrected cosine (`HubnessBiases.offsets`); the rows' recall_score stays the cosine itself."""
+    corrected cosine (`HubnessBiases.offsets`); the rows' recall_score stays the cosine itself. `image_text`: each
+    image's text position, from which the correction counts each text's images (rank.hubness; None: one each)."""
     seconds = {}
     t0 = time.perf_counter()
     text_vec, image_vec = vectors if vectors is not None else embed_all(dual, texts, images, scorer.token_budget,
@@ -158,7 +159,8 @@ def two_stage(scorer: CrossEncoderScorer, dual: DualEncoder, texts: Sequence[np.
     device = scorer.runtime.device.type
     hubness = fusion_hubness(fusion)
     if hubness.enabled:
-        t2i, i2t, biases = corrected_recall(text_vec, image_vec, hubness, recall_k, index, exact_max, device)
+        t2i, i2t, biases = corrected_recall(text_vec, image_vec, hubness, recall_k, index, exact_max, device,
+                                            image_text)
         # the rows' recall_score: the cosine again
         t2i = dataclasses.replace(t2i, score=(t2i.score + biases.image[t2i.candidate]).astype(np.float32))
         i2t = dataclasses.replace(i2t, score=(i2t.score + biases.text[i2t.candidate]).astype(np.float32))
@@ -200,16 +202,17 @@ def exhaustive(scorer: CrossEncoderScorer, texts: Sequence[np.ndarray], images: 
                text_vec: np.ndarray, image_vec: np.ndarray, fusion: ScoreFusion = TIA_ONLY,
                keys: ItemKeys | None = None, biases: HubnessBiases | None = None) -> tuple[Ranked, Ranked]:
     """Every text against every image with the cross-encoder (the reference two-stage retrieval approximates;
-    affordable on small galleries only). `biases`: the catalog's hubness biases where the caller has them
-    (`TwoStage.biases`), else computed when the fusion reads the corrected cosine."""
+    affordable on small galleries only). `biases`: the catalog's hubness biases (`TwoStage.biases`), which a fusion
+    reading the corrected cosine needs."""
     n_t, n_i = len(texts), len(images)
     t = np.repeat(np.arange(n_t, dtype=np.int64), n_i)
     i = np.tile(np.arange(n_i, dtype=np.int64), n_t)
     cos = (text_vec @ image_vec.T).astype(np.float32).reshape(-1)
     margins = scorer.score(texts, images, np.stack([t, i], axis=1), keys, cos)
     hubness = fusion_hubness(fusion)
-    if hubness.enabled and biases is None:
-        biases = hubness_biases(text_vec, image_vec, hubness, device=scorer.runtime.device.type)
+    if hubness.enabled and biases is None:  # two_stage computed them over the same catalog
+        raise ValueError("exhaustive: pass the catalog's biases (TwoStage.biases) when the fusion reads the corrected "
+                         "cosine")
     offsets = biases.offsets(t, i) if hubness.enabled else None
     logits = fusion.logit(margins, fusion_cosine(fusion, cos, offsets))
     return rank_rows(t, i, cos, logits), rank_rows(i, t, cos, logits)
@@ -393,7 +396,7 @@ def run(config: RetrieveConfig) -> dict:
     texts = catalog.text_ids
     result = two_stage(scorer, dual, texts, IndexedImages(catalog.index, catalog.reader), config.recall_k,
                        config.index, config.exact_max, fusion=loaded.fusion,
-                       keys=ItemKeys(catalog.text_hashes, catalog.image_hashes))
+                       keys=ItemKeys(catalog.text_hashes, catalog.image_hashes), image_text=catalog.index.product)
     if save_to is not None:
         t0 = time.perf_counter()
         cache.save(save_to)

@@ -194,7 +194,7 @@ def ranking_scores(scorer: CrossEncoderScorer, loaded: LoadedModel, catalog: Cat
     if hubness.enabled and len(unique):
         # The biases are over the whole catalog, as retrieve takes them; the pairs' cosines come from those vectors.
         vectors = embed_all(dual_encoder_for(scorer), catalog.text_ids, images, scorer.token_budget)
-        biases = hubness_biases(*vectors, hubness, device=scorer.runtime.device.type)
+        biases = hubness_biases(*vectors, hubness, device=scorer.runtime.device.type, image_text=catalog.index.product)
         offsets = biases.offsets(unique[:, 0], unique[:, 1])
     logits = PairScorer(scorer, loaded.fusion).score(catalog.text_ids, images, unique, offsets=offsets,
                                                      vectors=vectors).logit
