@@ -205,7 +205,7 @@ def test_evaluate_writes_all_three_protocols(tmp_path, trained):
         assert len(s[d]["rank1"]["per_draw"]) == 2
     assert 0 <= metrics["tia"]["auc"]["mean"] <= 1 and 0 <= metrics["tia"]["accuracy"]["mean"] <= 1
     g = metrics["full_gallery"]
-    assert g["texts"] == s["pool_products"] and g["images"] == 2 * g["texts"]
+    assert g["texts"] == s["pool_products"] and g["images"] == 2 * g["texts"] and "by_photos" not in g
     # recall-k covers the gallery: two-stage is the exhaustive ranking, and recall finds every true match
     for d in ("t2i", "i2t"):
         assert g["two_stage"][d] == g["exhaustive"][d]
@@ -215,6 +215,23 @@ def test_evaluate_writes_all_three_protocols(tmp_path, trained):
     _check_hubness(metrics)
     assert "itc_head" in metrics["recall_embedding"]
     assert metrics["model"]["version"] == load_model(itc, resolve_runtime("cpu", "fp32")).version
+
+
+def test_the_gallery_splits_products_with_several_photos_from_those_with_one(tmp_path, trained):
+    """Where some products have several photos, full_gallery.by_photos ranks the same orders over the products with
+    several and those with one (text -> image over their texts, image -> text over their photos): the two add up to the
+    whole gallery. A gallery of one photo per product, or of several for every product, has no split."""
+    _, _, itc = trained
+    varied = write_fake_features(tmp_path / "varied", n_products=40, images_per_product=(2, 3, 1), feature_dim=16)
+    m = evaluate.run(_args(varied, itc, tmp_path / "m.json", "--split", "all", "--queries", 10, "--draws", 1))
+    g = m["full_gallery"]
+    split = g["by_photos"]
+    assert {n: (split[n]["texts"], split[n]["images"]) for n in split} == {"several": (27, 67), "one": (13, 13)}
+    for order in ("two_stage", "recall_only", "recall_hub"):
+        for d, count in (("t2i", "texts"), ("i2t", "images")):
+            whole = sum(split[n]["rank1"][order][d] * split[n][count] for n in split) / g[count]
+            assert whole == pytest.approx(g[order][d]["rank1"])
+    assert g["hubness"]["marginals"] == "images"
 
 
 def _check_recall_only(metrics: dict) -> None:

@@ -22,7 +22,9 @@ Three protocols, all on held-out products (the training split: a hash of group_i
    and `rerank_gain`, two-stage minus the Rank@1 of the recall order the re-rank started from (the corrected
    cosine's when the model's fusion reads it, `recall_ranked_by`), which says whether the re-rank pays for its
    compute; the recall stage's Recall@K, and the compute against the exhaustive cross-encoder (which
-   `--exhaustive` also runs, for small galleries).
+   `--exhaustive` also runs, for small galleries). Where some products have several photos and some one,
+   `by_photos` gives each of those Rank@1s over the two kinds of product apart (the correction's marginals,
+   rank.hubness, trade one for the other).
 
 A rank counts ties against the true candidate (rank = 1 + candidates scoring >= it), so a constant model
 scores the floor, not the ceiling.
@@ -455,29 +457,44 @@ def _full_gallery(args: EvaluateConfig, catalog, scorer, held_out, rows, fusion)
     t2i_queries = np.unique(image_text)  # texts with at least one image in the gallery
     i2t_queries = np.arange(len(rows))
     ks = sorted({k for k in (1, 5, 10, 50, args.recall_k) if k <= args.recall_k})
-    two = {"t2i": gallery_ranks(result.t2i, t2i_true, t2i_queries, len(products)),
-           "i2t": gallery_ranks(result.i2t, i2t_true, i2t_queries, len(rows))}
 
-    def ranks_of(t2i: Neighbours, i2t: Neighbours) -> dict:
-        return {"t2i": gallery_ranks(recall_order(t2i), t2i_true, t2i_queries, len(products)),
-                "i2t": gallery_ranks(recall_order(i2t), i2t_true, i2t_queries, len(rows))}
+    def ranks(t2i: Ranked, i2t: Ranked, texts: np.ndarray = t2i_queries, images: np.ndarray = i2t_queries) -> dict:
+        return {"t2i": gallery_ranks(t2i, t2i_true, texts, len(products)),
+                "i2t": gallery_ranks(i2t, i2t_true, images, len(rows))}
 
     device = scorer.runtime.device.type
     # The recall stage's own order: what the re-rank has to beat to earn its cost (by the corrected cosine when
     # the model's fusion reads it), and the same queries by the embedding cosine alone.
-    recalled = ranks_of(result.recall_t2i, result.recall_i2t)
-    alone = recalled if result.biases is None else ranks_of(
+    orders = {"two_stage": (result.t2i, result.i2t),
+              "recall": (recall_order(result.recall_t2i), recall_order(result.recall_i2t))}
+    orders["recall_only"] = orders["recall"] if result.biases is None else tuple(recall_order(n) for n in (
         search(result.image_vectors, result.text_vectors, args.recall_k, args.index, args.exact_max, device=device),
-        search(result.text_vectors, result.image_vectors, args.recall_k, args.index, args.exact_max, device=device))
+        search(result.text_vectors, result.image_vectors, args.recall_k, args.index, args.exact_max, device=device)))
     if args.hubness.enabled and result.text_vectors.size:
         # Ranked by the corrected cosine instead: what the correction adds at no re-rank cost.
-        hub = recalled if result.biases is not None and args.hubness == fusion_hubness(fusion) else ranks_of(
-            *corrected_recall(result.text_vectors, result.image_vectors, args.hubness, args.recall_k, args.index,
-                              args.exact_max, device, image_text)[:2])
+        orders["recall_hub"] = (orders["recall"] if result.biases is not None and args.hubness == fusion_hubness(fusion)
+                                else tuple(recall_order(n) for n in corrected_recall(
+                                    result.text_vectors, result.image_vectors, args.hubness, args.recall_k, args.index,
+                                    args.exact_max, device, image_text)[:2]))
+    two, recalled, alone = (ranks(*orders[k]) for k in ("two_stage", "recall", "recall_only"))
+    if "recall_hub" in orders:
+        hub = ranks(*orders["recall_hub"])
         hubness = {"recall_hub": hub, "hubness": {**args.hubness.describe(), "gain": {
             d: hub[d]["rank1"] - alone[d]["rank1"] for d in ("t2i", "i2t")}}}
     else:
         hubness = {}
+    photos, by_photos = np.bincount(image_text, minlength=len(products)), {}
+    if (photos > 1).any() and (photos == 1).any():
+        # Several photos for some products: the same rankings over the products with several and those with one, as
+        # the correction's marginals move the two apart (rank.hubness).
+        for name, keep in (("several", photos > 1), ("one", photos == 1)):
+            texts, images = np.flatnonzero(keep), np.flatnonzero(keep[image_text])
+            rank1 = {}
+            for order in ("two_stage", "recall_only", "recall_hub"):
+                if order in orders:
+                    r = ranks(*orders[order], texts, images)
+                    rank1[order] = {d: r[d]["rank1"] for d in ("t2i", "i2t")}
+            by_photos[name] = {"texts": int(len(texts)), "images": int(len(images)), "rank1": rank1}
     out = {
         "texts": int(len(products)), "images": int(len(rows)), "recall_k": args.recall_k,
         "index": result.index_kind,
@@ -486,6 +503,7 @@ def _full_gallery(args: EvaluateConfig, catalog, scorer, held_out, rows, fusion)
         "recall_ranked_by": "hubness-corrected cosine" if result.biases is not None else "cosine",
         "rerank_gain": {d: two[d]["rank1"] - recalled[d]["rank1"] for d in ("t2i", "i2t")},
         **hubness,
+        **({"by_photos": by_photos} if by_photos else {}),
         "recall": {"t2i": recall_at(result.recall_t2i, t2i_true, t2i_queries, len(products), ks),
                    "i2t": recall_at(result.recall_i2t, i2t_true, i2t_queries, len(rows), ks)},
         "cost": {"cross_encoder_pairs": result.pairs_scored, "exhaustive_pairs": int(len(products) * len(rows)),
