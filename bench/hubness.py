@@ -194,7 +194,7 @@ def main() -> None:
         for k in ks:
             for r in rounds:
                 for m in marginals:
-                    hubness = Hubness(t, k or len(texts), r, m)
+                    hubness = Hubness(t, k or max(len(texts), len(gallery_images)), r, m)
                     if a.bank == "held-out":  # what retrieve and evaluate compute, over the catalog being ranked
                         pool = hubness_biases(texts, images, hubness, "torch")
                         gallery = pool if a.images == "first" else hubness_biases(texts, gallery_images, hubness,
@@ -203,7 +203,7 @@ def main() -> None:
                     else:
                         pool = gallery = (bias(bank_texts, images, t, k), bias(bank_images, texts, t, k))
                     label = (f"corrected, T {t:g}, K {k or 'all'}, {r} round{'s' if r > 1 else ''}"
-                             + (f", {m} marginals" if a.images == "all" else ""))
+                             + (f", {m} marginals" if a.images == "all" or len(marginals) > 1 else ""))
                     row(label, pool, gallery, base)
 
 
