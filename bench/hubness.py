@@ -2,8 +2,8 @@
 over temperatures, neighbour counts and banks. Prints figures; asserts nothing.
 
     python bench/hubness.py --features DIR --model DIR [--queries 1000] [--temperatures 0.02,0.03,0.05,0.07]
-                            [--ks 10,32,0] [--rounds 1,5] [--marginals images] [--images first] [--bank held-out]
-                            [--vectors FILE]
+                            [--ks 10,32,0] [--rounds 1,5] [--marginals images] [--images first] [--min-photos 1]
+                            [--bank held-out] [--vectors FILE]
 
 Embeds the first image and the text of every held-out product (the training run's split; with `--bank training`
 the training products' too), then ranks, by the cosine and by the corrected cosine at each temperature T,
@@ -17,7 +17,8 @@ first: its pool has one image per product), and splits the gallery's Rank@1 into
 products with one; `--marginals images,uniform` then compares weighing each text by its photos with weighing it one
 (rank.hubness; on one image per product the two are the same). hm-dev has one photo per article: featurize it with
 `--id-column product_code --text-columns prod_name,detail_desc` for a catalog whose colour variants are one
-product's photos. `--bank held-out` takes each candidate's bias over the held-out products themselves, the catalog
+product's photos. `--min-photos N` (with `--images all`) keeps only the held-out products with at least N photos,
+a catalog where every product has several (as Fashion-Gen's poses). `--bank held-out` takes each candidate's bias over the held-out products themselves, the catalog
 being ranked: what evaluate and retrieve do. `--bank training` takes it over the training products instead, a bank
 that shares no item with the queries (one round only: the bank's own biases would be over a catalog nobody ranks).
 
@@ -125,6 +126,16 @@ def gallery_rank1(sim: np.ndarray, image_bias: np.ndarray, text_bias: np.ndarray
                  for first in (t2i_first[keep], i2t_first[keep[owner]]))
 
 
+def with_min_photos(v: dict, n: int) -> dict:
+    """The held-out vectors of the products with at least `n` photos only."""
+    photos = np.bincount(v["held_owner"], minlength=len(v["held_text"]))
+    keep = photos >= n
+    position = np.cumsum(keep) - 1
+    photo_kept = keep[v["held_owner"]]
+    return {**v, **{f"held_{k}": v[f"held_{k}"][keep] for k in ("text", "image", "subcategory")},
+            "held_all_image": v["held_all_image"][photo_kept], "held_owner": position[v["held_owner"][photo_kept]]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--features", action="append", required=True, metavar="DIR",
@@ -141,6 +152,8 @@ def main() -> None:
                    help="comma-separated text weights: images (its number of photos), uniform (default images)")
     p.add_argument("--images", choices=("first", "all"), default="first",
                    help="the full gallery's images: each held-out product's first, or all its photos (default first)")
+    p.add_argument("--min-photos", type=int, default=1, metavar="N",
+                   help="with --images all: only the held-out products with at least N photos (default 1: all)")
     p.add_argument("--bank", choices=BANKS, default="held-out",
                    help="whose texts and images each candidate's bias is over (default held-out)")
     p.add_argument("--vectors", metavar="FILE", help="an .npz to keep the vectors in and read them back from")
@@ -158,6 +171,8 @@ def main() -> None:
     if not set(marginals) <= set(MARGINALS):
         raise SystemExit(f"bench/hubness.py: --marginals {a.marginals!r}: comma-separated, each one of "
                          f"{', '.join(MARGINALS)}")
+    if a.min_photos < 1 or (a.min_photos > 1 and a.images != "all"):
+        raise SystemExit("bench/hubness.py: --min-photos N takes N >= 1, and N > 1 needs --images all")
     if a.bank == "training" and (rounds != [1] or a.images == "all"):
         raise SystemExit("bench/hubness.py: --bank training takes --rounds 1 and --images first (later rounds and "
                          "the marginals need the bank's own biases over the catalog being ranked)")
@@ -165,6 +180,8 @@ def main() -> None:
         v = load_or_embed(a)
     except UserError as exc:
         raise SystemExit(f"bench/hubness.py: {exc}")
+    if a.min_photos > 1:
+        v = with_min_photos(v, a.min_photos)
     texts, images = v["held_text"], v["held_image"]
     bank_texts, bank_images = (texts, images) if a.bank == "held-out" else (v["train_text"], v["train_image"])
     sim = texts @ images.T
@@ -172,13 +189,14 @@ def main() -> None:
                              else (images, np.arange(len(images))))
     gallery_sim = texts @ gallery_images.T
     photos = np.bincount(owner, minlength=len(texts))
-    subsets = [None] if a.images == "first" else [None, photos > 1, photos == 1]
+    split = [photos > 1, photos == 1]  # the gallery split by the query's product, where it has both kinds
+    subsets = [None] + (split if all(s.any() for s in split) else [])
     draw = draw_candidates(list(v["held_subcategory"]), a.queries, 100, 1, a.seed)[0]
     print(f"{len(texts)} held-out products; sample-100 over {len(draw.queries)} queries (seed {a.seed}); full "
           f"gallery over {len(gallery_images)} images ({int((photos > 1).sum())} products with several photos, "
           f"{int(photos[photos > 1].sum())} photos); bank: {a.bank} ({len(bank_texts)} products). Rank@1 (%), "
           f"text -> image / image -> text:\n")
-    head = " | full gallery" + (": all | several photos | one photo" if a.images == "all" else "")
+    head = " | full gallery" + (": all | several photos | one photo" if len(subsets) > 1 else "")
     print(f"| ranked by | sample-100{head} |\n|{' --- |' * (2 + len(subsets))}")
 
     def row(label: str, pool: tuple[np.ndarray, np.ndarray], gallery: tuple[np.ndarray, np.ndarray], base=None):

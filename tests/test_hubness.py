@@ -284,6 +284,15 @@ def test_bench_embeds_both_sides_ranks_and_keeps_the_vectors(tmp_path, monkeypat
     assert len(vectors["held_all_image"]) == photos.sum() > len(vectors["held_text"]) and photos.min() >= 1
     assert "| full gallery: all | several photos | one photo |" in out
     assert "| corrected, T 0.05, K 3, 2 rounds, images marginals |" in out and "uniform marginals |" in out
+    # only the products with several photos: no split left to show
+    monkeypatch.setattr(sys, "argv", argv[:-8] + ["--temperatures", "0.05", "--ks", "3", "--rounds", "2",
+                                                  "--images", "all", "--min-photos", "2"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert f"{int((photos >= 2).sum())} held-out products" in out and "| full gallery |" in out
+    monkeypatch.setattr(sys, "argv", argv[:-8] + ["--min-photos", "2"])
+    with pytest.raises(SystemExit, match="N > 1 needs --images all"):
+        bench.main()
     monkeypatch.setattr(sys, "argv", argv[:-2] + ["--rounds", "1", "--images", "all"])
     with pytest.raises(SystemExit, match="--bank training takes --rounds 1 and --images first"):
         bench.main()
