@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,29 @@ def test_texts_and_image_index(features):
     by_id = dict(zip(table["image_id"] + t1["image_id"], table["features"] + t1["features"]))
     for k, r in enumerate(rows):
         assert np.array_equal(got[k].reshape(-1), np.asarray(by_id[index.image_ids[r]], dtype=np.float16))
+
+
+def test_one_reader_serves_several_threads(features):
+    """A Beam worker's threads share one scoring context and so one FeatureReader: four threads reading through it
+    at once get exactly what one thread reads (unlocked, pyarrow crashed the process within a few hundred reads)."""
+    folders = open_feature_folders([features])
+    index = index_images(folders, load_texts(folders))
+    reader = FeatureReader(index.shards, 64, FEATURE_DIM, batch_rows=8)
+    want = reader.read(index.shard, index.row_group, index.row)
+    wrong = []
+
+    def work(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(150):
+            rows = rng.choice(len(index), 12, replace=False)
+            if not np.array_equal(reader.read(index.shard[rows], index.row_group[rows], index.row[rows]), want[rows]):
+                wrong.append(seed)
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
 
 
 def test_split_is_deterministic_grouped_and_sized():

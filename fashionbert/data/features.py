@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -347,7 +348,12 @@ def features_to_numpy(column: pa.Array, num_patches: int, feature_dim: int) -> n
 
 
 class FeatureReader:
-    """Reads patch features of chosen rows, one record batch at a time (memory: the rows asked for + one batch)."""
+    """Reads patch features of chosen rows, one record batch at a time (memory: the rows asked for + one batch).
+
+    One reader may serve several threads (a Beam worker's threads share its scoring context): a pyarrow ParquetFile
+    is not safe to read from two threads at once (four threads reading one reader crashed the process: a double free,
+    a mutex assertion, or a hang), so `read` holds the reader's lock; the model work around it still runs in
+    parallel."""
 
     def __init__(self, shards: Sequence[str | os.PathLike], num_patches: int, feature_dim: int,
                  batch_rows: int = READ_BATCH_ROWS):
@@ -356,6 +362,7 @@ class FeatureReader:
         self.feature_dim = feature_dim
         self.batch_rows = batch_rows
         self._files: dict[int, pq.ParquetFile] = {}
+        self._lock = threading.Lock()
 
     def _file(self, shard: int) -> pq.ParquetFile:
         f = self._files.get(shard)
@@ -365,7 +372,7 @@ class FeatureReader:
         return f
 
     def iter_row_group(self, shard: int, row_group: int, columns: Sequence[str] = ("features",)) -> Iterator[tuple[int, pa.RecordBatch]]:
-        """(first row, record batch) pairs covering one row group."""
+        """(first row, record batch) pairs covering one row group; the caller holds the lock."""
         start = 0
         for batch in self._file(shard).iter_batches(batch_size=self.batch_rows, row_groups=[row_group], columns=list(columns)):
             yield start, batch
@@ -378,6 +385,11 @@ class FeatureReader:
         if n == 0:
             return out
         keys = shard.astype(np.int64) * (1 << 32) + row_group.astype(np.int64)
+        with self._lock:
+            self._read_into(out, keys, row)
+        return out
+
+    def _read_into(self, out: np.ndarray, keys: np.ndarray, row: np.ndarray) -> None:
         for key in np.unique(keys):
             sel = np.nonzero(keys == key)[0]
             s, g = int(key >> 32), int(key & 0xFFFFFFFF)
@@ -393,4 +405,3 @@ class FeatureReader:
                     out[dest[lo:hi]] = feats
                 if hi == len(wanted_sorted):
                     break
-        return out
