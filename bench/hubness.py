@@ -18,9 +18,10 @@ products with one; `--marginals images,uniform` then compares weighing each text
 (rank.hubness; on one image per product the two are the same). hm-dev has one photo per article: featurize it with
 `--id-column product_code --text-columns prod_name,detail_desc` for a catalog whose colour variants are one
 product's photos. `--min-photos N` (with `--images all`) keeps only the held-out products with at least N photos,
-a catalog where every product has several (as Fashion-Gen's poses). `--bank held-out` takes each candidate's bias over the held-out products themselves, the catalog
-being ranked: what evaluate and retrieve do. `--bank training` takes it over the training products instead, a bank
-that shares no item with the queries (one round only: the bank's own biases would be over a catalog nobody ranks).
+a catalog where every product has several (as Fashion-Gen's poses). `--bank held-out` takes each candidate's bias
+over the held-out products themselves, the catalog being ranked: what evaluate and retrieve do. `--bank training`
+takes it over the training products instead, a bank that shares no item with the queries (one round only: the
+bank's own biases would be over a catalog nobody ranks).
 
 Embedding is the slow part (~1 min for hm-dev's 1,662 held-out products on 2 cores, ~4 min with its training
 products): --vectors FILE keeps the vectors (an .npz), and a rerun with the same file and model reads them instead.
