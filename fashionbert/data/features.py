@@ -371,8 +371,8 @@ class FeatureReader:
             f = self._files[shard] = pq.ParquetFile(storage.arrow_source(self.shards[shard]))
         return f
 
-    def iter_row_group(self, shard: int, row_group: int, columns: Sequence[str] = ("features",)) -> Iterator[tuple[int, pa.RecordBatch]]:
-        """(first row, record batch) pairs covering one row group; the caller holds the lock."""
+    def _iter_row_group(self, shard: int, row_group: int, columns: Sequence[str] = ("features",)) -> Iterator[tuple[int, pa.RecordBatch]]:
+        """(first row, record batch) pairs covering one row group; only `read` calls it, under the lock."""
         start = 0
         for batch in self._file(shard).iter_batches(batch_size=self.batch_rows, row_groups=[row_group], columns=list(columns)):
             yield start, batch
@@ -396,7 +396,7 @@ class FeatureReader:
             wanted = row[sel]
             order = np.argsort(wanted, kind="stable")
             wanted_sorted, dest = wanted[order], sel[order]
-            for start, batch in self.iter_row_group(s, g):
+            for start, batch in self._iter_row_group(s, g):
                 lo = np.searchsorted(wanted_sorted, start)
                 hi = np.searchsorted(wanted_sorted, start + batch.num_rows)
                 if hi > lo:
